@@ -1,0 +1,78 @@
+"""Errors every service raises, and how they look on the wire.
+
+The mapping to gRPC status codes and HTTP statuses lives here once, so a
+client sees the same error the same way on every service and protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldError:
+    field: str
+    message: str
+
+
+class CrmError(Exception):
+    """Base of the errors a caller is meant to see."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ValidationFailed(CrmError):
+    """The input is malformed; nothing was written."""
+
+    def __init__(self, errors: list[FieldError] | FieldError) -> None:
+        self.errors = [errors] if isinstance(errors, FieldError) else list(errors)
+        super().__init__("; ".join(f"{e.field}: {e.message}" for e in self.errors))
+
+    @classmethod
+    def of(cls, field: str, message: str) -> ValidationFailed:
+        return cls(FieldError(field, message))
+
+
+class NotFound(CrmError):
+    """The addressed entity does not exist."""
+
+    def __init__(self, kind: str, ident: str) -> None:
+        super().__init__(f"{kind} {ident!r} not found")
+        self.kind = kind
+        self.ident = ident
+
+
+class VersionConflict(CrmError):
+    """The client's expected version is stale; nothing was written."""
+
+    def __init__(self, ident: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"{ident} is at version {actual}, the command expected version {expected}"
+        )
+        self.ident = ident
+        self.expected = expected
+        self.actual = actual
+
+
+class RuleViolated(CrmError):
+    """A business rule refuses the command in the entity's current state."""
+
+
+class WaitTimedOut(CrmError):
+    """A read-your-writes wait did not see the write in time."""
+
+
+class FieldErrors:
+    """Collects field errors while validating a whole request."""
+
+    def __init__(self) -> None:
+        self.errors: list[FieldError] = []
+
+    def add(self, field: str, message: str) -> None:
+        self.errors.append(FieldError(field, message))
+
+    def raise_if_any(self) -> None:
+        if self.errors:
+            raise ValidationFailed(self.errors)

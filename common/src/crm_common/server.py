@@ -1,0 +1,270 @@
+"""Bootstrap of a service process: gRPC and REST over one application layer.
+
+Every service calls `serve()` with its servicers and its FastAPI app and
+gets, in one place: the standard health service and server reflection,
+error mapping (see `crm_common.errors`), OpenTelemetry instrumentation of
+both protocols, and graceful shutdown on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+from crm_common.commands import CommandContext
+from crm_common.errors import (
+    CrmError,
+    NotFound,
+    RuleViolated,
+    ValidationFailed,
+    VersionConflict,
+    WaitTimedOut,
+)
+from crm_common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ACTOR_KEY = "x-crm-actor"
+CLIENT_KEY = "x-crm-client"
+
+
+@dataclass(frozen=True)
+class GrpcService:
+    """A servicer, the generated function that registers it, and its full name."""
+
+    servicer: Any
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    full_name: str
+
+
+# -- errors on the wire --------------------------------------------------------
+
+_GRPC_CODES: list[tuple[type[CrmError], grpc.StatusCode, int]] = [
+    (ValidationFailed, grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND, code_pb2.NOT_FOUND),
+    (VersionConflict, grpc.StatusCode.ABORTED, code_pb2.ABORTED),
+    (RuleViolated, grpc.StatusCode.FAILED_PRECONDITION, code_pb2.FAILED_PRECONDITION),
+    (WaitTimedOut, grpc.StatusCode.DEADLINE_EXCEEDED, code_pb2.DEADLINE_EXCEEDED),
+]
+
+_HTTP_STATUS: list[tuple[type[CrmError], int]] = [
+    (ValidationFailed, 422),
+    (NotFound, 404),
+    (VersionConflict, 409),
+    (RuleViolated, 409),
+    (WaitTimedOut, 504),
+]
+
+
+def grpc_status_of(error: CrmError) -> tuple[grpc.StatusCode, status_pb2.Status]:
+    """The gRPC status for an error, with google.rpc details where useful."""
+    code, numeric = grpc.StatusCode.UNKNOWN, code_pb2.UNKNOWN
+    for kind, grpc_code, rpc_code in _GRPC_CODES:
+        if isinstance(error, kind):
+            code, numeric = grpc_code, rpc_code
+            break
+    status = status_pb2.Status(code=numeric, message=error.message)
+    detail = any_pb2.Any()
+    if isinstance(error, ValidationFailed):
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=e.field, description=e.message
+                    )
+                    for e in error.errors
+                ]
+            )
+        )
+        status.details.append(detail)
+    elif isinstance(error, NotFound):
+        detail.Pack(
+            error_details_pb2.ResourceInfo(
+                resource_type=error.kind, resource_name=error.ident, description=error.message
+            )
+        )
+        status.details.append(detail)
+    elif isinstance(error, VersionConflict):
+        detail.Pack(
+            error_details_pb2.ErrorInfo(
+                reason="VERSION_CONFLICT",
+                domain="crm",
+                metadata={"expected": str(error.expected), "actual": str(error.actual)},
+            )
+        )
+        status.details.append(detail)
+    return code, status
+
+
+class _ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns `CrmError`s raised by unary handlers into rich gRPC statuses."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await inner(request, context)
+            except CrmError as error:
+                code, status = grpc_status_of(error)
+                await context.abort(
+                    code,
+                    error.message,
+                    trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+                )
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Maps `CrmError`s and request validation to clear HTTP errors."""
+
+    @app.exception_handler(CrmError)
+    async def crm_error(_: Request, error: CrmError) -> JSONResponse:
+        status = 500
+        for kind, http_status in _HTTP_STATUS:
+            if isinstance(error, kind):
+                status = http_status
+                break
+        body: dict[str, Any] = {"error": type(error).__name__, "message": error.message}
+        if isinstance(error, ValidationFailed):
+            body["detail"] = [{"field": e.field, "message": e.message} for e in error.errors]
+        if isinstance(error, VersionConflict):
+            body["expected_version"] = error.expected
+            body["actual_version"] = error.actual
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        detail = []
+        for e in error.errors():
+            loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path")]
+            detail.append({"field": ".".join(loc) or "body", "message": e.get("msg", "")})
+        message = "; ".join(f"{d['field']}: {d['message']}" for d in detail)
+        return JSONResponse(
+            {"error": "ValidationFailed", "message": message, "detail": detail},
+            status_code=422,
+        )
+
+
+# -- who is asking ---------------------------------------------------------------
+
+def grpc_command_context(
+    context: grpc.aio.ServicerContext,
+    command: str,
+    request_id: str = "",
+    expected_version: int = 0,
+) -> CommandContext:
+    metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    return CommandContext(
+        command=command,
+        request_id=request_id or None,
+        expected_version=expected_version or None,
+        actor=metadata.get(ACTOR_KEY, "anonymous"),
+        client=metadata.get(CLIENT_KEY, "grpc"),
+    )
+
+
+def http_command_context(
+    request: Request,
+    command: str,
+    request_id: str | None = None,
+    expected_version: int | None = None,
+) -> CommandContext:
+    return CommandContext(
+        command=command,
+        request_id=request_id or request.headers.get("idempotency-key") or None,
+        expected_version=expected_version or None,
+        actor=request.headers.get(ACTOR_KEY, "anonymous"),
+        client=request.headers.get(CLIENT_KEY, "rest"),
+    )
+
+
+# -- the process -------------------------------------------------------------------
+
+async def serve(
+    settings: Settings,
+    *,
+    grpc_services: Sequence[GrpcService],
+    http_app: FastAPI,
+    on_stop: Sequence[Callable[[], Any]] = (),
+) -> None:
+    """Runs gRPC and REST until SIGTERM/SIGINT, then shuts down gracefully."""
+    install_error_handlers(http_app)
+    FastAPIInstrumentor.instrument_app(http_app, excluded_urls="healthz")
+
+    @http_app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    server = grpc.aio.server(
+        interceptors=[aio_server_interceptor(), _ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = [s.full_name for s in grpc_services]
+    for service in grpc_services:
+        service.add_to_server(service.servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME],
+        server,
+    )
+    address = f"{settings.bind_host}:{settings.grpc_port}"
+    if server.add_insecure_port(address) == 0:
+        raise RuntimeError(f"cannot listen on {address}")
+    await server.start()
+    for name in ["", *names]:
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    config = uvicorn.Config(
+        http_app,
+        host=settings.bind_host,
+        port=settings.http_port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+    )
+    http_server = uvicorn.Server(config)
+    log.info(
+        "%s serving gRPC on %s and REST on http://%s:%s",
+        settings.service, address, settings.bind_host, settings.http_port,
+    )
+    try:
+        # uvicorn owns SIGTERM/SIGINT handling and returns once asked to stop.
+        await http_server.serve()
+    finally:
+        await health.enter_graceful_shutdown()
+        await server.stop(grace=5)
+        for stop in on_stop:
+            stop()

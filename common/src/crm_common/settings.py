@@ -1,0 +1,78 @@
+"""Twelve-factor configuration: environment variables with local-stack defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PORTS: dict[str, tuple[int, int]] = {
+    "contacts": (50051, 8081),
+    "pipeline": (50052, 8082),
+    "tickets": (50053, 8083),
+    "loyalty": (50054, 8084),
+    "analytics": (50055, 8085),
+}
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name, "")
+    return value if value else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a service process needs to know about its surroundings."""
+
+    service: str
+    data_dir: Path
+    bind_host: str
+    grpc_port: int
+    http_port: int
+    event_store: str
+    postgres: dict[str, str] = field(default_factory=dict)
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    mongo_url: str = "mongodb://127.0.0.1:27017/?replicaSet=secantus"
+    mongo_db: str = "crm"
+
+    @classmethod
+    def from_env(cls, service: str) -> Settings:
+        grpc_default, http_default = DEFAULT_PORTS.get(service, (50050, 8080))
+        prefix = f"CRM_{service.upper()}"
+        event_store = _env("CRM_EVENT_STORE", "sqlite").lower()
+        if event_store not in ("sqlite", "postgres"):
+            raise ValueError(f"CRM_EVENT_STORE must be 'sqlite' or 'postgres', not {event_store!r}")
+        return cls(
+            service=service,
+            data_dir=Path(_env("CRM_DATA_DIR", "./var")).resolve(),
+            bind_host=_env("CRM_BIND_HOST", "127.0.0.1"),
+            grpc_port=int(_env(f"{prefix}_GRPC_PORT", str(grpc_default))),
+            http_port=int(_env(f"{prefix}_HTTP_PORT", str(http_default))),
+            event_store=event_store,
+            postgres={
+                "host": _env("CRM_POSTGRES_HOST", "127.0.0.1"),
+                "port": _env("CRM_POSTGRES_PORT", "5432"),
+                "dbname": _env("CRM_POSTGRES_DBNAME", "postgres"),
+                "user": _env("CRM_POSTGRES_USER", "postgres"),
+                "password": _env("CRM_POSTGRES_PASSWORD", ""),
+                "schema": _env("CRM_POSTGRES_SCHEMA", service),
+            },
+            kafka_bootstrap=_env("CRM_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
+            mongo_url=_env("CRM_MONGO_URL", "mongodb://127.0.0.1:27017/?replicaSet=secantus"),
+            mongo_db=_env("CRM_MONGO_DB", "crm"),
+        )
+
+    @property
+    def service_dir(self) -> Path:
+        return self.data_dir / self.service
+
+    def grpc_target(self, service: str) -> str:
+        """Where this process reaches another service's gRPC API."""
+        grpc_default, _ = DEFAULT_PORTS[service]
+        port = _env(f"CRM_{service.upper()}_GRPC_PORT", str(grpc_default))
+        return _env(f"CRM_{service.upper()}_GRPC_TARGET", f"127.0.0.1:{port}")
+
+
+def topic_of(service: str) -> str:
+    """The Kafka topic a service publishes its domain events to."""
+    return f"crm.{service}.events"

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs everything the platform and its tests need into ./.venv, pinned by
+# constraints.txt (one pin set for the whole workspace). Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+UV_VERSION=0.13.8
+PYTHON=${PYTHON:-python3}
+if ! command -v uv >/dev/null 2>&1 || [ "$(uv --version | cut -d' ' -f2)" != "$UV_VERSION" ]; then
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION" \
+    || "$PYTHON" -m pip install --quiet --break-system-packages "uv==$UV_VERSION"
+fi
+UV="$PYTHON -m uv"
+command -v uv >/dev/null 2>&1 && UV=uv
+[ -x .venv/bin/python ] || $UV venv --quiet --python "$PYTHON" .venv
+$UV pip install --quiet --python .venv/bin/python -c constraints.txt \
+  -e common -e services/contacts -e services/analytics -e deploy --group dev
+if [ "${1:-}" = "--with-node-tools" ]; then
+  # buf (protobuf lint / breaking-change checks) ships as an npm package.
+  if ! command -v npm >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null
+  fi
+  [ -x node_modules/.bin/buf ] || npm ci --silent --no-audit --no-fund
+fi
