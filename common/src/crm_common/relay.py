@@ -1,0 +1,264 @@
+"""The relay: the event store's notification log is the outbox.
+
+A relay follows its service's notification log from the position it last
+recorded, publishes each public event to the service's Kafka topic with an
+idempotent producer (`acks=all`), and records the new position only after
+the broker has acknowledged every message of the batch. Killed at any
+moment, it restarts from the recorded position: nothing is lost, and a
+suffix may be published again (consumers drop what they already applied).
+There is no dual write: command handlers never publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from eventsourcing.application import Application
+from eventsourcing.persistence import (
+    ApplicationRecorder,
+    InfrastructureFactory,
+    Mapper,
+    Notification,
+    Tracking,
+    TrackingRecorder,
+)
+from eventsourcing.utils import Environment
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from crm_common.eventstore import application_env
+from crm_common.settings import Settings, topic_of
+from crm_common.telemetry import context_from_traceparent, kafka_headers_with_context
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("crm_common.relay")
+
+# (domain event, metadata stored with it, log position) -> (key, ce_type, payload)
+ToWire = Callable[[Any, dict[str, Any], int], "tuple[str, str, bytes] | None"]
+
+PROTOBUF_CONTENT_TYPE = "application/protobuf"
+
+
+@dataclass(frozen=True)
+class WireMessage:
+    key: str
+    ce_type: str
+    payload: bytes
+    headers: list[tuple[str, bytes]]
+    position: int
+
+
+def cloudevent_headers(
+    *,
+    ce_id: str,
+    ce_type: str,
+    source: str,
+    subject: str,
+    time_: datetime,
+    proto_message: str,
+    position: int,
+) -> list[tuple[str, bytes]]:
+    """CloudEvents 1.0 attributes in Kafka binary content mode."""
+    return [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", ce_id.encode()),
+        ("ce_type", ce_type.encode()),
+        ("ce_source", source.encode()),
+        ("ce_subject", subject.encode()),
+        ("ce_time", time_.astimezone(UTC).isoformat().replace("+00:00", "Z").encode()),
+        ("content-type", f"{PROTOBUF_CONTENT_TYPE}; proto={proto_message}".encode()),
+        ("crm_position", str(position).encode()),
+    ]
+
+
+class Relay:
+    """Publishes one service's notification log to its Kafka topic."""
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        recorder: ApplicationRecorder,
+        mapper: Mapper[Any],
+        tracking: TrackingRecorder,
+        to_wire: ToWire,
+        bootstrap: str,
+        proto_message: str,
+        topic: str | None = None,
+        batch_size: int = 500,
+        poll_interval: float = 0.05,
+    ) -> None:
+        self.service = service
+        self.recorder = recorder
+        self.mapper = mapper
+        self.tracking = tracking
+        self.to_wire = to_wire
+        self.bootstrap = bootstrap
+        self.proto_message = proto_message
+        self.topic = topic or topic_of(service)
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.tracking_name = f"{self.topic}:relay"
+        self.published = 0
+        self.position = 0
+
+    def recorded_position(self) -> int:
+        return self.tracking.max_tracking_id(self.tracking_name) or 0
+
+    def _to_messages(self, notifications: list[Notification]) -> list[WireMessage]:
+        messages = []
+        for n in notifications:
+            domain_event = self.mapper.to_domain_event(n)
+            meta: dict[str, Any] = dict(getattr(domain_event, "_meta", None) or {})
+            wire = self.to_wire(domain_event, meta, n.id)
+            if wire is None:
+                continue
+            key, ce_type, payload = wire
+            when = getattr(domain_event, "timestamp", None) or datetime.now(UTC)
+            headers = cloudevent_headers(
+                ce_id=f"{n.originator_id}:{n.originator_version}",
+                ce_type=ce_type,
+                source=f"/crm/{self.service}",
+                subject=key,
+                time_=when,
+                proto_message=self.proto_message,
+                position=n.id,
+            )
+            parent = context_from_traceparent(meta.get("traceparent"))
+            with tracer.start_as_current_span(
+                f"publish {ce_type}",
+                context=parent,
+                kind=SpanKind.PRODUCER,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.destination.name": self.topic,
+                    "crm.position": n.id,
+                },
+            ):
+                headers = kafka_headers_with_context(headers)
+            messages.append(WireMessage(key, ce_type, payload, headers, n.id))
+        return messages
+
+    async def _publish(self, producer: AIOKafkaProducer, messages: list[WireMessage]) -> None:
+        acks = []
+        for m in messages:
+            acks.append(
+                await producer.send(
+                    self.topic, m.payload, key=m.key.encode(), headers=m.headers
+                )
+            )
+        # The position may only move once the broker has every message.
+        await asyncio.gather(*acks)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.position = await asyncio.to_thread(self.recorded_position)
+        log.info("relay %s starts after position %d", self.topic, self.position)
+        backoff = 0.5
+        while not stop.is_set():
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap,
+                enable_idempotence=True,
+                acks="all",
+                linger_ms=2,
+                max_batch_size=256 * 1024,
+                request_timeout_ms=30000,
+            )
+            try:
+                await producer.start()
+                backoff = 0.5
+                await self._follow(producer, stop)
+            except KafkaError as error:
+                log.warning("relay %s: Kafka error %r; retrying from %d",
+                            self.topic, error, self.position)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                await producer.stop()
+
+    async def _follow(self, producer: AIOKafkaProducer, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            notifications = list(
+                await asyncio.to_thread(
+                    self.recorder.select_notifications,
+                    self.position + 1,
+                    self.batch_size,
+                )
+            )
+            if not notifications:
+                try:
+                    await asyncio.wait_for(stop.wait(), self.poll_interval)
+                except TimeoutError:
+                    pass
+                continue
+            started = time.perf_counter()
+            messages = self._to_messages(notifications)
+            if messages:
+                await self._publish(producer, messages)
+            last = notifications[-1].id
+            await asyncio.to_thread(
+                self.tracking.insert_tracking, Tracking(self.tracking_name, last)
+            )
+            self.position = last
+            self.published += len(messages)
+            log.debug(
+                "relay %s published %d events up to %d in %.1f ms",
+                self.topic, len(messages), last, (time.perf_counter() - started) * 1000,
+            )
+
+
+def build_relay(
+    settings: Settings,
+    *,
+    to_wire: ToWire,
+    app_factory: Callable[[Settings], Application[Any]],
+    proto_message: str,
+) -> tuple[Relay, Application[Any]]:
+    app = app_factory(settings)
+    env = application_env(settings, SINGLE_ROW_TRACKING="y")
+    factory = InfrastructureFactory.construct(
+        Environment(name=f"{settings.service}_relay", env=env)
+    )
+    tracking = factory.tracking_recorder()
+    recorder = app.recorder
+    assert isinstance(recorder, ApplicationRecorder)
+    relay = Relay(
+        service=settings.service,
+        recorder=recorder,
+        mapper=app.mapper,
+        tracking=tracking,
+        to_wire=to_wire,
+        bootstrap=settings.kafka_bootstrap,
+        proto_message=proto_message,
+    )
+    return relay, app
+
+
+async def run_relay(
+    settings: Settings,
+    *,
+    to_wire: ToWire,
+    app_factory: Callable[[Settings], Application[Any]],
+    proto_message: str = "crm.events.v1.ContactEvent",
+) -> None:
+    """Runs the relay of a service until SIGTERM or SIGINT."""
+    relay, app = build_relay(
+        settings, to_wire=to_wire, app_factory=app_factory, proto_message=proto_message
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await relay.run(stop)
+    finally:
+        app.close()
+        log.info("relay %s stopped at position %d", relay.topic, relay.position)
