@@ -35,8 +35,12 @@ class Account(Aggregate):
 
 def settings_for(tmp_path: Path) -> Settings:
     return Settings(
-        service="ledger", data_dir=tmp_path, bind_host="127.0.0.1", grpc_port=0,
-        http_port=0, event_store="sqlite",
+        service="ledger",
+        data_dir=tmp_path,
+        bind_host="127.0.0.1",
+        grpc_port=0,
+        http_port=0,
+        event_store="sqlite",
     )
 
 
@@ -134,8 +138,9 @@ def test_a_failing_command_in_a_batch_is_undone_alone(app):
         opened = bus.execute(CommandContext("Open"), open_account())
         gate = threading.Event()
         # Hold the writer so the next commands queue up into one batch.
-        blocker = bus.submit(CommandContext("Hold"), lambda uow: (gate.wait(5), uow.add(
-            Account("blocker")))[1])
+        blocker = bus.submit(
+            CommandContext("Hold"), lambda uow: (gate.wait(5), uow.add(Account("blocker")))[1]
+        )
 
         def deposit_then_fail(uow: UnitOfWork) -> Account:
             account = uow.get(opened.id, Account)

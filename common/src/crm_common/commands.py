@@ -70,6 +70,9 @@ class WriteOutcome:
     position: int
     replayed: bool = False
     extra: dict[str, str] = field(default_factory=dict)
+    # The subject as it stands after the command (None for a replay): lets an
+    # adapter render its reply without loading the aggregate again.
+    subject: Aggregate | None = field(default=None, compare=False, repr=False)
 
 
 class CommandReceipt(Aggregate):
@@ -130,7 +133,11 @@ class UnitOfWork:
         if not isinstance(aggregate, kind):
             raise NotFound(kind.__name__, str(aggregate_id))
         if ident not in self._backups:
-            self._backups[ident] = copy.deepcopy(aggregate)
+            # Work on a copy: the original stays as it was for undo, and for
+            # the reply of an earlier command of the batch that holds it.
+            self._backups[ident] = aggregate
+            aggregate = copy.deepcopy(aggregate)
+            self._view[ident] = aggregate
         expected = self.ctx.expected_version
         if subject and not self._checked_subject:
             self._checked_subject = True
@@ -181,6 +188,7 @@ class _Staged:
     subject_version: int
     extra: dict[str, str]
     replay: WriteOutcome | None = None
+    subject: Aggregate | None = None
 
 
 def _as_uuid(value: UUID | str, kind: str) -> UUID:
@@ -280,8 +288,10 @@ class CommandBus:
             try:
                 with tracer.start_as_current_span(
                     "eventstore.save",
-                    links=[trace.Link(trace.get_current_span(s.job.otel).get_span_context())
-                           for s in to_save[:32]],
+                    links=[
+                        trace.Link(trace.get_current_span(s.job.otel).get_span_context())
+                        for s in to_save[:32]
+                    ],
                     attributes={"crm.commands": len(to_save), "crm.events": len(events)},
                 ):
                     recordings = self.app.save(*events)
@@ -293,8 +303,7 @@ class CommandBus:
                         self._retry_alone(s.job)
                 return
             positions = {
-                (r.notification.originator_id, r.notification.originator_version):
-                    r.notification.id
+                (r.notification.originator_id, r.notification.originator_version): r.notification.id
                 for r in recordings
             }
             for callback in self.after_commit:
@@ -316,7 +325,9 @@ class CommandBus:
             if position is None:
                 position = self._position_of(s.subject_id, s.subject_version)
             s.job.future.set_result(
-                WriteOutcome(str(s.subject_id), s.subject_version, position, False, s.extra)
+                WriteOutcome(
+                    str(s.subject_id), s.subject_version, position, False, s.extra, s.subject
+                )
             )
 
     def _retry_alone(self, job: _Job) -> None:
@@ -334,7 +345,7 @@ class CommandBus:
                 recordings = self.app.save(*item.events)
             except IntegrityError:
                 if job.ctx.expected_version is not None:
-                    actual = self.app.repository.get(item.subject_id).version
+                    actual: int = self.app.repository.get(item.subject_id).version
                     job.future.set_exception(
                         VersionConflict(str(item.subject_id), job.ctx.expected_version, actual)
                     )
@@ -343,13 +354,22 @@ class CommandBus:
             for callback in self.after_commit:
                 callback(recordings)
             position = max(
-                (r.notification.id for r in recordings
-                 if r.notification.originator_id == item.subject_id),
+                (
+                    r.notification.id
+                    for r in recordings
+                    if r.notification.originator_id == item.subject_id
+                ),
                 default=None,
             ) or self._position_of(item.subject_id, item.subject_version)
             job.future.set_result(
-                WriteOutcome(str(item.subject_id), item.subject_version, position, False,
-                             item.extra)
+                WriteOutcome(
+                    str(item.subject_id),
+                    item.subject_version,
+                    position,
+                    False,
+                    item.extra,
+                    item.subject,
+                )
             )
             return
         job.future.set_exception(RuntimeError("too many concurrent writers on one aggregate"))
@@ -374,16 +394,15 @@ class CommandBus:
             if replay is not None:
                 return _Staged(job, [], UUID(replay.id), replay.version, replay.extra, replay)
         with tracer.start_as_current_span(
-            f"command {ctx.command}", context=job.otel,
+            f"command {ctx.command}",
+            context=job.otel,
             attributes={"crm.actor": ctx.actor, "crm.client": ctx.client},
         ):
             traceparent = current_traceparent() or job.traceparent
             uow = UnitOfWork(self, ctx, view)
             try:
                 decision = job.decide(uow)
-                subject, extra = (
-                    decision if isinstance(decision, tuple) else (decision, {})
-                )
+                subject, extra = decision if isinstance(decision, tuple) else (decision, {})
                 events: list[Any] = []
                 for aggregate in uow.touched():
                     events.extend(aggregate.collect_events())
@@ -413,7 +432,7 @@ class CommandBus:
             for e in receipt_events:
                 object.__setattr__(e, "_meta", meta)
             events.extend(receipt_events)
-        staged = _Staged(job, events, subject.id, subject.version, dict(extra))
+        staged = _Staged(job, events, subject.id, subject.version, dict(extra), None, subject)
         if receipt_id is not None:
             in_batch[receipt_id] = staged
         return staged
@@ -423,6 +442,7 @@ class CommandBus:
             raise ValidationFailed.of(
                 "request_id", f"already used for a {earlier.job.ctx.command} command"
             )
+
         # Resolve once the earlier job's outcome is known.
         def finish(done: Future[WriteOutcome]) -> None:
             if done.exception() is not None:
@@ -438,14 +458,12 @@ class CommandBus:
 
     def _replay(self, ctx: CommandContext, receipt_id: UUID) -> WriteOutcome | None:
         try:
-            receipt = self.app.repository.get(receipt_id)
+            receipt: Aggregate = self.app.repository.get(receipt_id)
         except AggregateNotFoundError:
             return None
         assert isinstance(receipt, CommandReceipt)
         if receipt.command != ctx.command:
-            raise ValidationFailed.of(
-                "request_id", f"already used for a {receipt.command} command"
-            )
+            raise ValidationFailed.of("request_id", f"already used for a {receipt.command} command")
         position = self._position_of(UUID(receipt.subject_id), receipt.subject_version)
         return WriteOutcome(
             receipt.subject_id, receipt.subject_version, position, True, dict(receipt.extra)

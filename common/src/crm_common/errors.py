@@ -48,9 +48,7 @@ class VersionConflict(CrmError):
     """The client's expected version is stale; nothing was written."""
 
     def __init__(self, ident: str, expected: int, actual: int) -> None:
-        super().__init__(
-            f"{ident} is at version {actual}, the command expected version {expected}"
-        )
+        super().__init__(f"{ident} is at version {actual}, the command expected version {expected}")
         self.ident = ident
         self.expected = expected
         self.actual = actual

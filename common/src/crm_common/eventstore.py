@@ -58,8 +58,12 @@ def ensure_postgres_schema(settings: Settings) -> None:
     """The library creates tables but not schemas; each service has its own."""
     pg = settings.postgres
     conninfo = psycopg.conninfo.make_conninfo(
-        host=pg["host"], port=pg["port"], dbname=pg["dbname"], user=pg["user"],
-        password=pg["password"] or None, connect_timeout=10,
+        host=pg["host"],
+        port=pg["port"],
+        dbname=pg["dbname"],
+        user=pg["user"],
+        password=pg["password"] or None,
+        connect_timeout=10,
     )
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(pg["schema"])))

@@ -12,6 +12,7 @@ There is no dual write: command handlers never publish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -152,9 +153,7 @@ class Relay:
         acks = []
         for m in messages:
             acks.append(
-                await producer.send(
-                    self.topic, m.payload, key=m.key.encode(), headers=m.headers
-                )
+                await producer.send(self.topic, m.payload, key=m.key.encode(), headers=m.headers)
             )
         # The position may only move once the broker has every message.
         await asyncio.gather(*acks)
@@ -177,8 +176,9 @@ class Relay:
                 backoff = 0.5
                 await self._follow(producer, stop)
             except KafkaError as error:
-                log.warning("relay %s: Kafka error %r; retrying from %d",
-                            self.topic, error, self.position)
+                log.warning(
+                    "relay %s: Kafka error %r; retrying from %d", self.topic, error, self.position
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
             finally:
@@ -194,10 +194,8 @@ class Relay:
                 )
             )
             if not notifications:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.poll_interval)
-                except TimeoutError:
-                    pass
                 continue
             started = time.perf_counter()
             messages = self._to_messages(notifications)
@@ -211,7 +209,10 @@ class Relay:
             self.published += len(messages)
             log.debug(
                 "relay %s published %d events up to %d in %.1f ms",
-                self.topic, len(messages), last, (time.perf_counter() - started) * 1000,
+                self.topic,
+                len(messages),
+                last,
+                (time.perf_counter() - started) * 1000,
             )
 
 

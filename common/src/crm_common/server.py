@@ -175,6 +175,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 # -- who is asking ---------------------------------------------------------------
 
+
 def grpc_command_context(
     context: grpc.aio.ServicerContext,
     command: str,
@@ -208,6 +209,7 @@ def http_command_context(
 
 # -- the process -------------------------------------------------------------------
 
+
 async def serve(
     settings: Settings,
     *,
@@ -236,8 +238,11 @@ async def serve(
     for service in grpc_services:
         service.add_to_server(service.servicer, server)
     reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME],
+        [
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
         server,
     )
     address = f"{settings.bind_host}:{settings.grpc_port}"
@@ -258,7 +263,10 @@ async def serve(
     http_server = uvicorn.Server(config)
     log.info(
         "%s serving gRPC on %s and REST on http://%s:%s",
-        settings.service, address, settings.bind_host, settings.http_port,
+        settings.service,
+        address,
+        settings.bind_host,
+        settings.http_port,
     )
     try:
         # uvicorn owns SIGTERM/SIGINT handling and returns once asked to stop.

@@ -28,9 +28,7 @@ def setup_telemetry(service_name: str) -> TracerProvider:
     if _provider is not None:
         return _provider
     provider = TracerProvider(
-        resource=Resource.create(
-            {"service.name": service_name, "service.namespace": "crm"}
-        )
+        resource=Resource.create({"service.name": service_name, "service.namespace": "crm"})
     )
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter

@@ -1,0 +1,1 @@
+"""Benchmarks of the platform (`make bench`); results go to docs/benchmarks.md."""
