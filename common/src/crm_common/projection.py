@@ -1,0 +1,528 @@
+"""Projections: read models in MongoDB fed by Kafka topics.
+
+A `ProjectionConsumer` reads every partition of its topics and hands each
+batch of records to a read model, whose `apply_batch(session, records)` runs
+inside one MongoDB transaction together with the upsert of the consumed
+offsets (collection `projection_offsets`, one document per projection,
+topic and partition). The read-model change and the position move together
+or not at all: a crash, a kill or a lost connection replays at most the
+batch that was not committed, never skips one, and never applies one twice.
+
+Kafka's consumer-group offsets are not used at all. The consumer assigns
+itself all partitions of its topics (no group, no rebalancing), so there is
+exactly one projector per read model for now: a second one started by
+mistake is refused at its first commit, because every commit checks that the
+stored offsets are still the ones this projector last wrote. A projector that
+starts aborts the transaction its predecessor may have left open when it was
+killed (`projection_owners` records each projector's session), instead of
+waiting a minute for the server to reap it. Partitions added
+to a topic later are picked up on restart. Scaling out later means splitting
+the partitions between projectors (each only ever writes its own offset
+documents), which this layout already allows.
+
+Records reach the read model with their headers, so it can continue the
+publisher's trace (`projection_span`) and record what it cannot apply
+(`park_dead_letters`) in the same transaction instead of crashing or dropping it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol, TypeAlias
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
+from pymongo import MongoClient, UpdateOne
+from pymongo.client_session import ClientSession
+from pymongo.database import Database
+from pymongo.errors import PyMongoError
+
+from crm_common.telemetry import context_from_kafka_headers
+
+log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("crm_common.projection")
+
+OFFSETS_COLLECTION = "projection_offsets"
+DEAD_LETTERS_COLLECTION = "projection_dead_letters"
+# Which session the running projector of each projection uses (see _take_over).
+OWNERS_COLLECTION = "projection_owners"
+
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
+
+
+class ReadModel(Protocol):
+    """What a projection needs from its read model."""
+
+    def apply_batch(self, session: ClientSession, records: Sequence[Record]) -> Mapping[str, int]:
+        """Applies the records (in partition order) with every write bound to `session`.
+
+        Runs in a worker thread, inside the batch's transaction, and may run
+        again for the same records when the transaction is retried. Returns
+        counters (e.g. applied, duplicates, dead letters) that are added to the
+        projection's statistics once the transaction has committed.
+        """
+        ...
+
+
+class ProjectionFenced(RuntimeError):
+    """The stored offsets moved under this projector: another one is running."""
+
+
+# -- helpers for read models ----------------------------------------------------------
+
+
+def header(record: Record, name: str) -> str | None:
+    for key, value in record.headers or ():
+        if key == name and value is not None:
+            return value.decode("utf-8", "replace")
+    return None
+
+
+def trace_context(record: Record) -> otel_context.Context:
+    """The publisher's trace context, carried in the record's headers."""
+    return context_from_kafka_headers(record.headers)
+
+
+@contextlib.contextmanager
+def projection_span(
+    record: Record, projection: str, tracer: trace.Tracer | None = None
+) -> Iterator[Span]:
+    """A span `project <ce_type>` continuing the trace that published the record."""
+    name = header(record, "ce_type") or record.topic
+    with (tracer or _tracer).start_as_current_span(
+        f"project {name}",
+        context=trace_context(record),
+        kind=SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": "kafka",
+            "messaging.operation": "process",
+            "messaging.destination.name": record.topic,
+            "messaging.kafka.destination.partition": record.partition,
+            "messaging.kafka.message.offset": record.offset,
+            "crm.projection": projection,
+        },
+    ) as span:
+        yield span
+
+
+def park_dead_letters(
+    session: ClientSession,
+    database: Database[Any],
+    projection: str,
+    failures: Sequence[tuple[Record, str]],
+) -> int:
+    """Stores records the read model cannot apply, with the reason, in its transaction.
+
+    Keyed by projection and record coordinates, so replaying the same record
+    (a retried transaction, a rebuild) overwrites instead of piling up.
+    """
+    if not failures:
+        return 0
+    now = datetime.now(UTC)
+    ops = []
+    for record, error in failures:
+        doc = {
+            "projection": projection,
+            "topic": record.topic,
+            "partition": record.partition,
+            "offset": record.offset,
+            "key": record.key,
+            "value": record.value,
+            "headers": [[k, v] for k, v in record.headers or ()],
+            "error": error,
+            "recorded_at": now,
+        }
+        ident = f"{projection}:{record.topic}:{record.partition}:{record.offset}"
+        ops.append(UpdateOne({"_id": ident}, {"$set": doc}, upsert=True))
+    database[DEAD_LETTERS_COLLECTION].bulk_write(ops, session=session, ordered=False)
+    return len(ops)
+
+
+def offset_id(projection: str, tp: TopicPartition) -> str:
+    return f"{projection}:{tp.topic}:{tp.partition}"
+
+
+def stored_offsets(database: Database[Any], projection: str) -> dict[TopicPartition, int]:
+    """The next offset to consume per partition, as last committed."""
+    return {
+        TopicPartition(d["topic"], d["partition"]): int(d["next_offset"])
+        for d in database[OFFSETS_COLLECTION].find({"projection": projection})
+    }
+
+
+def reset_offsets(database: Database[Any], projection: str) -> int:
+    """Forgets where a projection stands, so it starts over from the beginning."""
+    return database[OFFSETS_COLLECTION].delete_many({"projection": projection}).deleted_count
+
+
+# -- the consumer -----------------------------------------------------------------------
+
+
+@dataclass
+class ProjectionStats:
+    batches: int = 0
+    records: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+    lag: dict[TopicPartition, int] = field(default_factory=dict)
+
+    @property
+    def total_lag(self) -> int:
+        return sum(self.lag.values())
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    """What `run_until_caught_up` did."""
+
+    records: int
+    batches: int
+    seconds: float
+    end_offsets: dict[TopicPartition, int]
+    counters: dict[str, int]
+
+
+class ProjectionConsumer:
+    """Feeds one read model from Kafka, with offsets committed in its transactions."""
+
+    def __init__(
+        self,
+        *,
+        projection: str,
+        topics: Sequence[str],
+        read_model: ReadModel,
+        mongo: MongoClient[Any],
+        database: str,
+        bootstrap: str,
+        max_records: int = 500,
+        poll_timeout_ms: int = 200,
+        lag_log_interval: float = 10.0,
+        retry_backoff: float = 0.5,
+    ) -> None:
+        self.projection = projection
+        self.topics = list(topics)
+        self.read_model = read_model
+        self.mongo = mongo
+        self.database = mongo[database]
+        self.bootstrap = bootstrap
+        self.max_records = max_records
+        self.poll_timeout_ms = poll_timeout_ms
+        self.lag_log_interval = lag_log_interval
+        self.retry_backoff = retry_backoff
+        self.stats = ProjectionStats()
+        # What this projector last saw committed; every commit checks it is unchanged.
+        self._committed: dict[TopicPartition, int] = {}
+        self._reported_records = -1
+        self._session: ClientSession | None = None
+
+    # -- offsets ----------------------------------------------------------------------
+
+    def stored_offsets(self) -> dict[TopicPartition, int]:
+        return stored_offsets(self.database, self.projection)
+
+    def reset(self) -> int:
+        """Deletes the stored offsets; the next run starts from the beginning."""
+        return reset_offsets(self.database, self.projection)
+
+    # -- running ----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Follows the topics until `stop` is set; starts over after connection errors."""
+        backoff = self.retry_backoff
+        while not stop.is_set():
+            try:
+                await self._consume(stop, until_end=False)
+                backoff = self.retry_backoff
+            except (KafkaError, PyMongoError) as error:
+                log.warning(
+                    "projection %s: %r; starting again from the stored offsets in %.1f s",
+                    self.projection,
+                    error,
+                    backoff,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    async def run_until_caught_up(self, stop: asyncio.Event | None = None) -> CatchUp:
+        """Consumes up to the end offsets seen at the start, then returns (rebuilds)."""
+        started = time.perf_counter()
+        records, batches = self.stats.records, self.stats.batches
+        counters = dict(self.stats.counters)
+        ends = await self._consume(stop or asyncio.Event(), until_end=True)
+        return CatchUp(
+            records=self.stats.records - records,
+            batches=self.stats.batches - batches,
+            seconds=time.perf_counter() - started,
+            end_offsets=ends,
+            counters={k: v - counters.get(k, 0) for k, v in self.stats.counters.items()},
+        )
+
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            client_id=f"projection-{self.projection}",
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            # Only reached when the stored offset fell out of retention or the
+            # topic was recreated: start over, the read model drops duplicates.
+            auto_offset_reset="earliest",
+        )
+
+    async def _partitions(self, stop: asyncio.Event, wait: bool) -> list[TopicPartition]:
+        # Asks for all topics: a metadata request naming a missing topic would
+        # create it on brokers that auto-create topics.
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.bootstrap, client_id=f"projection-{self.projection}"
+        )
+        await admin.start()
+        try:
+            while True:
+                described = {
+                    t["topic"]: t for t in await admin.describe_topics() if t["error_code"] == 0
+                }
+                missing = [t for t in self.topics if t not in described]
+                if not missing or not wait or stop.is_set():
+                    break
+                log.info("projection %s waits for topics %s", self.projection, missing)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+        finally:
+            await admin.close()
+        return [
+            TopicPartition(topic, p["partition"])
+            for topic in self.topics
+            if topic in described
+            for p in sorted(described[topic]["partitions"], key=lambda p: p["partition"])
+        ]
+
+    async def _seek_to_committed(
+        self, consumer: AIOKafkaConsumer, partitions: Sequence[TopicPartition]
+    ) -> None:
+        fresh = []
+        for tp in partitions:
+            if tp in self._committed:
+                consumer.seek(tp, self._committed[tp])
+            else:
+                fresh.append(tp)
+        if fresh:
+            await consumer.seek_to_beginning(*fresh)
+
+    async def _consume(self, stop: asyncio.Event, *, until_end: bool) -> dict[TopicPartition, int]:
+        consumer = self._new_consumer()
+        await consumer.start()
+        try:
+            partitions = await self._partitions(stop, wait=not until_end)
+            if not partitions:
+                log.warning("projection %s: none of %s exists", self.projection, self.topics)
+                return {}
+            consumer.assign(partitions)
+            self._session = await asyncio.to_thread(self._take_over)
+            stored = await asyncio.to_thread(self.stored_offsets)
+            self._committed = {tp: o for tp, o in stored.items() if tp in partitions}
+            await self._seek_to_committed(consumer, partitions)
+            ends = await consumer.end_offsets(partitions) if until_end else {}
+            log.info(
+                "projection %s starts at %s%s",
+                self.projection,
+                {f"{tp.topic}:{tp.partition}": self._committed.get(tp, 0) for tp in partitions},
+                f", catching up to {_fmt(ends)}" if until_end else "",
+            )
+            await self._loop(consumer, partitions, stop, ends if until_end else None)
+            return ends
+        finally:
+            await consumer.stop()
+            if self._session is not None:
+                session, self._session = self._session, None
+                await asyncio.to_thread(session.end_session)
+
+    def _take_over(self) -> ClientSession:
+        """Opens this projector's session, after aborting what its predecessor left open.
+
+        A projector killed inside a transaction leaves it open on the server,
+        holding its documents, until the server reaps it (60 s on MongoDB and
+        SecantusDB): the successor's first commit would wait that long. Every
+        transaction of a projector runs in one session whose id is recorded
+        here, so the next projector can kill it at once.
+        """
+        owners = self.database[OWNERS_COLLECTION]
+        previous = owners.find_one({"_id": self.projection})
+        if previous and previous.get("lsid"):
+            try:
+                self.mongo.admin.command("killSessions", [previous["lsid"]])
+            except PyMongoError as error:
+                log.warning(
+                    "projection %s: cannot end the previous session: %r", self.projection, error
+                )
+        session = self.mongo.start_session()
+        owners.replace_one(
+            {"_id": self.projection},
+            {
+                "lsid": session.session_id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "since": datetime.now(UTC),
+            },
+            upsert=True,
+        )
+        return session
+
+    async def _loop(
+        self,
+        consumer: AIOKafkaConsumer,
+        partitions: Sequence[TopicPartition],
+        stop: asyncio.Event,
+        ends: dict[TopicPartition, int] | None,
+    ) -> None:
+        last_report = time.monotonic()
+        backoff = self.retry_backoff
+        # Partitions whose end offset was passed without a record to commit it
+        # (transaction markers at the tail): done, though not stored as such.
+        passed: set[TopicPartition] = set()
+        while not stop.is_set():
+            if ends is not None and all(
+                tp in passed or self._committed.get(tp, 0) >= end for tp, end in ends.items()
+            ):
+                break
+            fetched = await consumer.getmany(
+                timeout_ms=self.poll_timeout_ms, max_records=self.max_records
+            )
+            batch = {tp: recs for tp, recs in fetched.items() if recs}
+            if batch:
+                try:
+                    await self._commit(batch)
+                    backoff = self.retry_backoff
+                except PyMongoError as error:
+                    # Nothing of the batch is stored: go back and read it again.
+                    log.warning(
+                        "projection %s: batch not stored (%r); retrying in %.1f s",
+                        self.projection,
+                        error,
+                        backoff,
+                    )
+                    await self._seek_to_committed(consumer, list(batch))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), backoff)
+                    backoff = min(backoff * 2, 10.0)
+            elif ends is not None:
+                for tp, end in ends.items():
+                    if await consumer.position(tp) >= end:
+                        passed.add(tp)
+            now = time.monotonic()
+            if now - last_report >= self.lag_log_interval:
+                self._report_lag(consumer, partitions)
+                last_report = now
+        self._report_lag(consumer, partitions)
+
+    async def _commit(self, batch: dict[TopicPartition, list[Record]]) -> None:
+        records = [r for tp in sorted(batch) for r in batch[tp]]
+        next_offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items()}
+        started = time.perf_counter()
+        transaction = asyncio.ensure_future(
+            asyncio.to_thread(self._transaction, records, next_offsets)
+        )
+        try:
+            counters = await asyncio.shield(transaction)
+        except asyncio.CancelledError:
+            # A thread cannot be cancelled: let the transaction finish, so that
+            # once this task has ended no write of this projector can follow,
+            # and a projector started next sees its final offsets.
+            with contextlib.suppress(Exception):
+                await transaction
+            raise
+        self._committed.update(next_offsets)
+        self.stats.batches += 1
+        self.stats.records += len(records)
+        for key, value in (counters or {}).items():
+            self.stats.counters[key] = self.stats.counters.get(key, 0) + value
+        log.debug(
+            "projection %s stored %d records in %.1f ms, now at %s",
+            self.projection,
+            len(records),
+            (time.perf_counter() - started) * 1000,
+            _fmt(next_offsets),
+        )
+
+    def _transaction(
+        self, records: list[Record], next_offsets: dict[TopicPartition, int]
+    ) -> Mapping[str, int]:
+        offsets = self.database[OFFSETS_COLLECTION]
+
+        def body(session: ClientSession) -> Mapping[str, int]:
+            ids = {offset_id(self.projection, tp): tp for tp in next_offsets}
+            found = {
+                d["_id"]: d["next_offset"]
+                for d in offsets.find({"_id": {"$in": list(ids)}}, session=session)
+            }
+            for ident, tp in ids.items():
+                if found.get(ident) != self._committed.get(tp):
+                    raise ProjectionFenced(
+                        f"projection {self.projection}: {tp.topic}:{tp.partition} is stored at "
+                        f"{found.get(ident)}, this projector expected "
+                        f"{self._committed.get(tp)}: another projector or a reset moved it"
+                    )
+            counters = self.read_model.apply_batch(session, records)
+            offsets.bulk_write(
+                [
+                    UpdateOne(
+                        {"_id": ident},
+                        {
+                            "$set": {
+                                "projection": self.projection,
+                                "topic": tp.topic,
+                                "partition": tp.partition,
+                                "next_offset": next_offsets[tp],
+                            }
+                        },
+                        upsert=True,
+                    )
+                    for ident, tp in ids.items()
+                ],
+                session=session,
+                ordered=False,
+            )
+            return counters
+
+        assert self._session is not None, "transactions run inside _consume"
+        # with_transaction retries the whole body on TransientTransactionError
+        # and the commit on UnknownTransactionCommitResult.
+        return self._session.with_transaction(body)
+
+    def _report_lag(self, consumer: AIOKafkaConsumer, partitions: Sequence[TopicPartition]) -> None:
+        lag = {}
+        for tp in partitions:
+            end = consumer.last_stable_offset(tp)
+            if end is None or end < 0:
+                end = consumer.highwater(tp)
+            if end is not None:
+                lag[tp] = max(0, end - self._committed.get(tp, 0))
+        self.stats.lag = lag
+        # An idle projection at lag 0 has nothing new to say every interval.
+        busy = self.stats.records != self._reported_records or self.stats.total_lag > 0
+        self._reported_records = self.stats.records
+        log.log(
+            logging.INFO if busy else logging.DEBUG,
+            "projection %s: %d records in %d batches so far, lag %d (%s) %s",
+            self.projection,
+            self.stats.records,
+            self.stats.batches,
+            self.stats.total_lag,
+            ", ".join(f"{tp.topic}:{tp.partition}={n}" for tp, n in sorted(lag.items())),
+            self.stats.counters,
+        )
+
+
+def _fmt(offsets: Mapping[TopicPartition, int]) -> dict[str, int]:
+    return {f"{tp.topic}:{tp.partition}": o for tp, o in offsets.items()}

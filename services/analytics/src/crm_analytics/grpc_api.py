@@ -1,0 +1,108 @@
+"""gRPC adapter: crm.customer360.v1.Customer360Service over the queries."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+
+from crm.contacts.v1 import contacts_pb2
+from crm.customer360.v1 import customer360_pb2, customer360_pb2_grpc
+from crm_analytics.customer360 import Doc, enum_value
+from crm_analytics.query import DEFAULT_WAIT_MS, MAX_WAIT_MS, Customer360Queries
+
+
+def _timestamp(target: Any, when: datetime | None) -> None:
+    if when is not None:
+        target.FromDatetime(when if when.tzinfo else when.replace(tzinfo=UTC))
+
+
+def _consent(consent: Doc | None) -> contacts_pb2.Consent:
+    consent = consent or {}
+    message = contacts_pb2.Consent(
+        status=enum_value(contacts_pb2.ConsentStatus, consent.get("status")),
+        source=consent.get("source", ""),
+    )
+    _timestamp(message.recorded_at, consent.get("recorded_at"))
+    return message
+
+
+def to_proto(doc: Doc) -> customer360_pb2.Customer360:
+    """The stored document as the public message."""
+    message = customer360_pb2.Customer360(
+        customer_id=doc["_id"],
+        kind=enum_value(contacts_pb2.ContactKind, doc.get("kind")),
+        display_name=doc.get("display_name", ""),
+        given_name=doc.get("given_name", ""),
+        family_name=doc.get("family_name", ""),
+        lifecycle_stage=enum_value(contacts_pb2.LifecycleStage, doc.get("lifecycle_stage")),
+        tags=doc.get("tags", []),
+        owner=doc.get("owner", ""),
+        domain=doc.get("domain", ""),
+        industry=doc.get("industry", ""),
+        positions={k: int(v) for k, v in (doc.get("positions") or {}).items()},
+    )
+    for name, value in (doc.get("custom_fields") or {}).items():
+        message.custom_fields[name].CopyFrom(
+            contacts_pb2.CustomFieldValue(
+                type=value.get("type", ""),
+                value=value.get("value", ""),
+                currency=value.get("currency", ""),
+            )
+        )
+    for channel in doc.get("channels", []):
+        message.channels.append(
+            customer360_pb2.ChannelConsent(
+                channel=enum_value(contacts_pb2.Channel, channel.get("channel")),
+                address=channel.get("address", ""),
+                preferred=bool(channel.get("preferred")),
+                consent=_consent(channel.get("consent")),
+            )
+        )
+    for company in doc.get("companies", []):
+        message.companies.append(
+            customer360_pb2.CompanyMembership(
+                company_id=company["company_id"],
+                company_name=company.get("company_name", ""),
+                role=company.get("role", ""),
+            )
+        )
+    for entry in doc.get("timeline", []):
+        item = customer360_pb2.TimelineEntry(
+            entry_id=entry["entry_id"],
+            source=entry.get("source", ""),
+            kind=entry.get("kind", ""),
+            summary=entry.get("summary", ""),
+            direction=enum_value(contacts_pb2.Direction, entry.get("direction")),
+            channel=enum_value(contacts_pb2.Channel, entry.get("channel")),
+            owner=entry.get("owner", ""),
+        )
+        _timestamp(item.occurred_at, entry.get("occurred_at"))
+        message.timeline.append(item)
+    _timestamp(message.updated_at, doc.get("updated_at"))
+    return message
+
+
+class Customer360Servicer(customer360_pb2_grpc.Customer360ServiceServicer):
+    """Errors are raised as CrmError; the shared server maps them to statuses."""
+
+    def __init__(self, queries: Customer360Queries) -> None:
+        self.queries = queries
+
+    async def GetCustomer360(
+        self,
+        request: customer360_pb2.GetCustomer360Request,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> customer360_pb2.GetCustomer360Response:
+        timeout_ms: int | None = request.wait_timeout_ms or None
+        remaining = context.time_remaining()
+        valid = timeout_ms is None or 0 < timeout_ms <= MAX_WAIT_MS
+        if request.wait_for and remaining is not None and valid:
+            # Answer DEADLINE_EXCEEDED ourselves shortly before the caller gives up.
+            budget = max(1, min(int(remaining * 1000) - 50, MAX_WAIT_MS))
+            timeout_ms = min(timeout_ms or DEFAULT_WAIT_MS, budget)
+        doc = await self.queries.get_customer360(
+            request.customer_id, dict(request.wait_for), timeout_ms
+        )
+        return customer360_pb2.GetCustomer360Response(customer=to_proto(doc))

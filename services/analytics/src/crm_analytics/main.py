@@ -1,0 +1,123 @@
+"""`crm-analytics serve|project|rebuild`: the analytics service's processes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+
+from crm.customer360.v1 import customer360_pb2_grpc
+from crm_analytics.grpc_api import Customer360Servicer
+from crm_analytics.query import Customer360Queries
+from crm_analytics.rest_api import create_app
+from crm_analytics.store import PROJECTION, TOPICS, Customer360Store, connect
+from crm_common.logs import setup_logging
+from crm_common.projection import ProjectionConsumer
+from crm_common.server import GrpcService, serve
+from crm_common.settings import Settings
+from crm_common.telemetry import setup_telemetry, shutdown_telemetry
+
+log = logging.getLogger("crm_analytics")
+
+
+def projection(settings: Settings, store: Customer360Store) -> ProjectionConsumer:
+    return ProjectionConsumer(
+        projection=PROJECTION,
+        topics=TOPICS,
+        read_model=store,
+        mongo=store.database.client,
+        database=settings.mongo_db,
+        bootstrap=settings.kafka_bootstrap,
+    )
+
+
+async def run_serve(settings: Settings) -> None:
+    client = connect(settings.mongo_url)
+    store = Customer360Store(client[settings.mongo_db])
+    queries = Customer360Queries(store)
+    await serve(
+        settings,
+        grpc_services=[
+            GrpcService(
+                Customer360Servicer(queries),
+                customer360_pb2_grpc.add_Customer360ServiceServicer_to_server,
+                "crm.customer360.v1.Customer360Service",
+            )
+        ],
+        http_app=create_app(queries),
+        on_stop=[client.close],
+    )
+
+
+async def run_project(settings: Settings) -> None:
+    client = connect(settings.mongo_url)
+    try:
+        store = Customer360Store(client[settings.mongo_db])
+        await asyncio.to_thread(store.ensure_indexes)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        consumer = projection(settings, store)
+        await consumer.run(stop)
+        log.info(
+            "projection %s stopped after %d records: %s",
+            PROJECTION,
+            consumer.stats.records,
+            consumer.stats.counters,
+        )
+    finally:
+        client.close()
+
+
+async def run_rebuild(settings: Settings) -> int:
+    client = connect(settings.mongo_url)
+    try:
+        store = Customer360Store(client[settings.mongo_db])
+        started = time.perf_counter()
+        await asyncio.to_thread(store.drop)
+        await asyncio.to_thread(store.ensure_indexes)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        result = await projection(settings, store).run_until_caught_up(stop)
+        docs = await asyncio.to_thread(store.count)
+        seconds = time.perf_counter() - started
+        print(
+            f"rebuilt {PROJECTION}: {result.records} events, {docs} documents, "
+            f"{result.counters.get('dead_letters', 0)} dead letters in {seconds:.1f} s",
+            flush=True,
+        )
+        return 1 if stop.is_set() else 0
+    finally:
+        client.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="crm-analytics", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="gRPC and REST API of the 360 view")
+    commands.add_parser("project", help="keep the 360 view up to date from the topics")
+    commands.add_parser("rebuild", help="drop the 360 view, rebuild it from the topics, exit")
+    args = parser.parse_args(argv)
+
+    setup_logging("analytics")
+    setup_telemetry("analytics")
+    settings = Settings.from_env("analytics")
+    try:
+        if args.command == "serve":
+            asyncio.run(run_serve(settings))
+        elif args.command == "project":
+            asyncio.run(run_project(settings))
+        else:
+            sys.exit(asyncio.run(run_rebuild(settings)))
+    finally:
+        shutdown_telemetry()
+
+
+if __name__ == "__main__":
+    main()
