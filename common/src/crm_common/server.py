@@ -8,8 +8,11 @@ both protocols, and graceful shutdown on SIGTERM/SIGINT.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import signal
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,6 +213,20 @@ def http_command_context(
 # -- the process -------------------------------------------------------------------
 
 
+class _HttpServer(uvicorn.Server):
+    """uvicorn without its own signal handling.
+
+    uvicorn re-raises a captured SIGTERM after it returns, which would kill
+    the process before the gRPC server drains and the `on_stop` callbacks
+    (closing the command bus and the event store) run. `serve()` installs
+    the process's signal handlers itself and stops both servers in order.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
 async def serve(
     settings: Settings,
     *,
@@ -260,7 +277,14 @@ async def serve(
         access_log=False,
         lifespan="on",
     )
-    http_server = uvicorn.Server(config)
+    http_server = _HttpServer(config)
+    loop = asyncio.get_running_loop()
+
+    def request_stop() -> None:
+        http_server.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, request_stop)
     log.info(
         "%s serving gRPC on %s and REST on http://%s:%s",
         settings.service,
@@ -269,9 +293,11 @@ async def serve(
         settings.http_port,
     )
     try:
-        # uvicorn owns SIGTERM/SIGINT handling and returns once asked to stop.
+        # Returns once SIGTERM/SIGINT asked the HTTP server to stop.
         await http_server.serve()
     finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
         await health.enter_graceful_shutdown()
         await server.stop(grace=5)
         for stop in on_stop:
