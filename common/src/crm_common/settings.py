@@ -74,5 +74,9 @@ class Settings:
 
 
 def topic_of(service: str) -> str:
-    """The Kafka topic a service publishes its domain events to."""
-    return f"crm.{service}.events"
+    """The Kafka topic a service publishes its domain events to.
+
+    `CRM_TOPIC_PREFIX` (default `crm`) lets several environments share one
+    Kafka cluster: `staging.crm` gives `staging.crm.contacts.events`.
+    """
+    return f"{_env('CRM_TOPIC_PREFIX', 'crm')}.{service}.events"

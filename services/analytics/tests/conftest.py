@@ -1,37 +1,29 @@
-"""Fixtures of the analytics tests: real servers, started once per test run."""
+"""Fixtures of the analytics tests, over the session's shared local stack."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import uuid
 from collections.abc import Iterator
 
 import pytest
 from contact_events import create_topic
-from local_servers import Servers, start_all, stop_all
 from pymongo import MongoClient
 from pymongo.database import Database
 
 from crm_analytics.customer360 import Doc
 from crm_analytics.store import connect
+from crm_deploy.stack import Stack
 
 
 @pytest.fixture(scope="session")
-def analytics_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    root = tmp_path_factory.mktemp("analytics-servers")
-    servers, processes = start_all(root)
-    try:
-        yield servers
-    finally:
-        stop_all(processes)
-        if not os.environ.get("CRM_KEEP_TEST_DATA"):
-            shutil.rmtree(root, ignore_errors=True)
+def analytics_servers(local_stack: Stack) -> Stack:
+    """Kafka and the document store of the shared stack (`kafka_bootstrap`, `mongo_url`)."""
+    return local_stack
 
 
 @pytest.fixture(scope="session")
-def mongo(analytics_servers: Servers) -> Iterator[MongoClient[Doc]]:
-    client = connect(analytics_servers.mongo_url)
+def mongo(local_stack: Stack) -> Iterator[MongoClient[Doc]]:
+    client = connect(local_stack.mongo_url)
     yield client
     client.close()
 
@@ -43,7 +35,7 @@ def database(mongo: MongoClient[Doc]) -> Database[Doc]:
 
 
 @pytest.fixture
-async def topic(analytics_servers: Servers) -> str:
+async def topic(local_stack: Stack) -> str:
     name = f"crm.contacts.events.{uuid.uuid4().hex[:8]}"
-    await create_topic(analytics_servers.kafka_bootstrap, name)
+    await create_topic(local_stack.kafka_bootstrap, name)
     return name

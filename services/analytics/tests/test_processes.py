@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,16 +34,19 @@ from contact_events import (
 )
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from local_servers import free_port
 from pymongo.database import Database
 
 from crm.contacts.v1 import contacts_pb2
 from crm.customer360.v1 import customer360_pb2, customer360_pb2_grpc
 from crm_analytics.customer360 import Doc
-from crm_analytics.store import PROJECTION, TOPICS
+from crm_analytics.store import PROJECTION
 from crm_common.projection import stored_offsets
+from crm_deploy.process import free_port
 
-[TOPIC] = TOPICS
+# The processes here run on a topic prefix of their own, so nothing else the
+# session publishes to crm.contacts.events reaches them (and vice versa).
+TOPIC_PREFIX = f"t{uuid.uuid4().hex[:8]}.crm"
+TOPIC = f"{TOPIC_PREFIX}.contacts.events"
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +66,7 @@ def env_for(servers: Any, database: Database[Doc], tmp_path: Path, **extra: str)
         CRM_MONGO_DB=database.name,
         CRM_KAFKA_BOOTSTRAP=servers.kafka_bootstrap,
         CRM_DATA_DIR=str(tmp_path),
+        CRM_TOPIC_PREFIX=TOPIC_PREFIX,
         CRM_LOG_LEVEL="INFO",
         **extra,
     )

@@ -1,0 +1,34 @@
+"""Fixtures shared by every test directory of the repository.
+
+`local_stack` starts the real infrastructure (ZooKeeper, Kafka with the
+platform's topics, SecantusDB) once per test session, on free ports of
+127.0.0.1, with its data in a temporary directory, and stops it at the end.
+It is lazy: a session whose tests never ask for it starts nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from crm_deploy.stack import Stack, StackConfig
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The session's Stack: `kafka_bootstrap`, `mongo_url`, `config`, `start_services`, ...
+
+    Set CRM_KEEP_TEST_DATA=1 to keep its data directory (logs included) after the run.
+    """
+    root = tmp_path_factory.mktemp("local-stack")
+    stack = Stack(StackConfig.for_tests(root))
+    stack.start_infra()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        if not os.environ.get("CRM_KEEP_TEST_DATA"):
+            shutil.rmtree(root, ignore_errors=True)

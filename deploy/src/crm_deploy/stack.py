@@ -1,0 +1,426 @@
+"""The local stack: infrastructure servers plus the service processes, as one object.
+
+Used by the `crm-stack` command and by the test fixtures alike. Everything
+lives under one data directory::
+
+    <data_dir>/zookeeper/     ZooKeeper's snapshots and transaction log
+    <data_dir>/kafka-logs/    Kafka's partitions
+    <data_dir>/secantus/      the document store (WiredTiger)
+    <data_dir>/kafka-dist/    the Kafka distribution, extracted once
+    <data_dir>/<service>/     a service's own files (its event store)
+    <data_dir>/logs/          one log per process
+    <data_dir>/run/           pid files, generated configs, stack state
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crm_common.settings import DEFAULT_PORTS, topic_of
+from crm_deploy.process import (
+    ManagedProcess,
+    Probe,
+    ProcessFailed,
+    alive_probe,
+    all_probes,
+    free_port,
+    grpc_health_probe,
+    http_probe,
+    port_in_use,
+)
+from crm_deploy.servers import (
+    ensure_topics,
+    kafka_home,
+    kafka_process,
+    secantus_process,
+    secantus_url,
+    zookeeper_process,
+)
+
+HOST = "127.0.0.1"
+INFRA = ("zookeeper", "kafka", "secantus")
+#: The write services whose topics the platform creates.
+TOPIC_SERVICES = ("contacts", "pipeline", "tickets", "loyalty")
+TOPIC_PARTITIONS = 6
+
+
+@dataclass(frozen=True)
+class ServiceProcess:
+    """One row of the process table: a process name, its command, its service."""
+
+    name: str
+    command: tuple[str, ...]
+    service: str
+    #: API processes are ready when gRPC health says SERVING and GET /healthz is 200;
+    #: the others (relays, projectors) when they are still alive after a second.
+    api: bool
+
+    def argv(self) -> list[str]:
+        executable, *args = self.command
+        return [str(Path(sys.executable).with_name(executable)), *args]
+
+
+#: Every service process of the platform. The single place to add one.
+SERVICE_PROCESSES: tuple[ServiceProcess, ...] = (
+    ServiceProcess("contacts-api", ("crm-contacts", "serve"), "contacts", api=True),
+    ServiceProcess("contacts-relay", ("crm-contacts", "relay"), "contacts", api=False),
+    ServiceProcess("analytics-api", ("crm-analytics", "serve"), "analytics", api=True),
+    ServiceProcess("analytics-projector", ("crm-analytics", "project"), "analytics", api=False),
+)
+
+
+def service_process(name: str) -> ServiceProcess:
+    for row in SERVICE_PROCESSES:
+        if row.name == name:
+            return row
+    known = ", ".join(r.name for r in SERVICE_PROCESSES)
+    raise KeyError(f"no service process {name!r} (known: {known})")
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = env.get(name, "")
+    return int(value) if value else default
+
+
+@dataclass
+class StackConfig:
+    """Where the stack keeps its data and which ports it listens on (127.0.0.1 only)."""
+
+    data_dir: Path = field(default_factory=lambda: Path("var").resolve())
+    kafka_port: int = 9092
+    zookeeper_port: int = 2181
+    mongo_port: int = 27017
+    service_ports: dict[str, tuple[int, int]] = field(
+        default_factory=lambda: dict(DEFAULT_PORTS)
+    )
+    topics: dict[str, int] = field(
+        default_factory=lambda: {topic_of(s): TOPIC_PARTITIONS for s in TOPIC_SERVICES}
+    )
+    kafka_heap: str = "384m"
+    zookeeper_heap: str = "64m"
+    mongo_cache_size: str = "256M"
+    mongo_sync_on_commit: bool = True
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> StackConfig:
+        env = os.environ if env is None else env
+        return cls(
+            data_dir=Path(env.get("CRM_DATA_DIR") or "var").resolve(),
+            kafka_port=_env_int(env, "CRM_KAFKA_PORT", 9092),
+            zookeeper_port=_env_int(env, "CRM_ZOOKEEPER_PORT", 2181),
+            mongo_port=_env_int(env, "CRM_MONGO_PORT", 27017),
+            service_ports={
+                service: (
+                    _env_int(env, f"CRM_{service.upper()}_GRPC_PORT", grpc),
+                    _env_int(env, f"CRM_{service.upper()}_HTTP_PORT", http),
+                )
+                for service, (grpc, http) in DEFAULT_PORTS.items()
+            },
+        )
+
+    @classmethod
+    def for_tests(cls, root: Path) -> StackConfig:
+        """A stack under `root` on free ports, so it never meets a developer's stack."""
+        return cls(
+            data_dir=Path(root).resolve(),
+            kafka_port=free_port(),
+            zookeeper_port=free_port(),
+            mongo_port=free_port(),
+            service_ports={s: (free_port(), free_port()) for s in DEFAULT_PORTS},
+        )
+
+    def env(self) -> dict[str, str]:
+        """The environment variables that describe this stack to `crm-stack` and services."""
+        env = {
+            "CRM_DATA_DIR": str(self.data_dir),
+            "CRM_KAFKA_PORT": str(self.kafka_port),
+            "CRM_ZOOKEEPER_PORT": str(self.zookeeper_port),
+            "CRM_MONGO_PORT": str(self.mongo_port),
+            "CRM_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
+            "CRM_MONGO_URL": self.mongo_url,
+        }
+        for service, (grpc, http) in self.service_ports.items():
+            env[f"CRM_{service.upper()}_GRPC_PORT"] = str(grpc)
+            env[f"CRM_{service.upper()}_HTTP_PORT"] = str(http)
+        return env
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"{HOST}:{self.kafka_port}"
+
+    @property
+    def mongo_url(self) -> str:
+        return secantus_url(self.mongo_port, HOST)
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "data_dir": str(self.data_dir),
+            "kafka_port": self.kafka_port,
+            "zookeeper_port": self.zookeeper_port,
+            "mongo_port": self.mongo_port,
+            "service_ports": {k: list(v) for k, v in self.service_ports.items()},
+            "topics": self.topics,
+            "kafka_heap": self.kafka_heap,
+            "zookeeper_heap": self.zookeeper_heap,
+            "mongo_cache_size": self.mongo_cache_size,
+            "mongo_sync_on_commit": self.mongo_sync_on_commit,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StackConfig:
+        return cls(
+            data_dir=Path(data["data_dir"]),
+            kafka_port=int(data["kafka_port"]),
+            zookeeper_port=int(data["zookeeper_port"]),
+            mongo_port=int(data["mongo_port"]),
+            service_ports={k: (int(v[0]), int(v[1])) for k, v in data["service_ports"].items()},
+            topics={k: int(v) for k, v in data["topics"].items()},
+            kafka_heap=data["kafka_heap"],
+            zookeeper_heap=data["zookeeper_heap"],
+            mongo_cache_size=data["mongo_cache_size"],
+            mongo_sync_on_commit=bool(data["mongo_sync_on_commit"]),
+        )
+
+
+class Stack:
+    """ZooKeeper, Kafka, SecantusDB and the service processes of one data directory."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self._infra: dict[str, ManagedProcess] = {}
+        self._services: dict[str, ManagedProcess] = {}
+        #: Extra environment each service process was started with (for restarts).
+        self._service_env: dict[str, dict[str, str]] = {}
+
+    # -- addresses ------------------------------------------------------------
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return self.config.kafka_bootstrap
+
+    @property
+    def mongo_url(self) -> str:
+        return self.config.mongo_url
+
+    def endpoints(self, names: Iterable[str] | None = None) -> dict[str, str]:
+        """Name → address of everything the stack serves (for the ready banner)."""
+        endpoints = {
+            "kafka": self.kafka_bootstrap,
+            "zookeeper": f"{HOST}:{self.config.zookeeper_port}",
+            "document store": self.mongo_url,
+        }
+        wanted = set(names) if names is not None else {r.name for r in SERVICE_PROCESSES}
+        for row in SERVICE_PROCESSES:
+            if row.name not in wanted or not row.api:
+                continue
+            grpc, http = self.config.service_ports[row.service]
+            endpoints[f"{row.service} gRPC"] = f"{HOST}:{grpc}"
+            endpoints[f"{row.service} REST"] = f"http://{HOST}:{http} (OpenAPI: /docs)"
+        endpoints["data dir"] = str(self.config.data_dir)
+        endpoints["logs"] = str(self.config.logs_dir)
+        return endpoints
+
+    # -- processes ------------------------------------------------------------
+
+    def process(self, name: str) -> ManagedProcess:
+        if name in self._infra:
+            return self._infra[name]
+        if name in self._services:
+            return self._services[name]
+        raise KeyError(f"{name} has not been started in this stack")
+
+    def processes(self) -> list[ManagedProcess]:
+        """Every process started so far, infrastructure first."""
+        return [*self._infra.values(), *self._services.values()]
+
+    def _infra_processes(self) -> dict[str, ManagedProcess]:
+        c = self.config
+        run, logs = c.run_dir, c.logs_dir
+        home = kafka_home(c.data_dir / "kafka-dist")
+        return {
+            "zookeeper": zookeeper_process(
+                home=home,
+                data_dir=c.data_dir / "zookeeper",
+                run_dir=run,
+                log_path=logs / "zookeeper.log",
+                port=c.zookeeper_port,
+                heap=c.zookeeper_heap,
+                host=HOST,
+            ),
+            "kafka": kafka_process(
+                home=home,
+                logs_dir=c.data_dir / "kafka-logs",
+                run_dir=run,
+                log_path=logs / "kafka.log",
+                port=c.kafka_port,
+                zookeeper_port=c.zookeeper_port,
+                heap=c.kafka_heap,
+                host=HOST,
+            ),
+            "secantus": secantus_process(
+                storage_dir=c.data_dir / "secantus",
+                run_dir=run,
+                log_path=logs / "secantus.log",
+                port=c.mongo_port,
+                cache_size=c.mongo_cache_size,
+                sync_on_commit=c.mongo_sync_on_commit,
+                host=HOST,
+            ),
+        }
+
+    def _check_ports(self, ports: dict[str, int]) -> None:
+        busy = [f"{what} ({port})" for what, port in ports.items() if port_in_use(port, HOST)]
+        if busy:
+            raise RuntimeError(
+                "ports already in use on 127.0.0.1: "
+                + ", ".join(busy)
+                + " (another stack running? set CRM_*_PORT to move this one)"
+            )
+
+    def start_infra(self) -> None:
+        """ZooKeeper then Kafka, SecantusDB beside them; then the platform's topics."""
+        c = self.config
+        for d in ("zookeeper", "kafka-logs", "secantus", "logs", "run"):
+            (c.data_dir / d).mkdir(parents=True, exist_ok=True)
+        self._check_ports(
+            {"zookeeper": c.zookeeper_port, "kafka": c.kafka_port, "secantus": c.mongo_port}
+        )
+        self.save_state()
+        self._infra = self._infra_processes()
+
+        def kafka_chain() -> None:
+            self._infra["zookeeper"].start()
+            self._infra["zookeeper"].wait_ready()
+            self._infra["kafka"].start()
+            self._infra["kafka"].wait_ready()
+            ensure_topics(self.kafka_bootstrap, c.topics)
+
+        def document_store() -> None:
+            self._infra["secantus"].start()
+            self._infra["secantus"].wait_ready()
+
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(kafka_chain), pool.submit(document_store)]
+            errors = [f.exception() for f in futures]
+        failure = next((e for e in errors if e is not None), None)
+        if failure is not None:
+            self.stop()
+            if isinstance(failure, ProcessFailed):
+                raise failure
+            raise RuntimeError(f"infrastructure did not start: {failure}") from failure
+
+    def service_env(self, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment of a service process: the caller's plus the stack's addresses."""
+        env = dict(os.environ)
+        env.update(self.config.env())
+        env.setdefault("CRM_EVENT_STORE", "sqlite")
+        if extra_env:
+            env.update(extra_env)
+        return env
+
+    def _service(self, row: ServiceProcess, extra_env: Mapping[str, str] | None) -> ManagedProcess:
+        probe: Probe
+        if row.api:
+            grpc, http = self.config.service_ports[row.service]
+            probe = all_probes(
+                grpc_health_probe(f"{HOST}:{grpc}"), http_probe(f"http://{HOST}:{http}/healthz")
+            )
+        else:
+            probe = alive_probe(1.0)
+        return ManagedProcess(
+            row.name,
+            row.argv(),
+            log_path=self.config.logs_dir / f"{row.name}.log",
+            pid_path=self.config.run_dir / f"{row.name}.pid",
+            probe=probe,
+            env=self.service_env(extra_env),
+            cwd=self.config.data_dir,
+        )
+
+    def start_services(
+        self, names: Iterable[str] | None = None, extra_env: Mapping[str, str] | None = None
+    ) -> list[ManagedProcess]:
+        """Starts service processes (all of the table by default) and waits until ready."""
+        rows = (
+            list(SERVICE_PROCESSES)
+            if names is None
+            else [service_process(n) for n in names]
+        )
+        ports: dict[str, int] = {}
+        for row in rows:
+            if row.api:
+                grpc, http = self.config.service_ports[row.service]
+                ports[f"{row.service} gRPC"], ports[f"{row.service} REST"] = grpc, http
+        self._check_ports(ports)
+        for row in rows:
+            (self.config.data_dir / row.service).mkdir(parents=True, exist_ok=True)
+        started = []
+        for row in rows:
+            process = self._service(row, extra_env)
+            self._services[row.name] = process
+            process.start()
+            started.append(process)
+        try:
+            for process in started:
+                process.wait_ready()
+        except ProcessFailed:
+            self.stop_services([p.name for p in started])
+            raise
+        return started
+
+    def restart(self, name: str) -> ManagedProcess:
+        """Starts a stopped or crashed process again, with the same command and env."""
+        process = self.process(name)
+        process.start()
+        return process
+
+    def stop_services(self, names: Iterable[str] | None = None) -> None:
+        wanted = list(self._services) if names is None else list(names)
+        processes = [self._services[n] for n in wanted if n in self._services]
+        if processes:
+            with ThreadPoolExecutor(len(processes)) as pool:
+                list(pool.map(lambda p: p.stop(), processes))
+
+    def stop(self) -> None:
+        """Services first, then Kafka, then ZooKeeper, then SecantusDB; each gracefully."""
+        self.stop_services()
+        for name in ("kafka", "zookeeper", "secantus"):
+            if name in self._infra:
+                self._infra[name].stop()
+
+    # -- state shared with other crm-stack commands ---------------------------
+
+    @property
+    def state_path(self) -> Path:
+        return self.config.run_dir / "stack.json"
+
+    def save_state(self, **extra: Any) -> None:
+        self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        state = {"config": self.config.to_json(), "updated": time.time(), **extra}
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.state_path)
+
+
+def load_state(data_dir: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads((data_dir / "run" / "stack.json").read_text())
+        return data
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
