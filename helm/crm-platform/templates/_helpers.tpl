@@ -1,0 +1,196 @@
+{{/*
+Names, labels and the list of processes of the release.
+*/}}
+
+{{- define "crm.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The release's full name. Resource names append "-<service>-<role>" (at most
+20 more characters), so it is cut at 42.
+*/}}
+{{- define "crm.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 42 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 42 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 42 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "crm.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every object. */}}
+{{- define "crm.labels" -}}
+helm.sh/chart: {{ include "crm.chart" . }}
+{{ include "crm.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: crm-platform
+{{- end }}
+
+{{/* Labels that select every pod of the release. */}}
+{{- define "crm.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "crm.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels of one process's objects; call with (dict "root" $ "component" "contacts-api"). */}}
+{{- define "crm.componentLabels" -}}
+{{ include "crm.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Labels that select one process's pods. */}}
+{{- define "crm.componentSelectorLabels" -}}
+{{ include "crm.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "crm.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "crm.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The chart's own Secret (rendered only when some credential has no existing Secret). */}}
+{{- define "crm.secretName" -}}
+{{- printf "%s-credentials" (include "crm.fullname" .) }}
+{{- end }}
+
+{{- define "crm.postgresSecretName" -}}
+{{- default (include "crm.secretName" .) .Values.postgresql.existingSecret }}
+{{- end }}
+
+{{- define "crm.mongoSecretName" -}}
+{{- default (include "crm.secretName" .) .Values.mongodb.existingSecret }}
+{{- end }}
+
+{{/* The image of a service; call with (dict "root" $ "service" "contacts"). */}}
+{{- define "crm.image" -}}
+{{- $g := .root.Values.global.image }}
+{{- $image := (index .root.Values .service).image }}
+{{- $repo := $image.repository }}
+{{- if $g.registry }}
+{{- $repo = printf "%s/%s" (trimSuffix "/" $g.registry) $repo }}
+{{- end }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $repo $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repo (default .root.Chart.AppVersion $g.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The write services (event store in PostgreSQL, API + relay). */}}
+{{- define "crm.writeServices" -}}
+contacts pipeline tickets loyalty
+{{- end }}
+
+{{/* Every service the chart knows, enabled or not. */}}
+{{- define "crm.allServices" -}}
+contacts pipeline tickets loyalty analytics
+{{- end }}
+
+{{/*
+The processes of the enabled services, as YAML {processes: [...]}; each has
+service, role, name (the component), command (the console script's
+subcommand), api (serves gRPC + REST), singleWriter (at most one replica:
+the relays and the projector), writeService (has an event store).
+*/}}
+{{- define "crm.processes" -}}
+processes:
+{{- range $svc := splitList " " (include "crm.writeServices" .) }}
+{{- if (index $.Values $svc).enabled }}
+  - {service: {{ $svc }}, role: api, name: {{ $svc }}-api, command: serve, api: true, singleWriter: false, writeService: true}
+  - {service: {{ $svc }}, role: relay, name: {{ $svc }}-relay, command: relay, api: false, singleWriter: true, writeService: true}
+{{- end }}
+{{- end }}
+{{- if .Values.analytics.enabled }}
+  - {service: analytics, role: api, name: analytics-api, command: serve, api: true, singleWriter: false, writeService: false}
+  - {service: analytics, role: projector, name: analytics-projector, command: project, api: false, singleWriter: true, writeService: false}
+{{- end }}
+{{- end }}
+
+{{/* Pod-level security context of every pod. */}}
+{{- define "crm.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Container-level security context of every container. */}}
+{{- define "crm.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+privileged: false
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/*
+Environment of a process beyond the shared ConfigMap; call with
+(dict "root" $ "service" "contacts" "writeService" true). Write services get
+their event store's schema and password, read-model services the MongoDB URL.
+*/}}
+{{- define "crm.processEnv" -}}
+{{- if .writeService }}
+- name: CRM_POSTGRES_SCHEMA
+  value: {{ (index .root.Values .service).postgresSchema | quote }}
+- name: CRM_POSTGRES_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "crm.postgresSecretName" .root }}
+      key: {{ .root.Values.postgresql.passwordKey }}
+{{- else }}
+- name: CRM_MONGO_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "crm.mongoSecretName" .root }}
+      key: {{ .root.Values.mongodb.urlKey }}
+{{- end }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: "k8s.namespace.name={{ .root.Release.Namespace }},service.instance.id=$(CRM_POD_NAME)"
+{{- with .root.Values.global.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes of every pod: the root file system is read-only. */}}
+{{- define "crm.volumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: 64Mi
+- name: data
+  emptyDir:
+    sizeLimit: 256Mi
+{{- end }}
+
+{{- define "crm.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: data
+  mountPath: /var/lib/crm
+{{- end }}
+
+{{/* Annotations that roll the pods when their configuration changes. */}}
+{{- define "crm.configChecksums" -}}
+checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
+checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256sum }}
+{{- end }}

@@ -1,0 +1,521 @@
+"""The Helm chart in helm/crm-platform: lints, renders, and deploys what it should.
+
+Helm itself comes from deploy/tools/helm.sh (a pinned binary, fetched once
+into .tools/). Every rendered manifest is validated against the Kubernetes
+API schemas of the oldest cluster version the chart supports, and the tests
+check what a platform team relies on: one Deployment per service process
+with its command, configuration that the processes really read, probes,
+single-writer processes that stay single, a values schema that refuses
+mistakes, and locked-down pods.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate import utils as kv_utils
+
+from crm_common.settings import Settings
+from crm_deploy.stack import SERVICE_PROCESSES
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "crm-platform"
+PROD_VALUES = CHART / "ci" / "values-prod.yaml"
+HELM_SH = ROOT / "deploy" / "tools" / "helm.sh"
+RELEASE = "crm"
+NAMESPACE = "crm-test"
+FULLNAME = "crm-crm-platform"
+
+
+# -- helm -------------------------------------------------------------------------
+
+
+@cache
+def _helm_problem() -> str | None:
+    """Why helm cannot run here, or None when it can (fetches it on first use)."""
+    try:
+        result = subprocess.run(
+            ["bash", str(HELM_SH), "version", "--short"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"deploy/tools/helm.sh did not run: {error!r}"
+    if result.returncode != 0 or not result.stdout.startswith("v3."):
+        return "deploy/tools/helm.sh could not provide helm: " + result.stderr.strip()[-500:]
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _helm_available() -> None:
+    problem = _helm_problem()
+    if problem is not None:
+        pytest.skip(problem)
+
+
+def helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(HELM_SH), *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def _declared_kube_version() -> tuple[int, int]:
+    """The oldest Kubernetes version the chart supports (Chart.yaml kubeVersion)."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    match = re.match(r"^\s*>=?\s*v?(\d+)\.(\d+)", chart["kubeVersion"])
+    assert match, f"kubeVersion {chart['kubeVersion']!r} has no lower bound"
+    return int(match[1]), int(match[2])
+
+
+def _schema_version() -> str:
+    """The kubernetes_validate schema version closest to the declared cluster version."""
+    major, minor = _declared_kube_version()
+    shipped = sorted({tuple(int(p) for p in v.split(".")[:2]) for v in kv_utils.all_versions()})
+    best = min(shipped, key=lambda v: (abs((v[0] - major) * 1000 + v[1] - minor), v))
+    return f"{best[0]}.{best[1]}.0"
+
+
+KUBE_VERSION = _schema_version()
+
+
+def template_args(
+    values: Sequence[Path] = (), sets: Sequence[str] = (), *extra: str, kube: str = KUBE_VERSION
+) -> list[str]:
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", kube]
+    for path in values:
+        args += ["-f", str(path)]
+    for item in sets:
+        args += ["--set", item]
+    return [*args, *extra]
+
+
+def render(
+    values: Sequence[Path] = (), sets: Sequence[str] = (), *extra: str
+) -> list[dict[str, Any]]:
+    result = helm(*template_args(values, sets, *extra))
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def render_fails(sets: Sequence[str]) -> str:
+    """helm template's error output for values that must be refused."""
+    result = helm(*template_args((), sets))
+    assert result.returncode != 0, f"helm template accepted {list(sets)}"
+    return result.stderr
+
+
+# -- reading the rendered manifests ------------------------------------------------
+
+
+class Manifests:
+    def __init__(self, docs: list[dict[str, Any]]) -> None:
+        self.docs = docs
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [d for d in self.docs if d["kind"] == kind]
+
+    def get(self, kind: str, name: str) -> dict[str, Any]:
+        for doc in self.of_kind(kind):
+            if doc["metadata"]["name"] == name:
+                return doc
+        names = [d["metadata"]["name"] for d in self.of_kind(kind)]
+        raise AssertionError(f"no {kind} {name!r}; rendered: {names}")
+
+    def has(self, kind: str, name: str) -> bool:
+        return any(d["metadata"]["name"] == name for d in self.of_kind(kind))
+
+    def deployment(self, process: str) -> dict[str, Any]:
+        return self.get("Deployment", f"{FULLNAME}-{process}")
+
+    def container(self, process: str) -> dict[str, Any]:
+        """The one container of a process's pods."""
+        return only_container(self.deployment(process)["spec"]["template"]["spec"])
+
+    def pod_specs(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for doc in self.docs:
+            if doc["kind"] in ("Deployment", "Job"):
+                yield doc["metadata"]["name"], doc["spec"]["template"]["spec"]
+
+    def container_env(self, container: Mapping[str, Any]) -> dict[str, str]:
+        """The environment the container starts with, as Kubernetes would build it.
+
+        A key of a Secret the chart does not render (an existing Secret) reads
+        as "<secret NAME/KEY>".
+        """
+        env: dict[str, str] = {}
+        for source in container.get("envFrom", []):
+            config_map = self.get("ConfigMap", source["configMapRef"]["name"])
+            env.update({k: str(v) for k, v in config_map["data"].items()})
+        for item in container.get("env", []):
+            if "value" in item:
+                env[item["name"]] = str(item["value"])
+            elif "secretKeyRef" in item["valueFrom"]:
+                ref = item["valueFrom"]["secretKeyRef"]
+                env[item["name"]] = self.secret_value(ref["name"], ref["key"])
+            elif "fieldRef" in item["valueFrom"]:
+                env[item["name"]] = "<" + item["valueFrom"]["fieldRef"]["fieldPath"] + ">"
+        return env
+
+    def secret_value(self, name: str, key: str) -> str:
+        if not self.has("Secret", name):
+            return f"<secret {name}/{key}>"
+        data = self.get("Secret", name)["data"]
+        assert key in data, f"Secret {name} has no key {key}"
+        return base64.b64decode(data[key]).decode()
+
+
+@pytest.fixture(scope="module")
+def default() -> Manifests:
+    return Manifests(render())
+
+
+@pytest.fixture(scope="module")
+def prod() -> Manifests:
+    return Manifests(render([PROD_VALUES]))
+
+
+def only_container(pod: Mapping[str, Any]) -> dict[str, Any]:
+    containers = pod["containers"]
+    assert len(containers) == 1
+    return dict(containers[0])
+
+
+def settings_seen_by(
+    env: Mapping[str, str], service: str, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
+    """What crm_common.settings makes of a container's environment."""
+    for name in list(os.environ):
+        if name.startswith(("CRM_", "OTEL_")):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Settings.from_env(service)
+
+
+# -- lint and Kubernetes schemas ---------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [[], [PROD_VALUES]], ids=["default", "prod"])
+def test_chart_lints_clean(values: list[Path]) -> None:
+    args = ["lint", str(CHART), "--strict", "--kube-version", KUBE_VERSION]
+    for path in values:
+        args += ["-f", str(path)]
+    result = helm(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+EVERYTHING_ON = [
+    "pipeline.enabled=true",
+    "tickets.enabled=true",
+    "loyalty.enabled=true",
+    "analytics.rebuild.enabled=true",
+    "contacts.api.autoscaling.enabled=true",
+    "global.otlpEndpoint=http://collector:4317",
+]
+
+
+@pytest.mark.parametrize(
+    ("values", "sets"),
+    [([], []), ([PROD_VALUES], []), ([PROD_VALUES], EVERYTHING_ON)],
+    ids=["default", "prod", "prod-everything-enabled"],
+)
+def test_every_manifest_is_valid_for_the_supported_kubernetes(
+    values: list[Path], sets: list[str]
+) -> None:
+    docs = render(values, sets)
+    assert len(docs) > 10
+    for doc in docs:
+        where = f"{doc['kind']} {doc['metadata']['name']}"
+        try:
+            # strict: a field Kubernetes does not know is an error too.
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{where} is not valid for Kubernetes {KUBE_VERSION}: {error}")
+
+
+def test_the_chart_refuses_a_cluster_older_than_it_supports() -> None:
+    major, minor = _declared_kube_version()
+    result = helm(*template_args(kube=f"{major}.{minor - 1}.0"))
+    assert result.returncode != 0
+    assert "kubeVersion" in result.stderr
+
+
+# -- processes and their configuration ------------------------------------------------
+
+
+def test_every_service_process_runs_its_command(default: Manifests) -> None:
+    rendered = {d["metadata"]["name"] for d in default.of_kind("Deployment")}
+    assert rendered == {f"{FULLNAME}-{p.name}" for p in SERVICE_PROCESSES}
+    for process in SERVICE_PROCESSES:
+        pod = default.deployment(process.name)["spec"]["template"]["spec"]
+        container = only_container(pod)
+        assert [*container["command"], *container["args"]] == list(process.command)
+        assert container["image"] == f"crm-{process.service}:0.1.0"
+
+
+def test_images_come_from_the_registry_by_tag_or_digest(prod: Manifests) -> None:
+    for process in SERVICE_PROCESSES:
+        container = prod.container(process.name)
+        assert container["image"] == f"registry.example.com/crm/crm-{process.service}:0.1.0"
+    digest = "sha256:" + "ab" * 32
+    pinned = Manifests(render([PROD_VALUES], [f"analytics.image.digest={digest}"]))
+    for process in ("analytics-api", "analytics-projector"):
+        container = pinned.container(process)
+        assert container["image"] == f"registry.example.com/crm/crm-analytics@{digest}"
+    pull_secrets = pinned.deployment("contacts-api")["spec"]["template"]["spec"]["imagePullSecrets"]
+    assert pull_secrets == [{"name": "crm-registry"}]
+
+
+def test_processes_read_kafka_mongodb_and_postgresql_from_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    manifests = Manifests(
+        render(
+            sets=[
+                "kafka.bootstrap=broker-a:9092\\,broker-b:9092",
+                "mongodb.url=mongodb://reader:s3cret@docs-0:27017/?replicaSet=docs",
+                "mongodb.database=crm_views",
+                "postgresql.host=pg.databases.svc",
+                "postgresql.port=6432",
+                "postgresql.database=crm_events",
+                "postgresql.user=crm_writer",
+                "postgresql.password=pg-s3cret",
+                "global.otlpEndpoint=http://otel-collector:4317",
+            ]
+        )
+    )
+    for process in SERVICE_PROCESSES:
+        deployment = manifests.deployment(process.name)
+        container = only_container(deployment["spec"]["template"]["spec"])
+        env = manifests.container_env(container)
+        settings = settings_seen_by(env, process.service, monkeypatch)
+        assert settings.kafka_bootstrap == "broker-a:9092,broker-b:9092", process.name
+        assert settings.bind_host == "0.0.0.0"
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
+        if process.service == "analytics":
+            assert settings.mongo_url == "mongodb://reader:s3cret@docs-0:27017/?replicaSet=docs"
+            assert settings.mongo_db == "crm_views"
+        else:
+            assert settings.event_store == "postgres"
+            assert settings.postgres == {
+                "host": "pg.databases.svc",
+                "port": "6432",
+                "dbname": "crm_events",
+                "user": "crm_writer",
+                "password": "pg-s3cret",
+                "schema": "contacts",
+            }
+        if process.api:
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            assert ports == {"grpc": settings.grpc_port, "http": settings.http_port}
+
+
+def test_credentials_travel_in_secrets_never_in_the_config_map(
+    default: Manifests, prod: Manifests
+) -> None:
+    for manifests in (default, prod):
+        (config_map,) = manifests.of_kind("ConfigMap")
+        assert not {"CRM_MONGO_URL", "CRM_POSTGRES_PASSWORD"} & set(config_map["data"])
+    # Default values: the chart's own Secret, made from the values.
+    own = f"{FULLNAME}-credentials"
+    env = default.container_env(default.container("analytics-api"))
+    assert env["CRM_MONGO_URL"] == "mongodb://mongodb:27017/?replicaSet=rs0"
+    assert default.has("Secret", own)
+    # values-prod.yaml: existing Secrets by name and key; the chart makes none.
+    assert prod.of_kind("Secret") == []
+    analytics = prod.container_env(prod.container("analytics-projector"))
+    contacts = prod.container_env(prod.container("contacts-relay"))
+    assert analytics["CRM_MONGO_URL"] == "<secret crm-mongodb/url>"
+    assert contacts["CRM_POSTGRES_PASSWORD"] == "<secret crm-postgresql/password>"
+
+
+def test_tracing_is_configured_only_when_an_endpoint_is_given(
+    default: Manifests, prod: Manifests
+) -> None:
+    (config_map,) = default.of_kind("ConfigMap")
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in config_map["data"]
+    (config_map,) = prod.of_kind("ConfigMap")
+    assert config_map["data"]["OTEL_EXPORTER_OTLP_ENDPOINT"].endswith(":4317")
+
+
+# -- probes and scaling -----------------------------------------------------------------
+
+
+def test_api_pods_are_probed_over_grpc_health_and_workers_have_no_port(
+    default: Manifests,
+) -> None:
+    for process in SERVICE_PROCESSES:
+        container = default.container(process.name)
+        if process.api:
+            grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert container[probe]["grpc"]["port"] == grpc_port, (process.name, probe)
+            assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "/bin/sleep"
+        else:
+            assert "ports" not in container, process.name
+            assert not {"startupProbe", "readinessProbe", "livenessProbe"} & set(container)
+
+
+def test_relay_and_projector_stay_single_replica_even_when_asked_for_more() -> None:
+    assert "contacts.relay.replicas" in render_fails(["contacts.relay.replicas=3"])
+    assert "analytics.projector.replicas" in render_fails(["analytics.projector.replicas=2"])
+    # Even with the schema switched off, the template never runs two of them.
+    manifests = Manifests(
+        render(
+            [PROD_VALUES],
+            ["contacts.relay.replicas=3", "analytics.projector.replicas=2"],
+            "--skip-schema-validation",
+        )
+    )
+    for process in ("contacts-relay", "analytics-projector"):
+        spec = manifests.deployment(process)["spec"]
+        assert spec["replicas"] == 1, process
+        assert spec["strategy"] == {"type": "Recreate"}, process
+    # Autoscaling and disruption budgets are for the APIs only.
+    hpa_targets = {
+        h["spec"]["scaleTargetRef"]["name"] for h in manifests.of_kind("HorizontalPodAutoscaler")
+    }
+    pdb_names = {p["metadata"]["name"] for p in manifests.of_kind("PodDisruptionBudget")}
+    apis = {f"{FULLNAME}-{p.name}" for p in SERVICE_PROCESSES if p.api}
+    assert hpa_targets == apis
+    assert pdb_names == apis
+
+
+def test_the_projector_can_be_paused() -> None:
+    manifests = Manifests(render(sets=["analytics.projector.replicas=0"]))
+    assert manifests.deployment("analytics-projector")["spec"]["replicas"] == 0
+
+
+def test_autoscaled_apis_leave_the_replica_count_to_the_hpa(prod: Manifests) -> None:
+    hpa = prod.get("HorizontalPodAutoscaler", f"{FULLNAME}-contacts-api")["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (3, 10)
+    assert hpa["metrics"][0]["resource"]["target"]["averageUtilization"] == 65
+    assert "replicas" not in prod.deployment("contacts-api")["spec"]
+    pdb = prod.get("PodDisruptionBudget", f"{FULLNAME}-contacts-api")["spec"]
+    assert pdb["minAvailable"] == 2 and "maxUnavailable" not in pdb
+
+
+def test_an_hpa_whose_minimum_exceeds_its_maximum_is_refused() -> None:
+    error = render_fails(
+        [
+            "contacts.api.autoscaling.enabled=true",
+            "contacts.api.autoscaling.minReplicas=5",
+            "contacts.api.autoscaling.maxReplicas=3",
+        ]
+    )
+    assert "contacts.api.autoscaling: minReplicas (5) is greater than maxReplicas (3)" in error
+
+
+# -- the values schema ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("kafka.bootstrapServers=kafka:9092", "bootstrapServers"),
+        ("kafka.bootstrap=", "kafka.bootstrap"),
+        ("contacts.grpcPort=70000", "contacts.grpcPort"),
+        ("global.logLevel=LOUD", "global.logLevel"),
+        ("analytics.api.replicas=0", "analytics.api.replicas"),
+        ("contacts.postgresSchema=Contacts-Events", "contacts.postgresSchema"),
+        ("mongodb.url=postgres://wrong", "mongodb.url"),
+        ("contacts.image.digest=latest", "contacts.image.digest"),
+    ],
+)
+def test_the_values_schema_refuses_a_bad_value_and_names_it(bad: str, message: str) -> None:
+    error = render_fails([bad])
+    assert "don't meet the specifications of the schema" in error
+    assert message in error
+
+
+def test_lint_reports_a_bad_value_too() -> None:
+    result = helm("lint", str(CHART), "--set", "contacts.api.resources.limits=null")
+    assert result.returncode != 0
+    assert "contacts.api.resources" in result.stdout + result.stderr
+
+
+# -- pods are locked down ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["default", "prod-everything-enabled"])
+def test_every_pod_runs_as_non_root_read_only_with_resources(which: str) -> None:
+    docs = render() if which == "default" else render([PROD_VALUES], EVERYTHING_ON)
+    manifests = Manifests(docs)
+    pods = list(manifests.pod_specs())
+    assert len(pods) >= len(SERVICE_PROCESSES)
+    for name, pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["automountServiceAccountToken"] is False, name
+        for container in pod["containers"]:
+            security = container["securityContext"]
+            assert security["runAsNonRoot"] is True, name
+            assert security["readOnlyRootFilesystem"] is True, name
+            assert security["allowPrivilegeEscalation"] is False, name
+            assert security["capabilities"]["drop"] == ["ALL"], name
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(container["resources"][kind]), (name, kind)
+            # The writable places of a read-only root file system.
+            mounts = {m["mountPath"] for m in container["volumeMounts"]}
+            assert {"/tmp", "/var/lib/crm"} <= mounts, name
+
+
+# -- network policies ---------------------------------------------------------------
+
+
+def test_network_policies_deny_by_default_and_open_only_the_api_ports(
+    default: Manifests,
+) -> None:
+    policies = {p["metadata"]["name"]: p["spec"] for p in default.of_kind("NetworkPolicy")}
+    deny = policies[f"{FULLNAME}-default-deny"]
+    assert set(deny["policyTypes"]) == {"Ingress", "Egress"} and "ingress" not in deny
+    opened: dict[str, set[int]] = {}
+    for spec in policies.values():
+        component = spec["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component")
+        for rule in spec.get("ingress", []):
+            opened.setdefault(component, set()).update(p["port"] for p in rule["ports"])
+    assert opened == {"contacts-api": {50051, 8081}, "analytics-api": {50055, 8085}}
+    # Egress: the contacts processes reach PostgreSQL, analytics reaches MongoDB.
+    contacts_ports = {
+        p["port"] for r in policies[f"{FULLNAME}-contacts-egress"]["egress"] for p in r["ports"]
+    }
+    analytics_ports = {
+        p["port"] for r in policies[f"{FULLNAME}-analytics-egress"]["egress"] for p in r["ports"]
+    }
+    assert {53, 9092, 5432} <= contacts_ports and 27017 not in contacts_ports
+    assert {53, 9092, 27017} <= analytics_ports and 5432 not in analytics_ports
+
+
+# -- rebuilding the 360 view --------------------------------------------------------
+
+
+def test_the_rebuild_job_runs_alone() -> None:
+    manifests = Manifests(render(sets=["analytics.rebuild.enabled=true"]))
+    job = manifests.get("Job", f"{FULLNAME}-analytics-rebuild")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    container = only_container(job["spec"]["template"]["spec"])
+    assert [*container["command"], *container["args"]] == ["crm-analytics", "rebuild"]
+    env = manifests.container_env(container)
+    assert env["CRM_MONGO_URL"] == "mongodb://mongodb:27017/?replicaSet=rs0"
+    assert manifests.deployment("analytics-projector")["spec"]["replicas"] == 0
+    # Its pods may reach Kafka and MongoDB like the projector's.
+    egress = manifests.get("NetworkPolicy", f"{FULLNAME}-analytics-egress")["spec"]
+    (selector,) = egress["podSelector"]["matchExpressions"]
+    assert "analytics-rebuild" in selector["values"]
+
+
+def test_no_rebuild_job_unless_asked(default: Manifests) -> None:
+    assert default.of_kind("Job") == []
+    assert default.deployment("analytics-projector")["spec"]["replicas"] == 1
