@@ -145,6 +145,18 @@ class _ErrorInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
+def field_path(loc: Sequence[str | int]) -> str:
+    """`("channels", 0, "address")` -> `channels[0].address`: the spelling the domain's
+    own field errors use, so a client sees one naming whatever caught the mistake."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "body"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Maps `CrmError`s and request validation to clear HTTP errors."""
 
@@ -167,8 +179,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
         detail = []
         for e in error.errors():
-            loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path")]
-            detail.append({"field": ".".join(loc) or "body", "message": e.get("msg", "")})
+            loc = [p for p in e.get("loc", ()) if p not in ("body", "query", "path", "header")]
+            detail.append({"field": field_path(loc), "message": e.get("msg", "")})
         message = "; ".join(f"{d['field']}: {d['message']}" for d in detail)
         return JSONResponse(
             {"error": "ValidationFailed", "message": message, "detail": detail},

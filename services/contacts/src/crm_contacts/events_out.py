@@ -1,0 +1,132 @@
+"""Stored domain events as the public `crm.events.v1.ContactEvent` messages.
+
+The relay calls `to_wire` for every event of the notification log. Each
+contact event becomes one message keyed by the contact id, with the CloudEvents
+type `crm.contacts.v1.<EventName>`; internal events (command receipts) are
+not published. An event type this module does not know is an error, not a
+silent skip: the relay must never drop a contact's history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from crm.contacts.v1 import contacts_pb2 as pb
+from crm.events.v1 import contacts_pb2 as events_pb
+from crm_common.commands import CommandReceipt
+from crm_contacts import messages
+from crm_contacts.domain import (
+    CompanyProfile,
+    Consent,
+    ConsentStatus,
+    Interaction,
+    PersonProfile,
+)
+
+CE_TYPE_PREFIX = "crm.contacts.v1."
+PROTO_MESSAGE = events_pb.ContactEvent.DESCRIPTOR.full_name
+
+# Events of the store that are bookkeeping, not part of a contact's history.
+INTERNAL_EVENTS: tuple[type[Any], ...] = (CommandReceipt.Event,)
+
+
+class UnpublishableEvent(TypeError):
+    """A stored event that has no public form in `crm.events.v1.ContactEvent`."""
+
+
+Fill = Callable[[events_pb.ContactEvent, Mapping[str, Any]], None]
+
+
+def _person_registered(message: events_pb.ContactEvent, data: Mapping[str, Any]) -> None:
+    profile = PersonProfile.from_dict(data["profile"])
+    message.person_registered.profile.CopyFrom(messages.person_profile_pb(profile))
+
+
+def _person_profile_updated(message: events_pb.ContactEvent, data: Mapping[str, Any]) -> None:
+    profile = PersonProfile.from_dict(data["profile"])
+    update = message.person_profile_updated
+    update.profile.CopyFrom(messages.person_profile_pb(profile))
+    update.changed_fields.extend(data["changed_fields"])
+
+
+def _company_registered(message: events_pb.ContactEvent, data: Mapping[str, Any]) -> None:
+    profile = CompanyProfile.from_dict(data["profile"])
+    message.company_registered.profile.CopyFrom(messages.company_profile_pb(profile))
+
+
+def _company_profile_updated(message: events_pb.ContactEvent, data: Mapping[str, Any]) -> None:
+    profile = CompanyProfile.from_dict(data["profile"])
+    update = message.company_profile_updated
+    update.profile.CopyFrom(messages.company_profile_pb(profile))
+    update.changed_fields.extend(data["changed_fields"])
+
+
+def _person_linked(message: events_pb.ContactEvent, data: Mapping[str, Any]) -> None:
+    message.person_linked_to_company.CopyFrom(
+        events_pb.PersonLinkedToCompany(
+            company_id=data["company_id"], company_name=data["company_name"], role=data["role"]
+        )
+    )
+
+
+def _person_unlinked(message: events_pb.ContactEvent, data: Mapping[str, Any]) -> None:
+    message.person_unlinked_from_company.company_id = data["company_id"]
+
+
+def _consent_recorded(message: events_pb.ContactEvent, data: Mapping[str, Any]) -> None:
+    consent = Consent(ConsentStatus(data["status"]), data["source"], data["at"])
+    message.consent_recorded.CopyFrom(
+        events_pb.ConsentRecorded(
+            channel=messages.enum_number(pb.Channel, data["channel"]),
+            address=data["address"],
+            consent=messages.consent_pb(consent),
+        )
+    )
+
+
+def _interaction_logged(message: events_pb.ContactEvent, data: Mapping[str, Any]) -> None:
+    interaction = Interaction.from_dict(data["interaction"])
+    message.interaction_logged.interaction.CopyFrom(messages.interaction_pb(interaction))
+
+
+#: Domain event class name -> how its payload is filled in. The names are the
+#: names of the payload messages of `ContactEvent` as well.
+PAYLOADS: dict[str, Fill] = {
+    "PersonRegistered": _person_registered,
+    "PersonProfileUpdated": _person_profile_updated,
+    "CompanyRegistered": _company_registered,
+    "CompanyProfileUpdated": _company_profile_updated,
+    "PersonLinkedToCompany": _person_linked,
+    "PersonUnlinkedFromCompany": _person_unlinked,
+    "ConsentRecorded": _consent_recorded,
+    "InteractionLogged": _interaction_logged,
+}
+
+
+def contact_event(event: Any, meta: Mapping[str, Any], position: int) -> events_pb.ContactEvent:
+    """The public message of one stored contact event."""
+    name = type(event).__name__
+    fill = PAYLOADS.get(name)
+    if fill is None:
+        raise UnpublishableEvent(
+            f"{type(event).__module__}.{type(event).__qualname__} has no ContactEvent payload"
+        )
+    message = events_pb.ContactEvent(
+        contact_id=str(event.originator_id),
+        version=event.originator_version,
+        position=position,
+        occurred_at=messages.timestamp(event.timestamp),
+        actor=str(meta.get("actor") or ""),
+        client=str(meta.get("client") or ""),
+    )
+    fill(message, event.__dict__)
+    return message
+
+
+def to_wire(event: Any, meta: dict[str, Any], position: int) -> tuple[str, str, bytes] | None:
+    """(key, CloudEvents type, payload) for the relay; None for internal events."""
+    if isinstance(event, INTERNAL_EVENTS):
+        return None
+    message = contact_event(event, meta, position)
+    return message.contact_id, CE_TYPE_PREFIX + type(event).__name__, message.SerializeToString()

@@ -1,0 +1,67 @@
+"""`crm-contacts serve|relay`: the contacts service's processes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from crm_common.logs import setup_logging
+from crm_common.relay import run_relay
+from crm_common.server import serve
+from crm_common.settings import Settings
+from crm_common.telemetry import setup_telemetry, shutdown_telemetry
+from crm_contacts.application import ContactsService, create_application
+from crm_contacts.events_out import PROTO_MESSAGE, to_wire
+from crm_contacts.grpc_api import grpc_service
+from crm_contacts.rest_api import create_app
+
+SERVICE = "contacts"
+log = logging.getLogger("crm_contacts")
+
+
+async def run_serve(settings: Settings) -> None:
+    service = ContactsService(create_application(settings))
+    try:
+        # Build the search index before taking traffic, not in the first search.
+        indexed = await asyncio.to_thread(service.directory.catch_up)
+        log.info(
+            "contact directory ready at position %d (%d contacts)", indexed, len(service.directory)
+        )
+        await serve(
+            settings,
+            grpc_services=[grpc_service(service)],
+            http_app=create_app(service),
+        )
+    finally:
+        # After serve() has drained both servers: pending commands finish first.
+        service.close()
+
+
+async def run_relay_process(settings: Settings) -> None:
+    await run_relay(
+        settings, to_wire=to_wire, app_factory=create_application, proto_message=PROTO_MESSAGE
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="crm-contacts", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="gRPC and REST API of people and companies")
+    commands.add_parser("relay", help="publish the event log to crm.contacts.events")
+    args = parser.parse_args(argv)
+
+    setup_logging(SERVICE)
+    setup_telemetry(SERVICE)
+    settings = Settings.from_env(SERVICE)
+    try:
+        if args.command == "serve":
+            asyncio.run(run_serve(settings))
+        else:
+            asyncio.run(run_relay_process(settings))
+    finally:
+        shutdown_telemetry()
+
+
+if __name__ == "__main__":
+    main()

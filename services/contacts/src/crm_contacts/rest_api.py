@@ -1,0 +1,764 @@
+"""REST adapter for the frontends: the contacts API as JSON.
+
+Enums are lower-case words (`"email"`, `"customer"`), times ISO-8601 UTC.
+Every write answers `{id, version, position, replayed, contact}`; `position`
+can be handed to the 360 view (`wait_for=contacts:<position>`) to read one's
+own write. `Idempotency-Key` makes a write safe to retry (a retry answers the
+first outcome, 200 instead of 201, and writes nothing); `If-Match` carries the
+version the client last saw (409 when it is stale).
+
+Errors are raised as `CrmError`s; `crm_common.server.install_error_handlers`
+(installed by `serve()`) turns them into 422 / 404 / 409.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from fastapi import Body, FastAPI, Header, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from crm_common.commands import WriteOutcome
+from crm_common.errors import ValidationFailed
+from crm_common.server import http_command_context
+from crm_contacts.application import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    ContactPage,
+    ContactsService,
+    ContactView,
+    ContactWrite,
+)
+from crm_contacts.domain import (
+    Channel,
+    ConsentStatus,
+    ContactKind,
+    Direction,
+    FieldType,
+    InteractionKind,
+    LifecycleStage,
+    PersonProfile,
+)
+from crm_contacts.domain import (
+    ChannelIdentity as ChannelIdentityValue,
+)
+from crm_contacts.domain import (
+    Interaction as InteractionValue,
+)
+from crm_contacts.inputs import (
+    ChannelInput,
+    CompanyChanges,
+    CompanyLink,
+    CompanyUnlink,
+    ConsentInput,
+    ContactQuery,
+    CustomFieldInput,
+    InteractionInput,
+    NewCompany,
+    NewPerson,
+    PersonChanges,
+)
+
+IF_MATCH_HELP = (
+    'The contact\'s version as the client last saw it (`3`, `"3"` or `W/"3"`); '
+    "the write is refused with 409 if the contact has changed since."
+)
+IDEMPOTENCY_HELP = (
+    "A client-chosen key (at most 200 characters): a retry with the same key answers the "
+    "first outcome with `replayed: true` and writes nothing."
+)
+
+
+def _words(kind: type[StrEnum], *, nullable: bool = False) -> dict[str, Any]:
+    words: list[str | None] = [m.value for m in kind]
+    return {"enum": [*words, None] if nullable else words}
+
+
+def _word_field(
+    kind: type[StrEnum], description: str, *, nullable: bool | None = None, **kw: Any
+) -> Any:
+    """A field holding one of an enum's lower-case words (or null: by default when the
+    field's default is null)."""
+    choices = ", ".join(m.value for m in kind)
+    if nullable is None:
+        nullable = "default" in kw and kw["default"] is None
+    return Field(
+        description=f"{description} One of: {choices}.",
+        json_schema_extra=_words(kind, nullable=nullable),
+        **kw,
+    )
+
+
+# -- request bodies ---------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CustomFieldValue(_Body):
+    """A typed custom field value."""
+
+    type: str = _word_field(FieldType, "The field's type.")
+    value: str = Field(
+        "",
+        description="Canonical text: a decimal for number and money (`1234.50`), "
+        "`YYYY-MM-DD` for date.",
+    )
+    currency: str = Field("", description="ISO 4217 code; required for money, empty otherwise.")
+
+
+class NewChannelIdentity(_Body):
+    channel: str = _word_field(Channel, "The channel.")
+    address: str = Field(
+        description="Email address, phone number (international format, kept in E.164) "
+        "or the handle on the channel."
+    )
+    preferred: bool = Field(False, description="The preferred identity of its channel.")
+    consent_status: str | None = _word_field(
+        ConsentStatus, "Consent captured together with the identity (optional).", default=None
+    )
+    consent_source: str = Field(
+        "", description="Where that consent came from, e.g. `web-form:newsletter`."
+    )
+
+
+_TAGS_HELP = "Tags; kept in lower case, sorted, without duplicates."
+_FIELDS_HELP = "Custom fields by key (`^[a-z][a-z0-9_]{0,63}$`)."
+
+
+class PersonCreate(_Body):
+    given_name: str = Field("", description="Given name; a person needs a given or family name.")
+    family_name: str = Field("", description="Family name.")
+    channels: list[NewChannelIdentity] = Field(
+        default_factory=list, description="Channel identities, each with optional consent."
+    )
+    lifecycle_stage: str | None = _word_field(
+        LifecycleStage, "Lifecycle stage; a new contact starts as a lead.", default=None
+    )
+    tags: list[str] = Field(default_factory=list, description=_TAGS_HELP)
+    custom_fields: dict[str, CustomFieldValue] = Field(
+        default_factory=dict, description=_FIELDS_HELP
+    )
+    owner: str = Field("", description="The user who owns the contact.")
+
+
+class PersonPatch(_Body):
+    """Only the fields present in the body change."""
+
+    given_name: str | None = Field(None, description="New given name.")
+    family_name: str | None = Field(None, description="New family name.")
+    lifecycle_stage: str | None = _word_field(
+        LifecycleStage,
+        "New lifecycle stage: forward through the funnel, or churned (a customer or advocate) "
+        "or lost (before becoming a customer); back from churned or lost to any stage.",
+        default=None,
+    )
+    tags: list[str] | None = Field(None, description="Replaces the tags. " + _TAGS_HELP)
+    custom_fields: dict[str, CustomFieldValue] | None = Field(
+        None, description="Sets these custom fields; the other keys stay."
+    )
+    remove_custom_fields: list[str] | None = Field(
+        None, description="Removes these custom field keys."
+    )
+    owner: str | None = Field(None, description="New owner.")
+    channels: list[NewChannelIdentity] | None = Field(
+        None,
+        description="Replaces the channel identities; an identity kept keeps its consent "
+        "unless a new one is given.",
+    )
+
+
+class CompanyCreate(_Body):
+    name: str = Field(description="The company's name.")
+    domain: str = Field("", description="Web domain, e.g. `example.com`.")
+    industry: str = Field("", description="Industry.")
+    lifecycle_stage: str | None = _word_field(
+        LifecycleStage, "Lifecycle stage; a new contact starts as a lead.", default=None
+    )
+    tags: list[str] = Field(default_factory=list, description=_TAGS_HELP)
+    custom_fields: dict[str, CustomFieldValue] = Field(
+        default_factory=dict, description=_FIELDS_HELP
+    )
+    owner: str = Field("", description="The user who owns the contact.")
+
+
+class CompanyPatch(_Body):
+    """Only the fields present in the body change."""
+
+    name: str | None = Field(None, description="New name (the linked persons see it).")
+    domain: str | None = Field(None, description="New web domain.")
+    industry: str | None = Field(None, description="New industry.")
+    lifecycle_stage: str | None = _word_field(
+        LifecycleStage, "New lifecycle stage (see PATCH /persons).", default=None
+    )
+    tags: list[str] | None = Field(None, description="Replaces the tags. " + _TAGS_HELP)
+    custom_fields: dict[str, CustomFieldValue] | None = Field(
+        None, description="Sets these custom fields; the other keys stay."
+    )
+    remove_custom_fields: list[str] | None = Field(
+        None, description="Removes these custom field keys."
+    )
+    owner: str | None = Field(None, description="New owner.")
+
+
+class CompanyRole(_Body):
+    role: str = Field("", description="The person's role at the company, e.g. `CTO`.")
+
+
+class ConsentCreate(_Body):
+    channel: str = _word_field(Channel, "The channel of the identity.")
+    address: str = Field(description="The identity's address on that channel.")
+    status: str = _word_field(ConsentStatus, "The consent given or withdrawn.")
+    source: str = Field("", description="Where it came from, e.g. `call:agent-7`.")
+
+
+class InteractionCreate(_Body):
+    kind: str = _word_field(InteractionKind, "What kind of interaction.")
+    direction: str | None = _word_field(Direction, "Who reached out.", default=None)
+    channel: str | None = _word_field(Channel, "Over which channel.", default=None)
+    summary: str = Field(description="What it was about.")
+    occurred_at: datetime | None = Field(
+        None, description="When it happened (with a time zone); default: now."
+    )
+    owner: str = Field("", description="The user who had the interaction.")
+
+
+# -- replies ----------------------------------------------------------------------------
+
+
+class Consent(BaseModel):
+    status: str = _word_field(ConsentStatus, "Granted or withdrawn.")
+    source: str = Field(description="Where the consent came from.")
+    recorded_at: datetime = Field(description="When it was recorded.")
+
+
+class ChannelIdentity(BaseModel):
+    channel: str = _word_field(Channel, "The channel.")
+    address: str = Field(description="Email in lower case, phone numbers in E.164, or a handle.")
+    preferred: bool
+    consent: Consent | None = Field(description="The latest consent; null when none recorded.")
+
+
+class Affiliation(BaseModel):
+    company_id: str
+    company_name: str = Field(description="The company's name when the link was made.")
+    role: str
+
+
+class Interaction(BaseModel):
+    interaction_id: str
+    kind: str = _word_field(InteractionKind, "What kind of interaction.")
+    direction: str | None = _word_field(
+        Direction, "Who reached out; null if not given.", nullable=True
+    )
+    channel: str | None = _word_field(Channel, "The channel; null if not given.", nullable=True)
+    summary: str
+    occurred_at: datetime
+    owner: str
+
+
+class Contact(BaseModel):
+    """A person or a company."""
+
+    id: str
+    kind: str = _word_field(ContactKind, "Person or company.")
+    version: int = Field(description="Changes with every write; send it back in If-Match.")
+    name: str = Field(description="Display name: given and family name, or the company's name.")
+    given_name: str | None = Field(description="Persons only (null for a company).")
+    family_name: str | None = Field(description="Persons only (null for a company).")
+    domain: str | None = Field(description="Companies only (null for a person).")
+    industry: str | None = Field(description="Companies only (null for a person).")
+    lifecycle_stage: str = _word_field(LifecycleStage, "Lifecycle stage.")
+    tags: list[str]
+    custom_fields: dict[str, CustomFieldValue]
+    owner: str
+    channels: list[ChannelIdentity] = Field(description="Persons only (empty for a company).")
+    affiliations: list[Affiliation] = Field(
+        description="The companies a person belongs to (empty for a company)."
+    )
+    interactions: list[Interaction] = Field(
+        description="The most recent interactions, newest first (empty in search results)."
+    )
+    created_at: datetime
+    updated_at: datetime
+
+
+class WriteReply(BaseModel):
+    id: str = Field(description="The contact written.")
+    version: int = Field(description="Its version after the write.")
+    position: int = Field(
+        description="Position of the write in the contacts event log; "
+        "`wait_for=contacts:<position>` on the 360 view reads it."
+    )
+    replayed: bool = Field(description="True when this answers a retried Idempotency-Key.")
+    contact: Contact = Field(description="The contact after the write (now, for a replay).")
+
+
+class InteractionReply(WriteReply):
+    interaction_id: str = Field(description="The id of the logged interaction.")
+
+
+class ContactList(BaseModel):
+    contacts: list[Contact]
+    next_page_token: str = Field(description="Pass as page_token for the next page; empty at end.")
+    total_size: int = Field(description="How many contacts match in all.")
+
+
+# -- conversions ------------------------------------------------------------------------
+
+
+def _channel_json(identity: ChannelIdentityValue) -> ChannelIdentity:
+    consent = identity.consent
+    return ChannelIdentity(
+        channel=str(identity.channel),
+        address=identity.address,
+        preferred=identity.preferred,
+        consent=None
+        if consent is None
+        else Consent(
+            status=str(consent.status), source=consent.source, recorded_at=consent.recorded_at
+        ),
+    )
+
+
+def _interaction_json(interaction: InteractionValue) -> Interaction:
+    return Interaction(
+        interaction_id=interaction.interaction_id,
+        kind=str(interaction.kind),
+        direction=None if interaction.direction is None else str(interaction.direction),
+        channel=None if interaction.channel is None else str(interaction.channel),
+        summary=interaction.summary,
+        occurred_at=interaction.occurred_at,
+        owner=interaction.owner,
+    )
+
+
+def contact_json(view: ContactView) -> Contact:
+    profile = view.profile
+    names: dict[str, str | None]
+    if isinstance(profile, PersonProfile):
+        names = {
+            "given_name": profile.given_name,
+            "family_name": profile.family_name,
+            "domain": None,
+            "industry": None,
+        }
+        channels = [_channel_json(c) for c in profile.channels]
+    else:
+        names = {
+            "given_name": None,
+            "family_name": None,
+            "domain": profile.domain,
+            "industry": profile.industry,
+        }
+        channels = []
+    return Contact(
+        id=view.id,
+        kind=str(view.kind),
+        version=view.version,
+        name=view.display_name,
+        **names,
+        lifecycle_stage=str(profile.lifecycle_stage),
+        tags=list(profile.tags),
+        custom_fields={
+            key: CustomFieldValue(type=str(v.type), value=v.value, currency=v.currency)
+            for key, v in profile.custom_fields.items()
+        },
+        owner=profile.owner,
+        channels=channels,
+        affiliations=[
+            Affiliation(company_id=a.company_id, company_name=a.company_name, role=a.role)
+            for a in view.affiliations
+        ],
+        interactions=[_interaction_json(i) for i in view.interactions],
+        created_at=view.created_at,
+        updated_at=view.updated_at,
+    )
+
+
+def _reply_fields(outcome: WriteOutcome, view: ContactView) -> dict[str, Any]:
+    return {
+        "id": outcome.id,
+        "version": outcome.version,
+        "position": outcome.position,
+        "replayed": outcome.replayed,
+        "contact": contact_json(view),
+    }
+
+
+def write_reply(written: ContactWrite) -> WriteReply:
+    return WriteReply(**_reply_fields(written.outcome, written.contact))
+
+
+def expected_version(if_match: str | None) -> int | None:
+    """The version in an If-Match header: `3`, `"3"` or `W/"3"`; None when absent."""
+    if if_match is None or not if_match.strip():
+        return None
+    value = if_match.strip().removeprefix("W/").strip('"')
+    if not value.isdigit() or int(value) < 1:
+        raise ValidationFailed.of(
+            "If-Match", f'{if_match[:40]!r} is not a contact version (e.g. 3 or "3")'
+        )
+    return int(value)
+
+
+def _custom_fields(fields: Mapping[str, CustomFieldValue] | None) -> dict[str, CustomFieldInput]:
+    return {
+        key: CustomFieldInput(type=v.type, value=v.value, currency=v.currency)
+        for key, v in (fields or {}).items()
+    }
+
+
+def _channels(channels: Sequence[NewChannelIdentity] | None) -> list[ChannelInput]:
+    return [
+        ChannelInput(
+            channel=c.channel,
+            address=c.address,
+            preferred=c.preferred,
+            consent_status=c.consent_status,
+            consent_source=c.consent_source,
+        )
+        for c in channels or ()
+    ]
+
+
+def _mask(body: BaseModel) -> frozenset[str]:
+    """The fields a PATCH body names; removing custom fields is a custom_fields change."""
+    fields = set(body.model_fields_set)
+    if "remove_custom_fields" in fields:
+        fields.discard("remove_custom_fields")
+        fields.add("custom_fields")
+    if not fields:
+        names = ", ".join(type(body).model_fields)
+        raise ValidationFailed.of("body", f"names no field to change; any of: {names}")
+    return frozenset(fields)
+
+
+def _created(response: Response, outcome: WriteOutcome) -> None:
+    response.status_code = 200 if outcome.replayed else 201
+
+
+# -- the application ------------------------------------------------------------------
+
+
+IfMatch = Annotated[str | None, Header(alias="If-Match", description=IF_MATCH_HELP)]
+IdempotencyKey = Annotated[
+    str | None, Header(alias="Idempotency-Key", description=IDEMPOTENCY_HELP)
+]
+
+DESCRIPTION = """People and companies, their relations, consent per channel identity and
+the interaction log.
+
+Every write answers `{id, version, position, replayed, contact}`. Send
+`Idempotency-Key` to make a write safe to retry and `If-Match` with the version
+you last saw to refuse lost updates (409). `x-crm-actor` and `x-crm-client`
+headers name who writes, through which client; both are stored with the events.
+
+Errors: 422 `{"detail": [{"field", "message"}]}` for invalid input, 404 for an
+unknown contact, 409 for a stale version or a change a business rule refuses.
+"""
+
+
+def create_app(service: ContactsService) -> FastAPI:
+    app = FastAPI(title="CRM contacts", version="1", description=DESCRIPTION)
+
+    @app.post(
+        "/persons",
+        status_code=201,
+        response_model=WriteReply,
+        tags=["persons"],
+        summary="Register a person",
+        responses={200: {"description": "A replay of an earlier Idempotency-Key"}},
+    )
+    async def create_person(
+        request: Request,
+        response: Response,
+        body: PersonCreate,
+        idempotency_key: IdempotencyKey = None,
+    ) -> WriteReply:
+        ctx = http_command_context(request, "CreatePerson", idempotency_key)
+        written = await service.create_person(
+            ctx,
+            NewPerson(
+                given_name=body.given_name,
+                family_name=body.family_name,
+                channels=_channels(body.channels),
+                lifecycle_stage=body.lifecycle_stage,
+                tags=body.tags,
+                custom_fields=_custom_fields(body.custom_fields),
+                owner=body.owner,
+            ),
+        )
+        _created(response, written.outcome)
+        return write_reply(written)
+
+    @app.patch(
+        "/persons/{person_id}",
+        response_model=WriteReply,
+        tags=["persons"],
+        summary="Change some of a person's fields",
+    )
+    async def update_person(
+        request: Request,
+        person_id: str,
+        body: PersonPatch,
+        if_match: IfMatch = None,
+        idempotency_key: IdempotencyKey = None,
+    ) -> WriteReply:
+        ctx = http_command_context(
+            request, "UpdatePerson", idempotency_key, expected_version(if_match)
+        )
+        written = await service.update_person(
+            ctx,
+            PersonChanges(
+                id=person_id,
+                fields=_mask(body),
+                given_name=body.given_name or "",
+                family_name=body.family_name or "",
+                lifecycle_stage=body.lifecycle_stage,
+                tags=body.tags or [],
+                custom_fields=_custom_fields(body.custom_fields),
+                remove_custom_fields=body.remove_custom_fields or [],
+                owner=body.owner or "",
+                channels=_channels(body.channels),
+            ),
+        )
+        return write_reply(written)
+
+    @app.post(
+        "/companies",
+        status_code=201,
+        response_model=WriteReply,
+        tags=["companies"],
+        summary="Register a company",
+        responses={200: {"description": "A replay of an earlier Idempotency-Key"}},
+    )
+    async def create_company(
+        request: Request,
+        response: Response,
+        body: CompanyCreate,
+        idempotency_key: IdempotencyKey = None,
+    ) -> WriteReply:
+        ctx = http_command_context(request, "CreateCompany", idempotency_key)
+        written = await service.create_company(
+            ctx,
+            NewCompany(
+                name=body.name,
+                domain=body.domain,
+                industry=body.industry,
+                lifecycle_stage=body.lifecycle_stage,
+                tags=body.tags,
+                custom_fields=_custom_fields(body.custom_fields),
+                owner=body.owner,
+            ),
+        )
+        _created(response, written.outcome)
+        return write_reply(written)
+
+    @app.patch(
+        "/companies/{company_id}",
+        response_model=WriteReply,
+        tags=["companies"],
+        summary="Change some of a company's fields",
+    )
+    async def update_company(
+        request: Request,
+        company_id: str,
+        body: CompanyPatch,
+        if_match: IfMatch = None,
+        idempotency_key: IdempotencyKey = None,
+    ) -> WriteReply:
+        ctx = http_command_context(
+            request, "UpdateCompany", idempotency_key, expected_version(if_match)
+        )
+        written = await service.update_company(
+            ctx,
+            CompanyChanges(
+                id=company_id,
+                fields=_mask(body),
+                name=body.name or "",
+                domain=body.domain or "",
+                industry=body.industry or "",
+                lifecycle_stage=body.lifecycle_stage,
+                tags=body.tags or [],
+                custom_fields=_custom_fields(body.custom_fields),
+                remove_custom_fields=body.remove_custom_fields or [],
+                owner=body.owner or "",
+            ),
+        )
+        return write_reply(written)
+
+    @app.put(
+        "/persons/{person_id}/companies/{company_id}",
+        response_model=WriteReply,
+        tags=["persons"],
+        summary="Relate a person to a company with a role (again: changes the role)",
+    )
+    async def link_person_to_company(
+        request: Request,
+        person_id: str,
+        company_id: str,
+        body: Annotated[CompanyRole | None, Body()] = None,
+        if_match: IfMatch = None,
+        idempotency_key: IdempotencyKey = None,
+    ) -> WriteReply:
+        ctx = http_command_context(
+            request, "LinkPersonToCompany", idempotency_key, expected_version(if_match)
+        )
+        role = body.role if body is not None else ""
+        written = await service.link_person_to_company(
+            ctx, CompanyLink(person_id=person_id, company_id=company_id, role=role)
+        )
+        return write_reply(written)
+
+    @app.delete(
+        "/persons/{person_id}/companies/{company_id}",
+        response_model=WriteReply,
+        tags=["persons"],
+        summary="End a person's relation to a company",
+    )
+    async def unlink_person_from_company(
+        request: Request,
+        person_id: str,
+        company_id: str,
+        if_match: IfMatch = None,
+        idempotency_key: IdempotencyKey = None,
+    ) -> WriteReply:
+        ctx = http_command_context(
+            request, "UnlinkPersonFromCompany", idempotency_key, expected_version(if_match)
+        )
+        written = await service.unlink_person_from_company(
+            ctx, CompanyUnlink(person_id=person_id, company_id=company_id)
+        )
+        return write_reply(written)
+
+    @app.post(
+        "/contacts/{contact_id}/consents",
+        status_code=201,
+        response_model=WriteReply,
+        tags=["contacts"],
+        summary="Record consent (granted or withdrawn) for one channel identity",
+        responses={200: {"description": "A replay of an earlier Idempotency-Key"}},
+    )
+    async def record_consent(
+        request: Request,
+        response: Response,
+        contact_id: str,
+        body: ConsentCreate,
+        if_match: IfMatch = None,
+        idempotency_key: IdempotencyKey = None,
+    ) -> WriteReply:
+        ctx = http_command_context(
+            request, "RecordConsent", idempotency_key, expected_version(if_match)
+        )
+        written = await service.record_consent(
+            ctx,
+            ConsentInput(
+                contact_id=contact_id,
+                channel=body.channel,
+                address=body.address,
+                status=body.status,
+                source=body.source,
+            ),
+        )
+        _created(response, written.outcome)
+        return write_reply(written)
+
+    @app.post(
+        "/contacts/{contact_id}/interactions",
+        status_code=201,
+        response_model=InteractionReply,
+        tags=["contacts"],
+        summary="Log a call, mail, chat, meeting or visit",
+        responses={200: {"description": "A replay of an earlier Idempotency-Key"}},
+    )
+    async def log_interaction(
+        request: Request,
+        response: Response,
+        contact_id: str,
+        body: InteractionCreate,
+        if_match: IfMatch = None,
+        idempotency_key: IdempotencyKey = None,
+    ) -> InteractionReply:
+        ctx = http_command_context(
+            request, "LogInteraction", idempotency_key, expected_version(if_match)
+        )
+        written = await service.log_interaction(
+            ctx,
+            InteractionInput(
+                contact_id=contact_id,
+                kind=body.kind,
+                direction=body.direction,
+                channel=body.channel,
+                summary=body.summary,
+                occurred_at=body.occurred_at,
+                owner=body.owner,
+            ),
+        )
+        _created(response, written.outcome)
+        return InteractionReply(
+            **_reply_fields(written.outcome, written.contact),
+            interaction_id=written.outcome.extra.get("interaction_id", ""),
+        )
+
+    @app.get(
+        "/contacts/{contact_id}",
+        response_model=Contact,
+        tags=["contacts"],
+        summary="One person or company, with its recent interactions",
+    )
+    async def get_contact(contact_id: str) -> Contact:
+        return contact_json(await service.get_contact(contact_id))
+
+    @app.get(
+        "/contacts",
+        response_model=ContactList,
+        tags=["contacts"],
+        summary="Search contacts by name, email, phone, tag and kind; paged",
+    )
+    async def list_contacts(
+        query: Annotated[
+            str, Query(description="Part of a given, family or company name (any case).")
+        ] = "",
+        email: Annotated[str, Query(description="An email address (exact, any case).")] = "",
+        phone: Annotated[
+            str, Query(description="A phone number in international format (exact).")
+        ] = "",
+        tag: Annotated[str, Query(description="A tag (exact, any case).")] = "",
+        kind: Annotated[
+            str | None,
+            Query(
+                description="`person` or `company`.",
+                json_schema_extra=_words(ContactKind, nullable=True),
+            ),
+        ] = None,
+        page_size: Annotated[
+            int,
+            Query(description=f"1..{MAX_PAGE_SIZE}; default {DEFAULT_PAGE_SIZE}."),
+        ] = 0,
+        page_token: Annotated[
+            str, Query(description="The next_page_token of the previous page.")
+        ] = "",
+    ) -> ContactList:
+        page: ContactPage = await service.list_contacts(
+            ContactQuery(
+                query=query,
+                email=email,
+                phone=phone,
+                tag=tag,
+                kind=kind,
+                page_size=page_size,
+                page_token=page_token,
+            )
+        )
+        return ContactList(
+            contacts=[contact_json(view) for view in page.contacts],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
+        )
+
+    return app

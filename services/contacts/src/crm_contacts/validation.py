@@ -1,0 +1,482 @@
+"""Input checks and normalisation: pure functions from inputs to domain values.
+
+Each function collects every problem of a request in a `FieldErrors` and
+raises one `ValidationFailed` naming all offending field paths
+(`channels[0].address`, `custom_fields.budget.currency`), so a client can fix
+a form in one round trip.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, date, datetime
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from typing import TypeVar
+
+from crm_common.errors import FieldErrors
+from crm_contacts.currencies import minor_units
+from crm_contacts.domain import (
+    PHONE_CHANNELS,
+    Channel,
+    ChannelIdentity,
+    CompanyProfile,
+    Consent,
+    ConsentStatus,
+    CustomField,
+    Direction,
+    FieldType,
+    Interaction,
+    InteractionKind,
+    LifecycleStage,
+    PersonProfile,
+    merge_channels,
+)
+from crm_contacts.inputs import (
+    ChannelInput,
+    CompanyChanges,
+    ConsentInput,
+    CustomFieldInput,
+    InteractionInput,
+    NewCompany,
+    NewPerson,
+    PersonChanges,
+)
+
+E = TypeVar("E", bound=StrEnum)
+
+MAX_NAME = 200
+MAX_TAG = 64
+MAX_TAGS = 50
+MAX_CUSTOM_FIELDS = 100
+MAX_FIELD_VALUE = 1000
+MAX_SUMMARY = 4000
+MAX_ROLE = 100
+MAX_SOURCE = 200
+MAX_HANDLE = 200
+MAX_EMAIL = 254
+MAX_CHANNELS = 20
+
+PERSON_MASK = frozenset(PersonProfile.FIELDS)
+COMPANY_MASK = frozenset(CompanyProfile.FIELDS)
+
+FIELD_KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_EMAIL = re.compile(
+    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$"
+)
+_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+_PHONE_PUNCTUATION = re.compile(r"[\s\-.()/]")
+_DOMAIN = re.compile(r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+_ISO_DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+
+
+# -- small pieces -------------------------------------------------------------------------
+
+
+def enum_of(
+    errors: FieldErrors, path: str, kind: type[E], word: str | None, *, required: bool
+) -> E | None:
+    """An enum from its lower-case word; None (or "unspecified") when not given."""
+    if word is None or word == "" or word == "unspecified":
+        if required:
+            errors.add(path, "must be specified")
+        return None
+    try:
+        return kind(word.lower())
+    except ValueError:
+        choices = ", ".join(m.value for m in kind)
+        errors.add(path, f"{word!r} is not one of: {choices}")
+        return None
+
+
+def text(errors: FieldErrors, path: str, value: str, limit: int, *, required: bool = False) -> str:
+    cleaned = value.strip()
+    if required and not cleaned:
+        errors.add(path, "must not be empty")
+    elif len(cleaned) > limit:
+        errors.add(path, f"must be at most {limit} characters")
+    return cleaned
+
+
+def email_address(value: str) -> str | None:
+    """The address in lower case, or None when it is not an email address."""
+    cleaned = value.strip().lower()
+    if len(cleaned) > MAX_EMAIL or not _EMAIL.match(cleaned):
+        return None
+    if len(cleaned.split("@", 1)[0]) > 64:
+        return None
+    return cleaned
+
+
+def phone_number(value: str) -> str | None:
+    """The number in E.164 (`+41446681800`), or None when it is not one.
+
+    Spaces, dashes, dots, slashes and parentheses are dropped, and a leading
+    international call prefix `00` becomes `+`.
+    """
+    cleaned = _PHONE_PUNCTUATION.sub("", value.strip())
+    if cleaned.startswith("00"):
+        cleaned = "+" + cleaned[2:]
+    return cleaned if _E164.match(cleaned) else None
+
+
+def address_of(errors: FieldErrors, path: str, channel: Channel | None, value: str) -> str:
+    """A channel address in its canonical form (errors recorded under `path`)."""
+    if not value.strip():
+        errors.add(path, "must not be empty")
+        return ""
+    if channel is Channel.EMAIL:
+        email = email_address(value)
+        if email is None:
+            errors.add(path, f"{value.strip()[:100]!r} is not an email address")
+            return value.strip()
+        return email
+    if channel in PHONE_CHANNELS:
+        number = phone_number(value)
+        if number is None:
+            errors.add(
+                path, "must be a phone number in international format, e.g. +41 44 668 18 00"
+            )
+            return value.strip()
+        return number
+    return text(errors, path, value, MAX_HANDLE)
+
+
+def tags_of(errors: FieldErrors, path: str, tags: Sequence[str]) -> tuple[str, ...]:
+    """Tags in lower case with single spaces, without duplicates, sorted."""
+    seen: set[str] = set()
+    for i, tag in enumerate(tags):
+        cleaned = " ".join(tag.split()).lower()
+        if not cleaned:
+            errors.add(f"{path}[{i}]", "must not be empty")
+        elif len(cleaned) > MAX_TAG:
+            errors.add(f"{path}[{i}]", f"must be at most {MAX_TAG} characters")
+        else:
+            seen.add(cleaned)
+    if len(seen) > MAX_TAGS:
+        errors.add(path, f"at most {MAX_TAGS} tags")
+    return tuple(sorted(seen))
+
+
+def custom_field_of(errors: FieldErrors, path: str, given: CustomFieldInput) -> CustomField | None:
+    """A custom field value with canonical text; None when invalid."""
+    before = len(errors.errors)
+    kind = enum_of(errors, f"{path}.type", FieldType, given.type, required=True)
+    raw = given.value.strip()
+    currency = given.currency.strip().upper()
+    value = raw
+    if len(raw) > MAX_FIELD_VALUE:
+        errors.add(f"{path}.value", f"must be at most {MAX_FIELD_VALUE} characters")
+    elif kind in (FieldType.NUMBER, FieldType.MONEY):
+        number = _decimal(raw)
+        if number is None:
+            errors.add(f"{path}.value", f"{raw[:50]!r} is not a decimal number")
+        elif kind is FieldType.NUMBER:
+            value = _plain(number)
+        else:
+            value = _money(errors, path, number, currency)
+    elif kind is FieldType.DATE:
+        day = _iso_date(raw)
+        if day is None:
+            errors.add(f"{path}.value", f"{raw[:50]!r} is not a date (YYYY-MM-DD)")
+        else:
+            value = day.isoformat()
+    elif kind is FieldType.CHOICE and not raw:
+        errors.add(f"{path}.value", "a choice must not be empty")
+    if kind is not None and kind is not FieldType.MONEY and currency:
+        errors.add(f"{path}.currency", "only money fields have a currency")
+    if len(errors.errors) > before or kind is None:
+        return None
+    return CustomField(kind, value, currency if kind is FieldType.MONEY else "")
+
+
+def _decimal(raw: str) -> Decimal | None:
+    try:
+        number = Decimal(raw)
+    except (InvalidOperation, ValueError):
+        return None
+    return number if number.is_finite() else None
+
+
+def _plain(number: Decimal) -> str:
+    """Canonical decimal text: no exponent, no trailing zeros, no negative zero."""
+    text_ = format(number.normalize(), "f")
+    if "." in text_:
+        text_ = text_.rstrip("0").rstrip(".")
+    return "0" if text_ in ("-0", "") else text_
+
+
+def _money(errors: FieldErrors, path: str, amount: Decimal, currency: str) -> str:
+    if not currency:
+        errors.add(f"{path}.currency", "a money field needs an ISO 4217 currency")
+        return ""
+    digits = minor_units(currency)
+    if digits is None:
+        errors.add(f"{path}.currency", f"{currency[:10]!r} is not an ISO 4217 currency")
+        return ""
+    exponent = amount.as_tuple().exponent
+    assert isinstance(exponent, int)  # finite numbers only here
+    if -exponent > digits and amount != amount.quantize(Decimal(1).scaleb(-digits)):
+        errors.add(f"{path}.value", f"{currency} has {digits} decimal places")
+        return ""
+    return format(amount.quantize(Decimal(1).scaleb(-digits)), "f")
+
+
+def _iso_date(raw: str) -> date | None:
+    if not _ISO_DATE.match(raw):
+        return None
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        return None
+
+
+def custom_fields_of(
+    errors: FieldErrors, path: str, given: Mapping[str, CustomFieldInput]
+) -> dict[str, CustomField]:
+    fields: dict[str, CustomField] = {}
+    for key, value in given.items():
+        if not FIELD_KEY.match(key):
+            errors.add(f"{path}.{key[:70]}", "key must match ^[a-z][a-z0-9_]{0,63}$")
+            continue
+        checked = custom_field_of(errors, f"{path}.{key}", value)
+        if checked is not None:
+            fields[key] = checked
+    return fields
+
+
+def _limit_fields(errors: FieldErrors, path: str, fields: Mapping[str, CustomField]) -> None:
+    if len(fields) > MAX_CUSTOM_FIELDS:
+        errors.add(path, f"at most {MAX_CUSTOM_FIELDS} custom fields")
+
+
+def channels_of(
+    errors: FieldErrors, path: str, given: Sequence[ChannelInput], now: datetime
+) -> tuple[ChannelIdentity, ...]:
+    if len(given) > MAX_CHANNELS:
+        errors.add(path, f"at most {MAX_CHANNELS} channel identities")
+    identities: list[ChannelIdentity] = []
+    seen: set[tuple[Channel, str]] = set()
+    preferred: set[Channel] = set()
+    for i, item in enumerate(given):
+        at = f"{path}[{i}]"
+        channel = enum_of(errors, f"{at}.channel", Channel, item.channel, required=True)
+        address = address_of(errors, f"{at}.address", channel, item.address)
+        status = enum_of(
+            errors, f"{at}.consent_status", ConsentStatus, item.consent_status, required=False
+        )
+        source = text(errors, f"{at}.consent_source", item.consent_source, MAX_SOURCE)
+        if channel is None:
+            continue
+        if (channel, address) in seen:
+            errors.add(f"{at}.address", f"{channel} {address} is listed twice")
+        seen.add((channel, address))
+        if item.preferred:
+            if channel in preferred:
+                errors.add(f"{at}.preferred", f"only one preferred {channel} identity")
+            preferred.add(channel)
+        consent = None if status is None else Consent(status, source, now)
+        identities.append(ChannelIdentity(channel, address, item.preferred, consent))
+    return tuple(identities)
+
+
+# -- whole commands -------------------------------------------------------------------------
+
+
+def _person_names(errors: FieldErrors, given_name: str, family_name: str) -> tuple[str, str]:
+    given = text(errors, "given_name", given_name, MAX_NAME)
+    family = text(errors, "family_name", family_name, MAX_NAME)
+    if not given and not family:
+        errors.add("given_name", "a person needs a given or a family name")
+    return given, family
+
+
+def new_person_profile(new: NewPerson, now: datetime) -> PersonProfile:
+    errors = FieldErrors()
+    given, family = _person_names(errors, new.given_name, new.family_name)
+    stage = enum_of(errors, "lifecycle_stage", LifecycleStage, new.lifecycle_stage, required=False)
+    tags = tags_of(errors, "tags", new.tags)
+    fields = custom_fields_of(errors, "custom_fields", new.custom_fields)
+    _limit_fields(errors, "custom_fields", fields)
+    channels = channels_of(errors, "channels", new.channels, now)
+    owner = text(errors, "owner", new.owner, MAX_NAME)
+    errors.raise_if_any()
+    return PersonProfile(
+        given_name=given,
+        family_name=family,
+        lifecycle_stage=stage or LifecycleStage.LEAD,
+        tags=tags,
+        custom_fields=fields,
+        channels=channels,
+        owner=owner,
+    )
+
+
+def _check_mask(
+    errors: FieldErrors,
+    fields: frozenset[str],
+    allowed: frozenset[str],
+    remove_custom_fields: Sequence[str],
+) -> None:
+    choices = ", ".join(sorted(allowed))
+    if not fields:
+        errors.add("update_mask", f"must name at least one field: {choices}")
+    for name in sorted(fields - allowed):
+        errors.add("update_mask", f"unknown field {name[:50]!r}; one of: {choices}")
+    if remove_custom_fields and "custom_fields" not in fields:
+        errors.add("remove_custom_fields", "needs custom_fields in the update_mask")
+
+
+def _changed_custom_fields(
+    errors: FieldErrors,
+    current: Mapping[str, CustomField],
+    given: Mapping[str, CustomFieldInput],
+    removed: Sequence[str],
+) -> dict[str, CustomField]:
+    fields = dict(current)
+    for key in removed:
+        if key in given:
+            errors.add(f"custom_fields.{key[:70]}", "is both set and removed")
+        fields.pop(key, None)
+    fields.update(custom_fields_of(errors, "custom_fields", given))
+    _limit_fields(errors, "custom_fields", fields)
+    return fields
+
+
+def changed_person_profile(
+    current: PersonProfile, changes: PersonChanges, now: datetime
+) -> PersonProfile:
+    """The profile after a field-mask update (equal to `current` if nothing changes)."""
+    errors = FieldErrors()
+    mask = changes.fields
+    _check_mask(errors, mask, PERSON_MASK, changes.remove_custom_fields)
+    profile = current
+    given, family = current.given_name, current.family_name
+    if "given_name" in mask:
+        given = text(errors, "given_name", changes.given_name, MAX_NAME)
+    if "family_name" in mask:
+        family = text(errors, "family_name", changes.family_name, MAX_NAME)
+    if {"given_name", "family_name"} & mask and not given and not family:
+        errors.add("given_name", "a person needs a given or a family name")
+    profile = replace(profile, given_name=given, family_name=family)
+    if "lifecycle_stage" in mask:
+        stage = enum_of(
+            errors, "lifecycle_stage", LifecycleStage, changes.lifecycle_stage, required=True
+        )
+        profile = replace(profile, lifecycle_stage=stage or current.lifecycle_stage)
+    if "tags" in mask:
+        profile = replace(profile, tags=tags_of(errors, "tags", changes.tags))
+    if "custom_fields" in mask:
+        fields = _changed_custom_fields(
+            errors, current.custom_fields, changes.custom_fields, changes.remove_custom_fields
+        )
+        profile = replace(profile, custom_fields=fields)
+    if "owner" in mask:
+        profile = replace(profile, owner=text(errors, "owner", changes.owner, MAX_NAME))
+    if "channels" in mask:
+        wanted = channels_of(errors, "channels", changes.channels, now)
+        profile = replace(profile, channels=merge_channels(current.channels, wanted))
+    errors.raise_if_any()
+    return profile
+
+
+def _company_domain(errors: FieldErrors, value: str) -> str:
+    cleaned = value.strip().lower().rstrip(".")
+    if cleaned and (len(cleaned) > 253 or not _DOMAIN.match(cleaned)):
+        errors.add("domain", f"{value.strip()[:100]!r} is not a domain name (e.g. example.com)")
+    return cleaned
+
+
+def new_company_profile(new: NewCompany) -> CompanyProfile:
+    errors = FieldErrors()
+    name = text(errors, "name", new.name, MAX_NAME, required=True)
+    domain = _company_domain(errors, new.domain)
+    industry = text(errors, "industry", new.industry, MAX_NAME)
+    stage = enum_of(errors, "lifecycle_stage", LifecycleStage, new.lifecycle_stage, required=False)
+    tags = tags_of(errors, "tags", new.tags)
+    fields = custom_fields_of(errors, "custom_fields", new.custom_fields)
+    _limit_fields(errors, "custom_fields", fields)
+    owner = text(errors, "owner", new.owner, MAX_NAME)
+    errors.raise_if_any()
+    return CompanyProfile(
+        name=name,
+        domain=domain,
+        industry=industry,
+        lifecycle_stage=stage or LifecycleStage.LEAD,
+        tags=tags,
+        custom_fields=fields,
+        owner=owner,
+    )
+
+
+def changed_company_profile(current: CompanyProfile, changes: CompanyChanges) -> CompanyProfile:
+    errors = FieldErrors()
+    mask = changes.fields
+    _check_mask(errors, mask, COMPANY_MASK, changes.remove_custom_fields)
+    profile = current
+    if "name" in mask:
+        profile = replace(profile, name=text(errors, "name", changes.name, MAX_NAME, required=True))
+    if "domain" in mask:
+        profile = replace(profile, domain=_company_domain(errors, changes.domain))
+    if "industry" in mask:
+        profile = replace(profile, industry=text(errors, "industry", changes.industry, MAX_NAME))
+    if "lifecycle_stage" in mask:
+        stage = enum_of(
+            errors, "lifecycle_stage", LifecycleStage, changes.lifecycle_stage, required=True
+        )
+        profile = replace(profile, lifecycle_stage=stage or current.lifecycle_stage)
+    if "tags" in mask:
+        profile = replace(profile, tags=tags_of(errors, "tags", changes.tags))
+    if "custom_fields" in mask:
+        fields = _changed_custom_fields(
+            errors, current.custom_fields, changes.custom_fields, changes.remove_custom_fields
+        )
+        profile = replace(profile, custom_fields=fields)
+    if "owner" in mask:
+        profile = replace(profile, owner=text(errors, "owner", changes.owner, MAX_NAME))
+    errors.raise_if_any()
+    return profile
+
+
+def link_role(role: str) -> str:
+    errors = FieldErrors()
+    cleaned = text(errors, "role", role, MAX_ROLE)
+    errors.raise_if_any()
+    return cleaned
+
+
+def consent_of(given: ConsentInput) -> tuple[Channel, str, ConsentStatus, str]:
+    errors = FieldErrors()
+    channel = enum_of(errors, "channel", Channel, given.channel, required=True)
+    address = address_of(errors, "address", channel, given.address)
+    status = enum_of(errors, "status", ConsentStatus, given.status, required=True)
+    source = text(errors, "source", given.source, MAX_SOURCE)
+    errors.raise_if_any()
+    assert channel is not None and status is not None
+    return channel, address, status, source
+
+
+def interaction_of(given: InteractionInput, interaction_id: str, now: datetime) -> Interaction:
+    errors = FieldErrors()
+    kind = enum_of(errors, "kind", InteractionKind, given.kind, required=True)
+    direction = enum_of(errors, "direction", Direction, given.direction, required=False)
+    channel = enum_of(errors, "channel", Channel, given.channel, required=False)
+    summary = text(errors, "summary", given.summary, MAX_SUMMARY, required=True)
+    owner = text(errors, "owner", given.owner, MAX_NAME)
+    occurred_at = given.occurred_at or now
+    if occurred_at.tzinfo is None:
+        errors.add("occurred_at", "must carry a time zone")
+    errors.raise_if_any()
+    assert kind is not None
+    return Interaction(
+        interaction_id=interaction_id,
+        kind=kind,
+        direction=direction,
+        channel=channel,
+        summary=summary,
+        occurred_at=occurred_at.astimezone(UTC),
+        owner=owner,
+    )
