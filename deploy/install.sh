@@ -13,7 +13,7 @@ UV="$PYTHON -m uv"
 command -v uv >/dev/null 2>&1 && UV=uv
 [ -x .venv/bin/python ] || $UV venv --quiet --python "$PYTHON" .venv
 $UV pip install --quiet --python .venv/bin/python -c constraints.txt \
-  -e common -e services/contacts -e services/analytics -e deploy --group dev
+  -e common -e services/contacts -e services/pipeline -e services/analytics -e deploy --group dev
 if [ "${1:-}" = "--with-node-tools" ]; then
   # buf (protobuf lint / breaking-change checks) ships as an npm package.
   if ! command -v npm >/dev/null 2>&1; then

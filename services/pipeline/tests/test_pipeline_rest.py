@@ -1,0 +1,203 @@
+"""The REST API as a frontend sees it: JSON in and out, the platform's errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pipeline_support import Clock, InProcessContacts, sqlite_settings
+
+from crm_common.server import install_error_handlers
+from crm_contacts.application import ContactsService
+from crm_contacts.application import create_application as create_contacts
+from crm_pipeline.application import PipelineService, create_application
+from crm_pipeline.rest_api import create_app
+
+STAGES = [
+    {"stage_id": "qualify", "name": "Qualify", "probability": "10", "category": "pipeline"},
+    {"stage_id": "propose", "name": "Propose", "probability": "40", "category": "best_case"},
+    {"stage_id": "won", "name": "Won", "probability": "100", "category": "closed_won"},
+    {"stage_id": "lost", "name": "Lost", "probability": "0", "category": "closed_lost"},
+]
+
+
+@pytest.fixture
+async def http(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    contacts = ContactsService(create_contacts(sqlite_settings(tmp_path, "contacts")))
+    service = PipelineService(
+        create_application(sqlite_settings(tmp_path)), InProcessContacts(contacts), clock=Clock()
+    )
+    app = create_app(service)
+    install_error_handlers(app)
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://pipeline"
+        ) as client:
+            yield client
+    finally:
+        service.close()
+        contacts.close()
+
+
+def fields(response: httpx.Response) -> list[str]:
+    return [d["field"] for d in response.json()["detail"]]
+
+
+async def new_deal(http: httpx.AsyncClient, **changes: Any) -> dict[str, Any]:
+    pipeline = await http.post("/pipelines", json={"name": "Sales", "stages": STAGES})
+    assert pipeline.status_code == 201, pipeline.text
+    body = {
+        "pipeline_id": pipeline.json()["id"],
+        "name": "Renewal",
+        "customer_id": "company-1",
+        "owner": "ann",
+        "amount": {"amount": "1200.5", "currency": "EUR"},
+        "expected_close_date": "2026-03-31",
+        **changes,
+    }
+    created = await http.post("/opportunities", json=body)
+    assert created.status_code == 201, created.text
+    reply: dict[str, Any] = created.json()
+    return reply
+
+
+async def test_a_deal_is_opened_moved_and_won_as_json(http: httpx.AsyncClient) -> None:
+    reply = await new_deal(http)
+    deal = reply["opportunity"]
+    assert deal["amount"] == {"amount": "1200.50", "currency": "EUR"}
+    assert (deal["stage_id"], deal["status"], deal["kind"]) == ("qualify", "open", "new_business")
+    moved = await http.post(
+        f"/opportunities/{reply['id']}/stage",
+        json={"stage_id": "propose"},
+        headers={"If-Match": "1"},
+    )
+    assert moved.status_code == 200, moved.text
+    assert [v["stage_id"] for v in moved.json()["opportunity"]["history"]] == ["qualify", "propose"]
+    lines = await http.put(
+        f"/opportunities/{reply['id']}/line-items",
+        json={
+            "line_items": [
+                {
+                    "product_id": "sku",
+                    "quantity": "3",
+                    "unit_price": "99.99",
+                    "discount_percent": "10",
+                }
+            ]
+        },
+    )
+    assert lines.json()["opportunity"]["line_items"][0]["total"] == "269.97"
+    assert lines.json()["opportunity"]["amount"]["amount"] == "269.97"
+    won = await http.post(
+        f"/opportunities/{reply['id']}/win", json={}, headers={"Idempotency-Key": "win-1"}
+    )
+    assert won.json()["opportunity"]["status"] == "won"
+    again = await http.post(
+        f"/opportunities/{reply['id']}/win", json={}, headers={"Idempotency-Key": "win-1"}
+    )
+    assert (again.status_code, again.json()["replayed"]) == (200, True)
+    forecast = await http.get("/forecast", params={"period": "quarter"})
+    assert forecast.json()["rows"] == [
+        {
+            "period": "2026-Q1",
+            "owner": "ann",
+            "category": "closed_won",
+            "deals": 1,
+            "amount": {"amount": "269.97", "currency": "EUR"},
+            "weighted_amount": {"amount": "269.97", "currency": "EUR"},
+        }
+    ]
+    funnel = await http.get(f"/pipelines/{deal['pipeline_id']}/funnel")
+    assert [(s["stage_id"], s["entered"]) for s in funnel.json()["stages"]] == [
+        ("qualify", 1),
+        ("propose", 1),
+        ("won", 1),
+        ("lost", 0),
+    ]
+    rate = await http.get("/win-rate")
+    assert (rate.json()["won"], rate.json()["rate"]) == (1, "1.0000")
+
+
+async def test_errors_are_422_404_and_409(http: httpx.AsyncClient) -> None:
+    reply = await new_deal(http)
+    deal_id = reply["id"]
+    bad = await http.post(
+        "/opportunities",
+        json={
+            "pipeline_id": reply["opportunity"]["pipeline_id"],
+            "name": "X",
+            "customer_id": "c",
+            "owner": "ann",
+            "amount": {"amount": "-1", "currency": "EUR"},
+            "expected_close_date": "2026-01-01",
+        },
+    )
+    assert bad.status_code == 422
+    assert fields(bad) == ["amount"]
+    no_amount = await http.post("/opportunities", json={"name": "X"})
+    assert no_amount.status_code == 422
+    assert "amount" in fields(no_amount)
+    assert (await http.get("/opportunities/not-an-id")).status_code == 404
+    stale = await http.post(
+        f"/opportunities/{deal_id}/owner", json={"owner": "bob"}, headers={"If-Match": 'W/"7"'}
+    )
+    assert stale.status_code == 409
+    assert stale.json()["actual_version"] == 1
+    await http.post(f"/opportunities/{deal_id}/lose", json={"reason": "price"})
+    closed = await http.post(
+        f"/opportunities/{deal_id}/amount", json={"amount": "1", "currency": "EUR"}
+    )
+    assert closed.status_code == 409
+    assert "reopen" in closed.json()["message"]
+    again = await http.post(f"/opportunities/{deal_id}/lose", json={"reason": "price"})
+    assert again.status_code == 409
+    garbled = await http.post(
+        f"/opportunities/{deal_id}/reopen", json={}, headers={"If-Match": "yesterday"}
+    )
+    assert (garbled.status_code, fields(garbled)) == (422, ["If-Match"])
+
+
+async def test_leads_activities_and_the_openapi_document(http: httpx.AsyncClient) -> None:
+    lead = await http.post(
+        "/leads",
+        json={"family_name": "Byron", "email": "ada@example.org", "source": "web", "owner": "bob"},
+    )
+    assert lead.status_code == 201, lead.text
+    lead_id = lead.json()["id"]
+    assert (await http.post(f"/leads/{lead_id}/qualify", json={"score": 120})).status_code == 422
+    await http.post(f"/leads/{lead_id}/qualify", json={"score": 60})
+    pipeline = await http.post("/pipelines", json={"name": "Sales", "stages": STAGES})
+    converted = await http.post(
+        f"/leads/{lead_id}/convert",
+        json={
+            "pipeline_id": pipeline.json()["id"],
+            "amount": {"amount": "500", "currency": "USD"},
+            "expected_close_date": "2026-06-30",
+        },
+    )
+    assert converted.status_code == 201, converted.text
+    opportunity_id = converted.json()["opportunity_id"]
+    assert converted.json()["lead"]["status"] == "converted"
+    task = await http.post(
+        "/activities",
+        json={
+            "subject_kind": "opportunity",
+            "subject_id": opportunity_id,
+            "kind": "call",
+            "title": "Kick-off",
+            "owner": "bob",
+            "due_at": "2026-02-01T10:00:00+00:00",
+        },
+    )
+    assert task.status_code == 201, task.text
+    overdue = await http.get("/follow-ups/overdue")
+    assert [
+        (o["owner"], [a["title"] for a in o["activities"]]) for o in overdue.json()["owners"]
+    ] == [("bob", ["Kick-off"])]
+    listed = await http.get("/opportunities", params={"status": "open", "owner": "bob"})
+    assert [d["id"] for d in listed.json()["opportunities"]] == [opportunity_id]
+    paths = (await http.get("/openapi.json")).json()["paths"]
+    assert {"/leads/{lead_id}/convert", "/forecast", "/follow-ups/overdue"} <= set(paths)
