@@ -98,9 +98,7 @@ class StackConfig:
     kafka_port: int = 9092
     zookeeper_port: int = 2181
     mongo_port: int = 27017
-    service_ports: dict[str, tuple[int, int]] = field(
-        default_factory=lambda: dict(DEFAULT_PORTS)
-    )
+    service_ports: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     topics: dict[str, int] = field(
         default_factory=lambda: {topic_of(s): TOPIC_PARTITIONS for s in TOPIC_SERVICES}
     )
@@ -357,11 +355,7 @@ class Stack:
         self, names: Iterable[str] | None = None, extra_env: Mapping[str, str] | None = None
     ) -> list[ManagedProcess]:
         """Starts service processes (all of the table by default) and waits until ready."""
-        rows = (
-            list(SERVICE_PROCESSES)
-            if names is None
-            else [service_process(n) for n in names]
-        )
+        rows = list(SERVICE_PROCESSES) if names is None else [service_process(n) for n in names]
         ports: dict[str, int] = {}
         for row in rows:
             if row.api:
