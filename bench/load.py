@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import statistics
+import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -106,6 +106,55 @@ class Lag:
         }
 
 
+class ChangeWatcher:
+    """Records when each 360 document first shows each position, from the
+    document store's change stream (no polling load on the store)."""
+
+    def __init__(self, mongo_url: str, mongo_db: str) -> None:
+        self._client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(mongo_url)
+        self._collection = self._client[mongo_db]["customer360"]
+        self.seen: dict[str, list[tuple[int, float]]] = {}
+        self.error: Exception | None = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        try:
+            self._follow()
+        except Exception as exc:  # reported by open_loop_lag
+            self.error = exc
+            self._ready.set()
+
+    def _follow(self) -> None:
+        with self._collection.watch(full_document="updateLookup", max_await_time_ms=100) as stream:
+            self._ready.set()
+            while not self._stop.is_set():
+                change = stream.try_next()
+                if change is None:
+                    continue
+                now = time.perf_counter()
+                doc = change.get("fullDocument") or {}
+                position = int((doc.get("positions") or {}).get("contacts", 0))
+                ident = str(change["documentKey"]["_id"])
+                self.seen.setdefault(ident, []).append((position, now))
+
+    def first_seen(self, ident: str, position: int) -> float | None:
+        for seen_position, when in self.seen.get(ident, ()):
+            if seen_position >= position:
+                return when
+        return None
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._client.close()
+
+
 async def open_loop_lag(
     target: str,
     mongo_url: str,
@@ -113,68 +162,48 @@ async def open_loop_lag(
     rate: float,
     seconds: float,
     *,
-    poll_interval: float = 0.01,
     settle_timeout: float = 30.0,
 ) -> Lag:
-    """Offers `rate` commands per second regardless of how fast they are
-    answered, and measures for each the time from its acknowledgement until
-    its 360 document shows the returned position."""
+    """Offers `rate` create commands per second whatever the answers' pace,
+    and measures for each the time from its acknowledgement until its 360
+    document shows the returned position."""
     channel = grpc.aio.insecure_channel(target)
     stub = contacts_pb2_grpc.ContactsServiceStub(channel)
     await stub.CreatePerson(create_person_request())
-    customers = pymongo.MongoClient(mongo_url)[mongo_db]["customer360"]
-    pending: dict[str, tuple[int, float]] = {}
-    lags: list[float] = []
-    sent = 0
-    done_sending = asyncio.Event()
+    watcher = ChangeWatcher(mongo_url, mongo_db)
+    await asyncio.to_thread(watcher.start)
+    acked: list[tuple[str, int, float]] = []
 
-    async def one(send: Callable[[], Awaitable[contacts_pb2.CreatePersonResponse]]) -> None:
-        response = await send()
-        pending[response.result.id] = (response.result.position, time.perf_counter())
+    async def one(request: contacts_pb2.CreatePersonRequest) -> None:
+        response = await stub.CreatePerson(request)
+        acked.append((response.result.id, response.result.position, time.perf_counter()))
 
-    async def offer() -> None:
-        nonlocal sent
-        interval = 1.0 / rate
-        started = time.perf_counter()
-        tasks = []
-        total = int(rate * seconds)
-        for i in range(total):
-            due = started + i * interval
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            request = create_person_request()
-            tasks.append(asyncio.create_task(one(lambda r=request: stub.CreatePerson(r))))
-            sent += 1
-        await asyncio.gather(*tasks)
-        done_sending.set()
-
-    def seen(ids: list[str]) -> list[tuple[str, int]]:
-        docs = customers.find({"_id": {"$in": ids}}, {"positions": 1})
-        return [(d["_id"], int((d.get("positions") or {}).get("contacts", 0))) for d in docs]
-
-    async def watch() -> None:
-        deadline: float | None = None
-        while True:
-            if done_sending.is_set() and deadline is None:
-                deadline = time.perf_counter() + settle_timeout
-            if pending:
-                ids = list(pending)
-                found = await asyncio.to_thread(seen, ids)
-                now = time.perf_counter()
-                for ident, position in found:
-                    expected = pending.get(ident)
-                    if expected and position >= expected[0]:
-                        lags.append((now - expected[1]) * 1000)
-                        del pending[ident]
-            elif done_sending.is_set():
-                return
-            if deadline is not None and time.perf_counter() > deadline:
-                return
-            await asyncio.sleep(poll_interval)
-
+    interval = 1.0 / rate
+    total = int(rate * seconds)
+    tasks = []
     started = time.perf_counter()
-    await asyncio.gather(offer(), watch())
+    for i in range(total):
+        delay = started + i * interval - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(create_person_request())))
+    await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - started
+    deadline = time.perf_counter() + settle_timeout
+    while time.perf_counter() < deadline:
+        if all(watcher.first_seen(i, p) is not None for i, p, _ in acked):
+            break
+        await asyncio.sleep(0.2)
+    await asyncio.to_thread(watcher.stop)
     await channel.close()
-    return Lag(rate, sent, elapsed, lags, len(pending))
+    if watcher.error is not None:
+        raise RuntimeError(f"the change stream failed: {watcher.error!r}") from watcher.error
+    lags = []
+    unseen = 0
+    for ident, position, acked_at in acked:
+        seen_at = watcher.first_seen(ident, position)
+        if seen_at is None:
+            unseen += 1
+        else:
+            lags.append(max(0.0, seen_at - acked_at) * 1000)
+    return Lag(rate, total, elapsed, lags, unseen)
