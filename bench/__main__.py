@@ -14,6 +14,9 @@ processes) on free ports in a scratch directory and measures, per event store:
   position, at a steady offered load (open loop, 200 commands/s);
 - the resident memory of each process at idle and after the load.
 
+Then, per store, the pipeline (bench/pipeline.py): command throughput and the
+forecast and funnel query latency over 100,000 opportunities.
+
 Numbers are recorded, never asserted: a timing is not a unit test.
 """
 
@@ -37,6 +40,7 @@ from psycopg.sql import SQL, Identifier
 
 from bench.baseline import application_layer_creates, bare_save_loop
 from bench.load import Lag, Throughput, closed_loop_creates, open_loop_lag
+from bench.pipeline import render_pipeline, run_pipeline_bench
 from crm_deploy.servers import ensure_topics
 from crm_deploy.stack import TOPIC_SERVICES, Stack, StackConfig
 
@@ -106,9 +110,7 @@ async def run_store(stack: Stack, store: str, args: argparse.Namespace, scratch:
     # event stores numbering their logs from 1 must not feed one 360 view.
     prefix = f"bench-{store}.crm"
     mongo_db = f"crm_bench_{store}"
-    ensure_topics(
-        stack.kafka_bootstrap, {f"{prefix}.{name}.events": 6 for name in TOPIC_SERVICES}
-    )
+    ensure_topics(stack.kafka_bootstrap, {f"{prefix}.{name}.events": 6 for name in TOPIC_SERVICES})
     env = {
         "CRM_EVENT_STORE": store,
         "CRM_POSTGRES_SCHEMA": schema,
@@ -303,7 +305,22 @@ async def main_async(args: argparse.Namespace) -> None:
             infra = infra_rss(stack)
         finally:
             stack.stop()
+        pipeline_runs = []
+        if args.opportunities > 0:
+            for store in stores:
+                print(f"[pipeline/{store}] {args.opportunities:,} opportunities", flush=True)
+                pipeline_runs.append(
+                    await asyncio.to_thread(
+                        run_pipeline_bench,
+                        scratch / f"pipeline-{store}",
+                        store,
+                        opportunities=args.opportunities,
+                        baseline=args.baseline,
+                    )
+                )
     text = render(runs, infra, args)
+    if pipeline_runs:
+        text += "\n" + render_pipeline(pipeline_runs)
     Path(args.out).write_text(text)
     print(text)
 
@@ -319,6 +336,12 @@ def main() -> None:
     parser.add_argument("--drain", type=float, default=15.0)
     parser.add_argument(
         "--keep-dir", help="run in this directory and keep it (logs, stores) afterwards"
+    )
+    parser.add_argument(
+        "--opportunities",
+        type=int,
+        default=100_000,
+        help="size of the pipeline benchmark's data set (0 skips the pipeline)",
     )
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     asyncio.run(main_async(parser.parse_args()))

@@ -58,8 +58,6 @@ from crm_pipeline.forecast import (
     ForecastRow,
     Funnel,
     WinRate,
-    forecast,
-    funnel,
     overdue_follow_ups,
     win_rate,
 )
@@ -696,8 +694,7 @@ class PipelineService:
         return await asyncio.to_thread(self._list_opportunities, query)
 
     def _forecast(self, **filters: Any) -> list[ForecastRow]:
-        deals, pipelines, _ = self.read_model.snapshot()
-        return forecast(deals, pipelines, **filters)
+        return self.read_model.forecast(**filters)
 
     async def get_forecast(
         self,
@@ -718,10 +715,10 @@ class PipelineService:
         )
 
     def _funnel(self, pipeline_id: str) -> Funnel:
-        deals, pipelines, _ = self.read_model.snapshot()
-        if pipeline_id not in pipelines:
+        result = self.read_model.funnel(pipeline_id)
+        if result is None:
             raise NotFound("Pipeline", pipeline_id)
-        return funnel(deals, pipelines[pipeline_id])
+        return result
 
     async def get_funnel(self, pipeline_id: str) -> Funnel:
         return await asyncio.to_thread(self._funnel, pipeline_id)
