@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 
 from crm_common.logs import setup_logging
@@ -28,6 +29,9 @@ async def run_serve(settings: Settings) -> None:
         # Load every deal before taking traffic, not in the first query.
         position = await asyncio.to_thread(service.read_model.catch_up)
         log.info("pipeline read model ready at position %d", position)
+        # The loaded read model is millions of long-lived objects: keep them out
+        # of the collector's full passes, which otherwise stall queries.
+        gc.freeze()
         await serve(
             settings,
             grpc_services=[grpc_service(service)],
