@@ -39,3 +39,10 @@ async def topic(local_stack: Stack) -> str:
     name = f"crm.contacts.events.{uuid.uuid4().hex[:8]}"
     await create_topic(local_stack.kafka_bootstrap, name)
     return name
+
+
+@pytest.fixture
+async def pipeline_topic(local_stack: Stack) -> str:
+    name = f"crm.pipeline.events.{uuid.uuid4().hex[:8]}"
+    await create_topic(local_stack.kafka_bootstrap, name)
+    return name

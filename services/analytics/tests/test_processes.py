@@ -1,7 +1,9 @@
 """`crm-analytics serve|project|rebuild` as real processes over the real servers.
 
-These use the service's real topic, `crm.contacts.events`; every test reads
-into a database of its own, and `published` lists everything on the topic.
+These use the service's real topics, `crm.contacts.events` and
+`crm.pipeline.events` (under a prefix of their own); every test reads into a
+database of its own, and `published` / `published_deals` list everything on
+the topics.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from typing import Any
 
 import grpc
 import httpx
+import pipeline_events as deals
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import TopicAlreadyExistsError
 from contact_events import (
     comparable,
     create_topic,
-    expected_documents,
     interaction,
     person_registered,
     publish,
@@ -34,10 +36,12 @@ from contact_events import (
 )
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pipeline_events import deal_story
 from pymongo.database import Database
 
 from crm.contacts.v1 import contacts_pb2
 from crm.customer360.v1 import customer360_pb2, customer360_pb2_grpc
+from crm.pipeline.v1 import pipeline_pb2
 from crm_analytics.customer360 import Doc
 from crm_analytics.store import PROJECTION
 from crm_common.projection import stored_offsets
@@ -47,6 +51,7 @@ from crm_deploy.process import free_port
 # session publishes to crm.contacts.events reaches them (and vice versa).
 TOPIC_PREFIX = f"t{uuid.uuid4().hex[:8]}.crm"
 TOPIC = f"{TOPIC_PREFIX}.contacts.events"
+PIPELINE_TOPIC = f"{TOPIC_PREFIX}.pipeline.events"
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +61,17 @@ async def published(analytics_servers) -> list[Any]:
         await create_topic(analytics_servers.kafka_bootstrap, TOPIC)
     events = story(seed=10, persons=300, companies=30, steps=3000)
     await publish(analytics_servers.kafka_bootstrap, TOPIC, events)
+    return events
+
+
+@pytest.fixture(scope="module")
+async def published_deals(analytics_servers, published) -> list[Any]:
+    """Everything on the real pipeline topic: deals of the story's customers."""
+    with contextlib.suppress(TopicAlreadyExistsError):
+        await create_topic(analytics_servers.kafka_bootstrap, PIPELINE_TOPIC)
+    customers = sorted({e.contact_id for e in published})[:200]
+    events = deal_story(seed=10, customers=customers, steps=1500)
+    await deals.publish(analytics_servers.kafka_bootstrap, PIPELINE_TOPIC, events)
     return events
 
 
@@ -96,8 +112,10 @@ async def end_offsets(bootstrap: str) -> dict[TopicPartition, int]:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
     await consumer.start()
     try:
-        # `published` created the topic with create_topic's three partitions.
-        return await consumer.end_offsets([TopicPartition(TOPIC, p) for p in range(3)])
+        # The fixtures created the topics with create_topic's three partitions.
+        return await consumer.end_offsets(
+            [TopicPartition(t, p) for t in (TOPIC, PIPELINE_TOPIC) for p in range(3)]
+        )
     finally:
         await consumer.stop()
 
@@ -118,11 +136,11 @@ def documents(database: Database[Doc]) -> dict[str, Doc]:
 
 
 async def test_a_projector_killed_mid_stream_resumes_exactly(
-    analytics_servers, published, database, tmp_path, processes
+    analytics_servers, published, published_deals, database, tmp_path, processes
 ):
     env = env_for(analytics_servers, database, tmp_path)
     log = tmp_path / "project.log"
-    total = len(published)
+    total = len(published) + len(published_deals)
     killed_at = []
     for _ in range(2):
         before = sum(stored_offsets(database, PROJECTION).values())
@@ -152,16 +170,17 @@ async def test_a_projector_killed_mid_stream_resumes_exactly(
     )
     projector.send_signal(signal.SIGTERM)
     assert projector.wait(10) == 0, log.read_text()
-    assert documents(database) == expected_documents(published)
+    assert documents(database) == deals.expected_documents(published, published_deals)
     assert database.projection_dead_letters.count_documents({}) == 0
 
 
 async def test_rebuild_replaces_the_view_and_reports_what_it_did(
-    analytics_servers, published, database, tmp_path
+    analytics_servers, published, published_deals, database, tmp_path
 ):
     env = env_for(analytics_servers, database, tmp_path)
     # Something stale that the rebuild must throw away.
     database.customer360.insert_one({"_id": "stale", "kind": "person"})
+    database.customer360_pipelines.insert_one({"_id": "stale", "name": "Old"})
     first = subprocess.run(
         [sys.executable, "-m", "crm_analytics.main", "rebuild"],
         env=env,
@@ -170,9 +189,14 @@ async def test_rebuild_replaces_the_view_and_reports_what_it_did(
         timeout=120,
     )
     assert first.returncode == 0, first.stderr
-    expected = expected_documents(published)
-    assert f"{len(published)} events, {len(expected)} documents" in first.stdout
+    expected = deals.expected_documents(published, published_deals)
+    events = len(published) + len(published_deals)
+    assert f"{events} events, {len(expected)} documents, 0 dead letters" in first.stdout
     assert documents(database) == expected
+    assert any(d.get("deals") for d in expected.values())
+    assert {p["_id"]: p for p in database.customer360_pipelines.find()} == (
+        deals.expected_pipelines(published_deals)
+    )
     assert stored_offsets(database, PROJECTION) == await end_offsets(
         analytics_servers.kafka_bootstrap
     )
@@ -180,7 +204,7 @@ async def test_rebuild_replaces_the_view_and_reports_what_it_did(
 
 @pytest.fixture
 async def service(
-    analytics_servers, published, database, tmp_path, processes
+    analytics_servers, published, published_deals, database, tmp_path, processes
 ) -> AsyncIterator[dict[str, Any]]:
     grpc_port, http_port = free_port(), free_port()
     env = env_for(
@@ -215,25 +239,30 @@ async def service(
 
 
 async def test_the_service_answers_over_grpc_and_http_and_stops_cleanly(
-    analytics_servers, published, service
+    analytics_servers, published, published_deals, database, tmp_path, service
 ):
     stub = service["stub"]
-    # Wait for the last event of the story's customer, like a writer would.
+    # Wait for the last events of the story's customer, like a writer would.
     last = published[-1]
+    wait_for = {"contacts": last.position}
+    customer_deals = [e for e in published_deals if e.customer_id == last.contact_id]
+    if customer_deals:
+        wait_for["pipeline"] = customer_deals[-1].position
     reply = await stub.GetCustomer360(
         customer360_pb2.GetCustomer360Request(
-            customer_id=last.contact_id,
-            wait_for={"contacts": last.position},
-            wait_timeout_ms=30_000,
+            customer_id=last.contact_id, wait_for=wait_for, wait_timeout_ms=30_000
         ),
         timeout=30,
     )
     view = reply.customer
     assert view.customer_id == last.contact_id
-    assert view.positions["contacts"] == last.position
-    expected = expected_documents(published)[last.contact_id]
+    assert dict(view.positions) == wait_for
+    expected = deals.expected_documents(published, published_deals)[last.contact_id]
     assert view.display_name == expected["display_name"]
     assert [e.entry_id for e in view.timeline] == [e["entry_id"] for e in expected["timeline"]]
+    assert [(d.opportunity_id, d.amount.amount) for d in view.deals] == [
+        (d["opportunity_id"], d["amount"]) for d in expected.get("deals", [])
+    ]
     assert (
         view.updated_at.ToDatetime().isoformat()
         == expected["updated_at"].replace(tzinfo=None).isoformat()
@@ -262,6 +291,40 @@ async def test_the_service_answers_over_grpc_and_http_and_stops_cleanly(
         assert (await http.get("/customers/nobody/360")).status_code == 404
         slow = await http.get("/customers/zoe/360?wait_for=contacts:999999&timeout_ms=100")
         assert slow.status_code == 504
+
+    # A deal of the new customer, won: read-your-writes on the pipeline's position.
+    zoe_deals = [
+        deals.opened("zoe", 100_000, "zoe-d1", "4999.90", name="Engine"),
+        deals.won("zoe", 100_001, "zoe-d1", 2, "4999.90"),
+    ]
+    await deals.publish(analytics_servers.kafka_bootstrap, PIPELINE_TOPIC, zoe_deals)
+    published_deals.extend(zoe_deals)
+    # The stage names come from the pipeline's own partition, in no fixed
+    # order relative to the deals: wait until the definition is applied.
+    await until(
+        lambda: database.customer360_pipelines.find_one({"_id": deals.PIPELINE}) is not None,
+        30,
+        "the pipeline definition to be applied",
+        service["projector"],
+        tmp_path / "project.log",
+    )
+    reply = await stub.GetCustomer360(
+        customer360_pb2.GetCustomer360Request(
+            customer_id="zoe", wait_for={"pipeline": 100_001}, wait_timeout_ms=10_000
+        ),
+        timeout=15,
+    )
+    [deal] = reply.customer.deals
+    assert (deal.opportunity_id, deal.name) == ("zoe-d1", "Engine")
+    assert deal.status == pipeline_pb2.OPPORTUNITY_STATUS_WON
+    assert (deal.stage_id, deal.pipeline_name) == ("won", "Sales")
+    assert [(m.amount, m.currency) for m in reply.customer.lifetime_won_revenue] == [
+        ("4999.90", "EUR")
+    ]
+    async with httpx.AsyncClient(base_url=service["http"]) as http:
+        view = (await http.get("/customers/zoe/360", params={"wait_for": "pipeline:100001"})).json()
+        assert view["deals"][0]["amount"] == {"amount": "4999.90", "currency": "EUR"}
+        assert view["lifetime_won_revenue"] == [{"amount": "4999.90", "currency": "EUR"}]
 
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await stub.GetCustomer360(customer360_pb2.GetCustomer360Request(customer_id="nobody"))

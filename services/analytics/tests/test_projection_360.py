@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from decimal import Decimal
 from typing import Any
 
+import pipeline_events as deals
 from aiokafka import AIOKafkaProducer
 from contact_events import (
     comparable,
@@ -16,21 +18,26 @@ from contact_events import (
     publish,
     story,
 )
+from pipeline_events import deal_story
 from pymongo.database import Database
 
 from crm_analytics.customer360 import Doc
+from crm_analytics.deals import PIPELINE_PAYLOADS
 from crm_analytics.store import Customer360Store
-from crm_common.projection import DEAD_LETTERS_COLLECTION, ProjectionConsumer
+from crm_common.projection import DEAD_LETTERS_COLLECTION, ProjectionConsumer, stored_offsets
 
 
 def projection(
-    servers: Any, database: Database[Doc], topic: str, **kw: Any
+    servers: Any, database: Database[Doc], topic: str, pipeline_topic: str | None = None, **kw: Any
 ) -> tuple[ProjectionConsumer, Customer360Store]:
-    store = Customer360Store(database, topics=[topic])
+    topics = {"contacts": topic}
+    if pipeline_topic:
+        topics["pipeline"] = pipeline_topic
+    store = Customer360Store(database, topics=topics)
     store.ensure_indexes()
     consumer = ProjectionConsumer(
         projection="customer360",
-        topics=[topic],
+        topics=list(topics.values()),
         read_model=store,
         mongo=database.client,
         database=database.name,
@@ -92,9 +99,17 @@ async def test_a_projection_stopped_mid_stream_resumes_exactly(analytics_servers
     events = story(seed=3, steps=300)
     await publish(analytics_servers.kafka_bootstrap, topic, events)
     stopped_at = []
-    for pause in (0.1, 0.25, 0.15, 0.4):
+    for pause in (0.0, 0.25, 0.15, 0.4):
+        before = sum(stored_offsets(database, "customer360").values())
         consumer, _ = projection(analytics_servers, database, topic, max_records=20)
         task = asyncio.create_task(consumer.run(asyncio.Event()))
+        # Stopped once it has committed a batch (however long starting takes
+        # on a busy machine), and then at some later point.
+        for _ in range(1000):
+            now = sum(stored_offsets(database, "customer360").values())
+            if now > before or before == len(events) or task.done():
+                break
+            await asyncio.sleep(0.01)
         await asyncio.sleep(pause)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -155,3 +170,137 @@ async def test_records_that_cannot_be_applied_are_parked_and_the_rest_goes_on(
     assert ada["positions"]["contacts"] == 4
     assert [e["entry_id"] for e in ada["timeline"]] == ["i-1", "ada:created"]
     assert [c["company_id"] for c in ada["companies"]] == ["acme"]
+
+
+# -- both topics: the customers' deals ----------------------------------------------------
+
+
+def customers_of(events: list[Any]) -> list[str]:
+    return sorted({e.contact_id for e in events if e.WhichOneof("payload") == "person_registered"})
+
+
+async def test_contacts_and_deals_from_both_topics_end_in_the_same_documents(
+    analytics_servers, database, topic, pipeline_topic
+):
+    bootstrap = analytics_servers.kafka_bootstrap
+    contact_events = story(seed=5, steps=200)
+    # Some deals belong to customers the contacts topic never mentions.
+    customers = [*customers_of(contact_events)[:15], "s5-unregistered-1", "s5-unregistered-2"]
+    deal_events = deal_story(seed=5, customers=customers, steps=400)
+    # The deals are published first: ordering across topics is not guaranteed.
+    await deals.publish(bootstrap, pipeline_topic, deal_events)
+    await publish(bootstrap, topic, contact_events)
+    consumer, store = projection(analytics_servers, database, topic, pipeline_topic, max_records=60)
+    result = await consumer.run_until_caught_up()
+
+    without_customer = sum(1 for e in deal_events if not e.customer_id)
+    assert result.records == len(contact_events) + len(deal_events)
+    assert result.counters["dead_letters"] == 0
+    assert result.counters["applied"] == result.records - result.counters["no_customer"]
+    assert 0 < result.counters["no_customer"] < without_customer  # leads; not the pipeline's
+    assert documents(database) == deals.expected_documents(contact_events, deal_events)
+    assert {p["_id"]: p for p in database.customer360_pipelines.find()} == (
+        deals.expected_pipelines(deal_events)
+    )
+
+    # What a user sees: the revenue is the exact sum of the won deals, and the
+    # deals show the stage names as last renamed.
+    docs = documents(database)
+    with_deals = [d for d in docs.values() if d.get("deals")]
+    assert len(with_deals) >= 10
+    for doc in with_deals:
+        totals: dict[str, Decimal] = {}
+        for deal in doc["deals"]:
+            if deal["status"] == "won":
+                totals[deal["currency"]] = totals.get(deal["currency"], Decimal(0)) + Decimal(
+                    deal["amount"]
+                )
+        assert {m["currency"]: Decimal(m["amount"]) for m in doc["lifetime_won_revenue"]} == totals
+    renamed = [e for e in deal_events if e.WhichOneof("payload") == "stage_renamed"]
+    assert renamed, "the story should rename a stage"
+    last_name = {e.stage_renamed.stage_id: e.stage_renamed.name for e in renamed}
+    stage_id, name = next(iter(last_name.items()))
+    holder = next(d for d in with_deals if any(x["stage_id"] == stage_id for x in d["deals"]))
+    shown = store.with_names(holder)
+    assert {x["stage_name"] for x in shown["deals"] if x["stage_id"] == stage_id} == {name}
+    assert {x["pipeline_name"] for x in shown["deals"]} == {"Sales"}
+    unregistered = docs["s5-unregistered-1"]
+    assert "kind" not in unregistered and unregistered["positions"]["pipeline"] > 0
+
+
+async def test_deal_events_published_twice_are_applied_once(
+    analytics_servers, database, topic, pipeline_topic
+):
+    bootstrap = analytics_servers.kafka_bootstrap
+    contact_events = story(seed=6, steps=50)
+    deal_events = deal_story(seed=6, customers=customers_of(contact_events), steps=200)
+    await publish(bootstrap, topic, contact_events)
+    await deals.publish(bootstrap, pipeline_topic, deal_events)
+    # The pipeline relay restarted and published a suffix again.
+    await deals.publish(bootstrap, pipeline_topic, deal_events[-80:])
+    consumer, _ = projection(analytics_servers, database, topic, pipeline_topic, max_records=50)
+    result = await consumer.run_until_caught_up()
+
+    repeated_with_customer = sum(1 for e in deal_events[-80:] if e.customer_id)
+    repeated_definitions = sum(
+        1 for e in deal_events[-80:] if e.WhichOneof("payload") in PIPELINE_PAYLOADS
+    )
+    assert result.counters["duplicates"] == repeated_with_customer + repeated_definitions
+    assert documents(database) == deals.expected_documents(contact_events, deal_events)
+
+
+async def test_a_rebuild_from_both_topics_gives_the_same_documents(
+    analytics_servers, database, topic, pipeline_topic
+):
+    bootstrap = analytics_servers.kafka_bootstrap
+    contact_events = story(seed=7, steps=100)
+    deal_events = deal_story(seed=7, customers=customers_of(contact_events), steps=200)
+    await publish(bootstrap, topic, contact_events)
+    await deals.publish(bootstrap, pipeline_topic, deal_events)
+    consumer, store = projection(analytics_servers, database, topic, pipeline_topic)
+    await consumer.run_until_caught_up()
+    live = documents(database)
+    live_pipelines = list(database.customer360_pipelines.find())
+
+    store.drop()
+    assert store.count() == 0
+    assert database.customer360_pipelines.count_documents({}) == 0
+    consumer, _ = projection(analytics_servers, database, topic, pipeline_topic, max_records=37)
+    result = await consumer.run_until_caught_up()
+    assert result.records == len(contact_events) + len(deal_events)
+    assert documents(database) == live
+    assert list(database.customer360_pipelines.find()) == live_pipelines
+
+
+async def test_pipeline_records_that_cannot_be_applied_are_parked(
+    analytics_servers, database, topic, pipeline_topic
+):
+    bootstrap = analytics_servers.kafka_bootstrap
+    await deals.publish(bootstrap, pipeline_topic, [deals.opened("ada", 1, "d-1", "10.00")])
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True)
+    await producer.start()
+    try:
+        # A newer event type of a customer, and an amount that is no decimal.
+        future = await producer.send_and_wait(
+            pipeline_topic, deals.envelope("ada", "d-1", 2, 2).SerializeToString(), key=b"ada"
+        )
+        broken = await producer.send_and_wait(
+            pipeline_topic,
+            deals.amount_changed("ada", 3, "d-1", 3, "12,50").SerializeToString(),
+            key=b"ada",
+        )
+    finally:
+        await producer.stop()
+    await deals.publish(bootstrap, pipeline_topic, [deals.won("ada", 4, "d-1", 4, "10.00")])
+    consumer, store = projection(analytics_servers, database, topic, pipeline_topic)
+    result = await consumer.run_until_caught_up()
+
+    assert result.counters["dead_letters"] == 2
+    parked = {d["offset"]: d["error"] for d in database[DEAD_LETTERS_COLLECTION].find()}
+    assert set(parked) == {future.offset, broken.offset}
+    assert "no known payload" in parked[future.offset]
+    assert "'12,50' is not a decimal" in parked[broken.offset]
+    ada = store.get("ada")
+    assert ada is not None
+    assert ada["positions"]["pipeline"] == 4
+    assert ada["lifetime_won_revenue"] == [{"amount": "10.00", "currency": "EUR"}]

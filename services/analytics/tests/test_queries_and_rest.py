@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC
 from typing import Any
 
 import httpx
+import pipeline_events as deals
 import pytest
 from contact_events import (
     company_registered,
@@ -17,9 +19,13 @@ from contact_events import (
     person_registered,
     publish,
 )
+from pipeline_events import publish as publish_deals
 from pymongo.database import Database
 
+from crm.customer360.v1 import customer360_pb2
+from crm.pipeline.v1 import pipeline_pb2
 from crm_analytics.customer360 import Doc
+from crm_analytics.grpc_api import to_proto
 from crm_analytics.query import Customer360Queries
 from crm_analytics.rest_api import create_app
 from crm_analytics.store import Customer360Store
@@ -29,12 +35,15 @@ from crm_common.server import install_error_handlers
 
 
 @pytest.fixture
-async def running(analytics_servers, database: Database[Doc], topic: str) -> AsyncIterator[Any]:
-    """A projector following the test's topic, and the queries over its store."""
-    store = Customer360Store(database, topics=[topic])
+async def running(
+    analytics_servers, database: Database[Doc], topic: str, pipeline_topic: str
+) -> AsyncIterator[Any]:
+    """A projector following the test's topics, and the queries over its store."""
+    store = Customer360Store(database, topics={"contacts": topic, "pipeline": pipeline_topic})
+    store.ensure_indexes()
     consumer = ProjectionConsumer(
         projection="customer360",
-        topics=[topic],
+        topics=[topic, pipeline_topic],
         read_model=store,
         mongo=database.client,
         database=database.name,
@@ -47,10 +56,31 @@ async def running(analytics_servers, database: Database[Doc], topic: str) -> Asy
     async def write(*events: Any) -> None:
         await publish(analytics_servers.kafka_bootstrap, topic, list(events))
 
+    async def sell(*events: Any) -> None:
+        await publish_deals(analytics_servers.kafka_bootstrap, pipeline_topic, list(events))
+
+    async def define(*events: Any) -> None:
+        """Publishes pipeline definitions and waits until their names are known.
+
+        They sit in another partition than the customers' deals, so a read
+        that waited for a deal's position may come before them.
+        """
+        await sell(*events)
+        for event in events:
+            for _ in range(200):
+                known = database.customer360_pipelines.find_one({"_id": event.aggregate_id})
+                if known and known["position"] >= event.position:
+                    break
+                await asyncio.sleep(0.025)
+            else:
+                raise AssertionError(f"pipeline position {event.position} not applied")
+
     class Running:
         queries = Customer360Queries(store)
 
     Running.write = staticmethod(write)  # type: ignore[attr-defined]
+    Running.sell = staticmethod(sell)  # type: ignore[attr-defined]
+    Running.define = staticmethod(define)  # type: ignore[attr-defined]
     yield Running
     stop.set()
     await asyncio.wait_for(task, 10)
@@ -176,3 +206,137 @@ async def test_rest_errors_are_404_504_and_422(running, http):
     too_long = await http.get("/customers/bob/360?wait_for=contacts:1&timeout_ms=30001")
     assert too_long.status_code == 422
     assert too_long.json()["detail"][0]["field"] == "timeout_ms"
+
+
+# -- deals ----------------------------------------------------------------------------------
+
+
+async def test_a_read_waits_for_its_pipeline_write(running):
+    await running.write(person_registered("cus", 3))
+    await running.define(deals.pipeline_defined(1))
+    await running.sell(deals.opened("cus", 2, "d-1", "900.00"))
+    doc = await running.queries.get_customer360("cus", {"contacts": 3, "pipeline": 2}, 5000)
+    assert [d["status"] for d in doc["deals"]] == ["open"]
+
+    read = asyncio.create_task(running.queries.get_customer360("cus", {"pipeline": 4}, 5000))
+    await asyncio.sleep(0.3)
+    assert not read.done(), "the read must wait for pipeline position 4"
+    await running.sell(
+        deals.moved("cus", 3, "d-1", 2, "negotiate"), deals.won("cus", 4, "d-1", 3, "900.00")
+    )
+    doc = await read
+    assert doc["positions"] == {"contacts": 3, "pipeline": 4}
+    [deal] = doc["deals"]
+    assert (deal["status"], deal["stage_id"], deal["stage_name"]) == ("won", "won", "Closed won")
+    assert doc["lifetime_won_revenue"] == [{"amount": "900.00", "currency": "EUR"}]
+
+    with pytest.raises(WaitTimedOut, match="pipeline position 99"):
+        await running.queries.get_customer360("cus", {"pipeline": 99}, 200)
+
+
+async def test_a_customer_known_only_from_its_deals_is_shown(running):
+    # The lead conversion registered the person in contacts, but the contacts
+    # projection has not got there yet: the deal is shown all the same.
+    await running.sell(deals.opened("fresh", 7, "d-7", "50.00"))
+    doc = await running.queries.get_customer360("fresh", {"pipeline": 7}, 5000)
+    assert doc["deals"][0]["opportunity_id"] == "d-7"
+    assert "kind" not in doc
+    await running.write(person_registered("fresh", 20))
+    doc = await running.queries.get_customer360("fresh", {"contacts": 20}, 5000)
+    assert doc["kind"] == "person"
+    assert doc["deals"][0]["opportunity_id"] == "d-7"
+
+
+async def test_rest_shows_the_deals_and_the_lifetime_revenue(running, http):
+    await running.write(company_registered("acme", 1, "Acme"))
+    await running.define(deals.pipeline_defined(1))
+    await running.sell(
+        deals.opened("acme", 2, "d-1", "1200.00", name="Gears"),
+        deals.opened("acme", 3, "d-2", "300.50", "USD", name="Levers"),
+        deals.opened("acme", 4, "d-3", "75.25", name="Cogs"),
+        deals.won("acme", 5, "d-1", 2, "1200.00"),
+        deals.won("acme", 6, "d-3", 2, "75.25"),
+        deals.lost("acme", 7, "d-2", 2, "no budget"),
+    )
+    response = await http.get(
+        "/customers/acme/360", params=[("wait_for", "pipeline:7"), ("wait_for", "contacts:1")]
+    )
+    assert response.status_code == 200, response.text
+    acme = response.json()
+    assert acme["kind"] == "company"
+    assert acme["lifetime_won_revenue"] == [{"amount": "1275.25", "currency": "EUR"}]
+    assert [d["name"] for d in acme["deals"]] == ["Cogs", "Levers", "Gears"]
+    _, levers, gears = acme["deals"]
+    assert levers == {
+        "opportunity_id": "d-2",
+        "version": 2,
+        "name": "Levers",
+        "pipeline_id": "pl-sales",
+        "pipeline_name": "Sales",
+        "stage_id": "lost",
+        "stage_name": "Closed lost",
+        "amount": {"amount": "300.50", "currency": "USD"},
+        "status": "lost",
+        "expected_close_date": "2026-12-31",
+        "owner": "grace",
+        "person_id": "acme",
+        "company_id": "",
+        "kind": "new_business",
+        "opened_at": "2026-11-02T09:03:30.000Z",
+        "stage_entered_at": "2026-11-02T09:07:30.000Z",
+        "closed_on": "2026-11-21",
+        "closed_at": "2026-11-02T09:07:30.000Z",
+        "lost_reason": "no budget",
+    }
+    assert gears["status"] == "won"
+    assert gears["closed_on"] == "2026-11-20"
+    assert [e["kind"] for e in acme["timeline"][:2]] == ["deal.lost", "deal.won"]
+    assert acme["positions"] == {"contacts": 1, "pipeline": 7}
+
+    # A stage rename shows in every deal in that stage, without rewriting them.
+    await running.define(deals.stage_renamed(8, 2, "won", "Signed"))
+    acme = (await http.get("/customers/acme/360")).json()
+    assert [(d["name"], d["stage_name"]) for d in acme["deals"]] == [
+        ("Cogs", "Signed"),
+        ("Levers", "Closed lost"),
+        ("Gears", "Signed"),
+    ]
+
+    # A customer known only from its deals: kind unspecified, no profile fields.
+    await running.sell(deals.opened("solo", 9, "d-9", "5.00"))
+    solo = (await http.get("/customers/solo/360", params={"wait_for": "pipeline:9"})).json()
+    assert solo["kind"] == "unspecified"
+    assert "given_name" not in solo and "domain" not in solo
+    assert solo["deals"][0]["amount"] == {"amount": "5.00", "currency": "EUR"}
+    assert solo["lifetime_won_revenue"] == []
+
+
+async def test_grpc_message_carries_the_deals_and_the_revenue(running):
+    await running.write(person_registered("grc", 1))
+    await running.define(deals.pipeline_defined(1))
+    await running.sell(
+        deals.opened("grc", 2, "d-1", "19.99", "GBP", name="Manual"),
+        deals.won("grc", 3, "d-1", 2, "19.99", "GBP"),
+        deals.opened("grc", 4, "d-2", "5.01", "GBP", name="Spare"),
+        deals.won("grc", 5, "d-2", 2, "5.01", "GBP", closed_on="2026-11-22"),
+        deals.reopened("grc", 6, "d-2", 3, "negotiate"),
+    )
+    doc = await running.queries.get_customer360("grc", {"pipeline": 6}, 5000)
+    message = customer360_pb2.Customer360.FromString(to_proto(doc).SerializeToString())
+    assert [(m.amount, m.currency) for m in message.lifetime_won_revenue] == [("19.99", "GBP")]
+    spare, manual = message.deals
+    assert manual.status == pipeline_pb2.OPPORTUNITY_STATUS_WON
+    assert (manual.amount.amount, manual.amount.currency) == ("19.99", "GBP")
+    assert (manual.stage_id, manual.stage_name, manual.pipeline_name) == (
+        "won",
+        "Closed won",
+        "Sales",
+    )
+    assert manual.closed_on == "2026-11-20"
+    assert manual.closed_at.ToDatetime(tzinfo=UTC) == deals.when(3)
+    assert spare.status == pipeline_pb2.OPPORTUNITY_STATUS_OPEN
+    assert (spare.stage_id, spare.stage_name) == ("negotiate", "Negotiation")
+    assert spare.closed_on == "" and not spare.HasField("closed_at")
+    assert spare.version == 3
+    assert spare.kind == pipeline_pb2.OPPORTUNITY_KIND_NEW_BUSINESS
+    assert message.positions["pipeline"] == 6

@@ -1,5 +1,7 @@
 """The 360-degree customer view: how one contacts event changes one document.
 
+(The pipeline's events, the customer's deals, are in `deals.py`.)
+
 Pure functions over plain dicts (the document as stored), with no MongoDB and
 no Kafka, so every rule is testable on its own. The store layer loads the
 documents, calls `apply_event` in log order, and writes the results.
@@ -208,11 +210,14 @@ def _set_company_profile(doc: Doc, profile: events_pb2.CompanyProfile) -> None:
     doc.setdefault("members", [])
 
 
-def _timeline_key(entry: Doc) -> tuple[datetime, int]:
+def _timeline_key(entry: Doc) -> tuple[datetime, int, str]:
+    # Entries of different sources may tie on time and (their own logs')
+    # position; the id settles it, so the order never depends on which
+    # topic was consumed first.
     when = entry.get("occurred_at") or datetime.min.replace(tzinfo=UTC)
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return when, int(entry.get("position", 0))
+    return when, int(entry.get("position", 0)), str(entry["entry_id"])
 
 
 def add_to_timeline(doc: Doc, entry: Doc, limit: int = TIMELINE_LIMIT) -> None:

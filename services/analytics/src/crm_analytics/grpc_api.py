@@ -9,6 +9,7 @@ import grpc
 
 from crm.contacts.v1 import contacts_pb2
 from crm.customer360.v1 import customer360_pb2, customer360_pb2_grpc
+from crm.pipeline.v1 import pipeline_pb2
 from crm_analytics.customer360 import Doc, enum_value
 from crm_analytics.query import DEFAULT_WAIT_MS, MAX_WAIT_MS, Customer360Queries
 
@@ -25,6 +26,31 @@ def _consent(consent: Doc | None) -> contacts_pb2.Consent:
         source=consent.get("source", ""),
     )
     _timestamp(message.recorded_at, consent.get("recorded_at"))
+    return message
+
+
+def _deal(deal: Doc) -> customer360_pb2.Deal:
+    message = customer360_pb2.Deal(
+        opportunity_id=deal["opportunity_id"],
+        version=int(deal.get("version", 0)),
+        name=deal.get("name", ""),
+        pipeline_id=deal.get("pipeline_id", ""),
+        pipeline_name=deal.get("pipeline_name", ""),
+        stage_id=deal.get("stage_id", ""),
+        stage_name=deal.get("stage_name", ""),
+        amount=pipeline_pb2.Money(amount=deal.get("amount", ""), currency=deal.get("currency", "")),
+        status=enum_value(pipeline_pb2.OpportunityStatus, deal.get("status")),
+        expected_close_date=deal.get("expected_close_date", ""),
+        owner=deal.get("owner", ""),
+        person_id=deal.get("person_id", ""),
+        company_id=deal.get("company_id", ""),
+        kind=enum_value(pipeline_pb2.OpportunityKind, deal.get("kind")),
+        closed_on=deal.get("closed_on", ""),
+        lost_reason=deal.get("lost_reason", ""),
+    )
+    _timestamp(message.opened_at, deal.get("opened_at"))
+    _timestamp(message.stage_entered_at, deal.get("stage_entered_at"))
+    _timestamp(message.closed_at, deal.get("closed_at"))
     return message
 
 
@@ -80,6 +106,11 @@ def to_proto(doc: Doc) -> customer360_pb2.Customer360:
         )
         _timestamp(item.occurred_at, entry.get("occurred_at"))
         message.timeline.append(item)
+    message.deals.extend(_deal(d) for d in doc.get("deals", []))
+    message.lifetime_won_revenue.extend(
+        pipeline_pb2.Money(amount=m["amount"], currency=m["currency"])
+        for m in doc.get("lifetime_won_revenue", [])
+    )
     _timestamp(message.updated_at, doc.get("updated_at"))
     return message
 

@@ -26,7 +26,7 @@ log = logging.getLogger("crm_analytics")
 def projection(settings: Settings, store: Customer360Store) -> ProjectionConsumer:
     return ProjectionConsumer(
         projection=PROJECTION,
-        topics=TOPICS,
+        topics=list(TOPICS.values()),
         read_model=store,
         mongo=store.database.client,
         database=settings.mongo_db,

@@ -19,14 +19,15 @@ import asyncio
 import time
 from collections.abc import Mapping
 
-from crm_analytics.customer360 import Doc, applied_position, is_registered
+from crm_analytics.customer360 import Doc, applied_position
+from crm_analytics.deals import is_known
 from crm_analytics.store import Customer360Store
 from crm_common.errors import FieldErrors, NotFound, WaitTimedOut
 
 DEFAULT_WAIT_MS = 5000
 MAX_WAIT_MS = 30000
 # The source services whose positions the 360 view records.
-SOURCES: tuple[str, ...] = ("contacts",)
+SOURCES: tuple[str, ...] = ("contacts", "pipeline")
 MAX_ID_LENGTH = 200
 
 
@@ -43,8 +44,10 @@ class Customer360Queries:
     ) -> Doc:
         """The customer's document, once it has applied `wait_for` (if given).
 
-        Raises NotFound when the customer has no applied registration,
-        WaitTimedOut when the positions were not reached in time.
+        The deals carry the names of their pipeline and stage as last known.
+        Raises NotFound when no event of the customer itself has been applied
+        (neither its registration nor any pipeline event), WaitTimedOut when
+        the positions were not reached in time.
         """
         wait_for = dict(wait_for or {})
         errors = FieldErrors()
@@ -64,10 +67,10 @@ class Customer360Queries:
         doc = await asyncio.to_thread(self.store.get, customer_id)
         if wait_for and not _reached(doc, wait_for):
             doc = await self._wait(customer_id, wait_for, timeout_ms or DEFAULT_WAIT_MS)
-        if not is_registered(doc):
+        if not is_known(doc):
             raise NotFound("customer", customer_id)
         assert doc is not None
-        return doc
+        return await asyncio.to_thread(self.store.with_names, doc)
 
     async def _wait(self, customer_id: str, wait_for: dict[str, int], timeout_ms: int) -> Doc:
         deadline = time.monotonic() + timeout_ms / 1000

@@ -37,9 +37,38 @@ def parse_wait_for(values: list[str]) -> dict[str, int]:
     return wait_for
 
 
+def deal_json(deal: Doc) -> dict[str, Any]:
+    return {
+        "opportunity_id": deal["opportunity_id"],
+        "version": int(deal.get("version", 0)),
+        "name": deal.get("name", ""),
+        "pipeline_id": deal.get("pipeline_id", ""),
+        "pipeline_name": deal.get("pipeline_name", ""),
+        "stage_id": deal.get("stage_id", ""),
+        "stage_name": deal.get("stage_name", ""),
+        "amount": {"amount": deal.get("amount", ""), "currency": deal.get("currency", "")},
+        "status": deal.get("status", "unspecified"),
+        "expected_close_date": deal.get("expected_close_date") or None,
+        "owner": deal.get("owner", ""),
+        "person_id": deal.get("person_id", ""),
+        "company_id": deal.get("company_id", ""),
+        "kind": deal.get("kind", "unspecified"),
+        "opened_at": iso(deal.get("opened_at")),
+        "stage_entered_at": iso(deal.get("stage_entered_at")),
+        "closed_on": deal.get("closed_on") or None,
+        "closed_at": iso(deal.get("closed_at")),
+        "lost_reason": deal.get("lost_reason", ""),
+    }
+
+
 def to_json(doc: Doc) -> dict[str, Any]:
-    """The stored document as the API shows it: enums as words, ISO-8601 times."""
-    kind = doc.get("kind")
+    """The stored document as the API shows it: enums as words, ISO-8601 times.
+
+    A customer known so far only from its deals (its contacts events not
+    applied yet) has kind `unspecified` and none of the person's or company's
+    fields.
+    """
+    kind = doc.get("kind") or "unspecified"
     body: dict[str, Any] = {
         "customer_id": doc["_id"],
         "kind": kind,
@@ -48,7 +77,7 @@ def to_json(doc: Doc) -> dict[str, Any]:
     if kind == "person":
         body["given_name"] = doc.get("given_name", "")
         body["family_name"] = doc.get("family_name", "")
-    else:
+    elif kind == "company":
         body["domain"] = doc.get("domain", "")
         body["industry"] = doc.get("industry", "")
     body["lifecycle_stage"] = doc.get("lifecycle_stage", "unspecified")
@@ -84,7 +113,7 @@ def to_json(doc: Doc) -> dict[str, Any]:
             }
             for c in doc.get("companies", [])
         ]
-    else:
+    elif kind == "company":
         body["members"] = [
             {"person_id": m["person_id"], "role": m.get("role", ""), "since": iso(m.get("since"))}
             for m in doc.get("members", [])
@@ -101,6 +130,11 @@ def to_json(doc: Doc) -> dict[str, Any]:
             "owner": e.get("owner", ""),
         }
         for e in doc.get("timeline", [])
+    ]
+    body["deals"] = [deal_json(d) for d in doc.get("deals", [])]
+    body["lifetime_won_revenue"] = [
+        {"amount": m["amount"], "currency": m["currency"]}
+        for m in doc.get("lifetime_won_revenue", [])
     ]
     body["positions"] = {k: int(v) for k, v in (doc.get("positions") or {}).items()}
     body["created_at"] = iso(doc.get("created_at"))
@@ -122,7 +156,8 @@ def create_app(queries: Customer360Queries) -> FastAPI:
             list[str],
             Query(
                 description="Wait until this write is visible: `<source>:<position>`, "
-                "e.g. `contacts:123` (the position a write returned); repeatable."
+                "e.g. `contacts:123` or `pipeline:45` (the position a write returned); "
+                "repeatable."
             ),
         ] = [],  # noqa: B006 - FastAPI copies query defaults per request
         timeout_ms: Annotated[

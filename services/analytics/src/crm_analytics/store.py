@@ -1,14 +1,18 @@
 """The 360 read model in MongoDB (plain pymongo: SecantusDB locally, MongoDB by URL).
 
-One document per customer in `customer360`, `_id` = the customer (contact) id.
-A batch from the projection is applied with a handful of round trips,
-whatever its size: a few `find`s load every document the batch touches, the
-events are applied in memory in log order, one `bulk_write` replaces each
-touched document once (many events on one customer coalesce into one write),
-and one `update_many` per renamed company carries the new name to its
-linked persons. The document store is the slowest part of the local stack
-(SecantusDB: a few hundred single writes per second), so this shape, not the
-per-event work, decides the projection's throughput.
+One document per customer in `customer360`, `_id` = the customer (contact) id,
+built from the contacts topic (`customer360.py`) and the pipeline topic
+(`deals.py`); one document per sales pipeline in `customer360_pipelines`,
+whose stage names a read joins into the deals. A batch from the projection
+is applied with a handful of round trips, whatever its size: a few `find`s
+load every document the batch touches, the events are applied in memory in
+log order, one `bulk_write` replaces each touched document once (many events
+on one customer coalesce into one write), one `update_many` per renamed
+company carries the new name to its linked persons, and one more
+`bulk_write` replaces the touched pipelines. The document store is the
+slowest part of the local stack (SecantusDB: a few hundred single writes per
+second), so this shape, not the per-event work, decides the projection's
+throughput.
 
 Aggregations through arrays of subdocuments (`"$companies.company_id"` in an
 expression) come back missing on SecantusDB; nothing here uses them, and
@@ -18,15 +22,18 @@ queries over such arrays use plain filters or `$elemMatch`, which work.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeAlias
 
 from google.protobuf.message import DecodeError
 from pymongo import MongoClient, ReplaceOne, UpdateMany
 from pymongo.client_session import ClientSession
+from pymongo.collection import Collection
 from pymongo.database import Database
 
 from crm.events.v1 import contacts_pb2 as events_pb2
-from crm_analytics import customer360
+from crm.events.v1 import pipeline_pb2 as pipeline_events_pb2
+from crm_analytics import customer360, deals
 from crm_analytics.customer360 import CompanyRenamed, Doc, MembershipChanged, UnknownEvent
 from crm_common.projection import (
     DEAD_LETTERS_COLLECTION,
@@ -41,11 +48,19 @@ log = logging.getLogger(__name__)
 
 PROJECTION = "customer360"
 COLLECTION = "customer360"
-# The topics the 360 view is built from; pipeline, tickets and loyalty add theirs.
-TOPICS: tuple[str, ...] = (topic_of("contacts"),)
+# The names of the pipelines and their stages, which the deals show (see deals.py).
+PIPELINES_COLLECTION = "customer360_pipelines"
+# The topics the 360 view is built from, per source service; tickets and
+# loyalty add theirs.
+TOPICS: Mapping[str, str] = {
+    customer360.SOURCE: topic_of("contacts"),
+    deals.SOURCE: topic_of("pipeline"),
+}
 # SecantusDB answers `$in` in time growing with the square of the list (500 ids:
 # 160 ms, 10 x 50 ids: 39 ms); small chunks cost a real MongoDB nothing.
 LOAD_CHUNK = 50
+
+Event: TypeAlias = events_pb2.ContactEvent | pipeline_events_pb2.PipelineEvent
 
 
 def connect(url: str) -> MongoClient[Doc]:
@@ -64,24 +79,63 @@ def decode_contact_event(record: Record) -> events_pb2.ContactEvent:
     return event
 
 
-class Customer360Store:
-    """Reads and writes the 360 documents; the projection's read model."""
+def decode_pipeline_event(record: Record) -> pipeline_events_pb2.PipelineEvent:
+    """A pipeline event; `customer_id` is empty for pipelines and unconverted leads."""
+    if record.value is None:
+        raise ValueError("record without value")
+    event = pipeline_events_pb2.PipelineEvent.FromString(record.value)
+    if not event.aggregate_id:
+        raise ValueError("event without aggregate_id")
+    if event.position <= 0:
+        raise ValueError(f"event of {event.aggregate_id} without position")
+    return event
 
-    def __init__(self, database: Database[Doc], topics: Sequence[str] = TOPICS) -> None:
+
+DECODERS: dict[str, Callable[[Record], Event]] = {
+    customer360.SOURCE: decode_contact_event,
+    deals.SOURCE: decode_pipeline_event,
+}
+
+
+class Customer360Store:
+    """Reads and writes the 360 documents; the projection's read model.
+
+    `topics` maps each source service to the topic its events are read from.
+    """
+
+    def __init__(self, database: Database[Doc], topics: Mapping[str, str] = TOPICS) -> None:
+        unknown = sorted(set(topics) - set(DECODERS))
+        if unknown:
+            raise ValueError(f"no decoder for source {', '.join(unknown)}")
         self.database = database
         self.collection = database[COLLECTION]
-        self.topics = frozenset(topics)
+        self.pipelines = database[PIPELINES_COLLECTION]
+        self.topics = dict(topics)
+        self.sources = {topic: source for source, topic in topics.items()}
 
     def ensure_indexes(self) -> None:
         # The rename fan-out finds the persons linked to a company.
         self.collection.create_index("companies.company_id")
+        # Created up front: not every document store creates collections
+        # inside a transaction.
+        if PIPELINES_COLLECTION not in self.database.list_collection_names():
+            self.database.create_collection(PIPELINES_COLLECTION)
 
     def get(self, customer_id: str) -> Doc | None:
         return self.collection.find_one({"_id": customer_id})
 
+    def with_names(self, doc: Doc) -> Doc:
+        """The document with the pipeline and stage names of its deals, as last known."""
+        ids = deals.pipelines_referenced(doc)
+        if not ids:
+            return doc
+        known = {p["_id"]: p for p in self.pipelines.find({"_id": {"$in": ids}})}
+        return deals.with_names(doc, known)
+
     def drop(self) -> None:
         """Forgets the read model and where its projection stood (before a rebuild)."""
         self.collection.drop()
+        self.pipelines.drop()
         self.database[DEAD_LETTERS_COLLECTION].delete_many({"projection": PROJECTION})
         reset_offsets(self.database, PROJECTION)
 
@@ -90,40 +144,76 @@ class Customer360Store:
 
     # -- the projection's read model ------------------------------------------------------
 
-    def apply_batch(self, session: ClientSession, records: Sequence[Record]) -> Mapping[str, int]:
-        failures: list[tuple[Record, str]] = []
-        events: list[tuple[Record, events_pb2.ContactEvent]] = []
-        for record in records:
-            if record.topic not in self.topics:
-                failures.append((record, f"no decoder for topic {record.topic}"))
-                continue
-            try:
-                events.append((record, decode_contact_event(record)))
-            except (DecodeError, ValueError) as error:
-                failures.append((record, f"undecodable: {error}"))
-
-        ids = {e.contact_id for _, e in events}
-        for _, e in events:
-            ids.update(customer360.companies_referenced(e))
+    def _load(
+        self, session: ClientSession, collection: Collection[Doc], ids: set[str]
+    ) -> dict[str, Doc | None]:
         docs: dict[str, Doc | None] = dict.fromkeys(ids)
         ordered = sorted(ids)
         for start in range(0, len(ordered), LOAD_CHUNK):
             chunk = ordered[start : start + LOAD_CHUNK]
-            for doc in self.collection.find({"_id": {"$in": chunk}}, session=session):
+            for doc in collection.find({"_id": {"$in": chunk}}, session=session):
                 docs[doc["_id"]] = doc
+        return docs
+
+    def apply_batch(self, session: ClientSession, records: Sequence[Record]) -> Mapping[str, int]:
+        failures: list[tuple[Record, str]] = []
+        events: list[tuple[Record, Event]] = []
+        for record in records:
+            source = self.sources.get(record.topic)
+            if source is None:
+                failures.append((record, f"no decoder for topic {record.topic}"))
+                continue
+            try:
+                events.append((record, DECODERS[source](record)))
+            except (DecodeError, ValueError) as error:
+                failures.append((record, f"undecodable: {error}"))
+
+        ids: set[str] = set()
+        pipeline_ids: set[str] = set()
+        for _, e in events:
+            if isinstance(e, events_pb2.ContactEvent):
+                ids.add(e.contact_id)
+                ids.update(customer360.companies_referenced(e))
+            elif deals.is_pipeline_definition(e):
+                pipeline_ids.add(e.aggregate_id)
+            elif e.customer_id:
+                ids.add(e.customer_id)
+        docs = self._load(session, self.collection, ids)
+        pipelines = self._load(session, self.pipelines, pipeline_ids)
 
         touched: set[str] = set()
+        touched_pipelines: set[str] = set()
         renames: dict[str, CompanyRenamed] = {}
-        applied = duplicates = 0
+        applied = duplicates = no_customer = 0
         for record, event in events:
             with projection_span(record, PROJECTION) as span:
-                span.set_attribute("crm.customer_id", event.contact_id)
+                customer_id = (
+                    event.contact_id
+                    if isinstance(event, events_pb2.ContactEvent)
+                    else event.customer_id
+                )
+                definition = isinstance(
+                    event, pipeline_events_pb2.PipelineEvent
+                ) and deals.is_pipeline_definition(event)
+                span.set_attribute("crm.customer_id", customer_id)
                 span.set_attribute("crm.position", event.position)
                 try:
-                    result = customer360.apply_event(docs[event.contact_id], event, docs)
+                    if isinstance(event, events_pb2.ContactEvent):
+                        result = customer360.apply_event(docs[customer_id], event, docs)
+                    elif definition:
+                        result = deals.apply_pipeline_definition(
+                            pipelines[event.aggregate_id], event
+                        )
+                    elif not customer_id:
+                        # A lead before its conversion: nothing of a customer yet.
+                        deals.payload_of(event)
+                        no_customer += 1
+                        continue
+                    else:
+                        result = deals.apply_pipeline_event(docs[customer_id], event)
                 except UnknownEvent as error:
                     failures.append((record, str(error)))
-                    self._mark_seen(docs, touched, event)
+                    self._mark_seen(docs, touched, record, event)
                     continue
                 except Exception as error:
                     # One event the code cannot apply must not stop the projection;
@@ -136,8 +226,12 @@ class Customer360Store:
                     span.set_attribute("crm.duplicate", True)
                     continue
                 applied += 1
-                docs[event.contact_id] = result.doc
-                touched.add(event.contact_id)
+                if definition:
+                    pipelines[event.aggregate_id] = result.doc
+                    touched_pipelines.add(event.aggregate_id)
+                    continue
+                docs[customer_id] = result.doc
+                touched.add(customer_id)
                 for fan_out in result.fan_out:
                     if isinstance(fan_out, MembershipChanged):
                         docs[fan_out.company_id] = customer360.apply_membership(
@@ -162,6 +256,16 @@ class Customer360Store:
                 session=session,
                 ordered=False,
             )
+        if touched_pipelines:
+            self.pipelines.bulk_write(
+                [
+                    ReplaceOne({"_id": i}, d, upsert=True)
+                    for i in sorted(touched_pipelines)
+                    if (d := pipelines[i]) is not None
+                ],
+                session=session,
+                ordered=False,
+            )
         for record, reason in failures:
             log.warning(
                 "dead letter %s:%d@%d: %s", record.topic, record.partition, record.offset, reason
@@ -170,25 +274,35 @@ class Customer360Store:
         return {
             "applied": applied,
             "duplicates": duplicates,
+            "no_customer": no_customer,
             "dead_letters": len(failures),
             "documents_written": len(touched),
+            "pipelines_written": len(touched_pipelines),
             "renames": len(renames),
         }
 
-    @staticmethod
     def _mark_seen(
-        docs: dict[str, Doc | None], touched: set[str], event: events_pb2.ContactEvent
+        self, docs: dict[str, Doc | None], touched: set[str], record: Record, event: Event
     ) -> None:
         # An event type this version does not know still counts as seen, so
         # a reader waiting for its position is not held up until the timeout;
         # the event itself is in the dead letters, and a rebuild after an
-        # upgrade applies it.
-        doc = docs.get(event.contact_id)
-        if doc is not None and customer360.applied_position(doc) < event.position:
+        # upgrade applies it. A pipeline event may be the customer's first.
+        source = self.sources[record.topic]
+        if isinstance(event, events_pb2.ContactEvent):
+            customer_id, doc = event.contact_id, docs.get(event.contact_id)
+        else:
+            customer_id = event.customer_id
+            if not customer_id:
+                return
+            doc = docs.get(customer_id) or customer360.new_document(customer_id)
+        if doc is not None and customer360.applied_position(doc, source) < event.position:
             doc = dict(doc)
-            customer360.advance(doc, event.position, customer360.to_datetime(event.occurred_at))
-            docs[event.contact_id] = doc
-            touched.add(event.contact_id)
+            customer360.advance(
+                doc, event.position, customer360.to_datetime(event.occurred_at), source
+            )
+            docs[customer_id] = doc
+            touched.add(customer_id)
 
     @staticmethod
     def _rename_update(rename: CompanyRenamed) -> UpdateMany:

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from crm.contacts.v1 import contacts_pb2 as _contacts_pb2
+from crm.pipeline.v1 import pipeline_pb2 as _pipeline_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -53,7 +54,7 @@ class GetCustomer360Request(_message.Message):
     @_builtins.property
     def wait_for(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Read-your-writes: wait until the view has applied, for each named
-        source service ("contacts", ...), at least this position of that
+        source service ("contacts", "pipeline"), at least this position of that
         service's event log (the `position` a write returned).
         """
 
@@ -190,6 +191,100 @@ class TimelineEntry(_message.Message):
 Global___TimelineEntry: _TypeAlias = TimelineEntry  # noqa: Y015
 
 @_typing.final
+class Deal(_message.Message):
+    """One deal (opportunity) of the customer, as the pipeline service's events
+    describe it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPPORTUNITY_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PIPELINE_ID_FIELD_NUMBER: _builtins.int
+    PIPELINE_NAME_FIELD_NUMBER: _builtins.int
+    STAGE_ID_FIELD_NUMBER: _builtins.int
+    STAGE_NAME_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    EXPECTED_CLOSE_DATE_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    PERSON_ID_FIELD_NUMBER: _builtins.int
+    COMPANY_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    OPENED_AT_FIELD_NUMBER: _builtins.int
+    STAGE_ENTERED_AT_FIELD_NUMBER: _builtins.int
+    CLOSED_ON_FIELD_NUMBER: _builtins.int
+    CLOSED_AT_FIELD_NUMBER: _builtins.int
+    LOST_REASON_FIELD_NUMBER: _builtins.int
+    opportunity_id: _builtins.str
+    version: _builtins.int
+    """Version of the opportunity after the last applied event."""
+    name: _builtins.str
+    pipeline_id: _builtins.str
+    pipeline_name: _builtins.str
+    """The names as last known from the pipeline's events; empty while the
+    pipeline's definition has not been applied.
+    """
+    stage_id: _builtins.str
+    stage_name: _builtins.str
+    status: _pipeline_pb2.OpportunityStatus.ValueType
+    expected_close_date: _builtins.str
+    """ISO-8601 date ("2026-03-31")."""
+    owner: _builtins.str
+    person_id: _builtins.str
+    company_id: _builtins.str
+    kind: _pipeline_pb2.OpportunityKind.ValueType
+    closed_on: _builtins.str
+    """Set while the deal is won or lost: the close date (ISO-8601) and time."""
+    lost_reason: _builtins.str
+    """Set while the deal is lost."""
+    @_builtins.property
+    def amount(self) -> _pipeline_pb2.Money:
+        """A decimal in text with its currency; the amount the deal was won at
+        while it is won.
+        """
+
+    @_builtins.property
+    def opened_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def stage_entered_at(self) -> _timestamp_pb2.Timestamp:
+        """When the deal entered its current stage."""
+
+    @_builtins.property
+    def closed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        opportunity_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        name: _builtins.str = ...,
+        pipeline_id: _builtins.str = ...,
+        pipeline_name: _builtins.str = ...,
+        stage_id: _builtins.str = ...,
+        stage_name: _builtins.str = ...,
+        amount: _pipeline_pb2.Money | None = ...,
+        status: _pipeline_pb2.OpportunityStatus.ValueType = ...,
+        expected_close_date: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        person_id: _builtins.str = ...,
+        company_id: _builtins.str = ...,
+        kind: _pipeline_pb2.OpportunityKind.ValueType = ...,
+        opened_at: _timestamp_pb2.Timestamp | None = ...,
+        stage_entered_at: _timestamp_pb2.Timestamp | None = ...,
+        closed_on: _builtins.str = ...,
+        closed_at: _timestamp_pb2.Timestamp | None = ...,
+        lost_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "closed_at", b"closed_at", "opened_at", b"opened_at", "stage_entered_at", b"stage_entered_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "closed_at", b"closed_at", "closed_on", b"closed_on", "company_id", b"company_id", "expected_close_date", b"expected_close_date", "kind", b"kind", "lost_reason", b"lost_reason", "name", b"name", "opened_at", b"opened_at", "opportunity_id", b"opportunity_id", "owner", b"owner", "person_id", b"person_id", "pipeline_id", b"pipeline_id", "pipeline_name", b"pipeline_name", "stage_entered_at", b"stage_entered_at", "stage_id", b"stage_id", "stage_name", b"stage_name", "status", b"status", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Deal: _TypeAlias = Deal  # noqa: Y015
+
+@_typing.final
 class Customer360(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -250,6 +345,8 @@ class Customer360(_message.Message):
     INDUSTRY_FIELD_NUMBER: _builtins.int
     POSITIONS_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    DEALS_FIELD_NUMBER: _builtins.int
+    LIFETIME_WON_REVENUE_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     kind: _contacts_pb2.ContactKind.ValueType
     display_name: _builtins.str
@@ -278,6 +375,16 @@ class Customer360(_message.Message):
 
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def deals(self) -> _containers.RepeatedCompositeFieldContainer[Global___Deal]:
+        """Open and closed deals, the most recently opened first."""
+
+    @_builtins.property
+    def lifetime_won_revenue(self) -> _containers.RepeatedCompositeFieldContainer[_pipeline_pb2.Money]:
+        """The sum of the amounts of the deals won (and not reopened since), one
+        entry per currency (never converted), ordered by currency.
+        """
+
     def __init__(
         self,
         *,
@@ -297,10 +404,12 @@ class Customer360(_message.Message):
         industry: _builtins.str = ...,
         positions: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        deals: _abc.Iterable[Global___Deal] | None = ...,
+        lifetime_won_revenue: _abc.Iterable[_pipeline_pb2.Money] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "companies", b"companies", "custom_fields", b"custom_fields", "customer_id", b"customer_id", "display_name", b"display_name", "domain", b"domain", "family_name", b"family_name", "given_name", b"given_name", "industry", b"industry", "kind", b"kind", "lifecycle_stage", b"lifecycle_stage", "owner", b"owner", "positions", b"positions", "tags", b"tags", "timeline", b"timeline", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "companies", b"companies", "custom_fields", b"custom_fields", "customer_id", b"customer_id", "deals", b"deals", "display_name", b"display_name", "domain", b"domain", "family_name", b"family_name", "given_name", b"given_name", "industry", b"industry", "kind", b"kind", "lifecycle_stage", b"lifecycle_stage", "lifetime_won_revenue", b"lifetime_won_revenue", "owner", b"owner", "positions", b"positions", "tags", b"tags", "timeline", b"timeline", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
