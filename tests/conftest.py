@@ -1,9 +1,10 @@
 """Cross-service fixtures: the whole platform as real processes.
 
-`platform` starts every service process (contacts API and relay, analytics
-API and projector) once per test session on top of the shared `local_stack`
-(real Kafka and SecantusDB on free ports), with traces exported to an
-in-process OTLP receiver so a test can see what the processes really export.
+`platform` starts every service process (contacts API, relay and follower,
+pipeline API and relay, analytics API and projector) once per test session on
+top of the shared `local_stack` (real Kafka and SecantusDB on free ports), with
+traces exported to an in-process OTLP receiver so a test can see what the
+processes really export.
 """
 
 from __future__ import annotations
@@ -18,8 +19,17 @@ from otlp_collector import OtlpCollector
 
 from crm.contacts.v1 import contacts_pb2_grpc
 from crm.customer360.v1 import customer360_pb2_grpc
+from crm.pipeline.v1 import pipeline_pb2_grpc
 
-SERVICE_PROCESSES = ["contacts-api", "contacts-relay", "analytics-api", "analytics-projector"]
+SERVICE_PROCESSES = [
+    "contacts-api",
+    "contacts-relay",
+    "contacts-follower",
+    "pipeline-api",
+    "pipeline-relay",
+    "analytics-api",
+    "analytics-projector",
+]
 
 
 @dataclass
@@ -28,6 +38,8 @@ class Platform:
     collector: OtlpCollector
     contacts_grpc: str
     contacts_http: str
+    pipeline_grpc: str
+    pipeline_http: str
     analytics_grpc: str
     analytics_http: str
 
@@ -68,6 +80,8 @@ def platform(local_stack: Any, otlp_collector: OtlpCollector) -> Iterator[Platfo
             collector=otlp_collector,
             contacts_grpc=f"127.0.0.1:{ports['contacts'][0]}",
             contacts_http=f"http://127.0.0.1:{ports['contacts'][1]}",
+            pipeline_grpc=f"127.0.0.1:{ports['pipeline'][0]}",
+            pipeline_http=f"http://127.0.0.1:{ports['pipeline'][1]}",
             analytics_grpc=f"127.0.0.1:{ports['analytics'][0]}",
             analytics_http=f"http://127.0.0.1:{ports['analytics'][1]}",
         )
@@ -85,3 +99,9 @@ async def contacts(platform: Platform) -> Any:
 async def customer360(platform: Platform) -> Any:
     async with grpc.aio.insecure_channel(platform.analytics_grpc) as channel:
         yield customer360_pb2_grpc.Customer360ServiceStub(channel)
+
+
+@pytest.fixture
+async def pipeline(platform: Platform) -> Any:
+    async with grpc.aio.insecure_channel(platform.pipeline_grpc) as channel:
+        yield pipeline_pb2_grpc.PipelineServiceStub(channel)

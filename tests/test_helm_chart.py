@@ -218,7 +218,6 @@ def test_chart_lints_clean(values: list[Path]) -> None:
 
 
 EVERYTHING_ON = [
-    "pipeline.enabled=true",
     "tickets.enabled=true",
     "loyalty.enabled=true",
     "analytics.rebuild.enabled=true",
@@ -316,7 +315,7 @@ def test_processes_read_kafka_mongodb_and_postgresql_from_values(
                 "dbname": "crm_events",
                 "user": "crm_writer",
                 "password": "pg-s3cret",
-                "schema": "contacts",
+                "schema": process.service,
             }
         if process.api:
             ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -392,6 +391,41 @@ def test_relay_and_projector_stay_single_replica_even_when_asked_for_more() -> N
     apis = {f"{FULLNAME}-{p.name}" for p in SERVICE_PROCESSES if p.api}
     assert hpa_targets == apis
     assert pdb_names == apis
+
+
+def test_the_contacts_follower_is_a_consumer_group_of_any_size() -> None:
+    for replicas in (0, 1, 3):
+        manifests = Manifests(render(sets=[f"contacts.follower.replicas={replicas}"]))
+        spec = manifests.deployment("contacts-follower")["spec"]
+        # Not a single writer: as many members as asked, replaced one by one.
+        assert spec["replicas"] == replicas
+        assert spec["strategy"]["type"] == "RollingUpdate"
+    assert "contacts.follower.replicas" in render_fails(["contacts.follower.replicas=-1"])
+    manifests = Manifests(render([PROD_VALUES]))
+    assert manifests.deployment("contacts-follower")["spec"]["replicas"] == 2
+    # It writes to the contacts event store and reads Kafka, like the contacts API.
+    egress = manifests.get("NetworkPolicy", f"{FULLNAME}-contacts-egress")["spec"]
+    (selector,) = egress["podSelector"]["matchExpressions"]
+    assert "contacts-follower" in selector["values"]
+
+
+def test_the_pipeline_api_reaches_the_contacts_service_and_scales(
+    default: Manifests, prod: Manifests, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = default.container_env(default.container("pipeline-api"))
+    settings = settings_seen_by(env, "pipeline", monkeypatch)
+    host, port = settings.grpc_target("contacts").rsplit(":", 1)
+    service = default.get("Service", f"{FULLNAME}-contacts")
+    assert host == f"{service['metadata']['name']}.{NAMESPACE}.svc"
+    assert int(port) in {p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"}
+    # The Service selects the contacts API pods.
+    labels = default.deployment("contacts-api")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    # The pipeline API is an API like the others: autoscaled in values-prod.yaml.
+    hpa = prod.get("HorizontalPodAutoscaler", f"{FULLNAME}-pipeline-api")["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 6)
+    assert "replicas" not in prod.deployment("pipeline-api")["spec"]
+    assert prod.deployment("pipeline-relay")["spec"]["replicas"] == 1
 
 
 def test_the_projector_can_be_paused() -> None:
@@ -486,7 +520,11 @@ def test_network_policies_deny_by_default_and_open_only_the_api_ports(
         component = spec["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component")
         for rule in spec.get("ingress", []):
             opened.setdefault(component, set()).update(p["port"] for p in rule["ports"])
-    assert opened == {"contacts-api": {50051, 8081}, "analytics-api": {50055, 8085}}
+    assert opened == {
+        "contacts-api": {50051, 8081},
+        "pipeline-api": {50052, 8082},
+        "analytics-api": {50055, 8085},
+    }
     # Egress: the contacts processes reach PostgreSQL, analytics reaches MongoDB.
     contacts_ports = {
         p["port"] for r in policies[f"{FULLNAME}-contacts-egress"]["egress"] for p in r["ports"]

@@ -62,6 +62,14 @@ class WaitTimedOut(CrmError):
     """A read-your-writes wait did not see the write in time."""
 
 
+class Unavailable(CrmError):
+    """A service this one depends on (another service's API) could not be reached.
+
+    Not a refusal of the caller's input: nothing was written, and the same
+    request may succeed when retried later.
+    """
+
+
 class FieldErrors:
     """Collects field errors while validating a whole request."""
 

@@ -34,6 +34,7 @@ from crm_common.errors import (
     CrmError,
     NotFound,
     RuleViolated,
+    Unavailable,
     ValidationFailed,
     VersionConflict,
     WaitTimedOut,
@@ -63,6 +64,7 @@ _GRPC_CODES: list[tuple[type[CrmError], grpc.StatusCode, int]] = [
     (VersionConflict, grpc.StatusCode.ABORTED, code_pb2.ABORTED),
     (RuleViolated, grpc.StatusCode.FAILED_PRECONDITION, code_pb2.FAILED_PRECONDITION),
     (WaitTimedOut, grpc.StatusCode.DEADLINE_EXCEEDED, code_pb2.DEADLINE_EXCEEDED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE),
 ]
 
 _HTTP_STATUS: list[tuple[type[CrmError], int]] = [
@@ -71,6 +73,7 @@ _HTTP_STATUS: list[tuple[type[CrmError], int]] = [
     (VersionConflict, 409),
     (RuleViolated, 409),
     (WaitTimedOut, 504),
+    (Unavailable, 503),
 ]
 
 

@@ -60,7 +60,7 @@ class ServiceProcess:
     command: tuple[str, ...]
     service: str
     #: API processes are ready when gRPC health says SERVING and GET /healthz is 200;
-    #: the others (relays, projectors) when they are still alive after a second.
+    #: the others (relays, followers, projectors) when they are still alive after a second.
     api: bool
 
     def argv(self) -> list[str]:
@@ -72,6 +72,9 @@ class ServiceProcess:
 SERVICE_PROCESSES: tuple[ServiceProcess, ...] = (
     ServiceProcess("contacts-api", ("crm-contacts", "serve"), "contacts", api=True),
     ServiceProcess("contacts-relay", ("crm-contacts", "relay"), "contacts", api=False),
+    ServiceProcess("contacts-follower", ("crm-contacts", "follow"), "contacts", api=False),
+    ServiceProcess("pipeline-api", ("crm-pipeline", "serve"), "pipeline", api=True),
+    ServiceProcess("pipeline-relay", ("crm-pipeline", "relay"), "pipeline", api=False),
     ServiceProcess("analytics-api", ("crm-analytics", "serve"), "analytics", api=True),
     ServiceProcess("analytics-projector", ("crm-analytics", "project"), "analytics", api=False),
 )

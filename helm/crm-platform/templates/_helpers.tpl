@@ -105,6 +105,7 @@ The processes of the enabled services, as YAML {processes: [...]}; each has
 service, role, name (the component), command (the console script's
 subcommand), api (serves gRPC + REST), singleWriter (at most one replica:
 the relays and the projector), writeService (has an event store).
+The contacts follower is a consumer-group member: not a single writer.
 */}}
 {{- define "crm.processes" -}}
 processes:
@@ -112,6 +113,9 @@ processes:
 {{- if (index $.Values $svc).enabled }}
   - {service: {{ $svc }}, role: api, name: {{ $svc }}-api, command: serve, api: true, singleWriter: false, writeService: true}
   - {service: {{ $svc }}, role: relay, name: {{ $svc }}-relay, command: relay, api: false, singleWriter: true, writeService: true}
+{{- if eq $svc "contacts" }}
+  - {service: contacts, role: follower, name: contacts-follower, command: follow, api: false, singleWriter: false, writeService: true}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- if .Values.analytics.enabled }}

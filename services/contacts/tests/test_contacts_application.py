@@ -307,6 +307,44 @@ async def test_a_retried_request_id_returns_the_first_outcome_and_writes_nothing
     assert [e.field for e in reused.value.errors] == ["request_id"]
 
 
+async def test_a_won_deal_makes_a_customer_once_and_leaves_an_advocate_alone(
+    service: ContactsService,
+) -> None:
+    ada = await create(service, replace(ADA, lifecycle_stage="opportunity"))
+    acme = (await service.create_company(ctx("CreateCompany"), NewCompany(name="Acme"))).outcome
+    fan = (
+        await service.create_company(
+            ctx("CreateCompany"), NewCompany(name="Fans", lifecycle_stage="advocate")
+        )
+    ).outcome
+    for contact_id in (ada, acme.id):
+        won = await service.become_customer(
+            ctx("BecomeCustomer", request_id=f"won-1:{contact_id}"), contact_id
+        )
+        assert (won.outcome.replayed, won.outcome.extra) == (False, {"promoted": "true"})
+        assert won.contact.profile.lifecycle_stage is LifecycleStage.CUSTOMER
+        assert won.contact.version == 2
+    # Its search entry follows.
+    found = await service.list_contacts(ContactQuery(query="Ada"))
+    assert [c.profile.lifecycle_stage for c in found.contacts] == [LifecycleStage.CUSTOMER]
+
+    length = log_length(service.app)
+    again = await service.become_customer(ctx("BecomeCustomer", request_id=f"won-1:{ada}"), ada)
+    assert (again.outcome.replayed, again.outcome.version) == (True, 2)
+    assert again.outcome.extra == {"promoted": "true"}
+    # A second deal won: already a customer, nothing recorded but the receipt.
+    second = await service.become_customer(ctx("BecomeCustomer", request_id=f"won-2:{ada}"), ada)
+    assert (second.outcome.version, second.outcome.extra) == (2, {"promoted": "false"})
+    advocate = await service.become_customer(ctx("BecomeCustomer"), fan.id)
+    assert advocate.contact.profile.lifecycle_stage is LifecycleStage.ADVOCATE
+    assert advocate.contact.version == 1
+    assert log_length(service.app) == length + 1  # the second request's receipt
+
+    with pytest.raises(NotFound):
+        await service.become_customer(ctx("BecomeCustomer"), "9c1f0b1e-0000-4000-8000-000000000000")
+    assert log_length(service.app) == length + 1
+
+
 async def test_concurrent_retries_of_one_request_write_once(service: ContactsService) -> None:
     results = await asyncio.gather(
         *(service.create_person(ctx("CreatePerson", request_id="burst"), ADA) for _ in range(8))

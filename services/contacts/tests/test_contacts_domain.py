@@ -395,6 +395,39 @@ def test_a_lifecycle_move_the_funnel_does_not_allow_is_refused(start: str, wante
         assert pending(contact) == []
 
 
+@pytest.mark.parametrize(
+    ("start", "after"),
+    [
+        ("subscriber", "customer"),
+        ("lead", "customer"),
+        ("opportunity", "customer"),
+        ("churned", "customer"),
+        ("lost", "customer"),
+        ("customer", "customer"),
+        ("advocate", "advocate"),
+    ],
+)
+def test_a_won_deal_makes_a_customer_and_never_moves_a_contact_back(start: str, after: str) -> None:
+    acme = Company.register(
+        validation.new_company_profile(NewCompany(name="Acme", lifecycle_stage=start))
+    )
+    acme.collect_events()
+    for contact in (person(lifecycle_stage=start), acme):
+        assert contact.become_customer() is (start != after)
+        assert contact.profile.lifecycle_stage == after
+        recorded: list[Any] = contact.collect_events()
+        if start == after:
+            assert recorded == []
+        else:
+            (event,) = recorded
+            assert type(event).__name__.endswith("ProfileUpdated")
+            assert event.changed_fields == ["lifecycle_stage"]
+            assert event.profile["lifecycle_stage"] == "customer"
+        # Winning a second deal changes nothing more.
+        assert contact.become_customer() is False
+        assert pending(contact) == []
+
+
 def test_a_profile_change_records_what_changed_and_nothing_when_nothing_did() -> None:
     ada = person(tags=["VIP", "board  member"])
     assert ada.profile.tags == ("board member", "vip")

@@ -419,6 +419,21 @@ class ContactsService:
 
         return await self._write(ctx, decide)
 
+    async def become_customer(self, ctx: CommandContext, contact_id: str) -> ContactWrite:
+        """A deal of the contact was won: makes it a customer unless it is one already.
+
+        Never refused by the lifecycle rule: a customer or advocate is left as
+        it is (no event). `outcome.extra["promoted"]` says whether the stage
+        changed ("true") or not ("false"), for replays too.
+        """
+
+        def decide(uow: UnitOfWork) -> tuple[Contact, dict[str, str]]:
+            contact = uow.get(contact_id, Contact)
+            promoted = contact.become_customer()
+            return contact, {"promoted": "true" if promoted else "false"}
+
+        return await self._write(ctx, decide)
+
     async def get_contact(self, contact_id: str) -> ContactView:
         return await asyncio.to_thread(self.load, contact_id)
 

@@ -48,6 +48,8 @@ CAN_CHURN = frozenset({LifecycleStage.CUSTOMER, LifecycleStage.ADVOCATE})
 CAN_BE_LOST = frozenset(
     {LifecycleStage.SUBSCRIBER, LifecycleStage.LEAD, LifecycleStage.OPPORTUNITY}
 )
+# Who a won deal leaves as they are: already a customer, or further along.
+CUSTOMER_ALREADY = frozenset({LifecycleStage.CUSTOMER, LifecycleStage.ADVOCATE})
 
 
 def check_stage_change(current: LifecycleStage, wanted: LifecycleStage) -> None:
@@ -366,6 +368,22 @@ class Contact(Aggregate):
         self, channel: Channel, address: str, status: ConsentStatus, source: str, at: datetime
     ) -> None:
         raise ValidationFailed.of("address", f"a {self.KIND} has no {channel} identities")
+
+    def become_customer(self) -> bool:
+        """A deal of this contact was won: it is a customer from now on.
+
+        A customer or advocate stays as it is (nothing is recorded), so a won
+        deal never moves a contact back in the funnel; any other stage,
+        churned and lost included, moves forward to customer. Returns whether
+        the stage changed.
+        """
+        profile: PersonProfile | CompanyProfile = self.profile  # type: ignore[attr-defined]
+        if profile.lifecycle_stage in CUSTOMER_ALREADY:
+            return False
+        changed: list[str] = self.change_profile(  # type: ignore[attr-defined]
+            replace(profile, lifecycle_stage=LifecycleStage.CUSTOMER)
+        )
+        return bool(changed)
 
     def recent_interactions(self, limit: int) -> list[Interaction]:
         """Newest first by occurrence; equal times in the order they were logged."""

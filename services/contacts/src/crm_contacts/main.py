@@ -1,10 +1,11 @@
-"""`crm-contacts serve|relay`: the contacts service's processes."""
+"""`crm-contacts serve|relay|follow`: the contacts service's processes."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import signal
 
 from crm_common.logs import setup_logging
 from crm_common.relay import run_relay
@@ -13,6 +14,7 @@ from crm_common.settings import Settings
 from crm_common.telemetry import setup_telemetry, shutdown_telemetry
 from crm_contacts.application import ContactsService, create_application
 from crm_contacts.events_out import PROTO_MESSAGE, to_wire
+from crm_contacts.follower import OpportunityFollower
 from crm_contacts.grpc_api import grpc_service
 from crm_contacts.rest_api import create_app
 
@@ -44,11 +46,41 @@ async def run_relay_process(settings: Settings) -> None:
     )
 
 
+async def run_follow(settings: Settings) -> None:
+    """Follows the pipeline's won deals until SIGTERM/SIGINT; then finishes the batch."""
+    service = ContactsService(create_application(settings))
+    follower = OpportunityFollower(service, bootstrap=settings.kafka_bootstrap)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await follower.run(stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        service.close()
+        stats = follower.stats
+        log.info(
+            "follower %s stopped: %d records, %d contacts made customers, %d already were, "
+            "%d replayed, %d passed over",
+            follower.group_id,
+            stats.records,
+            stats.promoted,
+            stats.unchanged,
+            stats.replayed,
+            stats.skipped,
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="crm-contacts", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="gRPC and REST API of people and companies")
     commands.add_parser("relay", help="publish the event log to crm.contacts.events")
+    commands.add_parser(
+        "follow", help="make the contacts of won deals customers (from crm.pipeline.events)"
+    )
     args = parser.parse_args(argv)
 
     setup_logging(SERVICE)
@@ -57,8 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "serve":
             asyncio.run(run_serve(settings))
-        else:
+        elif args.command == "relay":
             asyncio.run(run_relay_process(settings))
+        else:
+            asyncio.run(run_follow(settings))
     finally:
         shutdown_telemetry()
 

@@ -18,14 +18,14 @@ from grpc_status import rpc_status
 
 from crm.contacts.v1 import contacts_pb2 as pb
 from crm.contacts.v1 import contacts_pb2_grpc
-from crm_common.errors import CrmError, FieldError, NotFound, RuleViolated, ValidationFailed
+from crm_common.errors import FieldError, NotFound, RuleViolated, Unavailable, ValidationFailed
 from crm_pipeline.application import CompanyToRegister, PersonToRegister
 
 CLIENT = "crm-pipeline"
 KINDS = {"person": pb.CONTACT_KIND_PERSON, "company": pb.CONTACT_KIND_COMPANY}
 
 
-class ContactsUnavailable(CrmError):
+class ContactsUnavailable(Unavailable):
     """The contacts service did not answer; nothing was converted."""
 
 
