@@ -6,6 +6,8 @@ needs to hand back the position of its first outcome.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -54,10 +56,9 @@ class PositionedPostgresApplicationRecorder(PostgresApplicationRecorder):
         return None if row is None else int(row["notification_id"])
 
 
-def ensure_postgres_schema(settings: Settings) -> None:
-    """The library creates tables but not schemas; each service has its own."""
+def _conninfo(settings: Settings) -> str:
     pg = settings.postgres
-    conninfo = psycopg.conninfo.make_conninfo(
+    return psycopg.conninfo.make_conninfo(
         host=pg["host"],
         port=pg["port"],
         dbname=pg["dbname"],
@@ -65,8 +66,34 @@ def ensure_postgres_schema(settings: Settings) -> None:
         password=pg["password"] or None,
         connect_timeout=10,
     )
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(pg["schema"])))
+
+
+def ensure_postgres_schema(settings: Settings) -> None:
+    """The library creates tables but not schemas; each service has its own."""
+    with psycopg.connect(_conninfo(settings), autocommit=True) as conn:
+        conn.execute(
+            SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(settings.postgres["schema"]))
+        )
+
+
+@contextmanager
+def creating_tables(settings: Settings) -> Iterator[None]:
+    """Holds the service schema's advisory lock while an application or a
+    recorder is constructed (which creates its tables if missing).
+
+    PostgreSQL's `CREATE TABLE IF NOT EXISTS` is not safe against itself:
+    replicas starting together on a fresh schema fail with a duplicate
+    `pg_type` key. With the lock the first creates, the others find the
+    tables. SQLite serialises this itself."""
+    if settings.event_store != "postgres":
+        yield
+        return
+    with psycopg.connect(_conninfo(settings), autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (settings.postgres["schema"],))
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (settings.postgres["schema"],))
 
 
 def application_env(settings: Settings, **extra: str) -> dict[str, str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +35,8 @@ from eventsourcing.utils import Environment
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from crm_common.eventstore import application_env
+from crm_common.eventstore import application_env, creating_tables
+from crm_common.lifecycle import stop_on_signals
 from crm_common.settings import Settings, topic_of
 from crm_common.telemetry import context_from_traceparent, kafka_headers_with_context
 
@@ -228,7 +228,8 @@ def build_relay(
     factory = InfrastructureFactory.construct(
         Environment(name=f"{settings.service}_relay", env=env)
     )
-    tracking = factory.tracking_recorder()
+    with creating_tables(settings):
+        tracking = factory.tracking_recorder()
     recorder = app.recorder
     assert isinstance(recorder, ApplicationRecorder)
     relay = Relay(
@@ -254,12 +255,9 @@ async def run_relay(
     relay, app = build_relay(
         settings, to_wire=to_wire, app_factory=app_factory, proto_message=proto_message
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await relay.run(stop)
+        with stop_on_signals() as stop:
+            await relay.run(stop)
     finally:
         app.close()
         log.info("relay %s stopped at position %d", relay.topic, relay.position)

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from contacts_support import Clock, log_length
+from contacts_support import Clock, log_length, postgres_settings
 
 from crm_common.commands import CommandContext
 from crm_common.errors import NotFound, RuleViolated, ValidationFailed, VersionConflict
 from crm_common.settings import Settings
-from crm_contacts.application import ContactsService, create_application
+from crm_contacts.application import ContactsApplication, ContactsService, create_application
 from crm_contacts.domain import ConsentStatus, ContactKind, LifecycleStage, PersonProfile
 from crm_contacts.inputs import (
     ChannelInput,
@@ -494,3 +496,24 @@ async def test_a_second_replica_finds_what_the_first_one_wrote(
     finally:
         one.close()
         two.close()
+
+
+@pytest.mark.postgres
+def test_replicas_starting_together_on_a_fresh_schema_all_come_up(postgres_schema: str) -> None:
+    """Eight processes' worth of applications created at once on an empty
+    schema (replicas rolled out together): each one comes up and they share
+    one store."""
+    settings = postgres_settings(postgres_schema)
+    barrier = threading.Barrier(8)
+
+    def start() -> ContactsApplication:
+        barrier.wait()
+        return create_application(settings)
+
+    with ThreadPoolExecutor(8) as pool:
+        apps = list(pool.map(lambda _: start(), range(8)))
+    try:
+        assert len({app.recorder.max_notification_id() for app in apps}) == 1
+    finally:
+        for app in apps:
+            app.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 import time
 
@@ -14,6 +13,7 @@ from crm_analytics.grpc_api import Customer360Servicer
 from crm_analytics.query import Customer360Queries
 from crm_analytics.rest_api import create_app
 from crm_analytics.store import PROJECTION, TOPICS, Customer360Store, connect
+from crm_common.lifecycle import stop_on_signals
 from crm_common.logs import setup_logging
 from crm_common.projection import ProjectionConsumer
 from crm_common.server import GrpcService, serve
@@ -57,12 +57,9 @@ async def run_project(settings: Settings) -> None:
     try:
         store = Customer360Store(client[settings.mongo_db])
         await asyncio.to_thread(store.ensure_indexes)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         consumer = projection(settings, store)
-        await consumer.run(stop)
+        with stop_on_signals() as stop:
+            await consumer.run(stop)
         log.info(
             "projection %s stopped after %d records: %s",
             PROJECTION,
@@ -80,11 +77,8 @@ async def run_rebuild(settings: Settings) -> int:
         started = time.perf_counter()
         await asyncio.to_thread(store.drop)
         await asyncio.to_thread(store.ensure_indexes)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        result = await projection(settings, store).run_until_caught_up(stop)
+        with stop_on_signals() as stop:
+            result = await projection(settings, store).run_until_caught_up(stop)
         docs = await asyncio.to_thread(store.count)
         seconds = time.perf_counter() - started
         print(

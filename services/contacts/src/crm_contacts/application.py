@@ -26,7 +26,7 @@ from eventsourcing.application import AggregateNotFoundError, Application
 
 from crm_common.commands import CommandBus, CommandContext, UnitOfWork, WriteOutcome
 from crm_common.errors import FieldErrors, NotFound
-from crm_common.eventstore import application_env
+from crm_common.eventstore import application_env, creating_tables
 from crm_common.settings import Settings
 from crm_contacts import validation
 from crm_contacts.domain import (
@@ -70,7 +70,8 @@ class ContactsApplication(Application[UUID]):
 
 def create_application(settings: Settings) -> ContactsApplication:
     """The application on the configured event store (SQLite or PostgreSQL)."""
-    return ContactsApplication(env=application_env(settings))
+    with creating_tables(settings):
+        return ContactsApplication(env=application_env(settings))
 
 
 # -- what readers see -----------------------------------------------------------------------

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 
+from crm_common.lifecycle import stop_on_signals
 from crm_common.logs import setup_logging
 from crm_common.relay import run_relay
 from crm_common.server import serve
@@ -50,15 +50,10 @@ async def run_follow(settings: Settings) -> None:
     """Follows the pipeline's won deals until SIGTERM/SIGINT; then finishes the batch."""
     service = ContactsService(create_application(settings))
     follower = OpportunityFollower(service, bootstrap=settings.kafka_bootstrap)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await follower.run(stop)
+        with stop_on_signals() as stop:
+            await follower.run(stop)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
         service.close()
         stats = follower.stats
         log.info(

@@ -40,7 +40,7 @@ from crm_common.commands import (
     WriteOutcome,
 )
 from crm_common.errors import FieldErrors, NotFound, ValidationFailed, VersionConflict
-from crm_common.eventstore import application_env
+from crm_common.eventstore import application_env, creating_tables
 from crm_common.settings import Settings
 from crm_pipeline.domain import (
     SUBJECT_KINDS,
@@ -82,7 +82,8 @@ class PipelineApplication(Application[UUID]):
 
 def create_application(settings: Settings) -> PipelineApplication:
     """The application on the configured event store (SQLite or PostgreSQL)."""
-    return PipelineApplication(env=application_env(settings))
+    with creating_tables(settings):
+        return PipelineApplication(env=application_env(settings))
 
 
 # -- the contacts service, as this service needs it ----------------------------------------
