@@ -66,12 +66,15 @@ def _live_children(run_dir: Path) -> dict[str, PidRecord]:
     return live
 
 
-def banner(endpoints: dict[str, str], seconds: float | None = None) -> str:
+def banner(
+    endpoints: dict[str, str], seconds: float | None = None, *, detached: bool = True
+) -> str:
     width = max(len(k) for k in endpoints) + 2
     lines = [READY_LINE]
     lines += [f"  {name.ljust(width)}{address}" for name, address in endpoints.items()]
     if seconds is not None:
-        lines.append(f"started in {seconds:.1f} s; stop it with: crm-stack down")
+        how = "deploy/crm down" if detached else "Ctrl-C (or deploy/crm down)"
+        lines.append(f"started in {seconds:.1f} s; stop it with {how}")
     return "\n".join(lines)
 
 
@@ -81,6 +84,9 @@ def _setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
+    # While Kafka boots, aiokafka logs every refused metadata request at ERROR;
+    # the stack retries and reports a real failure itself.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
 # -- up ------------------------------------------------------------------------
@@ -137,7 +143,7 @@ def cmd_up(detach: bool, only: str | None) -> int:
     except ProcessFailed as exc:
         print(f"startup failed: {exc}", file=sys.stderr)
         return 1
-    print(banner(endpoints, time.perf_counter() - started), flush=True)
+    print(banner(endpoints, time.perf_counter() - started, detached=False), flush=True)
     supervisor.supervise()
     return 0
 
