@@ -39,7 +39,7 @@ import psycopg
 from psycopg.sql import SQL, Identifier
 
 from bench.baseline import application_layer_creates, bare_save_loop
-from bench.load import Lag, Throughput, closed_loop_creates, open_loop_lag
+from bench.load import Lag, Throughput, closed_loop_creates, open_loop_lag, summarize
 from bench.pipeline import render_pipeline, run_pipeline_bench
 from crm_deploy.servers import ensure_topics
 from crm_deploy.stack import TOPIC_SERVICES, Stack, StackConfig
@@ -61,6 +61,8 @@ class StoreRun:
     single: Throughput | None = None
     sixteen: Throughput | None = None
     lag: Lag | None = None
+    #: Share of one core each process used during the lag run, in percent.
+    lag_cpu: dict[str, float] = field(default_factory=dict)
     idle_rss: dict[str, float] = field(default_factory=dict)
     loaded_rss: dict[str, float] = field(default_factory=dict)
 
@@ -87,6 +89,20 @@ def drop_schema(schema: str) -> None:
 
 def rss_of(stack: Stack, names: list[str]) -> dict[str, float]:
     return {name: (stack.process(name).rss_bytes() or 0) / MIB for name in names}
+
+
+def cpu_seconds(stack: Stack) -> dict[str, float]:
+    """CPU time (user + system) so far of every process of the stack and of
+    the benchmark itself (the load generator)."""
+    result = {"benchmark (load generator)": sum(psutil.Process().cpu_times()[:2])}
+    for process in stack.processes():
+        if process.pid is None:
+            continue
+        try:
+            result[process.name] = sum(psutil.Process(process.pid).cpu_times()[:2])
+        except psutil.Error:
+            continue
+    return result
 
 
 def infra_rss(stack: Stack) -> dict[str, float]:
@@ -150,8 +166,27 @@ async def run_store(stack: Stack, store: str, args: argparse.Namespace, scratch:
         # Let the projection drain the throughput runs before measuring lag.
         await asyncio.sleep(args.drain)
         print(f"[{store}] 360 lag at {args.rate} commands/s for {args.seconds} s", flush=True)
-        result.lag = await open_loop_lag(target, stack.mongo_url, mongo_db, args.rate, args.seconds)
+        cpu_before, lag_started = cpu_seconds(stack), time.perf_counter()
+        result.lag = await open_loop_lag(
+            target,
+            stack.mongo_url,
+            mongo_db,
+            args.rate,
+            args.seconds,
+            bootstrap=stack.kafka_bootstrap,
+            topic=f"{prefix}.contacts.events",
+        )
+        lag_seconds = time.perf_counter() - lag_started
+        cpu_after = cpu_seconds(stack)
+        result.lag_cpu = {
+            name: (cpu_after[name] - before) / lag_seconds * 100
+            for name, before in cpu_before.items()
+            if name in cpu_after
+        }
         print(f"[{store}]   {result.lag.summary()}", flush=True)
+        print(f"[{store}]   CPU % {result.lag_cpu}", flush=True)
+        print(f"[{store}]   to Kafka {summarize(result.lag.to_kafka_ms)}", flush=True)
+        print(f"[{store}]   from Kafka {summarize(result.lag.from_kafka_ms)}", flush=True)
         result.loaded_rss = rss_of(stack, PROCESSES)
     finally:
         stack.stop_services(PROCESSES)
@@ -253,21 +288,48 @@ def render(runs: list[StoreRun], infra: dict[str, float], args: argparse.Namespa
         "Open loop: commands are offered at a fixed rate whatever the replies' pace;",
         "for each, the time from its acknowledgement until the document store's",
         "change stream shows its 360 document at (or past) the returned position.",
+        "The last two columns split each lag at the moment the relay handed the",
+        "event to Kafka (the record's CreateTime, read by a consumer in the",
+        "benchmark, whose fetches add to the load): the relay's share, then Kafka,",
+        "the projector and the document store's.",
         "",
-        "| store | offered, commands/s | achieved | p50 | p95 | p99 | max | not seen |",
-        "|---|---|---|---|---|---|---|---|",
+        "| store | offered, commands/s | achieved | p50 | p95 | p99 | max | not seen "
+        "| ack → Kafka p50 / p99 | Kafka → 360 p50 / p99 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         assert r.lag
         s = r.lag.summary()
+        relay = summarize(r.lag.to_kafka_ms)
+        rest = summarize(r.lag.from_kafka_ms)
         lines.append(
             f"| {r.store} | {r.lag.offered_per_second:.0f} | "
             f"{r.lag.commands / r.lag.seconds:.0f} | {s['p50']:.0f} ms | {s['p95']:.0f} ms | "
-            f"**{s['p99']:.0f} ms** | {s['max']:.0f} ms | {r.lag.unseen} |"
+            f"**{s['p99']:.0f} ms** | {s['max']:.0f} ms | {r.lag.unseen} | "
+            f"{relay['p50']:.0f} / {relay['p99']:.0f} ms | "
+            f"{rest['p50']:.0f} / {rest['p99']:.0f} ms |"
         )
     lines += [
         "",
         "Target: p99 under 500 ms at 200 commands/s.",
+        "",
+        f"CPU used during the lag run, in percent of one core (the machine has "
+        f"{psutil.cpu_count()}; the run includes the time waiting for the last documents):",
+        "",
+        "| process | " + " | ".join(r.store for r in runs) + " |",
+        "|---|" + "---|" * len(runs),
+    ]
+    names = sorted(
+        {n for r in runs for n in r.lag_cpu}, key=lambda n: -max(r.lag_cpu.get(n, 0) for r in runs)
+    )
+    for name in names:
+        lines.append(
+            f"| {name} | " + " | ".join(f"{r.lag_cpu.get(name, 0.0):.0f}" for r in runs) + " |"
+        )
+    lines.append(
+        "| **all** | " + " | ".join(f"**{sum(r.lag_cpu.values()):.0f}**" for r in runs) + " |"
+    )
+    lines += [
         "",
         "## Memory (RSS)",
         "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import statistics
 import threading
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import pymongo
+from aiokafka import AIOKafkaConsumer
 
 from crm.contacts.v1 import contacts_pb2, contacts_pb2_grpc
 
@@ -95,15 +97,71 @@ class Lag:
     seconds: float
     lags_ms: list[float]
     unseen: int
+    #: Of each lag: acknowledgement -> the relay hands the event to Kafka (the
+    #: record's CreateTime), and from there -> visible in the 360 view.
+    to_kafka_ms: list[float] = field(default_factory=list)
+    from_kafka_ms: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, float]:
-        return {
-            "p50": percentile(self.lags_ms, 50),
-            "p95": percentile(self.lags_ms, 95),
-            "p99": percentile(self.lags_ms, 99),
-            "max": max(self.lags_ms) if self.lags_ms else float("nan"),
-            "mean": statistics.fmean(self.lags_ms) if self.lags_ms else float("nan"),
-        }
+        return summarize(self.lags_ms)
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    return {
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "p99": percentile(values, 99),
+        "max": max(values) if values else float("nan"),
+        "mean": statistics.fmean(values) if values else float("nan"),
+    }
+
+
+class RecordTimes:
+    """The CreateTime of each event on the topic, by log position (the
+    `crm_position` header), read from the topic's end onwards."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.created_ms: dict[int, int] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            self.topic,
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="latest",
+        )
+        await self._consumer.start()
+        deadline = time.monotonic() + 30
+        while not self._consumer.assignment():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no partitions of {self.topic} assigned")
+            await asyncio.sleep(0.05)
+        for tp in self._consumer.assignment():
+            await self._consumer.position(tp)  # fixes the start at the end
+        self._task = asyncio.create_task(self._follow())
+
+    async def _follow(self) -> None:
+        assert self._consumer
+        while True:
+            fetched = await self._consumer.getmany(timeout_ms=200)
+            for records in fetched.values():
+                for r in records:
+                    position = dict(r.headers).get("crm_position")
+                    if position is not None:
+                        self.created_ms.setdefault(int(position), r.timestamp)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer:
+            await self._consumer.stop()
 
 
 class ChangeWatcher:
@@ -162,6 +220,8 @@ async def open_loop_lag(
     rate: float,
     seconds: float,
     *,
+    bootstrap: str,
+    topic: str,
     settle_timeout: float = 30.0,
 ) -> Lag:
     """Offers `rate` create commands per second whatever the answers' pace,
@@ -172,11 +232,17 @@ async def open_loop_lag(
     await stub.CreatePerson(create_person_request())
     watcher = ChangeWatcher(mongo_url, mongo_db)
     await asyncio.to_thread(watcher.start)
+    records = RecordTimes(bootstrap, topic)
+    await records.start()
     acked: list[tuple[str, int, float]] = []
+    # perf_counter for the lag itself; the wall clock to compare with the
+    # records' CreateTime (milliseconds since the epoch).
+    acked_wall: dict[int, float] = {}
 
     async def one(request: contacts_pb2.CreatePersonRequest) -> None:
         response = await stub.CreatePerson(request)
         acked.append((response.result.id, response.result.position, time.perf_counter()))
+        acked_wall[response.result.position] = time.time()
 
     interval = 1.0 / rate
     total = int(rate * seconds)
@@ -195,15 +261,23 @@ async def open_loop_lag(
             break
         await asyncio.sleep(0.2)
     await asyncio.to_thread(watcher.stop)
+    await records.stop()
     await channel.close()
     if watcher.error is not None:
         raise RuntimeError(f"the change stream failed: {watcher.error!r}") from watcher.error
     lags = []
+    to_kafka, from_kafka = [], []
     unseen = 0
     for ident, position, acked_at in acked:
         seen_at = watcher.first_seen(ident, position)
         if seen_at is None:
             unseen += 1
-        else:
-            lags.append(max(0.0, seen_at - acked_at) * 1000)
-    return Lag(rate, total, elapsed, lags, unseen)
+            continue
+        lag = max(0.0, seen_at - acked_at) * 1000
+        lags.append(lag)
+        created_ms = records.created_ms.get(position)
+        if created_ms is not None:
+            relay_ms = min(lag, max(0.0, created_ms - acked_wall[position] * 1000))
+            to_kafka.append(relay_ms)
+            from_kafka.append(lag - relay_ms)
+    return Lag(rate, total, elapsed, lags, unseen, to_kafka, from_kafka)
