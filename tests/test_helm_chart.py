@@ -353,8 +353,8 @@ def test_tracing_is_configured_only_when_an_endpoint_is_given(
 # -- probes and scaling -----------------------------------------------------------------
 
 
-def test_api_pods_are_probed_over_grpc_health_and_workers_have_no_port(
-    default: Manifests,
+def test_api_pods_are_probed_over_grpc_health_and_workers_over_their_heartbeat(
+    default: Manifests, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for process in SERVICE_PROCESSES:
         container = default.container(process.name)
@@ -363,9 +363,34 @@ def test_api_pods_are_probed_over_grpc_health_and_workers_have_no_port(
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 assert container[probe]["grpc"]["port"] == grpc_port, (process.name, probe)
             assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "/bin/sleep"
+            assert "CRM_HEALTH_PORT" not in default.container_env(container)
         else:
-            assert "ports" not in container, process.name
-            assert not {"startupProbe", "readinessProbe", "livenessProbe"} & set(container)
+            # The worker serves GET /healthz where the probes look for it.
+            settings = settings_seen_by(
+                default.container_env(container), process.service, monkeypatch
+            )
+            assert container["ports"] == [
+                {"name": "health", "containerPort": settings.health_port, "protocol": "TCP"}
+            ], process.name
+            assert settings.health_stale_after == 120
+            for probe in ("startupProbe", "livenessProbe"):
+                assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+            # A worker takes no traffic: nothing to be ready for.
+            assert "readinessProbe" not in container
+            assert "lifecycle" not in container
+
+
+def test_the_worker_health_port_and_stale_limit_are_values() -> None:
+    manifests = Manifests(
+        render(sets=["global.workerHealth.port=9100", "global.workerHealth.staleAfterSeconds=300"])
+    )
+    container = manifests.container("contacts-relay")
+    env = manifests.container_env(container)
+    assert (env["CRM_HEALTH_PORT"], env["CRM_HEALTH_STALE_SECONDS"]) == ("9100", "300")
+    assert container["ports"][0]["containerPort"] == 9100
+    assert "global.workerHealth.staleAfterSeconds" in render_fails(
+        ["global.workerHealth.staleAfterSeconds=0"]
+    )
 
 
 def test_relay_and_projector_stay_single_replica_even_when_asked_for_more() -> None:

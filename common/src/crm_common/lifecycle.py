@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
+
+from crm_common.health import Details, Heartbeat, serve_health
+from crm_common.settings import Settings
+
+T = TypeVar("T")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -27,3 +33,20 @@ def stop_on_signals() -> Iterator[asyncio.Event]:
     finally:
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
+
+
+async def run_worker(
+    settings: Settings,
+    heartbeat: Heartbeat,
+    work: Callable[[asyncio.Event], Awaitable[T]],
+    *,
+    details: Details | None = None,
+) -> T:
+    """Runs a worker's loop until SIGTERM or SIGINT, serving its `GET /healthz`
+    on `settings.health_port` (when set) meanwhile."""
+    heartbeat.stale_after = settings.health_stale_after
+    async with serve_health(
+        heartbeat, host=settings.bind_host, port=settings.health_port, details=details
+    ):
+        with stop_on_signals() as stop:
+            return await work(stop)

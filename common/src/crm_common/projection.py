@@ -49,6 +49,7 @@ from pymongo.client_session import ClientSession
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
+from crm_common.health import Heartbeat
 from crm_common.telemetry import context_from_kafka_headers
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,7 @@ class ProjectionConsumer:
         poll_timeout_ms: int = 200,
         lag_log_interval: float = 10.0,
         retry_backoff: float = 0.5,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.projection = projection
         self.topics = list(topics)
@@ -221,6 +223,7 @@ class ProjectionConsumer:
         self.lag_log_interval = lag_log_interval
         self.retry_backoff = retry_backoff
         self.stats = ProjectionStats()
+        self.heartbeat = heartbeat or Heartbeat(f"{projection} projection")
         # What this projector last saw committed; every commit checks it is unchanged.
         self._committed: dict[TopicPartition, int] = {}
         self._reported_records = -1
@@ -235,6 +238,16 @@ class ProjectionConsumer:
         """Deletes the stored offsets; the next run starts from the beginning."""
         return reset_offsets(self.database, self.projection)
 
+    def health_details(self) -> dict[str, Any]:
+        """What `GET /healthz` reports besides the heartbeat."""
+        return {
+            "projection": self.projection,
+            "records": self.stats.records,
+            "batches": self.stats.batches,
+            # As of the last report (every lag_log_interval seconds).
+            "lag": self.stats.total_lag,
+        }
+
     # -- running ----------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -245,6 +258,7 @@ class ProjectionConsumer:
                 await self._consume(stop, until_end=False)
                 backoff = self.retry_backoff
             except (KafkaError, PyMongoError) as error:
+                self.heartbeat.failed(error)
                 log.warning(
                     "projection %s: %r; starting again from the stored offsets in %.1f s",
                     self.projection,
@@ -296,6 +310,7 @@ class ProjectionConsumer:
                 missing = [t for t in self.topics if t not in described]
                 if not missing or not wait or stop.is_set():
                     break
+                self.heartbeat.beat()
                 log.info("projection %s waits for topics %s", self.projection, missing)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)
@@ -333,6 +348,8 @@ class ProjectionConsumer:
             stored = await asyncio.to_thread(self.stored_offsets)
             self._committed = {tp: o for tp, o in stored.items() if tp in partitions}
             await self._seek_to_committed(consumer, partitions)
+            if self.heartbeat.last_error is not None:
+                self.heartbeat.recovered()  # Kafka and the document store answer again
             ends = await consumer.end_offsets(partitions) if until_end else {}
             log.info(
                 "projection %s starts at %s%s",
@@ -392,6 +409,7 @@ class ProjectionConsumer:
         # (transaction markers at the tail): done, though not stored as such.
         passed: set[TopicPartition] = set()
         while not stop.is_set():
+            self.heartbeat.beat()
             if ends is not None and all(
                 tp in passed or self._committed.get(tp, 0) >= end for tp, end in ends.items()
             ):
@@ -404,8 +422,11 @@ class ProjectionConsumer:
                 try:
                     await self._commit(batch)
                     backoff = self.retry_backoff
+                    if self.heartbeat.last_error is not None:
+                        self.heartbeat.recovered()
                 except PyMongoError as error:
                     # Nothing of the batch is stored: go back and read it again.
+                    self.heartbeat.failed(error)
                     log.warning(
                         "projection %s: batch not stored (%r); retrying in %.1f s",
                         self.projection,

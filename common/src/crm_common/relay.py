@@ -36,7 +36,8 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from crm_common.eventstore import application_env, creating_tables
-from crm_common.lifecycle import stop_on_signals
+from crm_common.health import Heartbeat
+from crm_common.lifecycle import run_worker
 from crm_common.settings import Settings, topic_of
 from crm_common.telemetry import context_from_traceparent, kafka_headers_with_context
 
@@ -98,6 +99,7 @@ class Relay:
         batch_size: int = 500,
         poll_interval: float = 0.05,
         batch_interval: float = 0.02,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.service = service
         self.recorder = recorder
@@ -118,6 +120,21 @@ class Relay:
         self.tracking_name = f"{self.topic}:relay"
         self.published = 0
         self.position = 0
+        self.heartbeat = heartbeat or Heartbeat(f"{self.topic} relay")
+        self._last_publish: float | None = None
+
+    def health_details(self) -> dict[str, Any]:
+        """What `GET /healthz` reports besides the heartbeat."""
+        return {
+            "topic": self.topic,
+            "position": self.position,
+            "published": self.published,
+            "seconds_since_publish": (
+                None
+                if self._last_publish is None
+                else round(time.monotonic() - self._last_publish, 3)
+            ),
+        }
 
     def recorded_position(self) -> int:
         return self.tracking.max_tracking_id(self.tracking_name) or 0
@@ -181,8 +198,11 @@ class Relay:
             try:
                 await producer.start()
                 backoff = 0.5
+                if self.heartbeat.last_error is not None:
+                    self.heartbeat.recovered()
                 await self._follow(producer, stop)
             except KafkaError as error:
+                self.heartbeat.failed(error)
                 log.warning(
                     "relay %s: Kafka error %r; retrying from %d", self.topic, error, self.position
                 )
@@ -193,6 +213,7 @@ class Relay:
 
     async def _follow(self, producer: AIOKafkaProducer, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            self.heartbeat.beat()
             notifications = list(
                 await asyncio.to_thread(
                     self.recorder.select_notifications,
@@ -214,6 +235,7 @@ class Relay:
             )
             self.position = last
             self.published += len(messages)
+            self._last_publish = time.monotonic()
             if len(notifications) < self.batch_size:
                 rest = self.batch_interval - (time.perf_counter() - started)
                 if rest > 0:
@@ -268,8 +290,7 @@ async def run_relay(
         settings, to_wire=to_wire, app_factory=app_factory, proto_message=proto_message
     )
     try:
-        with stop_on_signals() as stop:
-            await relay.run(stop)
+        await run_worker(settings, relay.heartbeat, relay.run, details=relay.health_details)
     finally:
         app.close()
         log.info("relay %s stopped at position %d", relay.topic, relay.position)

@@ -34,6 +34,11 @@ class Settings:
     kafka_bootstrap: str = "127.0.0.1:9092"
     mongo_url: str = "mongodb://127.0.0.1:27017/?replicaSet=secantus"
     mongo_db: str = "crm"
+    #: Port of a worker's `GET /healthz` (relays, projectors, followers); None:
+    #: not served. The APIs report health on their own ports instead.
+    health_port: int | None = None
+    #: Seconds without a round of a worker's loop after which it reports stale.
+    health_stale_after: float = 120.0
 
     @classmethod
     def from_env(cls, service: str) -> Settings:
@@ -42,6 +47,9 @@ class Settings:
         event_store = _env("CRM_EVENT_STORE", "sqlite").lower()
         if event_store not in ("sqlite", "postgres"):
             raise ValueError(f"CRM_EVENT_STORE must be 'sqlite' or 'postgres', not {event_store!r}")
+        stale_after = float(_env("CRM_HEALTH_STALE_SECONDS", "120"))
+        if stale_after <= 0:
+            raise ValueError(f"CRM_HEALTH_STALE_SECONDS must be positive, not {stale_after}")
         return cls(
             service=service,
             data_dir=Path(_env("CRM_DATA_DIR", "./var")).resolve(),
@@ -60,6 +68,8 @@ class Settings:
             kafka_bootstrap=_env("CRM_KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
             mongo_url=_env("CRM_MONGO_URL", "mongodb://127.0.0.1:27017/?replicaSet=secantus"),
             mongo_db=_env("CRM_MONGO_DB", "crm"),
+            health_port=int(port) if (port := _env("CRM_HEALTH_PORT", "")) else None,
+            health_stale_after=stale_after,
         )
 
     @property

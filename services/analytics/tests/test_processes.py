@@ -159,7 +159,8 @@ async def test_a_projector_killed_mid_stream_resumes_exactly(
     assert killed_at[0] < total, "the first kill should land mid-stream"
 
     ends = await end_offsets(analytics_servers.kafka_bootstrap)
-    projector = start("project", env, log)
+    health_port = free_port()
+    projector = start("project", {**env, "CRM_HEALTH_PORT": str(health_port)}, log)
     processes.append(projector)
     await until(
         lambda: stored_offsets(database, PROJECTION) == ends,
@@ -168,6 +169,14 @@ async def test_a_projector_killed_mid_stream_resumes_exactly(
         projector,
         log,
     )
+    # Its liveness endpoint reports the work it did since it started.
+    async with httpx.AsyncClient() as http:
+        health = await http.get(f"http://127.0.0.1:{health_port}/healthz", timeout=5)
+    assert health.status_code == 200, health.text
+    report = health.json()
+    assert (report["status"], report["projection"]) == ("ok", PROJECTION)
+    assert report["records"] > 0 and report["batches"] > 0
+    assert report["last_error"] is None
     projector.send_signal(signal.SIGTERM)
     assert projector.wait(10) == 0, log.read_text()
     assert documents(database) == deals.expected_documents(published, published_deals)

@@ -133,7 +133,12 @@ async def test_serve_answers_grpc_and_rest_and_keeps_its_data_across_restarts(
 async def test_relay_runs_until_stopped_while_kafka_is_unreachable(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
-    env = environment(tmp_path, CRM_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}")
+    health_port = free_port()
+    env = environment(
+        tmp_path,
+        CRM_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}",
+        CRM_HEALTH_PORT=str(health_port),
+    )
     log = tmp_path / "relay.log"
     relay = start("relay", env, log, processes)
     deadline = time.monotonic() + 60
@@ -141,8 +146,25 @@ async def test_relay_runs_until_stopped_while_kafka_is_unreachable(
         assert relay.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, log.read_text()[-3000:]
         await asyncio.sleep(0.1)
-    # Without a broker it keeps retrying instead of exiting.
-    await asyncio.sleep(1.0)
+    # Without a broker it keeps retrying instead of exiting: alive (a restart
+    # would not bring the broker back), and its health report says why it
+    # publishes nothing.
+    async with httpx.AsyncClient() as http:
+        while True:
+            health = await http.get(f"http://127.0.0.1:{health_port}/healthz", timeout=5)
+            report = health.json()
+            if report["last_error"] is not None:
+                break
+            assert time.monotonic() < deadline, report
+            await asyncio.sleep(0.1)
+    assert health.status_code == 200
+    assert report["status"] == "ok"
+    assert "Kafka" in report["last_error"] or "Connect" in report["last_error"], report
+    assert (report["topic"], report["position"], report["published"]) == (
+        "crm.contacts.events",
+        0,
+        0,
+    )
     assert relay.poll() is None, log.read_text()[-3000:]
     await stop(relay, log)
     assert "relay crm.contacts.events stopped at position 0" in log.read_text()

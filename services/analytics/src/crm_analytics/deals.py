@@ -342,7 +342,7 @@ def apply_pipeline_definition(pipeline: Doc | None, event: events_pb2.PipelineEv
     """
     if not event.aggregate_id:
         raise ValueError("pipeline event without aggregate_id")
-    current = pipeline if pipeline is not None else {"_id": event.aggregate_id, "stages": []}
+    current: Doc = pipeline if pipeline is not None else {"_id": event.aggregate_id, "stages": []}
     if event.position <= int(current.get("position", 0)):
         return Applied(current, applied=False)
     payload = payload_of(event)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import sys
 import time
 
 from crm.customer360.v1 import customer360_pb2_grpc
@@ -13,12 +11,11 @@ from crm_analytics.grpc_api import Customer360Servicer
 from crm_analytics.query import Customer360Queries
 from crm_analytics.rest_api import create_app
 from crm_analytics.store import PROJECTION, TOPICS, Customer360Store, connect
-from crm_common.lifecycle import stop_on_signals
-from crm_common.logs import setup_logging
+from crm_common.cli import Process, run_cli
+from crm_common.lifecycle import run_worker, stop_on_signals
 from crm_common.projection import ProjectionConsumer
 from crm_common.server import GrpcService, serve
 from crm_common.settings import Settings
-from crm_common.telemetry import setup_telemetry, shutdown_telemetry
 
 log = logging.getLogger("crm_analytics")
 
@@ -58,8 +55,9 @@ async def run_project(settings: Settings) -> None:
         store = Customer360Store(client[settings.mongo_db])
         await asyncio.to_thread(store.ensure_indexes)
         consumer = projection(settings, store)
-        with stop_on_signals() as stop:
-            await consumer.run(stop)
+        await run_worker(
+            settings, consumer.heartbeat, consumer.run, details=consumer.health_details
+        )
         log.info(
             "projection %s stopped after %d records: %s",
             PROJECTION,
@@ -91,26 +89,15 @@ async def run_rebuild(settings: Settings) -> int:
         client.close()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="crm-analytics", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="gRPC and REST API of the 360 view")
-    commands.add_parser("project", help="keep the 360 view up to date from the topics")
-    commands.add_parser("rebuild", help="drop the 360 view, rebuild it from the topics, exit")
-    args = parser.parse_args(argv)
+PROCESSES = {
+    "serve": Process("gRPC and REST API of the 360 view", run_serve),
+    "project": Process("keep the 360 view up to date from the topics", run_project),
+    "rebuild": Process("drop the 360 view, rebuild it from the topics, exit", run_rebuild),
+}
 
-    setup_logging("analytics")
-    setup_telemetry("analytics")
-    settings = Settings.from_env("analytics")
-    try:
-        if args.command == "serve":
-            asyncio.run(run_serve(settings))
-        elif args.command == "project":
-            asyncio.run(run_project(settings))
-        else:
-            sys.exit(asyncio.run(run_rebuild(settings)))
-    finally:
-        shutdown_telemetry()
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli("analytics", PROCESSES, description=__doc__, argv=argv)
 
 
 if __name__ == "__main__":

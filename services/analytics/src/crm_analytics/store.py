@@ -227,6 +227,7 @@ class Customer360Store:
                     continue
                 applied += 1
                 if definition:
+                    assert isinstance(event, pipeline_events_pb2.PipelineEvent)
                     pipelines[event.aggregate_id] = result.doc
                     touched_pipelines.add(event.aggregate_id)
                     continue

@@ -30,7 +30,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
@@ -41,6 +41,7 @@ from opentelemetry.trace import SpanKind
 from crm.events.v1 import pipeline_pb2 as events_pb
 from crm_common.commands import CommandContext
 from crm_common.errors import CrmError, NotFound, RuleViolated, ValidationFailed
+from crm_common.health import Heartbeat
 from crm_common.settings import topic_of
 from crm_common.telemetry import context_from_kafka_headers
 from crm_contacts.application import ContactsService
@@ -132,6 +133,7 @@ class OpportunityFollower:
         max_records: int = 200,
         poll_timeout_ms: int = 250,
         retry_backoff: float = 0.5,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.service = service
         self.bootstrap = bootstrap
@@ -142,6 +144,21 @@ class OpportunityFollower:
         self.retry_backoff = retry_backoff
         self.stats = FollowerStats()
         self._backoff = retry_backoff
+        self.heartbeat = heartbeat or Heartbeat(f"{self.group_id} follower")
+
+    def health_details(self) -> dict[str, Any]:
+        """What `GET /healthz` reports besides the heartbeat."""
+        stats = self.stats
+        return {
+            "topic": self.topic,
+            "group_id": self.group_id,
+            "records": stats.records,
+            "promoted": stats.promoted,
+            "unchanged": stats.unchanged,
+            "replayed": stats.replayed,
+            "skipped": stats.skipped,
+            "retries": stats.retries,
+        }
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follows the topic until `stop` is set; starts over after Kafka errors."""
@@ -151,6 +168,7 @@ class OpportunityFollower:
                 await self._consume(stop)
                 backoff = self.retry_backoff
             except KafkaError as error:
+                self.heartbeat.failed(error)
                 log.warning(
                     "follower %s: %r; starting again from the committed offsets in %.1f s",
                     self.group_id,
@@ -178,8 +196,11 @@ class OpportunityFollower:
         consumer = self._new_consumer()
         await consumer.start()
         log.info("follower %s follows %s", self.group_id, self.topic)
+        if self.heartbeat.last_error is not None:
+            self.heartbeat.recovered()
         try:
             while not stop.is_set():
+                self.heartbeat.beat()
                 fetched = await consumer.getmany(
                     timeout_ms=self.poll_timeout_ms, max_records=self.max_records
                 )
@@ -292,7 +313,10 @@ class OpportunityFollower:
                 error,
                 self._backoff,
             )
+            self.heartbeat.failed(f"contact {promotion.contact_id} at {where}: {error!r}")
             raise _Retry from error
+        if self.heartbeat.last_error is not None:
+            self.heartbeat.recovered()
         outcome = written.outcome
         if outcome.replayed:
             self.stats.replayed += 1

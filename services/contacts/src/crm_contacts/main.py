@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 
-from crm_common.lifecycle import stop_on_signals
-from crm_common.logs import setup_logging
+from crm_common.cli import Process, run_cli
+from crm_common.lifecycle import run_worker
 from crm_common.relay import run_relay
 from crm_common.server import serve
 from crm_common.settings import Settings
-from crm_common.telemetry import setup_telemetry, shutdown_telemetry
 from crm_contacts.application import ContactsService, create_application
 from crm_contacts.events_out import PROTO_MESSAGE, to_wire
 from crm_contacts.follower import OpportunityFollower
@@ -51,8 +49,9 @@ async def run_follow(settings: Settings) -> None:
     service = ContactsService(create_application(settings))
     follower = OpportunityFollower(service, bootstrap=settings.kafka_bootstrap)
     try:
-        with stop_on_signals() as stop:
-            await follower.run(stop)
+        await run_worker(
+            settings, follower.heartbeat, follower.run, details=follower.health_details
+        )
     finally:
         service.close()
         stats = follower.stats
@@ -68,28 +67,17 @@ async def run_follow(settings: Settings) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="crm-contacts", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="gRPC and REST API of people and companies")
-    commands.add_parser("relay", help="publish the event log to crm.contacts.events")
-    commands.add_parser(
-        "follow", help="make the contacts of won deals customers (from crm.pipeline.events)"
-    )
-    args = parser.parse_args(argv)
+PROCESSES = {
+    "serve": Process("gRPC and REST API of people and companies", run_serve),
+    "relay": Process("publish the event log to crm.contacts.events", run_relay_process),
+    "follow": Process(
+        "make the contacts of won deals customers (from crm.pipeline.events)", run_follow
+    ),
+}
 
-    setup_logging(SERVICE)
-    setup_telemetry(SERVICE)
-    settings = Settings.from_env(SERVICE)
-    try:
-        if args.command == "serve":
-            asyncio.run(run_serve(settings))
-        elif args.command == "relay":
-            asyncio.run(run_relay_process(settings))
-        else:
-            asyncio.run(run_follow(settings))
-    finally:
-        shutdown_telemetry()
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(SERVICE, PROCESSES, description=__doc__, argv=argv)
 
 
 if __name__ == "__main__":

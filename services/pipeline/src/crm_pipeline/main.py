@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import logging
 
-from crm_common.logs import setup_logging
+from crm_common.cli import Process, run_cli
 from crm_common.relay import run_relay
 from crm_common.server import serve
 from crm_common.settings import Settings
-from crm_common.telemetry import setup_telemetry, shutdown_telemetry
 from crm_pipeline.application import PipelineService, create_application
 from crm_pipeline.contacts_client import GrpcContacts
 from crm_pipeline.events_out import PROTO_MESSAGE, to_wire
@@ -49,23 +47,14 @@ async def run_relay_process(settings: Settings) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="crm-pipeline", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="gRPC and REST API of leads, pipelines and deals")
-    commands.add_parser("relay", help="publish the event log to crm.pipeline.events")
-    args = parser.parse_args(argv)
+PROCESSES = {
+    "serve": Process("gRPC and REST API of leads, pipelines and deals", run_serve),
+    "relay": Process("publish the event log to crm.pipeline.events", run_relay_process),
+}
 
-    setup_logging(SERVICE)
-    setup_telemetry(SERVICE)
-    settings = Settings.from_env(SERVICE)
-    try:
-        if args.command == "serve":
-            asyncio.run(run_serve(settings))
-        else:
-            asyncio.run(run_relay_process(settings))
-    finally:
-        shutdown_telemetry()
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(SERVICE, PROCESSES, description=__doc__, argv=argv)
 
 
 if __name__ == "__main__":
