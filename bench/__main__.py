@@ -331,6 +331,15 @@ def render(runs: list[StoreRun], infra: dict[str, float], args: argparse.Namespa
     )
     lines += [
         "",
+        "Reading the figures: the projector applies whatever has arrived as one",
+        "transaction (documents and offsets together), so under a steady load its",
+        "batches grow until one batch takes as long as the next takes to arrive;",
+        "the lag is then one to two batch durations, and a batch costs the",
+        "document store so much per document as it gets of the cores. The total",
+        "in the CPU table says how close the machine was to saturation: with the",
+        "whole stack and the load generator on two cores, a run near the top",
+        "queues in every process, and the projector's transactions wait longest.",
+        "",
         "## Memory (RSS)",
         "",
         "| process | idle | after the load |",
@@ -383,8 +392,20 @@ async def main_async(args: argparse.Namespace) -> None:
     text = render(runs, infra, args)
     if pipeline_runs:
         text += "\n" + render_pipeline(pipeline_runs)
-    Path(args.out).write_text(text)
+    out = Path(args.out)
     print(text)
+    out.write_text(text + kept_notes(out))
+
+
+#: Everything after this line in the output file is written by people (notes
+#: on earlier runs, findings) and kept when a run rewrites the file.
+NOTES_MARKER = "<!-- Below: notes kept by make bench when it rewrites this file. -->"
+
+
+def kept_notes(out: Path) -> str:
+    previous = out.read_text() if out.exists() else ""
+    _, marker, notes = previous.partition(NOTES_MARKER)
+    return "\n" + NOTES_MARKER + (notes if marker else "\n")
 
 
 def main() -> None:
