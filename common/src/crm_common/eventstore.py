@@ -6,6 +6,7 @@ needs to hand back the position of its first outcome.
 
 from __future__ import annotations
 
+import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -78,22 +79,36 @@ def ensure_postgres_schema(settings: Settings) -> None:
 
 @contextmanager
 def creating_tables(settings: Settings) -> Iterator[None]:
-    """Holds the service schema's advisory lock while an application or a
-    recorder is constructed (which creates its tables if missing).
+    """Serialises the construction of applications and recorders (which open
+    the store and create its tables if missing) among the processes of a
+    service.
 
     PostgreSQL's `CREATE TABLE IF NOT EXISTS` is not safe against itself:
     replicas starting together on a fresh schema fail with a duplicate
-    `pg_type` key. With the lock the first creates, the others find the
-    tables. SQLite serialises this itself."""
-    if settings.event_store != "postgres":
-        yield
+    `pg_type` key; the schema's advisory lock makes the first create and the
+    others find the tables. SQLite: every new connection asks for WAL mode,
+    and switching a new file to WAL takes an exclusive lock that a second
+    process opening the file at that moment does not wait for ("database is
+    locked"); an exclusive `flock` on a file beside the database does the
+    same job for the processes of one machine, which are the only ones that
+    can share a SQLite file."""
+    if settings.event_store == "postgres":
+        with psycopg.connect(_conninfo(settings), autocommit=True) as conn:
+            conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (settings.postgres["schema"],))
+            try:
+                yield
+            finally:
+                conn.execute(
+                    "SELECT pg_advisory_unlock(hashtext(%s))", (settings.postgres["schema"],)
+                )
         return
-    with psycopg.connect(_conninfo(settings), autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (settings.postgres["schema"],))
+    settings.service_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.service_dir / "events.sqlite.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (settings.postgres["schema"],))
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def application_env(settings: Settings, **extra: str) -> dict[str, str]:

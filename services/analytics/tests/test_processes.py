@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import httpx
 import pipeline_events as deals
+import psutil
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import TopicAlreadyExistsError
@@ -84,8 +85,8 @@ def env_for(servers: Any, database: Database[Doc], tmp_path: Path, **extra: str)
         CRM_DATA_DIR=str(tmp_path),
         CRM_TOPIC_PREFIX=TOPIC_PREFIX,
         CRM_LOG_LEVEL="INFO",
-        **extra,
     )
+    env.update(extra)
     return env
 
 
@@ -367,3 +368,74 @@ async def test_the_service_answers_over_grpc_and_http_and_stops_cleanly(
     assert service["projector"].wait(15) == 0
     # A graceful stop: both servers drained, the store closed, exit status 0.
     assert service["server"].wait(15) == 0
+
+
+async def test_a_projector_stuck_on_the_document_store_reports_stale_until_it_moves_again(
+    analytics_servers, database, tmp_path, processes
+):
+    """The liveness probe's view of a hang: with the document store frozen
+    (SIGSTOP: connections stay open, nothing answers), the projector's write
+    never returns, its loop stops going round, and /healthz turns 503 after
+    CRM_HEALTH_STALE_SECONDS; once the store answers again, it is 200 again
+    and nothing was lost."""
+    prefix = f"t{uuid.uuid4().hex[:8]}.crm"
+    for service in ("contacts", "pipeline"):
+        await create_topic(analytics_servers.kafka_bootstrap, f"{prefix}.{service}.events")
+    events = story(seed=31, persons=30, companies=4, steps=120)
+    first, rest = events[:60], events[60:]
+    health_port = free_port()
+    env = env_for(
+        analytics_servers,
+        database,
+        tmp_path,
+        CRM_TOPIC_PREFIX=prefix,
+        CRM_HEALTH_PORT=str(health_port),
+        CRM_HEALTH_STALE_SECONDS="3",
+    )
+    log = tmp_path / "project.log"
+    projector = start("project", env, log)
+    processes.append(projector)
+    await publish(analytics_servers.kafka_bootstrap, f"{prefix}.contacts.events", first)
+    await until(
+        lambda: sum(stored_offsets(database, PROJECTION).values()) == len(first),
+        60,
+        "the first events",
+        projector,
+        log,
+    )
+    url = f"http://127.0.0.1:{health_port}/healthz"
+
+    async def health_until(status: int, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient() as http:
+            while True:
+                reply = await http.get(url, timeout=5)
+                if reply.status_code == status:
+                    return dict(reply.json())
+                assert projector.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, (status, reply.status_code, reply.text)
+                await asyncio.sleep(0.2)
+
+    # Idle but going round: alive, though nothing arrives.
+    await asyncio.sleep(4)
+    assert (await health_until(200, 5))["records"] == len(first)
+
+    store = psutil.Process(analytics_servers.process("secantus").pid)
+    store.suspend()
+    try:
+        await publish(analytics_servers.kafka_bootstrap, f"{prefix}.contacts.events", rest)
+        stale = await health_until(503, 30)
+        assert stale["status"] == "stale" and stale["seconds_since_beat"] >= 3
+    finally:
+        store.resume()
+    fresh = await health_until(200, 60)
+    assert fresh["status"] == "ok"
+    await until(
+        lambda: sum(stored_offsets(database, PROJECTION).values()) == len(events),
+        60,
+        "the rest of the events",
+        projector,
+        log,
+    )
+    projector.send_signal(signal.SIGTERM)
+    assert projector.wait(15) == 0, log.read_text()[-3000:]

@@ -7,6 +7,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -517,3 +518,27 @@ def test_replicas_starting_together_on_a_fresh_schema_all_come_up(postgres_schem
     finally:
         for app in apps:
             app.close()
+
+
+def test_processes_starting_together_on_a_fresh_sqlite_file_all_come_up(tmp_path: Path) -> None:
+    """The local stack starts a service's API, relay and follower at once on a
+    new data directory: each one opens the new SQLite file, which the first
+    switches to WAL mode (an exclusive lock). Eight at once all come up and
+    share one store."""
+    settings = Settings.from_env("contacts")
+    settings = replace(settings, data_dir=tmp_path, event_store="sqlite")
+    for attempt in range(5):
+        settings = replace(settings, data_dir=tmp_path / str(attempt))
+        barrier = threading.Barrier(8)
+
+        def start(settings: Settings = settings, barrier: threading.Barrier = barrier) -> Any:
+            barrier.wait()
+            return create_application(settings)
+
+        with ThreadPoolExecutor(8) as pool:
+            apps = list(pool.map(lambda _: start(), range(8)))
+        try:
+            assert len({app.recorder.max_notification_id() for app in apps}) == 1
+        finally:
+            for app in apps:
+                app.close()
