@@ -499,20 +499,17 @@ async def test_a_second_replica_finds_what_the_first_one_wrote(
         two.close()
 
 
-@pytest.mark.postgres
-def test_replicas_starting_together_on_a_fresh_schema_all_come_up(postgres_schema: str) -> None:
-    """Eight processes' worth of applications created at once on an empty
-    schema (replicas rolled out together): each one comes up and they share
-    one store."""
-    settings = postgres_settings(postgres_schema)
-    barrier = threading.Barrier(8)
+def assert_all_come_up_together(settings: Settings, processes: int = 8) -> None:
+    """`processes` applications created at the same moment on `settings`'
+    store all come up, and they share one store."""
+    barrier = threading.Barrier(processes)
 
-    def start() -> ContactsApplication:
+    def start(_: int) -> ContactsApplication:
         barrier.wait()
         return create_application(settings)
 
-    with ThreadPoolExecutor(8) as pool:
-        apps = list(pool.map(lambda _: start(), range(8)))
+    with ThreadPoolExecutor(processes) as pool:
+        apps = list(pool.map(start, range(processes)))
     try:
         assert len({app.recorder.max_notification_id() for app in apps}) == 1
     finally:
@@ -520,25 +517,17 @@ def test_replicas_starting_together_on_a_fresh_schema_all_come_up(postgres_schem
             app.close()
 
 
+@pytest.mark.postgres
+def test_replicas_starting_together_on_a_fresh_schema_all_come_up(postgres_schema: str) -> None:
+    """Eight processes' worth of applications created at once on an empty
+    schema (replicas rolled out together)."""
+    assert_all_come_up_together(postgres_settings(postgres_schema))
+
+
 def test_processes_starting_together_on_a_fresh_sqlite_file_all_come_up(tmp_path: Path) -> None:
     """The local stack starts a service's API, relay and follower at once on a
     new data directory: each one opens the new SQLite file, which the first
-    switches to WAL mode (an exclusive lock). Eight at once all come up and
-    share one store."""
-    settings = Settings.from_env("contacts")
-    settings = replace(settings, data_dir=tmp_path, event_store="sqlite")
+    switches to WAL mode (an exclusive lock). Tried on five new files."""
+    settings = replace(Settings.from_env("contacts"), event_store="sqlite")
     for attempt in range(5):
-        settings = replace(settings, data_dir=tmp_path / str(attempt))
-        barrier = threading.Barrier(8)
-
-        def start(settings: Settings = settings, barrier: threading.Barrier = barrier) -> Any:
-            barrier.wait()
-            return create_application(settings)
-
-        with ThreadPoolExecutor(8) as pool:
-            apps = list(pool.map(lambda _: start(), range(8)))
-        try:
-            assert len({app.recorder.max_notification_id() for app in apps}) == 1
-        finally:
-            for app in apps:
-                app.close()
+        assert_all_come_up_together(replace(settings, data_dir=tmp_path / str(attempt)))
