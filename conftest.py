@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 
 import pytest
 
 from crm_deploy.stack import Stack, StackConfig
+from crm_deploy.testing import kill_leftovers
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +34,12 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack.stop()
         if not os.environ.get("CRM_KEEP_TEST_DATA"):
             shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """The processes a test starts (`crm_deploy.testing.start_process`); what
+    still runs when the test ends is killed."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    kill_leftovers(started)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -97,16 +97,6 @@ def start(command: str, env: dict[str, str], log: Path) -> subprocess.Popen[byte
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
     )
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
 
 
 async def end_offsets(bootstrap: str) -> dict[TopicPartition, int]:

@@ -9,13 +9,10 @@ against a contacts event store in its temporary directory.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,7 @@ from crm_contacts.follower import OpportunityFollower
 from crm_contacts.inputs import NewCompany, NewPerson, PersonChanges
 from crm_deploy.servers import ensure_topics
 from crm_deploy.stack import Stack
+from crm_deploy.testing import clean_environment, start_process, stop_gracefully
 
 PARTITIONS = 3
 CTX = CommandContext("Test", actor="grace", client="follower-test")
@@ -358,18 +356,6 @@ async def test_a_restarted_follower_resumes_and_a_new_group_writes_nothing_twice
 
 # -- `crm-contacts follow` as a process -------------------------------------------------------
 
-COMMAND = str(Path(sys.executable).with_name("crm-contacts"))
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-
 
 async def test_the_follow_process_makes_customers_and_stops_gracefully(
     tmp_path: Path, local_stack: Stack, processes: list[subprocess.Popen[bytes]]
@@ -381,18 +367,11 @@ async def test_the_follow_process_makes_customers_and_stops_gracefully(
         contacts.close()
     prefix = f"test-{uuid.uuid4().hex[:10]}"
     topic = f"{prefix}.pipeline.events"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CRM_", "POSTGRES_"))}
-    env.update(
-        CRM_DATA_DIR=str(tmp_path),
-        CRM_EVENT_STORE="sqlite",
-        CRM_KAFKA_BOOTSTRAP=local_stack.kafka_bootstrap,
-        CRM_TOPIC_PREFIX=prefix,
+    env = clean_environment(
+        tmp_path, CRM_KAFKA_BOOTSTRAP=local_stack.kafka_bootstrap, CRM_TOPIC_PREFIX=prefix
     )
     log = tmp_path / "follow.log"
-    process = subprocess.Popen(
-        [COMMAND, "follow"], env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT
-    )
-    processes.append(process)
+    process = start_process("contacts", "follow", env, log, processes)
     # The topic appears after the follower started: it waits for it.
     await asyncio.sleep(1.0)
     assert process.poll() is None, log.read_text()[-3000:]
@@ -409,9 +388,7 @@ async def test_the_follow_process_makes_customers_and_stops_gracefully(
         await eventually(customer, "the person became a customer")
     finally:
         reader.close()
-    process.send_signal(signal.SIGTERM)
-    code = await asyncio.to_thread(process.wait, 30)
-    assert code == 0, log.read_text()[-3000:]
+    await stop_gracefully(process, log)
     text = log.read_text()
     assert f"follower {prefix}.contacts-follower follows {topic}" in text
     assert "1 contacts made customers" in text

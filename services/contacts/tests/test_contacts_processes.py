@@ -3,86 +3,34 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import httpx
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from crm.contacts.v1 import contacts_pb2 as c
 from crm.contacts.v1 import contacts_pb2_grpc
 from crm_deploy.process import free_port
+from crm_deploy.testing import clean_environment, start_process, stop_gracefully, wait_serving
 
-COMMAND = str(Path(sys.executable).with_name("crm-contacts"))
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-
-
-def environment(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CRM_", "POSTGRES_"))}
-    env.update(CRM_DATA_DIR=str(tmp_path), CRM_EVENT_STORE="sqlite", **extra)
-    return env
+SERVICE = "contacts"
 
 
 def start(
     command: str, env: dict[str, str], log: Path, started: list[subprocess.Popen[bytes]]
 ) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [COMMAND, command], env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT
-    )
-    started.append(process)
-    return process
-
-
-async def wait_serving(grpc_target: str, http_url: str, process: Any, log: Path) -> None:
-    """The local stack's readiness check: gRPC health SERVING and GET /healthz 200."""
-    deadline = time.monotonic() + 60
-    async with grpc.aio.insecure_channel(grpc_target) as channel, httpx.AsyncClient() as http:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"exited {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                healthz = await http.get(f"{http_url}/healthz", timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING and healthz.is_success:
-                    return
-            except (grpc.aio.AioRpcError, httpx.HTTPError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not ready in time:\n{log.read_text()[-3000:]}")
-            await asyncio.sleep(0.1)
-
-
-async def stop(process: subprocess.Popen[bytes], log: Path) -> int:
-    process.send_signal(signal.SIGTERM)
-    code = await asyncio.to_thread(process.wait, 30)
-    assert code == 0, log.read_text()[-3000:]
-    return code
+    return start_process(SERVICE, command, env, log, started)
 
 
 async def test_serve_answers_grpc_and_rest_and_keeps_its_data_across_restarts(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     grpc_port, http_port = free_port(), free_port()
-    env = environment(
+    env = clean_environment(
         tmp_path,
         CRM_CONTACTS_GRPC_PORT=str(grpc_port),
         CRM_CONTACTS_HTTP_PORT=str(http_port),
@@ -114,7 +62,7 @@ async def test_serve_answers_grpc_and_rest_and_keeps_its_data_across_restarts(
         bad = await http.post("/persons", json={"given_name": ""}, timeout=10)
         assert bad.status_code == 422
         assert [d["field"] for d in bad.json()["detail"]] == ["given_name"]
-    await stop(first, log)
+    await stop_gracefully(first, log)
     assert (tmp_path / "contacts" / "events.sqlite").exists()
 
     second = start("serve", env, log, processes)
@@ -127,14 +75,14 @@ async def test_serve_answers_grpc_and_rest_and_keeps_its_data_across_restarts(
         assert (again.result.id, again.result.replayed) == (created.result.id, True)
         found = await stub.ListContacts(c.ListContactsRequest())
         assert sorted(x.name for x in found.contacts) == ["Ada Lovelace", "Grace Hopper"]
-    await stop(second, log)
+    await stop_gracefully(second, log)
 
 
 async def test_relay_runs_until_stopped_while_kafka_is_unreachable(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     health_port = free_port()
-    env = environment(
+    env = clean_environment(
         tmp_path,
         CRM_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}",
         CRM_HEALTH_PORT=str(health_port),
@@ -166,5 +114,5 @@ async def test_relay_runs_until_stopped_while_kafka_is_unreachable(
         0,
     )
     assert relay.poll() is None, log.read_text()[-3000:]
-    await stop(relay, log)
+    await stop_gracefully(relay, log)
     assert "relay crm.contacts.events stopped at position 0" in log.read_text()

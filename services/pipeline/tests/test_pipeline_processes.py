@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
-import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -26,61 +21,19 @@ from crm.pipeline.v1 import pipeline_pb2_grpc
 from crm_common.commands import CommandContext
 from crm_deploy.process import free_port
 from crm_deploy.stack import TOPIC_PARTITIONS, Stack
+from crm_deploy.testing import clean_environment, start_process, stop_gracefully, wait_serving
 from crm_pipeline.application import NewOpportunity, PipelineService, create_application
 
-COMMAND = str(Path(sys.executable).with_name("crm-pipeline"))
-TOPIC = "crm.pipeline.events"
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-
-
-def environment(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CRM_", "POSTGRES_"))}
-    env.update(CRM_DATA_DIR=str(tmp_path), CRM_EVENT_STORE="sqlite", **extra)
-    return env
+SERVICE = "pipeline"
 
 
 def start(
     command: str, env: dict[str, str], log: Path, started: list[subprocess.Popen[bytes]]
 ) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [COMMAND, command], env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT
-    )
-    started.append(process)
-    return process
+    return start_process(SERVICE, command, env, log, started)
 
 
-async def wait_serving(target: str, base: str, process: Any, log: Path) -> None:
-    deadline = time.monotonic() + 60
-    async with grpc.aio.insecure_channel(target) as channel, httpx.AsyncClient() as http:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"exited {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                healthz = await http.get(f"{base}/healthz", timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING and healthz.is_success:
-                    return
-            except (grpc.aio.AioRpcError, httpx.HTTPError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not ready in time:\n{log.read_text()[-3000:]}")
-            await asyncio.sleep(0.1)
-
-
-async def stop(process: subprocess.Popen[bytes], log: Path) -> None:
-    process.send_signal(signal.SIGTERM)
-    code = await asyncio.to_thread(process.wait, 30)
-    assert code == 0, log.read_text()[-3000:]
+TOPIC = "crm.pipeline.events"
 
 
 def open_request(pipeline_id: str) -> pb.OpenOpportunityRequest:
@@ -99,7 +52,7 @@ async def test_serve_answers_grpc_and_rest_and_keeps_its_deals_across_restarts(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     grpc_port, http_port = free_port(), free_port()
-    env = environment(
+    env = clean_environment(
         tmp_path,
         CRM_PIPELINE_GRPC_PORT=str(grpc_port),
         CRM_PIPELINE_HTTP_PORT=str(http_port),
@@ -144,7 +97,7 @@ async def test_serve_answers_grpc_and_rest_and_keeps_its_deals_across_restarts(
             f"/opportunities/{opened.opportunity.id}/stage", json={"stage_id": "x"}
         )
         assert (bad.status_code, [d["field"] for d in bad.json()["detail"]]) == (422, ["stage_id"])
-    await stop(first, log)
+    await stop_gracefully(first, log)
 
     second = start("serve", env, log, processes)
     await wait_serving(target, base, second, log)
@@ -156,7 +109,7 @@ async def test_serve_answers_grpc_and_rest_and_keeps_its_deals_across_restarts(
         assert [(r.period, r.amount.amount, r.weighted_amount.amount) for r in forecast.rows] == [
             ("2099-01", "900.00", "90.00")
         ]
-    await stop(second, log)
+    await stop_gracefully(second, log)
 
 
 async def consume(bootstrap: str, wanted: set[str], timeout: float = 60.0) -> list[Any]:
@@ -206,7 +159,7 @@ async def test_the_relay_publishes_the_deals_history_keyed_by_customer(
     finally:
         service.close()
 
-    env = environment(tmp_path, CRM_KAFKA_BOOTSTRAP=local_stack.kafka_bootstrap)
+    env = clean_environment(tmp_path, CRM_KAFKA_BOOTSTRAP=local_stack.kafka_bootstrap)
     log = tmp_path / "relay.log"
     relay = start("relay", env, log, processes)
     deadline = time.monotonic() + 60
@@ -217,7 +170,7 @@ async def test_the_relay_publishes_the_deals_history_keyed_by_customer(
     try:
         records = await consume(local_stack.kafka_bootstrap, {deal, pipeline.outcome.id})
     finally:
-        await stop(relay, log)
+        await stop_gracefully(relay, log)
     deal_records = [(r, m) for r, m in records if m.aggregate_id == deal]
     assert [m.WhichOneof("payload") for _, m in deal_records] == [
         "opportunity_opened",

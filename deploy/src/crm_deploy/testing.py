@@ -1,0 +1,84 @@
+"""Helpers of the tests that run the services' processes for real.
+
+The fixture `processes` (the repository's conftest.py) collects what a test
+starts and kills what is still running at its end; these functions start a
+service's console script the way the local stack does, wait until an API
+answers its health checks, and stop a process the way Kubernetes does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+Started = list[subprocess.Popen[bytes]]
+
+
+def clean_environment(data_dir: Path, **extra: str) -> dict[str, str]:
+    """This process's environment without any platform setting (CRM_*, OTEL_*,
+    POSTGRES_*), on a SQLite store under `data_dir`, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CRM_", "POSTGRES_"))}
+    env.update(CRM_DATA_DIR=str(data_dir), CRM_EVENT_STORE="sqlite")
+    env.update(extra)
+    return env
+
+
+def start_process(
+    service: str, command: str, env: dict[str, str], log: Path, started: Started
+) -> subprocess.Popen[bytes]:
+    """`crm-<service> <command>` with its output appended to `log`."""
+    script = str(Path(sys.executable).with_name(f"crm-{service}"))
+    process = subprocess.Popen(
+        [script, command], env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT
+    )
+    started.append(process)
+    return process
+
+
+async def wait_serving(
+    grpc_target: str,
+    http_url: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float = 60,
+) -> None:
+    """The local stack's readiness check: gRPC health SERVING and GET /healthz 200."""
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(grpc_target) as channel, httpx.AsyncClient() as http:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"exited {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                healthz = await http.get(f"{http_url}/healthz", timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING and healthz.is_success:
+                    return
+            except (grpc.aio.AioRpcError, httpx.HTTPError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not ready in time:\n{log.read_text()[-3000:]}")
+            await asyncio.sleep(0.1)
+
+
+async def stop_gracefully(process: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+    """SIGTERM, then the process must exit 0 within `timeout` seconds."""
+    process.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(process.wait, timeout)
+    assert code == 0, log.read_text()[-3000:]
+
+
+def kill_leftovers(started: Started) -> None:
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
