@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TypeAlias
 
 from google.protobuf.message import DecodeError
-from pymongo import MongoClient, ReplaceOne, UpdateMany
+from pymongo import InsertOne, MongoClient, ReplaceOne, UpdateMany
 from pymongo.client_session import ClientSession
 from pymongo.collection import Collection
 from pymongo.database import Database
@@ -179,6 +179,7 @@ class Customer360Store:
             elif e.customer_id:
                 ids.add(e.customer_id)
         docs = self._load(session, self.collection, ids)
+        found = {i for i, d in docs.items() if d is not None}
         pipelines = self._load(session, self.pipelines, pipeline_ids)
 
         touched: set[str] = set()
@@ -245,8 +246,16 @@ class Customer360Store:
 
         written = {i: d for i in sorted(touched) if (d := docs[i]) is not None}
         if written:
+            # A document looked up in this transaction and not found is
+            # inserted, which costs the store less than an upsert; any other
+            # (found, or not looked up: a fan-out) is replaced or upserted.
             self.collection.bulk_write(
-                [ReplaceOne({"_id": i}, d, upsert=True) for i, d in written.items()],
+                [
+                    InsertOne({"_id": i, **d})
+                    if i in ids and i not in found
+                    else ReplaceOne({"_id": i}, d, upsert=True)
+                    for i, d in written.items()
+                ],
                 session=session,
                 ordered=False,
             )
