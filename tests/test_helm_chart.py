@@ -439,13 +439,20 @@ def test_the_pipeline_api_reaches_the_contacts_service_and_scales(
 ) -> None:
     env = default.container_env(default.container("pipeline-api"))
     settings = settings_seen_by(env, "pipeline", monkeypatch)
-    host, port = settings.grpc_target("contacts").rsplit(":", 1)
-    service = default.get("Service", f"{FULLNAME}-contacts")
+    # Through the headless Service: the channel resolves every ready contacts
+    # API pod and balances over them (crm_common.clients), rather than pin
+    # its one connection to one pod behind a virtual address.
+    scheme, _, address = settings.grpc_target("contacts").partition(":///")
+    host, port = address.rsplit(":", 1)
+    service = default.get("Service", f"{FULLNAME}-contacts-headless")
+    assert scheme == "dns"
     assert host == f"{service['metadata']['name']}.{NAMESPACE}.svc"
+    assert service["spec"]["clusterIP"] == "None"
     assert int(port) in {p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"}
-    # The Service selects the contacts API pods.
+    # Both Services select the contacts API pods.
     labels = default.deployment("contacts-api")["spec"]["template"]["metadata"]["labels"]
-    assert service["spec"]["selector"].items() <= labels.items()
+    for name in (f"{FULLNAME}-contacts", f"{FULLNAME}-contacts-headless"):
+        assert default.get("Service", name)["spec"]["selector"].items() <= labels.items()
     # The pipeline API is an API like the others: autoscaled in values-prod.yaml.
     hpa = prod.get("HorizontalPodAutoscaler", f"{FULLNAME}-pipeline-api")["spec"]
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 6)

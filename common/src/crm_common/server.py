@@ -44,6 +44,7 @@ from crm_common.settings import Settings
 log = logging.getLogger(__name__)
 
 ACTOR_KEY = "x-crm-actor"
+MAX_CONNECTION_AGE_MS = 300_000
 CLIENT_KEY = "x-crm-client"
 
 
@@ -262,6 +263,11 @@ async def serve(
         options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
+            # Clients reconnect (and resolve the replicas again) every few
+            # minutes, so replicas added since get their share of long-lived
+            # channels; calls in flight get half a minute to finish.
+            ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+            ("grpc.max_connection_age_grace_ms", 30_000),
         ],
     )
     health = HealthServicer()
