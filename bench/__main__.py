@@ -28,8 +28,10 @@ import os
 import platform
 import secrets
 import statistics
+import subprocess
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,8 +43,10 @@ from psycopg.sql import SQL, Identifier
 from bench.baseline import application_layer_creates, bare_save_loop
 from bench.load import Lag, Throughput, closed_loop_creates, open_loop_lag, summarize
 from bench.pipeline import render_pipeline, run_pipeline_bench
+from crm_deploy.process import free_port
 from crm_deploy.servers import ensure_topics
 from crm_deploy.stack import TOPIC_SERVICES, Stack, StackConfig
+from crm_deploy.testing import kill_leftovers, start_process, stop_gracefully, wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 PROCESSES = ["contacts-api", "contacts-relay", "analytics-api", "analytics-projector"]
@@ -60,6 +64,8 @@ class StoreRun:
     api_cpu_ms: float = 0.0
     single: Throughput | None = None
     sixteen: Throughput | None = None
+    #: 16 clients over two contacts-api processes (the chart's default replicas).
+    replicated: Throughput | None = None
     lag: Lag | None = None
     #: Share of one core each process used during the lag run, in percent.
     lag_cpu: dict[str, float] = field(default_factory=dict)
@@ -103,6 +109,32 @@ def cpu_seconds(stack: Stack) -> dict[str, float]:
         except psutil.Error:
             continue
     return result
+
+
+async def with_second_api(
+    stack: Stack,
+    env: dict[str, str],
+    log: Path,
+    measure: Callable[[str], Awaitable[Throughput]],
+) -> Throughput:
+    """Runs `measure` against the stack's contacts-api and a second replica on
+    the same store (the chart's default of two), given both as one target."""
+    grpc_port = stack.config.service_ports["contacts"][0]
+    second_grpc, second_http = free_port(), free_port()
+    replica_env = stack.service_env(env)
+    replica_env.update(
+        CRM_CONTACTS_GRPC_PORT=str(second_grpc), CRM_CONTACTS_HTTP_PORT=str(second_http)
+    )
+    started: list[subprocess.Popen[bytes]] = []
+    replica = start_process("contacts", "serve", replica_env, log, started)
+    try:
+        await wait_serving(
+            f"127.0.0.1:{second_grpc}", f"http://127.0.0.1:{second_http}", replica, log
+        )
+        return await measure(f"ipv4:127.0.0.1:{grpc_port},127.0.0.1:{second_grpc}")
+    finally:
+        await stop_gracefully(replica, log)
+        kill_leftovers(started)
 
 
 def infra_rss(stack: Stack) -> dict[str, float]:
@@ -163,6 +195,14 @@ async def run_store(stack: Stack, store: str, args: argparse.Namespace, scratch:
         cpu = sum(api.cpu_times()[:2]) - cpu_before
         result.api_cpu_ms = cpu / max(1, result.sixteen.commands) * 1000
         print(f"[{store}]   {result.sixteen.per_second:,.0f} commands/s", flush=True)
+        print(f"[{store}] gRPC creates, 16 clients, 2 API replicas", flush=True)
+        result.replicated = await with_second_api(
+            stack,
+            env,
+            scratch / f"contacts-api-2-{store}.log",
+            lambda both: closed_loop_creates(both, 16, args.sixteen),
+        )
+        print(f"[{store}]   {result.replicated.per_second:,.0f} commands/s", flush=True)
         # Let the projection drain the throughput runs before measuring lag.
         await asyncio.sleep(args.drain)
         print(f"[{store}] 360 lag at {args.rate} commands/s for {args.seconds} s", flush=True)
@@ -239,11 +279,12 @@ def render(runs: list[StoreRun], infra: dict[str, float], args: argparse.Namespa
         "",
         "| store | baseline: bare `save()` loop, saves/s | in-process, 1 caller | "
         "in-process, 16 callers | gRPC, 1 client | gRPC, 16 clients | "
+        "gRPC, 16 clients, 2 API replicas | "
         "p50 / p99 latency, gRPC 16 clients | contacts-api CPU per command |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
-        assert r.single and r.sixteen
+        assert r.single and r.sixteen and r.replicated
         b = r.baseline
         lines.append(
             f"| {r.store} | {b:,.0f} ({r.baseline_before:,.0f} before, "
@@ -251,6 +292,7 @@ def render(runs: list[StoreRun], infra: dict[str, float], args: argparse.Namespa
             f"**{r.app_sixteen:,.0f} ({r.app_sixteen / b:.2f}x)** | "
             f"{r.single.per_second:,.0f} ({r.single.per_second / b:.2f}x) | "
             f"**{r.sixteen.per_second:,.0f} ({r.sixteen.per_second / b:.2f}x)** | "
+            f"**{r.replicated.per_second:,.0f} ({r.replicated.per_second / b:.2f}x)** | "
             f"{r.sixteen.percentile(50):.1f} / {r.sixteen.percentile(99):.1f} ms | "
             f"{r.api_cpu_ms:.2f} ms |"
         )
@@ -263,7 +305,10 @@ def render(runs: list[StoreRun], infra: dict[str, float], args: argparse.Namespa
         "position lookup, the reply view) from asyncio callers in the benchmark's",
         "own process, with no transport; *gRPC* goes through the real `contacts-api`",
         "process while the relay, Kafka, the projector and the document store run",
-        "beside it on the same cores.",
+        "beside it on the same cores. *2 API replicas* adds a second `contacts-api`",
+        "process on the same store, as the Helm chart deploys by default, and the",
+        "clients spread their calls over both (`round_robin`, as the platform's own",
+        "callers do).",
         "",
         "Reading the figures:",
         "",

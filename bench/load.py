@@ -16,6 +16,7 @@ import pymongo
 from aiokafka import AIOKafkaConsumer
 
 from crm.contacts.v1 import contacts_pb2, contacts_pb2_grpc
+from crm_common.clients import service_channel
 
 _counter = itertools.count()
 
@@ -64,8 +65,11 @@ def percentile(values: list[float], p: float) -> float:
 
 async def closed_loop_creates(target: str, clients: int, commands: int) -> Throughput:
     """`clients` concurrent callers, each sending its next command once the
-    previous one was answered, until `commands` were answered in all."""
-    channels = [grpc.aio.insecure_channel(target) for _ in range(min(clients, 4))]
+    previous one was answered, until `commands` were answered in all.
+
+    The channels balance like the platform's own (`round_robin` over every
+    address of `target`, e.g. `ipv4:127.0.0.1:a,127.0.0.1:b` for two replicas)."""
+    channels = [service_channel(target) for _ in range(min(clients, 4))]
     stubs = [contacts_pb2_grpc.ContactsServiceStub(c) for c in channels]
     # Warm up connections and the server's code paths.
     for stub in stubs:
