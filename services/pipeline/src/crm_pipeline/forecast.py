@@ -453,9 +453,11 @@ class ForecastIndex:
                         row = groups[(label, who, category, currency)]
                         row[0] += count
                         row[1] += amount
-                        row[2] += amount * probability / 100
+                        # In percent points; divided once per row below (exact:
+                        # a division by 100 only moves the decimal point).
+                        row[2] += amount * probability
         return [
-            ForecastRow(p, o, c, cur, int(v[0]), v[1], round_money(v[2], cur))
+            ForecastRow(p, o, c, cur, int(v[0]), v[1], round_money(v[2] / 100, cur))
             for (p, o, c, cur), v in sorted(groups.items())
         ]
 

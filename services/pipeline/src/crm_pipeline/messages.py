@@ -27,11 +27,19 @@ def _prefix(enum: ProtoEnum) -> str:
     return name.removesuffix("UNSPECIFIED")
 
 
+_NUMBERS: dict[tuple[str, str], int] = {}
+
+
 def enum_number(enum: ProtoEnum, word: str | None) -> Any:
     """`best_case` -> FORECAST_CATEGORY_BEST_CASE; empty -> 0."""
     if not word:
         return 0
-    return int(enum.Value(_prefix(enum) + word.upper()))
+    key = (enum.DESCRIPTOR.full_name, word)
+    number = _NUMBERS.get(key)
+    if number is None:
+        # Raises ValueError for a word the enum does not know: not cached.
+        number = _NUMBERS[key] = int(enum.Value(_prefix(enum) + word.upper()))
+    return number
 
 
 def enum_word(enum: ProtoEnum, number: int) -> str:

@@ -13,6 +13,7 @@ Rules (enforced by `parse_amount` and `Money`):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
@@ -45,6 +46,7 @@ def minor_units(currency: str) -> int:
     return CURRENCIES[currency]
 
 
+@functools.cache
 def quantum(currency: str) -> Decimal:
     return Decimal(1).scaleb(-CURRENCIES[currency])
 
