@@ -265,9 +265,10 @@ async def serve(
             ("grpc.so_reuseport", 0),
             # Clients reconnect (and resolve the replicas again) every few
             # minutes, so replicas added since get their share of long-lived
-            # channels; calls in flight get half a minute to finish.
+            # channels; calls in flight get a minute to finish, more than the
+            # longest wait a read may ask for (30 s).
             ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
-            ("grpc.max_connection_age_grace_ms", 30_000),
+            ("grpc.max_connection_age_grace_ms", 60_000),
         ],
     )
     health = HealthServicer()
