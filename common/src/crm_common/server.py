@@ -44,7 +44,6 @@ from crm_common.settings import Settings
 log = logging.getLogger(__name__)
 
 ACTOR_KEY = "x-crm-actor"
-MAX_CONNECTION_AGE_MS = 300_000
 CLIENT_KEY = "x-crm-client"
 
 
@@ -267,7 +266,7 @@ async def serve(
             # minutes, so replicas added since get their share of long-lived
             # channels; calls in flight get a minute to finish, more than the
             # longest wait a read may ask for (30 s).
-            ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+            ("grpc.max_connection_age_ms", settings.grpc_max_connection_age_ms),
             ("grpc.max_connection_age_grace_ms", 60_000),
         ],
     )

@@ -39,6 +39,9 @@ class Settings:
     health_port: int | None = None
     #: Seconds without a round of a worker's loop after which it reports stale.
     health_stale_after: float = 120.0
+    #: An API closes each gRPC connection after this long (clients reconnect and
+    #: find replicas added since).
+    grpc_max_connection_age_ms: int = 300_000
 
     @classmethod
     def from_env(cls, service: str) -> Settings:
@@ -70,6 +73,7 @@ class Settings:
             mongo_db=_env("CRM_MONGO_DB", "crm"),
             health_port=int(port) if (port := _env("CRM_HEALTH_PORT", "")) else None,
             health_stale_after=stale_after,
+            grpc_max_connection_age_ms=int(_env("CRM_GRPC_MAX_CONNECTION_AGE_MS", "300000")),
         )
 
     @property

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import grpc
 import httpx
+import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from crm.contacts.v1 import contacts_pb2 as c
 from crm.contacts.v1 import contacts_pb2_grpc
+from crm_common.clients import service_channel
 from crm_deploy.process import free_port
 from crm_deploy.testing import clean_environment, start_process, stop_gracefully, wait_serving
 
@@ -116,3 +118,48 @@ async def test_relay_runs_until_stopped_while_kafka_is_unreachable(
     assert relay.poll() is None, log.read_text()[-3000:]
     await stop_gracefully(relay, log)
     assert "relay crm.contacts.events stopped at position 0" in log.read_text()
+
+
+async def test_connections_are_recycled_without_failing_a_call(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """The API closes each gRPC connection after CRM_GRPC_MAX_CONNECTION_AGE_MS
+    (here 300 ms instead of 5 minutes), so clients reconnect and find new
+    replicas; callers never see it: no call fails while connections come and go."""
+    grpc_port, http_port = free_port(), free_port()
+    env = clean_environment(
+        tmp_path,
+        CRM_CONTACTS_GRPC_PORT=str(grpc_port),
+        CRM_CONTACTS_HTTP_PORT=str(http_port),
+        CRM_GRPC_MAX_CONNECTION_AGE_MS="300",
+    )
+    log = tmp_path / "serve.log"
+    server = start("serve", env, log, processes)
+    target = f"127.0.0.1:{grpc_port}"
+    await wait_serving(target, f"http://127.0.0.1:{http_port}", server, log)
+    client_ports: set[int] = set()
+    calls = 0
+    async with service_channel(target) as channel:
+        stub = contacts_pb2_grpc.ContactsServiceStub(channel)
+        created = await stub.CreatePerson(c.CreatePersonRequest(given_name="Ada"))
+        deadline = time.monotonic() + 4
+
+        async def caller() -> None:
+            nonlocal calls
+            while time.monotonic() < deadline:
+                got = await stub.GetContact(c.GetContactRequest(id=created.result.id))
+                assert got.contact.id == created.result.id
+                calls += 1
+
+        async def watch() -> None:
+            while time.monotonic() < deadline:
+                for conn in psutil.Process(server.pid).net_connections("tcp"):
+                    if conn.laddr.port == grpc_port and conn.raddr:
+                        client_ports.add(conn.raddr.port)
+                await asyncio.sleep(0.05)
+
+        await asyncio.gather(*(caller() for _ in range(4)), watch())
+    assert calls > 100
+    # Connections were replaced several times over the four seconds.
+    assert len(client_ports) >= 4, client_ports
+    await stop_gracefully(server, log)
