@@ -14,11 +14,11 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import grpc
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from google.protobuf import any_pb2
@@ -208,6 +208,36 @@ def grpc_command_context(
         actor=metadata.get(ACTOR_KEY, "anonymous"),
         client=metadata.get(CLIENT_KEY, "grpc"),
     )
+
+
+IfMatch = Annotated[
+    str | None,
+    Header(
+        alias="If-Match",
+        description="The version of the contact, lead, deal or pipeline as the client last "
+        'saw it (`3`, `"3"` or `W/"3"`); the write is refused with 409 if it has changed since.',
+    ),
+]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="A client-chosen key (at most 200 characters): a retry with the same key "
+        "answers the first outcome with `replayed: true` and writes nothing.",
+    ),
+]
+
+
+def expected_version(if_match: str | None) -> int | None:
+    """The version in an If-Match header: `3`, `"3"` or `W/"3"`; None when absent."""
+    if if_match is None or not if_match.strip():
+        return None
+    value = if_match.strip().removeprefix("W/").strip('"')
+    if not value.isdigit() or int(value) < 1:
+        raise ValidationFailed.of(
+            "If-Match", f'{if_match[:40]!r} is not a version the client saw (e.g. 3 or "3")'
+        )
+    return int(value)
 
 
 def http_command_context(

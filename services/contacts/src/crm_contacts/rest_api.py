@@ -18,12 +18,17 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from fastapi import Body, FastAPI, Header, Query, Request, Response
+from fastapi import Body, FastAPI, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from crm_common.commands import WriteOutcome
 from crm_common.errors import ValidationFailed
-from crm_common.server import http_command_context
+from crm_common.server import (
+    IdempotencyKey,
+    IfMatch,
+    expected_version,
+    http_command_context,
+)
 from crm_contacts.application import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
@@ -60,15 +65,6 @@ from crm_contacts.inputs import (
     NewCompany,
     NewPerson,
     PersonChanges,
-)
-
-IF_MATCH_HELP = (
-    'The contact\'s version as the client last saw it (`3`, `"3"` or `W/"3"`); '
-    "the write is refused with 409 if the contact has changed since."
-)
-IDEMPOTENCY_HELP = (
-    "A client-chosen key (at most 200 characters): a retry with the same key answers the "
-    "first outcome with `replayed: true` and writes nothing."
 )
 
 
@@ -394,18 +390,6 @@ def write_reply(written: ContactWrite) -> WriteReply:
     return WriteReply(**_reply_fields(written.outcome, written.contact))
 
 
-def expected_version(if_match: str | None) -> int | None:
-    """The version in an If-Match header: `3`, `"3"` or `W/"3"`; None when absent."""
-    if if_match is None or not if_match.strip():
-        return None
-    value = if_match.strip().removeprefix("W/").strip('"')
-    if not value.isdigit() or int(value) < 1:
-        raise ValidationFailed.of(
-            "If-Match", f'{if_match[:40]!r} is not a contact version (e.g. 3 or "3")'
-        )
-    return int(value)
-
-
 def _custom_fields(fields: Mapping[str, CustomFieldValue] | None) -> dict[str, CustomFieldInput]:
     return {
         key: CustomFieldInput(type=v.type, value=v.value, currency=v.currency)
@@ -444,11 +428,6 @@ def _created(response: Response, outcome: WriteOutcome) -> None:
 
 # -- the application ------------------------------------------------------------------
 
-
-IfMatch = Annotated[str | None, Header(alias="If-Match", description=IF_MATCH_HELP)]
-IdempotencyKey = Annotated[
-    str | None, Header(alias="Idempotency-Key", description=IDEMPOTENCY_HELP)
-]
 
 DESCRIPTION = """People and companies, their relations, consent per channel identity and
 the interaction log.

@@ -19,11 +19,15 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, Query, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from crm_common.errors import ValidationFailed
-from crm_common.server import http_command_context
+from crm_common.server import (
+    IdempotencyKey,
+    IfMatch,
+    expected_version,
+    http_command_context,
+)
 from crm_pipeline.application import (
     LeadConversion,
     NewActivity,
@@ -49,32 +53,6 @@ from crm_pipeline.domain import (
 from crm_pipeline.forecast import ActivityInfo, Funnel, WinRate
 
 Json = dict[str, Any]
-
-IfMatch = Annotated[
-    str | None,
-    Header(
-        alias="If-Match",
-        description='The subject\'s version as last seen (`3`, `"3"` or `W/"3"`); '
-        "a stale version is refused with 409.",
-    ),
-]
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        description="A client-chosen key: a retry answers the first outcome and writes nothing.",
-    ),
-]
-
-
-def expected_version(if_match: str | None) -> int | None:
-    if not if_match:
-        return None
-    value = if_match.strip().removeprefix("W/").strip('"')
-    if not value.isdigit():
-        raise ValidationFailed.of("If-Match", "must be the version number the client last saw")
-    return int(value)
-
 
 # -- JSON of the domain -------------------------------------------------------------------
 
