@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -12,6 +14,8 @@ from crm_common.health import Details, Heartbeat, serve_health
 from crm_common.settings import Settings
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -50,3 +54,36 @@ async def run_worker(
     ):
         with stop_on_signals() as stop:
             return await work(stop)
+
+
+async def retry_until_stopped(
+    attempt: Callable[[], Awaitable[object]],
+    stop: asyncio.Event,
+    *,
+    heartbeat: Heartbeat,
+    retry_on: tuple[type[BaseException], ...],
+    what: str,
+    then: str,
+    first_backoff: float = 0.5,
+    max_backoff: float = 10.0,
+) -> None:
+    """Runs a worker's `attempt` (which returns once `stop` is set) again and
+    again after the errors it may recover from, with a doubling backoff that
+    `stop` cuts short.
+
+    Each error is logged (`what: error; then in N s`) and reported on the
+    heartbeat; the backoff starts over once the worker has told the
+    heartbeat it `recovered()` (connected again) since the last error.
+    """
+    backoff = first_backoff
+    while not stop.is_set():
+        try:
+            await attempt()
+        except retry_on as error:
+            if heartbeat.last_error is None:
+                backoff = first_backoff
+            heartbeat.failed(error)
+            log.warning("%s: %r; %s in %.1f s", what, error, then, backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff)
+            backoff = min(backoff * 2, max_backoff)

@@ -50,6 +50,7 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from crm_common.health import Heartbeat
+from crm_common.lifecycle import retry_until_stopped
 from crm_common.telemetry import context_from_kafka_headers
 
 log = logging.getLogger(__name__)
@@ -252,22 +253,15 @@ class ProjectionConsumer:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follows the topics until `stop` is set; starts over after connection errors."""
-        backoff = self.retry_backoff
-        while not stop.is_set():
-            try:
-                await self._consume(stop, until_end=False)
-                backoff = self.retry_backoff
-            except (KafkaError, PyMongoError) as error:
-                self.heartbeat.failed(error)
-                log.warning(
-                    "projection %s: %r; starting again from the stored offsets in %.1f s",
-                    self.projection,
-                    error,
-                    backoff,
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
-                backoff = min(backoff * 2, 10.0)
+        await retry_until_stopped(
+            lambda: self._consume(stop, until_end=False),
+            stop,
+            heartbeat=self.heartbeat,
+            retry_on=(KafkaError, PyMongoError),
+            what=f"projection {self.projection}",
+            then="starting again from the stored offsets",
+            first_backoff=self.retry_backoff,
+        )
 
     async def run_until_caught_up(self, stop: asyncio.Event | None = None) -> CatchUp:
         """Consumes up to the end offsets seen at the start, then returns (rebuilds)."""

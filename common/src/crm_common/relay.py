@@ -37,7 +37,7 @@ from opentelemetry.trace import SpanKind
 
 from crm_common.eventstore import application_env, creating_tables
 from crm_common.health import Heartbeat
-from crm_common.lifecycle import run_worker
+from crm_common.lifecycle import retry_until_stopped, run_worker
 from crm_common.settings import Settings, topic_of
 from crm_common.telemetry import context_from_traceparent, kafka_headers_with_context
 
@@ -185,31 +185,31 @@ class Relay:
     async def run(self, stop: asyncio.Event) -> None:
         self.position = await asyncio.to_thread(self.recorded_position)
         log.info("relay %s starts after position %d", self.topic, self.position)
-        backoff = 0.5
-        while not stop.is_set():
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap,
-                enable_idempotence=True,
-                acks="all",
-                linger_ms=2,
-                max_batch_size=256 * 1024,
-                request_timeout_ms=30000,
-            )
-            try:
-                await producer.start()
-                backoff = 0.5
-                if self.heartbeat.last_error is not None:
-                    self.heartbeat.recovered()
-                await self._follow(producer, stop)
-            except KafkaError as error:
-                self.heartbeat.failed(error)
-                log.warning(
-                    "relay %s: Kafka error %r; retrying from %d", self.topic, error, self.position
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-            finally:
-                await producer.stop()
+        await retry_until_stopped(
+            lambda: self._connected(stop),
+            stop,
+            heartbeat=self.heartbeat,
+            retry_on=(KafkaError,),
+            what=f"relay {self.topic}",
+            then="publishing again from the recorded position",
+        )
+
+    async def _connected(self, stop: asyncio.Event) -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=2,
+            max_batch_size=256 * 1024,
+            request_timeout_ms=30000,
+        )
+        try:
+            await producer.start()
+            if self.heartbeat.last_error is not None:
+                self.heartbeat.recovered()
+            await self._follow(producer, stop)
+        finally:
+            await producer.stop()
 
     async def _follow(self, producer: AIOKafkaProducer, stop: asyncio.Event) -> None:
         while not stop.is_set():

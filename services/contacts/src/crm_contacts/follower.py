@@ -42,6 +42,7 @@ from crm.events.v1 import pipeline_pb2 as events_pb
 from crm_common.commands import CommandContext
 from crm_common.errors import CrmError, NotFound, RuleViolated, ValidationFailed
 from crm_common.health import Heartbeat
+from crm_common.lifecycle import retry_until_stopped
 from crm_common.settings import topic_of
 from crm_common.telemetry import context_from_kafka_headers
 from crm_contacts.application import ContactsService
@@ -162,22 +163,16 @@ class OpportunityFollower:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follows the topic until `stop` is set; starts over after Kafka errors."""
-        backoff = self.retry_backoff
-        while not stop.is_set():
-            try:
-                await self._consume(stop)
-                backoff = self.retry_backoff
-            except KafkaError as error:
-                self.heartbeat.failed(error)
-                log.warning(
-                    "follower %s: %r; starting again from the committed offsets in %.1f s",
-                    self.group_id,
-                    error,
-                    backoff,
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
+        await retry_until_stopped(
+            lambda: self._consume(stop),
+            stop,
+            heartbeat=self.heartbeat,
+            retry_on=(KafkaError,),
+            what=f"follower {self.group_id}",
+            then="starting again from the committed offsets",
+            first_backoff=self.retry_backoff,
+            max_backoff=MAX_BACKOFF,
+        )
 
     def _new_consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(
