@@ -4,7 +4,7 @@ PY := .venv/bin/python
 BUF := node_modules/.bin/buf
 ARGS ?=
 
-.PHONY: install up up-detached down status wipe test bench proto lint breaking rebuild-360 lock
+.PHONY: install up up-detached down status wipe test unit fmt bench proto registry lint breaking rebuild-360 lock
 
 install:
 	deploy/install.sh --with-node-tools
@@ -30,11 +30,24 @@ rebuild-360:
 test:
 	deploy/crm test $(ARGS)
 
+# The tests that need no server (no Kafka, document store, PostgreSQL or service
+# process): seconds, for the edit-test loop. `make test` runs everything.
+unit: install
+	$(PY) -m pytest -q -m "not servers" $(ARGS)
+
+fmt: install
+	.venv/bin/ruff check --fix .
+	.venv/bin/ruff format .
+
 bench: install
 	$(PY) -m bench $(ARGS)
 
 proto: install
 	proto/generate.sh
+
+# After changing crm_common.registry: the Helm chart's copy of it.
+registry: install
+	.venv/bin/crm-stack registry --write
 
 lint: install
 	.venv/bin/ruff check .

@@ -43,3 +43,15 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
     yield started
     kill_leftovers(started)
+
+
+#: Fixtures that start (or need) real servers: a test using any of them, directly or
+#: through another fixture, is marked `servers`, and `make unit` leaves it out.
+SERVER_FIXTURES = frozenset({"local_stack", "processes"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & SERVER_FIXTURES or item.get_closest_marker("postgres"):
+            item.add_marker(pytest.mark.servers)

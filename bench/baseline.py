@@ -12,7 +12,7 @@ from uuid import UUID
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
-from crm_common.commands import CommandContext
+from crm_common.commands import Caller
 from crm_common.eventstore import application_env
 from crm_common.settings import Settings
 from crm_contacts.application import ContactsService, create_application
@@ -100,14 +100,13 @@ async def application_layer_creates(
 
     remaining = count
 
+    bench = Caller(actor="bench", client="bench")
+
     async def caller() -> None:
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
-            await service.create_person(
-                CommandContext("CreatePerson", actor="bench", client="bench"),
-                _new_person(remaining),
-            )
+            await service.create_person(bench, _new_person(remaining))
 
     try:
         started = time.perf_counter()

@@ -51,6 +51,7 @@ from bench.load import Throughput, percentile
 from crm.pipeline.v1 import pipeline_pb2 as pb
 from crm.pipeline.v1 import pipeline_pb2_grpc
 from crm_common.commands import CommandBus, CommandContext, UnitOfWork
+from crm_common.money import Money
 from crm_common.settings import Settings
 from crm_deploy.process import (
     ManagedProcess,
@@ -59,8 +60,10 @@ from crm_deploy.process import (
     grpc_health_probe,
     http_probe,
 )
+from crm_pipeline import validation
 from crm_pipeline.application import create_application
-from crm_pipeline.domain import Opportunity, Pipeline, StageSpec
+from crm_pipeline.domain import Opportunity, Pipeline
+from crm_pipeline.inputs import StageInput
 
 MIB = 1024 * 1024
 POSTGRES = {
@@ -73,20 +76,20 @@ POSTGRES = {
 
 # Two pipelines of a sales team: new business and renewals.
 NEW_BUSINESS = [
-    StageSpec("qualify", "Qualify", "10", "pipeline"),
-    StageSpec("discover", "Discovery", "20", "pipeline"),
-    StageSpec("propose", "Proposal", "40", "best_case"),
-    StageSpec("negotiate", "Negotiation", "70", "commit"),
-    StageSpec("verbal", "Verbal yes", "90", "commit"),
-    StageSpec("won", "Won", "100", "closed_won"),
-    StageSpec("lost", "Lost", "0", "closed_lost"),
+    StageInput("qualify", "Qualify", "10", "pipeline"),
+    StageInput("discover", "Discovery", "20", "pipeline"),
+    StageInput("propose", "Proposal", "40", "best_case"),
+    StageInput("negotiate", "Negotiation", "70", "commit"),
+    StageInput("verbal", "Verbal yes", "90", "commit"),
+    StageInput("won", "Won", "100", "closed_won"),
+    StageInput("lost", "Lost", "0", "closed_lost"),
 ]
 RENEWALS = [
-    StageSpec("review", "Account review", "50", "best_case"),
-    StageSpec("quote", "Quote sent", "80", "commit"),
-    StageSpec("parked", "Parked", "5", "omitted"),
-    StageSpec("renewed", "Renewed", "100", "closed_won"),
-    StageSpec("churned", "Churned", "0", "closed_lost"),
+    StageInput("review", "Account review", "50", "best_case"),
+    StageInput("quote", "Quote sent", "80", "commit"),
+    StageInput("parked", "Parked", "5", "omitted"),
+    StageInput("renewed", "Renewed", "100", "closed_won"),
+    StageInput("churned", "Churned", "0", "closed_lost"),
 ]
 OWNERS = [f"rep-{i:02d}" for i in range(1, 41)]
 CURRENCIES = ["EUR"] * 6 + ["USD"] * 3 + ["GBP"]
@@ -185,8 +188,7 @@ def _one_deal(rng: random.Random, pipeline: Pipeline, now: datetime) -> Opportun
         name=f"Deal {rng.randrange(10**6)}",
         customer_id=f"customer-{rng.randrange(20_000)}",
         owner=rng.choice(OWNERS),
-        amount=_amount(rng, currency),
-        currency=currency,
+        amount=Money.of(_amount(rng, currency), currency),
         expected_close_date=opened.date() + timedelta(days=rng.randrange(7, 180)),
         at=opened,
     )
@@ -228,8 +230,8 @@ def seed(settings: Settings, count: int, *, batch: int = 1000, seed: int = 20260
     pending: list[Future[Any]] = []
     try:
         pipelines = [
-            Pipeline.define("New business", NEW_BUSINESS),
-            Pipeline.define("Renewals", RENEWALS),
+            Pipeline.define(*validation.new_pipeline("New business", NEW_BUSINESS)),
+            Pipeline.define(*validation.new_pipeline("Renewals", RENEWALS)),
         ]
         for p in pipelines:
             events += len(p.pending_events)

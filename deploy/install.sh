@@ -12,8 +12,11 @@ fi
 UV="$PYTHON -m uv"
 command -v uv >/dev/null 2>&1 && UV=uv
 [ -x .venv/bin/python ] || $UV venv --quiet --python "$PYTHON" .venv
+# Every service that has been built (a pyproject.toml); planned ones are only a README.
+services=()
+for project in services/*/pyproject.toml; do services+=(-e "$(dirname "$project")"); done
 $UV pip install --quiet --python .venv/bin/python -c constraints.txt \
-  -e common -e services/contacts -e services/pipeline -e services/analytics -e deploy --group dev
+  -e common "${services[@]}" -e deploy --group dev
 if [ "${1:-}" = "--with-node-tools" ]; then
   # buf (protobuf lint / breaking-change checks) ships as an npm package.
   if ! command -v npm >/dev/null 2>&1; then

@@ -20,16 +20,10 @@ from otlp_collector import OtlpCollector
 from crm.contacts.v1 import contacts_pb2_grpc
 from crm.customer360.v1 import customer360_pb2_grpc
 from crm.pipeline.v1 import pipeline_pb2_grpc
+from crm_deploy.stack import SERVICE_PROCESSES as STACK_PROCESSES
 
-SERVICE_PROCESSES = [
-    "contacts-api",
-    "contacts-relay",
-    "contacts-follower",
-    "pipeline-api",
-    "pipeline-relay",
-    "analytics-api",
-    "analytics-projector",
-]
+# Every process of the platform (crm_common.registry, through the stack's table).
+SERVICE_PROCESSES = [p.name for p in STACK_PROCESSES]
 
 
 @dataclass

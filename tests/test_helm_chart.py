@@ -12,6 +12,7 @@ mistakes, and locked-down pods.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import subprocess
@@ -25,7 +26,9 @@ import pytest
 import yaml
 from kubernetes_validate import utils as kv_utils
 
+from crm_common.registry import SERVICES
 from crm_common.settings import Settings
+from crm_deploy.cli import registry_json
 from crm_deploy.stack import SERVICE_PROCESSES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -589,3 +592,24 @@ def test_the_rebuild_job_runs_alone() -> None:
 def test_no_rebuild_job_unless_asked(default: Manifests) -> None:
     assert default.of_kind("Job") == []
     assert default.deployment("analytics-projector")["spec"]["replicas"] == 1
+
+
+# -- the service registry -----------------------------------------------------------
+
+
+def test_the_charts_service_registry_is_the_generated_one() -> None:
+    """services.json is generated from crm_common.registry; a new registry entry
+    without `crm-stack registry --write` fails here, not in a cluster."""
+    assert (CHART / "services.json").read_text() == registry_json()
+
+
+def test_every_registered_service_has_its_values_with_the_registry_ports() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    for entry in SERVICES:
+        block = values[entry.name]
+        assert (block["grpcPort"], block["httpPort"]) == (entry.grpc_port, entry.http_port)
+        assert entry.name in schema["required"]
+        assert entry.name in schema["properties"]
+        # Planned services ship disabled; the others are on by default.
+        assert block["enabled"] is (not entry.planned)

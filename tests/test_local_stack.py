@@ -21,6 +21,9 @@ from pymongo import MongoClient
 
 from crm_deploy.process import free_port, read_pid_file
 
+# Starts the whole stack through its command line.
+pytestmark = pytest.mark.servers
+
 CRM_STACK = str(Path(sys.executable).with_name("crm-stack"))
 ONLY = "analytics-api,analytics-projector"
 

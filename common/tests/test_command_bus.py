@@ -11,7 +11,7 @@ import pytest
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
-from crm_common.commands import CommandBus, CommandContext, UnitOfWork
+from crm_common.commands import Caller, CommandBus, CommandContext, UnitOfWork
 from crm_common.errors import NotFound, RuleViolated, ValidationFailed, VersionConflict
 from crm_common.eventstore import application_env
 from crm_common.settings import Settings
@@ -180,3 +180,16 @@ def test_two_replicas_writing_one_aggregate_never_lose_an_update(tmp_path):
         bus_b.close()
         app_a.close()
         app_b.close()
+
+
+def test_a_caller_carries_who_and_how_into_the_command_the_application_names(bus, app):
+    caller = Caller(actor="ada", client="sales-console", request_id="r-9")
+    opened = bus.execute(caller.command("Open"), open_account())
+    again = bus.execute(caller.command("Open"), open_account())
+    assert again.replayed and again.id == opened.id
+    stored = next(iter(app.events.get(UUID(opened.id))))
+    assert stored._meta["actor"] == "ada" and stored._meta["client"] == "sales-console"
+    assert stored._meta["command"] == "Open"
+    stale = Caller(expected_version=7).command("Deposit")
+    with pytest.raises(VersionConflict):
+        bus.execute(stale, deposit(opened.id, 1))

@@ -62,6 +62,32 @@ class CommandContext:
 
 
 @dataclass(frozen=True)
+class Caller:
+    """Who is asking, and under which conditions, as the shared server code
+    read it from one request (`crm_common.server.grpc_caller` / `http_caller`).
+
+    Adapters pass it on untouched; the application method that runs a command
+    names the command (`caller.command("CreatePerson")`), so the name is
+    written once, where the command is.
+    """
+
+    actor: str = "anonymous"
+    client: str = "unknown"
+    request_id: str | None = None
+    expected_version: int | None = None
+
+    def command(self, name: str) -> CommandContext:
+        """The context of command `name` run for this caller."""
+        return CommandContext(
+            command=name,
+            request_id=self.request_id or None,
+            expected_version=self.expected_version or None,
+            actor=self.actor,
+            client=self.client,
+        )
+
+
+@dataclass(frozen=True)
 class WriteOutcome:
     """What a command did: the subject, its new version and its log position."""
 

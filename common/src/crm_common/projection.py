@@ -36,14 +36,13 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
-from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Span
 from pymongo import MongoClient, UpdateOne
 from pymongo.client_session import ClientSession
 from pymongo.database import Database
@@ -51,7 +50,7 @@ from pymongo.errors import PyMongoError
 
 from crm_common.health import Heartbeat
 from crm_common.lifecycle import retry_until_stopped
-from crm_common.telemetry import context_from_kafka_headers
+from crm_common.records import Record, consuming_span, header
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("crm_common.projection")
@@ -60,8 +59,6 @@ OFFSETS_COLLECTION = "projection_offsets"
 DEAD_LETTERS_COLLECTION = "projection_dead_letters"
 # Which session the running projector of each projection uses (see _take_over).
 OWNERS_COLLECTION = "projection_owners"
-
-Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
 
 class ReadModel(Protocol):
@@ -85,36 +82,14 @@ class ProjectionFenced(RuntimeError):
 # -- helpers for read models ----------------------------------------------------------
 
 
-def header(record: Record, name: str) -> str | None:
-    for key, value in record.headers or ():
-        if key == name and value is not None:
-            return value.decode("utf-8", "replace")
-    return None
-
-
-def trace_context(record: Record) -> otel_context.Context:
-    """The publisher's trace context, carried in the record's headers."""
-    return context_from_kafka_headers(record.headers)
-
-
 @contextlib.contextmanager
 def projection_span(
     record: Record, projection: str, tracer: trace.Tracer | None = None
 ) -> Iterator[Span]:
     """A span `project <ce_type>` continuing the trace that published the record."""
     name = header(record, "ce_type") or record.topic
-    with (tracer or _tracer).start_as_current_span(
-        f"project {name}",
-        context=trace_context(record),
-        kind=SpanKind.CONSUMER,
-        attributes={
-            "messaging.system": "kafka",
-            "messaging.operation": "process",
-            "messaging.destination.name": record.topic,
-            "messaging.kafka.destination.partition": record.partition,
-            "messaging.kafka.message.offset": record.offset,
-            "crm.projection": projection,
-        },
+    with consuming_span(
+        record, f"project {name}", tracer or _tracer, {"crm.projection": projection}
     ) as span:
         yield span
 

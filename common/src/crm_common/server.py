@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-from crm_common.commands import CommandContext
+from crm_common.commands import Caller
 from crm_common.errors import (
     CrmError,
     NotFound,
@@ -117,7 +117,8 @@ def grpc_status_of(error: CrmError) -> tuple[grpc.StatusCode, status_pb2.Status]
     return code, status
 
 
-class _ErrorInterceptor(grpc.aio.ServerInterceptor):
+# grpcio ships no type information, so its base classes are Any to mypy.
+class _ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Turns `CrmError`s raised by unary handlers into rich gRPC statuses."""
 
     async def intercept_service(
@@ -194,19 +195,18 @@ def install_error_handlers(app: FastAPI) -> None:
 # -- who is asking ---------------------------------------------------------------
 
 
-def grpc_command_context(
-    context: grpc.aio.ServicerContext,
-    command: str,
+def grpc_caller(
+    context: grpc.aio.ServicerContext[Any, Any],
     request_id: str = "",
     expected_version: int = 0,
-) -> CommandContext:
+) -> Caller:
+    """The caller of a gRPC request (request id and version from the request message)."""
     metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-    return CommandContext(
-        command=command,
-        request_id=request_id or None,
-        expected_version=expected_version or None,
+    return Caller(
         actor=metadata.get(ACTOR_KEY, "anonymous"),
         client=metadata.get(CLIENT_KEY, "grpc"),
+        request_id=request_id or None,
+        expected_version=expected_version or None,
     )
 
 
@@ -240,18 +240,17 @@ def expected_version(if_match: str | None) -> int | None:
     return int(value)
 
 
-def http_command_context(
+def http_caller(
     request: Request,
-    command: str,
     request_id: str | None = None,
     expected_version: int | None = None,
-) -> CommandContext:
-    return CommandContext(
-        command=command,
-        request_id=request_id or request.headers.get("idempotency-key") or None,
-        expected_version=expected_version or None,
+) -> Caller:
+    """The caller of a REST request (`Idempotency-Key` unless the body names a request id)."""
+    return Caller(
         actor=request.headers.get(ACTOR_KEY, "anonymous"),
         client=request.headers.get(CLIENT_KEY, "rest"),
+        request_id=request_id or request.headers.get("idempotency-key") or None,
+        expected_version=expected_version or None,
     )
 
 
@@ -288,7 +287,8 @@ async def serve(
         return {"status": "ok"}
 
     server = grpc.aio.server(
-        interceptors=[aio_server_interceptor(), _ErrorInterceptor()],
+        # The OpenTelemetry gRPC instrumentation is untyped.
+        interceptors=[aio_server_interceptor(), _ErrorInterceptor()],  # type: ignore[no-untyped-call]
         options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ("grpc.so_reuseport", 0),

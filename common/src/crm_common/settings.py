@@ -6,13 +6,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_PORTS: dict[str, tuple[int, int]] = {
-    "contacts": (50051, 8081),
-    "pipeline": (50052, 8082),
-    "tickets": (50053, 8083),
-    "loyalty": (50054, 8084),
-    "analytics": (50055, 8085),
-}
+from crm_common.registry import SERVICES
+
+#: gRPC and HTTP port of every service in the local stack (from the registry).
+DEFAULT_PORTS: dict[str, tuple[int, int]] = {s.name: (s.grpc_port, s.http_port) for s in SERVICES}
 
 
 def _env(name: str, default: str) -> str:

@@ -15,6 +15,7 @@ running stack recorded in <data_dir>/run/stack.json.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -23,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from crm_common.registry import chart_document
 from crm_deploy.process import PidRecord, ProcessFailed, read_pid_file, stop_pid, tail
 from crm_deploy.stack import INFRA, SERVICE_PROCESSES, Stack, StackConfig, load_state
 from crm_deploy.supervisor import Interrupted, Supervisor, hold_dir
@@ -323,6 +325,27 @@ def cmd_rebuild_360() -> int:
     return 1
 
 
+# -- registry --------------------------------------------------------------------
+
+CHART_REGISTRY = Path(__file__).resolve().parents[3] / "helm" / "crm-platform" / "services.json"
+
+
+def registry_json() -> str:
+    """The chart's copy of the service registry, exactly as `registry --write` writes it."""
+    return json.dumps(chart_document(), indent=2) + "\n"
+
+
+def cmd_registry(write: bool) -> int:
+    """Prints the chart's copy of the registry, or writes it into the chart."""
+    text = registry_json()
+    if not write:
+        print(text, end="")
+        return 0
+    CHART_REGISTRY.write_text(text)
+    print(f"wrote {CHART_REGISTRY.name} ({len(chart_document()['services'])} services)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="crm-stack",
@@ -344,6 +367,12 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser(
         "rebuild-360", help="drop the 360 view and rebuild it from the topics (stack running)"
     )
+    registry = commands.add_parser(
+        "registry", help="print the service registry as the Helm chart reads it"
+    )
+    registry.add_argument(
+        "--write", action="store_true", help="write it to helm/crm-platform/services.json"
+    )
     supervise = commands.add_parser("supervise", help=argparse.SUPPRESS)
     supervise.add_argument("--only")
     args = parser.parse_args(argv)
@@ -357,6 +386,8 @@ def main(argv: list[str] | None = None) -> None:
         code = cmd_status()
     elif args.command == "wipe":
         code = cmd_wipe()
+    elif args.command == "registry":
+        code = cmd_registry(args.write)
     else:
         code = cmd_rebuild_360()
     sys.exit(code)

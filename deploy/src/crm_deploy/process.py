@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,9 +34,29 @@ class ProcessFailed(RuntimeError):
         self.log_tail = log_tail
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_picked: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that nothing listens on right now."""
-    with socket.socket() as s:
+    """A TCP port that nothing listens on right now, below the kernel's ephemeral
+    range: a port handed out for a later server must not be taken in between by
+    the outgoing connection of some client (Kafka's, the document store's)."""
+    low, _ = _ephemeral_range()
+    candidates = list(range(20000, max(20001, low)))
+    random.shuffle(candidates)
+    for port in candidates[:2000]:
+        if port not in _picked and not port_in_use(port, host):
+            _picked.add(port)
+            return port
+    with socket.socket() as s:  # a machine whose whole range is ephemeral
         s.bind((host, 0))
         return int(s.getsockname()[1])
 

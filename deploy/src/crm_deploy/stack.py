@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crm_common.registry import COMMANDS, SERVICES, event_sources
 from crm_common.settings import DEFAULT_PORTS, topic_of
 from crm_deploy.process import (
     ManagedProcess,
@@ -47,8 +48,9 @@ from crm_deploy.servers import (
 
 HOST = "127.0.0.1"
 INFRA = ("zookeeper", "kafka", "secantus")
-#: The write services whose topics the platform creates.
-TOPIC_SERVICES = ("contacts", "pipeline", "tickets", "loyalty")
+#: The write services whose topics the platform creates (planned ones too, so
+#: that consumers such as ERP systems can subscribe before the service ships).
+TOPIC_SERVICES = event_sources()
 TOPIC_PARTITIONS = 6
 
 
@@ -68,15 +70,16 @@ class ServiceProcess:
         return [str(Path(sys.executable).with_name(executable)), *args]
 
 
-#: Every service process of the platform. The single place to add one.
-SERVICE_PROCESSES: tuple[ServiceProcess, ...] = (
-    ServiceProcess("contacts-api", ("crm-contacts", "serve"), "contacts", api=True),
-    ServiceProcess("contacts-relay", ("crm-contacts", "relay"), "contacts", api=False),
-    ServiceProcess("contacts-follower", ("crm-contacts", "follow"), "contacts", api=False),
-    ServiceProcess("pipeline-api", ("crm-pipeline", "serve"), "pipeline", api=True),
-    ServiceProcess("pipeline-relay", ("crm-pipeline", "relay"), "pipeline", api=False),
-    ServiceProcess("analytics-api", ("crm-analytics", "serve"), "analytics", api=True),
-    ServiceProcess("analytics-projector", ("crm-analytics", "project"), "analytics", api=False),
+#: Every service process of the platform, from the registry (crm_common.registry).
+SERVICE_PROCESSES: tuple[ServiceProcess, ...] = tuple(
+    ServiceProcess(
+        svc.process_name(role),
+        (svc.distribution, COMMANDS[role]),
+        svc.name,
+        api=role == "api",
+    )
+    for svc in SERVICES
+    for role in svc.roles
 )
 
 

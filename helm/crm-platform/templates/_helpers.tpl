@@ -90,14 +90,31 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/*
+The service registry: services.json beside Chart.yaml, generated from
+crm_common.registry by `crm-stack registry --write` (never edited by hand).
+Each service has name, grpcPort, httpPort, writeService and processes.
+*/}}
+{{- define "crm.registry" -}}
+{{- .Files.Get "services.json" -}}
+{{- end }}
+
 {{/* The write services (event store in PostgreSQL, API + relay). */}}
 {{- define "crm.writeServices" -}}
-contacts pipeline tickets loyalty
+{{- $names := list }}
+{{- range $s := (include "crm.registry" . | fromJson).services }}
+{{- if $s.writeService }}{{ $names = append $names $s.name }}{{ end }}
+{{- end }}
+{{- join " " $names }}
 {{- end }}
 
 {{/* Every service the chart knows, enabled or not. */}}
 {{- define "crm.allServices" -}}
-contacts pipeline tickets loyalty analytics
+{{- $names := list }}
+{{- range $s := (include "crm.registry" . | fromJson).services }}
+{{- $names = append $names $s.name }}
+{{- end }}
+{{- join " " $names }}
 {{- end }}
 
 {{/*
@@ -105,22 +122,15 @@ The processes of the enabled services, as YAML {processes: [...]}; each has
 service, role, name (the component), command (the console script's
 subcommand), api (serves gRPC + REST), singleWriter (at most one replica:
 the relays and the projector), writeService (has an event store).
-The contacts follower is a consumer-group member: not a single writer.
 */}}
 {{- define "crm.processes" -}}
 processes:
-{{- range $svc := splitList " " (include "crm.writeServices" .) }}
-{{- if (index $.Values $svc).enabled }}
-  - {service: {{ $svc }}, role: api, name: {{ $svc }}-api, command: serve, api: true, singleWriter: false, writeService: true}
-  - {service: {{ $svc }}, role: relay, name: {{ $svc }}-relay, command: relay, api: false, singleWriter: true, writeService: true}
-{{- if eq $svc "contacts" }}
-  - {service: contacts, role: follower, name: contacts-follower, command: follow, api: false, singleWriter: false, writeService: true}
+{{- range $s := (include "crm.registry" . | fromJson).services }}
+{{- if (index $.Values $s.name).enabled }}
+{{- range $p := $s.processes }}
+  - {service: {{ $s.name }}, role: {{ $p.role }}, name: {{ $p.name }}, command: {{ $p.command }}, api: {{ $p.api }}, singleWriter: {{ $p.singleWriter }}, writeService: {{ $s.writeService }}}
 {{- end }}
 {{- end }}
-{{- end }}
-{{- if .Values.analytics.enabled }}
-  - {service: analytics, role: api, name: analytics-api, command: serve, api: true, singleWriter: false, writeService: false}
-  - {service: analytics, role: projector, name: analytics-projector, command: project, api: false, singleWriter: true, writeService: false}
 {{- end }}
 {{- end }}
 

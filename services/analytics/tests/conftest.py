@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from contact_events import create_topic
 from pymongo import MongoClient
 from pymongo.database import Database
 
-from crm_analytics.customer360 import Doc
 from crm_analytics.store import connect
 from crm_deploy.stack import Stack
 
@@ -22,14 +22,14 @@ def analytics_servers(local_stack: Stack) -> Stack:
 
 
 @pytest.fixture(scope="session")
-def mongo(local_stack: Stack) -> Iterator[MongoClient[Doc]]:
+def mongo(local_stack: Stack) -> Iterator[MongoClient[dict[str, Any]]]:
     client = connect(local_stack.mongo_url)
     yield client
     client.close()
 
 
 @pytest.fixture
-def database(mongo: MongoClient[Doc]) -> Database[Doc]:
+def database(mongo: MongoClient[dict[str, Any]]) -> Database[Any]:
     """A database of its own per test: no test sees another's documents or offsets."""
     return mongo[f"analytics_{uuid.uuid4().hex[:10]}"]
 

@@ -13,12 +13,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from crm.contacts.v1 import contacts_pb2
 from crm.events.v1 import contacts_pb2 as events_pb2
-from crm_analytics.customer360 import (
-    MembershipChanged,
-    apply_event,
-    apply_membership,
-    apply_rename,
-)
+from crm_analytics.document import MembershipChanged
+from crm_analytics.from_contacts import apply_event, apply_membership, apply_rename
 from crm_common.relay import cloudevent_headers
 from crm_common.telemetry import kafka_headers_with_context
 

@@ -14,7 +14,7 @@ from contact_events import expected_documents as expected_contact_documents
 
 from crm.events.v1 import pipeline_pb2 as events_pb2
 from crm.pipeline.v1 import pipeline_pb2
-from crm_analytics.deals import (
+from crm_analytics.from_pipeline import (
     PIPELINE_PAYLOADS,
     apply_pipeline_definition,
     apply_pipeline_event,

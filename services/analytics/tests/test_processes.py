@@ -43,7 +43,6 @@ from pymongo.database import Database
 from crm.contacts.v1 import contacts_pb2
 from crm.customer360.v1 import customer360_pb2, customer360_pb2_grpc
 from crm.pipeline.v1 import pipeline_pb2
-from crm_analytics.customer360 import Doc
 from crm_analytics.store import PROJECTION
 from crm_common.projection import stored_offsets
 from crm_deploy.process import free_port
@@ -76,7 +75,7 @@ async def published_deals(analytics_servers, published) -> list[Any]:
     return events
 
 
-def env_for(servers: Any, database: Database[Doc], tmp_path: Path, **extra: str) -> dict[str, str]:
+def env_for(servers: Any, database: Database[Any], tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env.update(
         CRM_MONGO_URL=servers.mongo_url,
@@ -122,7 +121,7 @@ async def until(
         await asyncio.sleep(0.05)
 
 
-def documents(database: Database[Doc]) -> dict[str, Doc]:
+def documents(database: Database[Any]) -> dict[str, Any]:
     return {d["_id"]: comparable(d) for d in database.customer360.find()}
 
 

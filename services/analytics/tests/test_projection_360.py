@@ -21,14 +21,13 @@ from contact_events import (
 from pipeline_events import deal_story
 from pymongo.database import Database
 
-from crm_analytics.customer360 import Doc
-from crm_analytics.deals import PIPELINE_PAYLOADS
+from crm_analytics.from_pipeline import PIPELINE_PAYLOADS
 from crm_analytics.store import Customer360Store
 from crm_common.projection import DEAD_LETTERS_COLLECTION, ProjectionConsumer, stored_offsets
 
 
 def projection(
-    servers: Any, database: Database[Doc], topic: str, pipeline_topic: str | None = None, **kw: Any
+    servers: Any, database: Database[Any], topic: str, pipeline_topic: str | None = None, **kw: Any
 ) -> tuple[ProjectionConsumer, Customer360Store]:
     topics = {"contacts": topic}
     if pipeline_topic:
@@ -48,7 +47,7 @@ def projection(
     return consumer, store
 
 
-def documents(database: Database[Doc]) -> dict[str, Doc]:
+def documents(database: Database[Any]) -> dict[str, Any]:
     return {d["_id"]: comparable(d) for d in database.customer360.find()}
 
 

@@ -22,12 +22,12 @@ from contact_events import (
 from pipeline_events import publish as publish_deals
 from pymongo.database import Database
 
+from crm.contacts.v1 import contacts_pb2
 from crm.customer360.v1 import customer360_pb2
 from crm.pipeline.v1 import pipeline_pb2
-from crm_analytics.customer360 import Doc
 from crm_analytics.grpc_api import to_proto
 from crm_analytics.query import Customer360Queries
-from crm_analytics.rest_api import create_app
+from crm_analytics.rest_api import create_app, to_json
 from crm_analytics.store import Customer360Store
 from crm_common.errors import NotFound, ValidationFailed, WaitTimedOut
 from crm_common.projection import ProjectionConsumer
@@ -36,7 +36,7 @@ from crm_common.server import install_error_handlers
 
 @pytest.fixture
 async def running(
-    analytics_servers, database: Database[Doc], topic: str, pipeline_topic: str
+    analytics_servers, database: Database[Any], topic: str, pipeline_topic: str
 ) -> AsyncIterator[Any]:
     """A projector following the test's topics, and the queries over its store."""
     store = Customer360Store(database, topics={"contacts": topic, "pipeline": pipeline_topic})
@@ -302,10 +302,11 @@ async def test_rest_shows_the_deals_and_the_lifetime_revenue(running, http):
         ("Gears", "Signed"),
     ]
 
-    # A customer known only from its deals: kind unspecified, no profile fields.
+    # A customer known only from its deals: kind unset (null), no profile fields.
     await running.sell(deals.opened("solo", 9, "d-9", "5.00"))
     solo = (await http.get("/customers/solo/360", params={"wait_for": "pipeline:9"})).json()
-    assert solo["kind"] == "unspecified"
+    assert solo["kind"] is None
+    assert solo["lifecycle_stage"] is None
     assert "given_name" not in solo and "domain" not in solo
     assert solo["deals"][0]["amount"] == {"amount": "5.00", "currency": "EUR"}
     assert solo["lifetime_won_revenue"] == []
@@ -340,3 +341,78 @@ async def test_grpc_message_carries_the_deals_and_the_revenue(running):
     assert spare.version == 3
     assert spare.kind == pipeline_pb2.OPPORTUNITY_KIND_NEW_BUSINESS
     assert message.positions["pipeline"] == 6
+
+
+def test_a_document_written_before_unset_became_null_reads_as_unset():
+    # Documents written before the change spelled unset "unspecified"; a rebuild
+    # rewrites them, and until then both adapters read it as unset.
+    old = {
+        "_id": "old",
+        "customer_id": "old",
+        "kind": "person",
+        "display_name": "Ada",
+        "given_name": "Ada",
+        "family_name": "",
+        "lifecycle_stage": "unspecified",
+        "tags": [],
+        "custom_fields": {},
+        "owner": "",
+        "channels": [
+            {
+                "channel": "unspecified",
+                "address": "ada@example.com",
+                "preferred": False,
+                "consent": {"status": "unspecified", "source": "", "recorded_at": None},
+            }
+        ],
+        "companies": [],
+        "timeline": [
+            {
+                "entry_id": "d-1:1",
+                "source": "pipeline",
+                "kind": "deal.opened",
+                "summary": "Deal opened",
+                "occurred_at": None,
+                "direction": "unspecified",
+                "channel": "unspecified",
+                "owner": "",
+                "position": 1,
+            }
+        ],
+        "deals": [
+            {
+                "opportunity_id": "d-1",
+                "version": 1,
+                "name": "",
+                "pipeline_id": "",
+                "stage_id": "",
+                "status": "open",
+                "amount": "1.00",
+                "currency": "EUR",
+                "expected_close_date": "",
+                "owner": "",
+                "person_id": "",
+                "company_id": "",
+                "kind": "unspecified",
+                "opened_at": None,
+                "stage_entered_at": None,
+                "closed_on": "",
+                "closed_at": None,
+                "lost_reason": "",
+            }
+        ],
+        "positions": {"contacts": 1, "pipeline": 1},
+    }
+    body = to_json(old)
+    assert body["lifecycle_stage"] is None
+    assert body["channels"][0]["channel"] is None
+    assert body["channels"][0]["consent"]["status"] is None
+    assert (body["timeline"][0]["direction"], body["timeline"][0]["channel"]) == (None, None)
+    assert body["deals"][0]["kind"] is None
+
+    message = to_proto(old)
+    assert message.lifecycle_stage == contacts_pb2.LIFECYCLE_STAGE_UNSPECIFIED
+    assert message.channels[0].channel == contacts_pb2.CHANNEL_UNSPECIFIED
+    assert message.channels[0].consent.status == contacts_pb2.CONSENT_STATUS_UNSPECIFIED
+    assert message.timeline[0].direction == contacts_pb2.DIRECTION_UNSPECIFIED
+    assert message.deals[0].kind == pipeline_pb2.OPPORTUNITY_KIND_UNSPECIFIED

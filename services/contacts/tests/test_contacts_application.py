@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from contacts_support import Clock, log_length, postgres_settings
 
-from crm_common.commands import CommandContext
+from crm_common.commands import Caller
 from crm_common.errors import NotFound, RuleViolated, ValidationFailed, VersionConflict
 from crm_common.settings import Settings
 from crm_contacts.application import ContactsApplication, ContactsService, create_application
@@ -33,8 +33,8 @@ from crm_contacts.inputs import (
 )
 
 
-def ctx(command: str, **kw: Any) -> CommandContext:
-    return CommandContext(command, actor="grace", client="tests", **kw)
+def caller(**kw: Any) -> Caller:
+    return Caller(actor="grace", client="tests", **kw)
 
 
 ADA = NewPerson(
@@ -51,7 +51,7 @@ ADA = NewPerson(
 
 
 async def create(service: ContactsService, new: NewPerson = ADA, **kw: Any) -> str:
-    written = await service.create_person(ctx("CreatePerson", **kw), new)
+    written = await service.create_person(caller(**kw), new)
     return written.outcome.id
 
 
@@ -61,7 +61,7 @@ def profile(view: Any) -> PersonProfile:
 
 
 async def test_a_created_person_is_read_back_as_written(service: ContactsService) -> None:
-    written = await service.create_person(ctx("CreatePerson"), ADA)
+    written = await service.create_person(caller(), ADA)
     assert (written.outcome.version, written.outcome.replayed) == (1, False)
     assert written.outcome.position == log_length(service.app)
 
@@ -86,25 +86,25 @@ async def test_a_created_person_is_read_back_as_written(service: ContactsService
 async def test_a_day_in_the_life_of_a_contact(service: ContactsService, clock: Clock) -> None:
     person_id = await create(service)
     acme = await service.create_company(
-        ctx("CreateCompany"), NewCompany(name="Analytical Engines", domain="engines.example")
+        caller(), NewCompany(name="Analytical Engines", domain="engines.example")
     )
     company_id = acme.outcome.id
 
     linked = await service.link_person_to_company(
-        ctx("LinkPersonToCompany", expected_version=1), CompanyLink(person_id, company_id, "CTO")
+        caller(expected_version=1), CompanyLink(person_id, company_id, "CTO")
     )
     assert linked.outcome.version == 2
     clock.advance(hours=1)
     consent = await service.record_consent(
-        ctx("RecordConsent"),
+        caller(),
         ConsentInput(person_id, "email", "ADA@example.com", "withdrawn", "call:agent-7"),
     )
     logged = await service.log_interaction(
-        ctx("LogInteraction"),
+        caller(),
         InteractionInput(person_id, "call", "outbound", "phone", "demo of the engine"),
     )
     updated = await service.update_person(
-        ctx("UpdatePerson", expected_version=4),
+        caller(expected_version=4),
         PersonChanges(
             person_id,
             frozenset({"lifecycle_stage", "family_name"}),
@@ -113,7 +113,7 @@ async def test_a_day_in_the_life_of_a_contact(service: ContactsService, clock: C
         ),
     )
     renamed = await service.update_company(
-        ctx("UpdateCompany", expected_version=1),
+        caller(expected_version=1),
         CompanyChanges(company_id, frozenset({"name"}), name="Analytical Engines Ltd"),
     )
     positions = [
@@ -151,13 +151,11 @@ async def test_a_day_in_the_life_of_a_contact(service: ContactsService, clock: C
     )
 
     unlinked = await service.unlink_person_from_company(
-        ctx("UnlinkPersonFromCompany"), CompanyUnlink(person_id, company_id)
+        caller(), CompanyUnlink(person_id, company_id)
     )
     assert unlinked.contact.affiliations == ()
     with pytest.raises(RuleViolated):
-        await service.unlink_person_from_company(
-            ctx("UnlinkPersonFromCompany"), CompanyUnlink(person_id, company_id)
-        )
+        await service.unlink_person_from_company(caller(), CompanyUnlink(person_id, company_id))
 
 
 async def test_search_by_name_email_phone_tag_and_kind(service: ContactsService) -> None:
@@ -172,7 +170,7 @@ async def test_search_by_name_email_phone_tag_and_kind(service: ContactsService)
         ),
     )
     lovelace_ltd = (
-        await service.create_company(ctx("CreateCompany"), NewCompany(name="Lovelace Ltd"))
+        await service.create_company(caller(), NewCompany(name="Lovelace Ltd"))
     ).outcome.id
 
     async def ids(**query: Any) -> list[str]:
@@ -196,7 +194,7 @@ async def test_search_by_name_email_phone_tag_and_kind(service: ContactsService)
 async def test_search_follows_every_change(service: ContactsService) -> None:
     ada = await create(service)
     await service.update_person(
-        ctx("UpdatePerson"),
+        caller(),
         PersonChanges(
             ada,
             frozenset({"tags", "channels", "given_name"}),
@@ -262,19 +260,19 @@ async def test_a_stale_expected_version_is_refused_and_writes_nothing(
 ) -> None:
     ada = await create(service)
     await service.update_person(
-        ctx("UpdatePerson", expected_version=1),
+        caller(expected_version=1),
         PersonChanges(ada, frozenset({"given_name"}), given_name="Augusta"),
     )
     before = log_length(service.app)
     with pytest.raises(VersionConflict) as stale:
         await service.update_person(
-            ctx("UpdatePerson", expected_version=1),
+            caller(expected_version=1),
             PersonChanges(ada, frozenset({"given_name"}), given_name="Byron"),
         )
     assert (stale.value.expected, stale.value.actual) == (1, 2)
     with pytest.raises(VersionConflict):
         await service.log_interaction(
-            ctx("LogInteraction", expected_version=3), InteractionInput(ada, "call", summary="x")
+            caller(expected_version=3), InteractionInput(ada, "call", summary="x")
         )
     assert log_length(service.app) == before
     got = await service.get_contact(ada)
@@ -284,9 +282,9 @@ async def test_a_stale_expected_version_is_refused_and_writes_nothing(
 async def test_a_retried_request_id_returns_the_first_outcome_and_writes_nothing(
     service: ContactsService,
 ) -> None:
-    first = await service.create_person(ctx("CreatePerson", request_id="req-1"), ADA)
+    first = await service.create_person(caller(request_id="req-1"), ADA)
     after_first = log_length(service.app)
-    again = await service.create_person(ctx("CreatePerson", request_id="req-1"), ADA)
+    again = await service.create_person(caller(request_id="req-1"), ADA)
     assert (again.outcome.id, again.outcome.version, again.outcome.position) == (
         first.outcome.id,
         first.outcome.version,
@@ -298,15 +296,13 @@ async def test_a_retried_request_id_returns_the_first_outcome_and_writes_nothing
     assert (await service.list_contacts(ContactQuery(email="ada@example.com"))).total_size == 1
 
     call = InteractionInput(first.outcome.id, "call", summary="once")
-    logged = await service.log_interaction(ctx("LogInteraction", request_id="req-2"), call)
-    retried = await service.log_interaction(ctx("LogInteraction", request_id="req-2"), call)
+    logged = await service.log_interaction(caller(request_id="req-2"), call)
+    retried = await service.log_interaction(caller(request_id="req-2"), call)
     assert retried.outcome.extra == logged.outcome.extra
     assert len((await service.get_contact(first.outcome.id)).interactions) == 1
 
     with pytest.raises(ValidationFailed) as reused:
-        await service.create_company(
-            ctx("CreateCompany", request_id="req-1"), NewCompany(name="Acme")
-        )
+        await service.create_company(caller(request_id="req-1"), NewCompany(name="Acme"))
     assert [e.field for e in reused.value.errors] == ["request_id"]
 
 
@@ -314,16 +310,12 @@ async def test_a_won_deal_makes_a_customer_once_and_leaves_an_advocate_alone(
     service: ContactsService,
 ) -> None:
     ada = await create(service, replace(ADA, lifecycle_stage="opportunity"))
-    acme = (await service.create_company(ctx("CreateCompany"), NewCompany(name="Acme"))).outcome
+    acme = (await service.create_company(caller(), NewCompany(name="Acme"))).outcome
     fan = (
-        await service.create_company(
-            ctx("CreateCompany"), NewCompany(name="Fans", lifecycle_stage="advocate")
-        )
+        await service.create_company(caller(), NewCompany(name="Fans", lifecycle_stage="advocate"))
     ).outcome
     for contact_id in (ada, acme.id):
-        won = await service.become_customer(
-            ctx("BecomeCustomer", request_id=f"won-1:{contact_id}"), contact_id
-        )
+        won = await service.become_customer(caller(request_id=f"won-1:{contact_id}"), contact_id)
         assert (won.outcome.replayed, won.outcome.extra) == (False, {"promoted": "true"})
         assert won.contact.profile.lifecycle_stage is LifecycleStage.CUSTOMER
         assert won.contact.version == 2
@@ -332,25 +324,25 @@ async def test_a_won_deal_makes_a_customer_once_and_leaves_an_advocate_alone(
     assert [c.profile.lifecycle_stage for c in found.contacts] == [LifecycleStage.CUSTOMER]
 
     length = log_length(service.app)
-    again = await service.become_customer(ctx("BecomeCustomer", request_id=f"won-1:{ada}"), ada)
+    again = await service.become_customer(caller(request_id=f"won-1:{ada}"), ada)
     assert (again.outcome.replayed, again.outcome.version) == (True, 2)
     assert again.outcome.extra == {"promoted": "true"}
     # A second deal won: already a customer, nothing recorded but the receipt.
-    second = await service.become_customer(ctx("BecomeCustomer", request_id=f"won-2:{ada}"), ada)
+    second = await service.become_customer(caller(request_id=f"won-2:{ada}"), ada)
     assert (second.outcome.version, second.outcome.extra) == (2, {"promoted": "false"})
-    advocate = await service.become_customer(ctx("BecomeCustomer"), fan.id)
+    advocate = await service.become_customer(caller(), fan.id)
     assert advocate.contact.profile.lifecycle_stage is LifecycleStage.ADVOCATE
     assert advocate.contact.version == 1
     assert log_length(service.app) == length + 1  # the second request's receipt
 
     with pytest.raises(NotFound):
-        await service.become_customer(ctx("BecomeCustomer"), "9c1f0b1e-0000-4000-8000-000000000000")
+        await service.become_customer(caller(), "9c1f0b1e-0000-4000-8000-000000000000")
     assert log_length(service.app) == length + 1
 
 
 async def test_concurrent_retries_of_one_request_write_once(service: ContactsService) -> None:
     results = await asyncio.gather(
-        *(service.create_person(ctx("CreatePerson", request_id="burst"), ADA) for _ in range(8))
+        *(service.create_person(caller(request_id="burst"), ADA) for _ in range(8))
     )
     assert len({r.outcome.id for r in results}) == 1
     assert sorted(r.outcome.replayed for r in results) == [False] + [True] * 7
@@ -364,7 +356,7 @@ async def test_bad_input_and_unknown_ids_write_nothing(service: ContactsService)
 
     with pytest.raises(ValidationFailed) as refused:
         await service.create_person(
-            ctx("CreatePerson"),
+            caller(),
             replace(
                 ADA,
                 given_name="X" * 201,
@@ -378,26 +370,24 @@ async def test_bad_input_and_unknown_ids_write_nothing(service: ContactsService)
         "channels[0].address",
     ]
     with pytest.raises(ValidationFailed):
-        await service.update_person(
-            ctx("UpdatePerson"), PersonChanges(ada, frozenset({"lifecycle_stage"}))
-        )
+        await service.update_person(caller(), PersonChanges(ada, frozenset({"lifecycle_stage"})))
     with pytest.raises(RuleViolated):
         await service.update_person(
-            ctx("UpdatePerson"),
+            caller(),
             PersonChanges(ada, frozenset({"lifecycle_stage"}), lifecycle_stage="subscriber"),
         )
     with pytest.raises(NotFound):
         await service.log_interaction(
-            ctx("LogInteraction"), InteractionInput(missing, "call", summary="to nobody")
+            caller(), InteractionInput(missing, "call", summary="to nobody")
         )
     with pytest.raises(NotFound):
-        await service.link_person_to_company(ctx("Link"), CompanyLink(ada, missing, "CTO"))
+        await service.link_person_to_company(caller(), CompanyLink(ada, missing, "CTO"))
     with pytest.raises(NotFound):
         # A person is not a company.
-        await service.link_person_to_company(ctx("Link"), CompanyLink(ada, ada, "CTO"))
+        await service.link_person_to_company(caller(), CompanyLink(ada, ada, "CTO"))
     with pytest.raises(NotFound):
         await service.update_company(
-            ctx("UpdateCompany"), CompanyChanges(ada, frozenset({"name"}), name="Acme")
+            caller(), CompanyChanges(ada, frozenset({"name"}), name="Acme")
         )
     with pytest.raises(NotFound):
         await service.get_contact("not-a-uuid")
@@ -411,7 +401,7 @@ async def test_a_change_that_changes_nothing_records_nothing(service: ContactsSe
     ada = await create(service)
     before = log_length(service.app)
     same = await service.update_person(
-        ctx("UpdatePerson", expected_version=1),
+        caller(expected_version=1),
         PersonChanges(ada, frozenset({"tags"}), tags=["vip"]),
     )
     assert (same.outcome.version, log_length(service.app)) == (1, before)
@@ -425,11 +415,11 @@ async def test_a_restarted_application_sees_everything(
     try:
         ada = await create(first, request_id="ada-once")
         acme = (
-            await first.create_company(ctx("CreateCompany"), NewCompany(name="Acme", tags=["b2b"]))
+            await first.create_company(caller(), NewCompany(name="Acme", tags=["b2b"]))
         ).outcome.id
-        await first.link_person_to_company(ctx("Link"), CompanyLink(ada, acme, "buyer"))
+        await first.link_person_to_company(caller(), CompanyLink(ada, acme, "buyer"))
         clock.advance(minutes=5)
-        await first.log_interaction(ctx("Log"), InteractionInput(ada, "visit", summary="tea"))
+        await first.log_interaction(caller(), InteractionInput(ada, "visit", summary="tea"))
         before = await first.get_contact(ada)
     finally:
         first.close()
@@ -442,7 +432,7 @@ async def test_a_restarted_application_sees_everything(
         ]
         [found] = (await second.list_contacts(ContactQuery(email="ada@example.com"))).contacts
         assert (found.id, found.version, found.affiliations) == (ada, 3, before.affiliations)
-        replay = await second.create_person(ctx("CreatePerson", request_id="ada-once"), ADA)
+        replay = await second.create_person(caller(request_id="ada-once"), ADA)
         assert (replay.outcome.id, replay.outcome.replayed) == (ada, True)
         assert replay.outcome.position == (await first_position(second, ada))
     finally:
@@ -464,7 +454,7 @@ async def test_interactions_logged_late_show_in_time_order(
     ada = await create(service)
     for summary, hours_ago in [("newest", 0), ("oldest", 48), ("middle", 24)]:
         await service.log_interaction(
-            ctx("LogInteraction"),
+            caller(),
             InteractionInput(
                 ada, "mail", summary=summary, occurred_at=clock.now - timedelta(hours=hours_ago)
             ),
@@ -484,12 +474,12 @@ async def test_a_second_replica_finds_what_the_first_one_wrote(
         [found] = (await two.list_contacts(ContactQuery(email="ada@example.com"))).contacts
         assert found.id == ada
         await two.update_person(
-            ctx("UpdatePerson", expected_version=1),
+            caller(expected_version=1),
             PersonChanges(ada, frozenset({"tags"}), tags=["board"]),
         )
         with pytest.raises(VersionConflict):
             await one.update_person(
-                ctx("UpdatePerson", expected_version=1),
+                caller(expected_version=1),
                 PersonChanges(ada, frozenset({"tags"}), tags=["stale"]),
             )
         [moved] = (await one.list_contacts(ContactQuery(tag="board"))).contacts

@@ -11,13 +11,9 @@ from contacts_support import Clock
 
 from crm.contacts.v1 import contacts_pb2 as pb
 from crm.events.v1 import contacts_pb2 as events_pb
-from crm_analytics.customer360 import (
-    MembershipChanged,
-    apply_event,
-    apply_membership,
-    apply_rename,
-)
-from crm_common.commands import CommandContext
+from crm_analytics.document import MembershipChanged
+from crm_analytics.from_contacts import apply_event, apply_membership, apply_rename
+from crm_common.commands import Caller
 from crm_contacts import domain
 from crm_contacts.application import ContactsService
 from crm_contacts.events_out import PROTO_MESSAGE, UnpublishableEvent, contact_event, to_wire
@@ -46,14 +42,14 @@ def domain_event_types() -> set[str]:
     return names - {"Event", "Created"}
 
 
-def ctx(command: str, **kw: Any) -> CommandContext:
-    return CommandContext(command, actor="grace", client="crm-web", **kw)
+def caller(**kw: Any) -> Caller:
+    return Caller(actor="grace", client="crm-web", **kw)
 
 
 async def story(service: ContactsService, clock: Clock) -> dict[str, str]:
     """Every kind of write, the way a user would make them."""
     ada = await service.create_person(
-        ctx("CreatePerson", request_id="story-ada"),
+        caller(request_id="story-ada"),
         NewPerson(
             given_name="Ada",
             family_name="Lovelace",
@@ -70,27 +66,25 @@ async def story(service: ContactsService, clock: Clock) -> dict[str, str]:
     clock.advance(minutes=1)
     engines = (
         await service.create_company(
-            ctx("CreateCompany"),
+            caller(),
             NewCompany(name="Analytical Engines", domain="engines.example", tags=["b2b"]),
         )
     ).outcome.id
-    society = (
-        await service.create_company(ctx("CreateCompany"), NewCompany(name="Royal Society"))
-    ).outcome.id
-    await service.link_person_to_company(ctx("Link"), CompanyLink(person, engines, "CTO"))
-    await service.link_person_to_company(ctx("Link"), CompanyLink(person, society, "fellow"))
-    await service.unlink_person_from_company(ctx("Unlink"), CompanyUnlink(person, society))
+    society = (await service.create_company(caller(), NewCompany(name="Royal Society"))).outcome.id
+    await service.link_person_to_company(caller(), CompanyLink(person, engines, "CTO"))
+    await service.link_person_to_company(caller(), CompanyLink(person, society, "fellow"))
+    await service.unlink_person_from_company(caller(), CompanyUnlink(person, society))
     clock.advance(minutes=1)
     await service.record_consent(
-        ctx("RecordConsent"),
+        caller(),
         ConsentInput(person, "phone", "+442079460018", "granted", "call:agent-7"),
     )
     await service.log_interaction(
-        ctx("LogInteraction"),
+        caller(),
         InteractionInput(person, "call", "outbound", "phone", "demo of the engine", owner="grace"),
     )
     await service.log_interaction(
-        ctx("LogInteraction"),
+        caller(),
         InteractionInput(
             person,
             "mail",
@@ -101,7 +95,7 @@ async def story(service: ContactsService, clock: Clock) -> dict[str, str]:
         ),
     )
     await service.update_person(
-        ctx("UpdatePerson"),
+        caller(),
         PersonChanges(
             person,
             frozenset({"lifecycle_stage", "tags"}),
@@ -110,11 +104,11 @@ async def story(service: ContactsService, clock: Clock) -> dict[str, str]:
         ),
     )
     await service.update_company(
-        ctx("UpdateCompany"),
+        caller(),
         CompanyChanges(engines, frozenset({"name"}), name="Analytical Engines Ltd"),
     )
     await service.log_interaction(
-        ctx("LogInteraction"), InteractionInput(engines, "visit", summary="factory tour")
+        caller(), InteractionInput(engines, "visit", summary="factory tour")
     )
     return {"person": person, "engines": engines, "society": society}
 

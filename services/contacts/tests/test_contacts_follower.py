@@ -25,7 +25,7 @@ from contacts_support import log_length, sqlite_settings
 
 from crm.events.v1 import pipeline_pb2 as events_pb
 from crm.pipeline.v1 import pipeline_pb2 as pipeline_pb
-from crm_common.commands import CommandContext
+from crm_common.commands import Caller
 from crm_common.relay import cloudevent_headers
 from crm_contacts.application import ContactsService, create_application
 from crm_contacts.follower import OpportunityFollower
@@ -35,7 +35,7 @@ from crm_deploy.stack import Stack
 from crm_deploy.testing import clean_environment, start_process, stop_gracefully
 
 PARTITIONS = 3
-CTX = CommandContext("Test", actor="grace", client="follower-test")
+GRACE = Caller(actor="grace", client="follower-test")
 
 
 # -- publishing pipeline events as the relay does ------------------------------------
@@ -183,14 +183,14 @@ async def follow(
 
 async def person_at(service: ContactsService, stage: str) -> str:
     written = await service.create_person(
-        CTX, NewPerson(given_name="Ada", family_name=uuid.uuid4().hex[:6], lifecycle_stage=stage)
+        GRACE, NewPerson(given_name="Ada", family_name=uuid.uuid4().hex[:6], lifecycle_stage=stage)
     )
     return written.outcome.id
 
 
 async def company_at(service: ContactsService, stage: str) -> str:
     written = await service.create_company(
-        CTX, NewCompany(name=f"Engines {uuid.uuid4().hex[:6]}", lifecycle_stage=stage)
+        GRACE, NewCompany(name=f"Engines {uuid.uuid4().hex[:6]}", lifecycle_stage=stage)
     )
     return written.outcome.id
 
@@ -252,7 +252,7 @@ async def test_a_contact_further_along_is_left_as_it_is_and_others_come_back(
     customer = await company_at(service, "customer")
     churned = await person_at(service, "customer")  # once a customer, then churned
     await service.update_person(
-        CTX,
+        GRACE,
         PersonChanges(id=churned, fields=frozenset({"lifecycle_stage"}), lifecycle_stage="churned"),
     )
     lost = await company_at(service, "lost")

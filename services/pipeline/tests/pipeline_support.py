@@ -8,13 +8,13 @@ from pathlib import Path
 
 import psycopg
 
-from crm_common.commands import CommandContext
+from crm_common.commands import Caller
 from crm_common.errors import NotFound
 from crm_common.settings import Settings
 from crm_contacts.application import ContactsService
 from crm_contacts.inputs import ChannelInput, CompanyLink, NewCompany, NewPerson
 from crm_pipeline.application import CompanyToRegister, PersonToRegister
-from crm_pipeline.domain import StageSpec
+from crm_pipeline.inputs import StageInput
 
 POSTGRES = {
     "host": "127.0.0.1",
@@ -70,7 +70,7 @@ class InProcessContacts:
         self.calls += 1
         channels = [ChannelInput("email", person.email)] if person.email else []
         written = await self.service.create_person(
-            CommandContext("CreatePerson", request_id=request_id, client="pipeline"),
+            Caller(client="pipeline", request_id=request_id),
             NewPerson(
                 given_name=person.given_name,
                 family_name=person.family_name,
@@ -84,7 +84,7 @@ class InProcessContacts:
     async def register_company(self, company: CompanyToRegister, request_id: str | None) -> str:
         self.calls += 1
         written = await self.service.create_company(
-            CommandContext("CreateCompany", request_id=request_id, client="pipeline"),
+            Caller(client="pipeline", request_id=request_id),
             NewCompany(name=company.name, lifecycle_stage="opportunity", owner=company.owner),
         )
         return written.outcome.id
@@ -94,17 +94,17 @@ class InProcessContacts:
     ) -> None:
         self.calls += 1
         await self.service.link_person_to_company(
-            CommandContext("LinkPersonToCompany", request_id=request_id, client="pipeline"),
+            Caller(client="pipeline", request_id=request_id),
             CompanyLink(person_id, company_id, "buyer"),
         )
 
 
 STAGES = [
-    StageSpec("qualify", "Qualify", "10", "pipeline"),
-    StageSpec("propose", "Propose", "40", "best_case"),
-    StageSpec("negotiate", "Negotiate", "70", "commit"),
-    StageSpec("won", "Won", "100", "closed_won"),
-    StageSpec("lost", "Lost", "0", "closed_lost"),
+    StageInput("qualify", "Qualify", "10", "pipeline"),
+    StageInput("propose", "Propose", "40", "best_case"),
+    StageInput("negotiate", "Negotiate", "70", "commit"),
+    StageInput("won", "Won", "100", "closed_won"),
+    StageInput("lost", "Lost", "0", "closed_lost"),
 ]
 
 

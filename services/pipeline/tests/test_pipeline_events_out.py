@@ -17,18 +17,10 @@ from pipeline_support import STAGES, Clock, InProcessContacts, sqlite_settings
 
 from crm.events.v1 import pipeline_pb2 as events_pb
 from crm.pipeline.v1 import pipeline_pb2 as pb
-from crm_common.commands import CommandContext
+from crm_common.commands import Caller
 from crm_contacts.application import ContactsService
 from crm_contacts.application import create_application as create_contacts
-from crm_pipeline.application import (
-    LeadConversion,
-    NewActivity,
-    NewLead,
-    NewOpportunity,
-    PipelineService,
-    create_application,
-)
-from crm_pipeline.domain import LineItemSpec, StageSpec
+from crm_pipeline.application import PipelineService, create_application
 from crm_pipeline.events_out import (
     PAYLOADS,
     PROTO_MESSAGE,
@@ -36,10 +28,18 @@ from crm_pipeline.events_out import (
     pipeline_event,
     to_wire,
 )
+from crm_pipeline.inputs import (
+    LeadConversion,
+    LineItemInput,
+    NewActivity,
+    NewLead,
+    NewOpportunity,
+    StageInput,
+)
 
 
-def ctx(command: str, request_id: str | None = None) -> CommandContext:
-    return CommandContext(command, request_id=request_id, actor="ann", client="web")
+def ctx(command: str, request_id: str | None = None) -> Caller:
+    return Caller(actor="ann", client="web", request_id=request_id)
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ async def published(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
     )
     try:
         p = (await service.define_pipeline(ctx("DefinePipeline"), "Sales", STAGES)).outcome.id
-        await service.add_stage(ctx("AddStage"), p, StageSpec("demo", "Demo", "25", "pipeline"))
+        await service.add_stage(ctx("AddStage"), p, StageInput("demo", "Demo", "25", "pipeline"))
         await service.rename_stage(ctx("RenameStage"), p, "demo", "Product demo")
         await service.change_stage_settings(ctx("ChangeStageSettings"), p, "demo", "30", "pipeline")
         await service.reorder_stages(
@@ -81,7 +81,7 @@ async def published(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
         clock.advance(hours=1)
         await service.change_amount(ctx("ChangeAmount"), deal, "13000", "EUR")
         await service.set_line_items(
-            ctx("SetLineItems"), deal, [LineItemSpec("sku-1", "Seat", "10", "1300", "0")]
+            ctx("SetLineItems"), deal, [LineItemInput("sku-1", "Seat", "10", "1300", "0")]
         )
         await service.change_expected_close_date(ctx("ChangeExpectedCloseDate"), deal, "2026-04-15")
         await service.reassign_opportunity(ctx("ReassignOpportunity"), deal, "chen")

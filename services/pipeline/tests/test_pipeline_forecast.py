@@ -18,10 +18,11 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
+import checked
 import pytest
 
 from crm_common.errors import ValidationFailed
-from crm_pipeline.domain import Activity, Lead, Opportunity, Pipeline, StageSpec
+from crm_pipeline.domain import Activity, Opportunity, Pipeline
 from crm_pipeline.forecast import (
     ForecastRow,
     forecast,
@@ -29,6 +30,7 @@ from crm_pipeline.forecast import (
     overdue_follow_ups,
     win_rate,
 )
+from crm_pipeline.inputs import StageInput
 from crm_pipeline.read_model import activity_info, deal_info, pipeline_info
 
 
@@ -37,11 +39,11 @@ def day(month: int, dom: int, hour: int = 9) -> datetime:
 
 
 STAGES = [
-    StageSpec("qualify", "Qualify", "10", "pipeline"),
-    StageSpec("propose", "Propose", "40", "best_case"),
-    StageSpec("negotiate", "Negotiate", "70", "commit"),
-    StageSpec("won", "Won", "100", "closed_won"),
-    StageSpec("lost", "Lost", "0", "closed_lost"),
+    StageInput("qualify", "Qualify", "10", "pipeline"),
+    StageInput("propose", "Propose", "40", "best_case"),
+    StageInput("negotiate", "Negotiate", "70", "commit"),
+    StageInput("won", "Won", "100", "closed_won"),
+    StageInput("lost", "Lost", "0", "closed_lost"),
 ]
 
 
@@ -53,7 +55,7 @@ def deal(
     expected: date,
     currency: str = "EUR",
 ) -> Opportunity:
-    return Opportunity.open(
+    return checked.open_deal(
         pipeline=pipeline,
         name=f"{owner} {amount}",
         customer_id=f"customer-{owner}",
@@ -70,7 +72,7 @@ def deal(
 
 @pytest.fixture
 def small() -> tuple[Pipeline, list[Opportunity]]:
-    p = Pipeline.define("Direct", STAGES)
+    p = checked.define_pipeline("Direct", STAGES)
     d1 = deal(p, "ann", "1000.05", day(1, 5), date(2026, 3, 31))
     d2 = deal(p, "ann", "2000", day(1, 5), date(2026, 3, 15))
     d2.change_stage(p, "propose", day(1, 10))
@@ -80,7 +82,7 @@ def small() -> tuple[Pipeline, list[Opportunity]]:
     d3.win(p, day(2, 2))
     d4 = deal(p, "bob", "500", day(1, 5), date(2026, 2, 1))
     d4.change_stage(p, "propose", day(1, 8))
-    d4.lose(p, "price", day(1, 20))
+    checked.lose(d4, p, "price", day(1, 20))
     d5 = deal(p, "ann", "1234.56", day(1, 6), date(2026, 4, 10))
     d5.change_stage(p, "negotiate", day(1, 9))
     d5.change_stage(p, "propose", day(1, 14))
@@ -141,7 +143,7 @@ def test_forecast_by_quarter_with_owner_and_date_filters(small: Any) -> None:
 
 def test_re_weighting_a_stage_re_weights_the_forecast(small: Any) -> None:
     p, deals = small
-    p.change_stage_settings("propose", "55", "commit")
+    checked.change_stage_settings(p, "propose", "55", "commit")
     rows = forecast([deal_info(deals[1])], {str(p.id): pipeline_info(p)})
     assert [(r.category, r.weighted_amount) for r in rows] == [("commit", Decimal("1100.00"))]
 
@@ -202,25 +204,25 @@ def test_win_rate_and_cycle_length(small: Any) -> None:
 
 
 def test_overdue_follow_ups_per_owner_most_overdue_first() -> None:
-    p = Pipeline.define("Direct", STAGES)
+    p = checked.define_pipeline("Direct", STAGES)
     opportunity = deal(p, "ann", "100", day(1, 5), date(2026, 3, 1))
-    lead = Lead.create(
+    lead = checked.create_lead(
         family_name="Lovelace", email="a@example.org", source="web", owner="bob", at=day(1, 1)
     )
 
     def task(subject: Any, owner: str, due: datetime, title: str) -> Activity:
-        return Activity.schedule(
+        return checked.schedule_activity(
             subject=subject, kind="task", title=title, owner=owner, due_at=due, at=day(1, 5)
         )
 
     late = task(opportunity, "ann", day(1, 18), "send contract")
     done = task(opportunity, "ann", day(1, 19), "call back")
-    done.complete("called", day(1, 19))
+    checked.complete(done, "called", day(1, 19))
     later = task(opportunity, "ann", day(1, 12), "send quote")
     on_time = task(lead, "bob", day(1, 20, 12), "intro call")
     stale = task(lead, "bob", day(1, 10), "first mail")
     dropped = task(lead, "bob", day(1, 3), "old idea")
-    dropped.cancel("not needed", day(1, 4))
+    checked.cancel(dropped, "not needed", day(1, 4))
     future = task(lead, "chen", day(1, 25), "demo")
     activities = [activity_info(a) for a in (late, done, later, on_time, stale, dropped, future)]
     now = day(1, 20, 12)
@@ -258,7 +260,7 @@ class Script:
 
 def seeded(seed: int, count: int) -> tuple[Pipeline, list[Opportunity], list[Script]]:
     rng = random.Random(seed)
-    p = Pipeline.define("Seeded", STAGES)
+    p = checked.define_pipeline("Seeded", STAGES)
     deals, scripts = [], []
     for _ in range(count):
         opened = day(1, 1) + timedelta(hours=rng.randrange(0, 24 * 60))
@@ -271,7 +273,7 @@ def seeded(seed: int, count: int) -> tuple[Pipeline, list[Opportunity], list[Scr
         )
         first = rng.choice(OPEN)
         script.path.append((first, opened, False))
-        opportunity = Opportunity.open(
+        opportunity = checked.open_deal(
             pipeline=p,
             name="deal",
             customer_id="c",
@@ -292,7 +294,7 @@ def seeded(seed: int, count: int) -> tuple[Pipeline, list[Opportunity], list[Scr
                 script.path.append(("won", now, False))
                 script.closed = now.date()
             elif current in OPEN and roll < 0.3:
-                opportunity.lose(p, "no", now)
+                checked.lose(opportunity, p, "no", now)
                 script.path.append(("lost", now, False))
                 script.closed = now.date()
             elif current not in OPEN:

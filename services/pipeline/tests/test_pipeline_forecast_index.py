@@ -19,13 +19,14 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import checked
 import pytest
 from pipeline_support import Clock, sqlite_settings
 
-from crm_common.commands import CommandContext
+from crm_common.commands import Caller
 from crm_common.errors import CrmError, ValidationFailed
-from crm_pipeline.application import NewOpportunity, PipelineService, create_application
-from crm_pipeline.domain import Opportunity, Pipeline, StageSpec
+from crm_pipeline.application import PipelineService, create_application
+from crm_pipeline.domain import Opportunity, Pipeline
 from crm_pipeline.forecast import (
     ForecastIndex,
     FunnelIndex,
@@ -35,21 +36,22 @@ from crm_pipeline.forecast import (
     funnel,
     funnel_entry,
 )
+from crm_pipeline.inputs import ForecastQuery, NewOpportunity, StageInput
 from crm_pipeline.read_model import deal_info, pipeline_info
 
 DIRECT = [
-    StageSpec("qualify", "Qualify", "10", "pipeline"),
-    StageSpec("propose", "Propose", "40", "best_case"),
-    StageSpec("negotiate", "Negotiate", "70", "commit"),
-    StageSpec("won", "Won", "100", "closed_won"),
-    StageSpec("lost", "Lost", "0", "closed_lost"),
+    StageInput("qualify", "Qualify", "10", "pipeline"),
+    StageInput("propose", "Propose", "40", "best_case"),
+    StageInput("negotiate", "Negotiate", "70", "commit"),
+    StageInput("won", "Won", "100", "closed_won"),
+    StageInput("lost", "Lost", "0", "closed_lost"),
 ]
 RENEWALS = [
-    StageSpec("review", "Review", "50", "best_case"),
-    StageSpec("quote", "Quote", "80", "commit"),
-    StageSpec("parked", "Parked", "5", "omitted"),
-    StageSpec("renewed", "Renewed", "100", "closed_won"),
-    StageSpec("churned", "Churned", "0", "closed_lost"),
+    StageInput("review", "Review", "50", "best_case"),
+    StageInput("quote", "Quote", "80", "commit"),
+    StageInput("parked", "Parked", "5", "omitted"),
+    StageInput("renewed", "Renewed", "100", "closed_won"),
+    StageInput("churned", "Churned", "0", "closed_lost"),
 ]
 OWNERS = ["ann", "bob", "chen", "dana"]
 CURRENCIES = ["EUR", "EUR", "USD", "JPY"]
@@ -110,7 +112,10 @@ class Workload:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
         self.now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
-        self.pipelines = [Pipeline.define("Direct", DIRECT), Pipeline.define("Renewals", RENEWALS)]
+        self.pipelines = [
+            checked.define_pipeline("Direct", DIRECT),
+            checked.define_pipeline("Renewals", RENEWALS),
+        ]
         self.deals: list[Opportunity] = []
         self.added = 0
 
@@ -134,7 +139,7 @@ class Workload:
         pipeline = rng.choice(self.pipelines)
         currency = rng.choice(CURRENCIES)
         amount = rng.randrange(0, 10**7)
-        deal = Opportunity.open(
+        deal = checked.open_deal(
             pipeline=pipeline,
             name="deal",
             customer_id=f"customer-{rng.randrange(50)}",
@@ -160,7 +165,8 @@ class Workload:
         elif action == "amount":
             digits = {"JPY": 0}.get(deal.amount.currency, 2)
             value = rng.randrange(0, 10**7)
-            deal.change_amount(
+            checked.change_amount(
+                deal,
                 str(value) if digits == 0 else f"{value // 100}.{value % 100:02d}",
                 deal.amount.currency,
                 self.now,
@@ -170,11 +176,11 @@ class Workload:
                 deal.opened_at.date() + timedelta(days=rng.randrange(0, 200)), self.now
             )
         elif action == "owner":
-            deal.reassign(rng.choice(OWNERS), self.now)
+            checked.reassign(deal, rng.choice(OWNERS), self.now)
         elif action == "win":
             deal.win(pipeline, self.now)
         else:
-            deal.lose(pipeline, "price", self.now)
+            checked.lose(deal, pipeline, "price", self.now)
         return deal
 
     def _change_pipeline(self, pipeline: Pipeline) -> None:
@@ -182,8 +188,11 @@ class Workload:
         open_stages = [s for s in pipeline.order if pipeline.stages[s].is_open]
         action = rng.choice(["weight", "weight", "reorder", "add", "retire"])
         if action == "weight":
-            pipeline.change_stage_settings(
-                rng.choice(open_stages), str(rng.randrange(0, 101)), rng.choice(OPEN_CATEGORIES)
+            checked.change_stage_settings(
+                pipeline,
+                rng.choice(open_stages),
+                str(rng.randrange(0, 101)),
+                rng.choice(OPEN_CATEGORIES),
             )
         elif action == "reorder":
             order = list(pipeline.order)
@@ -191,8 +200,9 @@ class Workload:
             pipeline.reorder_stages(order)
         elif action == "add":
             self.added += 1
-            pipeline.add_stage(
-                StageSpec(f"extra-{self.added}", "Extra", "25", rng.choice(OPEN_CATEGORIES)),
+            checked.add_stage(
+                pipeline,
+                StageInput(f"extra-{self.added}", "Extra", "25", rng.choice(OPEN_CATEGORIES)),
                 rng.randrange(0, len(pipeline.order) + 1),
             )
         else:
@@ -223,9 +233,9 @@ def test_the_indexes_give_the_figures_of_every_deal_through_a_random_workload(se
 
 
 def test_recording_a_deal_again_replaces_what_it_counted() -> None:
-    pipeline = Pipeline.define("Direct", DIRECT)
+    pipeline = checked.define_pipeline("Direct", DIRECT)
     at = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
-    deal = Opportunity.open(
+    deal = checked.open_deal(
         pipeline=pipeline,
         name="Fleet",
         customer_id="c",
@@ -248,7 +258,7 @@ def test_recording_a_deal_again_replaces_what_it_counted() -> None:
         "1000.00",
     )
     deal.change_stage(pipeline, "negotiate", at + timedelta(days=2))
-    deal.reassign("bob", at + timedelta(days=3))
+    checked.reassign(deal, "bob", at + timedelta(days=3))
     deal.win(pipeline, at + timedelta(days=40))
     forecasts.put(str(deal.id), forecast_entry(deal_info(deal)))
     funnels.put(str(deal.id), funnel_entry(deal_info(deal)))
@@ -286,8 +296,8 @@ def test_the_index_refuses_what_forecast_refuses() -> None:
 # -- through the service, over a real store ------------------------------------------------------
 
 
-def ctx(command: str) -> CommandContext:
-    return CommandContext(command, actor="ann", client="test")
+def ctx(command: str) -> Caller:
+    return Caller(actor="ann", client="test")
 
 
 async def test_the_service_answers_from_the_index_what_every_deal_gives(
@@ -350,11 +360,11 @@ async def test_the_service_answers_from_the_index_what_every_deal_gives(
                 deals, pipelines, _ = service.read_model.snapshot()
                 for period in ("month", "quarter"):
                     for owner in ("", "ann"):
-                        got = await service.get_forecast(period=period, owner=owner)
+                        got = await service.get_forecast(ForecastQuery(period=period, owner=owner))
                         want = forecast(deals, pipelines, period=period, owner=owner or None)
                         assert got == want
                     cut = await service.get_forecast(
-                        period=period, start="2026-02-10", end="2026-04-20"
+                        ForecastQuery(period=period, start="2026-02-10", end="2026-04-20")
                     )
                     assert cut == forecast(
                         deals,
@@ -367,7 +377,7 @@ async def test_the_service_answers_from_the_index_what_every_deal_gives(
                     deals, pipelines[pipeline_id]
                 )
         followed = (
-            await service.get_forecast(period="quarter"),
+            await service.get_forecast(ForecastQuery(period="quarter")),
             await service.get_funnel(pipeline_id),
         )
     finally:
@@ -376,7 +386,7 @@ async def test_the_service_answers_from_the_index_what_every_deal_gives(
     rebuilt = PipelineService(create_application(settings), clock=clock)
     try:
         assert followed == (
-            await rebuilt.get_forecast(period="quarter"),
+            await rebuilt.get_forecast(ForecastQuery(period="quarter")),
             await rebuilt.get_funnel(pipeline_id),
         )
         assert followed[1].deals == len(deal_ids) > 40

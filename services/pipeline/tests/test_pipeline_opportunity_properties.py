@@ -22,22 +22,16 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import checked
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from crm_common.errors import CrmError, RuleViolated, ValidationFailed
+from crm_common.money import CURRENCIES, round_money
 from crm_pipeline.application import PipelineApplication
-from crm_pipeline.domain import (
-    CLOSED_LOST,
-    CLOSED_WON,
-    OPEN_CATEGORIES,
-    LineItemSpec,
-    Opportunity,
-    Pipeline,
-    StageSpec,
-)
-from crm_pipeline.money import CURRENCIES, round_money
+from crm_pipeline.domain import CLOSED_LOST, CLOSED_WON, OPEN_CATEGORIES, Opportunity, Pipeline
+from crm_pipeline.inputs import LineItemInput, StageInput
 
 T0 = datetime(2026, 3, 2, 8, 30, tzinfo=UTC)
 MAPPER = PipelineApplication(env={"PERSISTENCE_MODULE": "eventsourcing.popo"}).mapper
@@ -56,7 +50,7 @@ reasons = st.sampled_from(["", "  ", "price", "timing", "competitor"])
 owners = st.sampled_from(["", "ann", "bob", "chen"])
 line_specs = st.lists(
     st.builds(
-        LineItemSpec,
+        LineItemInput,
         product_id=st.sampled_from(["", "sku-1", "sku-2", "sku-3"]),
         product_name=st.just("Product"),
         quantity=st.one_of(
@@ -90,14 +84,14 @@ class OpportunityMachine(RuleBasedStateMachine):
 
     @initialize(amount=st.decimals(min_value=0, max_value=10**6, places=2), currency=currencies)
     def open_deal(self, amount: Decimal, currency: str) -> None:
-        self.pipeline = Pipeline.define(
+        self.pipeline = checked.define_pipeline(
             "Sales",
             [
-                StageSpec("qualify", "Qualify", "10", "pipeline"),
-                StageSpec("propose", "Propose", "40", "best_case"),
-                StageSpec("negotiate", "Negotiate", "75", "commit"),
-                StageSpec("won", "Won", "100", "closed_won"),
-                StageSpec("lost", "Lost", "0", "closed_lost"),
+                StageInput("qualify", "Qualify", "10", "pipeline"),
+                StageInput("propose", "Propose", "40", "best_case"),
+                StageInput("negotiate", "Negotiate", "75", "commit"),
+                StageInput("won", "Won", "100", "closed_won"),
+                StageInput("lost", "Lost", "0", "closed_lost"),
             ],
         )
         self.pipeline_events = self.pipeline.collect_events()
@@ -105,7 +99,7 @@ class OpportunityMachine(RuleBasedStateMachine):
         self.added = 0
         currency = currency if currency in CURRENCIES else "EUR"
         amount = round_money(amount, currency)
-        self.deal = Opportunity.open(
+        self.deal = checked.open_deal(
             pipeline=self.pipeline,
             name="Deal",
             customer_id="customer-1",
@@ -173,7 +167,7 @@ class OpportunityMachine(RuleBasedStateMachine):
     @rule(step=hours, reason=reasons)
     def lose(self, step: int, reason: str) -> None:
         was_closed = self.deal.is_closed
-        error = self.run(lambda: self.deal.lose(self.pipeline, reason, self.when(step)))
+        error = self.run(lambda: checked.lose(self.deal, self.pipeline, reason, self.when(step)))
         if was_closed:
             assert error is not None
         if error is None:
@@ -193,17 +187,20 @@ class OpportunityMachine(RuleBasedStateMachine):
     @rule(amount=amounts, currency=currencies, step=hours)
     def change_amount(self, amount: Any, currency: str, step: int) -> None:
         was_closed = self.deal.is_closed
-        error = self.run(lambda: self.deal.change_amount(amount, currency, self.when(step)))
+        error = self.run(
+            lambda: checked.change_amount(self.deal, amount, currency, self.when(step))
+        )
         if was_closed:
             assert error is not None
         if error is None:
             assert self.deal.amount.amount == Decimal(str(amount).strip())
-            assert self.deal.amount.currency == currency
+            # Currency codes are canonicalised: " eur" is EUR.
+            assert self.deal.amount.currency == currency.strip().upper()
 
     @rule(items=line_specs, step=hours)
-    def set_line_items(self, items: list[LineItemSpec], step: int) -> None:
+    def set_line_items(self, items: list[LineItemInput], step: int) -> None:
         was_closed = self.deal.is_closed
-        error = self.run(lambda: self.deal.set_line_items(items, self.when(step)))
+        error = self.run(lambda: checked.set_line_items(self.deal, items, self.when(step)))
         if was_closed:
             assert error is not None
 
@@ -216,16 +213,16 @@ class OpportunityMachine(RuleBasedStateMachine):
 
     @rule(owner=owners, step=hours)
     def reassign(self, owner: str, step: int) -> None:
-        self.run(lambda: self.deal.reassign(owner, self.when(step)))
+        self.run(lambda: checked.reassign(self.deal, owner, self.when(step)))
 
     # -- rules: the pipeline changes under the deal --------------------------------------------
 
     @rule(category=st.sampled_from(OPEN_CATEGORIES), position=st.integers(0, 8))
     def add_stage(self, category: str, position: int) -> None:
         self.added += 1
-        spec = StageSpec(f"extra-{self.added}", f"Extra {self.added}", "50", category)
+        spec = StageInput(f"extra-{self.added}", f"Extra {self.added}", "50", category)
         try:
-            self.pipeline.add_stage(spec, position)
+            checked.add_stage(self.pipeline, spec, position)
         except ValidationFailed:
             return
         self.pipeline_events.extend(self.pipeline.collect_events())
@@ -313,7 +310,7 @@ def test_the_machine_reaches_every_status() -> None:
 def test_a_stored_event_keeps_decimals_and_dates_as_such() -> None:
     machine = OpportunityMachine()
     machine.open_deal(Decimal("100.00"), "EUR")
-    machine.set_line_items([LineItemSpec("sku-1", "Seat", "10", "19.99", "12.5")], 1)
+    machine.set_line_items([LineItemInput("sku-1", "Seat", "10", "19.99", "12.5")], 1)
     machine.win(2, 0)
     stored = [MAPPER.to_stored_event(e) for e in machine.events]
     assert b'"quantity":"10"' in stored[1].state

@@ -18,11 +18,12 @@ from pipeline_support import STAGES, Clock, sqlite_settings
 from crm.events.v1 import pipeline_pb2 as events_pb
 from crm.pipeline.v1 import pipeline_pb2 as pb
 from crm.pipeline.v1 import pipeline_pb2_grpc
-from crm_common.commands import CommandContext
+from crm_common.commands import Caller
 from crm_deploy.process import free_port
 from crm_deploy.stack import TOPIC_PARTITIONS, Stack
 from crm_deploy.testing import clean_environment, start_process, stop_gracefully, wait_serving
-from crm_pipeline.application import NewOpportunity, PipelineService, create_application
+from crm_pipeline.application import PipelineService, create_application
+from crm_pipeline.inputs import NewOpportunity
 
 SERVICE = "pipeline"
 
@@ -144,7 +145,7 @@ async def test_the_relay_publishes_the_deals_history_keyed_by_customer(
     clock = Clock()
     service = PipelineService(create_application(sqlite_settings(tmp_path)), clock=clock)
     try:
-        ctx = CommandContext("Test", actor="ann", client="relay-test")
+        ctx = Caller(actor="ann", client="relay-test")
         pipeline = await service.define_pipeline(ctx, "Relay", STAGES)
         opened = await service.open_opportunity(
             ctx,

@@ -14,7 +14,7 @@ from crm_common.server import install_error_handlers
 from crm_contacts.application import ContactsService
 from crm_contacts.application import create_application as create_contacts
 from crm_pipeline.application import PipelineService, create_application
-from crm_pipeline.rest_api import create_app
+from crm_pipeline.rest import create_app
 
 STAGES = [
     {"stage_id": "qualify", "name": "Qualify", "probability": "10", "category": "pipeline"},

@@ -2,34 +2,40 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from crm.contacts.v1 import contacts_pb2
-from crm.customer360.v1 import customer360_pb2, customer360_pb2_grpc
+from crm.customer360.v1 import customer360_pb2
 from crm.pipeline.v1 import pipeline_pb2
-from crm_analytics.customer360 import Doc, enum_value
+from crm_analytics.document import Consent, Customer360, Deal, aware, stored_word
 from crm_analytics.query import DEFAULT_WAIT_MS, MAX_WAIT_MS, Customer360Queries
+from crm_common.enums import ProtoEnum, enum_number
 
 
-def _timestamp(target: Any, when: datetime | None) -> None:
+def _number(enum: ProtoEnum, word: str | None) -> Any:
+    # Typed Any like `enum_number`: the number fits whichever enum field it is for.
+    return enum_number(enum, stored_word(word))
+
+
+def _timestamp(target: Timestamp, when: datetime | None) -> None:
     if when is not None:
-        target.FromDatetime(when if when.tzinfo else when.replace(tzinfo=UTC))
+        target.FromDatetime(aware(when))
 
 
-def _consent(consent: Doc | None) -> contacts_pb2.Consent:
-    consent = consent or {}
+def _consent(consent: Consent) -> contacts_pb2.Consent:
     message = contacts_pb2.Consent(
-        status=enum_value(contacts_pb2.ConsentStatus, consent.get("status")),
+        status=_number(contacts_pb2.ConsentStatus, consent.get("status")),
         source=consent.get("source", ""),
     )
     _timestamp(message.recorded_at, consent.get("recorded_at"))
     return message
 
 
-def _deal(deal: Doc) -> customer360_pb2.Deal:
+def _deal(deal: Deal) -> customer360_pb2.Deal:
     message = customer360_pb2.Deal(
         opportunity_id=deal["opportunity_id"],
         version=int(deal.get("version", 0)),
@@ -39,12 +45,12 @@ def _deal(deal: Doc) -> customer360_pb2.Deal:
         stage_id=deal.get("stage_id", ""),
         stage_name=deal.get("stage_name", ""),
         amount=pipeline_pb2.Money(amount=deal.get("amount", ""), currency=deal.get("currency", "")),
-        status=enum_value(pipeline_pb2.OpportunityStatus, deal.get("status")),
+        status=_number(pipeline_pb2.OpportunityStatus, deal.get("status")),
         expected_close_date=deal.get("expected_close_date", ""),
         owner=deal.get("owner", ""),
         person_id=deal.get("person_id", ""),
         company_id=deal.get("company_id", ""),
-        kind=enum_value(pipeline_pb2.OpportunityKind, deal.get("kind")),
+        kind=_number(pipeline_pb2.OpportunityKind, deal.get("kind")),
         closed_on=deal.get("closed_on", ""),
         lost_reason=deal.get("lost_reason", ""),
     )
@@ -54,15 +60,15 @@ def _deal(deal: Doc) -> customer360_pb2.Deal:
     return message
 
 
-def to_proto(doc: Doc) -> customer360_pb2.Customer360:
+def to_proto(doc: Customer360) -> customer360_pb2.Customer360:
     """The stored document as the public message."""
     message = customer360_pb2.Customer360(
         customer_id=doc["_id"],
-        kind=enum_value(contacts_pb2.ContactKind, doc.get("kind")),
+        kind=_number(contacts_pb2.ContactKind, doc.get("kind")),
         display_name=doc.get("display_name", ""),
         given_name=doc.get("given_name", ""),
         family_name=doc.get("family_name", ""),
-        lifecycle_stage=enum_value(contacts_pb2.LifecycleStage, doc.get("lifecycle_stage")),
+        lifecycle_stage=_number(contacts_pb2.LifecycleStage, doc.get("lifecycle_stage")),
         tags=doc.get("tags", []),
         owner=doc.get("owner", ""),
         domain=doc.get("domain", ""),
@@ -80,7 +86,7 @@ def to_proto(doc: Doc) -> customer360_pb2.Customer360:
     for channel in doc.get("channels", []):
         message.channels.append(
             customer360_pb2.ChannelConsent(
-                channel=enum_value(contacts_pb2.Channel, channel.get("channel")),
+                channel=_number(contacts_pb2.Channel, channel.get("channel")),
                 address=channel.get("address", ""),
                 preferred=bool(channel.get("preferred")),
                 consent=_consent(channel.get("consent")),
@@ -100,8 +106,8 @@ def to_proto(doc: Doc) -> customer360_pb2.Customer360:
             source=entry.get("source", ""),
             kind=entry.get("kind", ""),
             summary=entry.get("summary", ""),
-            direction=enum_value(contacts_pb2.Direction, entry.get("direction")),
-            channel=enum_value(contacts_pb2.Channel, entry.get("channel")),
+            direction=_number(contacts_pb2.Direction, entry.get("direction")),
+            channel=_number(contacts_pb2.Channel, entry.get("channel")),
             owner=entry.get("owner", ""),
         )
         _timestamp(item.occurred_at, entry.get("occurred_at"))
@@ -115,8 +121,13 @@ def to_proto(doc: Doc) -> customer360_pb2.Customer360:
     return message
 
 
-class Customer360Servicer(customer360_pb2_grpc.Customer360ServiceServicer):
-    """Errors are raised as CrmError; the shared server maps them to statuses."""
+class Customer360Servicer:
+    """`crm.customer360.v1.Customer360Service`; registered by the generated
+    `add_Customer360ServiceServicer_to_server`, which looks up one method per
+    RPC (so a new RPC without a method here fails at start, not per call).
+
+    Errors are raised as CrmError; the shared server maps them to statuses.
+    """
 
     def __init__(self, queries: Customer360Queries) -> None:
         self.queries = queries

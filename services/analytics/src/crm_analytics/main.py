@@ -10,7 +10,7 @@ from crm.customer360.v1 import customer360_pb2_grpc
 from crm_analytics.grpc_api import Customer360Servicer
 from crm_analytics.query import Customer360Queries
 from crm_analytics.rest_api import create_app
-from crm_analytics.store import PROJECTION, TOPICS, Customer360Store, connect
+from crm_analytics.store import PROJECTION, Customer360Store, connect
 from crm_common.cli import Process, run_cli
 from crm_common.lifecycle import run_worker, stop_on_signals
 from crm_common.projection import ProjectionConsumer
@@ -23,7 +23,7 @@ log = logging.getLogger("crm_analytics")
 def projection(settings: Settings, store: Customer360Store) -> ProjectionConsumer:
     return ProjectionConsumer(
         projection=PROJECTION,
-        topics=list(TOPICS.values()),
+        topics=list(store.topics.values()),
         read_model=store,
         mongo=store.database.client,
         database=settings.mongo_db,

@@ -19,15 +19,13 @@ import asyncio
 import time
 from collections.abc import Mapping
 
-from crm_analytics.customer360 import Doc, applied_position
-from crm_analytics.deals import is_known
-from crm_analytics.store import Customer360Store
+from crm_analytics.document import Customer360, applied_position
+from crm_analytics.from_pipeline import is_known
+from crm_analytics.store import Customer360Store, sources
 from crm_common.errors import FieldErrors, NotFound, WaitTimedOut
 
 DEFAULT_WAIT_MS = 5000
 MAX_WAIT_MS = 30000
-# The source services whose positions the 360 view records.
-SOURCES: tuple[str, ...] = ("contacts", "pipeline")
 MAX_ID_LENGTH = 200
 
 
@@ -41,7 +39,7 @@ class Customer360Queries:
         customer_id: str,
         wait_for: Mapping[str, int] | None = None,
         timeout_ms: int | None = None,
-    ) -> Doc:
+    ) -> Customer360:
         """The customer's document, once it has applied `wait_for` (if given).
 
         The deals carry the names of their pipeline and stage as last known.
@@ -51,13 +49,14 @@ class Customer360Queries:
         """
         wait_for = dict(wait_for or {})
         errors = FieldErrors()
+        known = sources()
         if not customer_id:
             errors.add("customer_id", "is required")
         elif len(customer_id) > MAX_ID_LENGTH:
             errors.add("customer_id", f"is longer than {MAX_ID_LENGTH} characters")
         for source, position in wait_for.items():
-            if source not in SOURCES:
-                errors.add("wait_for", f"unknown source {source!r} (known: {', '.join(SOURCES)})")
+            if source not in known:
+                errors.add("wait_for", f"unknown source {source!r} (known: {', '.join(known)})")
             elif position < 0:
                 errors.add("wait_for", f"position of {source} must not be negative")
         if timeout_ms is not None and not 0 <= timeout_ms <= MAX_WAIT_MS:
@@ -72,7 +71,9 @@ class Customer360Queries:
         assert doc is not None
         return await asyncio.to_thread(self.store.with_names, doc)
 
-    async def _wait(self, customer_id: str, wait_for: dict[str, int], timeout_ms: int) -> Doc:
+    async def _wait(
+        self, customer_id: str, wait_for: dict[str, int], timeout_ms: int
+    ) -> Customer360:
         deadline = time.monotonic() + timeout_ms / 1000
         while True:
             remaining = deadline - time.monotonic()
@@ -88,5 +89,5 @@ class Customer360Queries:
                 return doc
 
 
-def _reached(doc: Doc | None, wait_for: Mapping[str, int]) -> bool:
+def _reached(doc: Customer360 | None, wait_for: Mapping[str, int]) -> bool:
     return all(applied_position(doc, source) >= p for source, p in wait_for.items())

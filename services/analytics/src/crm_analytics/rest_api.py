@@ -6,22 +6,120 @@ handlers that turn them into 404 / 422 / 504.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated, NotRequired
 
 from fastapi import FastAPI, Query
+from typing_extensions import TypedDict
 
-from crm_analytics.customer360 import Doc
+from crm_analytics.document import Customer360, Deal, aware, stored_word
 from crm_analytics.query import MAX_WAIT_MS, Customer360Queries
 from crm_common.errors import ValidationFailed
+
+# -- the reply ---------------------------------------------------------------------------
+# Enum fields are lower-case words, null when unset; times ISO-8601 UTC, null when unknown.
+
+
+class AmountReply(TypedDict):
+    amount: str
+    currency: str
+
+
+class CustomFieldReply(TypedDict):
+    type: str
+    value: str
+    currency: str
+
+
+class ConsentReply(TypedDict):
+    status: str | None
+    source: str
+    recorded_at: str | None
+
+
+class ChannelReply(TypedDict):
+    channel: str | None
+    address: str
+    preferred: bool
+    consent: ConsentReply
+
+
+class CompanyReply(TypedDict):
+    company_id: str
+    company_name: str
+    role: str
+
+
+class MemberReply(TypedDict):
+    person_id: str
+    role: str
+    since: str | None
+
+
+class TimelineEntryReply(TypedDict):
+    entry_id: str
+    source: str
+    kind: str
+    summary: str
+    occurred_at: str | None
+    direction: str | None
+    channel: str | None
+    owner: str
+
+
+class DealReply(TypedDict):
+    opportunity_id: str
+    version: int
+    name: str
+    pipeline_id: str
+    pipeline_name: str
+    stage_id: str
+    stage_name: str
+    amount: AmountReply
+    status: str | None
+    expected_close_date: str | None
+    owner: str
+    person_id: str
+    company_id: str
+    kind: str | None
+    opened_at: str | None
+    stage_entered_at: str | None
+    closed_on: str | None
+    closed_at: str | None
+    lost_reason: str
+
+
+class Customer360Reply(TypedDict):
+    """A person has the name fields, channels and companies; a company has domain,
+    industry and members; a customer known so far only from its deals has neither
+    (and kind null)."""
+
+    customer_id: str
+    kind: str | None
+    display_name: str
+    given_name: NotRequired[str]
+    family_name: NotRequired[str]
+    domain: NotRequired[str]
+    industry: NotRequired[str]
+    lifecycle_stage: str | None
+    owner: str
+    tags: list[str]
+    custom_fields: dict[str, CustomFieldReply]
+    channels: NotRequired[list[ChannelReply]]
+    companies: NotRequired[list[CompanyReply]]
+    members: NotRequired[list[MemberReply]]
+    timeline: list[TimelineEntryReply]
+    deals: list[DealReply]
+    lifetime_won_revenue: list[AmountReply]
+    positions: dict[str, int]
+    created_at: str | None
+    updated_at: str | None
 
 
 def iso(when: datetime | None) -> str | None:
     if when is None:
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return aware(when).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_wait_for(values: list[str]) -> dict[str, int]:
@@ -37,22 +135,22 @@ def parse_wait_for(values: list[str]) -> dict[str, int]:
     return wait_for
 
 
-def deal_json(deal: Doc) -> dict[str, Any]:
+def deal_json(deal: Deal) -> DealReply:
     return {
         "opportunity_id": deal["opportunity_id"],
-        "version": int(deal.get("version", 0)),
+        "version": deal.get("version", 0),
         "name": deal.get("name", ""),
         "pipeline_id": deal.get("pipeline_id", ""),
         "pipeline_name": deal.get("pipeline_name", ""),
         "stage_id": deal.get("stage_id", ""),
         "stage_name": deal.get("stage_name", ""),
         "amount": {"amount": deal.get("amount", ""), "currency": deal.get("currency", "")},
-        "status": deal.get("status", "unspecified"),
+        "status": stored_word(deal.get("status")),
         "expected_close_date": deal.get("expected_close_date") or None,
         "owner": deal.get("owner", ""),
         "person_id": deal.get("person_id", ""),
         "company_id": deal.get("company_id", ""),
-        "kind": deal.get("kind", "unspecified"),
+        "kind": stored_word(deal.get("kind")),
         "opened_at": iso(deal.get("opened_at")),
         "stage_entered_at": iso(deal.get("stage_entered_at")),
         "closed_on": deal.get("closed_on") or None,
@@ -61,18 +159,23 @@ def deal_json(deal: Doc) -> dict[str, Any]:
     }
 
 
-def to_json(doc: Doc) -> dict[str, Any]:
-    """The stored document as the API shows it: enums as words, ISO-8601 times.
-
-    A customer known so far only from its deals (its contacts events not
-    applied yet) has kind `unspecified` and none of the person's or company's
-    fields.
-    """
-    kind = doc.get("kind") or "unspecified"
-    body: dict[str, Any] = {
+def to_json(doc: Customer360) -> Customer360Reply:
+    """The stored document as the API shows it: enums as words, ISO-8601 times."""
+    kind = stored_word(doc.get("kind"))
+    body: Customer360Reply = {
         "customer_id": doc["_id"],
         "kind": kind,
         "display_name": doc.get("display_name", ""),
+        "lifecycle_stage": None,
+        "owner": "",
+        "tags": [],
+        "custom_fields": {},
+        "timeline": [],
+        "deals": [],
+        "lifetime_won_revenue": [],
+        "positions": {},
+        "created_at": None,
+        "updated_at": None,
     }
     if kind == "person":
         body["given_name"] = doc.get("given_name", "")
@@ -80,7 +183,7 @@ def to_json(doc: Doc) -> dict[str, Any]:
     elif kind == "company":
         body["domain"] = doc.get("domain", "")
         body["industry"] = doc.get("industry", "")
-    body["lifecycle_stage"] = doc.get("lifecycle_stage", "unspecified")
+    body["lifecycle_stage"] = stored_word(doc.get("lifecycle_stage"))
     body["owner"] = doc.get("owner", "")
     body["tags"] = list(doc.get("tags", []))
     body["custom_fields"] = {
@@ -94,13 +197,13 @@ def to_json(doc: Doc) -> dict[str, Any]:
     if kind == "person":
         body["channels"] = [
             {
-                "channel": c.get("channel"),
+                "channel": stored_word(c.get("channel")),
                 "address": c.get("address", ""),
                 "preferred": bool(c.get("preferred")),
                 "consent": {
-                    "status": (c.get("consent") or {}).get("status", "unspecified"),
-                    "source": (c.get("consent") or {}).get("source", ""),
-                    "recorded_at": iso((c.get("consent") or {}).get("recorded_at")),
+                    "status": stored_word(c["consent"].get("status")),
+                    "source": c["consent"].get("source", ""),
+                    "recorded_at": iso(c["consent"].get("recorded_at")),
                 },
             }
             for c in doc.get("channels", [])
@@ -125,8 +228,8 @@ def to_json(doc: Doc) -> dict[str, Any]:
             "kind": e.get("kind", ""),
             "summary": e.get("summary", ""),
             "occurred_at": iso(e.get("occurred_at")),
-            "direction": e.get("direction", "unspecified"),
-            "channel": e.get("channel", "unspecified"),
+            "direction": stored_word(e.get("direction")),
+            "channel": stored_word(e.get("channel")),
             "owner": e.get("owner", ""),
         }
         for e in doc.get("timeline", [])
@@ -164,7 +267,7 @@ def create_app(queries: Customer360Queries) -> FastAPI:
             int | None,
             Query(ge=0, le=MAX_WAIT_MS, description="How long to wait (default 5000 ms)."),
         ] = None,
-    ) -> dict[str, Any]:
+    ) -> Customer360Reply:
         doc = await queries.get_customer360(customer_id, parse_wait_for(wait_for), timeout_ms)
         return to_json(doc)
 

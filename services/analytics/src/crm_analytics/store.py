@@ -1,18 +1,18 @@
 """The 360 read model in MongoDB (plain pymongo: SecantusDB locally, MongoDB by URL).
 
 One document per customer in `customer360`, `_id` = the customer (contact) id,
-built from the contacts topic (`customer360.py`) and the pipeline topic
-(`deals.py`); one document per sales pipeline in `customer360_pipelines`,
-whose stage names a read joins into the deals. A batch from the projection
-is applied with a handful of round trips, whatever its size: a few `find`s
-load every document the batch touches, the events are applied in memory in
-log order, one `bulk_write` replaces each touched document once (many events
-on one customer coalesce into one write), one `update_many` per renamed
-company carries the new name to its linked persons, and one more
-`bulk_write` replaces the touched pipelines. The document store is the
-slowest part of the local stack (SecantusDB: a few hundred single writes per
-second), so this shape, not the per-event work, decides the projection's
-throughput.
+built from the contacts topic (`from_contacts.py`) and the pipeline topic
+(`from_pipeline.py`), typed in `document.py`; one document per sales pipeline
+in `customer360_pipelines`, whose stage names a read joins into the deals. A
+batch from the projection is applied with a handful of round trips, whatever
+its size: a few `find`s load every document the batch touches, the events are
+applied in memory in log order, one `bulk_write` replaces each touched
+document once (many events on one customer coalesce into one write), one
+`update_many` per renamed company carries the new name to its linked persons,
+and one more `bulk_write` replaces the touched pipelines. The document store
+is the slowest part of the local stack (SecantusDB: a few hundred single
+writes per second), so this shape, not the per-event work, decides the
+projection's throughput.
 
 Aggregations through arrays of subdocuments (`"$companies.company_id"` in an
 expression) come back missing on SecantusDB; nothing here uses them, and
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 from google.protobuf.message import DecodeError
 from pymongo import InsertOne, MongoClient, ReplaceOne, UpdateMany
@@ -33,83 +33,105 @@ from pymongo.database import Database
 
 from crm.events.v1 import contacts_pb2 as events_pb2
 from crm.events.v1 import pipeline_pb2 as pipeline_events_pb2
-from crm_analytics import customer360, deals
-from crm_analytics.customer360 import CompanyRenamed, Doc, MembershipChanged, UnknownEvent
+from crm_analytics import from_contacts, from_pipeline
+from crm_analytics.document import (
+    Applied,
+    AppliedToPipeline,
+    CompanyRenamed,
+    Customer360,
+    MembershipChanged,
+    PipelineNames,
+    UnknownEvent,
+    advance,
+    applied_position,
+    new_document,
+    to_datetime,
+)
 from crm_common.projection import (
     DEAD_LETTERS_COLLECTION,
-    Record,
     park_dead_letters,
     projection_span,
     reset_offsets,
 )
+from crm_common.records import Record, where
+from crm_common.registry import service
 from crm_common.settings import topic_of
 
 log = logging.getLogger(__name__)
 
 PROJECTION = "customer360"
 COLLECTION = "customer360"
-# The names of the pipelines and their stages, which the deals show (see deals.py).
+# The names of the pipelines and their stages, which the deals show (see from_pipeline.py).
 PIPELINES_COLLECTION = "customer360_pipelines"
-# The topics the 360 view is built from, per source service; tickets and
-# loyalty add theirs.
-TOPICS: Mapping[str, str] = {
-    customer360.SOURCE: topic_of("contacts"),
-    deals.SOURCE: topic_of("pipeline"),
-}
 # SecantusDB answers `$in` in time growing with the square of the list (500 ids:
 # 160 ms, 10 x 50 ids: 39 ms); small chunks cost a real MongoDB nothing.
 LOAD_CHUNK = 50
 
 Event: TypeAlias = events_pb2.ContactEvent | pipeline_events_pb2.PipelineEvent
+_Stored = TypeVar("_Stored", Customer360, PipelineNames)
+_Decoded = TypeVar("_Decoded", events_pb2.ContactEvent, pipeline_events_pb2.PipelineEvent)
 
 
-def connect(url: str) -> MongoClient[Doc]:
+def sources() -> tuple[str, ...]:
+    """The services whose topics the 360 view is built from (the registry's list)."""
+    consumed: tuple[str, ...] = service("analytics").consumes
+    return consumed
+
+
+def default_topics() -> dict[str, str]:
+    """The topic of each source service, as this environment names it."""
+    return {source: topic_of(source) for source in sources()}
+
+
+def connect(url: str) -> MongoClient[dict[str, Any]]:
     # tz_aware: every timestamp in the documents is UTC and must come back so.
     return MongoClient(url, tz_aware=True)
 
 
-def decode_contact_event(record: Record) -> events_pb2.ContactEvent:
+def _decode(record: Record, message: type[_Decoded], subject: str) -> _Decoded:
+    """The event in the record, refused when it names no subject or position."""
     if record.value is None:
         raise ValueError("record without value")
-    event = events_pb2.ContactEvent.FromString(record.value)
-    if not event.contact_id:
-        raise ValueError("event without contact_id")
+    event = message.FromString(record.value)
+    subject_id = getattr(event, subject)
+    if not subject_id:
+        raise ValueError(f"event without {subject}")
     if event.position <= 0:
-        raise ValueError(f"event of {event.contact_id} without position")
+        raise ValueError(f"event of {subject_id} without position")
     return event
+
+
+def decode_contact_event(record: Record) -> events_pb2.ContactEvent:
+    return _decode(record, events_pb2.ContactEvent, "contact_id")
 
 
 def decode_pipeline_event(record: Record) -> pipeline_events_pb2.PipelineEvent:
     """A pipeline event; `customer_id` is empty for pipelines and unconverted leads."""
-    if record.value is None:
-        raise ValueError("record without value")
-    event = pipeline_events_pb2.PipelineEvent.FromString(record.value)
-    if not event.aggregate_id:
-        raise ValueError("event without aggregate_id")
-    if event.position <= 0:
-        raise ValueError(f"event of {event.aggregate_id} without position")
-    return event
+    return _decode(record, pipeline_events_pb2.PipelineEvent, "aggregate_id")
 
 
 DECODERS: dict[str, Callable[[Record], Event]] = {
-    customer360.SOURCE: decode_contact_event,
-    deals.SOURCE: decode_pipeline_event,
+    from_contacts.SOURCE: decode_contact_event,
+    from_pipeline.SOURCE: decode_pipeline_event,
 }
 
 
 class Customer360Store:
     """Reads and writes the 360 documents; the projection's read model.
 
-    `topics` maps each source service to the topic its events are read from.
+    `topics` maps each source service to the topic its events are read from
+    (by default every source of the registry). The database holds the
+    projection's offsets and dead letters too, hence its untyped documents.
     """
 
-    def __init__(self, database: Database[Doc], topics: Mapping[str, str] = TOPICS) -> None:
+    def __init__(self, database: Database[Any], topics: Mapping[str, str] | None = None) -> None:
+        topics = default_topics() if topics is None else topics
         unknown = sorted(set(topics) - set(DECODERS))
         if unknown:
             raise ValueError(f"no decoder for source {', '.join(unknown)}")
         self.database = database
-        self.collection = database[COLLECTION]
-        self.pipelines = database[PIPELINES_COLLECTION]
+        self.collection: Collection[Customer360] = database[COLLECTION]
+        self.pipelines: Collection[PipelineNames] = database[PIPELINES_COLLECTION]
         self.topics = dict(topics)
         self.sources = {topic: source for source, topic in topics.items()}
 
@@ -121,16 +143,18 @@ class Customer360Store:
         if PIPELINES_COLLECTION not in self.database.list_collection_names():
             self.database.create_collection(PIPELINES_COLLECTION)
 
-    def get(self, customer_id: str) -> Doc | None:
+    def get(self, customer_id: str) -> Customer360 | None:
         return self.collection.find_one({"_id": customer_id})
 
-    def with_names(self, doc: Doc) -> Doc:
+    def with_names(self, doc: Customer360) -> Customer360:
         """The document with the pipeline and stage names of its deals, as last known."""
-        ids = deals.pipelines_referenced(doc)
+        ids = from_pipeline.pipelines_referenced(doc)
         if not ids:
             return doc
-        known = {p["_id"]: p for p in self.pipelines.find({"_id": {"$in": ids}})}
-        return deals.with_names(doc, known)
+        known: dict[str, PipelineNames | None] = {
+            p["_id"]: p for p in self.pipelines.find({"_id": {"$in": ids}})
+        }
+        return from_pipeline.with_names(doc, known)
 
     def drop(self) -> None:
         """Forgets the read model and where its projection stood (before a rebuild)."""
@@ -144,10 +168,11 @@ class Customer360Store:
 
     # -- the projection's read model ------------------------------------------------------
 
+    @staticmethod
     def _load(
-        self, session: ClientSession, collection: Collection[Doc], ids: set[str]
-    ) -> dict[str, Doc | None]:
-        docs: dict[str, Doc | None] = dict.fromkeys(ids)
+        session: ClientSession, collection: Collection[_Stored], ids: set[str]
+    ) -> dict[str, _Stored | None]:
+        docs: dict[str, _Stored | None] = dict.fromkeys(ids)
         ordered = sorted(ids)
         for start in range(0, len(ordered), LOAD_CHUNK):
             chunk = ordered[start : start + LOAD_CHUNK]
@@ -173,8 +198,8 @@ class Customer360Store:
         for _, e in events:
             if isinstance(e, events_pb2.ContactEvent):
                 ids.add(e.contact_id)
-                ids.update(customer360.companies_referenced(e))
-            elif deals.is_pipeline_definition(e):
+                ids.update(from_contacts.companies_referenced(e))
+            elif from_pipeline.is_pipeline_definition(e):
                 pipeline_ids.add(e.aggregate_id)
             elif e.customer_id:
                 ids.add(e.customer_id)
@@ -193,25 +218,10 @@ class Customer360Store:
                     if isinstance(event, events_pb2.ContactEvent)
                     else event.customer_id
                 )
-                definition = isinstance(
-                    event, pipeline_events_pb2.PipelineEvent
-                ) and deals.is_pipeline_definition(event)
                 span.set_attribute("crm.customer_id", customer_id)
                 span.set_attribute("crm.position", event.position)
                 try:
-                    if isinstance(event, events_pb2.ContactEvent):
-                        result = customer360.apply_event(docs[customer_id], event, docs)
-                    elif definition:
-                        result = deals.apply_pipeline_definition(
-                            pipelines[event.aggregate_id], event
-                        )
-                    elif not customer_id:
-                        # A lead before its conversion: nothing of a customer yet.
-                        deals.payload_of(event)
-                        no_customer += 1
-                        continue
-                    else:
-                        result = deals.apply_pipeline_event(docs[customer_id], event)
+                    outcome = self._apply(event, customer_id, docs, pipelines)
                 except UnknownEvent as error:
                     failures.append((record, str(error)))
                     self._mark_seen(docs, touched, record, event)
@@ -222,21 +232,23 @@ class Customer360Store:
                     log.exception("cannot apply event at position %d", event.position)
                     failures.append((record, f"{type(error).__name__}: {error}"))
                     continue
-                if not result.applied:
+                if outcome is None:
+                    no_customer += 1
+                    continue
+                if not outcome.applied:
                     duplicates += 1
                     span.set_attribute("crm.duplicate", True)
                     continue
                 applied += 1
-                if definition:
-                    assert isinstance(event, pipeline_events_pb2.PipelineEvent)
-                    pipelines[event.aggregate_id] = result.doc
-                    touched_pipelines.add(event.aggregate_id)
+                if isinstance(outcome, AppliedToPipeline):
+                    pipelines[outcome.doc["_id"]] = outcome.doc
+                    touched_pipelines.add(outcome.doc["_id"])
                     continue
-                docs[customer_id] = result.doc
+                docs[customer_id] = outcome.doc
                 touched.add(customer_id)
-                for fan_out in result.fan_out:
+                for fan_out in outcome.fan_out:
                     if isinstance(fan_out, MembershipChanged):
-                        docs[fan_out.company_id] = customer360.apply_membership(
+                        docs[fan_out.company_id] = from_contacts.apply_membership(
                             docs.get(fan_out.company_id), fan_out
                         )
                         touched.add(fan_out.company_id)
@@ -251,7 +263,7 @@ class Customer360Store:
             # (found, or not looked up: a fan-out) is replaced or upserted.
             self.collection.bulk_write(
                 [
-                    InsertOne({"_id": i, **d})
+                    InsertOne(d)
                     if i in ids and i not in found
                     else ReplaceOne({"_id": i}, d, upsert=True)
                     for i, d in written.items()
@@ -269,17 +281,15 @@ class Customer360Store:
         if touched_pipelines:
             self.pipelines.bulk_write(
                 [
-                    ReplaceOne({"_id": i}, d, upsert=True)
+                    ReplaceOne({"_id": i}, names, upsert=True)
                     for i in sorted(touched_pipelines)
-                    if (d := pipelines[i]) is not None
+                    if (names := pipelines[i]) is not None
                 ],
                 session=session,
                 ordered=False,
             )
         for record, reason in failures:
-            log.warning(
-                "dead letter %s:%d@%d: %s", record.topic, record.partition, record.offset, reason
-            )
+            log.warning("dead letter %s: %s", where(record), reason)
         park_dead_letters(session, self.database, PROJECTION, failures)
         return {
             "applied": applied,
@@ -291,8 +301,30 @@ class Customer360Store:
             "renames": len(renames),
         }
 
+    @staticmethod
+    def _apply(
+        event: Event,
+        customer_id: str,
+        docs: Mapping[str, Customer360 | None],
+        pipelines: Mapping[str, PipelineNames | None],
+    ) -> Applied | AppliedToPipeline | None:
+        """Applies one event in memory; None for a pipeline event of no customer (yet)."""
+        if isinstance(event, events_pb2.ContactEvent):
+            return from_contacts.apply_event(docs[customer_id], event, docs)
+        if from_pipeline.is_pipeline_definition(event):
+            return from_pipeline.apply_pipeline_definition(pipelines[event.aggregate_id], event)
+        if not customer_id:
+            # A lead before its conversion: nothing of a customer yet.
+            from_pipeline.payload_of(event)
+            return None
+        return from_pipeline.apply_pipeline_event(docs[customer_id], event)
+
     def _mark_seen(
-        self, docs: dict[str, Doc | None], touched: set[str], record: Record, event: Event
+        self,
+        docs: dict[str, Customer360 | None],
+        touched: set[str],
+        record: Record,
+        event: Event,
     ) -> None:
         # An event type this version does not know still counts as seen, so
         # a reader waiting for its position is not held up until the timeout;
@@ -305,18 +337,16 @@ class Customer360Store:
             customer_id = event.customer_id
             if not customer_id:
                 return
-            doc = docs.get(customer_id) or customer360.new_document(customer_id)
-        if doc is not None and customer360.applied_position(doc, source) < event.position:
-            doc = dict(doc)
-            customer360.advance(
-                doc, event.position, customer360.to_datetime(event.occurred_at), source
-            )
+            doc = docs.get(customer_id) or new_document(customer_id)
+        if doc is not None and applied_position(doc, source) < event.position:
+            doc = doc.copy()
+            advance(doc, event.position, to_datetime(event.occurred_at), source)
             docs[customer_id] = doc
             touched.add(customer_id)
 
     @staticmethod
     def _rename_update(rename: CompanyRenamed) -> UpdateMany:
-        # Same rule as customer360.apply_rename, done by the server for every
+        # Same rule as from_contacts.apply_rename, done by the server for every
         # linked person at once: only names older than the rename change.
         before = {"$lt": rename.position}
         older = {"company_id": rename.company_id, "name_position": before}

@@ -15,12 +15,16 @@ from typing import Any
 from crm.contacts.v1 import contacts_pb2 as pb
 from crm.events.v1 import contacts_pb2 as events_pb
 from crm_common.commands import CommandReceipt
+from crm_common.enums import enum_number
 from crm_contacts import messages
 from crm_contacts.domain import (
+    Company,
     CompanyProfile,
     Consent,
     ConsentStatus,
+    Contact,
     Interaction,
+    Person,
     PersonProfile,
 )
 
@@ -78,7 +82,7 @@ def _consent_recorded(message: events_pb.ContactEvent, data: Mapping[str, Any]) 
     consent = Consent(ConsentStatus(data["status"]), data["source"], data["at"])
     message.consent_recorded.CopyFrom(
         events_pb.ConsentRecorded(
-            channel=messages.enum_number(pb.Channel, data["channel"]),
+            channel=enum_number(pb.Channel, data["channel"]),
             address=data["address"],
             consent=messages.consent_pb(consent),
         )
@@ -90,28 +94,29 @@ def _interaction_logged(message: events_pb.ContactEvent, data: Mapping[str, Any]
     message.interaction_logged.interaction.CopyFrom(messages.interaction_pb(interaction))
 
 
-#: Domain event class name -> how its payload is filled in. The names are the
-#: names of the payload messages of `ContactEvent` as well.
-PAYLOADS: dict[str, Fill] = {
-    "PersonRegistered": _person_registered,
-    "PersonProfileUpdated": _person_profile_updated,
-    "CompanyRegistered": _company_registered,
-    "CompanyProfileUpdated": _company_profile_updated,
-    "PersonLinkedToCompany": _person_linked,
-    "PersonUnlinkedFromCompany": _person_unlinked,
-    "ConsentRecorded": _consent_recorded,
-    "InteractionLogged": _interaction_logged,
+#: Stored event type -> the name of its payload message in `ContactEvent` (also
+#: the CloudEvents type's last part) and how the payload is filled in.
+PAYLOADS: dict[type[Any], tuple[str, Fill]] = {
+    Person.PersonRegistered: ("PersonRegistered", _person_registered),
+    Person.PersonProfileUpdated: ("PersonProfileUpdated", _person_profile_updated),
+    Company.CompanyRegistered: ("CompanyRegistered", _company_registered),
+    Company.CompanyProfileUpdated: ("CompanyProfileUpdated", _company_profile_updated),
+    Person.PersonLinkedToCompany: ("PersonLinkedToCompany", _person_linked),
+    Person.PersonUnlinkedFromCompany: ("PersonUnlinkedFromCompany", _person_unlinked),
+    Person.ConsentRecorded: ("ConsentRecorded", _consent_recorded),
+    Contact.InteractionLogged: ("InteractionLogged", _interaction_logged),
 }
 
 
-def contact_event(event: Any, meta: Mapping[str, Any], position: int) -> events_pb.ContactEvent:
-    """The public message of one stored contact event."""
-    name = type(event).__name__
-    fill = PAYLOADS.get(name)
-    if fill is None:
+def _message(
+    event: Any, meta: Mapping[str, Any], position: int
+) -> tuple[str, events_pb.ContactEvent]:
+    payload = PAYLOADS.get(type(event))
+    if payload is None:
         raise UnpublishableEvent(
             f"{type(event).__module__}.{type(event).__qualname__} has no ContactEvent payload"
         )
+    name, fill = payload
     message = events_pb.ContactEvent(
         contact_id=str(event.originator_id),
         version=event.originator_version,
@@ -121,12 +126,17 @@ def contact_event(event: Any, meta: Mapping[str, Any], position: int) -> events_
         client=str(meta.get("client") or ""),
     )
     fill(message, event.__dict__)
-    return message
+    return name, message
+
+
+def contact_event(event: Any, meta: Mapping[str, Any], position: int) -> events_pb.ContactEvent:
+    """The public message of one stored contact event."""
+    return _message(event, meta, position)[1]
 
 
 def to_wire(event: Any, meta: dict[str, Any], position: int) -> tuple[str, str, bytes] | None:
     """(key, CloudEvents type, payload) for the relay; None for internal events."""
     if isinstance(event, INTERNAL_EVENTS):
         return None
-    message = contact_event(event, meta, position)
-    return message.contact_id, CE_TYPE_PREFIX + type(event).__name__, message.SerializeToString()
+    name, message = _message(event, meta, position)
+    return message.contact_id, CE_TYPE_PREFIX + name, message.SerializeToString()

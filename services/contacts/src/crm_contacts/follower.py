@@ -30,34 +30,30 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
 
 from crm.events.v1 import pipeline_pb2 as events_pb
-from crm_common.commands import CommandContext
+from crm_common.commands import Caller
 from crm_common.errors import CrmError, NotFound, RuleViolated, ValidationFailed
 from crm_common.health import Heartbeat
 from crm_common.lifecycle import retry_until_stopped
+from crm_common.records import Record, consuming_span, header, where
 from crm_common.settings import topic_of
-from crm_common.telemetry import context_from_kafka_headers
 from crm_contacts.application import ContactsService
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("crm_contacts.follower")
 
 WON_TYPE = "crm.pipeline.v1.OpportunityWon"
-COMMAND = "BecomeCustomer"
 CLIENT = "crm-contacts-follower"
 MAX_BACKOFF = 30.0
 # Errors that say the record itself can never succeed: logged and passed over.
 PERMANENT: tuple[type[CrmError], ...] = (NotFound, ValidationFailed, RuleViolated)
-
-Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
 
 def default_group_id() -> str:
@@ -75,19 +71,12 @@ class Promotion:
     actor: str
 
 
-def _header(record: Record, name: str) -> str | None:
-    for key, value in record.headers or ():
-        if key == name and value is not None:
-            return bytes(value).decode("utf-8", "replace")
-    return None
-
-
 def promotions_of(record: Record) -> list[Promotion]:
     """What a pipeline event asks of contacts: nothing, unless a deal was won.
 
     Raises `DecodeError` for a value that is not a `PipelineEvent`.
     """
-    ce_type = _header(record, "ce_type")
+    ce_type = header(record, "ce_type")
     if ce_type is not None and ce_type != WON_TYPE:
         return []
     message = events_pb.PipelineEvent.FromString(record.value or b"")
@@ -258,43 +247,27 @@ class OpportunityFollower:
         return tp, done, None
 
     async def _record(self, record: Record) -> None:
-        where = f"{record.topic}:{record.partition}@{record.offset}"
+        at = where(record)
         try:
             wanted = promotions_of(record)
         except DecodeError as error:
-            log.error("follower: %s is not a PipelineEvent (%s); passed over", where, error)
+            log.error("follower: %s is not a PipelineEvent (%s); passed over", at, error)
             self.stats.skipped += 1
             return
         if not wanted:
             return
-        with tracer.start_as_current_span(
-            "follow OpportunityWon",
-            context=context_from_kafka_headers(record.headers),
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.operation": "process",
-                "messaging.destination.name": record.topic,
-                "messaging.kafka.destination.partition": record.partition,
-                "messaging.kafka.message.offset": record.offset,
-            },
-        ):
+        with consuming_span(record, "follow OpportunityWon", tracer):
             for promotion in wanted:
-                await self._promote(promotion, where)
+                await self._promote(promotion, at)
 
-    async def _promote(self, promotion: Promotion, where: str) -> None:
-        ctx = CommandContext(
-            command=COMMAND,
-            request_id=promotion.request_id,
-            actor=promotion.actor,
-            client=CLIENT,
-        )
+    async def _promote(self, promotion: Promotion, at: str) -> None:
+        caller = Caller(actor=promotion.actor, client=CLIENT, request_id=promotion.request_id)
         try:
-            written = await self.service.become_customer(ctx, promotion.contact_id)
+            written = await self.service.become_customer(caller, promotion.contact_id)
         except PERMANENT as error:
             log.warning(
                 "follower: %s: contact %s not made a customer: %s; passed over",
-                where,
+                at,
                 promotion.contact_id,
                 error.message,
             )
@@ -303,12 +276,12 @@ class OpportunityFollower:
         except Exception as error:
             log.error(
                 "follower: %s: contact %s failed (%r); retrying in %.1f s",
-                where,
+                at,
                 promotion.contact_id,
                 error,
                 self._backoff,
             )
-            self.heartbeat.failed(f"contact {promotion.contact_id} at {where}: {error!r}")
+            self.heartbeat.failed(f"contact {promotion.contact_id} at {at}: {error!r}")
             raise _Retry from error
         if self.heartbeat.last_error is not None:
             self.heartbeat.recovered()
@@ -317,8 +290,6 @@ class OpportunityFollower:
             self.stats.replayed += 1
         elif outcome.extra.get("promoted") == "true":
             self.stats.promoted += 1
-            log.info(
-                "contact %s is a customer now (a deal was won, %s)", promotion.contact_id, where
-            )
+            log.info("contact %s is a customer now (a deal was won, %s)", promotion.contact_id, at)
         else:
             self.stats.unchanged += 1

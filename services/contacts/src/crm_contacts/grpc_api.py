@@ -17,7 +17,8 @@ import grpc
 from crm.contacts.v1 import contacts_pb2 as pb
 from crm.contacts.v1 import contacts_pb2_grpc
 from crm_common.commands import WriteOutcome
-from crm_common.server import GrpcService, grpc_command_context
+from crm_common.enums import enum_word
+from crm_common.server import GrpcService, grpc_caller
 from crm_contacts.application import ContactsService
 from crm_contacts.inputs import (
     ChannelInput,
@@ -32,7 +33,7 @@ from crm_contacts.inputs import (
     NewPerson,
     PersonChanges,
 )
-from crm_contacts.messages import contact_pb, enum_word
+from crm_contacts.messages import contact_pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ContactsService"].full_name
 
@@ -66,8 +67,12 @@ def _channels(channels: Iterable[pb.NewChannelIdentity]) -> list[ChannelInput]:
     ]
 
 
-class ContactsServicer(contacts_pb2_grpc.ContactsServiceServicer):
-    """Translation only: every rule lives in the domain and the application."""
+class ContactsServicer:
+    """Translation only: every rule lives in the domain and the application.
+
+    Implements every rpc of `ContactsService`, so it needs no generated base
+    class (whose only job is answering UNIMPLEMENTED, and which is untyped).
+    """
 
     def __init__(self, service: ContactsService) -> None:
         self.service = service
@@ -75,9 +80,9 @@ class ContactsServicer(contacts_pb2_grpc.ContactsServiceServicer):
     async def CreatePerson(
         self, request: pb.CreatePersonRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreatePersonResponse:
-        ctx = grpc_command_context(context, "CreatePerson", request.request_id)
+        caller = grpc_caller(context, request.request_id)
         written = await self.service.create_person(
-            ctx,
+            caller,
             NewPerson(
                 given_name=request.given_name,
                 family_name=request.family_name,
@@ -95,11 +100,9 @@ class ContactsServicer(contacts_pb2_grpc.ContactsServiceServicer):
     async def UpdatePerson(
         self, request: pb.UpdatePersonRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.UpdatePersonResponse:
-        ctx = grpc_command_context(
-            context, "UpdatePerson", request.request_id, request.expected_version
-        )
+        caller = grpc_caller(context, request.request_id, request.expected_version)
         written = await self.service.update_person(
-            ctx,
+            caller,
             PersonChanges(
                 id=request.id,
                 fields=frozenset(request.update_mask),
@@ -120,9 +123,9 @@ class ContactsServicer(contacts_pb2_grpc.ContactsServiceServicer):
     async def CreateCompany(
         self, request: pb.CreateCompanyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateCompanyResponse:
-        ctx = grpc_command_context(context, "CreateCompany", request.request_id)
+        caller = grpc_caller(context, request.request_id)
         written = await self.service.create_company(
-            ctx,
+            caller,
             NewCompany(
                 name=request.name,
                 domain=request.domain,
@@ -140,11 +143,9 @@ class ContactsServicer(contacts_pb2_grpc.ContactsServiceServicer):
     async def UpdateCompany(
         self, request: pb.UpdateCompanyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.UpdateCompanyResponse:
-        ctx = grpc_command_context(
-            context, "UpdateCompany", request.request_id, request.expected_version
-        )
+        caller = grpc_caller(context, request.request_id, request.expected_version)
         written = await self.service.update_company(
-            ctx,
+            caller,
             CompanyChanges(
                 id=request.id,
                 fields=frozenset(request.update_mask),
@@ -165,11 +166,9 @@ class ContactsServicer(contacts_pb2_grpc.ContactsServiceServicer):
     async def LinkPersonToCompany(
         self, request: pb.LinkPersonToCompanyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.LinkPersonToCompanyResponse:
-        ctx = grpc_command_context(
-            context, "LinkPersonToCompany", request.request_id, request.expected_version
-        )
+        caller = grpc_caller(context, request.request_id, request.expected_version)
         written = await self.service.link_person_to_company(
-            ctx,
+            caller,
             CompanyLink(
                 person_id=request.person_id, company_id=request.company_id, role=request.role
             ),
@@ -181,22 +180,18 @@ class ContactsServicer(contacts_pb2_grpc.ContactsServiceServicer):
         request: pb.UnlinkPersonFromCompanyRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.UnlinkPersonFromCompanyResponse:
-        ctx = grpc_command_context(
-            context, "UnlinkPersonFromCompany", request.request_id, request.expected_version
-        )
+        caller = grpc_caller(context, request.request_id, request.expected_version)
         written = await self.service.unlink_person_from_company(
-            ctx, CompanyUnlink(person_id=request.person_id, company_id=request.company_id)
+            caller, CompanyUnlink(person_id=request.person_id, company_id=request.company_id)
         )
         return pb.UnlinkPersonFromCompanyResponse(result=write_result(written.outcome))
 
     async def RecordConsent(
         self, request: pb.RecordConsentRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RecordConsentResponse:
-        ctx = grpc_command_context(
-            context, "RecordConsent", request.request_id, request.expected_version
-        )
+        caller = grpc_caller(context, request.request_id, request.expected_version)
         written = await self.service.record_consent(
-            ctx,
+            caller,
             ConsentInput(
                 contact_id=request.contact_id,
                 channel=enum_word(pb.Channel, request.channel),
@@ -210,14 +205,12 @@ class ContactsServicer(contacts_pb2_grpc.ContactsServiceServicer):
     async def LogInteraction(
         self, request: pb.LogInteractionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.LogInteractionResponse:
-        ctx = grpc_command_context(
-            context, "LogInteraction", request.request_id, request.expected_version
-        )
+        caller = grpc_caller(context, request.request_id, request.expected_version)
         occurred_at = (
             request.occurred_at.ToDatetime(tzinfo=UTC) if request.HasField("occurred_at") else None
         )
         written = await self.service.log_interaction(
-            ctx,
+            caller,
             InteractionInput(
                 contact_id=request.contact_id,
                 kind=enum_word(pb.InteractionKind, request.kind),

@@ -1,16 +1,15 @@
-"""Domain values as protobuf messages (the gRPC API and the Kafka events)."""
+"""Views and domain values as protobuf messages (the gRPC API and the Kafka events)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from crm.contacts.v1 import contacts_pb2 as pb
 from crm.events.v1 import contacts_pb2 as events_pb
-from crm_contacts.application import ContactView
+from crm_common.enums import enum_number
 from crm_contacts.domain import (
     ChannelIdentity,
     CompanyProfile,
@@ -19,32 +18,7 @@ from crm_contacts.domain import (
     Interaction,
     PersonProfile,
 )
-
-# A generated protobuf enum wrapper (each enum has its own type in the stubs).
-ProtoEnum = Any
-
-
-def _prefix(enum: ProtoEnum) -> str:
-    name: str = enum.DESCRIPTOR.name
-    return "".join(f"_{c}" if c.isupper() and i else c for i, c in enumerate(name)).upper() + "_"
-
-
-def enum_number(enum: ProtoEnum, word: str | None) -> Any:
-    """`customer` -> LIFECYCLE_STAGE_CUSTOMER; None -> 0 (unspecified)."""
-    if not word:
-        return 0
-    return int(enum.Value(_prefix(enum) + word.upper()))
-
-
-def enum_word(enum: ProtoEnum, number: int) -> str | None:
-    """LIFECYCLE_STAGE_CUSTOMER -> `customer`; unspecified (or unknown) -> None."""
-    if number == 0:
-        return None
-    try:
-        name: str = enum.Name(number)
-    except ValueError:
-        return str(number)  # refused by validation as not one of the known words
-    return name.removeprefix(_prefix(enum)).lower()
+from crm_contacts.views import ContactView
 
 
 def timestamp(when: datetime | None) -> Timestamp:

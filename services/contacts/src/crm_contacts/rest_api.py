@@ -27,16 +27,10 @@ from crm_common.server import (
     IdempotencyKey,
     IfMatch,
     expected_version,
-    http_command_context,
+    http_caller,
 )
-from crm_contacts.application import (
-    DEFAULT_PAGE_SIZE,
-    MAX_PAGE_SIZE,
-    ContactPage,
-    ContactsService,
-    ContactView,
-    ContactWrite,
-)
+from crm_contacts.application import ContactsService
+from crm_contacts.directory import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from crm_contacts.domain import (
     Channel,
     ConsentStatus,
@@ -66,6 +60,7 @@ from crm_contacts.inputs import (
     NewPerson,
     PersonChanges,
 )
+from crm_contacts.views import ContactPage, ContactView, ContactWrite
 
 
 def _words(kind: type[StrEnum], *, nullable: bool = False) -> dict[str, Any]:
@@ -459,9 +454,9 @@ def create_app(service: ContactsService) -> FastAPI:
         body: PersonCreate,
         idempotency_key: IdempotencyKey = None,
     ) -> WriteReply:
-        ctx = http_command_context(request, "CreatePerson", idempotency_key)
+        caller = http_caller(request, idempotency_key)
         written = await service.create_person(
-            ctx,
+            caller,
             NewPerson(
                 given_name=body.given_name,
                 family_name=body.family_name,
@@ -488,11 +483,9 @@ def create_app(service: ContactsService) -> FastAPI:
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
     ) -> WriteReply:
-        ctx = http_command_context(
-            request, "UpdatePerson", idempotency_key, expected_version(if_match)
-        )
+        caller = http_caller(request, idempotency_key, expected_version(if_match))
         written = await service.update_person(
-            ctx,
+            caller,
             PersonChanges(
                 id=person_id,
                 fields=_mask(body),
@@ -522,9 +515,9 @@ def create_app(service: ContactsService) -> FastAPI:
         body: CompanyCreate,
         idempotency_key: IdempotencyKey = None,
     ) -> WriteReply:
-        ctx = http_command_context(request, "CreateCompany", idempotency_key)
+        caller = http_caller(request, idempotency_key)
         written = await service.create_company(
-            ctx,
+            caller,
             NewCompany(
                 name=body.name,
                 domain=body.domain,
@@ -551,11 +544,9 @@ def create_app(service: ContactsService) -> FastAPI:
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
     ) -> WriteReply:
-        ctx = http_command_context(
-            request, "UpdateCompany", idempotency_key, expected_version(if_match)
-        )
+        caller = http_caller(request, idempotency_key, expected_version(if_match))
         written = await service.update_company(
-            ctx,
+            caller,
             CompanyChanges(
                 id=company_id,
                 fields=_mask(body),
@@ -585,12 +576,10 @@ def create_app(service: ContactsService) -> FastAPI:
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
     ) -> WriteReply:
-        ctx = http_command_context(
-            request, "LinkPersonToCompany", idempotency_key, expected_version(if_match)
-        )
+        caller = http_caller(request, idempotency_key, expected_version(if_match))
         role = body.role if body is not None else ""
         written = await service.link_person_to_company(
-            ctx, CompanyLink(person_id=person_id, company_id=company_id, role=role)
+            caller, CompanyLink(person_id=person_id, company_id=company_id, role=role)
         )
         return write_reply(written)
 
@@ -607,11 +596,9 @@ def create_app(service: ContactsService) -> FastAPI:
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
     ) -> WriteReply:
-        ctx = http_command_context(
-            request, "UnlinkPersonFromCompany", idempotency_key, expected_version(if_match)
-        )
+        caller = http_caller(request, idempotency_key, expected_version(if_match))
         written = await service.unlink_person_from_company(
-            ctx, CompanyUnlink(person_id=person_id, company_id=company_id)
+            caller, CompanyUnlink(person_id=person_id, company_id=company_id)
         )
         return write_reply(written)
 
@@ -631,11 +618,9 @@ def create_app(service: ContactsService) -> FastAPI:
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
     ) -> WriteReply:
-        ctx = http_command_context(
-            request, "RecordConsent", idempotency_key, expected_version(if_match)
-        )
+        caller = http_caller(request, idempotency_key, expected_version(if_match))
         written = await service.record_consent(
-            ctx,
+            caller,
             ConsentInput(
                 contact_id=contact_id,
                 channel=body.channel,
@@ -663,11 +648,9 @@ def create_app(service: ContactsService) -> FastAPI:
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
     ) -> InteractionReply:
-        ctx = http_command_context(
-            request, "LogInteraction", idempotency_key, expected_version(if_match)
-        )
+        caller = http_caller(request, idempotency_key, expected_version(if_match))
         written = await service.log_interaction(
-            ctx,
+            caller,
             InteractionInput(
                 contact_id=contact_id,
                 kind=body.kind,

@@ -9,15 +9,15 @@ a form in one round trip.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, date, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from enum import StrEnum
 from typing import TypeVar
 
-from crm_common.errors import FieldErrors
-from crm_contacts.currencies import minor_units
+from crm_common.errors import FieldErrors, ValidationFailed
+from crm_common.money import parse_amount, parse_decimal
 from crm_contacts.domain import (
     PHONE_CHANNELS,
     Channel,
@@ -166,18 +166,16 @@ def custom_field_of(errors: FieldErrors, path: str, given: CustomFieldInput) -> 
     before = len(errors.errors)
     kind = enum_of(errors, f"{path}.type", FieldType, given.type, required=True)
     raw = given.value.strip()
-    currency = given.currency.strip().upper()
+    currency = given.currency.strip()
     value = raw
     if len(raw) > MAX_FIELD_VALUE:
         errors.add(f"{path}.value", f"must be at most {MAX_FIELD_VALUE} characters")
-    elif kind in (FieldType.NUMBER, FieldType.MONEY):
-        number = _decimal(raw)
-        if number is None:
-            errors.add(f"{path}.value", f"{raw[:50]!r} is not a decimal number")
-        elif kind is FieldType.NUMBER:
+    elif kind is FieldType.NUMBER:
+        number = _collected(errors, lambda: parse_decimal(raw, f"{path}.value"))
+        if number is not None:
             value = _plain(number)
-        else:
-            value = _money(errors, path, number, currency)
+    elif kind is FieldType.MONEY:
+        value, currency = _money(errors, path, raw, currency)
     elif kind is FieldType.DATE:
         day = _iso_date(raw)
         if day is None:
@@ -193,12 +191,16 @@ def custom_field_of(errors: FieldErrors, path: str, given: CustomFieldInput) -> 
     return CustomField(kind, value, currency if kind is FieldType.MONEY else "")
 
 
-def _decimal(raw: str) -> Decimal | None:
+T = TypeVar("T")
+
+
+def _collected(errors: FieldErrors, check: Callable[[], T]) -> T | None:
+    """Runs a shared check that raises; its field errors join the others."""
     try:
-        number = Decimal(raw)
-    except (InvalidOperation, ValueError):
+        return check()
+    except ValidationFailed as refused:
+        errors.errors.extend(refused.errors)
         return None
-    return number if number.is_finite() else None
 
 
 def _plain(number: Decimal) -> str:
@@ -209,20 +211,27 @@ def _plain(number: Decimal) -> str:
     return "0" if text_ in ("-0", "") else text_
 
 
-def _money(errors: FieldErrors, path: str, amount: Decimal, currency: str) -> str:
-    if not currency:
-        errors.add(f"{path}.currency", "a money field needs an ISO 4217 currency")
-        return ""
-    digits = minor_units(currency)
-    if digits is None:
-        errors.add(f"{path}.currency", f"{currency[:10]!r} is not an ISO 4217 currency")
-        return ""
-    exponent = amount.as_tuple().exponent
-    assert isinstance(exponent, int)  # finite numbers only here
-    if -exponent > digits and amount != amount.quantize(Decimal(1).scaleb(-digits)):
-        errors.add(f"{path}.value", f"{currency} has {digits} decimal places")
-        return ""
-    return format(amount.quantize(Decimal(1).scaleb(-digits)), "f")
+def _money(errors: FieldErrors, path: str, raw: str, currency: str) -> tuple[str, str]:
+    """(amount, currency) in canonical text: exactly the currency's minor units.
+
+    A custom field may hold a negative amount (a credit, a refund).
+    """
+    number = _collected(errors, lambda: parse_decimal(raw, f"{path}.value"))
+    if number is None:
+        return raw, currency
+    amount = _collected(
+        errors,
+        lambda: parse_amount(
+            number,
+            currency,
+            f"{path}.value",
+            currency_field=f"{path}.currency",
+            allow_negative=True,
+        ),
+    )
+    if amount is None:
+        return raw, currency
+    return format(amount, "f"), currency.upper()
 
 
 def _iso_date(raw: str) -> date | None:

@@ -17,14 +17,10 @@ registers nobody twice.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import copy
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from decimal import Decimal
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -32,25 +28,17 @@ from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import JSONTranscoder
 
-from crm_common.commands import (
-    CommandBus,
-    CommandContext,
-    CommandReceipt,
-    UnitOfWork,
-    WriteOutcome,
-)
-from crm_common.errors import FieldErrors, NotFound, ValidationFailed, VersionConflict
+from crm_common.commands import Caller, CommandBus, CommandReceipt, UnitOfWork
+from crm_common.errors import NotFound, ValidationFailed, VersionConflict
 from crm_common.eventstore import application_env, creating_tables
 from crm_common.settings import Settings
+from crm_pipeline import validation
 from crm_pipeline.domain import (
-    SUBJECT_KINDS,
     TRANSCODINGS,
     Activity,
     Lead,
-    LineItemSpec,
     Opportunity,
     Pipeline,
-    StageSpec,
     check_close_date,
 )
 from crm_pipeline.forecast import (
@@ -61,12 +49,34 @@ from crm_pipeline.forecast import (
     overdue_follow_ups,
     win_rate,
 )
-from crm_pipeline.money import CURRENCIES, parse_amount
+from crm_pipeline.inputs import (
+    ForecastQuery,
+    LeadConversion,
+    LineItemInput,
+    NewActivity,
+    NewLead,
+    NewOpportunity,
+    Number,
+    OpportunityQuery,
+    StageInput,
+    WinRateQuery,
+)
 from crm_pipeline.read_model import LocalReadModel
+from crm_pipeline.views import (
+    ActivityView,
+    LeadView,
+    OpportunityPage,
+    OpportunityView,
+    PipelineView,
+    Written,
+    activity_view,
+    lead_view,
+    opportunity_view,
+    pipeline_view,
+    view_of,
+)
 
 SERVICE = "pipeline"
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 200
 
 
 class PipelineApplication(Application[UUID]):
@@ -122,132 +132,16 @@ class ContactsPort(Protocol):
         """Relates the person to the company."""
 
 
-# -- inputs ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NewLead:
-    family_name: str
-    source: str
-    owner: str
-    given_name: str = ""
-    company_name: str = ""
-    email: str = ""
-    phone: str = ""
-    campaign: str = ""
-
-
-@dataclass(frozen=True)
-class NewOpportunity:
-    pipeline_id: str
-    name: str
-    customer_id: str
-    owner: str
-    amount: str | Decimal | int
-    currency: str
-    expected_close_date: str | date
-    stage_id: str = ""
-    person_id: str = ""
-    company_id: str = ""
-    kind: str = "new_business"
-    related_opportunity_ids: Sequence[str] = ()
-
-
-@dataclass(frozen=True)
-class LeadConversion:
-    lead_id: str
-    pipeline_id: str
-    amount: str | Decimal | int
-    currency: str
-    expected_close_date: str | date
-    opportunity_name: str = ""
-    # Empty: register a new person from the lead.
-    person_id: str = ""
-    # Empty and create_company: register the lead's company and link the person.
-    company_id: str = ""
-    create_company: bool = False
-    # Empty: the lead's owner.
-    owner: str = ""
-
-
-@dataclass(frozen=True)
-class NewActivity:
-    subject_kind: str
-    subject_id: str
-    kind: str
-    title: str
-    owner: str
-    due_at: datetime
-
-
-@dataclass(frozen=True)
-class OpportunityQuery:
-    pipeline_id: str = ""
-    owner: str = ""
-    customer_id: str = ""
-    status: str = ""
-    page_size: int = 0
-    page_token: str = ""
-
-
-# -- outputs --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Written:
-    """The outcome of a write and its subject as it stands after it."""
-
-    outcome: WriteOutcome
-    subject: Any
-
-
-@dataclass(frozen=True)
-class OpportunityPage:
-    opportunities: list[Opportunity]
-    next_page_token: str
-    total_size: int
-
-
-def optional_date(value: str | date | None, field: str) -> date | None:
-    """An ISO-8601 calendar date given as text or as a date; None when not given."""
-    if isinstance(value, date) and not isinstance(value, datetime):
-        return value
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    try:
-        return date.fromisoformat(str(value).strip())
-    except ValueError:
-        raise ValidationFailed.of(field, f"{value!r} is not an ISO-8601 date") from None
-
-
-def parse_date(value: str | date | None, field: str) -> date:
-    """A required ISO-8601 calendar date."""
-    day = optional_date(value, field)
-    if day is None:
-        raise ValidationFailed.of(field, "is required")
-    return day
-
-
-def _page_token(offset: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"offset": offset}).encode()).decode().rstrip("=")
-
-
-def _offset_of(token: str) -> int:
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        offset = json.loads(base64.urlsafe_b64decode(padded.encode()))["offset"]
-        if not isinstance(offset, int) or offset < 0:
-            raise ValueError(token)
-    except (ValueError, TypeError, KeyError, binascii.Error):
-        raise ValidationFailed.of("page_token", "is not a page token of this listing") from None
-    return offset
-
-
 # -- the service ---------------------------------------------------------------------------------
 
 
 class PipelineService:
-    """Use cases of the pipeline service; both adapters call these."""
+    """Use cases of the pipeline service; both adapters call these.
+
+    Each write names its command (`caller.command("CreateLead")`): the name
+    is recorded with the events and in the receipt of an idempotent command,
+    so it never changes.
+    """
 
     def __init__(
         self,
@@ -267,92 +161,88 @@ class PipelineService:
         self.bus.close()
         self.app.close()
 
-    async def _write(self, ctx: CommandContext, decide: Callable[[UnitOfWork], Any]) -> Written:
-        outcome = await self.bus.execute_async(ctx, decide)
+    async def _write(
+        self, caller: Caller, command: str, decide: Callable[[UnitOfWork], Any]
+    ) -> Written:
+        outcome = await self.bus.execute_async(caller.command(command), decide)
         subject = outcome.subject
         if subject is None:  # a replay: the subject as it is now
             subject = await asyncio.to_thread(self.load, outcome.id, Aggregate)
-        return Written(outcome, subject)
+        return Written(outcome, view_of(subject))
 
     # -- leads
 
-    async def create_lead(self, ctx: CommandContext, new: NewLead) -> Written:
+    async def create_lead(self, caller: Caller, new: NewLead) -> Written:
+        lead = validation.new_lead(new)
+
         def decide(uow: UnitOfWork) -> Lead:
             return uow.add(
                 Lead.create(
-                    given_name=new.given_name,
-                    family_name=new.family_name,
-                    company_name=new.company_name,
-                    email=new.email,
-                    phone=new.phone,
-                    source=new.source,
-                    campaign=new.campaign,
-                    owner=new.owner,
+                    given_name=lead.given_name,
+                    family_name=lead.family_name,
+                    company_name=lead.company_name,
+                    email=lead.email,
+                    phone=lead.phone,
+                    source=lead.source or "",
+                    campaign=lead.campaign,
+                    owner=lead.owner,
                     at=self.clock(),
                 )
             )
 
-        return await self._write(ctx, decide)
+        return await self._write(caller, "CreateLead", decide)
 
-    async def qualify_lead(self, ctx: CommandContext, lead_id: str, score: int) -> Written:
+    async def _lead_command(
+        self, caller: Caller, command: str, lead_id: str, change: Callable[[Lead, datetime], None]
+    ) -> Written:
         def decide(uow: UnitOfWork) -> Lead:
             lead = uow.get(lead_id, Lead)
-            lead.qualify(score, self.clock())
+            change(lead, self.clock())
             return lead
 
-        return await self._write(ctx, decide)
+        return await self._write(caller, command, decide)
 
-    async def disqualify_lead(self, ctx: CommandContext, lead_id: str, reason: str) -> Written:
-        def decide(uow: UnitOfWork) -> Lead:
-            lead = uow.get(lead_id, Lead)
-            lead.disqualify(reason, self.clock())
-            return lead
+    async def qualify_lead(self, caller: Caller, lead_id: str, score: int) -> Written:
+        checked = validation.score(score)
+        return await self._lead_command(
+            caller, "QualifyLead", lead_id, lambda lead, now: lead.qualify(checked, now)
+        )
 
-        return await self._write(ctx, decide)
+    async def disqualify_lead(self, caller: Caller, lead_id: str, reason: str) -> Written:
+        checked = validation.one_text("reason", reason)
+        return await self._lead_command(
+            caller, "DisqualifyLead", lead_id, lambda lead, now: lead.disqualify(checked, now)
+        )
 
-    async def convert_lead(self, ctx: CommandContext, conversion: LeadConversion) -> Written:
+    async def convert_lead(self, caller: Caller, conversion: LeadConversion) -> Written:
         """Converts a qualified lead; the new deal's id is in `outcome.extra`."""
-        if await asyncio.to_thread(self._seen, ctx):
+        command = "ConvertLead"
+        if await asyncio.to_thread(self._seen, caller):
             # A retry of a conversion that happened: the bus replays its outcome.
-            return await self._write(ctx, lambda uow: uow.get(conversion.lead_id, Lead))
+            return await self._write(caller, command, lambda uow: uow.get(conversion.lead_id, Lead))
         # Refuse what can be refused before anything is registered in contacts.
-        expected = parse_date(conversion.expected_close_date, "expected_close_date")
-        errors = FieldErrors()
-        if conversion.currency not in CURRENCIES:
-            errors.add("currency", f"{conversion.currency!r} is not an ISO 4217 currency code")
-        else:
-            try:
-                parse_amount(conversion.amount, conversion.currency)
-            except ValidationFailed as refused:
-                errors.errors.extend(refused.errors)
-        errors.raise_if_any()
-        check_close_date(expected, self.clock(), "expected_close_date")
+        terms = validation.conversion_terms(conversion)
+        check_close_date(terms.expected_close_date, self.clock(), "expected_close_date")
         lead = await asyncio.to_thread(self.load, conversion.lead_id, Lead)
-        if ctx.expected_version is not None and ctx.expected_version != lead.version:
-            raise VersionConflict(conversion.lead_id, ctx.expected_version, lead.version)
+        if caller.expected_version and caller.expected_version != lead.version:
+            raise VersionConflict(conversion.lead_id, caller.expected_version, lead.version)
         lead.ensure_convertible()
         await asyncio.to_thread(self.load, conversion.pipeline_id, Pipeline)
-        person_id, company_id = await self._contacts_of(ctx, lead, conversion)
+        person_id, company_id = await self._contacts_of(caller, lead, conversion)
 
         def decide(uow: UnitOfWork) -> tuple[Lead, dict[str, str]]:
             now = self.clock()
             lead = uow.get(conversion.lead_id, Lead)
             lead.ensure_convertible()
             pipeline = uow.get(conversion.pipeline_id, Pipeline, subject=False)
-            name = (
-                conversion.opportunity_name
-                or lead.company_name
-                or (f"{lead.given_name} {lead.family_name}".strip())
-            )
             deal = uow.add(
                 Opportunity.open(
                     pipeline=pipeline,
-                    name=name,
+                    name=conversion.opportunity_name or lead.display_name,
                     customer_id=company_id or person_id,
                     owner=conversion.owner or lead.owner,
-                    amount=conversion.amount,
-                    currency=conversion.currency,
-                    expected_close_date=expected,
+                    amount=terms.amount,
+                    expected_close_date=terms.expected_close_date,
                     at=now,
                     person_id=person_id,
                     company_id=company_id,
@@ -371,20 +261,20 @@ class PipelineService:
                 "company_id": company_id,
             }
 
-        return await self._write(ctx, decide)
+        return await self._write(caller, command, decide)
 
-    def _seen(self, ctx: CommandContext) -> bool:
+    def _seen(self, caller: Caller) -> bool:
         """Whether a command with this request id was already carried out."""
-        if not ctx.request_id:
+        if not caller.request_id:
             return False
         try:
-            self.app.repository.get(CommandReceipt.create_id(SERVICE, ctx.request_id))
+            self.app.repository.get(CommandReceipt.create_id(SERVICE, caller.request_id))
         except AggregateNotFoundError:
             return False
         return True
 
     async def _contacts_of(
-        self, ctx: CommandContext, lead: Lead, conversion: LeadConversion
+        self, caller: Caller, lead: Lead, conversion: LeadConversion
     ) -> tuple[str, str]:
         if self.contacts is None:
             raise RuntimeError("lead conversion needs the contacts service; none is configured")
@@ -394,7 +284,7 @@ class PipelineService:
             raise ValidationFailed.of("create_company", "the lead has no company name")
 
         def derived(part: str) -> str | None:
-            return f"{ctx.request_id}:{part}" if ctx.request_id else None
+            return f"{caller.request_id}:{part}" if caller.request_id else None
 
         person_id = conversion.person_id
         if person_id:
@@ -421,60 +311,77 @@ class PipelineService:
     # -- pipelines
 
     async def define_pipeline(
-        self, ctx: CommandContext, name: str, stages: Sequence[StageSpec]
+        self, caller: Caller, name: str, stages: Sequence[StageInput]
     ) -> Written:
-        return await self._write(ctx, lambda uow: uow.add(Pipeline.define(name, list(stages))))
+        checked_name, checked_stages = validation.new_pipeline(name, stages)
+        return await self._write(
+            caller,
+            "DefinePipeline",
+            lambda uow: uow.add(Pipeline.define(checked_name, checked_stages)),
+        )
 
     async def _pipeline_command(
-        self, ctx: CommandContext, pipeline_id: str, change: Callable[[Pipeline], None]
+        self,
+        caller: Caller,
+        command: str,
+        pipeline_id: str,
+        change: Callable[[Pipeline], None],
     ) -> Written:
         def decide(uow: UnitOfWork) -> Pipeline:
             pipeline = uow.get(pipeline_id, Pipeline)
             change(pipeline)
             return pipeline
 
-        return await self._write(ctx, decide)
+        return await self._write(caller, command, decide)
 
     async def add_stage(
-        self, ctx: CommandContext, pipeline_id: str, stage: StageSpec, position: int | None = None
+        self, caller: Caller, pipeline_id: str, stage: StageInput, position: int | None = None
     ) -> Written:
+        checked = validation.stage(stage, "stage")
         return await self._pipeline_command(
-            ctx, pipeline_id, lambda p: p.add_stage(stage, position)
+            caller, "AddStage", pipeline_id, lambda p: p.add_stage(checked, position)
         )
 
     async def rename_stage(
-        self, ctx: CommandContext, pipeline_id: str, stage_id: str, name: str
+        self, caller: Caller, pipeline_id: str, stage_id: str, name: str
     ) -> Written:
+        checked = validation.one_text("name", name)
         return await self._pipeline_command(
-            ctx, pipeline_id, lambda p: p.rename_stage(stage_id, name)
+            caller, "RenameStage", pipeline_id, lambda p: p.rename_stage(stage_id, checked)
         )
 
     async def change_stage_settings(
         self,
-        ctx: CommandContext,
+        caller: Caller,
         pipeline_id: str,
         stage_id: str,
-        probability: str | Decimal | int,
-        category: str,
+        probability: Number,
+        category: str | None,
     ) -> Written:
-        return await self._pipeline_command(
-            ctx, pipeline_id, lambda p: p.change_stage_settings(stage_id, probability, category)
-        )
+        def change(pipeline: Pipeline) -> None:
+            # The stage is named before its settings are looked at.
+            pipeline.active_stage(stage_id)
+            checked, word = validation.stage_settings(probability, category)
+            pipeline.change_stage_settings(stage_id, checked, word)
+
+        return await self._pipeline_command(caller, "ChangeStageSettings", pipeline_id, change)
 
     async def reorder_stages(
-        self, ctx: CommandContext, pipeline_id: str, stage_ids: Sequence[str]
+        self, caller: Caller, pipeline_id: str, stage_ids: Sequence[str]
     ) -> Written:
         return await self._pipeline_command(
-            ctx, pipeline_id, lambda p: p.reorder_stages(list(stage_ids))
+            caller, "ReorderStages", pipeline_id, lambda p: p.reorder_stages(list(stage_ids))
         )
 
-    async def retire_stage(self, ctx: CommandContext, pipeline_id: str, stage_id: str) -> Written:
-        return await self._pipeline_command(ctx, pipeline_id, lambda p: p.retire_stage(stage_id))
+    async def retire_stage(self, caller: Caller, pipeline_id: str, stage_id: str) -> Written:
+        return await self._pipeline_command(
+            caller, "RetireStage", pipeline_id, lambda p: p.retire_stage(stage_id)
+        )
 
     # -- opportunities
 
-    async def open_opportunity(self, ctx: CommandContext, new: NewOpportunity) -> Written:
-        expected = parse_date(new.expected_close_date, "expected_close_date")
+    async def open_opportunity(self, caller: Caller, new: NewOpportunity) -> Written:
+        terms = validation.new_opportunity(new)
 
         def decide(uow: UnitOfWork) -> Opportunity:
             pipeline = uow.get(new.pipeline_id, Pipeline, subject=False)
@@ -482,26 +389,26 @@ class PipelineService:
             return uow.add(
                 Opportunity.open(
                     pipeline=pipeline,
-                    name=new.name,
-                    customer_id=new.customer_id,
-                    owner=new.owner,
-                    amount=new.amount,
-                    currency=new.currency,
-                    expected_close_date=expected,
+                    name=terms.name,
+                    customer_id=terms.customer_id,
+                    owner=terms.owner,
+                    amount=terms.amount,
+                    expected_close_date=terms.expected_close_date,
                     at=self.clock(),
                     stage_id=new.stage_id,
                     person_id=new.person_id,
                     company_id=new.company_id,
-                    kind=new.kind,
+                    kind=terms.kind,
                     related_deals=related,
                 )
             )
 
-        return await self._write(ctx, decide)
+        return await self._write(caller, "OpenOpportunity", decide)
 
     async def _deal_command(
         self,
-        ctx: CommandContext,
+        caller: Caller,
+        command: str,
         opportunity_id: str,
         change: Callable[[Opportunity, Pipeline, datetime], None],
     ) -> Written:
@@ -511,119 +418,147 @@ class PipelineService:
             change(deal, pipeline, self.clock())
             return deal
 
-        return await self._write(ctx, decide)
+        return await self._write(caller, command, decide)
 
     async def change_amount(
-        self, ctx: CommandContext, opportunity_id: str, amount: str | Decimal | int, currency: str
+        self, caller: Caller, opportunity_id: str, amount: Number, currency: str
     ) -> Written:
+        money = validation.one_money(amount, currency)
         return await self._deal_command(
-            ctx, opportunity_id, lambda d, _, now: d.change_amount(amount, currency, now)
+            caller, "ChangeAmount", opportunity_id, lambda d, _, now: d.change_amount(money, now)
         )
 
     async def set_line_items(
-        self, ctx: CommandContext, opportunity_id: str, items: Sequence[LineItemSpec]
+        self, caller: Caller, opportunity_id: str, items: Sequence[LineItemInput]
     ) -> Written:
-        return await self._deal_command(
-            ctx, opportunity_id, lambda d, _, now: d.set_line_items(list(items), now)
-        )
+        def change(deal: Opportunity, _: Pipeline, now: datetime) -> None:
+            # Lines are priced in the deal's own currency.
+            deal.set_line_items(validation.line_items(items, deal.amount.currency), now)
+
+        return await self._deal_command(caller, "SetLineItems", opportunity_id, change)
 
     async def change_expected_close_date(
-        self, ctx: CommandContext, opportunity_id: str, expected: str | date
+        self, caller: Caller, opportunity_id: str, expected: str | date
     ) -> Written:
-        day = parse_date(expected, "expected_close_date")
+        day = validation.required_date(expected, "expected_close_date")
         return await self._deal_command(
-            ctx, opportunity_id, lambda d, _, now: d.change_expected_close_date(day, now)
+            caller,
+            "ChangeExpectedCloseDate",
+            opportunity_id,
+            lambda d, _, now: d.change_expected_close_date(day, now),
         )
 
     async def reassign_opportunity(
-        self, ctx: CommandContext, opportunity_id: str, owner: str
+        self, caller: Caller, opportunity_id: str, owner: str
     ) -> Written:
+        checked = validation.one_text("owner", owner)
         return await self._deal_command(
-            ctx, opportunity_id, lambda d, _, now: d.reassign(owner, now)
+            caller,
+            "ReassignOpportunity",
+            opportunity_id,
+            lambda d, _, now: d.reassign(checked, now),
         )
 
-    async def move_opportunity(
-        self, ctx: CommandContext, opportunity_id: str, stage_id: str
-    ) -> Written:
+    async def move_opportunity(self, caller: Caller, opportunity_id: str, stage_id: str) -> Written:
         return await self._deal_command(
-            ctx, opportunity_id, lambda d, p, now: d.change_stage(p, stage_id, now)
+            caller,
+            "MoveOpportunity",
+            opportunity_id,
+            lambda d, p, now: d.change_stage(p, stage_id, now),
         )
 
     async def win_opportunity(
-        self, ctx: CommandContext, opportunity_id: str, closed_on: str | date | None = None
+        self, caller: Caller, opportunity_id: str, closed_on: str | date | None = None
     ) -> Written:
-        day = optional_date(closed_on, "closed_on")
-        return await self._deal_command(ctx, opportunity_id, lambda d, p, now: d.win(p, now, day))
+        day = validation.optional_date(closed_on, "closed_on")
+        return await self._deal_command(
+            caller, "WinOpportunity", opportunity_id, lambda d, p, now: d.win(p, now, day)
+        )
 
     async def lose_opportunity(
         self,
-        ctx: CommandContext,
+        caller: Caller,
         opportunity_id: str,
         reason: str,
         closed_on: str | date | None = None,
     ) -> Written:
-        day = optional_date(closed_on, "closed_on")
+        checked = validation.one_text("reason", reason)
+        day = validation.optional_date(closed_on, "closed_on")
         return await self._deal_command(
-            ctx, opportunity_id, lambda d, p, now: d.lose(p, reason, now, day)
+            caller,
+            "LoseOpportunity",
+            opportunity_id,
+            lambda d, p, now: d.lose(p, checked, now, day),
         )
 
     async def reopen_opportunity(
-        self, ctx: CommandContext, opportunity_id: str, stage_id: str = ""
+        self, caller: Caller, opportunity_id: str, stage_id: str = ""
     ) -> Written:
         return await self._deal_command(
-            ctx, opportunity_id, lambda d, p, now: d.reopen(p, now, stage_id)
+            caller,
+            "ReopenOpportunity",
+            opportunity_id,
+            lambda d, p, now: d.reopen(p, now, stage_id),
         )
 
     # -- activities
 
-    async def schedule_activity(self, ctx: CommandContext, new: NewActivity) -> Written:
-        if new.subject_kind not in SUBJECT_KINDS:
-            raise ValidationFailed.of("subject_kind", f"must be one of {', '.join(SUBJECT_KINDS)}")
-        kind: type[Lead | Opportunity] = Lead if new.subject_kind == "lead" else Opportunity
+    async def schedule_activity(self, caller: Caller, new: NewActivity) -> Written:
+        checked = validation.new_activity(new)
+        kind: type[Lead | Opportunity] = Lead if checked.subject_kind == "lead" else Opportunity
+        assert checked.due_at is not None
 
         def decide(uow: UnitOfWork) -> Activity:
-            subject = uow.get(new.subject_id, kind, subject=False)
+            subject = uow.get(checked.subject_id, kind, subject=False)
+            assert checked.due_at is not None
             return uow.add(
                 Activity.schedule(
                     subject=subject,
-                    kind=new.kind,
-                    title=new.title,
-                    owner=new.owner,
-                    due_at=new.due_at,
+                    kind=checked.kind or "",
+                    title=checked.title,
+                    owner=checked.owner,
+                    due_at=checked.due_at,
                     at=self.clock(),
                 )
             )
 
-        return await self._write(ctx, decide)
+        return await self._write(caller, "ScheduleActivity", decide)
 
     async def _activity_command(
-        self, ctx: CommandContext, activity_id: str, change: Callable[[Activity, datetime], None]
+        self,
+        caller: Caller,
+        command: str,
+        activity_id: str,
+        change: Callable[[Activity, datetime], None],
     ) -> Written:
         def decide(uow: UnitOfWork) -> Activity:
             activity = uow.get(activity_id, Activity)
             change(activity, self.clock())
             return activity
 
-        return await self._write(ctx, decide)
+        return await self._write(caller, command, decide)
 
     async def reschedule_activity(
-        self, ctx: CommandContext, activity_id: str, due_at: datetime
+        self, caller: Caller, activity_id: str, due_at: datetime | None
     ) -> Written:
+        due = validation.due_at(due_at)
         return await self._activity_command(
-            ctx, activity_id, lambda a, now: a.reschedule(due_at, now)
+            caller, "RescheduleActivity", activity_id, lambda a, now: a.reschedule(due, now)
         )
 
     async def complete_activity(
-        self, ctx: CommandContext, activity_id: str, outcome: str = ""
+        self, caller: Caller, activity_id: str, outcome: str = ""
     ) -> Written:
+        checked = validation.one_text("outcome", outcome, required=False)
         return await self._activity_command(
-            ctx, activity_id, lambda a, now: a.complete(outcome, now)
+            caller, "CompleteActivity", activity_id, lambda a, now: a.complete(checked, now)
         )
 
-    async def cancel_activity(
-        self, ctx: CommandContext, activity_id: str, reason: str = ""
-    ) -> Written:
-        return await self._activity_command(ctx, activity_id, lambda a, now: a.cancel(reason, now))
+    async def cancel_activity(self, caller: Caller, activity_id: str, reason: str = "") -> Written:
+        checked = validation.one_text("reason", reason, required=False)
+        return await self._activity_command(
+            caller, "CancelActivity", activity_id, lambda a, now: a.cancel(checked, now)
+        )
 
     # -- reading one aggregate
 
@@ -642,44 +577,33 @@ class PipelineService:
             raise NotFound(kind.__name__, ident)
         return aggregate
 
-    async def get_lead(self, lead_id: str) -> Lead:
-        lead: Lead = await asyncio.to_thread(self.load, lead_id, Lead)
-        return lead
+    async def get_lead(self, lead_id: str) -> LeadView:
+        return lead_view(await asyncio.to_thread(self.load, lead_id, Lead))
 
-    async def get_pipeline(self, pipeline_id: str) -> Pipeline:
-        pipeline: Pipeline = await asyncio.to_thread(self.load, pipeline_id, Pipeline)
-        return pipeline
+    async def get_pipeline(self, pipeline_id: str) -> PipelineView:
+        return pipeline_view(await asyncio.to_thread(self.load, pipeline_id, Pipeline))
 
-    async def get_opportunity(self, opportunity_id: str) -> Opportunity:
-        deal: Opportunity = await asyncio.to_thread(self.load, opportunity_id, Opportunity)
-        return deal
+    async def get_opportunity(self, opportunity_id: str) -> OpportunityView:
+        return opportunity_view(await asyncio.to_thread(self.load, opportunity_id, Opportunity))
 
-    async def get_activity(self, activity_id: str) -> Activity:
-        activity: Activity = await asyncio.to_thread(self.load, activity_id, Activity)
-        return activity
+    async def get_activity(self, activity_id: str) -> ActivityView:
+        return activity_view(await asyncio.to_thread(self.load, activity_id, Activity))
 
     # -- queries over every deal
 
-    async def list_pipelines(self) -> list[Pipeline]:
-        pipelines = await asyncio.to_thread(self.read_model.pipelines)
-        return sorted(pipelines, key=lambda p: (p.name.casefold(), str(p.id)))
+    async def list_pipelines(self) -> list[PipelineView]:
+        pipelines = [pipeline_view(p) for p in await asyncio.to_thread(self.read_model.pipelines)]
+        return sorted(pipelines, key=lambda p: (p.name.casefold(), p.id))
 
     def _list_opportunities(self, query: OpportunityQuery) -> OpportunityPage:
-        errors = FieldErrors()
-        size = query.page_size or DEFAULT_PAGE_SIZE
-        if not 1 <= size <= MAX_PAGE_SIZE:
-            errors.add("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")
-        if query.status and query.status not in ("open", "won", "lost"):
-            errors.add("status", "must be one of open, won, lost")
-        errors.raise_if_any()
-        offset = _offset_of(query.page_token) if query.page_token else 0
+        page = validation.opportunity_page(query)
 
         def wanted(deal: Opportunity) -> bool:
             return (
                 (not query.pipeline_id or deal.pipeline_id == query.pipeline_id)
                 and (not query.owner or deal.owner == query.owner)
                 and (not query.customer_id or deal.customer_id == query.customer_id)
-                and (not query.status or deal.status == query.status)
+                and (page.status is None or deal.status == page.status)
             )
 
         with self.read_model.locked() as aggregates:
@@ -687,33 +611,29 @@ class PipelineService:
                 (a for a in aggregates if isinstance(a, Opportunity) and wanted(a)),
                 key=lambda d: (d.opened_at, str(d.id)),
             )
-            page = [copy.deepcopy(d) for d in deals[offset : offset + size]]
-        more = offset + size < len(deals)
-        return OpportunityPage(page, _page_token(offset + size) if more else "", len(deals))
+            # Views copy what they keep: the read model goes on changing after the lock.
+            views = [
+                opportunity_view(copy.deepcopy(d))
+                for d in deals[page.offset : page.offset + page.size]
+            ]
+        end = page.offset + page.size
+        token = validation.page_token(end) if end < len(deals) else ""
+        return OpportunityPage(views, token, len(deals))
 
     async def list_opportunities(self, query: OpportunityQuery) -> OpportunityPage:
         return await asyncio.to_thread(self._list_opportunities, query)
 
-    def _forecast(self, **filters: Any) -> list[ForecastRow]:
-        return self.read_model.forecast(**filters)
-
-    async def get_forecast(
-        self,
-        *,
-        period: str = "month",
-        start: str | date | None = None,
-        end: str | date | None = None,
-        owner: str = "",
-        pipeline_id: str = "",
-    ) -> list[ForecastRow]:
-        return await asyncio.to_thread(
-            self._forecast,
-            period=period or "month",
-            start=optional_date(start, "start"),
-            end=optional_date(end, "end"),
-            owner=owner or None,
-            pipeline_id=pipeline_id or None,
+    def _forecast(self, query: ForecastQuery) -> list[ForecastRow]:
+        return self.read_model.forecast(
+            period=query.period or "month",
+            start=validation.optional_date(query.start, "start"),
+            end=validation.optional_date(query.end, "end"),
+            owner=query.owner or None,
+            pipeline_id=query.pipeline_id or None,
         )
+
+    async def get_forecast(self, query: ForecastQuery) -> list[ForecastRow]:
+        return await asyncio.to_thread(self._forecast, query)
 
     def _funnel(self, pipeline_id: str) -> Funnel:
         result = self.read_model.funnel(pipeline_id)
@@ -724,25 +644,18 @@ class PipelineService:
     async def get_funnel(self, pipeline_id: str) -> Funnel:
         return await asyncio.to_thread(self._funnel, pipeline_id)
 
-    def _win_rate(self, **filters: Any) -> WinRate:
+    def _win_rate(self, query: WinRateQuery) -> WinRate:
         deals, _, _ = self.read_model.snapshot()
-        return win_rate(deals, **filters)
-
-    async def get_win_rate(
-        self,
-        *,
-        pipeline_id: str = "",
-        owner: str = "",
-        start: str | date | None = None,
-        end: str | date | None = None,
-    ) -> WinRate:
-        return await asyncio.to_thread(
-            self._win_rate,
-            pipeline_id=pipeline_id or None,
-            owner=owner or None,
-            start=optional_date(start, "start"),
-            end=optional_date(end, "end"),
+        return win_rate(
+            deals,
+            pipeline_id=query.pipeline_id or None,
+            owner=query.owner or None,
+            start=validation.optional_date(query.start, "start"),
+            end=validation.optional_date(query.end, "end"),
         )
+
+    async def get_win_rate(self, query: WinRateQuery) -> WinRate:
+        return await asyncio.to_thread(self._win_rate, query)
 
     def _overdue(self, owner: str) -> dict[str, list[ActivityInfo]]:
         _, _, activities = self.read_model.snapshot()

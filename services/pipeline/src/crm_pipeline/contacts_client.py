@@ -36,7 +36,7 @@ def _refusal(error: grpc.aio.AioRpcError, kind: str, ident: str) -> Exception:
         return NotFound(kind.capitalize(), ident)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         fields: list[FieldError] = []
-        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        status = rpc_status.from_call(error)
         for detail in status.details if status is not None else []:
             request = error_details_pb2.BadRequest()
             if detail.Unpack(request):
@@ -62,7 +62,8 @@ class GrpcContacts:
     def _stub(self) -> contacts_pb2_grpc.ContactsServiceStub:
         if self._channel is None:
             self._channel = service_channel(self.target)
-        return contacts_pb2_grpc.ContactsServiceStub(self._channel)
+        # The generated gRPC module has no type stubs (only the messages have).
+        return contacts_pb2_grpc.ContactsServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
         if self._channel is not None:

@@ -17,16 +17,17 @@ from typing import Any
 from crm.events.v1 import pipeline_pb2 as events_pb
 from crm.pipeline.v1 import pipeline_pb2 as pb
 from crm_common.commands import CommandReceipt
-from crm_pipeline.domain import Stage
+from crm_common.enums import enum_number
+from crm_pipeline.domain import Activity, Lead, Opportunity, Pipeline
 from crm_pipeline.messages import (
     decimal_text,
-    enum_number,
     iso,
     line_item_pb,
     money_pb,
     stage_pb,
     timestamp,
 )
+from crm_pipeline.views import StageView
 
 CE_TYPE_PREFIX = "crm.pipeline.v1."
 PROTO_MESSAGE = events_pb.PipelineEvent.DESCRIPTOR.full_name
@@ -43,7 +44,9 @@ Fill = Callable[[events_pb.PipelineEvent, Data], None]
 
 
 def _stage(data: Data) -> pb.Stage:
-    return stage_pb(Stage(data["stage_id"], data["name"], data["probability"], data["category"]))
+    return stage_pb(
+        StageView(data["stage_id"], data["name"], data["probability"], data["category"])
+    )
 
 
 def _lead_created(m: events_pb.PipelineEvent, d: Data) -> None:
@@ -143,46 +146,46 @@ def _activity_scheduled(m: events_pb.PipelineEvent, d: Data) -> None:
     )
 
 
-#: Stored event (aggregate.Event qualified name) -> public payload name and filler.
-PAYLOADS: dict[str, tuple[str, Fill]] = {
-    "Lead.Created": ("LeadCreated", _lead_created),
-    "Lead.Qualified": (
+#: Stored event type -> public payload name and filler.
+PAYLOADS: dict[type[Any], tuple[str, Fill]] = {
+    Lead.Created: ("LeadCreated", _lead_created),
+    Lead.Qualified: (
         "LeadQualified",
         lambda m, d: m.lead_qualified.CopyFrom(events_pb.LeadQualified(score=d["score"])),
     ),
-    "Lead.Disqualified": (
+    Lead.Disqualified: (
         "LeadDisqualified",
         lambda m, d: m.lead_disqualified.CopyFrom(events_pb.LeadDisqualified(reason=d["reason"])),
     ),
-    "Lead.Converted": ("LeadConverted", _lead_converted),
-    "Pipeline.Defined": ("PipelineDefined", _pipeline_defined),
-    "Pipeline.StageAdded": ("StageAdded", _stage_added),
-    "Pipeline.StageRenamed": (
+    Lead.Converted: ("LeadConverted", _lead_converted),
+    Pipeline.Defined: ("PipelineDefined", _pipeline_defined),
+    Pipeline.StageAdded: ("StageAdded", _stage_added),
+    Pipeline.StageRenamed: (
         "StageRenamed",
         lambda m, d: m.stage_renamed.CopyFrom(
             events_pb.StageRenamed(stage_id=d["stage_id"], name=d["name"])
         ),
     ),
-    "Pipeline.StageSettingsChanged": ("StageSettingsChanged", _stage_settings_changed),
-    "Pipeline.StagesReordered": (
+    Pipeline.StageSettingsChanged: ("StageSettingsChanged", _stage_settings_changed),
+    Pipeline.StagesReordered: (
         "StagesReordered",
         lambda m, d: m.stages_reordered.CopyFrom(
             events_pb.StagesReordered(stage_ids=d["stage_ids"])
         ),
     ),
-    "Pipeline.StageRetired": (
+    Pipeline.StageRetired: (
         "StageRetired",
         lambda m, d: m.stage_retired.CopyFrom(events_pb.StageRetired(stage_id=d["stage_id"])),
     ),
-    "Opportunity.Opened": ("OpportunityOpened", _opportunity_opened),
-    "Opportunity.AmountChanged": (
+    Opportunity.Opened: ("OpportunityOpened", _opportunity_opened),
+    Opportunity.AmountChanged: (
         "OpportunityAmountChanged",
         lambda m, d: m.opportunity_amount_changed.CopyFrom(
             events_pb.OpportunityAmountChanged(amount=money_pb(d["amount"], d["currency"]))
         ),
     ),
-    "Opportunity.LineItemsChanged": ("OpportunityLineItemsChanged", _line_items_changed),
-    "Opportunity.ExpectedCloseDateChanged": (
+    Opportunity.LineItemsChanged: ("OpportunityLineItemsChanged", _line_items_changed),
+    Opportunity.ExpectedCloseDateChanged: (
         "OpportunityExpectedCloseDateChanged",
         lambda m, d: m.opportunity_expected_close_date_changed.CopyFrom(
             events_pb.OpportunityExpectedCloseDateChanged(
@@ -190,13 +193,13 @@ PAYLOADS: dict[str, tuple[str, Fill]] = {
             )
         ),
     ),
-    "Opportunity.OwnerChanged": (
+    Opportunity.OwnerChanged: (
         "OpportunityOwnerChanged",
         lambda m, d: m.opportunity_owner_changed.CopyFrom(
             events_pb.OpportunityOwnerChanged(owner=d["owner"])
         ),
     ),
-    "Opportunity.StageChanged": (
+    Opportunity.StageChanged: (
         "OpportunityStageChanged",
         lambda m, d: m.opportunity_stage_changed.CopyFrom(
             events_pb.OpportunityStageChanged(
@@ -206,8 +209,8 @@ PAYLOADS: dict[str, tuple[str, Fill]] = {
             )
         ),
     ),
-    "Opportunity.Won": ("OpportunityWon", _won),
-    "Opportunity.Lost": (
+    Opportunity.Won: ("OpportunityWon", _won),
+    Opportunity.Lost: (
         "OpportunityLost",
         lambda m, d: m.opportunity_lost.CopyFrom(
             events_pb.OpportunityLost(
@@ -215,26 +218,26 @@ PAYLOADS: dict[str, tuple[str, Fill]] = {
             )
         ),
     ),
-    "Opportunity.Reopened": (
+    Opportunity.Reopened: (
         "OpportunityReopened",
         lambda m, d: m.opportunity_reopened.CopyFrom(
             events_pb.OpportunityReopened(stage_id=d["stage_id"])
         ),
     ),
-    "Activity.Scheduled": ("ActivityScheduled", _activity_scheduled),
-    "Activity.Rescheduled": (
+    Activity.Scheduled: ("ActivityScheduled", _activity_scheduled),
+    Activity.Rescheduled: (
         "ActivityRescheduled",
         lambda m, d: m.activity_rescheduled.CopyFrom(
             events_pb.ActivityRescheduled(due_at=timestamp(d["due_at"]))
         ),
     ),
-    "Activity.Completed": (
+    Activity.Completed: (
         "ActivityCompleted",
         lambda m, d: m.activity_completed.CopyFrom(
             events_pb.ActivityCompleted(outcome=d["outcome"])
         ),
     ),
-    "Activity.Cancelled": (
+    Activity.Cancelled: (
         "ActivityCancelled",
         lambda m, d: m.activity_cancelled.CopyFrom(events_pb.ActivityCancelled(reason=d["reason"])),
     ),
@@ -242,8 +245,8 @@ PAYLOADS: dict[str, tuple[str, Fill]] = {
 
 
 def payload_name(event: Any) -> str:
-    known = PAYLOADS.get(type(event).__qualname__)
-    if known is None or not type(event).__module__.startswith("crm_pipeline."):
+    known = PAYLOADS.get(type(event))
+    if known is None:
         raise UnpublishableEvent(
             f"{type(event).__module__}.{type(event).__qualname__} has no PipelineEvent payload"
         )
@@ -262,7 +265,7 @@ def pipeline_event(event: Any, meta: Mapping[str, Any], position: int) -> events
         actor=str(meta.get("actor") or ""),
         client=str(meta.get("client") or ""),
     )
-    PAYLOADS[type(event).__qualname__][1](message, event.__dict__)
+    PAYLOADS[type(event)][1](message, event.__dict__)
     assert message.WhichOneof("payload") is not None, name
     return message
 

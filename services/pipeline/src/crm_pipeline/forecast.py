@@ -40,9 +40,8 @@ from decimal import Decimal
 from typing import Any, NamedTuple, Protocol
 
 from crm_common.errors import ValidationFailed
-from crm_pipeline.money import round_money
-
-OPEN_CATEGORIES = ("pipeline", "best_case", "commit", "omitted")
+from crm_common.money import round_money
+from crm_pipeline.domain import OPEN_CATEGORIES
 
 
 @dataclass(frozen=True)

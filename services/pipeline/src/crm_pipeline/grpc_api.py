@@ -1,7 +1,7 @@
 """gRPC adapter: crm.pipeline.v1.PipelineService over the application layer.
 
 Translation only: requests become the application's inputs (enums as the
-domain's lower-case words, empty when unspecified; money and dates as the
+domain's lower-case words, None when unspecified; money and dates as the
 text the client sent, validated by the domain), results become protobuf
 messages. Errors are raised as `CrmError`s; the shared server turns them into
 statuses with details (see `crm_common.server`).
@@ -10,41 +10,52 @@ statuses with details (see `crm_common.server`).
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
 from crm.pipeline.v1 import pipeline_pb2 as pb
 from crm.pipeline.v1 import pipeline_pb2_grpc
-from crm_common.commands import WriteOutcome
+from crm_common.commands import Caller, WriteOutcome
+from crm_common.enums import enum_number, enum_word
 from crm_common.errors import ValidationFailed
-from crm_common.server import GrpcService, grpc_command_context
-from crm_pipeline.application import (
+from crm_common.server import GrpcService, grpc_caller
+from crm_pipeline.application import PipelineService
+from crm_pipeline.forecast import Funnel, WinRate
+from crm_pipeline.inputs import (
+    ForecastQuery,
     LeadConversion,
+    LineItemInput,
     NewActivity,
     NewLead,
     NewOpportunity,
     OpportunityQuery,
-    PipelineService,
-    Written,
+    StageInput,
+    WinRateQuery,
 )
-from crm_pipeline.domain import LineItemSpec, StageSpec
-from crm_pipeline.forecast import Funnel, WinRate
 from crm_pipeline.messages import (
     activity_pb,
     decimal_text,
     duration,
-    enum_number,
-    enum_word,
     lead_pb,
     money_pb,
     opportunity_pb,
     pipeline_pb,
 )
+from crm_pipeline.views import ActivityView, LeadView, OpportunityView, PipelineView, Written
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PipelineService"].full_name
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+V = TypeVar("V", LeadView, PipelineView, OpportunityView, ActivityView)
+
+
+def subject(written: Written, kind: type[V]) -> V:
+    """The written subject as the view the reply carries."""
+    view = written.subject
+    if not isinstance(view, kind):
+        raise TypeError(f"{type(view).__name__} written where {kind.__name__} was expected")
+    return view
 
 
 def write_result(outcome: WriteOutcome) -> pb.WriteResult:
@@ -56,8 +67,8 @@ def write_result(outcome: WriteOutcome) -> pb.WriteResult:
     )
 
 
-def _stage(stage: pb.StageInput) -> StageSpec:
-    return StageSpec(
+def _stage(stage: pb.StageInput) -> StageInput:
+    return StageInput(
         stage.stage_id,
         stage.name,
         stage.probability,
@@ -71,10 +82,11 @@ def _money(message: pb.Money, field: str) -> tuple[str, str]:
     return message.amount, message.currency
 
 
-def _due(request: Any) -> datetime:
+def _due(request: Any) -> datetime | None:
     if not request.HasField("due_at"):
-        raise ValidationFailed.of("due_at", "is required")
-    return request.due_at.ToDatetime(tzinfo=UTC)
+        return None
+    due: datetime = request.due_at.ToDatetime(tzinfo=UTC)
+    return due
 
 
 def funnel_pb(result: Funnel) -> pb.GetFunnelResponse:
@@ -115,19 +127,14 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
         self.service = service
 
     @staticmethod
-    def _ctx(context: Context, command: str, request: Any) -> Any:
-        return grpc_command_context(
-            context,
-            command,
-            request.request_id,
-            getattr(request, "expected_version", 0),
-        )
+    def _caller(context: Context, request: Any) -> Caller:
+        return grpc_caller(context, request.request_id, getattr(request, "expected_version", 0))
 
     # -- leads
 
     async def CreateLead(self, request: pb.CreateLeadRequest, context: Context) -> Any:
         written = await self.service.create_lead(
-            self._ctx(context, "CreateLead", request),
+            self._caller(context, request),
             NewLead(
                 family_name=request.family_name,
                 source=enum_word(pb.LeadSource, request.source),
@@ -140,29 +147,29 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
             ),
         )
         return pb.CreateLeadResponse(
-            result=write_result(written.outcome), lead=lead_pb(written.subject)
+            result=write_result(written.outcome), lead=lead_pb(subject(written, LeadView))
         )
 
     async def QualifyLead(self, request: pb.QualifyLeadRequest, context: Context) -> Any:
         written = await self.service.qualify_lead(
-            self._ctx(context, "QualifyLead", request), request.lead_id, request.score
+            self._caller(context, request), request.lead_id, request.score
         )
         return pb.QualifyLeadResponse(
-            result=write_result(written.outcome), lead=lead_pb(written.subject)
+            result=write_result(written.outcome), lead=lead_pb(subject(written, LeadView))
         )
 
     async def DisqualifyLead(self, request: pb.DisqualifyLeadRequest, context: Context) -> Any:
         written = await self.service.disqualify_lead(
-            self._ctx(context, "DisqualifyLead", request), request.lead_id, request.reason
+            self._caller(context, request), request.lead_id, request.reason
         )
         return pb.DisqualifyLeadResponse(
-            result=write_result(written.outcome), lead=lead_pb(written.subject)
+            result=write_result(written.outcome), lead=lead_pb(subject(written, LeadView))
         )
 
     async def ConvertLead(self, request: pb.ConvertLeadRequest, context: Context) -> Any:
         amount, currency = _money(request.amount, "amount.amount")
         written = await self.service.convert_lead(
-            self._ctx(context, "ConvertLead", request),
+            self._caller(context, request),
             LeadConversion(
                 lead_id=request.lead_id,
                 pipeline_id=request.pipeline_id,
@@ -179,7 +186,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
         deal = await self.service.get_opportunity(written.outcome.extra["opportunity_id"])
         return pb.ConvertLeadResponse(
             result=write_result(written.outcome),
-            lead=lead_pb(written.subject),
+            lead=lead_pb(subject(written, LeadView)),
             opportunity=opportunity_pb(deal),
         )
 
@@ -189,11 +196,14 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
     # -- pipelines
 
     def _pipeline_reply(self, response: Any, written: Written) -> Any:
-        return response(result=write_result(written.outcome), pipeline=pipeline_pb(written.subject))
+        return response(
+            result=write_result(written.outcome),
+            pipeline=pipeline_pb(subject(written, PipelineView)),
+        )
 
     async def DefinePipeline(self, request: pb.DefinePipelineRequest, context: Context) -> Any:
         written = await self.service.define_pipeline(
-            self._ctx(context, "DefinePipeline", request),
+            self._caller(context, request),
             request.name,
             [_stage(s) for s in request.stages],
         )
@@ -201,7 +211,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
 
     async def AddStage(self, request: pb.AddStageRequest, context: Context) -> Any:
         written = await self.service.add_stage(
-            self._ctx(context, "AddStage", request),
+            self._caller(context, request),
             request.pipeline_id,
             _stage(request.stage),
             request.position if request.HasField("position") else None,
@@ -210,7 +220,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
 
     async def RenameStage(self, request: pb.RenameStageRequest, context: Context) -> Any:
         written = await self.service.rename_stage(
-            self._ctx(context, "RenameStage", request),
+            self._caller(context, request),
             request.pipeline_id,
             request.stage_id,
             request.name,
@@ -221,7 +231,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
         self, request: pb.ChangeStageSettingsRequest, context: Context
     ) -> Any:
         written = await self.service.change_stage_settings(
-            self._ctx(context, "ChangeStageSettings", request),
+            self._caller(context, request),
             request.pipeline_id,
             request.stage_id,
             request.probability,
@@ -231,7 +241,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
 
     async def ReorderStages(self, request: pb.ReorderStagesRequest, context: Context) -> Any:
         written = await self.service.reorder_stages(
-            self._ctx(context, "ReorderStages", request),
+            self._caller(context, request),
             request.pipeline_id,
             list(request.stage_ids),
         )
@@ -239,7 +249,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
 
     async def RetireStage(self, request: pb.RetireStageRequest, context: Context) -> Any:
         written = await self.service.retire_stage(
-            self._ctx(context, "RetireStage", request), request.pipeline_id, request.stage_id
+            self._caller(context, request), request.pipeline_id, request.stage_id
         )
         return self._pipeline_reply(pb.RetireStageResponse, written)
 
@@ -255,13 +265,14 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
 
     def _deal_reply(self, response: Any, written: Written) -> Any:
         return response(
-            result=write_result(written.outcome), opportunity=opportunity_pb(written.subject)
+            result=write_result(written.outcome),
+            opportunity=opportunity_pb(subject(written, OpportunityView)),
         )
 
     async def OpenOpportunity(self, request: pb.OpenOpportunityRequest, context: Context) -> Any:
         amount, currency = _money(request.amount, "amount.amount")
         written = await self.service.open_opportunity(
-            self._ctx(context, "OpenOpportunity", request),
+            self._caller(context, request),
             NewOpportunity(
                 pipeline_id=request.pipeline_id,
                 name=request.name,
@@ -273,7 +284,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
                 stage_id=request.stage_id,
                 person_id=request.person_id,
                 company_id=request.company_id,
-                kind=enum_word(pb.OpportunityKind, request.kind) or "new_business",
+                kind=enum_word(pb.OpportunityKind, request.kind),
                 related_opportunity_ids=list(request.related_opportunity_ids),
             ),
         )
@@ -282,13 +293,13 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
     async def ChangeAmount(self, request: pb.ChangeAmountRequest, context: Context) -> Any:
         amount, currency = _money(request.amount, "amount.amount")
         written = await self.service.change_amount(
-            self._ctx(context, "ChangeAmount", request), request.opportunity_id, amount, currency
+            self._caller(context, request), request.opportunity_id, amount, currency
         )
         return self._deal_reply(pb.ChangeAmountResponse, written)
 
     async def SetLineItems(self, request: pb.SetLineItemsRequest, context: Context) -> Any:
         items = [
-            LineItemSpec(
+            LineItemInput(
                 line.product_id,
                 line.product_name,
                 line.quantity,
@@ -298,7 +309,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
             for line in request.line_items
         ]
         written = await self.service.set_line_items(
-            self._ctx(context, "SetLineItems", request), request.opportunity_id, items
+            self._caller(context, request), request.opportunity_id, items
         )
         return self._deal_reply(pb.SetLineItemsResponse, written)
 
@@ -306,7 +317,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
         self, request: pb.ChangeExpectedCloseDateRequest, context: Context
     ) -> Any:
         written = await self.service.change_expected_close_date(
-            self._ctx(context, "ChangeExpectedCloseDate", request),
+            self._caller(context, request),
             request.opportunity_id,
             request.expected_close_date,
         )
@@ -316,7 +327,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
         self, request: pb.ReassignOpportunityRequest, context: Context
     ) -> Any:
         written = await self.service.reassign_opportunity(
-            self._ctx(context, "ReassignOpportunity", request),
+            self._caller(context, request),
             request.opportunity_id,
             request.owner,
         )
@@ -324,7 +335,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
 
     async def MoveOpportunity(self, request: pb.MoveOpportunityRequest, context: Context) -> Any:
         written = await self.service.move_opportunity(
-            self._ctx(context, "MoveOpportunity", request),
+            self._caller(context, request),
             request.opportunity_id,
             request.stage_id,
         )
@@ -332,7 +343,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
 
     async def WinOpportunity(self, request: pb.WinOpportunityRequest, context: Context) -> Any:
         written = await self.service.win_opportunity(
-            self._ctx(context, "WinOpportunity", request),
+            self._caller(context, request),
             request.opportunity_id,
             request.closed_on or None,
         )
@@ -340,7 +351,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
 
     async def LoseOpportunity(self, request: pb.LoseOpportunityRequest, context: Context) -> Any:
         written = await self.service.lose_opportunity(
-            self._ctx(context, "LoseOpportunity", request),
+            self._caller(context, request),
             request.opportunity_id,
             request.reason,
             request.closed_on or None,
@@ -351,7 +362,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
         self, request: pb.ReopenOpportunityRequest, context: Context
     ) -> Any:
         written = await self.service.reopen_opportunity(
-            self._ctx(context, "ReopenOpportunity", request),
+            self._caller(context, request),
             request.opportunity_id,
             request.stage_id,
         )
@@ -383,11 +394,14 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
     # -- activities
 
     def _activity_reply(self, response: Any, written: Written) -> Any:
-        return response(result=write_result(written.outcome), activity=activity_pb(written.subject))
+        return response(
+            result=write_result(written.outcome),
+            activity=activity_pb(subject(written, ActivityView)),
+        )
 
     async def ScheduleActivity(self, request: pb.ScheduleActivityRequest, context: Context) -> Any:
         written = await self.service.schedule_activity(
-            self._ctx(context, "ScheduleActivity", request),
+            self._caller(context, request),
             NewActivity(
                 subject_kind=enum_word(pb.SubjectKind, request.subject_kind),
                 subject_id=request.subject_id,
@@ -403,19 +417,19 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
         self, request: pb.RescheduleActivityRequest, context: Context
     ) -> Any:
         written = await self.service.reschedule_activity(
-            self._ctx(context, "RescheduleActivity", request), request.activity_id, _due(request)
+            self._caller(context, request), request.activity_id, _due(request)
         )
         return self._activity_reply(pb.RescheduleActivityResponse, written)
 
     async def CompleteActivity(self, request: pb.CompleteActivityRequest, context: Context) -> Any:
         written = await self.service.complete_activity(
-            self._ctx(context, "CompleteActivity", request), request.activity_id, request.outcome
+            self._caller(context, request), request.activity_id, request.outcome
         )
         return self._activity_reply(pb.CompleteActivityResponse, written)
 
     async def CancelActivity(self, request: pb.CancelActivityRequest, context: Context) -> Any:
         written = await self.service.cancel_activity(
-            self._ctx(context, "CancelActivity", request), request.activity_id, request.reason
+            self._caller(context, request), request.activity_id, request.reason
         )
         return self._activity_reply(pb.CancelActivityResponse, written)
 
@@ -439,11 +453,13 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
 
     async def GetForecast(self, request: pb.GetForecastRequest, context: Context) -> Any:
         rows = await self.service.get_forecast(
-            period=enum_word(pb.ForecastPeriod, request.period) or "month",
-            start=request.start or None,
-            end=request.end or None,
-            owner=request.owner,
-            pipeline_id=request.pipeline_id,
+            ForecastQuery(
+                period=enum_word(pb.ForecastPeriod, request.period),
+                start=request.start or None,
+                end=request.end or None,
+                owner=request.owner,
+                pipeline_id=request.pipeline_id,
+            )
         )
         return pb.GetForecastResponse(
             rows=[
@@ -464,10 +480,12 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
 
     async def GetWinRate(self, request: pb.GetWinRateRequest, context: Context) -> Any:
         result = await self.service.get_win_rate(
-            pipeline_id=request.pipeline_id,
-            owner=request.owner,
-            start=request.start or None,
-            end=request.end or None,
+            WinRateQuery(
+                pipeline_id=request.pipeline_id,
+                owner=request.owner,
+                start=request.start or None,
+                end=request.end or None,
+            )
         )
         return win_rate_pb(result)
 

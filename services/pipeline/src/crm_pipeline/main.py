@@ -14,7 +14,7 @@ from crm_pipeline.application import PipelineService, create_application
 from crm_pipeline.contacts_client import GrpcContacts
 from crm_pipeline.events_out import PROTO_MESSAGE, to_wire
 from crm_pipeline.grpc_api import grpc_service
-from crm_pipeline.rest_api import create_app
+from crm_pipeline.rest import create_app
 
 SERVICE = "pipeline"
 log = logging.getLogger("crm_pipeline")

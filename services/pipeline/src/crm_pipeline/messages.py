@@ -1,7 +1,7 @@
-"""Domain values as protobuf messages (the gRPC API and the Kafka events).
+"""Views and domain values as protobuf messages (the gRPC API and the Kafka events).
 
-Enum values map to the domain's lower-case words by their suffix:
-`FORECAST_CATEGORY_BEST_CASE` is `best_case`, the zero value is "not given".
+Enum values map to the domain's lower-case words through `crm_common.enums`
+(`FORECAST_CATEGORY_BEST_CASE` is `best_case`, the zero value is None).
 Money is a decimal in text plus its currency; dates are ISO-8601 text.
 """
 
@@ -9,49 +9,14 @@ from __future__ import annotations
 
 from datetime import date, datetime, timedelta
 from decimal import Decimal
-from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from crm.pipeline.v1 import pipeline_pb2 as pb
-from crm_pipeline.domain import Activity, Lead, LineItem, Opportunity, Pipeline, Stage
-
-# A generated enum wrapper: each enum is its own type in the stubs.
-ProtoEnum = Any
-
-
-def _prefix(enum: ProtoEnum) -> str:
-    # The zero value is always <PREFIX>UNSPECIFIED.
-    name: str = enum.Name(0)
-    return name.removesuffix("UNSPECIFIED")
-
-
-_NUMBERS: dict[tuple[str, str], int] = {}
-
-
-def enum_number(enum: ProtoEnum, word: str | None) -> Any:
-    """`best_case` -> FORECAST_CATEGORY_BEST_CASE; empty -> 0."""
-    if not word:
-        return 0
-    key = (enum.DESCRIPTOR.full_name, word)
-    number = _NUMBERS.get(key)
-    if number is None:
-        # Raises ValueError for a word the enum does not know: not cached.
-        number = _NUMBERS[key] = int(enum.Value(_prefix(enum) + word.upper()))
-    return number
-
-
-def enum_word(enum: ProtoEnum, number: int) -> str:
-    """FORECAST_CATEGORY_BEST_CASE -> `best_case`; 0 -> empty; unknown numbers as digits
-    (the domain refuses them, naming the field)."""
-    if number == 0:
-        return ""
-    try:
-        name: str = enum.Name(number)
-    except ValueError:
-        return str(number)
-    return name.removeprefix(_prefix(enum)).lower()
+from crm_common.enums import enum_number
+from crm_pipeline.domain import LineItem
+from crm_pipeline.views import ActivityView, LeadView, OpportunityView, PipelineView, StageView
 
 
 def timestamp(when: datetime | None) -> Timestamp | None:
@@ -83,7 +48,7 @@ def money_pb(amount: Decimal, currency: str) -> pb.Money:
     return pb.Money(amount=decimal_text(amount), currency=currency)
 
 
-def stage_pb(stage: Stage) -> pb.Stage:
+def stage_pb(stage: StageView) -> pb.Stage:
     return pb.Stage(
         stage_id=stage.stage_id,
         name=stage.name,
@@ -93,20 +58,18 @@ def stage_pb(stage: Stage) -> pb.Stage:
     )
 
 
-def pipeline_pb(pipeline: Pipeline) -> pb.Pipeline:
-    retired = [s for s in pipeline.stages.values() if s.retired]
+def pipeline_pb(pipeline: PipelineView) -> pb.Pipeline:
     return pb.Pipeline(
-        id=str(pipeline.id),
+        id=pipeline.id,
         version=pipeline.version,
         name=pipeline.name,
-        stages=[stage_pb(pipeline.stages[s]) for s in pipeline.order]
-        + [stage_pb(s) for s in retired],
+        stages=[stage_pb(s) for s in pipeline.stages],
     )
 
 
-def lead_pb(lead: Lead) -> pb.Lead:
+def lead_pb(lead: LeadView) -> pb.Lead:
     message = pb.Lead(
-        id=str(lead.id),
+        id=lead.id,
         version=lead.version,
         given_name=lead.given_name,
         family_name=lead.family_name,
@@ -140,9 +103,9 @@ def line_item_pb(line: LineItem) -> pb.LineItem:
     )
 
 
-def opportunity_pb(deal: Opportunity) -> pb.Opportunity:
+def opportunity_pb(deal: OpportunityView) -> pb.Opportunity:
     return pb.Opportunity(
-        id=str(deal.id),
+        id=deal.id,
         version=deal.version,
         pipeline_id=deal.pipeline_id,
         stage_id=deal.stage_id,
@@ -154,7 +117,7 @@ def opportunity_pb(deal: Opportunity) -> pb.Opportunity:
         amount=money_pb(deal.amount.amount, deal.amount.currency),
         expected_close_date=iso(deal.expected_close_date),
         kind=enum_number(pb.OpportunityKind, deal.kind),
-        related_opportunity_ids=deal.related_deal_ids,
+        related_opportunity_ids=deal.related_opportunity_ids,
         lead_id=deal.lead_id,
         line_items=[line_item_pb(line) for line in deal.line_items],
         status=enum_number(pb.OpportunityStatus, deal.status),
@@ -175,9 +138,9 @@ def opportunity_pb(deal: Opportunity) -> pb.Opportunity:
     )
 
 
-def activity_pb(activity: Activity) -> pb.Activity:
+def activity_pb(activity: ActivityView) -> pb.Activity:
     return pb.Activity(
-        id=str(activity.id),
+        id=activity.id,
         version=activity.version,
         subject_kind=enum_number(pb.SubjectKind, activity.subject_kind),
         subject_id=activity.subject_id,

@@ -19,18 +19,15 @@ from contact_events import (
 )
 
 from crm.contacts.v1 import contacts_pb2
-from crm_analytics.customer360 import (
+from crm_analytics.document import (
     TIMELINE_LIMIT,
     CompanyRenamed,
     MembershipChanged,
     UnknownEvent,
-    apply_event,
-    apply_membership,
-    apply_rename,
-    enum_value,
-    enum_word,
     is_registered,
+    stored_word,
 )
+from crm_analytics.from_contacts import apply_event, apply_membership, apply_rename
 
 ADA, ACME = "p-ada", "c-acme"
 
@@ -236,10 +233,20 @@ def test_an_event_without_contact_id_is_refused():
         apply_event(None, person_registered("", 4))
 
 
-def test_enum_words_round_trip():
-    for value in contacts_pb2.LifecycleStage.values():
-        word = enum_word(contacts_pb2.LifecycleStage, value)
-        assert word == word.lower()
-        assert enum_value(contacts_pb2.LifecycleStage, word) == value
-    assert enum_word(contacts_pb2.Channel, contacts_pb2.CHANNEL_WHATSAPP) == "whatsapp"
-    assert enum_value(contacts_pb2.Channel, "carrier-pigeon") == 0
+def test_unset_enums_are_none_in_the_document():
+    event = interaction(ADA, 2, "i-1")
+    event.interaction_logged.interaction.direction = contacts_pb2.DIRECTION_UNSPECIFIED
+    event.interaction_logged.interaction.channel = contacts_pb2.CHANNEL_UNSPECIFIED
+    doc = replay(person_registered(ADA, 1, stage=contacts_pb2.LIFECYCLE_STAGE_UNSPECIFIED), event)
+    assert doc["lifecycle_stage"] is None
+    logged = doc["timeline"][0]
+    assert (logged["direction"], logged["channel"]) == (None, None)
+    created = doc["timeline"][1]
+    assert (created["direction"], created["channel"]) == (None, None)
+
+
+def test_documents_written_before_unset_became_none_read_as_unset():
+    assert stored_word("unspecified") is None
+    assert stored_word("") is None
+    assert stored_word(None) is None
+    assert stored_word("customer") == "customer"

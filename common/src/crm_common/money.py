@@ -1,26 +1,33 @@
-"""Money: a Decimal amount in an ISO 4217 currency, never a float.
+"""Money, the one vocabulary every service uses: a Decimal amount in an ISO 4217
+currency, never a float.
 
 Rules (enforced by `parse_amount` and `Money`):
 
-- amounts are decimals given as text or `Decimal`; floats are refused;
+- currency codes are canonicalised first (surrounding blanks dropped, upper
+  case) and must be an active ISO 4217 code that prices are quoted in;
+- amounts are decimals given as text, `Decimal` or `int`; floats are refused;
 - an amount may not carry more fractional digits than its currency's minor
   unit (1.005 USD is refused rather than silently rounded) and is stored
   quantised to exactly that many digits (100 USD is kept as 100.00);
 - computed amounts (line totals, weighted forecasts) are rounded half-even to
   the minor unit, once, at the end of the computation;
-- NaN, infinities and amounts of 10**15 or more are refused.
+- NaN, infinities and amounts of 10**15 or more are refused, and the bound is
+  checked on the number itself, so `1e999999` never becomes a million digits.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
 from crm_common.errors import ValidationFailed
 
 # Active ISO 4217 codes and their minor units (digits after the decimal point).
-_MINOR_UNITS_TEXT = {
+# Precious metals, testing codes and bond-market units are left out; so are
+# withdrawn codes (ANG was replaced by XCG in 2025).
+_CODES_BY_MINOR_UNIT = {
     0: "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF",
     3: "BHD IQD JOD KWD LYD OMR TND",
     4: "CLF UYW",
@@ -35,26 +42,33 @@ _MINOR_UNITS_TEXT = {
     ),
 }
 
-CURRENCIES: dict[str, int] = {
-    code: digits for digits, codes in _MINOR_UNITS_TEXT.items() for code in codes.split()
+#: Every currency the platform accepts, with its minor unit.
+CURRENCIES: Mapping[str, int] = {
+    code: digits for digits, codes in _CODES_BY_MINOR_UNIT.items() for code in codes.split()
 }
 
 MAX_AMOUNT = Decimal(10) ** 15
 
 
+def canonical_currency(code: str, field: str = "currency") -> str:
+    """`" eur"` -> `EUR`; anything that is not an accepted ISO 4217 code is refused."""
+    canonical = code.strip().upper()
+    if canonical not in CURRENCIES:
+        if not canonical:
+            raise ValidationFailed.of(field, "an ISO 4217 currency code is required")
+        raise ValidationFailed.of(field, f"{code[:20]!r} is not an ISO 4217 currency code")
+    return canonical
+
+
 def minor_units(currency: str) -> int:
+    """Decimal places of a canonical currency's minor unit."""
     return CURRENCIES[currency]
 
 
 @functools.cache
 def quantum(currency: str) -> Decimal:
+    """The smallest amount of a canonical currency: `Decimal("0.01")` for EUR."""
     return Decimal(1).scaleb(-CURRENCIES[currency])
-
-
-def check_currency(currency: str, field: str = "currency") -> str:
-    if currency not in CURRENCIES:
-        raise ValidationFailed.of(field, f"{currency!r} is not an ISO 4217 currency code")
-    return currency
 
 
 def parse_decimal(value: str | Decimal | int, field: str) -> Decimal:
@@ -64,33 +78,48 @@ def parse_decimal(value: str | Decimal | int, field: str) -> Decimal:
     if isinstance(value, Decimal):
         number = value
     else:
+        text = str(value).strip()
+        if len(text) > 100:
+            raise ValidationFailed.of(field, "is too long to be a number")
         try:
-            number = Decimal(str(value).strip())
+            number = Decimal(text)
         except InvalidOperation:
-            raise ValidationFailed.of(field, f"{value!r} is not a decimal number") from None
+            raise ValidationFailed.of(field, f"{text[:40]!r} is not a decimal number") from None
     if not number.is_finite():
         raise ValidationFailed.of(field, "must be a finite number")
     return number
 
 
 def decimal_places(number: Decimal) -> int:
+    """Fractional digits that carry information: 1.50 has 1, 100 has 0."""
     exponent = number.normalize().as_tuple().exponent
     assert isinstance(exponent, int)
     return max(0, -exponent)
 
 
-def parse_amount(value: str | Decimal | int, currency: str, field: str = "amount") -> Decimal:
-    """An amount of money in `currency`: non-negative, exact to the minor unit."""
-    check_currency(currency, f"{field}.currency" if field != "amount" else "currency")
+def parse_amount(
+    value: str | Decimal | int,
+    currency: str,
+    field: str = "amount",
+    *,
+    currency_field: str | None = None,
+    allow_negative: bool = False,
+) -> Decimal:
+    """An amount of money in a canonical `currency`, exact to its minor unit."""
+    code = canonical_currency(currency, currency_field or _currency_field(field))
     number = parse_decimal(value, field)
-    if number < 0:
+    if number < 0 and not allow_negative:
         raise ValidationFailed.of(field, "must not be negative")
-    if number >= MAX_AMOUNT:
+    if abs(number) >= MAX_AMOUNT:
         raise ValidationFailed.of(field, "is too large")
-    digits = CURRENCIES[currency]
+    digits = CURRENCIES[code]
     if decimal_places(number) > digits:
-        raise ValidationFailed.of(field, f"{currency} amounts have at most {digits} decimal places")
-    return number.quantize(quantum(currency))
+        raise ValidationFailed.of(field, f"{code} amounts have at most {digits} decimal places")
+    return number.quantize(quantum(code))
+
+
+def _currency_field(amount_field: str) -> str:
+    return "currency" if amount_field == "amount" else f"{amount_field}.currency"
 
 
 def round_money(number: Decimal, currency: str) -> Decimal:
@@ -100,12 +129,15 @@ def round_money(number: Decimal, currency: str) -> Decimal:
 
 @dataclass(frozen=True)
 class Money:
+    """An exact amount in a canonical currency."""
+
     amount: Decimal
     currency: str
 
     @classmethod
     def of(cls, amount: str | Decimal | int, currency: str, field: str = "amount") -> Money:
-        return cls(parse_amount(amount, currency, field), currency)
+        code = canonical_currency(currency, _currency_field(field))
+        return cls(parse_amount(amount, code, field), code)
 
     def __str__(self) -> str:
         return f"{self.amount} {self.currency}"

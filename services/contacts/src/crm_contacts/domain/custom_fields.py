@@ -1,0 +1,40 @@
+"""Typed custom field values, kept in canonical text (see `validation`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class FieldType(StrEnum):
+    TEXT = "text"
+    NUMBER = "number"
+    DATE = "date"
+    MONEY = "money"
+    CHOICE = "choice"
+
+
+@dataclass(frozen=True)
+class CustomField:
+    """A typed custom field value in canonical text."""
+
+    type: FieldType
+    value: str
+    currency: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"type": str(self.type), "value": self.value, "currency": self.currency}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CustomField:
+        return cls(FieldType(data["type"]), data["value"], data.get("currency", ""))
+
+
+def fields_to_dict(fields: Mapping[str, CustomField]) -> dict[str, dict[str, str]]:
+    return {name: value.to_dict() for name, value in sorted(fields.items())}
+
+
+def fields_from_dict(data: Mapping[str, Any]) -> dict[str, CustomField]:
+    return {name: CustomField.from_dict(value) for name, value in data.items()}

@@ -1,0 +1,57 @@
+"""The lifecycle stage of a contact and the funnel it moves forward through."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from crm_common.errors import RuleViolated
+
+
+class LifecycleStage(StrEnum):
+    SUBSCRIBER = "subscriber"
+    LEAD = "lead"
+    OPPORTUNITY = "opportunity"
+    CUSTOMER = "customer"
+    ADVOCATE = "advocate"
+    CHURNED = "churned"
+    LOST = "lost"
+
+
+# The funnel a contact moves forward through; churned and lost are exits.
+FUNNEL: tuple[LifecycleStage, ...] = (
+    LifecycleStage.SUBSCRIBER,
+    LifecycleStage.LEAD,
+    LifecycleStage.OPPORTUNITY,
+    LifecycleStage.CUSTOMER,
+    LifecycleStage.ADVOCATE,
+)
+# Only someone who was a customer can churn; who never became one is lost.
+CAN_CHURN = frozenset({LifecycleStage.CUSTOMER, LifecycleStage.ADVOCATE})
+CAN_BE_LOST = frozenset(
+    {LifecycleStage.SUBSCRIBER, LifecycleStage.LEAD, LifecycleStage.OPPORTUNITY}
+)
+# Who a won deal leaves as they are: already a customer, or further along.
+CUSTOMER_ALREADY = frozenset({LifecycleStage.CUSTOMER, LifecycleStage.ADVOCATE})
+
+
+def check_stage_change(current: LifecycleStage, wanted: LifecycleStage) -> None:
+    """Refuses a lifecycle move the funnel does not allow.
+
+    Within the funnel a contact only moves forward (stages may be skipped).
+    A customer or advocate can churn, a subscriber, lead or opportunity can be
+    lost, and a churned or lost contact can come back at any funnel stage.
+    A stage set by mistake is undone through churned or lost, so that the
+    funnel reports never count a contact going backwards.
+    """
+    if wanted == current:
+        return
+    if wanted is LifecycleStage.CHURNED:
+        allowed = current in CAN_CHURN
+    elif wanted is LifecycleStage.LOST:
+        allowed = current in CAN_BE_LOST
+    elif current in (LifecycleStage.CHURNED, LifecycleStage.LOST):
+        allowed = True
+    else:
+        allowed = FUNNEL.index(wanted) > FUNNEL.index(current)
+    if not allowed:
+        raise RuleViolated(f"lifecycle_stage cannot change from {current} to {wanted}")

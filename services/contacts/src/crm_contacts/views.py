@@ -1,0 +1,80 @@
+"""What readers see: contacts as the APIs and the events show them, built
+from the aggregates (or, in the directory, from their events)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from crm_common.commands import WriteOutcome
+from crm_contacts.domain import (
+    Affiliation,
+    Company,
+    CompanyProfile,
+    Contact,
+    ContactKind,
+    Interaction,
+    Person,
+    PersonProfile,
+)
+
+# How many interactions a contact shows, newest first.
+RECENT_INTERACTIONS = 50
+
+
+@dataclass(frozen=True)
+class ContactView:
+    """A person or a company as the APIs show it."""
+
+    id: str
+    kind: ContactKind
+    version: int
+    profile: PersonProfile | CompanyProfile
+    affiliations: tuple[Affiliation, ...]
+    # The most recent interactions, newest first (empty in search results).
+    interactions: tuple[Interaction, ...]
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def display_name(self) -> str:
+        return self.profile.display_name
+
+
+def view_of(contact: Contact, interactions: int = RECENT_INTERACTIONS) -> ContactView:
+    profile: PersonProfile | CompanyProfile
+    affiliations: tuple[Affiliation, ...] = ()
+    if isinstance(contact, Person):
+        profile = contact.profile
+        affiliations = tuple(contact.affiliations.values())
+    elif isinstance(contact, Company):
+        profile = contact.profile
+    else:
+        raise TypeError(f"{type(contact).__qualname__} is not a kind of contact")
+    return ContactView(
+        id=str(contact.id),
+        kind=contact.KIND,
+        version=contact.version,
+        profile=profile,
+        affiliations=affiliations,
+        interactions=tuple(contact.recent_interactions(interactions)),
+        created_at=contact.created_on,
+        updated_at=contact.modified_on,
+    )
+
+
+@dataclass(frozen=True)
+class ContactWrite:
+    """The outcome of a write and the contact as it stands after it."""
+
+    outcome: WriteOutcome
+    contact: ContactView
+
+
+@dataclass(frozen=True)
+class ContactPage:
+    """One page of a search."""
+
+    contacts: list[ContactView]
+    next_page_token: str
+    total_size: int
