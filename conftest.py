@@ -15,18 +15,29 @@ from collections.abc import Iterator
 
 import pytest
 
+from crm_deploy.identity import Identity, ensure_certificates, ensure_identity
 from crm_deploy.stack import Stack, StackConfig
 from crm_deploy.testing import kill_leftovers
 
 
 @pytest.fixture(scope="session")
-def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def identity(tmp_path_factory: pytest.TempPathFactory) -> Identity:
+    """The session's development identity: real keys; `identity.mint("sales")` is a
+    sales user's token. The local stack and every in-process API trust it."""
+    root = tmp_path_factory.mktemp("identity")
+    ensure_identity(root)
+    ensure_certificates(root / "tls")
+    return Identity(root)
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory, identity: Identity) -> Iterator[Stack]:
     """The session's Stack: `kafka_bootstrap`, `mongo_url`, `config`, `start_services`, ...
 
     Set CRM_KEEP_TEST_DATA=1 to keep its data directory (logs included) after the run.
     """
     root = tmp_path_factory.mktemp("local-stack")
-    stack = Stack(StackConfig.for_tests(root))
+    stack = Stack(StackConfig.for_tests(root, identity_dir=identity.root))
     stack.start_infra()
     try:
         yield stack

@@ -15,7 +15,8 @@ processes) on free ports in a scratch directory and measures, per event store:
 - the resident memory of each process at idle and after the load.
 
 Then, per store, the pipeline (bench/pipeline.py): command throughput and the
-forecast and funnel query latency over 100,000 opportunities.
+forecast and funnel query latency over 100,000 opportunities; and the cost of
+authentication and authorization per command (bench/auth.py).
 
 Numbers are recorded, never asserted: a timing is not a unit test.
 """
@@ -40,6 +41,7 @@ import psutil
 import psycopg
 from psycopg.sql import SQL, Identifier
 
+from bench.auth import measure_auth_cost, render_auth
 from bench.baseline import application_layer_creates, bare_save_loop
 from bench.load import Lag, Throughput, closed_loop_creates, open_loop_lag, summarize
 from bench.pipeline import render_pipeline, run_pipeline_bench
@@ -434,9 +436,12 @@ async def main_async(args: argparse.Namespace) -> None:
                         baseline=args.baseline,
                     )
                 )
+        print("[auth] checked against unchecked commands", flush=True)
+        auth_cost = await measure_auth_cost(scratch / "auth")
     text = render(runs, infra, args)
     if pipeline_runs:
         text += "\n" + render_pipeline(pipeline_runs)
+    text += "\n" + render_auth(auth_cost)
     out = Path(args.out)
     print(text)
     out.write_text(text + kept_notes(out))

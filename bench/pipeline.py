@@ -20,6 +20,9 @@ Per event store, against a real `crm-pipeline serve` process:
   each client working deals through a sales cycle: open, move to the next
   stage, change the amount, move on, win.
 
+Every call carries a sales user's real signed token (a development identity
+made for the run), so the numbers include authentication and authorization.
+
 Numbers are recorded, never asserted.
 """
 
@@ -53,6 +56,7 @@ from crm.pipeline.v1 import pipeline_pb2_grpc
 from crm_common.commands import CommandBus, CommandContext, UnitOfWork
 from crm_common.money import Money
 from crm_common.settings import Settings
+from crm_deploy.identity import ensure_identity
 from crm_deploy.process import (
     ManagedProcess,
     all_probes,
@@ -295,10 +299,17 @@ def stage_weights(pipeline_ids: list[str]) -> dict[str, dict[str, tuple[str, Dec
 # -- the serve process --------------------------------------------------------------------
 
 
-def serve_process(scratch: Path, store: str, schema: str) -> tuple[ManagedProcess, str]:
-    """`crm-pipeline serve` on free ports over the seeded store; returns it and its gRPC target."""
+Metadata = tuple[tuple[str, str], ...]
+
+
+def serve_process(scratch: Path, store: str, schema: str) -> tuple[ManagedProcess, str, Metadata]:
+    """`crm-pipeline serve` on free ports over the seeded store, trusting a development
+    identity; returns it, its gRPC target and the metadata of a sales user's calls."""
     grpc_port, http_port = free_port(), free_port()
+    identity = ensure_identity(scratch / "identity")
+    token = identity.mint("sales", subject="bench-rep", client="bench", lifetime=6 * 3600)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CRM_", "OTEL_", "POSTGRES_"))}
+    env.update(identity.env())
     env.update(
         CRM_DATA_DIR=str(scratch),
         CRM_EVENT_STORE=store,
@@ -320,7 +331,7 @@ def serve_process(scratch: Path, store: str, schema: str) -> tuple[ManagedProces
         cwd=scratch,
         ready_timeout=600,
     )
-    return process, target
+    return process, target, (("authorization", f"Bearer {token}"),)
 
 
 def rss_mib(process: ManagedProcess) -> float:
@@ -361,43 +372,60 @@ def forecast_requests(
     return requests
 
 
-async def timed(call: Any, request: Any, into: Latencies) -> Any:
+async def timed(call: Any, request: Any, into: Latencies, metadata: Metadata) -> Any:
     started = time.perf_counter()
-    reply = await call(request)
+    reply = await call(request, metadata=metadata)
     into.values_ms.append((time.perf_counter() - started) * 1000)
     return reply
 
 
 async def measure_queries(
-    target: str, run: PipelineRun, seeded: Seeded, *, forecasts: int, funnels: int, gets: int
+    target: str,
+    metadata: Metadata,
+    run: PipelineRun,
+    seeded: Seeded,
+    *,
+    forecasts: int,
+    funnels: int,
+    gets: int,
 ) -> None:
     """One client, one call at a time: latency, not throughput."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pipeline_pb2_grpc.PipelineServiceStub(channel)
         rng = random.Random(11)
         # Warm up the connection and the server's code paths.
-        await stub.GetOpportunity(pb.GetOpportunityRequest(id=seeded.deal_ids[0]))
-        await stub.GetForecast(pb.GetForecastRequest())
+        await stub.GetOpportunity(
+            pb.GetOpportunityRequest(id=seeded.deal_ids[0]), metadata=metadata
+        )
+        await stub.GetForecast(pb.GetForecastRequest(), metadata=metadata)
         for _ in range(gets):
             deal_id = seeded.deal_ids[rng.randrange(len(seeded.deal_ids))]
             await timed(
-                stub.GetOpportunity, pb.GetOpportunityRequest(id=deal_id), run.get_opportunity
+                stub.GetOpportunity,
+                pb.GetOpportunityRequest(id=deal_id),
+                run.get_opportunity,
+                metadata,
             )
         for request in forecast_requests(forecasts, seeded.pipeline_ids):
-            reply = await timed(stub.GetForecast, request, run.forecast)
+            reply = await timed(stub.GetForecast, request, run.forecast, metadata)
             run.forecast_rows.append(len(reply.rows))
             split = run.forecast_owner if request.owner else run.forecast_team
             split.values_ms.append(run.forecast.values_ms[-1])
         for i in range(funnels):
             request = pb.GetFunnelRequest(pipeline_id=seeded.pipeline_ids[i % 2])
-            await timed(stub.GetFunnel, request, run.funnel)
+            await timed(stub.GetFunnel, request, run.funnel, metadata)
 
 
 # -- commands -----------------------------------------------------------------------------
 
 
 async def sales_cycles(
-    target: str, pipeline_id: str, clients: int, commands: int, by_command: dict[str, Latencies]
+    target: str,
+    metadata: Metadata,
+    pipeline_id: str,
+    clients: int,
+    commands: int,
+    by_command: dict[str, Latencies],
 ) -> Throughput:
     """`clients` concurrent sales reps, each taking deals through a sales cycle
     (open, move to proposal, change the amount, move to negotiation, win), one
@@ -411,7 +439,7 @@ async def sales_cycles(
 
     async def call(kind: str, method: Any, request: Any) -> Any:
         started = time.perf_counter()
-        reply = await method(request)
+        reply = await method(request, metadata=metadata)
         elapsed = (time.perf_counter() - started) * 1000
         latencies.append(elapsed)
         by_command.setdefault(kind, Latencies()).values_ms.append(elapsed)
@@ -471,7 +499,7 @@ async def sales_cycles(
 
     # Warm up the connections and the server's write path.
     for stub in stubs:
-        await stub.GetPipeline(pb.GetPipelineRequest(id=pipeline_id))
+        await stub.GetPipeline(pb.GetPipelineRequest(id=pipeline_id), metadata=metadata)
     started = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
     elapsed = time.perf_counter() - started
@@ -515,7 +543,7 @@ def run_pipeline_bench(
         log(f"[{store}]   {seeded.events:,} events in {seeded.seconds:.1f} s")
         weights = stage_weights(seeded.pipeline_ids)
         run.python_pass.values_ms = [python_pass(seeded.records, weights) for _ in range(5)]
-        process, target = serve_process(data_dir, store, schema)
+        process, target, metadata = serve_process(data_dir, store, schema)
         started = time.perf_counter()
         process.start()
         try:
@@ -529,7 +557,7 @@ def run_pipeline_bench(
             log(f"[{store}] queries: {forecasts} forecasts, {funnels} funnels, {gets} gets")
             asyncio.run(
                 measure_queries(
-                    target, run, seeded, forecasts=forecasts, funnels=funnels, gets=gets
+                    target, metadata, run, seeded, forecasts=forecasts, funnels=funnels, gets=gets
                 )
             )
             log(
@@ -540,12 +568,12 @@ def run_pipeline_bench(
             single = max(5, commands // 5)
             log(f"[{store}] sales-cycle commands, 1 client ({single})")
             run.single = asyncio.run(
-                sales_cycles(target, seeded.pipeline_ids[0], 1, single, run.by_command)
+                sales_cycles(target, metadata, seeded.pipeline_ids[0], 1, single, run.by_command)
             )
             log(f"[{store}]   {run.single.per_second:,.0f} commands/s")
             log(f"[{store}] sales-cycle commands, 16 clients ({commands})")
             run.sixteen = asyncio.run(
-                sales_cycles(target, seeded.pipeline_ids[0], 16, commands, run.by_command)
+                sales_cycles(target, metadata, seeded.pipeline_ids[0], 16, commands, run.by_command)
             )
             log(f"[{store}]   {run.sixteen.per_second:,.0f} commands/s")
             run.loaded_rss_mib = rss_mib(process)

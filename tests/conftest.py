@@ -5,11 +5,18 @@ pipeline API and relay, analytics API and projector) once per test session on
 top of the shared `local_stack` (real Kafka and SecantusDB on free ports), with
 traces exported to an in-process OTLP receiver so a test can see what the
 processes really export.
+
+Every call carries a real signed token of the session's identity: the stubs
+of the `contacts`, `pipeline` and `customer360` fixtures add one (unless the
+call brings its own `authorization`) for the test module's `E2E_CALLER`
+(role, subject; default an admin), and `platform.headers()` /
+`platform.metadata()` / `platform.channel()` give the same to clients a test
+makes itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +27,33 @@ from otlp_collector import OtlpCollector
 from crm.contacts.v1 import contacts_pb2_grpc
 from crm.customer360.v1 import customer360_pb2_grpc
 from crm.pipeline.v1 import pipeline_pb2_grpc
+from crm_deploy.identity import Identity
 from crm_deploy.stack import SERVICE_PROCESSES as STACK_PROCESSES
+from crm_deploy.testing import bearer, grpc_auth
 
 # Every process of the platform (crm_common.registry, through the stack's table).
 SERVICE_PROCESSES = [p.name for p in STACK_PROCESSES]
+#: Who the end-to-end tests call as, unless a module sets its own `E2E_CALLER`.
+DEFAULT_CALLER = ("admin", "e2e-admin")
+E2E_CLIENT = "e2e-tests"
+
+
+class BearerToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds `authorization: Bearer <token>` to every call that does not carry one."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        metadata = list(details.metadata or ())
+        if not any(key == "authorization" for key, _ in metadata):
+            metadata.extend(grpc_auth(self.token))
+        return await continuation(details._replace(metadata=grpc.aio.Metadata(*metadata)), request)
 
 
 @dataclass
@@ -36,6 +66,28 @@ class Platform:
     pipeline_http: str
     analytics_grpc: str
     analytics_http: str
+    #: The session's identity, which every process trusts.
+    identity: Identity
+
+    def token(self, role: str = "admin", subject: str | None = None) -> str:
+        """A real signed token of a user with `role`, through the client `e2e-tests`."""
+        return self.identity.mint(role, subject=subject, client=E2E_CLIENT)
+
+    def headers(self, role: str = "admin", subject: str | None = None) -> dict[str, str]:
+        """HTTP headers with such a token."""
+        return bearer(self.token(role, subject))
+
+    def metadata(self, role: str = "admin", subject: str | None = None) -> tuple[Any, ...]:
+        """gRPC metadata with such a token."""
+        return grpc_auth(self.token(role, subject))
+
+    def channel(
+        self, target: str, role: str = "admin", subject: str | None = None
+    ) -> grpc.aio.Channel:
+        """A channel whose calls carry such a token."""
+        return grpc.aio.insecure_channel(
+            target, interceptors=[BearerToken(self.token(role, subject))]
+        )
 
     @property
     def mongo_url(self) -> str:
@@ -78,24 +130,32 @@ def platform(local_stack: Any, otlp_collector: OtlpCollector) -> Iterator[Platfo
             pipeline_http=f"http://127.0.0.1:{ports['pipeline'][1]}",
             analytics_grpc=f"127.0.0.1:{ports['analytics'][0]}",
             analytics_http=f"http://127.0.0.1:{ports['analytics'][1]}",
+            identity=local_stack.identity,
         )
     finally:
         local_stack.stop_services(SERVICE_PROCESSES)
 
 
 @pytest.fixture
-async def contacts(platform: Platform) -> Any:
-    async with grpc.aio.insecure_channel(platform.contacts_grpc) as channel:
+def caller(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(role, subject) the test module calls as: its `E2E_CALLER`, else an admin."""
+    role, subject = getattr(request.module, "E2E_CALLER", DEFAULT_CALLER)
+    return str(role), str(subject)
+
+
+@pytest.fixture
+async def contacts(platform: Platform, caller: tuple[str, str]) -> Any:
+    async with platform.channel(platform.contacts_grpc, *caller) as channel:
         yield contacts_pb2_grpc.ContactsServiceStub(channel)
 
 
 @pytest.fixture
-async def customer360(platform: Platform) -> Any:
-    async with grpc.aio.insecure_channel(platform.analytics_grpc) as channel:
+async def customer360(platform: Platform, caller: tuple[str, str]) -> Any:
+    async with platform.channel(platform.analytics_grpc, *caller) as channel:
         yield customer360_pb2_grpc.Customer360ServiceStub(channel)
 
 
 @pytest.fixture
-async def pipeline(platform: Platform) -> Any:
-    async with grpc.aio.insecure_channel(platform.pipeline_grpc) as channel:
+async def pipeline(platform: Platform, caller: tuple[str, str]) -> Any:
+    async with platform.channel(platform.pipeline_grpc, *caller) as channel:
         yield pipeline_pb2_grpc.PipelineServiceStub(channel)

@@ -14,7 +14,8 @@ from google.rpc import error_details_pb2, status_pb2
 from crm.contacts.v1 import contacts_pb2 as c
 from crm.customer360.v1 import customer360_pb2 as v
 
-ACTOR = (("x-crm-actor", "e2e-agent"), ("x-crm-client", "e2e-tests"))
+# Who the stubs call as (tests/conftest.py): a real token of this user.
+E2E_CALLER = ("sales", "e2e-agent")
 
 
 def unique(prefix: str) -> str:
@@ -63,7 +64,7 @@ def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
 
 
 async def test_grpc_writes_show_in_the_360_view(contacts: Any, customer360: Any) -> None:
-    created = await contacts.CreatePerson(new_person(), metadata=ACTOR)
+    created = await contacts.CreatePerson(new_person())
     person_id = created.result.id
     assert created.result.version == 1 and created.result.position > 0
 
@@ -85,7 +86,6 @@ async def test_grpc_writes_show_in_the_360_view(contacts: Any, customer360: Any)
             lifecycle_stage=c.LIFECYCLE_STAGE_OPPORTUNITY,
             tags=["vip", "board"],
         ),
-        metadata=ACTOR,
     )
     assert updated.result.version == 2
     doc = await view(customer360, person_id, updated.result.position)
@@ -96,11 +96,9 @@ async def test_grpc_writes_show_in_the_360_view(contacts: Any, customer360: Any)
 
     company = await contacts.CreateCompany(
         c.CreateCompanyRequest(name=unique("Analytical Engines "), domain="engines.example"),
-        metadata=ACTOR,
     )
     linked = await contacts.LinkPersonToCompany(
         c.LinkPersonToCompanyRequest(person_id=person_id, company_id=company.result.id, role="CTO"),
-        metadata=ACTOR,
     )
     call = await contacts.LogInteraction(
         c.LogInteractionRequest(
@@ -110,7 +108,6 @@ async def test_grpc_writes_show_in_the_360_view(contacts: Any, customer360: Any)
             channel=c.CHANNEL_PHONE,
             summary="Walked through the analytical engine demo",
         ),
-        metadata=ACTOR,
     )
     assert call.interaction_id
     position = max(linked.result.position, call.result.position)
@@ -126,7 +123,7 @@ async def test_grpc_writes_show_in_the_360_view(contacts: Any, customer360: Any)
 
 async def test_rest_writes_show_in_the_360_view(platform: Any) -> None:
     email = f"{unique('grace.')}@example.com"
-    async with httpx.AsyncClient(timeout=30) as http:
+    async with httpx.AsyncClient(timeout=30, headers=platform.headers(*E2E_CALLER)) as http:
         created = await http.post(
             f"{platform.contacts_http}/persons",
             json={
@@ -143,7 +140,6 @@ async def test_rest_writes_show_in_the_360_view(platform: Any) -> None:
                 "lifecycle_stage": "lead",
                 "tags": ["navy"],
             },
-            headers={"x-crm-actor": "e2e-agent"},
         )
         assert created.status_code == 201, created.text
         body = created.json()
@@ -194,7 +190,7 @@ async def test_rest_writes_show_in_the_360_view(platform: Any) -> None:
 async def test_a_stale_expected_version_is_refused_and_changes_nothing(
     platform: Any, contacts: Any
 ) -> None:
-    created = await contacts.CreatePerson(new_person(), metadata=ACTOR)
+    created = await contacts.CreatePerson(new_person())
     person_id = created.result.id
     first = await contacts.UpdatePerson(
         c.UpdatePersonRequest(
@@ -211,7 +207,7 @@ async def test_a_stale_expected_version_is_refused_and_changes_nothing(
         )
     assert stale.value.code() == grpc.StatusCode.ABORTED
 
-    async with httpx.AsyncClient(timeout=30) as http:
+    async with httpx.AsyncClient(timeout=30, headers=platform.headers(*E2E_CALLER)) as http:
         conflict = await http.patch(
             f"{platform.contacts_http}/persons/{person_id}",
             json={"given_name": "Byron"},
@@ -237,7 +233,7 @@ async def test_a_retried_request_id_writes_once(platform: Any, contacts: Any) ->
 
     key = unique("idem-")
     body = {"given_name": "Katherine", "family_name": unique("Johnson")}
-    async with httpx.AsyncClient(timeout=30) as http:
+    async with httpx.AsyncClient(timeout=30, headers=platform.headers(*E2E_CALLER)) as http:
         one = await http.post(
             f"{platform.contacts_http}/persons", json=body, headers={"Idempotency-Key": key}
         )
@@ -277,7 +273,7 @@ async def test_bad_input_is_refused_and_writes_nothing(platform: Any, contacts: 
         )
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
 
-    async with httpx.AsyncClient(timeout=30) as http:
+    async with httpx.AsyncClient(timeout=30, headers=platform.headers(*E2E_CALLER)) as http:
         rest = await http.post(
             f"{platform.contacts_http}/persons",
             json={

@@ -19,7 +19,8 @@ from crm.contacts.v1 import contacts_pb2 as c
 from crm.customer360.v1 import customer360_pb2 as v
 from crm.pipeline.v1 import pipeline_pb2 as p
 
-ACTOR = (("x-crm-actor", "e2e-seller"), ("x-crm-client", "e2e-tests"))
+# Who the stubs call as (tests/conftest.py): a real token of this user.
+E2E_CALLER = ("admin", "e2e-seller")
 STAGES = [
     ("qualify", "Qualify", "10", p.FORECAST_CATEGORY_PIPELINE),
     ("propose", "Propose", "40", p.FORECAST_CATEGORY_BEST_CASE),
@@ -44,7 +45,6 @@ async def define_pipeline(pipeline: Any) -> str:
                 for i, n, pr, cat in STAGES
             ],
         ),
-        metadata=ACTOR,
     )
     return str(defined.pipeline.id)
 
@@ -60,11 +60,9 @@ async def qualified_lead(pipeline: Any, tag: str) -> p.Lead:
             campaign="spring-webinar",
             owner="e2e-seller",
         ),
-        metadata=ACTOR,
     )
     qualified = await pipeline.QualifyLead(
         p.QualifyLeadRequest(lead_id=created.lead.id, expected_version=1, score=80),
-        metadata=ACTOR,
     )
     return qualified.lead
 
@@ -106,9 +104,7 @@ async def test_a_lead_becomes_a_won_deal_and_its_contacts_become_customers(
     pipeline_id = await define_pipeline(pipeline)
     lead = await qualified_lead(pipeline, tag)
 
-    converted = await pipeline.ConvertLead(
-        conversion(lead, pipeline_id, f"convert-{tag}"), metadata=ACTOR
-    )
+    converted = await pipeline.ConvertLead(conversion(lead, pipeline_id, f"convert-{tag}"))
     assert converted.lead.status == p.LEAD_STATUS_CONVERTED
     deal = converted.opportunity
     person_id, company_id = converted.lead.person_id, converted.lead.company_id
@@ -131,9 +127,7 @@ async def test_a_lead_becomes_a_won_deal_and_its_contacts_become_customers(
     assert person.lifecycle_stage == company.lifecycle_stage == c.LIFECYCLE_STAGE_OPPORTUNITY
 
     # A retried conversion answers the first outcome and registers nobody twice.
-    again = await pipeline.ConvertLead(
-        conversion(lead, pipeline_id, f"convert-{tag}"), metadata=ACTOR
-    )
+    again = await pipeline.ConvertLead(conversion(lead, pipeline_id, f"convert-{tag}"))
     assert (again.result.id, again.result.replayed) == (converted.result.id, True)
     listed = await contacts.ListContacts(c.ListContactsRequest(query=f"Johnson{tag}"))
     assert [x.id for x in listed.contacts] == [person_id]
@@ -145,14 +139,12 @@ async def test_a_lead_becomes_a_won_deal_and_its_contacts_become_customers(
             p.MoveOpportunityRequest(
                 opportunity_id=deal.id, expected_version=version, stage_id=stage
             ),
-            metadata=ACTOR,
         )
         version = moved.result.version
         assert moved.opportunity.stage_id == stage
     assert [v.regression for v in moved.opportunity.history] == [False, False, False, True, False]
     won = await pipeline.WinOpportunity(
         p.WinOpportunityRequest(opportunity_id=deal.id, expected_version=version),
-        metadata=ACTOR,
     )
     assert won.opportunity.status == p.OPPORTUNITY_STATUS_WON
     assert won.opportunity.stage_id == "won"
@@ -198,12 +190,10 @@ async def test_a_won_deal_never_moves_a_contact_further_along_back(
         c.CreateCompanyRequest(
             name=f"Langley {uuid.uuid4().hex[:6]}", lifecycle_stage=c.LIFECYCLE_STAGE_ADVOCATE
         ),
-        metadata=ACTOR,
     )
     company_id = company.result.id
     buyer = await contacts.CreatePerson(
         c.CreatePersonRequest(given_name="Mary", family_name=f"Jackson{uuid.uuid4().hex[:6]}"),
-        metadata=ACTOR,
     )
     pipeline_id = await define_pipeline(pipeline)
 
@@ -219,11 +209,8 @@ async def test_a_won_deal_never_moves_a_contact_further_along_back(
                 amount=p.Money(amount="300", currency="USD"),
                 expected_close_date=in_days(10),
             ),
-            metadata=ACTOR,
         )
-        await pipeline.WinOpportunity(
-            p.WinOpportunityRequest(opportunity_id=opened.opportunity.id), metadata=ACTOR
-        )
+        await pipeline.WinOpportunity(p.WinOpportunityRequest(opportunity_id=opened.opportunity.id))
 
     # Both deals are the company's, so their events reach contacts in this order.
     await won_deal("Wind tunnel time")
@@ -239,7 +226,6 @@ async def test_a_closed_deal_refuses_changes_over_grpc_and_rest_and_keeps_its_st
 ) -> None:
     created = await contacts.CreatePerson(
         c.CreatePersonRequest(given_name="Annie", family_name=f"Easley{uuid.uuid4().hex[:6]}"),
-        metadata=ACTOR,
     )
     pipeline_id = await define_pipeline(pipeline)
     opened = await pipeline.OpenOpportunity(
@@ -252,12 +238,9 @@ async def test_a_closed_deal_refuses_changes_over_grpc_and_rest_and_keeps_its_st
             amount=p.Money(amount="5000.00", currency="EUR"),
             expected_close_date=in_days(20),
         ),
-        metadata=ACTOR,
     )
     deal_id = opened.opportunity.id
-    won = await pipeline.WinOpportunity(
-        p.WinOpportunityRequest(opportunity_id=deal_id), metadata=ACTOR
-    )
+    won = await pipeline.WinOpportunity(p.WinOpportunityRequest(opportunity_id=deal_id))
     before = won.opportunity
 
     refusals = [
@@ -278,7 +261,9 @@ async def test_a_closed_deal_refuses_changes_over_grpc_and_rest_and_keeps_its_st
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "closed" in (refused.value.details() or "")
 
-    async with httpx.AsyncClient(base_url=platform.pipeline_http, timeout=10) as http:
+    async with httpx.AsyncClient(
+        base_url=platform.pipeline_http, timeout=10, headers=platform.headers(*E2E_CALLER)
+    ) as http:
         for path, body in [
             (f"/opportunities/{deal_id}/amount", {"amount": "1.00", "currency": "EUR"}),
             (f"/opportunities/{deal_id}/stage", {"stage_id": "qualify"}),
@@ -308,10 +293,12 @@ async def test_a_conversion_while_contacts_is_down_is_unavailable_and_converts_n
     await asyncio.to_thread(platform.process("contacts-api").stop)
     try:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await pipeline.ConvertLead(conversion(lead, pipeline_id, f"down-{tag}"), metadata=ACTOR)
+            await pipeline.ConvertLead(conversion(lead, pipeline_id, f"down-{tag}"))
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "contacts" in (refused.value.details() or "")
-        async with httpx.AsyncClient(base_url=platform.pipeline_http, timeout=30) as http:
+        async with httpx.AsyncClient(
+            base_url=platform.pipeline_http, timeout=30, headers=platform.headers(*E2E_CALLER)
+        ) as http:
             response = await http.post(
                 f"/leads/{lead.id}/convert",
                 json={
@@ -336,9 +323,7 @@ async def test_a_conversion_while_contacts_is_down_is_unavailable_and_converts_n
     back = time.monotonic()
     while True:
         try:
-            converted = await pipeline.ConvertLead(
-                conversion(lead, pipeline_id, f"down-{tag}"), metadata=ACTOR
-            )
+            converted = await pipeline.ConvertLead(conversion(lead, pipeline_id, f"down-{tag}"))
             break
         except grpc.aio.AioRpcError as error:
             assert error.code() == grpc.StatusCode.UNAVAILABLE, error
@@ -354,7 +339,6 @@ async def test_one_trace_runs_from_winning_the_deal_to_the_new_customer(
 ) -> None:
     created = await contacts.CreatePerson(
         c.CreatePersonRequest(given_name="Traced", family_name=secrets.token_hex(4)),
-        metadata=ACTOR,
     )
     pipeline_id = await define_pipeline(pipeline)
     opened = await pipeline.OpenOpportunity(
@@ -367,10 +351,11 @@ async def test_one_trace_runs_from_winning_the_deal_to_the_new_customer(
             amount=p.Money(amount="10", currency="EUR"),
             expected_close_date=in_days(5),
         ),
-        metadata=ACTOR,
     )
     trace_id = secrets.token_hex(16)
-    async with httpx.AsyncClient(base_url=platform.pipeline_http, timeout=10) as http:
+    async with httpx.AsyncClient(
+        base_url=platform.pipeline_http, timeout=10, headers=platform.headers(*E2E_CALLER)
+    ) as http:
         response = await http.post(
             f"/opportunities/{opened.opportunity.id}/win",
             json={},

@@ -35,7 +35,8 @@ import httpx
 from crm.contacts.v1 import contacts_pb2 as c
 from crm.pipeline.v1 import pipeline_pb2 as p
 
-ACTOR = (("x-crm-actor", "e2e-forecaster"), ("x-crm-client", "e2e-tests"))
+# Who the stubs call as (tests/conftest.py): a real token of this user.
+E2E_CALLER = ("admin", "e2e-forecaster")
 MINOR_UNITS = {"EUR": 2, "USD": 2, "JPY": 0}
 OPEN = ("pipeline", "best_case", "commit", "omitted")
 # stage id, name, probability (percent, as sent), category
@@ -534,7 +535,6 @@ class Seeder:
                 ),
                 expected_close_date=deal.expected.isoformat(),
             ),
-            metadata=ACTOR,
         )
         deal.id = opened.opportunity.id
         deal.version = opened.result.version
@@ -549,7 +549,6 @@ class Seeder:
             p.MoveOpportunityRequest(
                 opportunity_id=deal.id, expected_version=deal.version, stage_id=stage_id
             ),
-            metadata=ACTOR,
         )
         self._took(deal, moved, regression)
 
@@ -568,7 +567,6 @@ class Seeder:
                         expected_version=version,
                         closed_on=closed_on.isoformat(),
                     ),
-                    metadata=ACTOR,
                 )
             else:
                 written = await self.pipeline.LoseOpportunity(
@@ -578,7 +576,6 @@ class Seeder:
                         reason="went with a competitor",
                         closed_on=closed_on.isoformat(),
                     ),
-                    metadata=ACTOR,
                 )
             deal.status = "won" if kind == "win" else "lost"
             deal.closed_on = closed_on
@@ -589,7 +586,6 @@ class Seeder:
         elif kind == "reopen":
             written = await self.pipeline.ReopenOpportunity(
                 p.ReopenOpportunityRequest(opportunity_id=ident, expected_version=version),
-                metadata=ACTOR,
             )
             back_to = next(s.stage for s in reversed(deal.stays) if self.board.is_open(s.stage))
             deal.status, deal.closed, deal.closed_on = "open", None, None
@@ -607,7 +603,6 @@ class Seeder:
                         amount=money_text(deal.units, deal.currency), currency=deal.currency
                     ),
                 ),
-                metadata=ACTOR,
             )
             self._took(deal, written)
         elif kind == "close_date":
@@ -619,7 +614,6 @@ class Seeder:
                     expected_version=version,
                     expected_close_date=deal.expected.isoformat(),
                 ),
-                metadata=ACTOR,
             )
             self._took(deal, written)
             assert written.opportunity.expected_close_date == deal.expected.isoformat()
@@ -629,7 +623,6 @@ class Seeder:
                 p.ReassignOpportunityRequest(
                     opportunity_id=ident, expected_version=version, owner=deal.owner
                 ),
-                metadata=ACTOR,
             )
             self._took(deal, written)
         elif kind == "lines":
@@ -653,7 +646,6 @@ class Seeder:
                         for n, (q, u, d) in enumerate(LINES)
                     ],
                 ),
-                metadata=ACTOR,
             )
             self._took(deal, written)
         else:  # pragma: no cover - a typo in JOURNEYS
@@ -767,9 +759,7 @@ async def test_forecast_funnel_and_win_rate_match_a_seeded_data_set(
     tag = uuid.uuid4().hex[:8]
     owners = [f"ada-{tag}", f"bo-{tag}", f"cy-{tag}"]
     today = datetime.now(UTC).date()
-    company = await contacts.CreateCompany(
-        c.CreateCompanyRequest(name=f"Forecast Buyers {tag}"), metadata=ACTOR
-    )
+    company = await contacts.CreateCompany(c.CreateCompanyRequest(name=f"Forecast Buyers {tag}"))
     defined = await pipeline.DefinePipeline(
         p.DefinePipelineRequest(
             name=f"Forecast {tag}",
@@ -778,7 +768,6 @@ async def test_forecast_funnel_and_win_rate_match_a_seeded_data_set(
                 for i, n, pr, cat in STAGES
             ],
         ),
-        metadata=ACTOR,
     )
     pipeline_id = defined.pipeline.id
     board = Board({i: StageDef(n, pr, cat) for i, n, pr, cat in STAGES}, [s[0] for s in STAGES])
@@ -790,7 +779,9 @@ async def test_forecast_funnel_and_win_rate_match_a_seeded_data_set(
     )
     coverage(deals, board)
 
-    async with httpx.AsyncClient(base_url=platform.pipeline_http, timeout=30) as http:
+    async with httpx.AsyncClient(
+        base_url=platform.pipeline_http, timeout=30, headers=platform.headers(*E2E_CALLER)
+    ) as http:
         await check_everything(pipeline, http, pipeline_id, board, deals, owners, today)
 
         # The pipeline changes; forecast and funnel follow it as it is now.
@@ -799,7 +790,7 @@ async def test_forecast_funnel_and_win_rate_match_a_seeded_data_set(
         async def changed(call: Any, request: Any) -> None:
             nonlocal version
             request.pipeline_id, request.expected_version = pipeline_id, version
-            version = (await call(request, metadata=ACTOR)).result.version
+            version = (await call(request)).result.version
 
         await changed(
             pipeline.ChangeStageSettings,

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 import pymongo
 
@@ -36,7 +35,7 @@ async def test_killing_relay_and_projector_mid_stream_loses_and_doubles_nothing(
     rng = random.Random(7)
     relay = platform.process("contacts-relay")
     projector = platform.process("analytics-projector")
-    async with grpc.aio.insecure_channel(platform.contacts_grpc) as channel:
+    async with platform.channel(platform.contacts_grpc) as channel:
         stub = contacts_pb2_grpc.ContactsServiceStub(channel)
         run = secrets.token_hex(4)
         created = await asyncio.gather(
@@ -138,7 +137,7 @@ async def test_killing_relay_and_projector_mid_stream_loses_and_doubles_nothing(
 async def test_one_trace_links_the_command_and_the_projection(platform: Any) -> None:
     trace_id = secrets.token_hex(16)
     traceparent = f"00-{trace_id}-{secrets.token_hex(8)}-01"
-    async with httpx.AsyncClient(timeout=30) as http:
+    async with httpx.AsyncClient(timeout=30, headers=platform.headers()) as http:
         created = await http.post(
             f"{platform.contacts_http}/persons",
             json={"given_name": "Traced", "family_name": secrets.token_hex(4)},
@@ -179,7 +178,7 @@ async def test_rebuild_reproduces_the_360_view(platform: Any, contacts: Any) -> 
     created = await contacts.CreatePerson(
         c.CreatePersonRequest(given_name="Before", family_name="Rebuild")
     )
-    async with grpc.aio.insecure_channel(platform.analytics_grpc) as channel:
+    async with platform.channel(platform.analytics_grpc) as channel:
         await customer360_pb2_grpc.Customer360ServiceStub(channel).GetCustomer360(
             v.GetCustomer360Request(
                 customer_id=created.result.id,

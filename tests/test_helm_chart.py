@@ -555,10 +555,11 @@ def test_network_policies_deny_by_default_and_open_only_the_api_ports(
         component = spec["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component")
         for rule in spec.get("ingress", []):
             opened.setdefault(component, set()).update(p["port"] for p in rule["ports"])
+    # Exactly the API ports of every service the registry runs (crm_common.registry).
     assert opened == {
-        "contacts-api": {50051, 8081},
-        "pipeline-api": {50052, 8082},
-        "analytics-api": {50055, 8085},
+        entry.process_name("api"): {entry.grpc_port, entry.http_port}
+        for entry in SERVICES
+        if "api" in entry.roles
     }
     # Egress: the contacts processes reach PostgreSQL, analytics reaches MongoDB.
     contacts_ports = {
@@ -613,3 +614,80 @@ def test_every_registered_service_has_its_values_with_the_registry_ports() -> No
         assert entry.name in schema["properties"]
         # Planned services ship disabled; the others are on by default.
         assert block["enabled"] is (not entry.planned)
+
+
+# -- identity and access ---------------------------------------------------------------
+
+
+def _mounts(pod: Mapping[str, Any]) -> dict[str, str]:
+    return {m["mountPath"]: m["name"] for m in only_container(pod)["volumeMounts"]}
+
+
+def test_every_process_verifies_tokens_with_the_key_set_and_holds_its_own_key(
+    default: Manifests, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for process in SERVICE_PROCESSES:
+        pod = default.deployment(process.name)["spec"]["template"]["spec"]
+        env = default.container_env(only_container(pod))
+        settings = settings_seen_by(env, process.service, monkeypatch)
+        assert settings.auth_jwks == "/etc/crm/jwks/jwks.json"
+        assert (settings.auth_issuer, settings.auth_audience) == (
+            "https://id.example.com/realms/crm",
+            "crm-platform",
+        )
+        assert settings.service_key_file == "/etc/crm/service-key/key.pem"
+        assert settings.service_key_id == f"service-{process.service}"
+        mounts = _mounts(pod)
+        assert mounts["/etc/crm/jwks"] == "jwks" and mounts["/etc/crm/service-key"] == "service-key"
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        # Each process mounts its own service's key, not every service's.
+        assert volumes["service-key"]["secret"]["items"] == [
+            {"key": f"{process.service}.key.pem", "path": "key.pem"}
+        ]
+        assert settings.grpc_tls_cert == "" and settings.grpc_client_auth == "none"
+
+
+def test_a_key_set_url_replaces_the_config_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    manifests = Manifests(render(sets=["auth.jwksUrl=https://id.example.com/jwks"]))
+    pod = manifests.deployment("contacts-api")["spec"]["template"]["spec"]
+    env = manifests.container_env(only_container(pod))
+    assert settings_seen_by(env, "contacts", monkeypatch).auth_jwks == (
+        "https://id.example.com/jwks"
+    )
+    assert "/etc/crm/jwks" not in _mounts(pod)
+
+
+def test_partners_on_mutual_tls_and_probes_that_still_reach_the_apis(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    manifests = Manifests(render(sets=["grpcTls.enabled=true", "grpcTls.clientAuth=require"]))
+    for process in SERVICE_PROCESSES:
+        pod = manifests.deployment(process.name)["spec"]["template"]["spec"]
+        container = only_container(pod)
+        settings = settings_seen_by(
+            manifests.container_env(container), process.service, monkeypatch
+        )
+        assert settings.grpc_client_auth == "require"
+        assert settings.grpc_client_ca == "/etc/crm/grpc-client-ca/ca.crt"
+        assert settings.grpc_client_cert == "/etc/crm/grpc-client/tls.crt"
+        assert _mounts(pod)["/etc/crm/grpc-tls"] == "grpc-tls"
+        if process.api:
+            assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+            assert "grpc" not in container["livenessProbe"]
+
+
+def test_client_certificates_without_tls_are_refused() -> None:
+    assert "enabled" in render_fails(["grpcTls.clientAuth=require"])
+
+
+def test_no_key_set_at_all_is_refused() -> None:
+    assert render_fails(["auth.jwksConfigMap=", "auth.jwksUrl="])
+
+
+def test_the_identity_providers_key_set_is_reachable_through_the_egress_policy() -> None:
+    url = "auth.jwksUrl=https://login.example.com/jwks"
+    manifests = Manifests(render(sets=[url]))
+    egress = manifests.get("NetworkPolicy", f"{FULLNAME}-contacts-egress")["spec"]["egress"]
+    assert any(p["port"] == 443 for rule in egress for p in rule["ports"])
+    without = Manifests(render()).get("NetworkPolicy", f"{FULLNAME}-contacts-egress")
+    assert not any(p["port"] == 443 for rule in without["spec"]["egress"] for p in rule["ports"])

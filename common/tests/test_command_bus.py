@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from uuid import UUID
 
@@ -11,8 +12,14 @@ import pytest
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
+from crm_common.auth.principal import Principal
 from crm_common.commands import Caller, CommandBus, CommandContext, UnitOfWork
-from crm_common.errors import NotFound, RuleViolated, ValidationFailed, VersionConflict
+from crm_common.errors import (
+    IdempotencyKeyReused,
+    NotFound,
+    RuleViolated,
+    VersionConflict,
+)
 from crm_common.eventstore import application_env
 from crm_common.settings import Settings
 
@@ -107,9 +114,37 @@ def test_a_retried_request_id_returns_the_first_outcome_and_writes_once(bus, app
 
 def test_a_request_id_cannot_be_reused_for_another_command(bus):
     bus.execute(CommandContext("Open", request_id="r-2"), open_account())
-    with pytest.raises(ValidationFailed) as refused:
+    with pytest.raises(IdempotencyKeyReused):
         bus.execute(CommandContext("Close", request_id="r-2"), open_account())
-    assert refused.value.errors[0].field == "request_id"
+
+
+def test_a_request_id_reused_with_other_inputs_is_refused_and_reveals_nothing(bus, app):
+    ada, grace = Caller(actor="ada", request_id="k-1"), Caller(actor="ada", request_id="k-1")
+    first = bus.execute(ada.command("Open", "first"), open_account())
+    size = log_size(app)
+    with pytest.raises(IdempotencyKeyReused) as refused:
+        bus.execute(grace.command("Open", "second"), open_account())
+    assert first.id not in refused.value.message
+    assert log_size(app) == size
+    assert bus.execute(ada.command("Open", "first"), open_account()).replayed
+
+
+def test_request_ids_are_scoped_by_the_authenticated_principal(bus):
+    ada = Principal("ada", frozenset({"sales"}), "console")
+    eve = Principal("eve", frozenset({"sales"}), "console")
+    first = bus.execute(Caller(request_id="k-2", principal=ada).command("Open"), open_account())
+    other = bus.execute(Caller(request_id="k-2", principal=eve).command("Open"), open_account())
+    assert not other.replayed and other.id != first.id
+
+
+def test_a_receipt_past_its_retention_lets_the_request_id_start_a_new_request(app):
+    bus = CommandBus(app, "test", receipt_retention=timedelta(0))
+    try:
+        first = bus.execute(CommandContext("Open", request_id="k-3"), open_account())
+        again = bus.execute(CommandContext("Open", request_id="k-3"), open_account())
+        assert not again.replayed and again.id != first.id
+    finally:
+        bus.close()
 
 
 def test_unknown_and_malformed_ids_are_not_found(bus):

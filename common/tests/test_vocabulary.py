@@ -111,3 +111,16 @@ def test_every_currency_has_a_sane_minor_unit() -> None:
     assert len(CURRENCIES) > 150
     assert set(CURRENCIES.values()) <= {0, 2, 3, 4}
     assert all(len(code) == 3 and code.isupper() for code in CURRENCIES)
+
+
+def test_timestamps_no_calendar_holds_are_refused_naming_the_field() -> None:
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from crm_common.timestamps import datetime_of
+
+    assert datetime_of(Timestamp(seconds=0), "at").year == 1970
+    for bad in (Timestamp(seconds=1, nanos=-5), Timestamp(seconds=-(10**12)),
+                Timestamp(seconds=10**13)):  # fmt: skip
+        with pytest.raises(ValidationFailed) as refused:
+            datetime_of(bad, "occurred_at")
+        assert refused.value.errors[0].field == "occurred_at"

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
+import hashlib
+import json
 import logging
 import queue
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 from uuid import UUID
 
@@ -28,7 +32,8 @@ from eventsourcing.persistence import IntegrityError
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from crm_common.errors import NotFound, ValidationFailed, VersionConflict
+from crm_common.auth.principal import Principal
+from crm_common.errors import IdempotencyKeyReused, NotFound, ValidationFailed, VersionConflict
 from crm_common.eventstore import recorder_position_of
 from crm_common.telemetry import current_traceparent
 
@@ -38,6 +43,9 @@ tracer = trace.get_tracer("crm_common.commands")
 RECEIPT_NAMESPACE = UUID("6f1c2a4e-8d0b-4f51-9a7e-3c2d1b0a9e88")
 MAX_REQUEST_ID_LENGTH = 200
 MAX_CONFLICT_RETRIES = 5
+#: How long a request id answers with its first outcome; after that the same id
+#: starts a new request (the IETF Idempotency-Key draft leaves this to the server).
+RECEIPT_RETENTION = timedelta(hours=24)
 
 A = TypeVar("A", bound=Aggregate)
 
@@ -51,6 +59,12 @@ class CommandContext:
     expected_version: int | None = None
     actor: str = "anonymous"
     client: str = "unknown"
+    #: Whose request ids these are: a request id is only ever matched against the
+    #: earlier requests of the same authenticated principal.
+    scope: str = ""
+    #: A digest of what the command asks for (name, subject, payload): a request id
+    #: used again for a different request is refused, never answered with the first.
+    fingerprint: str = ""
 
     def __post_init__(self) -> None:
         if self.request_id is not None and len(self.request_id) > MAX_REQUEST_ID_LENGTH:
@@ -59,6 +73,25 @@ class CommandContext:
             )
         if self.expected_version is not None and self.expected_version < 1:
             raise ValidationFailed.of("expected_version", "must be 1 or more when given")
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable digest of a request: dataclasses, mappings, sequences, plain values."""
+    text = json.dumps([_plain(p) for p in parts], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_plain(v) for v in value]
+        return sorted(items, key=repr) if isinstance(value, set | frozenset) else items
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -75,15 +108,33 @@ class Caller:
     client: str = "unknown"
     request_id: str | None = None
     expected_version: int | None = None
+    #: The authenticated principal (None for commands a service runs on its own
+    #: behalf, such as a follower reacting to another service's events).
+    principal: Principal | None = field(default=None, compare=False)
 
-    def command(self, name: str) -> CommandContext:
-        """The context of command `name` run for this caller."""
+    @property
+    def scope(self) -> str:
+        """Whose request ids these are: the credential holder and the user it acts for."""
+        if self.principal is None:
+            # The platform's own commands (a follower's): request ids derived from
+            # events, in the scope receipts have always had.
+            return ""
+        scope = self.principal.subject
+        if self.principal.on_behalf_of is not None:
+            scope += f"|{self.principal.on_behalf_of.subject}"
+        return scope
+
+    def command(self, name: str, *request: Any) -> CommandContext:
+        """The context of command `name` run for this caller; `request` (the subject id,
+        the inputs) goes into the fingerprint a reused request id is checked against."""
         return CommandContext(
             command=name,
             request_id=self.request_id or None,
             expected_version=self.expected_version or None,
             actor=self.actor,
             client=self.client,
+            scope=self.scope,
+            fingerprint=fingerprint(name, self.expected_version, *request),
         )
 
 
@@ -102,11 +153,17 @@ class WriteOutcome:
 
 
 class CommandReceipt(Aggregate):
-    """Remembers the outcome of a command that carried a client request id."""
+    """Remembers the outcome of a command that carried a client request id.
+
+    Keyed by service, the caller's scope and the request id: another caller's
+    identical request id is a different receipt. `fingerprint` is the digest of
+    the request it answered (empty on receipts written before fingerprints).
+    """
 
     @staticmethod
-    def create_id(service: str, request_id: str) -> UUID:
-        return uuid.uuid5(RECEIPT_NAMESPACE, f"{service}:{request_id}")
+    def create_id(service: str, request_id: str, scope: str = "") -> UUID:
+        key = f"{service}:{request_id}" if not scope else f"{service}:{scope}:{request_id}"
+        return uuid.uuid5(RECEIPT_NAMESPACE, key)
 
     @event("Recorded")
     def __init__(
@@ -117,13 +174,41 @@ class CommandReceipt(Aggregate):
         subject_id: str,
         subject_version: int,
         extra: dict[str, str],
+        fingerprint: str = "",
+        scope: str = "",
     ) -> None:
+        # `scope` is part of the id (the library passes these arguments to create_id).
+        self.scope = scope
         self.service = service
         self.request_id = request_id
         self.command = command
         self.subject_id = subject_id
         self.subject_version = subject_version
         self.extra = extra
+        self.fingerprint = fingerprint
+
+    @event("Renewed")
+    def renew(
+        self,
+        command: str,
+        subject_id: str,
+        subject_version: int,
+        extra: dict[str, str],
+        fingerprint: str,
+    ) -> None:
+        """The request id is used again after its receipt expired: a new outcome."""
+        self.command = command
+        self.subject_id = subject_id
+        self.subject_version = subject_version
+        self.extra = extra
+        self.fingerprint = fingerprint
+
+    def answers(self, ctx: CommandContext) -> bool:
+        """Whether this receipt is the outcome of the request `ctx` repeats."""
+        if self.command != ctx.command:
+            return False
+        # Receipts from before fingerprints answer by command name alone.
+        return not self.fingerprint or not ctx.fingerprint or self.fingerprint == ctx.fingerprint
 
 
 Decision = Aggregate | tuple[Aggregate, dict[str, str]]
@@ -234,10 +319,18 @@ class CommandBus:
     each successful save, with the recordings of that save.
     """
 
-    def __init__(self, app: Application[UUID], service: str, *, max_batch: int = 256) -> None:
+    def __init__(
+        self,
+        app: Application[UUID],
+        service: str,
+        *,
+        max_batch: int = 256,
+        receipt_retention: timedelta = RECEIPT_RETENTION,
+    ) -> None:
         self.app = app
         self.service = service
         self.max_batch = max_batch
+        self.receipt_retention = receipt_retention
         self.after_commit: list[Callable[[list[Any]], None]] = []
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._run, name=f"{service}-writer", daemon=True)
@@ -409,14 +502,15 @@ class CommandBus:
     ) -> _Staged:
         ctx = job.ctx
         receipt_id: UUID | None = None
+        expired: CommandReceipt | None = None
         if ctx.request_id:
-            receipt_id = CommandReceipt.create_id(self.service, ctx.request_id)
+            receipt_id = CommandReceipt.create_id(self.service, ctx.request_id, ctx.scope)
             earlier = in_batch.get(receipt_id)
             if earlier is not None:
                 # The same request twice in one batch: the second is a replay
                 # of the first, whose position is known after the save.
                 return self._replay_later(job, earlier)
-            replay = self._replay(ctx, receipt_id)
+            replay, expired = self._replay(ctx, receipt_id)
             if replay is not None:
                 return _Staged(job, [], UUID(replay.id), replay.version, replay.extra, replay)
         with tracer.start_as_current_span(
@@ -446,14 +540,22 @@ class CommandBus:
             # Infrastructure metadata rides along in the stored event state.
             object.__setattr__(e, "_meta", meta)
         if receipt_id is not None and ctx.request_id:
-            receipt = CommandReceipt(
-                service=self.service,
-                request_id=ctx.request_id,
-                command=ctx.command,
-                subject_id=str(subject.id),
-                subject_version=subject.version,
-                extra=dict(extra),
-            )
+            if expired is not None:
+                receipt = expired
+                receipt.renew(
+                    ctx.command, str(subject.id), subject.version, dict(extra), ctx.fingerprint
+                )
+            else:
+                receipt = CommandReceipt(
+                    service=self.service,
+                    request_id=ctx.request_id,
+                    command=ctx.command,
+                    subject_id=str(subject.id),
+                    subject_version=subject.version,
+                    extra=dict(extra),
+                    fingerprint=ctx.fingerprint,
+                    scope=ctx.scope,
+                )
             receipt_events = receipt.collect_events()
             for e in receipt_events:
                 object.__setattr__(e, "_meta", meta)
@@ -464,10 +566,9 @@ class CommandBus:
         return staged
 
     def _replay_later(self, job: _Job, earlier: _Staged) -> _Staged:
-        if earlier.job.ctx.command != job.ctx.command:
-            raise ValidationFailed.of(
-                "request_id", f"already used for a {earlier.job.ctx.command} command"
-            )
+        first = earlier.job.ctx
+        if first.command != job.ctx.command or first.fingerprint != job.ctx.fingerprint:
+            raise _reused(job.ctx)
 
         # Resolve once the earlier job's outcome is known.
         def finish(done: Future[WriteOutcome]) -> None:
@@ -482,18 +583,31 @@ class CommandBus:
         earlier.job.future.add_done_callback(finish)
         return _Skip(job)
 
-    def _replay(self, ctx: CommandContext, receipt_id: UUID) -> WriteOutcome | None:
+    def _replay(
+        self, ctx: CommandContext, receipt_id: UUID
+    ) -> tuple[WriteOutcome | None, CommandReceipt | None]:
+        """The first outcome of a repeated request; or the expired receipt to renew."""
         try:
             receipt: Aggregate = self.app.repository.get(receipt_id)
         except AggregateNotFoundError:
-            return None
+            return None, None
         assert isinstance(receipt, CommandReceipt)
-        if receipt.command != ctx.command:
-            raise ValidationFailed.of("request_id", f"already used for a {receipt.command} command")
+        if receipt.modified_on < datetime.now(UTC) - self.receipt_retention:
+            return None, receipt
+        if not receipt.answers(ctx):
+            raise _reused(ctx)
         position = self._position_of(UUID(receipt.subject_id), receipt.subject_version)
-        return WriteOutcome(
+        outcome = WriteOutcome(
             receipt.subject_id, receipt.subject_version, position, True, dict(receipt.extra)
         )
+        return outcome, None
+
+
+def _reused(ctx: CommandContext) -> IdempotencyKeyReused:
+    return IdempotencyKeyReused(
+        f"request id {ctx.request_id!r} was already used for a different request; "
+        "use a new request id for a new request"
+    )
 
 
 class _Skip(_Staged):

@@ -70,6 +70,26 @@ class Unavailable(CrmError):
     """
 
 
+class Unauthenticated(CrmError):
+    """The request carries no valid credentials; nothing was read or written."""
+
+
+class PermissionDenied(CrmError):
+    """The authenticated caller may not do this; nothing was read or written."""
+
+
+class RateLimited(CrmError):
+    """The client sent more requests than it may; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class IdempotencyKeyReused(CrmError):
+    """A request id was used before for a different request; nothing was written."""
+
+
 class FieldErrors:
     """Collects field errors while validating a whole request."""
 

@@ -38,6 +38,8 @@ class Service:
     roles: tuple[Role, ...] = ()
     #: The services whose topics it consumes (projector or follower).
     consumes: tuple[str, ...] = ()
+    #: Topics other systems publish for it (`<prefix>.<name>`, e.g. `erp.orders`).
+    inbound_topics: tuple[str, ...] = ()
     summary: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -72,8 +74,24 @@ SERVICES: tuple[Service, ...] = (
         roles=("api", "relay"),
         summary="leads, pipelines, opportunities, activities, forecast",
     ),
-    Service("tickets", 50053, 8083, writes_events=True, summary="service cases and SLAs (planned)"),
-    Service("loyalty", 50054, 8084, writes_events=True, summary="points, tiers, rewards (planned)"),
+    Service(
+        "tickets",
+        50053,
+        8083,
+        writes_events=True,
+        roles=("api", "relay"),
+        summary="service cases, SLA policies on business hours, satisfaction",
+    ),
+    Service(
+        "loyalty",
+        50054,
+        8084,
+        writes_events=True,
+        # The follower role is `crm-loyalty ingest` (ERP orders, expiry schedule).
+        roles=("api", "relay", "follower"),
+        inbound_topics=("erp.orders",),
+        summary="members, points on a ledger by lot, earning rules, tiers, ERP orders",
+    ),
     Service(
         "analytics",
         50055,
@@ -97,6 +115,11 @@ def service(name: str) -> Service:
 def event_sources() -> tuple[str, ...]:
     """Services that publish domain events (each has a topic, planned or not)."""
     return tuple(s.name for s in SERVICES if s.writes_events)
+
+
+def inbound_topics() -> tuple[str, ...]:
+    """Topics other systems publish to (ERP orders), without the topic prefix."""
+    return tuple(t for s in SERVICES for t in s.inbound_topics)
 
 
 def chart_document() -> dict[str, Any]:

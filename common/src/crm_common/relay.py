@@ -82,6 +82,25 @@ def cloudevent_headers(
     ]
 
 
+#: The audit trail of each event (who, through which client, which command, which
+#: request id), from the verified caller the command bus stored with it.
+AUDIT_HEADERS = {
+    "actor": "crm_actor",
+    "client": "crm_client",
+    "command": "crm_command",
+    "request_id": "crm_request_id",
+}
+
+
+def audit_headers(meta: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """`crm_actor`, `crm_client`, `crm_command`, `crm_request_id` for what the event has."""
+    return [
+        (header, str(meta[key])[:200].encode())
+        for key, header in AUDIT_HEADERS.items()
+        if meta.get(key)
+    ]
+
+
 class Relay:
     """Publishes one service's notification log to its Kafka topic."""
 
@@ -158,6 +177,7 @@ class Relay:
                 proto_message=self.proto_message,
                 position=n.id,
             )
+            headers += audit_headers(meta)
             parent = context_from_traceparent(meta.get("traceparent"))
             with tracer.start_as_current_span(
                 f"publish {ce_type}",

@@ -39,6 +39,32 @@ class Settings:
     #: An API closes each gRPC connection after this long (clients reconnect and
     #: find replicas added since).
     grpc_max_connection_age_ms: int = 300_000
+    #: Identity and access (docs/security.md). The key set (JWKS file or URL) the
+    #: bearer tokens are verified with; the issuer and audience they must name.
+    auth_jwks: str = ""
+    auth_issuer: str = "crm-local"
+    auth_audience: str = "crm-platform"
+    #: The access policy file; empty: the one shipped in crm_common.auth.
+    access_policy: str = ""
+    #: This service's own signing key (its calls to other services) and its kid.
+    service_key_file: str = ""
+    service_key_id: str = "platform-1"
+    #: The secret that keys pseudonyms of personal data (bulk queries for analysts).
+    pseudonym_key_file: str = ""
+    #: Requests a second (and burst) each client may send; 0: no limit.
+    rate_limit_per_client: float = 0.0
+    rate_limit_burst: float = 0.0
+    #: gRPC TLS: server certificate and key (PEM); with a client CA, client
+    #: certificates are asked for, and required when `grpc_client_auth` is "require".
+    grpc_tls_cert: str = ""
+    grpc_tls_key: str = ""
+    grpc_client_ca: str = ""
+    grpc_client_auth: str = "none"
+    #: Calling other services over TLS: the CA that signed their certificates, and
+    #: this service's own client certificate and key (when they require one).
+    grpc_tls_ca: str = ""
+    grpc_client_cert: str = ""
+    grpc_client_key: str = ""
 
     @classmethod
     def from_env(cls, service: str) -> Settings:
@@ -47,12 +73,19 @@ class Settings:
         event_store = _env("CRM_EVENT_STORE", "sqlite").lower()
         if event_store not in ("sqlite", "postgres"):
             raise ValueError(f"CRM_EVENT_STORE must be 'sqlite' or 'postgres', not {event_store!r}")
+        client_auth = _env("CRM_GRPC_CLIENT_AUTH", "none").lower()
+        if client_auth not in ("none", "optional", "require"):
+            raise ValueError(
+                f"CRM_GRPC_CLIENT_AUTH must be 'none', 'optional' or 'require', not {client_auth!r}"
+            )
+        data_dir = Path(_env("CRM_DATA_DIR", "./var")).resolve()
+        identity = data_dir / "identity"
         stale_after = float(_env("CRM_HEALTH_STALE_SECONDS", "120"))
         if stale_after <= 0:
             raise ValueError(f"CRM_HEALTH_STALE_SECONDS must be positive, not {stale_after}")
         return cls(
             service=service,
-            data_dir=Path(_env("CRM_DATA_DIR", "./var")).resolve(),
+            data_dir=data_dir,
             bind_host=_env("CRM_BIND_HOST", "127.0.0.1"),
             grpc_port=int(_env(f"{prefix}_GRPC_PORT", str(grpc_default))),
             http_port=int(_env(f"{prefix}_HTTP_PORT", str(http_default))),
@@ -71,7 +104,35 @@ class Settings:
             health_port=int(port) if (port := _env("CRM_HEALTH_PORT", "")) else None,
             health_stale_after=stale_after,
             grpc_max_connection_age_ms=int(_env("CRM_GRPC_MAX_CONNECTION_AGE_MS", "300000")),
+            auth_jwks=_env("CRM_AUTH_JWKS", str(identity / "jwks.json")),
+            auth_issuer=_env("CRM_AUTH_ISSUER", "crm-local"),
+            auth_audience=_env("CRM_AUTH_AUDIENCE", "crm-platform"),
+            access_policy=_env("CRM_ACCESS_POLICY", ""),
+            service_key_file=_env("CRM_SERVICE_KEY_FILE", str(identity / "platform.key.pem")),
+            service_key_id=_env("CRM_SERVICE_KEY_ID", "platform-1"),
+            pseudonym_key_file=_env("CRM_PSEUDONYM_KEY_FILE", str(identity / "pseudonym.key")),
+            rate_limit_per_client=float(_env("CRM_RATE_LIMIT_PER_CLIENT", "0")),
+            rate_limit_burst=float(_env("CRM_RATE_LIMIT_BURST", "0")),
+            grpc_tls_cert=_env("CRM_GRPC_TLS_CERT", ""),
+            grpc_tls_key=_env("CRM_GRPC_TLS_KEY", ""),
+            grpc_client_ca=_env("CRM_GRPC_CLIENT_CA", ""),
+            grpc_client_auth=client_auth,
+            grpc_tls_ca=_env("CRM_GRPC_TLS_CA", ""),
+            grpc_client_cert=_env("CRM_GRPC_CLIENT_CERT", ""),
+            grpc_client_key=_env("CRM_GRPC_CLIENT_KEY", ""),
         )
+
+    def pseudonym_key(self) -> bytes:
+        """The key of pseudonyms; refuses to run without one rather than use a default."""
+        try:
+            key = Path(self.pseudonym_key_file).read_bytes().strip()
+        except FileNotFoundError:
+            raise RuntimeError(
+                f"no pseudonym key at {self.pseudonym_key_file} (CRM_PSEUDONYM_KEY_FILE)"
+            ) from None
+        if len(key) < 16:
+            raise RuntimeError(f"the pseudonym key in {self.pseudonym_key_file} is too short")
+        return key
 
     @property
     def service_dir(self) -> Path:
@@ -84,10 +145,20 @@ class Settings:
         return _env(f"CRM_{service.upper()}_GRPC_TARGET", f"127.0.0.1:{port}")
 
 
+def topic_prefix() -> str:
+    """`CRM_TOPIC_PREFIX` (default `crm`)."""
+    return _env("CRM_TOPIC_PREFIX", "crm")
+
+
+def inbound_topic(name: str) -> str:
+    """An inbound topic other systems publish to: `erp.orders` -> `crm.erp.orders`."""
+    return f"{topic_prefix()}.{name}"
+
+
 def topic_of(service: str) -> str:
     """The Kafka topic a service publishes its domain events to.
 
     `CRM_TOPIC_PREFIX` (default `crm`) lets several environments share one
     Kafka cluster: `staging.crm` gives `staging.crm.contacts.events`.
     """
-    return f"{_env('CRM_TOPIC_PREFIX', 'crm')}.{service}.events"
+    return f"{topic_prefix()}.{service}.events"

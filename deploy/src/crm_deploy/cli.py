@@ -4,7 +4,9 @@
     crm-stack down                              stop a detached stack gracefully
     crm-stack status                            each process: running?, pid, RSS
     crm-stack wipe                              delete the data directory (not while running)
-    crm-stack rebuild-360                       rebuild the 360 view from the topics
+    crm-stack rebuild-360                       rebuild the 360 view and audit trail from the topics
+    crm-stack identity [--rotate]               signing keys, a token per role, dev certificates
+    crm-stack registry [--write]                the service registry as the Helm chart reads it
 
 The data directory is CRM_DATA_DIR (default ./var); ports come from
 CRM_KAFKA_PORT, CRM_ZOOKEEPER_PORT, CRM_MONGO_PORT and CRM_<SERVICE>_GRPC_PORT /
@@ -346,6 +348,25 @@ def cmd_registry(write: bool) -> int:
     return 0
 
 
+# -- identity --------------------------------------------------------------------
+
+
+def cmd_identity(rotate: bool) -> int:
+    """Creates (or rotates) the development identity and says how to use it."""
+    stack = Stack(StackConfig.from_env())
+    identity = stack.ensure_identity(rotate=rotate)
+    print(f"key set (CRM_AUTH_JWKS): {identity.jwks}")
+    print(f"a token per role, valid for 12 h: {identity.tokens}/<role>.jwt")
+    print(f"  roles: {', '.join(sorted(p.stem for p in identity.tokens.glob('*.jwt')))}")
+    print(f"development CA and certificates: {identity.root / 'tls'}")
+    print("call an API with one, e.g.:")
+    print(f'  curl -H "Authorization: Bearer $(cat {identity.token_path("sales")})" \\')
+    print("       localhost:8081/persons")
+    if rotate:
+        print("rotated the users' signing key; tokens signed by the previous key stay valid")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="crm-stack",
@@ -367,6 +388,12 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser(
         "rebuild-360", help="drop the 360 view and rebuild it from the topics (stack running)"
     )
+    identity = commands.add_parser(
+        "identity", help="signing keys, a token per role, development certificates"
+    )
+    identity.add_argument(
+        "--rotate", action="store_true", help="replace the users' key (the old one stays valid)"
+    )
     registry = commands.add_parser(
         "registry", help="print the service registry as the Helm chart reads it"
     )
@@ -386,6 +413,8 @@ def main(argv: list[str] | None = None) -> None:
         code = cmd_status()
     elif args.command == "wipe":
         code = cmd_wipe()
+    elif args.command == "identity":
+        code = cmd_identity(args.rotate)
     elif args.command == "registry":
         code = cmd_registry(args.write)
     else:

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crm_common.registry import COMMANDS, SERVICES, event_sources
-from crm_common.settings import DEFAULT_PORTS, topic_of
+from crm_common.registry import COMMANDS, SERVICES, event_sources, inbound_topics
+from crm_common.settings import DEFAULT_PORTS, inbound_topic, topic_of
+from crm_deploy.identity import Identity, ensure_certificates, ensure_identity
 from crm_deploy.process import (
     ManagedProcess,
     Probe,
@@ -106,12 +107,17 @@ class StackConfig:
     mongo_port: int = 27017
     service_ports: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     topics: dict[str, int] = field(
-        default_factory=lambda: {topic_of(s): TOPIC_PARTITIONS for s in TOPIC_SERVICES}
+        default_factory=lambda: {
+            **{topic_of(s): TOPIC_PARTITIONS for s in TOPIC_SERVICES},
+            **{inbound_topic(t): TOPIC_PARTITIONS for t in inbound_topics()},
+        }
     )
     kafka_heap: str = "384m"
     zookeeper_heap: str = "64m"
     mongo_cache_size: str = "256M"
     mongo_sync_on_commit: bool = True
+    #: The development identity (keys, tokens, certificates); default <data_dir>/identity.
+    identity_dir: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> StackConfig:
@@ -131,9 +137,10 @@ class StackConfig:
         )
 
     @classmethod
-    def for_tests(cls, root: Path) -> StackConfig:
+    def for_tests(cls, root: Path, identity_dir: Path | None = None) -> StackConfig:
         """A stack under `root` on free ports, so it never meets a developer's stack."""
         return cls(
+            identity_dir=identity_dir,
             data_dir=Path(root).resolve(),
             kafka_port=free_port(),
             zookeeper_port=free_port(),
@@ -141,9 +148,14 @@ class StackConfig:
             service_ports={s: (free_port(), free_port()) for s in DEFAULT_PORTS},
         )
 
+    @property
+    def identity(self) -> Identity:
+        return Identity(self.identity_dir or self.data_dir / "identity")
+
     def env(self) -> dict[str, str]:
         """The environment variables that describe this stack to `crm-stack` and services."""
         env = {
+            **self.identity.env(),
             "CRM_DATA_DIR": str(self.data_dir),
             "CRM_KAFKA_PORT": str(self.kafka_port),
             "CRM_ZOOKEEPER_PORT": str(self.zookeeper_port),
@@ -184,6 +196,7 @@ class StackConfig:
             "zookeeper_heap": self.zookeeper_heap,
             "mongo_cache_size": self.mongo_cache_size,
             "mongo_sync_on_commit": self.mongo_sync_on_commit,
+            "identity_dir": str(self.identity.root),
         }
 
     @classmethod
@@ -199,6 +212,7 @@ class StackConfig:
             zookeeper_heap=data["zookeeper_heap"],
             mongo_cache_size=data["mongo_cache_size"],
             mongo_sync_on_commit=bool(data["mongo_sync_on_commit"]),
+            identity_dir=Path(data["identity_dir"]) if data.get("identity_dir") else None,
         )
 
 
@@ -236,6 +250,7 @@ class Stack:
             grpc, http = self.config.service_ports[row.service]
             endpoints[f"{row.service} gRPC"] = f"{HOST}:{grpc}"
             endpoints[f"{row.service} REST"] = f"http://{HOST}:{http} (OpenAPI: /docs)"
+        endpoints["tokens"] = f"{self.identity.tokens}/<role>.jwt (deploy/crm identity)"
         endpoints["data dir"] = str(self.config.data_dir)
         endpoints["logs"] = str(self.config.logs_dir)
         return endpoints
@@ -297,9 +312,21 @@ class Stack:
                 + " (another stack running? set CRM_*_PORT to move this one)"
             )
 
+    @property
+    def identity(self) -> Identity:
+        """The stack's development identity: `identity.mint("sales")` is a sales user's token."""
+        return self.config.identity
+
+    def ensure_identity(self, *, rotate: bool = False) -> Identity:
+        """Keys, a token per role and the development certificates (what is missing)."""
+        identity = ensure_identity(self.identity.root, rotate=rotate)
+        ensure_certificates(identity.root / "tls")
+        return identity
+
     def start_infra(self) -> None:
         """ZooKeeper then Kafka, SecantusDB beside them; then the platform's topics."""
         c = self.config
+        self.ensure_identity()
         for d in ("zookeeper", "kafka-logs", "secantus", "logs", "run"):
             (c.data_dir / d).mkdir(parents=True, exist_ok=True)
         self._check_ports(

@@ -20,16 +20,47 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from crm_common.auth.gate import AccessGate
+from crm_deploy.identity import Identity, ensure_identity
+
 Started = list[subprocess.Popen[bytes]]
 
 
-def clean_environment(data_dir: Path, **extra: str) -> dict[str, str]:
+def clean_environment(
+    data_dir: Path, identity: Identity | None = None, **extra: str
+) -> dict[str, str]:
     """This process's environment without any platform setting (CRM_*, OTEL_*,
-    POSTGRES_*), on a SQLite store under `data_dir`, plus `extra`."""
+    POSTGRES_*), on a SQLite store under `data_dir`, trusting `identity`'s keys
+    (default: a development identity under `data_dir`), plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CRM_", "POSTGRES_"))}
     env.update(CRM_DATA_DIR=str(data_dir), CRM_EVENT_STORE="sqlite")
+    env.update((identity or ensure_identity(data_dir / "identity")).env())
     env.update(extra)
     return env
+
+
+# -- identity: real signed tokens, never a switch that turns checking off ------------
+
+
+def bearer(token: str) -> dict[str, str]:
+    """HTTP headers carrying a bearer token."""
+    return {"authorization": f"Bearer {token}"}
+
+
+def grpc_auth(token: str) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata carrying a bearer token."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+def gate_for(service: str, identity: Identity) -> AccessGate:
+    """The gate an API process of `service` would build, trusting `identity`'s keys."""
+    env = identity.env()
+    return AccessGate.configure(
+        service,
+        jwks=env["CRM_AUTH_JWKS"],
+        issuer=env["CRM_AUTH_ISSUER"],
+        audience=env["CRM_AUTH_AUDIENCE"],
+    )
 
 
 def start_process(

@@ -179,6 +179,10 @@ their event store's schema and password, read-model services the MongoDB URL.
       name: {{ include "crm.mongoSecretName" .root }}
       key: {{ .root.Values.mongodb.urlKey }}
 {{- end }}
+- name: CRM_SERVICE_KEY_FILE
+  value: /etc/crm/service-key/key.pem
+- name: CRM_SERVICE_KEY_ID
+  value: {{ printf "service-%s" .service | quote }}
 - name: OTEL_RESOURCE_ATTRIBUTES
   value: "k8s.namespace.name={{ .root.Release.Namespace }},service.instance.id=$(CRM_POD_NAME)"
 {{- with .root.Values.global.extraEnv }}
@@ -187,20 +191,85 @@ their event store's schema and password, read-model services the MongoDB URL.
 {{- end }}
 
 {{/* Volumes of every pod: the root file system is read-only. */}}
+{{/*
+Volumes of a process; call with (dict "root" $ "service" "contacts").
+The key set, the service's own signing key, the pseudonym key and, with
+grpcTls, the certificates: each read-only, each from its ConfigMap or Secret.
+*/}}
 {{- define "crm.volumes" -}}
+{{- $auth := .root.Values.auth }}
+{{- $tls := .root.Values.grpcTls }}
 - name: tmp
   emptyDir:
     sizeLimit: 64Mi
 - name: data
   emptyDir:
     sizeLimit: 256Mi
+{{- if not $auth.jwksUrl }}
+- name: jwks
+  configMap:
+    name: {{ $auth.jwksConfigMap }}
+    items: [{key: jwks.json, path: jwks.json}]
+{{- end }}
+- name: service-key
+  secret:
+    secretName: {{ $auth.serviceKeysSecret }}
+    items: [{key: {{ printf "%s.key.pem" .service }}, path: key.pem}]
+- name: pseudonym
+  secret:
+    secretName: {{ $auth.pseudonymKeySecret }}
+    items: [{key: pseudonym.key, path: pseudonym.key}]
+{{- if $tls.enabled }}
+- name: grpc-tls
+  secret:
+    secretName: {{ $tls.secret }}
+- name: grpc-ca
+  secret:
+    secretName: {{ $tls.caSecret }}
+{{- if ne $tls.clientAuth "none" }}
+- name: grpc-client-ca
+  secret:
+    secretName: {{ $tls.clientCASecret }}
+- name: grpc-client
+  secret:
+    secretName: {{ $tls.clientCertSecret }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{- define "crm.volumeMounts" -}}
+{{- $tls := .root.Values.grpcTls }}
 - name: tmp
   mountPath: /tmp
 - name: data
   mountPath: /var/lib/crm
+{{- if not .root.Values.auth.jwksUrl }}
+- name: jwks
+  mountPath: /etc/crm/jwks
+  readOnly: true
+{{- end }}
+- name: service-key
+  mountPath: /etc/crm/service-key
+  readOnly: true
+- name: pseudonym
+  mountPath: /etc/crm/pseudonym
+  readOnly: true
+{{- if $tls.enabled }}
+- name: grpc-tls
+  mountPath: /etc/crm/grpc-tls
+  readOnly: true
+- name: grpc-ca
+  mountPath: /etc/crm/grpc-ca
+  readOnly: true
+{{- if ne $tls.clientAuth "none" }}
+- name: grpc-client-ca
+  mountPath: /etc/crm/grpc-client-ca
+  readOnly: true
+- name: grpc-client
+  mountPath: /etc/crm/grpc-client
+  readOnly: true
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Annotations that roll the pods when their configuration changes. */}}

@@ -15,7 +15,7 @@ from crm.contacts.v1 import contacts_pb2
 from crm.events.v1 import contacts_pb2 as events_pb2
 from crm_analytics.document import MembershipChanged
 from crm_analytics.from_contacts import apply_event, apply_membership, apply_rename
-from crm_common.relay import cloudevent_headers
+from crm_common.relay import audit_headers, cloudevent_headers
 from crm_common.telemetry import kafka_headers_with_context
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
@@ -258,7 +258,9 @@ def comparable(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-async def publish(bootstrap: str, topic: str, events: list[Any]) -> None:
+async def publish(
+    bootstrap: str, topic: str, events: list[Any], audit: dict[str, str] | None = None
+) -> None:
     """Publishes like the relay: keyed by contact, CloudEvents headers, idempotent."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=5
@@ -270,7 +272,9 @@ async def publish(bootstrap: str, topic: str, events: list[Any]) -> None:
             payload = event.WhichOneof("payload") or "unknown"
             ce_type = "crm.contacts.v1." + "".join(p.title() for p in payload.split("_"))
             headers = cloudevent_headers(
-                ce_id=f"{event.contact_id}:{event.version}",
+                # Unique per event like the relay's `<id>:<version>` (the stories here
+                # do not keep versions apart), the same for a redelivery.
+                ce_id=f"{event.contact_id}@{event.position}",
                 ce_type=ce_type,
                 source="/crm/contacts",
                 subject=event.contact_id,
@@ -278,6 +282,9 @@ async def publish(bootstrap: str, topic: str, events: list[Any]) -> None:
                 proto_message="crm.events.v1.ContactEvent",
                 position=event.position,
             )
+            # The audit headers the relay adds: the event's own actor and client by default.
+            meta = {"actor": event.actor, "client": event.client, "command": payload}
+            headers += audit_headers({**meta, **(audit or {})})
             acks.append(
                 await producer.send(
                     topic,

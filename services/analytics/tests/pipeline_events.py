@@ -19,7 +19,7 @@ from crm_analytics.from_pipeline import (
     apply_pipeline_definition,
     apply_pipeline_event,
 )
-from crm_common.relay import cloudevent_headers
+from crm_common.relay import audit_headers, cloudevent_headers
 from crm_common.telemetry import kafka_headers_with_context
 
 PIPELINE = "pl-sales"
@@ -375,7 +375,9 @@ def expected_pipelines(pipeline_events: list[Any]) -> dict[str, Any]:
     return pipelines
 
 
-async def publish(bootstrap: str, topic: str, events: list[Any]) -> None:
+async def publish(
+    bootstrap: str, topic: str, events: list[Any], audit: dict[str, str] | None = None
+) -> None:
     """Publishes like the pipeline relay: keyed by customer (or aggregate), CloudEvents."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=5
@@ -395,6 +397,9 @@ async def publish(bootstrap: str, topic: str, events: list[Any]) -> None:
                 proto_message="crm.events.v1.PipelineEvent",
                 position=event.position,
             )
+            # The audit headers the relay adds: the event's own actor and client by default.
+            meta = {"actor": event.actor, "client": event.client, "command": payload}
+            headers += audit_headers({**meta, **(audit or {})})
             acks.append(
                 await producer.send(
                     topic,

@@ -46,6 +46,7 @@ from crm.pipeline.v1 import pipeline_pb2
 from crm_analytics.store import PROJECTION
 from crm_common.projection import stored_offsets
 from crm_deploy.process import free_port
+from crm_deploy.testing import bearer, grpc_auth
 
 # The processes here run on a topic prefix of their own, so nothing else the
 # session publishes to crm.contacts.events reaches them (and vice versa).
@@ -85,6 +86,8 @@ def env_for(servers: Any, database: Database[Any], tmp_path: Path, **extra: str)
         CRM_TOPIC_PREFIX=TOPIC_PREFIX,
         CRM_LOG_LEVEL="INFO",
     )
+    # The session's identity: the API trusts its keys, the tests mint its tokens.
+    env.update(servers.identity.env())
     env.update(extra)
     return env
 
@@ -180,6 +183,7 @@ async def test_rebuild_replaces_the_view_and_reports_what_it_did(
     # Something stale that the rebuild must throw away.
     database.customer360.insert_one({"_id": "stale", "kind": "person"})
     database.customer360_pipelines.insert_one({"_id": "stale", "name": "Old"})
+    database.audit.insert_one({"_id": "stale", "customer_id": "stale", "actor": "mallory"})
     first = subprocess.run(
         [sys.executable, "-m", "crm_analytics.main", "rebuild"],
         env=env,
@@ -193,6 +197,12 @@ async def test_rebuild_replaces_the_view_and_reports_what_it_did(
     assert f"{events} events, {len(expected)} documents, 0 dead letters" in first.stdout
     assert documents(database) == expected
     assert any(d.get("deals") for d in expected.values())
+    # The audit trail is rebuilt too: one entry per event (a redelivery is the same event).
+    distinct = {(e.contact_id, e.position) for e in published} | {
+        (e.aggregate_id, e.version) for e in published_deals
+    }
+    assert database.audit.count_documents({}) == len(distinct)
+    assert database.audit.count_documents({"actor": "mallory"}) == 0
     assert {p["_id"]: p for p in database.customer360_pipelines.find()} == (
         deals.expected_pipelines(published_deals)
     )
@@ -231,6 +241,7 @@ async def service(
     yield {
         "stub": customer360_pb2_grpc.Customer360ServiceStub(channel),
         "http": f"http://127.0.0.1:{http_port}",
+        "grpc": f"127.0.0.1:{grpc_port}",
         "server": server,
         "projector": projector,
     }
@@ -241,6 +252,8 @@ async def test_the_service_answers_over_grpc_and_http_and_stops_cleanly(
     analytics_servers, published, published_deals, database, tmp_path, service
 ):
     stub = service["stub"]
+    sales = grpc_auth(analytics_servers.identity.mint("sales"))
+    headers = bearer(analytics_servers.identity.mint("sales"))
     # Wait for the last events of the story's customer, like a writer would.
     last = published[-1]
     wait_for = {"contacts": last.position}
@@ -252,6 +265,7 @@ async def test_the_service_answers_over_grpc_and_http_and_stops_cleanly(
             customer_id=last.contact_id, wait_for=wait_for, wait_timeout_ms=30_000
         ),
         timeout=30,
+        metadata=sales,
     )
     view = reply.customer
     assert view.customer_id == last.contact_id
@@ -276,6 +290,7 @@ async def test_the_service_answers_over_grpc_and_http_and_stops_cleanly(
             customer_id="zoe", wait_for={"contacts": 100_001}, wait_timeout_ms=10_000
         ),
         timeout=15,
+        metadata=sales,
     )
     assert reply.customer.kind == contacts_pb2.CONTACT_KIND_PERSON
     assert reply.customer.timeline[0].summary == "first call"
@@ -283,7 +298,7 @@ async def test_the_service_answers_over_grpc_and_http_and_stops_cleanly(
     assert reply.customer.channels[0].consent.status == contacts_pb2.CONSENT_STATUS_GRANTED
     assert reply.customer.custom_fields["budget"].currency == "EUR"
 
-    async with httpx.AsyncClient(base_url=service["http"]) as http:
+    async with httpx.AsyncClient(base_url=service["http"], headers=headers) as http:
         view = await http.get("/customers/zoe/360", params={"wait_for": "contacts:100001"})
         assert view.status_code == 200
         assert view.json()["display_name"] == "Ada Lovelace"
@@ -312,6 +327,7 @@ async def test_the_service_answers_over_grpc_and_http_and_stops_cleanly(
             customer_id="zoe", wait_for={"pipeline": 100_001}, wait_timeout_ms=10_000
         ),
         timeout=15,
+        metadata=sales,
     )
     [deal] = reply.customer.deals
     assert (deal.opportunity_id, deal.name) == ("zoe-d1", "Engine")
@@ -320,13 +336,15 @@ async def test_the_service_answers_over_grpc_and_http_and_stops_cleanly(
     assert [(m.amount, m.currency) for m in reply.customer.lifetime_won_revenue] == [
         ("4999.90", "EUR")
     ]
-    async with httpx.AsyncClient(base_url=service["http"]) as http:
+    async with httpx.AsyncClient(base_url=service["http"], headers=headers) as http:
         view = (await http.get("/customers/zoe/360", params={"wait_for": "pipeline:100001"})).json()
         assert view["deals"][0]["amount"] == {"amount": "4999.90", "currency": "EUR"}
         assert view["lifetime_won_revenue"] == [{"amount": "4999.90", "currency": "EUR"}]
 
     with pytest.raises(grpc.aio.AioRpcError) as missing:
-        await stub.GetCustomer360(customer360_pb2.GetCustomer360Request(customer_id="nobody"))
+        await stub.GetCustomer360(
+            customer360_pb2.GetCustomer360Request(customer_id="nobody"), metadata=sales
+        )
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
     started = time.monotonic()
@@ -334,7 +352,8 @@ async def test_the_service_answers_over_grpc_and_http_and_stops_cleanly(
         await stub.GetCustomer360(
             customer360_pb2.GetCustomer360Request(
                 customer_id="zoe", wait_for={"contacts": 999_999}, wait_timeout_ms=200
-            )
+            ),
+            metadata=sales,
         )
     assert slow_rpc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 2
@@ -343,7 +362,8 @@ async def test_the_service_answers_over_grpc_and_http_and_stops_cleanly(
         await stub.GetCustomer360(
             customer360_pb2.GetCustomer360Request(
                 customer_id="zoe", wait_for={"contacts": 1}, wait_timeout_ms=60_000
-            )
+            ),
+            metadata=sales,
         )
     assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = dict(invalid.value.trailing_metadata() or ())["grpc-status-details-bin"]

@@ -31,7 +31,8 @@ from crm_analytics.rest_api import create_app, to_json
 from crm_analytics.store import Customer360Store
 from crm_common.errors import NotFound, ValidationFailed, WaitTimedOut
 from crm_common.projection import ProjectionConsumer
-from crm_common.server import install_error_handlers
+from crm_deploy.identity import Identity
+from crm_deploy.testing import bearer, gate_for
 
 
 @pytest.fixture
@@ -135,11 +136,13 @@ async def test_invalid_reads_are_refused_naming_the_field(running, wait_for, tim
 
 
 @pytest.fixture
-async def http(running) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(running.queries)
-    install_error_handlers(app)
+async def http(running, identity: Identity) -> AsyncIterator[httpx.AsyncClient]:
+    """The REST app behind the real gate, called by a sales user (who sees every field)."""
+    app = create_app(running.queries, gate_for("analytics", identity))
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://analytics") as client:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://analytics", headers=bearer(identity.mint("sales"))
+    ) as client:
         yield client
 
 
@@ -416,3 +419,35 @@ def test_a_document_written_before_unset_became_null_reads_as_unset():
     assert message.channels[0].consent.status == contacts_pb2.CONSENT_STATUS_UNSPECIFIED
     assert message.timeline[0].direction == contacts_pb2.DIRECTION_UNSPECIFIED
     assert message.deals[0].kind == pipeline_pb2.OPPORTUNITY_KIND_UNSPECIFIED
+
+
+# -- the audit trail ----------------------------------------------------------------------
+
+
+async def test_the_audit_trail_has_one_entry_per_event_redeliveries_included_once(running):
+    registered = person_registered("aud", 1)
+    await running.write(registered)
+    await running.write(interaction("aud", 2, "i-1", "call"))
+    await running.sell(deals.lead_created(1, "lead-1"))  # no customer yet: keyed by the lead
+    await running.sell(deals.opened("aud", 2, "d-1", "10.00"))
+    await running.write(registered)  # the relay publishing a suffix again
+    await running.queries.get_customer360("aud", {"contacts": 2, "pipeline": 2}, 5000)
+
+    async def trail(**question: str) -> list[tuple[str, str, int]]:
+        for _ in range(100):  # the lead's entry commits with its own batch
+            page = await running.queries.get_audit_trail(**question)
+            if page.entries:
+                break
+            await asyncio.sleep(0.05)
+        return [(e["source"], e["event_type"], e["position"]) for e in page.entries]
+
+    assert await trail(customer_id="aud") == [
+        ("pipeline", "crm.pipeline.v1.OpportunityOpened", 2),
+        ("contacts", "crm.contacts.v1.InteractionLogged", 2),
+        ("contacts", "crm.contacts.v1.PersonRegistered", 1),
+    ]
+    assert await trail(customer_id="lead-1") == [("pipeline", "crm.pipeline.v1.LeadCreated", 1)]
+    by_actor = await running.queries.get_audit_trail(actor="ada", page_size=1)
+    [entry] = by_actor.entries
+    assert (entry["actor"], entry["client"]) == ("ada", "test")
+    assert by_actor.next_page_token is not None

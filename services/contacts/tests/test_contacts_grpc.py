@@ -1,4 +1,5 @@
-"""The gRPC API on a real in-process server, with the platform's error mapping."""
+"""The gRPC API on a real in-process server behind the access interceptor `serve()`
+installs, called with a sales user's real signed token (who may see every field)."""
 
 from __future__ import annotations
 
@@ -15,23 +16,42 @@ from google.rpc import error_details_pb2, status_pb2
 
 from crm.contacts.v1 import contacts_pb2 as c
 from crm.contacts.v1 import contacts_pb2_grpc
-from crm_common.server import _ErrorInterceptor
+from crm_common.server import AccessInterceptor
 from crm_contacts.application import ContactsService
 from crm_contacts.grpc_api import grpc_service
+from crm_deploy.identity import Identity
+from crm_deploy.testing import gate_for, grpc_auth
 
-ACTOR = (("x-crm-actor", "e2e-agent"), ("x-crm-client", "grpc-tests"))
+
+class WithToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Sends `token` with every call that names no other."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        metadata = list(client_call_details.metadata or ())
+        if not any(key == "authorization" for key, _ in metadata):
+            metadata.extend(grpc_auth(self.token))
+        return await continuation(client_call_details._replace(metadata=metadata), request)
 
 
 @pytest.fixture
-async def stub(sqlite_service: ContactsService) -> AsyncIterator[Any]:
-    """A client of the servicer behind the same error interceptor `serve()` installs."""
-    server = grpc.aio.server(interceptors=[_ErrorInterceptor()])
-    service = grpc_service(sqlite_service)
+async def stub(sqlite_service: ContactsService, identity: Identity) -> AsyncIterator[Any]:
+    """A client of the servicer behind the same interceptor `serve()` installs."""
+    gate = gate_for("contacts", identity)
+    server = grpc.aio.server(interceptors=[AccessInterceptor(gate)])
+    service = grpc_service(sqlite_service, gate, identity.pseudonym_key.read_bytes())
     service.add_to_server(service.servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    grace = identity.mint("sales", subject="grace", client="grpc-tests")
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", interceptors=[WithToken(grace)]
+        ) as channel:
             yield contacts_pb2_grpc.ContactsServiceStub(channel)
     finally:
         await server.stop(grace=None)
@@ -72,7 +92,7 @@ def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
 
 
 async def test_a_person_is_created_read_and_found(stub: Any) -> None:
-    created = await stub.CreatePerson(new_person(), metadata=ACTOR)
+    created = await stub.CreatePerson(new_person())
     assert (created.result.version, created.result.replayed) == (1, False)
     assert created.result.position > 0
     contact = created.contact
@@ -103,10 +123,12 @@ async def test_a_person_is_created_read_and_found(stub: Any) -> None:
     assert listed.total_size == 1
 
 
-async def test_the_actor_and_client_come_from_the_call_metadata(
-    stub: Any, sqlite_service: ContactsService
+async def test_the_actor_and_client_come_from_the_verified_token_not_a_header(
+    stub: Any, sqlite_service: ContactsService, identity: Identity
 ) -> None:
-    await stub.CreatePerson(new_person(), metadata=ACTOR)
+    token = identity.mint("sales", subject="e2e-agent", client="grpc-tests")
+    forged = (("x-crm-actor", "mallory"), ("x-crm-client", "forged-client"))
+    await stub.CreatePerson(new_person(), metadata=(*grpc_auth(token), *forged))
     recorder: Any = sqlite_service.app.recorder
     [stored] = recorder.select_notifications(1, 10)
     event = sqlite_service.app.mapper.to_domain_event(stored)
@@ -186,8 +208,9 @@ async def test_a_retried_request_id_answers_the_first_outcome(
 
     with pytest.raises(grpc.aio.AioRpcError) as reused:
         await stub.CreateCompany(c.CreateCompanyRequest(request_id="req-42", name="Acme"))
-    assert reused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert bad_request_fields(reused.value) == ["request_id"]
+    assert reused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "req-42" in (reused.value.details() or "")
+    assert first.result.id not in (reused.value.details() or "")
 
 
 async def test_bad_input_is_invalid_argument_naming_each_field(

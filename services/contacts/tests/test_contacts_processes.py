@@ -16,8 +16,16 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from crm.contacts.v1 import contacts_pb2 as c
 from crm.contacts.v1 import contacts_pb2_grpc
 from crm_common.clients import service_channel
+from crm_deploy.identity import Identity
 from crm_deploy.process import free_port
-from crm_deploy.testing import clean_environment, start_process, stop_gracefully, wait_serving
+from crm_deploy.testing import (
+    bearer,
+    clean_environment,
+    grpc_auth,
+    start_process,
+    stop_gracefully,
+    wait_serving,
+)
 
 SERVICE = "contacts"
 
@@ -29,11 +37,13 @@ def start(
 
 
 async def test_serve_answers_grpc_and_rest_and_keeps_its_data_across_restarts(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], identity: Identity
 ) -> None:
     grpc_port, http_port = free_port(), free_port()
+    token = identity.mint("sales", subject="grace")
     env = clean_environment(
         tmp_path,
+        identity,
         CRM_CONTACTS_GRPC_PORT=str(grpc_port),
         CRM_CONTACTS_HTTP_PORT=str(http_port),
     )
@@ -45,8 +55,10 @@ async def test_serve_answers_grpc_and_rest_and_keeps_its_data_across_restarts(
     async with grpc.aio.insecure_channel(target) as channel:
         stub = contacts_pb2_grpc.ContactsServiceStub(channel)
         created = await stub.CreatePerson(
-            c.CreatePersonRequest(given_name="Ada", family_name="Lovelace", request_id="r-1")
+            c.CreatePersonRequest(given_name="Ada", family_name="Lovelace", request_id="r-1"),
+            metadata=grpc_auth(token),
         )
+        # Health and reflection need no token.
         health = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="crm.contacts.v1.ContactsService")
         )
@@ -56,7 +68,7 @@ async def test_serve_answers_grpc_and_rest_and_keeps_its_data_across_restarts(
         )
         services = {s.name async for r in listed for s in r.list_services_response.service}
         assert "crm.contacts.v1.ContactsService" in services
-    async with httpx.AsyncClient(base_url=base) as http:
+    async with httpx.AsyncClient(base_url=base, headers=bearer(token)) as http:
         rest = await http.post(
             "/persons", json={"given_name": "Grace", "family_name": "Hopper"}, timeout=10
         )
@@ -72,20 +84,22 @@ async def test_serve_answers_grpc_and_rest_and_keeps_its_data_across_restarts(
     async with grpc.aio.insecure_channel(target) as channel:
         stub = contacts_pb2_grpc.ContactsServiceStub(channel)
         again = await stub.CreatePerson(
-            c.CreatePersonRequest(given_name="Ada", family_name="Lovelace", request_id="r-1")
+            c.CreatePersonRequest(given_name="Ada", family_name="Lovelace", request_id="r-1"),
+            metadata=grpc_auth(token),
         )
         assert (again.result.id, again.result.replayed) == (created.result.id, True)
-        found = await stub.ListContacts(c.ListContactsRequest())
+        found = await stub.ListContacts(c.ListContactsRequest(), metadata=grpc_auth(token))
         assert sorted(x.name for x in found.contacts) == ["Ada Lovelace", "Grace Hopper"]
     await stop_gracefully(second, log)
 
 
 async def test_relay_runs_until_stopped_while_kafka_is_unreachable(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], identity: Identity
 ) -> None:
     health_port = free_port()
     env = clean_environment(
         tmp_path,
+        identity,
         CRM_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}",
         CRM_HEALTH_PORT=str(health_port),
     )
@@ -121,7 +135,7 @@ async def test_relay_runs_until_stopped_while_kafka_is_unreachable(
 
 
 async def test_connections_are_recycled_without_failing_a_call(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], identity: Identity
 ) -> None:
     """The API closes each gRPC connection after CRM_GRPC_MAX_CONNECTION_AGE_MS
     (here 300 ms instead of 5 minutes), so clients reconnect and find new
@@ -129,6 +143,7 @@ async def test_connections_are_recycled_without_failing_a_call(
     grpc_port, http_port = free_port(), free_port()
     env = clean_environment(
         tmp_path,
+        identity,
         CRM_CONTACTS_GRPC_PORT=str(grpc_port),
         CRM_CONTACTS_HTTP_PORT=str(http_port),
         CRM_GRPC_MAX_CONNECTION_AGE_MS="300",
@@ -139,15 +154,18 @@ async def test_connections_are_recycled_without_failing_a_call(
     await wait_serving(target, f"http://127.0.0.1:{http_port}", server, log)
     client_ports: set[int] = set()
     calls = 0
+    auth = grpc_auth(identity.mint("sales"))
     async with service_channel(target) as channel:
         stub = contacts_pb2_grpc.ContactsServiceStub(channel)
-        created = await stub.CreatePerson(c.CreatePersonRequest(given_name="Ada"))
+        created = await stub.CreatePerson(c.CreatePersonRequest(given_name="Ada"), metadata=auth)
         deadline = time.monotonic() + 4
 
         async def caller() -> None:
             nonlocal calls
             while time.monotonic() < deadline:
-                got = await stub.GetContact(c.GetContactRequest(id=created.result.id))
+                got = await stub.GetContact(
+                    c.GetContactRequest(id=created.result.id), metadata=auth
+                )
                 assert got.contact.id == created.result.id
                 calls += 1
 

@@ -1,4 +1,5 @@
-"""The REST API in process (ASGI), with the platform's error handlers."""
+"""The REST API in process (ASGI), behind the access gate, called with a sales
+user's real signed token (who may see every field)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import httpx
 import pytest
 from contacts_support import log_length
 
-from crm_common.server import install_error_handlers
 from crm_contacts.application import ContactsService
 from crm_contacts.rest_api import create_app
+from crm_deploy.identity import Identity
+from crm_deploy.testing import bearer, gate_for
 
 ADA = {
     "given_name": "Ada",
@@ -35,11 +37,19 @@ ADA = {
 
 
 @pytest.fixture
-async def http(sqlite_service: ContactsService) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(sqlite_service)
-    install_error_handlers(app)
+async def http(
+    sqlite_service: ContactsService, identity: Identity
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(
+        sqlite_service,
+        gate_for("contacts", identity),
+        pseudonym_key=identity.pseudonym_key.read_bytes(),
+    )
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://contacts") as client:
+    grace = bearer(identity.mint("sales", subject="grace", client="rest-tests"))
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://contacts", headers=grace
+    ) as client:
         yield client
 
 
@@ -211,7 +221,7 @@ async def test_unknown_contacts_are_404(http: httpx.AsyncClient) -> None:
 
 
 async def test_companies_relations_consent_and_interactions(http: httpx.AsyncClient) -> None:
-    ada = await create_ada(http, **{"x-crm-actor": "grace"})
+    ada = await create_ada(http)
     person_id = ada["id"]
     company = await http.post(
         "/companies",
@@ -361,3 +371,28 @@ async def test_the_openapi_document_describes_the_api(http: httpx.AsyncClient) -
         "page_size",
         "page_token",
     }
+    # Each route carries its gRPC method's name: one line of access.yaml governs both.
+    operations = {
+        operation["operationId"]
+        for item in document["paths"].values()
+        for operation in item.values()
+    }
+    assert operations == {
+        "CreatePerson",
+        "UpdatePerson",
+        "CreateCompany",
+        "UpdateCompany",
+        "LinkPersonToCompany",
+        "UnlinkPersonFromCompany",
+        "RecordConsent",
+        "LogInteraction",
+        "GetContact",
+        "ListContacts",
+    }
+    for item in document["paths"].values():
+        for operation in item.values():
+            assert operation["security"] == [{"bearer": []}]
+            assert {"401", "403"} <= set(operation["responses"])
+    # Fields some roles do not see may be left out of a contact.
+    contact = next(v for k, v in schemas.items() if k.startswith("Contact") and "kind" in str(v))
+    assert not {"custom_fields", "interactions"} & set(contact["required"])

@@ -10,8 +10,10 @@ import subprocess
 from pathlib import Path
 
 import psutil
+from pipeline_support import service_credentials_of
 
 from crm_common.errors import Unavailable
+from crm_deploy.identity import Identity
 from crm_deploy.process import free_port
 from crm_deploy.testing import clean_environment, start_process, wait_serving
 from crm_pipeline.application import PersonToRegister
@@ -24,13 +26,16 @@ def cpu_seconds(process: subprocess.Popen[bytes]) -> float:
 
 
 async def test_calls_spread_over_the_replicas_and_survive_losing_one(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], identity: Identity
 ) -> None:
     replicas = []
     for n in range(2):
         grpc_port, http_port = free_port(), free_port()
+        # The replicas trust the session's identity, whose platform key signs the
+        # pipeline's own credentials.
         env = clean_environment(
             tmp_path,
+            identity,
             CRM_CONTACTS_GRPC_PORT=str(grpc_port),
             CRM_CONTACTS_HTTP_PORT=str(http_port),
         )
@@ -41,7 +46,7 @@ async def test_calls_spread_over_the_replicas_and_survive_losing_one(
         await wait_serving(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", process, log)
 
     target = "ipv4:" + ",".join(f"127.0.0.1:{grpc_port}" for _, grpc_port, _, _ in replicas)
-    contacts = GrpcContacts(target, timeout=10)
+    contacts = GrpcContacts(target, service_credentials_of(identity), timeout=10)
     try:
         people = [
             await contacts.register_person(

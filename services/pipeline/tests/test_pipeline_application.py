@@ -19,8 +19,16 @@ import pytest
 from pipeline_support import POSTGRES, STAGES, Clock, InProcessContacts, postgres_reachable
 from psycopg.sql import SQL, Identifier
 
+from crm_common.auth.principal import Principal, current_principal
 from crm_common.commands import Caller
-from crm_common.errors import NotFound, RuleViolated, ValidationFailed, VersionConflict
+from crm_common.errors import (
+    IdempotencyKeyReused,
+    NotFound,
+    PermissionDenied,
+    RuleViolated,
+    ValidationFailed,
+    VersionConflict,
+)
 from crm_common.settings import Settings
 from crm_contacts.application import ContactsService
 from crm_contacts.application import create_application as create_contacts
@@ -37,6 +45,7 @@ from crm_pipeline.inputs import (
     StageInput,
     WinRateQuery,
 )
+from crm_pipeline.views import Written
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -294,6 +303,64 @@ async def test_an_unqualified_lead_is_not_converted_and_contacts_is_not_asked(
     assert port.calls == 0
     with pytest.raises(VersionConflict):
         await service.qualify_lead(ctx("QualifyLead", expected=2), lead.outcome.id, 50)
+
+
+async def test_a_conversion_its_user_may_not_have_contacts_make_is_refused_before_any_call(
+    service: PipelineService, contacts: ContactsService, port: InProcessContacts
+) -> None:
+    pipeline_id = await define(service)
+    lead_id = await qualified_lead(service)
+    # The user may convert, but not relate people to companies in contacts: nothing
+    # is registered there (no person left without its company) and nothing here.
+    port.refused = {"LinkPersonToCompany"}
+    before = log_size(service)
+    with pytest.raises(PermissionDenied, match="LinkPersonToCompany"):
+        await service.convert_lead(
+            ctx("ConvertLead"),
+            LeadConversion(lead_id, pipeline_id, "1", "EUR", "2026-04-30", create_company=True),
+        )
+    assert (port.calls, log_size(service)) == (0, before)
+    assert (await contacts.list_contacts(ContactQuery())).total_size == 0
+    assert (await service.get_lead(lead_id)).status == "qualified"
+
+
+def as_user(subject: str, request_id: str) -> Caller:
+    principal = Principal(subject, frozenset({"sales"}), "web")
+    return Caller(actor=subject, client="web", request_id=request_id, principal=principal)
+
+
+async def test_a_request_id_is_its_callers_own_and_bound_to_its_request(
+    service: PipelineService, port: InProcessContacts
+) -> None:
+    pipeline_id = await define(service)
+    first = await qualified_lead(service, email="ada@example.org")
+    second = await qualified_lead(service, email="grace@example.org")
+
+    async def convert(user: str, key: str, lead_id: str) -> Written:
+        caller = as_user(user, key)
+        # The user of the request, as the shared server code sets it.
+        token = current_principal.set(caller.principal)
+        try:
+            return await service.convert_lead(
+                caller, LeadConversion(lead_id, pipeline_id, "100", "EUR", "2026-04-30")
+            )
+        finally:
+            current_principal.reset(token)
+
+    mine = await convert("ann", "key-1", first)
+    theirs = await convert("bob", "key-1", second)
+    assert (mine.outcome.id, theirs.outcome.id) == (first, second)
+    assert not mine.outcome.replayed and not theirs.outcome.replayed
+    calls, before = port.calls, log_size(service)
+    with pytest.raises(IdempotencyKeyReused) as reused:
+        await convert("ann", "key-1", second)
+    assert first not in reused.value.message
+    with pytest.raises(IdempotencyKeyReused):
+        await service.qualify_lead(as_user("ann", "key-1"), second, 10)
+    assert (port.calls, log_size(service)) == (calls, before)
+    again = await convert("ann", "key-1", first)
+    assert (again.outcome.id, again.outcome.replayed) == (first, True)
+    assert again.outcome.extra == mine.outcome.extra
 
 
 # -- deals ------------------------------------------------------------------------------------

@@ -17,33 +17,36 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
-from pipeline_support import Clock, sqlite_settings
+from pipeline_support import Clock, WithToken, service_credentials_of, sqlite_settings
 
 from crm.contacts.v1 import contacts_pb2 as c
 from crm.contacts.v1 import contacts_pb2_grpc
 from crm.pipeline.v1 import pipeline_pb2 as pb
 from crm.pipeline.v1 import pipeline_pb2_grpc
-from crm_common.server import _ErrorInterceptor
+from crm_common.auth.gate import AccessGate
+from crm_common.server import AccessInterceptor
 from crm_contacts.application import ContactsService
 from crm_contacts.application import create_application as create_contacts
 from crm_contacts.grpc_api import grpc_service as contacts_grpc_service
+from crm_deploy.identity import Identity
+from crm_deploy.testing import gate_for
 from crm_pipeline.application import PipelineService, create_application
 from crm_pipeline.contacts_client import GrpcContacts
 from crm_pipeline.grpc_api import grpc_service
 
-META = (("x-crm-actor", "ann"), ("x-crm-client", "grpc-tests"))
-
 
 @dataclass
 class Servers:
+    #: The pipeline API as a sales user (`ann`) calls it; `admin` as an administrator.
     pipeline: Any
+    admin: Any
     contacts: Any
     clock: Clock
     service: PipelineService
 
 
-async def _start(service: Any) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(interceptors=[_ErrorInterceptor()])
+async def _start(service: Any, gate: AccessGate) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(interceptors=[AccessInterceptor(gate)])
     service.add_to_server(service.servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -51,21 +54,33 @@ async def _start(service: Any) -> tuple[grpc.aio.Server, int]:
 
 
 @pytest.fixture
-async def servers(tmp_path: Path) -> AsyncIterator[Servers]:
+async def servers(tmp_path: Path, identity: Identity) -> AsyncIterator[Servers]:
     contacts = ContactsService(create_contacts(sqlite_settings(tmp_path, "contacts")))
-    contacts_server, contacts_port = await _start(contacts_grpc_service(contacts))
-    client = GrpcContacts(f"127.0.0.1:{contacts_port}")
+    contacts_gate = gate_for("contacts", identity)
+    contacts_server, contacts_port = await _start(
+        contacts_grpc_service(contacts, contacts_gate, identity.pseudonym_key.read_bytes().strip()),
+        contacts_gate,
+    )
+    gate = gate_for("pipeline", identity)
+    client = GrpcContacts(
+        f"127.0.0.1:{contacts_port}", service_credentials_of(identity), policy=gate.policy
+    )
     clock = Clock()
     service = PipelineService(create_application(sqlite_settings(tmp_path)), client, clock=clock)
-    server, port = await _start(grpc_service(service))
+    server, port = await _start(grpc_service(service), gate)
     try:
         async with (
             grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
             grpc.aio.insecure_channel(f"127.0.0.1:{contacts_port}") as contacts_channel,
         ):
+            pipeline = pipeline_pb2_grpc.PipelineServiceStub(channel)
             yield Servers(
-                pipeline_pb2_grpc.PipelineServiceStub(channel),
-                contacts_pb2_grpc.ContactsServiceStub(contacts_channel),
+                WithToken(pipeline, identity.mint("sales", subject="ann", client="grpc-tests")),
+                WithToken(pipeline, identity.mint("admin", subject="root", client="grpc-tests")),
+                WithToken(
+                    contacts_pb2_grpc.ContactsServiceStub(contacts_channel),
+                    identity.mint("sales", subject="ann", client="grpc-tests"),
+                ),
                 clock,
                 service,
             )
@@ -110,7 +125,6 @@ async def define(stub: Any) -> str:
                 stage("lost", "0", pb.FORECAST_CATEGORY_CLOSED_LOST),
             ],
         ),
-        metadata=META,
     )
     return str(reply.pipeline.id)
 
@@ -119,7 +133,7 @@ async def test_a_lead_becomes_a_deal_of_a_new_person_and_company_in_contacts(
     servers: Servers,
 ) -> None:
     stub = servers.pipeline
-    pipeline_id = await define(stub)
+    pipeline_id = await define(servers.admin)
     lead = await stub.CreateLead(
         pb.CreateLeadRequest(
             given_name="Ada",
@@ -130,12 +144,11 @@ async def test_a_lead_becomes_a_deal_of_a_new_person_and_company_in_contacts(
             campaign="partners",
             owner="bob",
         ),
-        metadata=META,
     )
     assert (lead.lead.status, lead.lead.source) == (pb.LEAD_STATUS_NEW, pb.LEAD_SOURCE_REFERRAL)
     assert not lead.lead.HasField("score")
     qualified = await stub.QualifyLead(
-        pb.QualifyLeadRequest(lead_id=lead.lead.id, score=75, expected_version=1), metadata=META
+        pb.QualifyLeadRequest(lead_id=lead.lead.id, score=75, expected_version=1)
     )
     assert qualified.lead.score == 75
     converted = await stub.ConvertLead(
@@ -147,7 +160,6 @@ async def test_a_lead_becomes_a_deal_of_a_new_person_and_company_in_contacts(
             expected_close_date="2026-05-31",
             create_company=True,
         ),
-        metadata=META,
     )
     deal = converted.opportunity
     assert converted.lead.status == pb.LEAD_STATUS_CONVERTED
@@ -175,7 +187,6 @@ async def test_a_lead_becomes_a_deal_of_a_new_person_and_company_in_contacts(
             expected_close_date="2026-05-31",
             create_company=True,
         ),
-        metadata=META,
     )
     assert again.result.replayed and again.opportunity.id == deal.id
     found = await servers.contacts.ListContacts(c.ListContactsRequest(email="ada@example.org"))
@@ -184,12 +195,11 @@ async def test_a_lead_becomes_a_deal_of_a_new_person_and_company_in_contacts(
 
 async def test_an_unknown_person_of_contacts_is_not_found(servers: Servers) -> None:
     stub = servers.pipeline
-    pipeline_id = await define(stub)
+    pipeline_id = await define(servers.admin)
     lead = await stub.CreateLead(
         pb.CreateLeadRequest(family_name="X", phone="+4420", source=pb.LEAD_SOURCE_WEB, owner="a"),
-        metadata=META,
     )
-    await stub.QualifyLead(pb.QualifyLeadRequest(lead_id=lead.lead.id, score=1), metadata=META)
+    await stub.QualifyLead(pb.QualifyLeadRequest(lead_id=lead.lead.id, score=1))
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await stub.ConvertLead(
             pb.ConvertLeadRequest(
@@ -199,7 +209,6 @@ async def test_an_unknown_person_of_contacts_is_not_found(servers: Servers) -> N
                 expected_close_date="2026-05-31",
                 person_id=str(uuid.uuid4()),
             ),
-            metadata=META,
         )
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
     assert (await stub.GetLead(pb.GetLeadRequest(id=lead.lead.id))).lead.status == (
@@ -209,7 +218,7 @@ async def test_an_unknown_person_of_contacts_is_not_found(servers: Servers) -> N
 
 async def test_refusals_map_to_status_codes_with_details(servers: Servers) -> None:
     stub = servers.pipeline
-    pipeline_id = await define(stub)
+    pipeline_id = await define(servers.admin)
     with pytest.raises(grpc.aio.AioRpcError) as bad:
         await stub.OpenOpportunity(
             pb.OpenOpportunityRequest(
@@ -220,7 +229,6 @@ async def test_refusals_map_to_status_codes_with_details(servers: Servers) -> No
                 amount=pb.Money(amount="-3", currency="EUR"),
                 expected_close_date="2026-03-01",
             ),
-            metadata=META,
         )
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert set(bad_fields(bad.value)) == {"name", "amount"}
@@ -234,7 +242,6 @@ async def test_refusals_map_to_status_codes_with_details(servers: Servers) -> No
                 amount=pb.Money(amount="3", currency="XXX"),
                 expected_close_date="2026-03-01",
             ),
-            metadata=META,
         )
     assert bad_fields(no_currency.value) == ["currency"]
 
@@ -247,36 +254,33 @@ async def test_refusals_map_to_status_codes_with_details(servers: Servers) -> No
             amount=pb.Money(amount="3000", currency="EUR"),
             expected_close_date="2026-03-01",
         ),
-        metadata=META,
     )
     deal_id = opened.opportunity.id
     won = await stub.WinOpportunity(
-        pb.WinOpportunityRequest(opportunity_id=deal_id, request_id="w-1"), metadata=META
+        pb.WinOpportunityRequest(opportunity_id=deal_id, request_id="w-1")
     )
     assert won.opportunity.status == pb.OPPORTUNITY_STATUS_WON
     with pytest.raises(grpc.aio.AioRpcError) as closed:
-        await stub.LoseOpportunity(
-            pb.LoseOpportunityRequest(opportunity_id=deal_id, reason="late"), metadata=META
-        )
+        await stub.LoseOpportunity(pb.LoseOpportunityRequest(opportunity_id=deal_id, reason="late"))
     assert closed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "already closed" in (closed.value.details() or "")
     with pytest.raises(grpc.aio.AioRpcError) as stale:
         await stub.ReopenOpportunity(
-            pb.ReopenOpportunityRequest(opportunity_id=deal_id, expected_version=1), metadata=META
+            pb.ReopenOpportunityRequest(opportunity_id=deal_id, expected_version=1)
         )
     assert stale.value.code() == grpc.StatusCode.ABORTED
     with pytest.raises(grpc.aio.AioRpcError) as unknown:
         await stub.GetOpportunity(pb.GetOpportunityRequest(id=str(uuid.uuid4())))
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
     replay = await stub.WinOpportunity(
-        pb.WinOpportunityRequest(opportunity_id=deal_id, request_id="w-1"), metadata=META
+        pb.WinOpportunityRequest(opportunity_id=deal_id, request_id="w-1")
     )
     assert (replay.result.replayed, replay.result.version) == (True, won.result.version)
 
 
 async def test_forecast_funnel_win_rate_and_follow_ups_over_grpc(servers: Servers) -> None:
     stub, clock = servers.pipeline, servers.clock
-    pipeline_id = await define(stub)
+    pipeline_id = await define(servers.admin)
     deals = []
     for amount in ("1000.10", "2000"):
         reply = await stub.OpenOpportunity(
@@ -288,14 +292,13 @@ async def test_forecast_funnel_win_rate_and_follow_ups_over_grpc(servers: Server
                 amount=pb.Money(amount=amount, currency="EUR"),
                 expected_close_date="2026-03-01",
             ),
-            metadata=META,
         )
         deals.append(reply.opportunity.id)
     clock.advance(days=3)
     await stub.MoveOpportunity(
-        pb.MoveOpportunityRequest(opportunity_id=deals[0], stage_id="propose"), metadata=META
+        pb.MoveOpportunityRequest(opportunity_id=deals[0], stage_id="propose")
     )
-    await stub.WinOpportunity(pb.WinOpportunityRequest(opportunity_id=deals[1]), metadata=META)
+    await stub.WinOpportunity(pb.WinOpportunityRequest(opportunity_id=deals[1]))
     forecast = await stub.GetForecast(pb.GetForecastRequest(period=pb.FORECAST_PERIOD_QUARTER))
     assert [
         (r.period, r.category, r.amount.amount, r.weighted_amount.amount) for r in forecast.rows
@@ -328,7 +331,6 @@ async def test_forecast_funnel_win_rate_and_follow_ups_over_grpc(servers: Server
             owner="ann",
             due_at=Timestamp(seconds=int(due.timestamp())),
         ),
-        metadata=META,
     )
     assert task.activity.customer_id == "c-1"
     clock.advance(days=1)
@@ -345,6 +347,5 @@ async def test_forecast_funnel_win_rate_and_follow_ups_over_grpc(servers: Server
                 title="Call",
                 owner="ann",
             ),
-            metadata=META,
         )
     assert bad_fields(no_due.value) == ["due_at"]

@@ -19,9 +19,16 @@ from crm.events.v1 import pipeline_pb2 as events_pb
 from crm.pipeline.v1 import pipeline_pb2 as pb
 from crm.pipeline.v1 import pipeline_pb2_grpc
 from crm_common.commands import Caller
+from crm_deploy.identity import Identity
 from crm_deploy.process import free_port
 from crm_deploy.stack import TOPIC_PARTITIONS, Stack
-from crm_deploy.testing import clean_environment, start_process, stop_gracefully, wait_serving
+from crm_deploy.testing import (
+    clean_environment,
+    grpc_auth,
+    start_process,
+    stop_gracefully,
+    wait_serving,
+)
 from crm_pipeline.application import PipelineService, create_application
 from crm_pipeline.inputs import NewOpportunity
 
@@ -50,11 +57,14 @@ def open_request(pipeline_id: str) -> pb.OpenOpportunityRequest:
 
 
 async def test_serve_answers_grpc_and_rest_and_keeps_its_deals_across_restarts(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], identity: Identity
 ) -> None:
+    sales = grpc_auth(identity.mint("sales", subject="ann", client="console"))
+    admin = grpc_auth(identity.mint("admin", subject="root", client="console"))
     grpc_port, http_port = free_port(), free_port()
     env = clean_environment(
         tmp_path,
+        identity,
         CRM_PIPELINE_GRPC_PORT=str(grpc_port),
         CRM_PIPELINE_HTTP_PORT=str(http_port),
         # Conversion is not used here; nothing listens there.
@@ -90,10 +100,11 @@ async def test_serve_answers_grpc_and_rest_and_keeps_its_deals_across_restarts(
                     )
                     for s in STAGES
                 ],
-            )
+            ),
+            metadata=admin,
         )
-        opened = await stub.OpenOpportunity(open_request(pipeline.pipeline.id))
-    async with httpx.AsyncClient(base_url=base) as http:
+        opened = await stub.OpenOpportunity(open_request(pipeline.pipeline.id), metadata=sales)
+    async with httpx.AsyncClient(base_url=base, headers=dict(sales)) as http:
         bad = await http.post(
             f"/opportunities/{opened.opportunity.id}/stage", json={"stage_id": "x"}
         )
@@ -104,9 +115,9 @@ async def test_serve_answers_grpc_and_rest_and_keeps_its_deals_across_restarts(
     await wait_serving(target, base, second, log)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pipeline_pb2_grpc.PipelineServiceStub(channel)
-        again = await stub.OpenOpportunity(open_request(pipeline.pipeline.id))
+        again = await stub.OpenOpportunity(open_request(pipeline.pipeline.id), metadata=sales)
         assert (again.result.id, again.result.replayed) == (opened.result.id, True)
-        forecast = await stub.GetForecast(pb.GetForecastRequest())
+        forecast = await stub.GetForecast(pb.GetForecastRequest(), metadata=sales)
         assert [(r.period, r.amount.amount, r.weighted_amount.amount) for r in forecast.rows] == [
             ("2099-01", "900.00", "90.00")
         ]
@@ -140,7 +151,7 @@ async def consume(bootstrap: str, wanted: set[str], timeout: float = 60.0) -> li
 
 
 async def test_the_relay_publishes_the_deals_history_keyed_by_customer(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]], local_stack: Stack
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], local_stack: Stack, identity: Identity
 ) -> None:
     clock = Clock()
     service = PipelineService(create_application(sqlite_settings(tmp_path)), clock=clock)
@@ -160,7 +171,7 @@ async def test_the_relay_publishes_the_deals_history_keyed_by_customer(
     finally:
         service.close()
 
-    env = clean_environment(tmp_path, CRM_KAFKA_BOOTSTRAP=local_stack.kafka_bootstrap)
+    env = clean_environment(tmp_path, identity, CRM_KAFKA_BOOTSTRAP=local_stack.kafka_bootstrap)
     log = tmp_path / "relay.log"
     relay = start("relay", env, log, processes)
     deadline = time.monotonic() + 60
@@ -182,6 +193,12 @@ async def test_the_relay_publishes_the_deals_history_keyed_by_customer(
     headers = dict(deal_records[-1][0].headers)
     assert headers["ce_type"] == b"crm.pipeline.v1.OpportunityWon"
     assert headers["ce_source"] == b"/crm/pipeline"
+    # The audit trail travels with every record.
+    assert (headers["crm_actor"], headers["crm_client"], headers["crm_command"]) == (
+        b"ann",
+        b"relay-test",
+        b"WinOpportunity",
+    )
     won = deal_records[-1][1].opportunity_won
     assert (won.amount.amount, won.closed_on) == ("75.00", "2026-02-03")
     (defined,) = [m for _, m in records if m.aggregate_id == pipeline.outcome.id]

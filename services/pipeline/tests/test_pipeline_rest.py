@@ -1,4 +1,6 @@
-"""The REST API as a frontend sees it: JSON in and out, the platform's errors."""
+"""The REST API as a frontend sees it: JSON in and out, the platform's errors, a
+sales user's token (`ann`) on every request and an administrator's where pipelines
+are defined."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import httpx
 import pytest
 from pipeline_support import Clock, InProcessContacts, sqlite_settings
 
-from crm_common.server import install_error_handlers
+from crm.pipeline.v1 import pipeline_pb2 as pb
 from crm_contacts.application import ContactsService
 from crm_contacts.application import create_application as create_contacts
+from crm_deploy.identity import Identity
+from crm_deploy.testing import bearer, gate_for
 from crm_pipeline.application import PipelineService, create_application
 from crm_pipeline.rest import create_app
 
@@ -24,18 +28,26 @@ STAGES = [
 ]
 
 
+class Api(httpx.AsyncClient):
+    """The pipeline API as a sales user calls it; `admin` are an administrator's headers."""
+
+    admin: dict[str, str]
+
+
 @pytest.fixture
-async def http(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+async def http(tmp_path: Path, identity: Identity) -> AsyncIterator[Api]:
     contacts = ContactsService(create_contacts(sqlite_settings(tmp_path, "contacts")))
     service = PipelineService(
         create_application(sqlite_settings(tmp_path)), InProcessContacts(contacts), clock=Clock()
     )
-    app = create_app(service)
-    install_error_handlers(app)
+    app = create_app(service, gate_for("pipeline", identity))
     try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://pipeline"
+        async with Api(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://pipeline",
+            headers=bearer(identity.mint("sales", subject="ann", client="web")),
         ) as client:
+            client.admin = bearer(identity.mint("admin", subject="root", client="web"))
             yield client
     finally:
         service.close()
@@ -46,8 +58,10 @@ def fields(response: httpx.Response) -> list[str]:
     return [d["field"] for d in response.json()["detail"]]
 
 
-async def new_deal(http: httpx.AsyncClient, **changes: Any) -> dict[str, Any]:
-    pipeline = await http.post("/pipelines", json={"name": "Sales", "stages": STAGES})
+async def new_deal(http: Api, **changes: Any) -> dict[str, Any]:
+    pipeline = await http.post(
+        "/pipelines", json={"name": "Sales", "stages": STAGES}, headers=http.admin
+    )
     assert pipeline.status_code == 201, pipeline.text
     body = {
         "pipeline_id": pipeline.json()["id"],
@@ -64,7 +78,7 @@ async def new_deal(http: httpx.AsyncClient, **changes: Any) -> dict[str, Any]:
     return reply
 
 
-async def test_a_deal_is_opened_moved_and_won_as_json(http: httpx.AsyncClient) -> None:
+async def test_a_deal_is_opened_moved_and_won_as_json(http: Api) -> None:
     reply = await new_deal(http)
     deal = reply["opportunity"]
     assert deal["amount"] == {"amount": "1200.50", "currency": "EUR"}
@@ -121,7 +135,7 @@ async def test_a_deal_is_opened_moved_and_won_as_json(http: httpx.AsyncClient) -
     assert (rate.json()["won"], rate.json()["rate"]) == (1, "1.0000")
 
 
-async def test_errors_are_422_404_and_409(http: httpx.AsyncClient) -> None:
+async def test_errors_are_422_404_and_409(http: Api) -> None:
     reply = await new_deal(http)
     deal_id = reply["id"]
     bad = await http.post(
@@ -160,7 +174,7 @@ async def test_errors_are_422_404_and_409(http: httpx.AsyncClient) -> None:
     assert (garbled.status_code, fields(garbled)) == (422, ["If-Match"])
 
 
-async def test_leads_activities_and_the_openapi_document(http: httpx.AsyncClient) -> None:
+async def test_leads_activities_and_the_openapi_document(http: Api) -> None:
     lead = await http.post(
         "/leads",
         json={"family_name": "Byron", "email": "ada@example.org", "source": "web", "owner": "bob"},
@@ -169,7 +183,9 @@ async def test_leads_activities_and_the_openapi_document(http: httpx.AsyncClient
     lead_id = lead.json()["id"]
     assert (await http.post(f"/leads/{lead_id}/qualify", json={"score": 120})).status_code == 422
     await http.post(f"/leads/{lead_id}/qualify", json={"score": 60})
-    pipeline = await http.post("/pipelines", json={"name": "Sales", "stages": STAGES})
+    pipeline = await http.post(
+        "/pipelines", json={"name": "Sales", "stages": STAGES}, headers=http.admin
+    )
     converted = await http.post(
         f"/leads/{lead_id}/convert",
         json={
@@ -201,3 +217,20 @@ async def test_leads_activities_and_the_openapi_document(http: httpx.AsyncClient
     assert [d["id"] for d in listed.json()["opportunities"]] == [opportunity_id]
     paths = (await http.get("/openapi.json")).json()["paths"]
     assert {"/leads/{lead_id}/convert", "/forecast", "/follow-ups/overdue"} <= set(paths)
+
+
+async def test_every_route_is_named_by_its_grpc_method_and_needs_a_token(http: Api) -> None:
+    document = (await http.get("/openapi.json", headers={"authorization": ""})).json()
+    operations = [op for methods in document["paths"].values() for op in methods.values()]
+    grpc_methods = set(pb.DESCRIPTOR.services_by_name["PipelineService"].methods_by_name)
+    assert {op["operationId"] for op in operations} == grpc_methods
+    assert len(operations) == len(grpc_methods) == 33
+    for operation in operations:
+        assert operation["security"] == [{"bearer": []}]
+        assert {"401", "403", "429"} <= set(operation["responses"])
+    anonymous = await http.get("/forecast", headers={"authorization": ""})
+    assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"]
+    # A sales user may not define pipelines; nothing is written.
+    refused = await http.post("/pipelines", json={"name": "Sales", "stages": STAGES})
+    assert (refused.status_code, refused.json()["error"]) == (403, "PermissionDenied")
+    assert (await http.get("/pipelines")).json()["pipelines"] == []

@@ -11,9 +11,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from crm.contacts.v1 import contacts_pb2
 from crm.customer360.v1 import customer360_pb2
 from crm.pipeline.v1 import pipeline_pb2
+from crm_analytics.audit import AuditEntry
 from crm_analytics.document import Consent, Customer360, Deal, aware, stored_word
 from crm_analytics.query import DEFAULT_WAIT_MS, MAX_WAIT_MS, Customer360Queries
+from crm_analytics.visibility import customer360_for, principal
+from crm_common.auth.gate import AccessGate
+from crm_common.auth.redaction import redact_message
 from crm_common.enums import ProtoEnum, enum_number
+from crm_common.errors import ValidationFailed
+from crm_common.timestamps import datetime_of
 
 
 def _number(enum: ProtoEnum, word: str | None) -> Any:
@@ -121,16 +127,45 @@ def to_proto(doc: Customer360) -> customer360_pb2.Customer360:
     return message
 
 
+def audit_entry_proto(entry: AuditEntry) -> customer360_pb2.AuditEntry:
+    message = customer360_pb2.AuditEntry(
+        customer_id=entry["customer_id"],
+        source=entry["source"],
+        event_type=entry["event_type"],
+        event_id=entry["event_id"],
+        actor=entry["actor"],
+        client=entry["client"],
+        command=entry["command"],
+        request_id=entry["request_id"],
+        position=int(entry["position"]),
+    )
+    _timestamp(message.occurred_at, entry["occurred_at"])
+    return message
+
+
+def _time(request: Any, field: str) -> datetime | None:
+    if not request.HasField(field):
+        return None
+    try:
+        when: datetime = datetime_of(getattr(request, field), field)
+    except (ValueError, OverflowError, OSError):
+        raise ValidationFailed.of(field, "is not a valid time") from None
+    return when
+
+
 class Customer360Servicer:
     """`crm.customer360.v1.Customer360Service`; registered by the generated
     `add_Customer360ServiceServicer_to_server`, which looks up one method per
     RPC (so a new RPC without a method here fails at start, not per call).
 
-    Errors are raised as CrmError; the shared server maps them to statuses.
+    Every call has passed the gate (`crm_common.server.AccessInterceptor`);
+    the reply holds only what the caller may see (`visibility.py`). Errors
+    are raised as CrmError; the shared server maps them to statuses.
     """
 
-    def __init__(self, queries: Customer360Queries) -> None:
+    def __init__(self, queries: Customer360Queries, gate: AccessGate) -> None:
         self.queries = queries
+        self.gate = gate
 
     async def GetCustomer360(
         self,
@@ -144,7 +179,31 @@ class Customer360Servicer:
             # Answer DEADLINE_EXCEEDED ourselves shortly before the caller gives up.
             budget = max(1, min(int(remaining * 1000) - 50, MAX_WAIT_MS))
             timeout_ms = min(timeout_ms or DEFAULT_WAIT_MS, budget)
-        doc = await self.queries.get_customer360(
-            request.customer_id, dict(request.wait_for), timeout_ms
+        doc, hidden = await customer360_for(
+            self.queries,
+            self.gate,
+            principal(),
+            request.customer_id,
+            dict(request.wait_for),
+            timeout_ms,
         )
-        return customer360_pb2.GetCustomer360Response(customer=to_proto(doc))
+        customer = redact_message(to_proto(doc), hidden)
+        return customer360_pb2.GetCustomer360Response(customer=customer)
+
+    async def GetAuditTrail(
+        self,
+        request: customer360_pb2.GetAuditTrailRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> customer360_pb2.GetAuditTrailResponse:
+        page = await self.queries.get_audit_trail(
+            customer_id=request.customer_id,
+            actor=request.actor,
+            since=_time(request, "since"),
+            until=_time(request, "until"),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return customer360_pb2.GetAuditTrailResponse(
+            entries=[audit_entry_proto(e) for e in page.entries],
+            next_page_token=page.next_page_token or "",
+        )

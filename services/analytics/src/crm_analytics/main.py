@@ -14,7 +14,7 @@ from crm_analytics.store import PROJECTION, Customer360Store, connect
 from crm_common.cli import Process, run_cli
 from crm_common.lifecycle import run_worker, stop_on_signals
 from crm_common.projection import ProjectionConsumer
-from crm_common.server import GrpcService, serve
+from crm_common.server import GrpcService, access_gate, serve
 from crm_common.settings import Settings
 
 log = logging.getLogger("crm_analytics")
@@ -32,19 +32,21 @@ def projection(settings: Settings, store: Customer360Store) -> ProjectionConsume
 
 
 async def run_serve(settings: Settings) -> None:
+    gate = access_gate(settings)
     client = connect(settings.mongo_url)
     store = Customer360Store(client[settings.mongo_db])
     queries = Customer360Queries(store)
     await serve(
         settings,
+        gate=gate,
         grpc_services=[
             GrpcService(
-                Customer360Servicer(queries),
+                Customer360Servicer(queries, gate),
                 customer360_pb2_grpc.add_Customer360ServiceServicer_to_server,
                 "crm.customer360.v1.Customer360Service",
             )
         ],
-        http_app=create_app(queries),
+        http_app=create_app(queries, gate),
         on_stop=[client.close],
     )
 
@@ -91,8 +93,12 @@ async def run_rebuild(settings: Settings) -> int:
 
 PROCESSES = {
     "serve": Process("gRPC and REST API of the 360 view", run_serve),
-    "project": Process("keep the 360 view up to date from the topics", run_project),
-    "rebuild": Process("drop the 360 view, rebuild it from the topics, exit", run_rebuild),
+    "project": Process(
+        "keep the 360 view and the audit trail up to date from the topics", run_project
+    ),
+    "rebuild": Process(
+        "drop the 360 view and the audit trail, rebuild them from the topics, exit", run_rebuild
+    ),
 }
 
 

@@ -18,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
 
-from crm_analytics.document import Customer360, applied_position
+from crm_analytics.audit import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, AuditPage, after_token
+from crm_analytics.document import Customer360, applied_position, aware
 from crm_analytics.from_pipeline import is_known
 from crm_analytics.store import Customer360Store, sources
 from crm_common.errors import FieldErrors, NotFound, WaitTimedOut
@@ -70,6 +73,50 @@ class Customer360Queries:
             raise NotFound("customer", customer_id)
         assert doc is not None
         return await asyncio.to_thread(self.store.with_names, doc)
+
+    async def get_audit_trail(
+        self,
+        *,
+        customer_id: str | None = None,
+        actor: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        page_size: int | None = None,
+        page_token: str | None = None,
+    ) -> AuditPage:
+        """Who did what to a customer, or what an actor did: a page, newest first.
+
+        At least one of `customer_id` and `actor`; with both, entries match
+        both. `since` is inclusive, `until` exclusive.
+        """
+        since = aware(since) if since is not None else None
+        until = aware(until) if until is not None else None
+        errors = FieldErrors()
+        if not customer_id and not actor:
+            errors.add("customer_id", "customer_id or actor is required")
+        for field, value in (("customer_id", customer_id), ("actor", actor)):
+            if value and len(value) > MAX_ID_LENGTH:
+                errors.add(field, f"is longer than {MAX_ID_LENGTH} characters")
+        if since is not None and until is not None and until <= since:
+            errors.add("until", "must be after since")
+        if page_size is not None and not 0 <= page_size <= MAX_PAGE_SIZE:
+            errors.add("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")
+        after: dict[str, Any] | None = None
+        if page_token:
+            try:
+                after = after_token(page_token)
+            except ValueError as error:
+                errors.add("page_token", str(error))
+        errors.raise_if_any()
+        return await asyncio.to_thread(
+            self.store.audit_trail,
+            customer_id=customer_id or None,
+            actor=actor or None,
+            since=since,
+            until=until,
+            page_size=page_size or DEFAULT_PAGE_SIZE,
+            after=after,
+        )
 
     async def _wait(
         self, customer_id: str, wait_for: dict[str, int], timeout_ms: int

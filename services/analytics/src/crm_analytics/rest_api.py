@@ -1,20 +1,28 @@
-"""REST adapter for the frontends: the 360 view as JSON.
+"""REST adapter for the frontends: the 360 view and the audit trail as JSON.
 
-Errors are raised as CrmError; `crm_common.server.serve()` installs the
-handlers that turn them into 404 / 422 / 504.
+The app comes from `crm_common.server.service_app`: every route is behind
+the access gate (its `operation_id` is the gRPC method's name, which
+`access.yaml` lists), and errors raised as CrmError become 401 / 403 / 404 /
+422 / 429 / 504. Replies hold only what the caller may see (`visibility.py`):
+the fields the policy hides are left out.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, NotRequired
+from typing import Annotated, NotRequired, cast
 
 from fastapi import FastAPI, Query
 from typing_extensions import TypedDict
 
+from crm_analytics.audit import MAX_PAGE_SIZE, AuditEntry
 from crm_analytics.document import Customer360, Deal, aware, stored_word
 from crm_analytics.query import MAX_WAIT_MS, Customer360Queries
+from crm_analytics.visibility import customer360_for, principal
+from crm_common.auth.gate import AccessGate
+from crm_common.auth.redaction import redact
 from crm_common.errors import ValidationFailed
+from crm_common.server import service_app
 
 # -- the reply ---------------------------------------------------------------------------
 # Enum fields are lower-case words, null when unset; times ISO-8601 UTC, null when unknown.
@@ -75,7 +83,8 @@ class DealReply(TypedDict):
     pipeline_name: str
     stage_id: str
     stage_name: str
-    amount: AmountReply
+    # Left out for roles that may not see what a deal is worth (service agents).
+    amount: NotRequired[AmountReply]
     status: str | None
     expected_close_date: str | None
     owner: str
@@ -92,7 +101,9 @@ class DealReply(TypedDict):
 class Customer360Reply(TypedDict):
     """A person has the name fields, channels and companies; a company has domain,
     industry and members; a customer known so far only from its deals has neither
-    (and kind null)."""
+    (and kind null). `custom_fields`, `timeline`, `deals` and
+    `lifetime_won_revenue` (and each deal's `amount`) are left out for the roles
+    the access policy does not show them to."""
 
     customer_id: str
     kind: str | None
@@ -104,16 +115,36 @@ class Customer360Reply(TypedDict):
     lifecycle_stage: str | None
     owner: str
     tags: list[str]
-    custom_fields: dict[str, CustomFieldReply]
+    custom_fields: NotRequired[dict[str, CustomFieldReply]]
     channels: NotRequired[list[ChannelReply]]
     companies: NotRequired[list[CompanyReply]]
     members: NotRequired[list[MemberReply]]
-    timeline: list[TimelineEntryReply]
-    deals: list[DealReply]
-    lifetime_won_revenue: list[AmountReply]
+    timeline: NotRequired[list[TimelineEntryReply]]
+    deals: NotRequired[list[DealReply]]
+    lifetime_won_revenue: NotRequired[list[AmountReply]]
     positions: dict[str, int]
     created_at: str | None
     updated_at: str | None
+
+
+class AuditEntryReply(TypedDict):
+    customer_id: str
+    source: str
+    event_type: str
+    event_id: str
+    occurred_at: str | None
+    actor: str
+    client: str
+    command: str
+    request_id: str
+    position: int
+
+
+class AuditTrailReply(TypedDict):
+    """Newest first; `next_page_token` (null after the last page) asks for the next page."""
+
+    entries: list[AuditEntryReply]
+    next_page_token: str | None
 
 
 def iso(when: datetime | None) -> str | None:
@@ -245,14 +276,34 @@ def to_json(doc: Customer360) -> Customer360Reply:
     return body
 
 
-def create_app(queries: Customer360Queries) -> FastAPI:
-    app = FastAPI(
+def audit_entry_json(entry: AuditEntry) -> AuditEntryReply:
+    return {
+        "customer_id": entry["customer_id"],
+        "source": entry["source"],
+        "event_type": entry["event_type"],
+        "event_id": entry["event_id"],
+        "occurred_at": iso(entry["occurred_at"]),
+        "actor": entry["actor"],
+        "client": entry["client"],
+        "command": entry["command"],
+        "request_id": entry["request_id"],
+        "position": int(entry["position"]),
+    }
+
+
+def create_app(queries: Customer360Queries, gate: AccessGate) -> FastAPI:
+    app = service_app(
+        gate,
         title="CRM analytics",
-        version="1",
-        description="Read models built from every service's events: the 360-degree customer view.",
+        description="Read models built from every service's events: the 360-degree customer "
+        "view and the audit trail.",
     )
 
-    @app.get("/customers/{customer_id}/360", summary="The 360-degree view of one customer")
+    @app.get(
+        "/customers/{customer_id}/360",
+        summary="The 360-degree view of one customer",
+        operation_id="GetCustomer360",
+    )
     async def get_customer360(
         customer_id: str,
         wait_for: Annotated[
@@ -268,7 +319,48 @@ def create_app(queries: Customer360Queries) -> FastAPI:
             Query(ge=0, le=MAX_WAIT_MS, description="How long to wait (default 5000 ms)."),
         ] = None,
     ) -> Customer360Reply:
-        doc = await queries.get_customer360(customer_id, parse_wait_for(wait_for), timeout_ms)
-        return to_json(doc)
+        doc, hidden = await customer360_for(
+            queries, gate, principal(), customer_id, parse_wait_for(wait_for), timeout_ms
+        )
+        return cast(Customer360Reply, redact(to_json(doc), hidden))
+
+    @app.get(
+        "/audit",
+        summary="Who did what to a customer (or what one actor did), when, through which client",
+        operation_id="GetAuditTrail",
+    )
+    async def get_audit_trail(
+        customer_id: Annotated[
+            str | None, Query(description="The customer (contact id) whose events to list.")
+        ] = None,
+        actor: Annotated[
+            str | None, Query(description="The user (or service) whose actions to list.")
+        ] = None,
+        since: Annotated[
+            datetime | None, Query(description="Only entries at or after this time (ISO-8601).")
+        ] = None,
+        until: Annotated[
+            datetime | None, Query(description="Only entries before this time (ISO-8601).")
+        ] = None,
+        page_size: Annotated[
+            int | None,
+            Query(ge=1, le=MAX_PAGE_SIZE, description="Entries per page (default 50)."),
+        ] = None,
+        page_token: Annotated[
+            str | None, Query(description="The `next_page_token` of the previous page.")
+        ] = None,
+    ) -> AuditTrailReply:
+        page = await queries.get_audit_trail(
+            customer_id=customer_id,
+            actor=actor,
+            since=since,
+            until=until,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return {
+            "entries": [audit_entry_json(e) for e in page.entries],
+            "next_page_token": page.next_page_token,
+        }
 
     return app

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, TypeAlias, TypeVar
 
 from google.protobuf.message import DecodeError
@@ -34,6 +35,14 @@ from pymongo.database import Database
 from crm.events.v1 import contacts_pb2 as events_pb2
 from crm.events.v1 import pipeline_pb2 as pipeline_events_pb2
 from crm_analytics import from_contacts, from_pipeline
+from crm_analytics.audit import (
+    AUDIT_COLLECTION,
+    AuditEntry,
+    AuditPage,
+    audit_entry,
+    ensure_audit_indexes,
+    find_entries,
+)
 from crm_analytics.document import (
     Applied,
     AppliedToPipeline,
@@ -68,7 +77,7 @@ PIPELINES_COLLECTION = "customer360_pipelines"
 LOAD_CHUNK = 50
 
 Event: TypeAlias = events_pb2.ContactEvent | pipeline_events_pb2.PipelineEvent
-_Stored = TypeVar("_Stored", Customer360, PipelineNames)
+_Stored = TypeVar("_Stored", Customer360, PipelineNames, AuditEntry)
 _Decoded = TypeVar("_Decoded", events_pb2.ContactEvent, pipeline_events_pb2.PipelineEvent)
 
 
@@ -132,12 +141,15 @@ class Customer360Store:
         self.database = database
         self.collection: Collection[Customer360] = database[COLLECTION]
         self.pipelines: Collection[PipelineNames] = database[PIPELINES_COLLECTION]
+        self.audit: Collection[AuditEntry] = database[AUDIT_COLLECTION]
         self.topics = dict(topics)
         self.sources = {topic: source for source, topic in topics.items()}
 
     def ensure_indexes(self) -> None:
         # The rename fan-out finds the persons linked to a company.
         self.collection.create_index("companies.company_id")
+        # The audit trail, per customer and per actor (creates the collection too).
+        ensure_audit_indexes(self.database)
         # Created up front: not every document store creates collections
         # inside a transaction.
         if PIPELINES_COLLECTION not in self.database.list_collection_names():
@@ -157,14 +169,36 @@ class Customer360Store:
         return from_pipeline.with_names(doc, known)
 
     def drop(self) -> None:
-        """Forgets the read model and where its projection stood (before a rebuild)."""
+        """Forgets the read models and where their projection stood (before a rebuild)."""
         self.collection.drop()
         self.pipelines.drop()
+        self.audit.drop()
         self.database[DEAD_LETTERS_COLLECTION].delete_many({"projection": PROJECTION})
         reset_offsets(self.database, PROJECTION)
 
     def count(self) -> int:
         return self.collection.count_documents({})
+
+    def audit_trail(
+        self,
+        *,
+        customer_id: str | None,
+        actor: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        page_size: int,
+        after: dict[str, Any] | None,
+    ) -> AuditPage:
+        """One page of the audit trail, newest first (see `audit.py`)."""
+        return find_entries(
+            self.audit,
+            customer_id=customer_id,
+            actor=actor,
+            since=since,
+            until=until,
+            page_size=page_size,
+            after=after,
+        )
 
     # -- the projection's read model ------------------------------------------------------
 
@@ -210,6 +244,8 @@ class Customer360Store:
         touched: set[str] = set()
         touched_pipelines: set[str] = set()
         renames: dict[str, CompanyRenamed] = {}
+        # One audit entry per event, redeliveries included (one id, one entry).
+        audit: dict[str, AuditEntry] = {}
         applied = duplicates = no_customer = 0
         for record, event in events:
             with projection_span(record, PROJECTION) as span:
@@ -220,6 +256,14 @@ class Customer360Store:
                 )
                 span.set_attribute("crm.customer_id", customer_id)
                 span.set_attribute("crm.position", event.position)
+                entry = audit_entry(
+                    record,
+                    self.sources[record.topic],
+                    event.position,
+                    to_datetime(event.occurred_at),
+                )
+                # CloudEvents: one source and id, one event; the first one consumed wins.
+                audit.setdefault(entry["_id"], entry)
                 try:
                     outcome = self._apply(event, customer_id, docs, pipelines)
                 except UnknownEvent as error:
@@ -288,6 +332,12 @@ class Customer360Store:
                 session=session,
                 ordered=False,
             )
+        # Entries of events consumed before (a relay publishing a suffix again)
+        # exist already; inserts cost the store less than upserts.
+        recorded = self._load(session, self.audit, set(audit))
+        new_entries = [InsertOne(e) for i, e in audit.items() if recorded[i] is None]
+        if new_entries:
+            self.audit.bulk_write(new_entries, session=session, ordered=False)
         for record, reason in failures:
             log.warning("dead letter %s: %s", where(record), reason)
         park_dead_letters(session, self.database, PROJECTION, failures)
@@ -299,6 +349,7 @@ class Customer360Store:
             "documents_written": len(touched),
             "pipelines_written": len(touched_pipelines),
             "renames": len(renames),
+            "audit_entries": len(new_entries),
         }
 
     @staticmethod

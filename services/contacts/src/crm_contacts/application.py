@@ -1,10 +1,17 @@
 """The contacts application layer, shared by the gRPC and REST adapters and
 the follower.
 
-Each command is a method of `ContactsService` that names itself
-(`caller.command("CreatePerson")`) and goes through the shared command bus
+Each command is a method of `ContactsService` that names itself and passes
+its request (`caller.command("CreatePerson", new)`, the fingerprint a reused
+request id is checked against) and goes through the shared command bus
 (optimistic concurrency, request-id replay, audit metadata, group commit);
-reads load aggregates from the event store. Searching uses
+reads load aggregates from the event store.
+
+Partners work under their grant (`AccessPolicy.grant`, docs/security.md): what
+a partner creates gets its tag, and it reads or changes only contacts that
+carry that tag; any other contact is refused with `PermissionDenied`, and its
+searches see only its tagged contacts. The rule is here, not in the adapters,
+so both transports (and anything else that runs commands) keep it. Searching uses
 `crm_contacts.directory.ContactDirectory`, an in-memory index that follows the
 event store's notification log, so it sees the writes of every replica of the
 service and is rebuilt by reading the log again after a restart.
@@ -13,16 +20,19 @@ service and is rebuilt by reading the log again after a restart.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
 
+from crm_common.auth.access import AccessPolicy, PartnerGrant
 from crm_common.commands import Caller, CommandBus, CommandContext, UnitOfWork
-from crm_common.errors import NotFound
+from crm_common.errors import NotFound, PermissionDenied
 from crm_common.eventstore import application_env, creating_tables
 from crm_common.settings import Settings
 from crm_contacts import validation
@@ -42,6 +52,10 @@ from crm_contacts.inputs import (
 from crm_contacts.views import ContactPage, ContactView, ContactWrite, view_of
 
 SERVICE = "contacts"
+
+C = TypeVar("C", bound=Contact)
+#: Tags that give partners access; only their own may a partner set (docs/security.md).
+PARTNER_TAG_PREFIX = "partner:"
 
 
 class ContactsApplication(Application[UUID]):
@@ -67,99 +81,190 @@ class ContactsService:
         app: ContactsApplication,
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        policy: AccessPolicy | None = None,
     ) -> None:
         self.app = app
         self.bus = CommandBus(app, SERVICE)
         self.directory = ContactDirectory(app)
         self.clock = clock
+        #: Whose grants partners work under (the API's gate's policy; by default
+        #: the policy shipped with crm_common).
+        self.policy = policy or AccessPolicy.load()
 
     def close(self) -> None:
         """Stops the command bus (after pending commands) and closes the store."""
         self.bus.close()
         self.app.close()
 
+    # -- partners ------------------------------------------------------------------------
+
+    def grant_of(self, caller: Caller | None) -> PartnerGrant | None:
+        """The grant the caller works under: None for everyone but a partner (and for
+        the platform's own commands); `PermissionDenied` for a partner without one."""
+        if caller is None or caller.principal is None:
+            return None
+        return self.policy.grant(caller.principal)
+
+    def _is_partner_tag(self, tag: str) -> bool:
+        """Whether a (canonical) tag grants partners access: a grant's tag, or any tag
+        in the `partner:` namespace (a grant added later must not find contacts a
+        partner tagged for it in advance)."""
+        grants = {_canonical_tag(g.tag) for g in self.policy.partners.values()}
+        return tag in grants or tag.startswith(PARTNER_TAG_PREFIX)
+
+    def _tags_for(
+        self, grant: PartnerGrant | None, requested: Sequence[str], kept: Sequence[str] = ()
+    ) -> list[str]:
+        """The tags a partner's create or tag change stores: what it asked for, its own
+        tag, and the other partners' tags the contact has (it may not remove them, nor
+        tag a contact for another partner)."""
+        if grant is None:
+            return list(requested)
+        own = _canonical_tag(grant.tag)
+        foreign = [
+            t for t in map(_canonical_tag, requested) if t != own and self._is_partner_tag(t)
+        ]
+        if foreign:
+            raise PermissionDenied(
+                f"partner {grant.client!r} may not tag contacts for other partners"
+            )
+        others = [t for t in kept if _canonical_tag(t) != own and self._is_partner_tag(t)]
+        return [*requested, own, *others]
+
+    @staticmethod
+    def _check_grant(grant: PartnerGrant | None, contact: Contact) -> None:
+        if grant is not None and _canonical_tag(grant.tag) not in _tags_of(contact):
+            raise PermissionDenied(
+                f"contact {contact.id} is not within the grant of partner {grant.client!r}"
+            )
+
+    def _subject(self, uow: UnitOfWork, grant: PartnerGrant | None, ident: str, kind: type[C]) -> C:
+        """The command's subject, refused to a partner outside its grant before anything
+        else about it (its version included) is said."""
+        if grant is not None:
+            self._check_grant(grant, uow.get(ident, kind, subject=False))
+        return uow.get(ident, kind)
+
     async def _write(
-        self, ctx: CommandContext, decide: Callable[[UnitOfWork], Any]
+        self, caller: Caller, ctx: CommandContext, decide: Callable[[UnitOfWork], Any]
     ) -> ContactWrite:
         outcome = await self.bus.execute_async(ctx, decide)
         if isinstance(outcome.subject, Contact):
             view = view_of(outcome.subject)
-        else:  # a replay: show the contact as it is now
-            view = await self.get_contact(outcome.id)
+        else:  # a replay: show the contact as it is now (if the caller still may)
+            view = await self.get_contact(outcome.id, caller)
         return ContactWrite(outcome, view)
 
     async def create_person(self, caller: Caller, new: NewPerson) -> ContactWrite:
-        profile = validation.new_person_profile(new, self.clock())
+        grant = self.grant_of(caller)
+        tagged = dataclasses.replace(new, tags=self._tags_for(grant, new.tags))
+        profile = validation.new_person_profile(tagged, self.clock())
         return await self._write(
-            caller.command("CreatePerson"), lambda uow: uow.add(Person.register(profile))
+            caller,
+            caller.command("CreatePerson", new),
+            lambda uow: uow.add(Person.register(profile)),
         )
 
     async def update_person(self, caller: Caller, changes: PersonChanges) -> ContactWrite:
+        grant = self.grant_of(caller)
         now = self.clock()
 
         def decide(uow: UnitOfWork) -> Person:
-            person: Person = uow.get(changes.id, Person)
-            person.change_profile(validation.changed_person_profile(person.profile, changes, now))
+            person = self._subject(uow, grant, changes.id, Person)
+            wanted = changes
+            if grant is not None and "tags" in changes.fields:
+                tags = self._tags_for(grant, changes.tags, person.profile.tags)
+                wanted = dataclasses.replace(changes, tags=tags)
+            person.change_profile(validation.changed_person_profile(person.profile, wanted, now))
             return person
 
-        return await self._write(caller.command("UpdatePerson"), decide)
+        return await self._write(
+            caller, caller.command("UpdatePerson", changes.id, changes), decide
+        )
 
     async def create_company(self, caller: Caller, new: NewCompany) -> ContactWrite:
-        profile = validation.new_company_profile(new)
+        grant = self.grant_of(caller)
+        tagged = dataclasses.replace(new, tags=self._tags_for(grant, new.tags))
+        profile = validation.new_company_profile(tagged)
         return await self._write(
-            caller.command("CreateCompany"), lambda uow: uow.add(Company.register(profile))
+            caller,
+            caller.command("CreateCompany", new),
+            lambda uow: uow.add(Company.register(profile)),
         )
 
     async def update_company(self, caller: Caller, changes: CompanyChanges) -> ContactWrite:
+        grant = self.grant_of(caller)
+
         def decide(uow: UnitOfWork) -> Company:
-            company: Company = uow.get(changes.id, Company)
-            company.change_profile(validation.changed_company_profile(company.profile, changes))
+            company = self._subject(uow, grant, changes.id, Company)
+            wanted = changes
+            if grant is not None and "tags" in changes.fields:
+                tags = self._tags_for(grant, changes.tags, company.profile.tags)
+                wanted = dataclasses.replace(changes, tags=tags)
+            company.change_profile(validation.changed_company_profile(company.profile, wanted))
             return company
 
-        return await self._write(caller.command("UpdateCompany"), decide)
+        return await self._write(
+            caller, caller.command("UpdateCompany", changes.id, changes), decide
+        )
 
     async def link_person_to_company(self, caller: Caller, link: CompanyLink) -> ContactWrite:
+        grant = self.grant_of(caller)
         role = validation.link_role(link.role)
 
         def decide(uow: UnitOfWork) -> Person:
-            person: Person = uow.get(link.person_id, Person)
+            person = self._subject(uow, grant, link.person_id, Person)
             company: Company = uow.get(link.company_id, Company, subject=False)
+            # The person would show the company's name: a partner links only its own.
+            self._check_grant(grant, company)
             person.link_to_company(company, role)
             return person
 
-        return await self._write(caller.command("LinkPersonToCompany"), decide)
+        return await self._write(
+            caller, caller.command("LinkPersonToCompany", link.person_id, link), decide
+        )
 
     async def unlink_person_from_company(
         self, caller: Caller, unlink: CompanyUnlink
     ) -> ContactWrite:
+        grant = self.grant_of(caller)
+
         def decide(uow: UnitOfWork) -> Person:
-            person: Person = uow.get(unlink.person_id, Person)
+            person = self._subject(uow, grant, unlink.person_id, Person)
             person.unlink_from_company(unlink.company_id)
             return person
 
-        return await self._write(caller.command("UnlinkPersonFromCompany"), decide)
+        return await self._write(
+            caller, caller.command("UnlinkPersonFromCompany", unlink.person_id, unlink), decide
+        )
 
     async def record_consent(self, caller: Caller, consent: ConsentInput) -> ContactWrite:
+        grant = self.grant_of(caller)
         channel, address, status, source = validation.consent_of(consent)
         now = self.clock()
 
         def decide(uow: UnitOfWork) -> Contact:
-            contact: Contact = uow.get(consent.contact_id, Contact)
+            contact = self._subject(uow, grant, consent.contact_id, Contact)
             contact.record_consent(channel, address, status, source, now)
             return contact
 
-        return await self._write(caller.command("RecordConsent"), decide)
+        return await self._write(
+            caller, caller.command("RecordConsent", consent.contact_id, consent), decide
+        )
 
     async def log_interaction(self, caller: Caller, interaction: InteractionInput) -> ContactWrite:
         """Logs an interaction; its id is in `outcome.extra["interaction_id"]`."""
+        grant = self.grant_of(caller)
         logged = validation.interaction_of(interaction, str(uuid.uuid4()), self.clock())
 
         def decide(uow: UnitOfWork) -> tuple[Contact, dict[str, str]]:
-            contact: Contact = uow.get(interaction.contact_id, Contact)
+            contact = self._subject(uow, grant, interaction.contact_id, Contact)
             contact.log_interaction(logged)
             return contact, {"interaction_id": logged.interaction_id}
 
-        return await self._write(caller.command("LogInteraction"), decide)
+        return await self._write(
+            caller, caller.command("LogInteraction", interaction.contact_id, interaction), decide
+        )
 
     async def become_customer(self, caller: Caller, contact_id: str) -> ContactWrite:
         """A deal of the contact was won: makes it a customer unless it is one already.
@@ -168,18 +273,21 @@ class ContactsService:
         it is (no event). `outcome.extra["promoted"]` says whether the stage
         changed ("true") or not ("false"), for replays too.
         """
+        grant = self.grant_of(caller)
 
         def decide(uow: UnitOfWork) -> tuple[Contact, dict[str, str]]:
-            contact: Contact = uow.get(contact_id, Contact)
+            contact = self._subject(uow, grant, contact_id, Contact)
             promoted = contact.become_customer()
             return contact, {"promoted": "true" if promoted else "false"}
 
-        return await self._write(caller.command("BecomeCustomer"), decide)
+        return await self._write(caller, caller.command("BecomeCustomer", contact_id), decide)
 
-    async def get_contact(self, contact_id: str) -> ContactView:
-        return await asyncio.to_thread(self.load, contact_id)
+    async def get_contact(self, contact_id: str, caller: Caller | None = None) -> ContactView:
+        """One contact as `caller` may see it (None: the platform itself, in process)."""
+        grant = self.grant_of(caller)
+        return await asyncio.to_thread(self.load, contact_id, grant)
 
-    def load(self, contact_id: str) -> ContactView:
+    def load(self, contact_id: str, grant: PartnerGrant | None = None) -> ContactView:
         try:
             ident = UUID(contact_id)
         except (ValueError, AttributeError, TypeError):
@@ -190,7 +298,23 @@ class ContactsService:
             raise NotFound("Contact", contact_id) from None
         if not isinstance(contact, Contact):
             raise NotFound("Contact", contact_id)
+        self._check_grant(grant, contact)
         return view_of(contact)
 
-    async def list_contacts(self, query: ContactQuery) -> ContactPage:
-        return await asyncio.to_thread(self.directory.search, query)
+    async def list_contacts(self, query: ContactQuery, caller: Caller | None = None) -> ContactPage:
+        """A page of the search as `caller` may see it: a partner, its tagged contacts only."""
+        grant = self.grant_of(caller)
+        within = _canonical_tag(grant.tag) if grant is not None else None
+        return await asyncio.to_thread(
+            functools.partial(self.directory.search, query, within_tag=within)
+        )
+
+
+def _canonical_tag(tag: str) -> str:
+    """A tag as contacts store it (validation.tags_of): lower case, single spaces."""
+    return " ".join(tag.split()).lower()
+
+
+def _tags_of(contact: Contact) -> tuple[str, ...]:
+    profile = getattr(contact, "profile", None)
+    return tuple(getattr(profile, "tags", ()))

@@ -219,7 +219,9 @@ class ContactDirectory:
 
     # -- searching --
 
-    def search(self, query: ContactQuery) -> ContactPage:
+    def search(self, query: ContactQuery, *, within_tag: str | None = None) -> ContactPage:
+        """One page of the contacts matching `query`; with `within_tag`, only among the
+        contacts carrying that (canonical) tag: a partner's search sees its grant only."""
         errors = FieldErrors()
         size = query.page_size or DEFAULT_PAGE_SIZE
         if not 1 <= size <= MAX_PAGE_SIZE:
@@ -246,6 +248,9 @@ class ContactDirectory:
                 if key:
                     found = index.get(key, set())
                     candidates = found if candidates is None else candidates & found
+            if within_tag is not None:
+                granted = self._tags.get(within_tag, set())
+                candidates = granted if candidates is None else candidates & granted
 
             def wanted(view: ContactView) -> bool:
                 if kind is not None and view.kind is not kind:

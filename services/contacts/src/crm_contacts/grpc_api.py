@@ -2,6 +2,11 @@
 
 Requests become the plain inputs of `crm_contacts.inputs` (enums as
 lower-case words, None when unspecified); results become protobuf messages.
+Every method is behind the access gate (`crm_common.server.AccessInterceptor`);
+replies clear the fields the caller's roles may not see (`fields.contacts` of
+the policy) and give analysts pseudonyms for the personal fields of a search.
+Who may reach which contact (partners) is the application's rule.
+
 Errors are raised as `CrmError`s; the shared server turns them into statuses
 with details (see `crm_common.server`).
 """
@@ -9,16 +14,19 @@ with details (see `crm_common.server`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import UTC
 from typing import Any
 
 import grpc
 
 from crm.contacts.v1 import contacts_pb2 as pb
 from crm.contacts.v1 import contacts_pb2_grpc
-from crm_common.commands import WriteOutcome
+from crm_common.auth.gate import AccessGate
+from crm_common.auth.redaction import pseudonymise_message, redact_message
+from crm_common.commands import Caller, WriteOutcome
 from crm_common.enums import enum_word
+from crm_common.errors import Unauthenticated
 from crm_common.server import GrpcService, grpc_caller
+from crm_common.timestamps import datetime_of
 from crm_contacts.application import ContactsService
 from crm_contacts.inputs import (
     ChannelInput,
@@ -34,6 +42,7 @@ from crm_contacts.inputs import (
     PersonChanges,
 )
 from crm_contacts.messages import contact_pb
+from crm_contacts.views import ContactView
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ContactsService"].full_name
 
@@ -74,8 +83,23 @@ class ContactsServicer:
     class (whose only job is answering UNIMPLEMENTED, and which is untyped).
     """
 
-    def __init__(self, service: ContactsService) -> None:
+    def __init__(self, service: ContactsService, gate: AccessGate, pseudonym_key: bytes) -> None:
         self.service = service
+        self.gate = gate
+        self.pseudonym_key = pseudonym_key
+
+    def _contact(self, caller: Caller, view: ContactView, operation: str = "") -> pb.Contact:
+        """The contact without the fields the caller may not see (cleared); with
+        `operation`, the personal fields it pseudonymises for the caller as pseudonyms."""
+        principal = caller.principal
+        if principal is None:  # the gate admitted every call; never guess
+            raise Unauthenticated("the request was not authenticated")
+        message = contact_pb(view)
+        redact_message(message, self.gate.hidden_fields(principal))
+        if operation:
+            paths = self.gate.pseudonymised_fields(principal, operation)
+            pseudonymise_message(message, paths, self.pseudonym_key)
+        return message
 
     async def CreatePerson(
         self, request: pb.CreatePersonRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -94,7 +118,7 @@ class ContactsServicer:
             ),
         )
         return pb.CreatePersonResponse(
-            result=write_result(written.outcome), contact=contact_pb(written.contact)
+            result=write_result(written.outcome), contact=self._contact(caller, written.contact)
         )
 
     async def UpdatePerson(
@@ -117,7 +141,7 @@ class ContactsServicer:
             ),
         )
         return pb.UpdatePersonResponse(
-            result=write_result(written.outcome), contact=contact_pb(written.contact)
+            result=write_result(written.outcome), contact=self._contact(caller, written.contact)
         )
 
     async def CreateCompany(
@@ -137,7 +161,7 @@ class ContactsServicer:
             ),
         )
         return pb.CreateCompanyResponse(
-            result=write_result(written.outcome), contact=contact_pb(written.contact)
+            result=write_result(written.outcome), contact=self._contact(caller, written.contact)
         )
 
     async def UpdateCompany(
@@ -160,7 +184,7 @@ class ContactsServicer:
             ),
         )
         return pb.UpdateCompanyResponse(
-            result=write_result(written.outcome), contact=contact_pb(written.contact)
+            result=write_result(written.outcome), contact=self._contact(caller, written.contact)
         )
 
     async def LinkPersonToCompany(
@@ -207,7 +231,9 @@ class ContactsServicer:
     ) -> pb.LogInteractionResponse:
         caller = grpc_caller(context, request.request_id, request.expected_version)
         occurred_at = (
-            request.occurred_at.ToDatetime(tzinfo=UTC) if request.HasField("occurred_at") else None
+            datetime_of(request.occurred_at, "occurred_at")
+            if request.HasField("occurred_at")
+            else None
         )
         written = await self.service.log_interaction(
             caller,
@@ -229,12 +255,14 @@ class ContactsServicer:
     async def GetContact(
         self, request: pb.GetContactRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetContactResponse:
-        view = await self.service.get_contact(request.id)
-        return pb.GetContactResponse(contact=contact_pb(view))
+        caller = grpc_caller(context)
+        view = await self.service.get_contact(request.id, caller)
+        return pb.GetContactResponse(contact=self._contact(caller, view, "GetContact"))
 
     async def ListContacts(
         self, request: pb.ListContactsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListContactsResponse:
+        caller = grpc_caller(context)
         page = await self.service.list_contacts(
             ContactQuery(
                 query=request.query,
@@ -244,19 +272,21 @@ class ContactsServicer:
                 kind=enum_word(pb.ContactKind, request.kind),
                 page_size=request.page_size,
                 page_token=request.page_token,
-            )
+            ),
+            caller,
         )
         return pb.ListContactsResponse(
-            contacts=[contact_pb(view) for view in page.contacts],
+            contacts=[self._contact(caller, view, "ListContacts") for view in page.contacts],
             next_page_token=page.next_page_token,
             total_size=page.total_size,
         )
 
 
-def grpc_service(service: ContactsService) -> GrpcService:
-    """The servicer as `crm_common.server.serve()` registers it."""
+def grpc_service(service: ContactsService, gate: AccessGate, pseudonym_key: bytes) -> GrpcService:
+    """The servicer as `crm_common.server.serve()` registers it (behind `gate`, whose
+    policy also decides the fields of its replies)."""
     return GrpcService(
-        ContactsServicer(service),
+        ContactsServicer(service, gate, pseudonym_key),
         contacts_pb2_grpc.add_ContactsServiceServicer_to_server,
         SERVICE_NAME,
     )

@@ -8,7 +8,7 @@ import logging
 from crm_common.cli import Process, run_cli
 from crm_common.lifecycle import run_worker
 from crm_common.relay import run_relay
-from crm_common.server import serve
+from crm_common.server import access_gate, serve
 from crm_common.settings import Settings
 from crm_contacts.application import ContactsService, create_application
 from crm_contacts.events_out import PROTO_MESSAGE, to_wire
@@ -21,7 +21,10 @@ log = logging.getLogger("crm_contacts")
 
 
 async def run_serve(settings: Settings) -> None:
-    service = ContactsService(create_application(settings))
+    # Refuses to start without the key set or the pseudonym key, before opening the store.
+    gate = access_gate(settings)
+    pseudonym_key = settings.pseudonym_key()
+    service = ContactsService(create_application(settings), policy=gate.policy)
     try:
         # Build the search index before taking traffic, not in the first search.
         indexed = await asyncio.to_thread(service.directory.catch_up)
@@ -30,8 +33,9 @@ async def run_serve(settings: Settings) -> None:
         )
         await serve(
             settings,
-            grpc_services=[grpc_service(service)],
-            http_app=create_app(service),
+            gate=gate,
+            grpc_services=[grpc_service(service, gate, pseudonym_key)],
+            http_app=create_app(service, gate, pseudonym_key=pseudonym_key),
         )
     finally:
         # After serve() has drained both servers: pending commands finish first.

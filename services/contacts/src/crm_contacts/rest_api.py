@@ -7,8 +7,15 @@ own write. `Idempotency-Key` makes a write safe to retry (a retry answers the
 first outcome, 200 instead of 201, and writes nothing); `If-Match` carries the
 version the client last saw (409 when it is stale).
 
-Errors are raised as `CrmError`s; `crm_common.server.install_error_handlers`
-(installed by `serve()`) turns them into 422 / 404 / 409.
+Every route is behind the access gate (`crm_common.server.service_app`): a
+bearer token whose roles `access.yaml` lists for the route's `operation_id`
+(the gRPC method's name). Replies leave out the fields the caller's roles may
+not see (`fields.contacts` of the policy) and give analysts pseudonyms for the
+personal fields of a search; who may reach which contact (partners) is the
+application's rule.
+
+Errors are raised as `CrmError`s; the handlers `service_app` installs turn
+them into 401 / 403 / 422 / 404 / 409.
 """
 
 from __future__ import annotations
@@ -18,16 +25,20 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from fastapi import Body, FastAPI, Query, Request, Response
+from fastapi import Body, FastAPI, Query, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from crm_common.commands import WriteOutcome
-from crm_common.errors import ValidationFailed
+from crm_common.auth.gate import AccessGate
+from crm_common.auth.redaction import pseudonymise, redact
+from crm_common.commands import Caller, WriteOutcome
+from crm_common.errors import Unauthenticated, ValidationFailed
 from crm_common.server import (
     IdempotencyKey,
     IfMatch,
     expected_version,
     http_caller,
+    service_app,
 )
 from crm_contacts.application import ContactsService
 from crm_contacts.directory import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
@@ -265,14 +276,19 @@ class Contact(BaseModel):
     industry: str | None = Field(description="Companies only (null for a person).")
     lifecycle_stage: str = _word_field(LifecycleStage, "Lifecycle stage.")
     tags: list[str]
-    custom_fields: dict[str, CustomFieldValue]
+    custom_fields: dict[str, CustomFieldValue] = Field(
+        default_factory=dict,
+        description="Left out for the roles that may not see custom fields (docs/security.md).",
+    )
     owner: str
     channels: list[ChannelIdentity] = Field(description="Persons only (empty for a company).")
     affiliations: list[Affiliation] = Field(
         description="The companies a person belongs to (empty for a company)."
     )
     interactions: list[Interaction] = Field(
-        description="The most recent interactions, newest first (empty in search results)."
+        default_factory=list,
+        description="The most recent interactions, newest first (empty in search results); "
+        "left out for the roles that may not see them (docs/security.md).",
     )
     created_at: datetime
     updated_at: datetime
@@ -417,8 +433,8 @@ def _mask(body: BaseModel) -> frozenset[str]:
     return frozenset(fields)
 
 
-def _created(response: Response, outcome: WriteOutcome) -> None:
-    response.status_code = 200 if outcome.replayed else 201
+def _created(outcome: WriteOutcome) -> int:
+    return 200 if outcome.replayed else 201
 
 
 # -- the application ------------------------------------------------------------------
@@ -427,21 +443,51 @@ def _created(response: Response, outcome: WriteOutcome) -> None:
 DESCRIPTION = """People and companies, their relations, consent per channel identity and
 the interaction log.
 
-Every write answers `{id, version, position, replayed, contact}`. Send
-`Idempotency-Key` to make a write safe to retry and `If-Match` with the version
-you last saw to refuse lost updates (409). `x-crm-actor` and `x-crm-client`
-headers name who writes, through which client; both are stored with the events.
+Every route needs `Authorization: Bearer <token>`; the roles allowed per
+operation (the `operationId`s) and the fields each role sees are in
+docs/security.md. The user the token names (and its client) is stored with
+the events. Partners reach only the contacts carrying their tag.
 
-Errors: 422 `{"detail": [{"field", "message"}]}` for invalid input, 404 for an
+Every write answers `{id, version, position, replayed, contact}`. Send
+`Idempotency-Key` to make a write safe to retry (a key is the caller's own; the
+same key with a different request is refused with 422) and `If-Match` with the
+version you last saw to refuse lost updates (409).
+
+Errors: 401 without a valid token, 403 when the caller's roles or grant do not
+allow it, 422 `{"detail": [{"field", "message"}]}` for invalid input, 404 for an
 unknown contact, 409 for a stale version or a change a business rule refuses.
 """
 
 
-def create_app(service: ContactsService) -> FastAPI:
-    app = FastAPI(title="CRM contacts", version="1", description=DESCRIPTION)
+def create_app(service: ContactsService, gate: AccessGate, *, pseudonym_key: bytes) -> FastAPI:
+    """The REST app behind `gate`; `pseudonym_key` keys the pseudonyms analysts see."""
+    app = service_app(gate, title="CRM contacts", version="1", description=DESCRIPTION)
+
+    def shown(
+        caller: Caller,
+        reply: BaseModel,
+        *,
+        contacts_at: str = "",
+        status_code: int = 200,
+        operation: str = "",
+    ) -> JSONResponse:
+        """The reply without what the caller may not see; with `operation`, the
+        personal fields that operation pseudonymises for the caller as pseudonyms.
+        The policy's paths are within a contact, found at `contacts_at`."""
+        principal = caller.principal
+        if principal is None:  # the gate admitted every request; never guess
+            raise Unauthenticated("the request was not authenticated")
+        prefix = f"{contacts_at}." if contacts_at else ""
+        document = reply.model_dump(mode="json")
+        redact(document, [prefix + path for path in gate.hidden_fields(principal)])
+        if operation:
+            paths = gate.pseudonymised_fields(principal, operation)
+            pseudonymise(document, [prefix + path for path in paths], pseudonym_key)
+        return JSONResponse(document, status_code=status_code)
 
     @app.post(
         "/persons",
+        operation_id="CreatePerson",
         status_code=201,
         response_model=WriteReply,
         tags=["persons"],
@@ -450,10 +496,9 @@ def create_app(service: ContactsService) -> FastAPI:
     )
     async def create_person(
         request: Request,
-        response: Response,
         body: PersonCreate,
         idempotency_key: IdempotencyKey = None,
-    ) -> WriteReply:
+    ) -> JSONResponse:
         caller = http_caller(request, idempotency_key)
         written = await service.create_person(
             caller,
@@ -467,11 +512,16 @@ def create_app(service: ContactsService) -> FastAPI:
                 owner=body.owner,
             ),
         )
-        _created(response, written.outcome)
-        return write_reply(written)
+        return shown(
+            caller,
+            write_reply(written),
+            contacts_at="contact",
+            status_code=_created(written.outcome),
+        )
 
     @app.patch(
         "/persons/{person_id}",
+        operation_id="UpdatePerson",
         response_model=WriteReply,
         tags=["persons"],
         summary="Change some of a person's fields",
@@ -482,7 +532,7 @@ def create_app(service: ContactsService) -> FastAPI:
         body: PersonPatch,
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
-    ) -> WriteReply:
+    ) -> JSONResponse:
         caller = http_caller(request, idempotency_key, expected_version(if_match))
         written = await service.update_person(
             caller,
@@ -499,10 +549,11 @@ def create_app(service: ContactsService) -> FastAPI:
                 channels=_channels(body.channels),
             ),
         )
-        return write_reply(written)
+        return shown(caller, write_reply(written), contacts_at="contact")
 
     @app.post(
         "/companies",
+        operation_id="CreateCompany",
         status_code=201,
         response_model=WriteReply,
         tags=["companies"],
@@ -511,10 +562,9 @@ def create_app(service: ContactsService) -> FastAPI:
     )
     async def create_company(
         request: Request,
-        response: Response,
         body: CompanyCreate,
         idempotency_key: IdempotencyKey = None,
-    ) -> WriteReply:
+    ) -> JSONResponse:
         caller = http_caller(request, idempotency_key)
         written = await service.create_company(
             caller,
@@ -528,11 +578,16 @@ def create_app(service: ContactsService) -> FastAPI:
                 owner=body.owner,
             ),
         )
-        _created(response, written.outcome)
-        return write_reply(written)
+        return shown(
+            caller,
+            write_reply(written),
+            contacts_at="contact",
+            status_code=_created(written.outcome),
+        )
 
     @app.patch(
         "/companies/{company_id}",
+        operation_id="UpdateCompany",
         response_model=WriteReply,
         tags=["companies"],
         summary="Change some of a company's fields",
@@ -543,7 +598,7 @@ def create_app(service: ContactsService) -> FastAPI:
         body: CompanyPatch,
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
-    ) -> WriteReply:
+    ) -> JSONResponse:
         caller = http_caller(request, idempotency_key, expected_version(if_match))
         written = await service.update_company(
             caller,
@@ -560,10 +615,11 @@ def create_app(service: ContactsService) -> FastAPI:
                 owner=body.owner or "",
             ),
         )
-        return write_reply(written)
+        return shown(caller, write_reply(written), contacts_at="contact")
 
     @app.put(
         "/persons/{person_id}/companies/{company_id}",
+        operation_id="LinkPersonToCompany",
         response_model=WriteReply,
         tags=["persons"],
         summary="Relate a person to a company with a role (again: changes the role)",
@@ -575,16 +631,17 @@ def create_app(service: ContactsService) -> FastAPI:
         body: Annotated[CompanyRole | None, Body()] = None,
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
-    ) -> WriteReply:
+    ) -> JSONResponse:
         caller = http_caller(request, idempotency_key, expected_version(if_match))
         role = body.role if body is not None else ""
         written = await service.link_person_to_company(
             caller, CompanyLink(person_id=person_id, company_id=company_id, role=role)
         )
-        return write_reply(written)
+        return shown(caller, write_reply(written), contacts_at="contact")
 
     @app.delete(
         "/persons/{person_id}/companies/{company_id}",
+        operation_id="UnlinkPersonFromCompany",
         response_model=WriteReply,
         tags=["persons"],
         summary="End a person's relation to a company",
@@ -595,15 +652,16 @@ def create_app(service: ContactsService) -> FastAPI:
         company_id: str,
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
-    ) -> WriteReply:
+    ) -> JSONResponse:
         caller = http_caller(request, idempotency_key, expected_version(if_match))
         written = await service.unlink_person_from_company(
             caller, CompanyUnlink(person_id=person_id, company_id=company_id)
         )
-        return write_reply(written)
+        return shown(caller, write_reply(written), contacts_at="contact")
 
     @app.post(
         "/contacts/{contact_id}/consents",
+        operation_id="RecordConsent",
         status_code=201,
         response_model=WriteReply,
         tags=["contacts"],
@@ -612,12 +670,11 @@ def create_app(service: ContactsService) -> FastAPI:
     )
     async def record_consent(
         request: Request,
-        response: Response,
         contact_id: str,
         body: ConsentCreate,
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
-    ) -> WriteReply:
+    ) -> JSONResponse:
         caller = http_caller(request, idempotency_key, expected_version(if_match))
         written = await service.record_consent(
             caller,
@@ -629,11 +686,16 @@ def create_app(service: ContactsService) -> FastAPI:
                 source=body.source,
             ),
         )
-        _created(response, written.outcome)
-        return write_reply(written)
+        return shown(
+            caller,
+            write_reply(written),
+            contacts_at="contact",
+            status_code=_created(written.outcome),
+        )
 
     @app.post(
         "/contacts/{contact_id}/interactions",
+        operation_id="LogInteraction",
         status_code=201,
         response_model=InteractionReply,
         tags=["contacts"],
@@ -642,12 +704,11 @@ def create_app(service: ContactsService) -> FastAPI:
     )
     async def log_interaction(
         request: Request,
-        response: Response,
         contact_id: str,
         body: InteractionCreate,
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
-    ) -> InteractionReply:
+    ) -> JSONResponse:
         caller = http_caller(request, idempotency_key, expected_version(if_match))
         written = await service.log_interaction(
             caller,
@@ -661,28 +722,33 @@ def create_app(service: ContactsService) -> FastAPI:
                 owner=body.owner,
             ),
         )
-        _created(response, written.outcome)
-        return InteractionReply(
+        reply = InteractionReply(
             **_reply_fields(written.outcome, written.contact),
             interaction_id=written.outcome.extra.get("interaction_id", ""),
         )
+        return shown(caller, reply, contacts_at="contact", status_code=_created(written.outcome))
 
     @app.get(
         "/contacts/{contact_id}",
+        operation_id="GetContact",
         response_model=Contact,
         tags=["contacts"],
         summary="One person or company, with its recent interactions",
     )
-    async def get_contact(contact_id: str) -> Contact:
-        return contact_json(await service.get_contact(contact_id))
+    async def get_contact(request: Request, contact_id: str) -> JSONResponse:
+        caller = http_caller(request)
+        contact = await service.get_contact(contact_id, caller)
+        return shown(caller, contact_json(contact), operation="GetContact")
 
     @app.get(
         "/contacts",
+        operation_id="ListContacts",
         response_model=ContactList,
         tags=["contacts"],
         summary="Search contacts by name, email, phone, tag and kind; paged",
     )
     async def list_contacts(
+        request: Request,
         query: Annotated[
             str, Query(description="Part of a given, family or company name (any case).")
         ] = "",
@@ -705,7 +771,8 @@ def create_app(service: ContactsService) -> FastAPI:
         page_token: Annotated[
             str, Query(description="The next_page_token of the previous page.")
         ] = "",
-    ) -> ContactList:
+    ) -> JSONResponse:
+        caller = http_caller(request)
         page: ContactPage = await service.list_contacts(
             ContactQuery(
                 query=query,
@@ -715,12 +782,14 @@ def create_app(service: ContactsService) -> FastAPI:
                 kind=kind,
                 page_size=page_size,
                 page_token=page_token,
-            )
+            ),
+            caller,
         )
-        return ContactList(
+        reply = ContactList(
             contacts=[contact_json(view) for view in page.contacts],
             next_page_token=page.next_page_token,
             total_size=page.total_size,
         )
+        return shown(caller, reply, contacts_at="contacts", operation="ListContacts")
 
     return app

@@ -11,14 +11,30 @@ are checked, new ones are registered there): the application talks to it
 through `ContactsPort`, so the transport (gRPC in production) stays out of
 this layer. The contacts calls are made before the conversion command, with
 request ids derived from the conversion's own, so a retried conversion
-registers nobody twice.
+registers nobody twice; they are made for the converting user (the contacts
+service checks that user's roles too and names the user in its audit trail),
+and what the user may not have done there is refused before anything is
+registered.
+
+Each write names its command and passes its request
+(`caller.command("QualifyLead", lead_id, score)`): the request is fingerprinted,
+so a request id (Idempotency-Key) used again for a different request is refused
+with `IdempotencyKeyReused` instead of being answered with the first outcome.
+Request ids belong to the authenticated caller: another caller's equal request
+id is another request.
+
+Partners (`AccessPolicy.grant`, docs/security.md) may create leads and read
+leads: a lead a partner creates carries the partner's tag, and a partner reads
+only the leads carrying its own; any other lead is refused with
+`PermissionDenied`. The rule is here, not in the adapters, so both transports
+keep it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
@@ -28,8 +44,9 @@ from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import JSONTranscoder
 
-from crm_common.commands import Caller, CommandBus, CommandReceipt, UnitOfWork
-from crm_common.errors import NotFound, ValidationFailed, VersionConflict
+from crm_common.auth.access import AccessPolicy, PartnerGrant
+from crm_common.commands import Caller, CommandBus, CommandContext, CommandReceipt, UnitOfWork
+from crm_common.errors import NotFound, PermissionDenied, ValidationFailed, VersionConflict
 from crm_common.eventstore import application_env, creating_tables
 from crm_common.settings import Settings
 from crm_pipeline import validation
@@ -117,6 +134,10 @@ class CompanyToRegister:
 class ContactsPort(Protocol):
     """What lead conversion needs from the contacts service."""
 
+    async def authorize(self, operations: Iterable[str]) -> None:
+        """Raises PermissionDenied when the current request's user may not have the
+        contacts service run these operations (`GetContact`, `CreatePerson`, ...)."""
+
     async def ensure_exists(self, kind: str, contact_id: str) -> None:
         """Raises NotFound unless `contact_id` is a contact of `kind` (person or company)."""
 
@@ -138,9 +159,10 @@ class ContactsPort(Protocol):
 class PipelineService:
     """Use cases of the pipeline service; both adapters call these.
 
-    Each write names its command (`caller.command("CreateLead")`): the name
-    is recorded with the events and in the receipt of an idempotent command,
-    so it never changes.
+    Each write names its command and passes its request
+    (`caller.command("CreateLead", new)`): the name is recorded with the events
+    and in the receipt of an idempotent command, so it never changes; the
+    request goes into the fingerprint a reused request id is checked against.
     """
 
     def __init__(
@@ -149,22 +171,32 @@ class PipelineService:
         contacts: ContactsPort | None = None,
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        policy: AccessPolicy | None = None,
     ) -> None:
         self.app = app
         self.contacts = contacts
         self.bus = CommandBus(app, SERVICE)
         self.read_model = LocalReadModel(app)
         self.clock = clock
+        #: Whose grants partners work under (the API's gate's policy; by default the
+        #: policy shipped with crm_common).
+        self.policy = policy or AccessPolicy.load()
+
+    def grant_of(self, caller: Caller | None) -> PartnerGrant | None:
+        """The grant the caller works under: None for everyone but a partner (and for
+        commands without an authenticated caller); `PermissionDenied` for a partner
+        without one."""
+        if caller is None or caller.principal is None:
+            return None
+        return self.policy.grant(caller.principal)
 
     def close(self) -> None:
         """Stops the command bus (after pending commands) and closes the store."""
         self.bus.close()
         self.app.close()
 
-    async def _write(
-        self, caller: Caller, command: str, decide: Callable[[UnitOfWork], Any]
-    ) -> Written:
-        outcome = await self.bus.execute_async(caller.command(command), decide)
+    async def _write(self, ctx: CommandContext, decide: Callable[[UnitOfWork], Any]) -> Written:
+        outcome = await self.bus.execute_async(ctx, decide)
         subject = outcome.subject
         if subject is None:  # a replay: the subject as it is now
             subject = await asyncio.to_thread(self.load, outcome.id, Aggregate)
@@ -173,6 +205,7 @@ class PipelineService:
     # -- leads
 
     async def create_lead(self, caller: Caller, new: NewLead) -> Written:
+        grant = self.grant_of(caller)
         lead = validation.new_lead(new)
 
         def decide(uow: UnitOfWork) -> Lead:
@@ -187,39 +220,45 @@ class PipelineService:
                     campaign=lead.campaign,
                     owner=lead.owner,
                     at=self.clock(),
+                    partner_tag=grant.tag if grant else "",
                 )
             )
 
-        return await self._write(caller, "CreateLead", decide)
+        return await self._write(caller.command("CreateLead", new), decide)
 
     async def _lead_command(
-        self, caller: Caller, command: str, lead_id: str, change: Callable[[Lead, datetime], None]
+        self, ctx: CommandContext, lead_id: str, change: Callable[[Lead, datetime], None]
     ) -> Written:
         def decide(uow: UnitOfWork) -> Lead:
             lead = uow.get(lead_id, Lead)
             change(lead, self.clock())
             return lead
 
-        return await self._write(caller, command, decide)
+        return await self._write(ctx, decide)
 
     async def qualify_lead(self, caller: Caller, lead_id: str, score: int) -> Written:
         checked = validation.score(score)
         return await self._lead_command(
-            caller, "QualifyLead", lead_id, lambda lead, now: lead.qualify(checked, now)
+            caller.command("QualifyLead", lead_id, score),
+            lead_id,
+            lambda lead, now: lead.qualify(checked, now),
         )
 
     async def disqualify_lead(self, caller: Caller, lead_id: str, reason: str) -> Written:
         checked = validation.one_text("reason", reason)
         return await self._lead_command(
-            caller, "DisqualifyLead", lead_id, lambda lead, now: lead.disqualify(checked, now)
+            caller.command("DisqualifyLead", lead_id, reason),
+            lead_id,
+            lambda lead, now: lead.disqualify(checked, now),
         )
 
     async def convert_lead(self, caller: Caller, conversion: LeadConversion) -> Written:
         """Converts a qualified lead; the new deal's id is in `outcome.extra`."""
-        command = "ConvertLead"
-        if await asyncio.to_thread(self._seen, caller):
-            # A retry of a conversion that happened: the bus replays its outcome.
-            return await self._write(caller, command, lambda uow: uow.get(conversion.lead_id, Lead))
+        ctx = caller.command("ConvertLead", conversion)
+        if await asyncio.to_thread(self._seen, ctx):
+            # A retry of a conversion that happened: the bus replays its outcome (or
+            # refuses a request id used before for another request).
+            return await self._write(ctx, lambda uow: uow.get(conversion.lead_id, Lead))
         # Refuse what can be refused before anything is registered in contacts.
         terms = validation.conversion_terms(conversion)
         check_close_date(terms.expected_close_date, self.clock(), "expected_close_date")
@@ -261,17 +300,20 @@ class PipelineService:
                 "company_id": company_id,
             }
 
-        return await self._write(caller, command, decide)
+        return await self._write(ctx, decide)
 
-    def _seen(self, caller: Caller) -> bool:
-        """Whether a command with this request id was already carried out."""
-        if not caller.request_id:
+    def _seen(self, ctx: CommandContext) -> bool:
+        """Whether this caller's request id answers with an earlier command's outcome
+        (a receipt that has not expired)."""
+        if not ctx.request_id:
             return False
         try:
-            self.app.repository.get(CommandReceipt.create_id(SERVICE, caller.request_id))
+            receipt: Aggregate = self.app.repository.get(
+                CommandReceipt.create_id(SERVICE, ctx.request_id, ctx.scope)
+            )
         except AggregateNotFoundError:
             return False
-        return True
+        return bool(receipt.modified_on >= datetime.now(UTC) - self.bus.receipt_retention)
 
     async def _contacts_of(
         self, caller: Caller, lead: Lead, conversion: LeadConversion
@@ -282,6 +324,18 @@ class PipelineService:
             raise ValidationFailed.of("create_company", "name a company or create one, not both")
         if conversion.create_company and not lead.company_name:
             raise ValidationFailed.of("create_company", "the lead has no company name")
+        links = bool(
+            (conversion.company_id or conversion.create_company)
+            and (conversion.create_company or not conversion.person_id)
+        )
+        await self.contacts.authorize(
+            [
+                *(["GetContact"] if conversion.person_id or conversion.company_id else []),
+                *([] if conversion.person_id else ["CreatePerson"]),
+                *(["CreateCompany"] if conversion.create_company else []),
+                *(["LinkPersonToCompany"] if links else []),
+            ]
+        )
 
         def derived(part: str) -> str | None:
             return f"{caller.request_id}:{part}" if caller.request_id else None
@@ -303,7 +357,7 @@ class PipelineService:
             company_id = await self.contacts.register_company(
                 CompanyToRegister(lead.company_name, lead.owner), derived("company")
             )
-        if company_id and (conversion.create_company or not conversion.person_id):
+        if links:
             # A new person joins the company, or the new company gets its person.
             await self.contacts.link_person_to_company(person_id, company_id, derived("link"))
         return person_id, company_id
@@ -315,31 +369,28 @@ class PipelineService:
     ) -> Written:
         checked_name, checked_stages = validation.new_pipeline(name, stages)
         return await self._write(
-            caller,
-            "DefinePipeline",
+            caller.command("DefinePipeline", name, list(stages)),
             lambda uow: uow.add(Pipeline.define(checked_name, checked_stages)),
         )
 
     async def _pipeline_command(
-        self,
-        caller: Caller,
-        command: str,
-        pipeline_id: str,
-        change: Callable[[Pipeline], None],
+        self, ctx: CommandContext, pipeline_id: str, change: Callable[[Pipeline], None]
     ) -> Written:
         def decide(uow: UnitOfWork) -> Pipeline:
             pipeline = uow.get(pipeline_id, Pipeline)
             change(pipeline)
             return pipeline
 
-        return await self._write(caller, command, decide)
+        return await self._write(ctx, decide)
 
     async def add_stage(
         self, caller: Caller, pipeline_id: str, stage: StageInput, position: int | None = None
     ) -> Written:
         checked = validation.stage(stage, "stage")
         return await self._pipeline_command(
-            caller, "AddStage", pipeline_id, lambda p: p.add_stage(checked, position)
+            caller.command("AddStage", pipeline_id, stage, position),
+            pipeline_id,
+            lambda p: p.add_stage(checked, position),
         )
 
     async def rename_stage(
@@ -347,7 +398,9 @@ class PipelineService:
     ) -> Written:
         checked = validation.one_text("name", name)
         return await self._pipeline_command(
-            caller, "RenameStage", pipeline_id, lambda p: p.rename_stage(stage_id, checked)
+            caller.command("RenameStage", pipeline_id, stage_id, name),
+            pipeline_id,
+            lambda p: p.rename_stage(stage_id, checked),
         )
 
     async def change_stage_settings(
@@ -364,18 +417,23 @@ class PipelineService:
             checked, word = validation.stage_settings(probability, category)
             pipeline.change_stage_settings(stage_id, checked, word)
 
-        return await self._pipeline_command(caller, "ChangeStageSettings", pipeline_id, change)
+        ctx = caller.command("ChangeStageSettings", pipeline_id, stage_id, probability, category)
+        return await self._pipeline_command(ctx, pipeline_id, change)
 
     async def reorder_stages(
         self, caller: Caller, pipeline_id: str, stage_ids: Sequence[str]
     ) -> Written:
         return await self._pipeline_command(
-            caller, "ReorderStages", pipeline_id, lambda p: p.reorder_stages(list(stage_ids))
+            caller.command("ReorderStages", pipeline_id, list(stage_ids)),
+            pipeline_id,
+            lambda p: p.reorder_stages(list(stage_ids)),
         )
 
     async def retire_stage(self, caller: Caller, pipeline_id: str, stage_id: str) -> Written:
         return await self._pipeline_command(
-            caller, "RetireStage", pipeline_id, lambda p: p.retire_stage(stage_id)
+            caller.command("RetireStage", pipeline_id, stage_id),
+            pipeline_id,
+            lambda p: p.retire_stage(stage_id),
         )
 
     # -- opportunities
@@ -403,12 +461,11 @@ class PipelineService:
                 )
             )
 
-        return await self._write(caller, "OpenOpportunity", decide)
+        return await self._write(caller.command("OpenOpportunity", new), decide)
 
     async def _deal_command(
         self,
-        caller: Caller,
-        command: str,
+        ctx: CommandContext,
         opportunity_id: str,
         change: Callable[[Opportunity, Pipeline, datetime], None],
     ) -> Written:
@@ -418,14 +475,16 @@ class PipelineService:
             change(deal, pipeline, self.clock())
             return deal
 
-        return await self._write(caller, command, decide)
+        return await self._write(ctx, decide)
 
     async def change_amount(
         self, caller: Caller, opportunity_id: str, amount: Number, currency: str
     ) -> Written:
         money = validation.one_money(amount, currency)
         return await self._deal_command(
-            caller, "ChangeAmount", opportunity_id, lambda d, _, now: d.change_amount(money, now)
+            caller.command("ChangeAmount", opportunity_id, amount, currency),
+            opportunity_id,
+            lambda d, _, now: d.change_amount(money, now),
         )
 
     async def set_line_items(
@@ -435,15 +494,15 @@ class PipelineService:
             # Lines are priced in the deal's own currency.
             deal.set_line_items(validation.line_items(items, deal.amount.currency), now)
 
-        return await self._deal_command(caller, "SetLineItems", opportunity_id, change)
+        ctx = caller.command("SetLineItems", opportunity_id, list(items))
+        return await self._deal_command(ctx, opportunity_id, change)
 
     async def change_expected_close_date(
         self, caller: Caller, opportunity_id: str, expected: str | date
     ) -> Written:
         day = validation.required_date(expected, "expected_close_date")
         return await self._deal_command(
-            caller,
-            "ChangeExpectedCloseDate",
+            caller.command("ChangeExpectedCloseDate", opportunity_id, expected),
             opportunity_id,
             lambda d, _, now: d.change_expected_close_date(day, now),
         )
@@ -453,16 +512,14 @@ class PipelineService:
     ) -> Written:
         checked = validation.one_text("owner", owner)
         return await self._deal_command(
-            caller,
-            "ReassignOpportunity",
+            caller.command("ReassignOpportunity", opportunity_id, owner),
             opportunity_id,
             lambda d, _, now: d.reassign(checked, now),
         )
 
     async def move_opportunity(self, caller: Caller, opportunity_id: str, stage_id: str) -> Written:
         return await self._deal_command(
-            caller,
-            "MoveOpportunity",
+            caller.command("MoveOpportunity", opportunity_id, stage_id),
             opportunity_id,
             lambda d, p, now: d.change_stage(p, stage_id, now),
         )
@@ -472,7 +529,9 @@ class PipelineService:
     ) -> Written:
         day = validation.optional_date(closed_on, "closed_on")
         return await self._deal_command(
-            caller, "WinOpportunity", opportunity_id, lambda d, p, now: d.win(p, now, day)
+            caller.command("WinOpportunity", opportunity_id, closed_on),
+            opportunity_id,
+            lambda d, p, now: d.win(p, now, day),
         )
 
     async def lose_opportunity(
@@ -485,8 +544,7 @@ class PipelineService:
         checked = validation.one_text("reason", reason)
         day = validation.optional_date(closed_on, "closed_on")
         return await self._deal_command(
-            caller,
-            "LoseOpportunity",
+            caller.command("LoseOpportunity", opportunity_id, reason, closed_on),
             opportunity_id,
             lambda d, p, now: d.lose(p, checked, now, day),
         )
@@ -495,8 +553,7 @@ class PipelineService:
         self, caller: Caller, opportunity_id: str, stage_id: str = ""
     ) -> Written:
         return await self._deal_command(
-            caller,
-            "ReopenOpportunity",
+            caller.command("ReopenOpportunity", opportunity_id, stage_id),
             opportunity_id,
             lambda d, p, now: d.reopen(p, now, stage_id),
         )
@@ -522,12 +579,11 @@ class PipelineService:
                 )
             )
 
-        return await self._write(caller, "ScheduleActivity", decide)
+        return await self._write(caller.command("ScheduleActivity", new), decide)
 
     async def _activity_command(
         self,
-        caller: Caller,
-        command: str,
+        ctx: CommandContext,
         activity_id: str,
         change: Callable[[Activity, datetime], None],
     ) -> Written:
@@ -536,14 +592,16 @@ class PipelineService:
             change(activity, self.clock())
             return activity
 
-        return await self._write(caller, command, decide)
+        return await self._write(ctx, decide)
 
     async def reschedule_activity(
         self, caller: Caller, activity_id: str, due_at: datetime | None
     ) -> Written:
         due = validation.due_at(due_at)
         return await self._activity_command(
-            caller, "RescheduleActivity", activity_id, lambda a, now: a.reschedule(due, now)
+            caller.command("RescheduleActivity", activity_id, due_at),
+            activity_id,
+            lambda a, now: a.reschedule(due, now),
         )
 
     async def complete_activity(
@@ -551,13 +609,17 @@ class PipelineService:
     ) -> Written:
         checked = validation.one_text("outcome", outcome, required=False)
         return await self._activity_command(
-            caller, "CompleteActivity", activity_id, lambda a, now: a.complete(checked, now)
+            caller.command("CompleteActivity", activity_id, outcome),
+            activity_id,
+            lambda a, now: a.complete(checked, now),
         )
 
     async def cancel_activity(self, caller: Caller, activity_id: str, reason: str = "") -> Written:
         checked = validation.one_text("reason", reason, required=False)
         return await self._activity_command(
-            caller, "CancelActivity", activity_id, lambda a, now: a.cancel(checked, now)
+            caller.command("CancelActivity", activity_id, reason),
+            activity_id,
+            lambda a, now: a.cancel(checked, now),
         )
 
     # -- reading one aggregate
@@ -577,8 +639,15 @@ class PipelineService:
             raise NotFound(kind.__name__, ident)
         return aggregate
 
-    async def get_lead(self, lead_id: str) -> LeadView:
-        return lead_view(await asyncio.to_thread(self.load, lead_id, Lead))
+    async def get_lead(self, lead_id: str, caller: Caller | None = None) -> LeadView:
+        """The lead; a partner (`caller`) gets only a lead it brought."""
+        grant = self.grant_of(caller)
+        lead: Lead = await asyncio.to_thread(self.load, lead_id, Lead)
+        if grant is not None and lead.partner_tag != grant.tag:
+            raise PermissionDenied(
+                f"lead {lead_id} is not within the grant of partner {grant.client!r}"
+            )
+        return lead_view(lead)
 
     async def get_pipeline(self, pipeline_id: str) -> PipelineView:
         return pipeline_view(await asyncio.to_thread(self.load, pipeline_id, Pipeline))

@@ -9,7 +9,7 @@ statuses with details (see `crm_common.server`).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -20,6 +20,7 @@ from crm_common.commands import Caller, WriteOutcome
 from crm_common.enums import enum_number, enum_word
 from crm_common.errors import ValidationFailed
 from crm_common.server import GrpcService, grpc_caller
+from crm_common.timestamps import datetime_of
 from crm_pipeline.application import PipelineService
 from crm_pipeline.forecast import Funnel, WinRate
 from crm_pipeline.inputs import (
@@ -85,7 +86,7 @@ def _money(message: pb.Money, field: str) -> tuple[str, str]:
 def _due(request: Any) -> datetime | None:
     if not request.HasField("due_at"):
         return None
-    due: datetime = request.due_at.ToDatetime(tzinfo=UTC)
+    due: datetime = datetime_of(request.due_at, "due_at")
     return due
 
 
@@ -191,7 +192,8 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
         )
 
     async def GetLead(self, request: pb.GetLeadRequest, context: Context) -> Any:
-        return pb.GetLeadResponse(lead=lead_pb(await self.service.get_lead(request.id)))
+        lead = await self.service.get_lead(request.id, grpc_caller(context))
+        return pb.GetLeadResponse(lead=lead_pb(lead))
 
     # -- pipelines
 

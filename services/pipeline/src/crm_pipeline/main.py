@@ -8,7 +8,7 @@ import logging
 
 from crm_common.cli import Process, run_cli
 from crm_common.relay import run_relay
-from crm_common.server import serve
+from crm_common.server import access_gate, serve
 from crm_common.settings import Settings
 from crm_pipeline.application import PipelineService, create_application
 from crm_pipeline.contacts_client import GrpcContacts
@@ -21,8 +21,10 @@ log = logging.getLogger("crm_pipeline")
 
 
 async def run_serve(settings: Settings) -> None:
-    contacts = GrpcContacts(settings.grpc_target("contacts"))
-    service = PipelineService(create_application(settings), contacts)
+    # Refuses to start without a key set to verify tokens or a key to sign its own.
+    gate = access_gate(settings)
+    contacts = GrpcContacts.configured(settings, policy=gate.policy)
+    service = PipelineService(create_application(settings), contacts, policy=gate.policy)
     try:
         # Load every deal before taking traffic, not in the first query.
         position = await asyncio.to_thread(service.read_model.catch_up)
@@ -32,8 +34,9 @@ async def run_serve(settings: Settings) -> None:
         gc.freeze()
         await serve(
             settings,
+            gate=gate,
             grpc_services=[grpc_service(service)],
-            http_app=create_app(service),
+            http_app=create_app(service, gate),
         )
     finally:
         # After serve() has drained both servers: pending commands finish first.

@@ -27,7 +27,7 @@ from crm.pipeline.v1 import pipeline_pb2 as crm_dot_pipeline_dot_v1_dot_pipeline
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$crm/customer360/v1/customer360.proto\x12\x12\x63rm.customer360.v1\x1a\x1e\x63rm/contacts/v1/contacts.proto\x1a\x1e\x63rm/pipeline/v1/pipeline.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbf\x01\n\x15GetCustomer360Request\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12H\n\x08wait_for\x18\x02 \x03(\x0b\x32\x36.crm.customer360.v1.GetCustomer360Request.WaitForEntry\x12\x17\n\x0fwait_timeout_ms\x18\x03 \x01(\x05\x1a.\n\x0cWaitForEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"K\n\x16GetCustomer360Response\x12\x31\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x1f.crm.customer360.v1.Customer360\"K\n\x11\x43ompanyMembership\x12\x12\n\ncompany_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ompany_name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\"\x8a\x01\n\x0e\x43hannelConsent\x12)\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x18.crm.contacts.v1.Channel\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tpreferred\x18\x03 \x01(\x08\x12)\n\x07\x63onsent\x18\x04 \x01(\x0b\x32\x18.crm.contacts.v1.Consent\"\xea\x01\n\rTimelineEntry\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07summary\x18\x04 \x01(\t\x12/\n\x0boccurred_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tdirection\x18\x06 \x01(\x0e\x32\x1a.crm.contacts.v1.Direction\x12)\n\x07\x63hannel\x18\x07 \x01(\x0e\x32\x18.crm.contacts.v1.Channel\x12\r\n\x05owner\x18\x08 \x01(\t\"\xaa\x04\n\x04\x44\x65\x61l\x12\x16\n\x0eopportunity_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0bpipeline_id\x18\x04 \x01(\t\x12\x15\n\rpipeline_name\x18\x05 \x01(\t\x12\x10\n\x08stage_id\x18\x06 \x01(\t\x12\x12\n\nstage_name\x18\x07 \x01(\t\x12&\n\x06\x61mount\x18\x08 \x01(\x0b\x32\x16.crm.pipeline.v1.Money\x12\x32\n\x06status\x18\t \x01(\x0e\x32\".crm.pipeline.v1.OpportunityStatus\x12\x1b\n\x13\x65xpected_close_date\x18\n \x01(\t\x12\r\n\x05owner\x18\x0b \x01(\t\x12\x11\n\tperson_id\x18\x0c \x01(\t\x12\x12\n\ncompany_id\x18\r \x01(\t\x12.\n\x04kind\x18\x0e \x01(\x0e\x32 .crm.pipeline.v1.OpportunityKind\x12-\n\topened_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10stage_entered_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tclosed_on\x18\x11 \x01(\t\x12-\n\tclosed_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0blost_reason\x18\x13 \x01(\t\"\xd1\x06\n\x0b\x43ustomer360\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.crm.contacts.v1.ContactKind\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x12\n\ngiven_name\x18\x04 \x01(\t\x12\x13\n\x0b\x66\x61mily_name\x18\x05 \x01(\t\x12\x38\n\x0flifecycle_stage\x18\x06 \x01(\x0e\x32\x1f.crm.contacts.v1.LifecycleStage\x12\x0c\n\x04tags\x18\x07 \x03(\t\x12H\n\rcustom_fields\x18\x08 \x03(\x0b\x32\x31.crm.customer360.v1.Customer360.CustomFieldsEntry\x12\x34\n\x08\x63hannels\x18\t \x03(\x0b\x32\".crm.customer360.v1.ChannelConsent\x12\x38\n\tcompanies\x18\n \x03(\x0b\x32%.crm.customer360.v1.CompanyMembership\x12\x33\n\x08timeline\x18\x0b \x03(\x0b\x32!.crm.customer360.v1.TimelineEntry\x12\r\n\x05owner\x18\x0c \x01(\t\x12\x0e\n\x06\x64omain\x18\r \x01(\t\x12\x10\n\x08industry\x18\x0e \x01(\t\x12\x41\n\tpositions\x18\x0f \x03(\x0b\x32..crm.customer360.v1.Customer360.PositionsEntry\x12.\n\nupdated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05\x64\x65\x61ls\x18\x11 \x03(\x0b\x32\x18.crm.customer360.v1.Deal\x12\x34\n\x14lifetime_won_revenue\x18\x12 \x03(\x0b\x32\x16.crm.pipeline.v1.Money\x1aV\n\x11\x43ustomFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x30\n\x05value\x18\x02 \x01(\x0b\x32!.crm.contacts.v1.CustomFieldValue:\x02\x38\x01\x1a\x30\n\x0ePositionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32}\n\x12\x43ustomer360Service\x12g\n\x0eGetCustomer360\x12).crm.customer360.v1.GetCustomer360Request\x1a*.crm.customer360.v1.GetCustomer360Responseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$crm/customer360/v1/customer360.proto\x12\x12\x63rm.customer360.v1\x1a\x1e\x63rm/contacts/v1/contacts.proto\x1a\x1e\x63rm/pipeline/v1/pipeline.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x01\n\x14GetAuditTrailRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"a\n\x15GetAuditTrailResponse\x12/\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1e.crm.customer360.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xde\x01\n\nAuditEntry\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t\x12/\n\x0boccurred_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x06 \x01(\t\x12\x0e\n\x06\x63lient\x18\x07 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x10\n\x08position\x18\n \x01(\x03\"\xbf\x01\n\x15GetCustomer360Request\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12H\n\x08wait_for\x18\x02 \x03(\x0b\x32\x36.crm.customer360.v1.GetCustomer360Request.WaitForEntry\x12\x17\n\x0fwait_timeout_ms\x18\x03 \x01(\x05\x1a.\n\x0cWaitForEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"K\n\x16GetCustomer360Response\x12\x31\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x1f.crm.customer360.v1.Customer360\"K\n\x11\x43ompanyMembership\x12\x12\n\ncompany_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ompany_name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\"\x8a\x01\n\x0e\x43hannelConsent\x12)\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x18.crm.contacts.v1.Channel\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tpreferred\x18\x03 \x01(\x08\x12)\n\x07\x63onsent\x18\x04 \x01(\x0b\x32\x18.crm.contacts.v1.Consent\"\xea\x01\n\rTimelineEntry\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07summary\x18\x04 \x01(\t\x12/\n\x0boccurred_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tdirection\x18\x06 \x01(\x0e\x32\x1a.crm.contacts.v1.Direction\x12)\n\x07\x63hannel\x18\x07 \x01(\x0e\x32\x18.crm.contacts.v1.Channel\x12\r\n\x05owner\x18\x08 \x01(\t\"\xaa\x04\n\x04\x44\x65\x61l\x12\x16\n\x0eopportunity_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0bpipeline_id\x18\x04 \x01(\t\x12\x15\n\rpipeline_name\x18\x05 \x01(\t\x12\x10\n\x08stage_id\x18\x06 \x01(\t\x12\x12\n\nstage_name\x18\x07 \x01(\t\x12&\n\x06\x61mount\x18\x08 \x01(\x0b\x32\x16.crm.pipeline.v1.Money\x12\x32\n\x06status\x18\t \x01(\x0e\x32\".crm.pipeline.v1.OpportunityStatus\x12\x1b\n\x13\x65xpected_close_date\x18\n \x01(\t\x12\r\n\x05owner\x18\x0b \x01(\t\x12\x11\n\tperson_id\x18\x0c \x01(\t\x12\x12\n\ncompany_id\x18\r \x01(\t\x12.\n\x04kind\x18\x0e \x01(\x0e\x32 .crm.pipeline.v1.OpportunityKind\x12-\n\topened_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10stage_entered_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tclosed_on\x18\x11 \x01(\t\x12-\n\tclosed_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0blost_reason\x18\x13 \x01(\t\"\xd1\x06\n\x0b\x43ustomer360\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.crm.contacts.v1.ContactKind\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x12\n\ngiven_name\x18\x04 \x01(\t\x12\x13\n\x0b\x66\x61mily_name\x18\x05 \x01(\t\x12\x38\n\x0flifecycle_stage\x18\x06 \x01(\x0e\x32\x1f.crm.contacts.v1.LifecycleStage\x12\x0c\n\x04tags\x18\x07 \x03(\t\x12H\n\rcustom_fields\x18\x08 \x03(\x0b\x32\x31.crm.customer360.v1.Customer360.CustomFieldsEntry\x12\x34\n\x08\x63hannels\x18\t \x03(\x0b\x32\".crm.customer360.v1.ChannelConsent\x12\x38\n\tcompanies\x18\n \x03(\x0b\x32%.crm.customer360.v1.CompanyMembership\x12\x33\n\x08timeline\x18\x0b \x03(\x0b\x32!.crm.customer360.v1.TimelineEntry\x12\r\n\x05owner\x18\x0c \x01(\t\x12\x0e\n\x06\x64omain\x18\r \x01(\t\x12\x10\n\x08industry\x18\x0e \x01(\t\x12\x41\n\tpositions\x18\x0f \x03(\x0b\x32..crm.customer360.v1.Customer360.PositionsEntry\x12.\n\nupdated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05\x64\x65\x61ls\x18\x11 \x03(\x0b\x32\x18.crm.customer360.v1.Deal\x12\x34\n\x14lifetime_won_revenue\x18\x12 \x03(\x0b\x32\x16.crm.pipeline.v1.Money\x1aV\n\x11\x43ustomFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x30\n\x05value\x18\x02 \x01(\x0b\x32!.crm.contacts.v1.CustomFieldValue:\x02\x38\x01\x1a\x30\n\x0ePositionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xe3\x01\n\x12\x43ustomer360Service\x12g\n\x0eGetCustomer360\x12).crm.customer360.v1.GetCustomer360Request\x1a*.crm.customer360.v1.GetCustomer360Response\x12\x64\n\rGetAuditTrail\x12(.crm.customer360.v1.GetAuditTrailRequest\x1a).crm.customer360.v1.GetAuditTrailResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,26 +40,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CUSTOMER360_CUSTOMFIELDSENTRY']._serialized_options = b'8\001'
   _globals['_CUSTOMER360_POSITIONSENTRY']._loaded_options = None
   _globals['_CUSTOMER360_POSITIONSENTRY']._serialized_options = b'8\001'
-  _globals['_GETCUSTOMER360REQUEST']._serialized_start=158
-  _globals['_GETCUSTOMER360REQUEST']._serialized_end=349
-  _globals['_GETCUSTOMER360REQUEST_WAITFORENTRY']._serialized_start=303
-  _globals['_GETCUSTOMER360REQUEST_WAITFORENTRY']._serialized_end=349
-  _globals['_GETCUSTOMER360RESPONSE']._serialized_start=351
-  _globals['_GETCUSTOMER360RESPONSE']._serialized_end=426
-  _globals['_COMPANYMEMBERSHIP']._serialized_start=428
-  _globals['_COMPANYMEMBERSHIP']._serialized_end=503
-  _globals['_CHANNELCONSENT']._serialized_start=506
-  _globals['_CHANNELCONSENT']._serialized_end=644
-  _globals['_TIMELINEENTRY']._serialized_start=647
-  _globals['_TIMELINEENTRY']._serialized_end=881
-  _globals['_DEAL']._serialized_start=884
-  _globals['_DEAL']._serialized_end=1438
-  _globals['_CUSTOMER360']._serialized_start=1441
-  _globals['_CUSTOMER360']._serialized_end=2290
-  _globals['_CUSTOMER360_CUSTOMFIELDSENTRY']._serialized_start=2154
-  _globals['_CUSTOMER360_CUSTOMFIELDSENTRY']._serialized_end=2240
-  _globals['_CUSTOMER360_POSITIONSENTRY']._serialized_start=2242
-  _globals['_CUSTOMER360_POSITIONSENTRY']._serialized_end=2290
-  _globals['_CUSTOMER360SERVICE']._serialized_start=2292
-  _globals['_CUSTOMER360SERVICE']._serialized_end=2417
+  _globals['_GETAUDITTRAILREQUEST']._serialized_start=158
+  _globals['_GETAUDITTRAILREQUEST']._serialized_end=341
+  _globals['_GETAUDITTRAILRESPONSE']._serialized_start=343
+  _globals['_GETAUDITTRAILRESPONSE']._serialized_end=440
+  _globals['_AUDITENTRY']._serialized_start=443
+  _globals['_AUDITENTRY']._serialized_end=665
+  _globals['_GETCUSTOMER360REQUEST']._serialized_start=668
+  _globals['_GETCUSTOMER360REQUEST']._serialized_end=859
+  _globals['_GETCUSTOMER360REQUEST_WAITFORENTRY']._serialized_start=813
+  _globals['_GETCUSTOMER360REQUEST_WAITFORENTRY']._serialized_end=859
+  _globals['_GETCUSTOMER360RESPONSE']._serialized_start=861
+  _globals['_GETCUSTOMER360RESPONSE']._serialized_end=936
+  _globals['_COMPANYMEMBERSHIP']._serialized_start=938
+  _globals['_COMPANYMEMBERSHIP']._serialized_end=1013
+  _globals['_CHANNELCONSENT']._serialized_start=1016
+  _globals['_CHANNELCONSENT']._serialized_end=1154
+  _globals['_TIMELINEENTRY']._serialized_start=1157
+  _globals['_TIMELINEENTRY']._serialized_end=1391
+  _globals['_DEAL']._serialized_start=1394
+  _globals['_DEAL']._serialized_end=1948
+  _globals['_CUSTOMER360']._serialized_start=1951
+  _globals['_CUSTOMER360']._serialized_end=2800
+  _globals['_CUSTOMER360_CUSTOMFIELDSENTRY']._serialized_start=2664
+  _globals['_CUSTOMER360_CUSTOMFIELDSENTRY']._serialized_end=2750
+  _globals['_CUSTOMER360_POSITIONSENTRY']._serialized_start=2752
+  _globals['_CUSTOMER360_POSITIONSENTRY']._serialized_end=2800
+  _globals['_CUSTOMER360SERVICE']._serialized_start=2803
+  _globals['_CUSTOMER360SERVICE']._serialized_end=3030
 # @@protoc_insertion_point(module_scope)

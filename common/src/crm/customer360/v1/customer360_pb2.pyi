@@ -22,6 +22,139 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class GetAuditTrailRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    """The customer (the events' key: a contact id; for a lead not converted yet
+    or a pipeline definition, the lead's or the pipeline's id).
+    """
+    actor: _builtins.str
+    """The user (or platform service) recorded as actor. At least one of
+    customer_id and actor must be given; with both, the entries match both.
+    """
+    page_size: _builtins.int
+    """At most this many entries (default 50, max 500)."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Only entries that happened at or after `since` and before `until`."""
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        customer_id: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "customer_id", b"customer_id", "page_size", b"page_size", "page_token", b"page_token", "since", b"since", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAuditTrailRequest: _TypeAlias = GetAuditTrailRequest  # noqa: Y015
+
+@_typing.final
+class GetAuditTrailResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass it as page_token for the next page; empty after the last page."""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]:
+        """Newest first."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___AuditEntry] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAuditTrailResponse: _TypeAlias = GetAuditTrailResponse  # noqa: Y015
+
+@_typing.final
+class AuditEntry(_message.Message):
+    """One event as the audit trail records it: the CloudEvents attributes of the
+    record and the verified caller of the command that caused it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    CLIENT_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    source: _builtins.str
+    """The service whose event it is ("contacts", "pipeline")."""
+    event_type: _builtins.str
+    """The CloudEvents type, e.g. "crm.contacts.v1.PersonRegistered"."""
+    event_id: _builtins.str
+    """The CloudEvents id: unique per source service."""
+    actor: _builtins.str
+    """Who: the authenticated user (the user a platform service acted for)."""
+    client: _builtins.str
+    """Through which application (the token's client id)."""
+    command: _builtins.str
+    """The command that caused the event, e.g. "UpdatePerson"."""
+    request_id: _builtins.str
+    """The request id (Idempotency-Key) the caller gave, if any."""
+    position: _builtins.int
+    """The event's position in the source service's event log."""
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp:
+        """When the event happened (the CloudEvents time)."""
+
+    def __init__(
+        self,
+        *,
+        customer_id: _builtins.str = ...,
+        source: _builtins.str = ...,
+        event_type: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        actor: _builtins.str = ...,
+        client: _builtins.str = ...,
+        command: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        position: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "client", b"client", "command", b"command", "customer_id", b"customer_id", "event_id", b"event_id", "event_type", b"event_type", "occurred_at", b"occurred_at", "position", b"position", "request_id", b"request_id", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEntry: _TypeAlias = AuditEntry  # noqa: Y015
+
+@_typing.final
 class GetCustomer360Request(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -41,6 +41,11 @@ class Customer360ServiceStub:
                 request_serializer=crm_dot_customer360_dot_v1_dot_customer360__pb2.GetCustomer360Request.SerializeToString,
                 response_deserializer=crm_dot_customer360_dot_v1_dot_customer360__pb2.GetCustomer360Response.FromString,
                 _registered_method=True)
+        self.GetAuditTrail = channel.unary_unary(
+                '/crm.customer360.v1.Customer360Service/GetAuditTrail',
+                request_serializer=crm_dot_customer360_dot_v1_dot_customer360__pb2.GetAuditTrailRequest.SerializeToString,
+                response_deserializer=crm_dot_customer360_dot_v1_dot_customer360__pb2.GetAuditTrailResponse.FromString,
+                _registered_method=True)
 
 
 class Customer360ServiceServicer:
@@ -56,6 +61,15 @@ class Customer360ServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAuditTrail(self, request, context):
+        """Who did what to a customer (or what one actor did), when, through which
+        client: one entry per event of every source service, newest first.
+        Admins only. INVALID_ARGUMENT when neither customer_id nor actor is given.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_Customer360ServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +77,11 @@ def add_Customer360ServiceServicer_to_server(servicer, server):
                     servicer.GetCustomer360,
                     request_deserializer=crm_dot_customer360_dot_v1_dot_customer360__pb2.GetCustomer360Request.FromString,
                     response_serializer=crm_dot_customer360_dot_v1_dot_customer360__pb2.GetCustomer360Response.SerializeToString,
+            ),
+            'GetAuditTrail': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAuditTrail,
+                    request_deserializer=crm_dot_customer360_dot_v1_dot_customer360__pb2.GetAuditTrailRequest.FromString,
+                    response_serializer=crm_dot_customer360_dot_v1_dot_customer360__pb2.GetAuditTrailResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -94,6 +113,33 @@ class Customer360Service:
             '/crm.customer360.v1.Customer360Service/GetCustomer360',
             crm_dot_customer360_dot_v1_dot_customer360__pb2.GetCustomer360Request.SerializeToString,
             crm_dot_customer360_dot_v1_dot_customer360__pb2.GetCustomer360Response.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAuditTrail(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.customer360.v1.Customer360Service/GetAuditTrail',
+            crm_dot_customer360_dot_v1_dot_customer360__pb2.GetAuditTrailRequest.SerializeToString,
+            crm_dot_customer360_dot_v1_dot_customer360__pb2.GetAuditTrailResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -32,6 +32,9 @@ class Lead(Aggregate):
         campaign: str
         owner: str
         at: datetime
+        #: The tag of the partner that brought the lead ("" for everyone else; absent
+        #: from leads stored before partners could create them).
+        partner_tag: str
 
     class Qualified(Aggregate.Event):
         customer_id: str
@@ -78,6 +81,7 @@ class Lead(Aggregate):
         campaign: str,
         owner: str,
         at: datetime,
+        partner_tag: str = "",
     ) -> None:
         self.customer_id = customer_id
         self.given_name = given_name
@@ -89,6 +93,7 @@ class Lead(Aggregate):
         self.campaign = campaign
         self.owner = owner
         self.created_at = at
+        self.partner_tag = partner_tag
         self.status = "new"
         self.score: int | None = None
         self.disqualify_reason = ""
@@ -110,6 +115,7 @@ class Lead(Aggregate):
         campaign: str = "",
         owner: str,
         at: datetime,
+        partner_tag: str = "",
     ) -> Lead:
         check_aware("at", at)
         return cls._create(
@@ -124,6 +130,7 @@ class Lead(Aggregate):
             campaign=campaign,
             owner=owner,
             at=at,
+            partner_tag=partner_tag,
         )
 
     @property

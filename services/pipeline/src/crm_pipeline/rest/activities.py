@@ -32,6 +32,7 @@ router = APIRouter(tags=["activities"])
     response_model=ActivityWrite,
     responses=CREATE,
     summary="Schedule an activity",
+    operation_id="ScheduleActivity",
 )
 async def schedule_activity(
     request: Request,
@@ -47,7 +48,11 @@ async def schedule_activity(
 
 
 @router.get(
-    "/activities/{activity_id}", response_model=ActivityModel, responses=READ, summary="An activity"
+    "/activities/{activity_id}",
+    response_model=ActivityModel,
+    responses=READ,
+    summary="An activity",
+    operation_id="GetActivity",
 )
 async def get_activity(activity_id: str, service: Service) -> ActivityModel:
     return ActivityModel.of(await service.get_activity(activity_id))
@@ -58,6 +63,7 @@ async def get_activity(activity_id: str, service: Service) -> ActivityModel:
     response_model=ActivityWrite,
     responses=CHANGE,
     summary="Move an open activity's due time",
+    operation_id="RescheduleActivity",
 )
 async def reschedule_activity(
     request: Request,
@@ -76,6 +82,7 @@ async def reschedule_activity(
     response_model=ActivityWrite,
     responses=CHANGE,
     summary="Complete an activity with its outcome",
+    operation_id="CompleteActivity",
 )
 async def complete_activity(
     request: Request,
@@ -94,6 +101,7 @@ async def complete_activity(
     response_model=ActivityWrite,
     responses=CHANGE,
     summary="Cancel an activity",
+    operation_id="CancelActivity",
 )
 async def cancel_activity(
     request: Request,
@@ -111,6 +119,7 @@ async def cancel_activity(
     "/follow-ups/overdue",
     response_model=OverdueFollowUps,
     summary="Open activities past their due time, per owner, most overdue first",
+    operation_id="ListOverdueFollowUps",
 )
 async def overdue_follow_ups(service: Service, owner: str = "") -> OverdueFollowUps:
     overdue = await service.overdue_follow_ups(owner)

@@ -29,6 +29,7 @@ router = APIRouter(prefix="/leads", tags=["leads"])
     response_model=LeadWrite,
     responses=CREATE,
     summary="Create a lead",
+    operation_id="CreateLead",
 )
 async def create_lead(
     request: Request,
@@ -43,9 +44,11 @@ async def create_lead(
     return LeadWrite.of(written, response)
 
 
-@router.get("/{lead_id}", response_model=LeadModel, responses=READ, summary="A lead")
-async def get_lead(lead_id: str, service: Service) -> LeadModel:
-    return LeadModel.of(await service.get_lead(lead_id))
+@router.get(
+    "/{lead_id}", response_model=LeadModel, responses=READ, summary="A lead", operation_id="GetLead"
+)
+async def get_lead(request: Request, lead_id: str, service: Service) -> LeadModel:
+    return LeadModel.of(await service.get_lead(lead_id, http_caller(request)))
 
 
 @router.post(
@@ -53,6 +56,7 @@ async def get_lead(lead_id: str, service: Service) -> LeadModel:
     response_model=LeadWrite,
     responses=CHANGE,
     summary="Qualify a lead with a score",
+    operation_id="QualifyLead",
 )
 async def qualify_lead(
     request: Request,
@@ -71,6 +75,7 @@ async def qualify_lead(
     response_model=LeadWrite,
     responses=CHANGE,
     summary="Disqualify a lead",
+    operation_id="DisqualifyLead",
 )
 async def disqualify_lead(
     request: Request,
@@ -90,6 +95,7 @@ async def disqualify_lead(
     response_model=ConversionWrite,
     responses={**CREATE, 503: {"description": "The contacts service could not be reached"}},
     summary="Convert a qualified lead into an opportunity",
+    operation_id="ConvertLead",
 )
 async def convert_lead(
     request: Request,

@@ -42,6 +42,7 @@ def _caller(request: Request, if_match: str | None, idempotency_key: str | None)
     response_model=OpportunityWrite,
     responses=CREATE,
     summary="Open a deal",
+    operation_id="OpenOpportunity",
 )
 async def open_opportunity(
     request: Request,
@@ -59,7 +60,11 @@ async def open_opportunity(
 
 
 @router.get(
-    "", response_model=OpportunityList, responses=QUERY, summary="Deals, filtered and paged"
+    "",
+    response_model=OpportunityList,
+    responses=QUERY,
+    summary="Deals, filtered and paged",
+    operation_id="ListOpportunities",
 )
 async def list_opportunities(
     service: Service,
@@ -80,7 +85,13 @@ async def list_opportunities(
     )
 
 
-@router.get("/{opportunity_id}", response_model=OpportunityModel, responses=READ, summary="A deal")
+@router.get(
+    "/{opportunity_id}",
+    response_model=OpportunityModel,
+    responses=READ,
+    summary="A deal",
+    operation_id="GetOpportunity",
+)
 async def get_opportunity(opportunity_id: str, service: Service) -> OpportunityModel:
     return OpportunityModel.of(await service.get_opportunity(opportunity_id))
 
@@ -90,6 +101,7 @@ async def get_opportunity(opportunity_id: str, service: Service) -> OpportunityM
     response_model=OpportunityWrite,
     responses=CHANGE,
     summary="Change the amount of a deal without line items",
+    operation_id="ChangeAmount",
 )
 async def change_amount(
     request: Request,
@@ -110,6 +122,7 @@ async def change_amount(
     response_model=OpportunityWrite,
     responses=CHANGE,
     summary="Replace the line items (the amount becomes their sum)",
+    operation_id="SetLineItems",
 )
 async def set_line_items(
     request: Request,
@@ -131,6 +144,7 @@ async def set_line_items(
     response_model=OpportunityWrite,
     responses=CHANGE,
     summary="Change the expected close date",
+    operation_id="ChangeExpectedCloseDate",
 )
 async def change_expected_close_date(
     request: Request,
@@ -151,6 +165,7 @@ async def change_expected_close_date(
     response_model=OpportunityWrite,
     responses=CHANGE,
     summary="Reassign a deal",
+    operation_id="ReassignOpportunity",
 )
 async def reassign_opportunity(
     request: Request,
@@ -171,6 +186,7 @@ async def reassign_opportunity(
     response_model=OpportunityWrite,
     responses=CHANGE,
     summary="Move a deal to another open stage, forward or back",
+    operation_id="MoveOpportunity",
 )
 async def move_opportunity(
     request: Request,
@@ -187,7 +203,11 @@ async def move_opportunity(
 
 
 @router.post(
-    "/{opportunity_id}/win", response_model=OpportunityWrite, responses=CHANGE, summary="Win"
+    "/{opportunity_id}/win",
+    response_model=OpportunityWrite,
+    responses=CHANGE,
+    summary="Win",
+    operation_id="WinOpportunity",
 )
 async def win_opportunity(
     request: Request,
@@ -208,6 +228,7 @@ async def win_opportunity(
     response_model=OpportunityWrite,
     responses=CHANGE,
     summary="Lose, with a reason",
+    operation_id="LoseOpportunity",
 )
 async def lose_opportunity(
     request: Request,
@@ -228,6 +249,7 @@ async def lose_opportunity(
     response_model=OpportunityWrite,
     responses=CHANGE,
     summary="Reopen a closed deal",
+    operation_id="ReopenOpportunity",
 )
 async def reopen_opportunity(
     request: Request,

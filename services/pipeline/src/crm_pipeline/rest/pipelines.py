@@ -30,6 +30,7 @@ router = APIRouter(prefix="/pipelines", tags=["pipelines"])
     response_model=PipelineWrite,
     responses=CREATE,
     summary="Define a pipeline",
+    operation_id="DefinePipeline",
 )
 async def define_pipeline(
     request: Request,
@@ -46,18 +47,28 @@ async def define_pipeline(
     return PipelineWrite.of(written, response)
 
 
-@router.get("", response_model=PipelineList, summary="Every pipeline")
+@router.get("", response_model=PipelineList, summary="Every pipeline", operation_id="ListPipelines")
 async def list_pipelines(service: Service) -> PipelineList:
     return PipelineList(pipelines=[PipelineModel.of(p) for p in await service.list_pipelines()])
 
 
-@router.get("/{pipeline_id}", response_model=PipelineModel, responses=READ, summary="A pipeline")
+@router.get(
+    "/{pipeline_id}",
+    response_model=PipelineModel,
+    responses=READ,
+    summary="A pipeline",
+    operation_id="GetPipeline",
+)
 async def get_pipeline(pipeline_id: str, service: Service) -> PipelineModel:
     return PipelineModel.of(await service.get_pipeline(pipeline_id))
 
 
 @router.post(
-    "/{pipeline_id}/stages", response_model=PipelineWrite, responses=CHANGE, summary="Add a stage"
+    "/{pipeline_id}/stages",
+    response_model=PipelineWrite,
+    responses=CHANGE,
+    summary="Add a stage",
+    operation_id="AddStage",
 )
 async def add_stage(
     request: Request,
@@ -81,6 +92,7 @@ async def add_stage(
     response_model=PipelineWrite,
     responses=CHANGE,
     summary="Rename a stage (its id stays)",
+    operation_id="RenameStage",
 )
 async def rename_stage(
     request: Request,
@@ -100,6 +112,7 @@ async def rename_stage(
     response_model=PipelineWrite,
     responses=CHANGE,
     summary="Change a stage's probability and forecast category",
+    operation_id="ChangeStageSettings",
 )
 async def change_stage_settings(
     request: Request,
@@ -125,6 +138,7 @@ async def change_stage_settings(
     response_model=PipelineWrite,
     responses=CHANGE,
     summary="Reorder the stages",
+    operation_id="ReorderStages",
 )
 async def reorder_stages(
     request: Request,
@@ -143,6 +157,7 @@ async def reorder_stages(
     response_model=PipelineWrite,
     responses=CHANGE,
     summary="Retire a stage (it leaves the order; deals and history keep its id)",
+    operation_id="RetireStage",
 )
 async def retire_stage(
     request: Request,

@@ -25,6 +25,7 @@ router = APIRouter(tags=["reports"])
     response_model=ForecastModel,
     responses=QUERY,
     summary="Weighted and unweighted forecast",
+    operation_id="GetForecast",
 )
 async def get_forecast(
     service: Service,
@@ -47,6 +48,7 @@ async def get_forecast(
     response_model=FunnelModel,
     responses=READ,
     summary="Conversion funnel",
+    operation_id="GetFunnel",
 )
 async def get_funnel(pipeline_id: str, service: Service) -> FunnelModel:
     return FunnelModel.of(await service.get_funnel(pipeline_id))
@@ -57,6 +59,7 @@ async def get_funnel(pipeline_id: str, service: Service) -> FunnelModel:
     response_model=WinRateModel,
     responses=QUERY,
     summary="Win rate and average cycle length",
+    operation_id="GetWinRate",
 )
 async def get_win_rate(
     service: Service, pipeline_id: str = "", owner: str = "", start: str = "", end: str = ""

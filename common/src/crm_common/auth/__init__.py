@@ -1,0 +1,1 @@
+"""Identity and access: tokens, keys, the access policy and the gate every request passes."""

@@ -1,0 +1,422 @@
+"""`Member`: one contact's loyalty account, its lots, its orders and its tier.
+
+Methods take checked values and refuse with `RuleViolated` (or
+`InsufficientPoints`) before any event is triggered, so a refused command
+changes nothing. State changes only in the events' `apply`, so replaying the
+events rebuilds the same ledger. Order handling is idempotent in the
+aggregate itself (an order earns once, a return cancels once), whatever the
+transport's redelivery and the request ids' retention.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from eventsourcing.domain import Aggregate
+
+from crm_common.errors import RuleViolated
+from crm_loyalty.domain.ledger import (
+    Balance,
+    Lot,
+    allocate,
+    balance_of,
+    due_for_expiry,
+    due_for_release,
+    take,
+)
+from crm_loyalty.domain.tiers import TierPolicy
+
+MEMBER_NAMESPACE = uuid.UUID("8a0f6c52-3c1e-4b7a-a1d9-52e7d4f0b613")
+#: Lots from manual adjustments (their reason starts so) do not count towards tiers.
+ADJUSTMENT = "adjustment"
+CHANNELS = ("web", "store", "app", "call_center", "erp")
+
+
+class OrderNotKnown(RuleViolated):
+    """A return or cancellation of an order this member never placed (yet)."""
+
+
+def member_id(contact_id: str) -> uuid.UUID:
+    """The member of a contact: one per contact, by construction."""
+    return uuid.uuid5(MEMBER_NAMESPACE, contact_id)
+
+
+def member_number(contact_id: str) -> str:
+    """A ten-digit number derived from the contact, with a Luhn check digit."""
+    digits = f"{int(member_id(contact_id).hex[:15], 16) % 10**9:09d}"
+    total = 0
+    for index, char in enumerate(reversed(digits)):
+        value = int(char) * (2 if index % 2 == 0 else 1)
+        total += value - 9 if value > 9 else value
+    return digits + str((10 - total % 10) % 10)
+
+
+@dataclass
+class OrderRecord:
+    lot_id: str
+    lines: dict[str, int]
+    returned_lines: set[str] = field(default_factory=set)
+    returns: set[str] = field(default_factory=set)
+
+
+class Member(Aggregate):
+    """A contact's loyalty account."""
+
+    class Created(Aggregate.Created):
+        customer_id: str
+        member_number: str
+        channel: str
+        at: datetime
+
+    class Earned(Aggregate.Event):
+        customer_id: str
+        lot_id: str
+        points: int
+        expires_at: datetime
+        locked_until: datetime | None
+        order_id: str
+        rule_version: int
+        reason: str
+        lines: dict[str, int]
+        at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate._add_lot(self)
+
+    class Spent(Aggregate.Event):
+        customer_id: str
+        points: int
+        lots: dict[str, int]
+        reference: str
+        at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            take(aggregate.lots, self.lots, "spent")
+
+    class Adjusted(Aggregate.Event):
+        customer_id: str
+        points: int
+        lots: dict[str, int]
+        reason: str
+        adjusted_by: str
+        lot_id: str
+        expires_at: datetime
+        at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            if self.points > 0:
+                aggregate._add_lot(self, reason=f"{ADJUSTMENT}: {self.reason}")
+            else:
+                take(aggregate.lots, self.lots, "spent")
+
+    class Released(Aggregate.Event):
+        customer_id: str
+        lots: dict[str, int]
+        at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            for lot_id in self.lots:
+                aggregate.lots[lot_id].locked_until = None
+
+    class Cancelled(Aggregate.Event):
+        customer_id: str
+        lots: dict[str, int]
+        order_id: str
+        return_id: str
+        line_ids: list[str]
+        at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            take(aggregate.lots, self.lots, "cancelled")
+            order = aggregate.orders[self.order_id]
+            order.returned_lines.update(self.line_ids)
+            order.returns.add(self.return_id)
+
+    class Expired(Aggregate.Event):
+        customer_id: str
+        lots: dict[str, int]
+        at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            take(aggregate.lots, self.lots, "expired")
+
+    class TierChanged(Aggregate.Event):
+        customer_id: str
+        from_tier: str
+        to_tier: str
+        qualifying_points: int
+        at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.tier = self.to_tier
+            aggregate.downgrade_due = None
+            aggregate.downgrade_to = ""
+
+    class DowngradeScheduled(Aggregate.Event):
+        """A lower tier is due at `due_at` unless points come back; None: called off."""
+
+        customer_id: str
+        to_tier: str
+        due_at: datetime | None
+        at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.downgrade_due = self.due_at
+            aggregate.downgrade_to = self.to_tier
+
+    def __init__(self, customer_id: str, member_number: str, channel: str, at: datetime) -> None:
+        self.customer_id = customer_id
+        self.member_number = member_number
+        self.channel = channel
+        self.enrolled_at = at
+        self.tier = ""
+        self.downgrade_due: datetime | None = None
+        self.downgrade_to = ""
+        self.lots: dict[str, Lot] = {}
+        self.orders: dict[str, OrderRecord] = {}
+
+    @staticmethod
+    def create_id(customer_id: str, **_: Any) -> uuid.UUID:
+        return member_id(customer_id)
+
+    @classmethod
+    def enrol(cls, contact_id: str, channel: str, tier: str, at: datetime) -> Member:
+        if channel not in CHANNELS:
+            raise RuleViolated(f"unknown enrolment channel {channel!r}")
+        member = cls(
+            customer_id=contact_id, member_number=member_number(contact_id), channel=channel, at=at
+        )
+        member.tier = tier
+        return member
+
+    # -- state helpers (called by events) ------------------------------------------
+
+    def _add_lot(self, event: Any, reason: str | None = None) -> None:
+        lines = dict(getattr(event, "lines", {}) or {})
+        lot = Lot(
+            lot_id=event.lot_id,
+            seq=len(self.lots),
+            earned=event.points,
+            earned_at=event.at,
+            expires_at=event.expires_at,
+            locked_until=getattr(event, "locked_until", None),
+            order_id=getattr(event, "order_id", ""),
+            rule_version=getattr(event, "rule_version", 0),
+            reason=event.reason if reason is None else reason,
+            lines=lines,
+            remaining=event.points,
+        )
+        self.lots[lot.lot_id] = lot
+        if lot.order_id:
+            self.orders[lot.order_id] = OrderRecord(lot.lot_id, lines)
+
+    def _lot_id(self) -> str:
+        return f"{self.id}:{len(self.lots) + 1}"
+
+    # -- reading ------------------------------------------------------------------
+
+    @property
+    def balance(self) -> Balance:
+        return balance_of(self.lots.values())
+
+    def qualifying_points(self, policy: TierPolicy, at: datetime) -> int:
+        """Points earned by purchases in the rolling window, less what returns cancelled."""
+        since = at - policy.window
+        return sum(
+            lot.earned - lot.cancelled
+            for lot in self.lots.values()
+            if lot.earned_at > since and not lot.reason.startswith(ADJUSTMENT)
+        )
+
+    # -- commands -----------------------------------------------------------------
+
+    def earn(
+        self,
+        points: int,
+        *,
+        expires_at: datetime,
+        rule_version: int,
+        reason: str,
+        at: datetime,
+        locked_until: datetime | None = None,
+        order_id: str = "",
+        lines: dict[str, int] | None = None,
+    ) -> str | None:
+        """Adds a lot; None (and no event) for zero points."""
+        if points < 0:
+            raise RuleViolated("earned points cannot be negative")
+        if points == 0:
+            return None
+        lot_id = self._lot_id()
+        self.trigger_event(
+            self.Earned,
+            customer_id=self.customer_id,
+            lot_id=lot_id,
+            points=points,
+            expires_at=expires_at,
+            locked_until=locked_until,
+            order_id=order_id,
+            rule_version=rule_version,
+            reason=reason,
+            lines=dict(lines or {}),
+            at=at,
+        )
+        return lot_id
+
+    def knows_order(self, order_id: str) -> bool:
+        return order_id in self.orders
+
+    def place_order(
+        self,
+        order_id: str,
+        lines: dict[str, int],
+        *,
+        expires_at: datetime,
+        locked_until: datetime,
+        rule_version: int,
+        at: datetime,
+    ) -> bool:
+        """Earns an order's points, locked for its return window. False: already placed
+        (a redelivery), nothing happens. An order worth no points still records a
+        zero lot, so its later return is recognised."""
+        if order_id in self.orders:
+            return False
+        self.trigger_event(
+            self.Earned,
+            customer_id=self.customer_id,
+            lot_id=self._lot_id(),
+            points=sum(lines.values()),
+            expires_at=expires_at,
+            locked_until=locked_until,
+            order_id=order_id,
+            rule_version=rule_version,
+            reason="order",
+            lines=dict(lines),
+            at=at,
+        )
+        return True
+
+    def return_order(
+        self, order_id: str, return_id: str, line_ids: list[str], at: datetime
+    ) -> int | None:
+        """Cancels the points of the returned lines (all lines when none are named).
+
+        None: this return was applied already. Points already spent after the
+        window are not clawed back; the lot's remaining points are the limit.
+        """
+        order = self.orders.get(order_id)
+        if order is None:
+            raise OrderNotKnown(f"order {order_id!r} is not known for this member")
+        if return_id in order.returns:
+            return None
+        unknown = [line for line in line_ids if line not in order.lines]
+        if unknown:
+            raise RuleViolated(f"order {order_id!r} has no lines {', '.join(unknown)}")
+        wanted = [
+            line for line in (line_ids or list(order.lines)) if line not in order.returned_lines
+        ]
+        lot = self.lots[order.lot_id]
+        points = min(sum(order.lines[line] for line in wanted), lot.remaining)
+        self.trigger_event(
+            self.Cancelled,
+            customer_id=self.customer_id,
+            lots={lot.lot_id: points} if points else {},
+            order_id=order_id,
+            return_id=return_id,
+            line_ids=wanted,
+            at=at,
+        )
+        return points
+
+    def spend(self, points: int, reference: str, at: datetime) -> dict[str, int]:
+        allocation = allocate(self.lots.values(), points, at)
+        self.trigger_event(
+            self.Spent,
+            customer_id=self.customer_id,
+            points=points,
+            lots=allocation,
+            reference=reference,
+            at=at,
+        )
+        return allocation
+
+    def adjust(
+        self, points: int, reason: str, adjusted_by: str, expires_at: datetime, at: datetime
+    ) -> None:
+        if points == 0:
+            raise RuleViolated("an adjustment of 0 points changes nothing")
+        if not reason.strip():
+            raise RuleViolated("an adjustment needs a reason")
+        allocation = allocate(self.lots.values(), -points, at) if points < 0 else {}
+        self.trigger_event(
+            self.Adjusted,
+            customer_id=self.customer_id,
+            points=points,
+            lots=allocation,
+            reason=reason,
+            adjusted_by=adjusted_by,
+            lot_id=self._lot_id() if points > 0 else "",
+            expires_at=expires_at,
+            at=at,
+        )
+
+    def settle(self, at: datetime) -> tuple[int, int]:
+        """Releases the locks whose return window ended, then expires the lots past
+        their expiry. Idempotent: what was released or expired is not again."""
+        released = due_for_release(self.lots.values(), at)
+        if released:
+            self.trigger_event(self.Released, customer_id=self.customer_id, lots=released, at=at)
+        expired = due_for_expiry(self.lots.values(), at)
+        if expired:
+            self.trigger_event(self.Expired, customer_id=self.customer_id, lots=expired, at=at)
+        return sum(released.values()), sum(expired.values())
+
+    def review_tier(self, policy: TierPolicy, at: datetime) -> str | None:
+        """Upgrades at once; downgrades once the points stayed below for the grace
+        period. Returns the new tier when it changed."""
+        points = self.qualifying_points(policy, at)
+        target = policy.tier_for(points)
+        current = self.tier or policy.lowest
+        if policy.rank(target) > policy.rank(current):
+            self._change_tier(current, target, points, at)
+            return target
+        if policy.rank(target) == policy.rank(current):
+            if self.downgrade_due is not None:
+                self.trigger_event(
+                    self.DowngradeScheduled,
+                    customer_id=self.customer_id,
+                    to_tier="",
+                    due_at=None,
+                    at=at,
+                )
+            return None
+        if self.downgrade_due is None:
+            self.trigger_event(
+                self.DowngradeScheduled,
+                customer_id=self.customer_id,
+                to_tier=target,
+                due_at=at + policy.grace,
+                at=at,
+            )
+            return None
+        if at >= self.downgrade_due:
+            self._change_tier(current, target, points, at)
+            return target
+        return None
+
+    def _change_tier(self, current: str, target: str, points: int, at: datetime) -> None:
+        self.trigger_event(
+            self.TierChanged,
+            customer_id=self.customer_id,
+            from_tier=current,
+            to_tier=target,
+            qualifying_points=points,
+            at=at,
+        )
+
+
+def expiry_of(at: datetime, days: int) -> datetime:
+    return at + timedelta(days=days)

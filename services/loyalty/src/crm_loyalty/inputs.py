@@ -1,0 +1,70 @@
+"""What the loyalty commands and queries take: plain values as the adapters
+read them (enums as lower-case words, None when unset), checked by
+`crm_loyalty.validation`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class PurchaseLineInput:
+    line_id: str
+    amount: str
+    currency: str
+    category: str = ""
+
+
+@dataclass(frozen=True)
+class Purchase:
+    lines: list[PurchaseLineInput]
+    reference: str = ""
+
+
+@dataclass(frozen=True)
+class CampaignInput:
+    name: str
+    factor: str
+    starts_at: datetime | None
+    ends_at: datetime | None
+    categories: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RulesInput:
+    rates: dict[str, str]
+    tier_multipliers: dict[str, str] = field(default_factory=dict)
+    category_multipliers: dict[str, str] = field(default_factory=dict)
+    campaigns: list[CampaignInput] = field(default_factory=list)
+    lot_lifetime_days: int = 365
+    return_window_days: int = 30
+
+
+@dataclass(frozen=True)
+class OrderLineInput:
+    line_id: str
+    amount: str
+    category: str = ""
+    sku: str = ""
+    quantity: int = 1
+
+
+@dataclass(frozen=True)
+class PlacedOrder:
+    order_id: str
+    customer_ref: str
+    currency: str
+    lines: list[OrderLineInput]
+    occurred_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ReturnedOrder:
+    order_id: str
+    customer_ref: str
+    #: Unique per return of the order; a cancellation is the return "cancelled".
+    return_id: str
+    #: Empty: the whole order.
+    line_ids: list[str] = field(default_factory=list)
+    occurred_at: datetime | None = None

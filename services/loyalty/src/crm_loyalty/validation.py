@@ -1,0 +1,200 @@
+"""Inputs into domain values: canonicalise, bound, then check.
+
+Every refusal is a `ValidationFailed` naming the field paths the client sent
+(`lines[1].amount`); money goes through `crm_common.money`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from crm_common.errors import FieldErrors, ValidationFailed
+from crm_common.money import canonical_currency, parse_amount, parse_decimal
+from crm_loyalty.domain import CHANNELS, Campaign, Rules
+from crm_loyalty.inputs import PlacedOrder, Purchase, ReturnedOrder, RulesInput
+
+MAX_ID = 100
+MAX_TEXT = 500
+MAX_LINES = 500
+MAX_POINTS = 10**9
+
+
+@dataclass(frozen=True)
+class Line:
+    line_id: str
+    amount: Decimal
+    currency: str
+    category: str
+
+
+def identifier(value: str, field: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValidationFailed.of(field, "is required")
+    if len(value) > MAX_ID:
+        raise ValidationFailed.of(field, f"must be at most {MAX_ID} characters")
+    return value
+
+
+def channel(word: str | None) -> str:
+    if word is None:
+        raise ValidationFailed.of("channel", f"is required (one of {', '.join(CHANNELS)})")
+    if word not in CHANNELS:
+        raise ValidationFailed.of("channel", f"must be one of {', '.join(CHANNELS)}")
+    return word
+
+
+def points(value: int, field: str = "points", *, signed: bool = False) -> int:
+    if value == 0 or (value < 0 and not signed):
+        raise ValidationFailed.of(field, "must be positive" if not signed else "must not be 0")
+    if abs(value) > MAX_POINTS:
+        raise ValidationFailed.of(field, f"must be at most {MAX_POINTS} in size")
+    return value
+
+
+def text(value: str, field: str, *, required: bool = False) -> str:
+    value = value.strip()
+    if required and not value:
+        raise ValidationFailed.of(field, "is required")
+    if len(value) > MAX_TEXT:
+        raise ValidationFailed.of(field, f"must be at most {MAX_TEXT} characters")
+    return value
+
+
+def _lines(
+    raw: list[tuple[str, str, str, str]], errors: FieldErrors, prefix: str = "lines"
+) -> list[Line]:
+    if not raw:
+        errors.add(prefix, "needs at least one line")
+    if len(raw) > MAX_LINES:
+        errors.add(prefix, f"must have at most {MAX_LINES} lines")
+        return []
+    lines: list[Line] = []
+    seen: set[str] = set()
+    for index, (line_id, amount, currency, category) in enumerate(raw):
+        where = f"{prefix}[{index}]"
+        line_id = line_id.strip() or str(index + 1)
+        if line_id in seen:
+            errors.add(f"{where}.line_id", f"{line_id!r} appears twice")
+        seen.add(line_id)
+        try:
+            code = canonical_currency(currency, f"{where}.currency")
+            number = parse_amount(
+                amount, code, f"{where}.amount", currency_field=f"{where}.currency"
+            )
+        except ValidationFailed as error:
+            for e in error.errors:
+                errors.add(e.field, e.message)
+            continue
+        lines.append(Line(line_id, number, code, category.strip().lower()[:MAX_ID]))
+    return lines
+
+
+def purchase(value: Purchase) -> tuple[list[Line], str]:
+    errors = FieldErrors()
+    lines = _lines([(x.line_id, x.amount, x.currency, x.category) for x in value.lines], errors)
+    errors.raise_if_any()
+    return lines, text(value.reference, "reference")
+
+
+def placed_order(value: PlacedOrder) -> list[Line]:
+    identifier(value.order_id, "order_id")
+    identifier(value.customer_ref, "customer_ref")
+    errors = FieldErrors()
+    lines = _lines([(x.line_id, x.amount, value.currency, x.category) for x in value.lines], errors)
+    errors.raise_if_any()
+    return lines
+
+
+def returned_order(value: ReturnedOrder) -> list[str]:
+    identifier(value.order_id, "order_id")
+    identifier(value.customer_ref, "customer_ref")
+    identifier(value.return_id, "return_id")
+    return [identifier(line, f"line_ids[{i}]") for i, line in enumerate(value.line_ids)]
+
+
+def _factor(value: str, field: str, errors: FieldErrors) -> Decimal | None:
+    try:
+        number = parse_decimal(value, field)
+    except ValidationFailed as error:
+        for e in error.errors:
+            errors.add(e.field, e.message)
+        return None
+    if number < 0 or number > 1000:
+        errors.add(field, "must be between 0 and 1000")
+        return None
+    return number
+
+
+def rules(value: RulesInput) -> Rules:
+    """Checked rules (version 0: the store gives the version when they are published)."""
+    errors = FieldErrors()
+    rates: dict[str, Decimal] = {}
+    if not value.rates:
+        errors.add("rates", "needs a rate for at least one currency")
+    for code, rate in value.rates.items():
+        try:
+            currency = canonical_currency(code, f"rates.{code}")
+        except ValidationFailed as error:
+            for e in error.errors:
+                errors.add(e.field, e.message)
+            continue
+        checked = _factor(rate, f"rates.{code}", errors)
+        if checked is not None:
+            rates[currency] = checked
+    tiers = {
+        k.strip().lower(): f
+        for k, v in value.tier_multipliers.items()
+        if (f := _factor(v, f"tier_multipliers.{k}", errors)) is not None
+    }
+    categories = {
+        k.strip().lower(): f
+        for k, v in value.category_multipliers.items()
+        if (f := _factor(v, f"category_multipliers.{k}", errors)) is not None
+    }
+    campaigns: list[Campaign] = []
+    for index, c in enumerate(value.campaigns):
+        where = f"campaigns[{index}]"
+        factor = _factor(c.factor, f"{where}.factor", errors)
+        if not c.name.strip():
+            errors.add(f"{where}.name", "is required")
+        if c.starts_at is None or c.ends_at is None:
+            errors.add(where, "needs starts_at and ends_at")
+            continue
+        starts, ends = c.starts_at.astimezone(UTC), c.ends_at.astimezone(UTC)
+        if ends <= starts:
+            errors.add(f"{where}.ends_at", "must be after starts_at")
+        if factor is not None:
+            campaigns.append(
+                Campaign(
+                    c.name.strip(),
+                    factor,
+                    starts,
+                    ends,
+                    tuple(x.strip().lower() for x in c.categories),
+                )
+            )
+    if not 1 <= value.lot_lifetime_days <= 3650:
+        errors.add("lot_lifetime_days", "must be between 1 and 3650")
+    if not 0 <= value.return_window_days <= 365:
+        errors.add("return_window_days", "must be between 0 and 365")
+    errors.raise_if_any()
+    return Rules(
+        version=0,
+        rates=rates,
+        tier_multipliers=tiers,
+        category_multipliers=categories,
+        campaigns=tuple(campaigns),
+        lot_lifetime_days=value.lot_lifetime_days,
+        return_window_days=value.return_window_days,
+    )
+
+
+def moment(value: datetime | None, default: datetime) -> datetime:
+    if value is None:
+        return default
+    if value.tzinfo is None:
+        raise ValidationFailed.of("occurred_at", "needs a time zone")
+    return value.astimezone(UTC)

@@ -1,0 +1,357 @@
+"""The tickets application layer, shared by the gRPC and REST adapters and the
+SLA scanner.
+
+Writes go through the shared command bus (optimistic concurrency, request-id
+replay, audit metadata, group commit); single aggregates are read from the
+event store; the team queue and the due deadlines come from `DeadlineIndex`,
+which follows the event store's notification log.
+
+Opening a case checks its contact with the contacts service first, through
+`ContactsPort`, so the transport (gRPC in production) stays out of this layer.
+
+The customer tier comes from the loyalty service once it exists; until then
+every case gets `DEFAULT_TIER` and records `tier_source="default"`.
+
+SLA deadlines are raised by `raise_due_deadlines` (the scanner of every API
+process, and the `sla` process): each deadline is one `RaiseSlaDeadline`
+command whose request id is derived from (case, kind, warning or breach,
+deadline version). A second replica or a restarted scanner running the same
+command is answered from its receipt; and the case itself refuses to raise a
+target's warning or breach twice, so even after receipts expire nothing is
+raised again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError, Application
+
+from crm_common.commands import Caller, CommandBus, UnitOfWork
+from crm_common.errors import NotFound, ValidationFailed
+from crm_common.eventstore import application_env, creating_tables
+from crm_common.settings import Settings
+from crm_tickets import validation
+from crm_tickets.deadlines import DeadlineIndex
+from crm_tickets.domain import (
+    DEFAULT_TIER,
+    PRIORITIES,
+    TIERS,
+    BusinessCalendar,
+    Case,
+    Deadline,
+    SlaPolicy,
+    policy_terms,
+)
+from crm_tickets.inputs import NewCase, SlaTermsInput, SurveyInput, Triage
+from crm_tickets.views import CasePage, CaseView, PolicyView, Written, case_view, view_of
+
+SERVICE = "tickets"
+log = logging.getLogger(__name__)
+
+#: How long after solving a case the customer (or an agent) may reopen it.
+DEFAULT_REOPEN_WINDOW_SECONDS = 7 * 24 * 3600
+HOUR = 3600
+
+#: The terms of a case opened without a policy: Monday to Friday 09:00-17:00 UTC,
+#: the same targets for every tier (business hours: first reply / resolution).
+DEFAULT_TERMS = policy_terms(
+    targets={
+        tier: {
+            "urgent": {"first_response": 1 * HOUR, "resolution": 8 * HOUR},
+            "high": {"first_response": 4 * HOUR, "resolution": 16 * HOUR},
+            "normal": {"first_response": 8 * HOUR, "resolution": 40 * HOUR},
+            "low": {"first_response": 16 * HOUR, "resolution": 80 * HOUR},
+        }
+        for tier in TIERS
+    },
+    calendar=BusinessCalendar(),
+    warning_seconds=HOUR,
+    pause_on_hold=False,
+    escalate_priority=True,
+    escalate_team="",
+)
+assert set(DEFAULT_TERMS["targets"][DEFAULT_TIER]) == set(PRIORITIES)
+
+#: Who the SLA scanner's commands are recorded as.
+SLA_CALLER = Caller(actor="service:tickets", client="tickets-sla")
+
+
+class TicketsApplication(Application[UUID]):
+    """The event store of cases and SLA policies."""
+
+    name = "tickets"
+
+
+def create_application(settings: Settings) -> TicketsApplication:
+    """The application on the configured event store (SQLite or PostgreSQL)."""
+    with creating_tables(settings):
+        return TicketsApplication(env=application_env(settings))
+
+
+class ContactsPort(Protocol):
+    """What opening a case needs from the contacts service."""
+
+    async def ensure_exists(self, contact_id: str) -> None:
+        """Raises NotFound unless `contact_id` is a contact (person or company)."""
+
+
+class TicketsService:
+    """Use cases of the tickets service; both adapters and the scanner call these."""
+
+    def __init__(
+        self,
+        app: TicketsApplication,
+        contacts: ContactsPort | None = None,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        reopen_window_seconds: int = DEFAULT_REOPEN_WINDOW_SECONDS,
+    ) -> None:
+        self.app = app
+        self.contacts = contacts
+        self.bus = CommandBus(app, SERVICE)
+        self.deadlines = DeadlineIndex(app)
+        self.clock = clock
+        self.reopen_window_seconds = reopen_window_seconds
+
+    def close(self) -> None:
+        """Stops the command bus (after pending commands) and closes the store."""
+        self.bus.close()
+        self.app.close()
+
+    async def _write(
+        self,
+        caller: Caller,
+        command: str,
+        request: tuple[Any, ...],
+        decide: Callable[[UnitOfWork], Any],
+    ) -> Written:
+        outcome = await self.bus.execute_async(caller.command(command, *request), decide)
+        subject = outcome.subject
+        if subject is None:  # a replay: the subject as it is now
+            subject = await asyncio.to_thread(self._load, outcome.id)
+        return Written(outcome, view_of(subject, self.clock()))
+
+    def _load(self, ident: str) -> Any:
+        try:
+            return self.app.repository.get(UUID(ident))
+        except (AggregateNotFoundError, ValueError):
+            raise NotFound("Case", ident) from None
+
+    # -- cases
+
+    async def open_case(self, caller: Caller, new: NewCase) -> Written:
+        case = validation.new_case(new)
+        if self.contacts is None:
+            raise NotFound("Contact", case.customer_id)
+        await self.contacts.ensure_exists(case.customer_id)
+
+        def decide(uow: UnitOfWork) -> Case:
+            policy_id, version, terms = "", 0, DEFAULT_TERMS
+            if case.policy_id:
+                policy = uow.get(case.policy_id, SlaPolicy, subject=False)
+                if policy.retired:
+                    raise NotFound("SlaPolicy", case.policy_id)
+                policy_id, version, terms = str(policy.id), policy.policy_version, policy.terms
+            return uow.add(
+                Case.open(
+                    customer_id=case.customer_id,
+                    channel=case.channel or "",
+                    subject=case.subject,
+                    description=case.description,
+                    category=case.category,
+                    priority=case.priority or "normal",
+                    team=case.team,
+                    assignee=case.assignee,
+                    tier=DEFAULT_TIER,
+                    tier_source="default",
+                    policy_id=policy_id,
+                    policy_version=version,
+                    terms=terms,
+                    reopen_window_seconds=self.reopen_window_seconds,
+                    at=self.clock(),
+                )
+            )
+
+        return await self._write(caller, "OpenCase", (case,), decide)
+
+    async def _case_command(
+        self,
+        caller: Caller,
+        command: str,
+        case_id: str,
+        request: tuple[Any, ...],
+        change: Callable[[Case, datetime], None],
+    ) -> Written:
+        def decide(uow: UnitOfWork) -> Case:
+            case = uow.get(case_id, Case)
+            change(case, self.clock())
+            return case
+
+        return await self._write(caller, command, (case_id, *request), decide)
+
+    async def triage_case(self, caller: Caller, case_id: str, change: Triage) -> Written:
+        checked = validation.triage(change)
+        return await self._case_command(
+            caller,
+            "TriageCase",
+            case_id,
+            (checked,),
+            lambda c, at: c.triage(
+                category=checked.category,
+                priority=checked.priority or "",
+                team=checked.team,
+                at=at,
+            ),
+        )
+
+    async def assign_case(self, caller: Caller, case_id: str, assignee: str) -> Written:
+        who = validation.body("assignee", assignee)
+        return await self._case_command(
+            caller, "AssignCase", case_id, (who,), lambda c, at: c.assign(who, at)
+        )
+
+    async def reply_to_case(
+        self, caller: Caller, case_id: str, author_kind: str | None, body: str
+    ) -> Written:
+        kind = author_kind or "agent"
+        if kind not in ("agent", "customer"):
+            raise ValidationFailed.of("author_kind", "must be agent or customer")
+        text = validation.body("body", body)
+        return await self._case_command(
+            caller,
+            "ReplyToCase",
+            case_id,
+            (kind, text),
+            lambda c, at: c.reply(author=caller.actor, author_kind=kind, body=text, at=at),
+        )
+
+    async def add_internal_note(self, caller: Caller, case_id: str, body: str) -> Written:
+        text = validation.body("body", body)
+        return await self._case_command(
+            caller,
+            "AddInternalNote",
+            case_id,
+            (text,),
+            lambda c, at: c.add_note(author=caller.actor, body=text, at=at),
+        )
+
+    async def change_case_status(self, caller: Caller, case_id: str, status: str | None) -> Written:
+        checked = validation.status(status)
+        return await self._case_command(
+            caller,
+            "ChangeCaseStatus",
+            case_id,
+            (checked,),
+            lambda c, at: c.change_status(checked, at),
+        )
+
+    async def record_satisfaction(
+        self, caller: Caller, case_id: str, response: SurveyInput
+    ) -> Written:
+        checked = validation.survey(response)
+        return await self._case_command(
+            caller,
+            "RecordSatisfaction",
+            case_id,
+            (checked,),
+            lambda c, at: c.record_satisfaction(
+                csat=checked.csat, ces=checked.ces, nps=checked.nps, comment=checked.comment, at=at
+            ),
+        )
+
+    async def get_case(self, case_id: str) -> CaseView:
+        case = await asyncio.to_thread(self._load, case_id)
+        if not isinstance(case, Case):
+            raise NotFound("Case", case_id)
+        return case_view(case, self.clock())
+
+    async def team_queue(self, team: str, page_size: int = 50, page_token: str = "") -> CasePage:
+        entries = await asyncio.to_thread(self.deadlines.queue, team.strip().lower())
+        start = int(page_token) if page_token.isdigit() else 0
+        size = min(max(page_size or 50, 1), 500)
+        page = entries[start : start + size]
+        cases = [await self.get_case(e.case_id) for e in page]
+        more = start + size < len(entries)
+        return CasePage(cases, str(start + size) if more else "")
+
+    # -- SLA policies
+
+    async def define_sla_policy(self, caller: Caller, name: str, terms: SlaTermsInput) -> Written:
+        checked_name = validation.body("name", name)
+        checked = validation.sla_terms(terms)
+
+        def decide(uow: UnitOfWork) -> SlaPolicy:
+            return uow.add(SlaPolicy.define(checked_name, checked, self.clock()))
+
+        return await self._write(caller, "DefineSlaPolicy", (checked_name, checked), decide)
+
+    async def revise_sla_policy(
+        self, caller: Caller, policy_id: str, terms: SlaTermsInput
+    ) -> Written:
+        checked = validation.sla_terms(terms)
+
+        def decide(uow: UnitOfWork) -> SlaPolicy:
+            policy = uow.get(policy_id, SlaPolicy)
+            policy.revise(checked, self.clock())
+            return policy
+
+        return await self._write(caller, "ReviseSlaPolicy", (policy_id, checked), decide)
+
+    async def retire_sla_policy(self, caller: Caller, policy_id: str) -> Written:
+        def decide(uow: UnitOfWork) -> SlaPolicy:
+            policy = uow.get(policy_id, SlaPolicy)
+            policy.retire(self.clock())
+            return policy
+
+        return await self._write(caller, "RetireSlaPolicy", (policy_id,), decide)
+
+    async def get_sla_policy(self, policy_id: str) -> PolicyView:
+        policy = await asyncio.to_thread(self._load, policy_id)
+        if not isinstance(policy, SlaPolicy):
+            raise NotFound("SlaPolicy", policy_id)
+        view = view_of(policy, self.clock())
+        assert isinstance(view, PolicyView)
+        return view
+
+    # -- the SLA scanner
+
+    async def raise_deadline(self, deadline: Deadline) -> bool:
+        """Raises one due deadline; False when it was raised before (here or elsewhere)."""
+        now = self.clock()
+        raised = False
+
+        def decide(uow: UnitOfWork) -> Case:
+            nonlocal raised
+            case = uow.get(deadline.case_id, Case)
+            raised = case.raise_deadline(
+                deadline.kind, deadline.what, deadline.deadline_version, now
+            )
+            return case
+
+        caller = Caller(SLA_CALLER.actor, SLA_CALLER.client, request_id=deadline.request_id)
+        outcome = await self.bus.execute_async(
+            caller.command("RaiseSlaDeadline", deadline.case_id, deadline.kind, deadline.what),
+            decide,
+        )
+        return raised and not outcome.replayed
+
+    async def raise_due_deadlines(self) -> int:
+        """Raises every deadline due now; the number raised by this call."""
+        due = await asyncio.to_thread(self.deadlines.due, self.clock())
+        count = 0
+        for deadline in due:
+            if await self.raise_deadline(deadline):
+                count += 1
+                log.info(
+                    "SLA %s of %s raised for case %s",
+                    deadline.what,
+                    deadline.kind,
+                    deadline.case_id,
+                )
+        return count

@@ -1,0 +1,486 @@
+"""`Case`: a customer's request to the service desk, with its SLA clocks.
+
+The case copies the SLA terms of the policy version it started with (its
+tier's targets per priority, the calendar, warning lead, pause rule,
+escalation), so a later policy revision never moves its deadlines.
+
+Each SLA target (`first_response`, `resolution`) is a clock: business seconds
+consumed so far, the instant it last started running (None while paused),
+when it was met, and whether its warning and breach were raised. Every time a
+clock's deadline can move (pause, resume, priority change, reopening) its
+`deadline_version` goes up: the SLA scanner names the deadline it raises by
+(case, kind, deadline version), and the case raises each warning and each
+breach at most once per target whatever the scanner does.
+
+Methods refuse with `RuleViolated` what the case's state does not allow,
+before any event is triggered.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from eventsourcing.domain import Aggregate
+
+from crm_common.errors import RuleViolated
+from crm_tickets.domain.calendar import BusinessCalendar
+from crm_tickets.domain.values import PRIORITIES, TARGET_KINDS, TRANSITIONS
+
+PAUSED_ALWAYS = ("pending",)
+STOPPED = ("solved", "closed")
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A warning or breach that falls due at `at` unless the clock changes first."""
+
+    case_id: str
+    kind: str
+    what: str  # "warning" | "breach"
+    at: datetime
+    deadline_version: int
+
+    @property
+    def request_id(self) -> str:
+        """The one request id of raising this deadline, on every replica and restart."""
+        return f"sla:{self.case_id}:{self.kind}:{self.what}:{self.deadline_version}"
+
+
+def _iso(at: datetime | None) -> str | None:
+    return None if at is None else at.isoformat()
+
+
+def _at(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+class Case(Aggregate):
+    """A case of one contact, from one channel."""
+
+    class Opened(Aggregate.Created):
+        customer_id: str
+        channel: str
+        subject: str
+        description: str
+        category: str
+        priority: str
+        team: str
+        assignee: str
+        tier: str
+        tier_source: str
+        policy_id: str
+        policy_version: int
+        terms: dict[str, Any]
+        reopen_window_seconds: int
+        at: datetime
+
+    class Event(Aggregate.Event):
+        customer_id: str
+        at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.history.append({"at": self.at.isoformat(), "what": type(self).__name__})
+            aggregate.updated_at = self.at
+            self.change(aggregate)
+
+        def change(self, aggregate: Any) -> None:
+            pass
+
+    class Triaged(Event):
+        category: str
+        priority: str
+        team: str
+
+        def change(self, aggregate: Any) -> None:
+            aggregate.history[-1].update(
+                category=self.category, priority=self.priority, team=self.team
+            )
+            aggregate.category, aggregate.team = self.category, self.team
+            aggregate._set_priority(self.priority, self.at)
+
+    class Assigned(Event):
+        assignee: str
+
+        def change(self, aggregate: Any) -> None:
+            aggregate.history[-1].update(assignee=self.assignee)
+            aggregate.assignee = self.assignee
+
+    class Replied(Event):
+        author: str
+        author_kind: str  # "agent" | "customer"
+        body: str
+
+        def change(self, aggregate: Any) -> None:
+            aggregate.history[-1].update(author=self.author, author_kind=self.author_kind)
+            aggregate.messages.append(
+                {
+                    "at": self.at.isoformat(),
+                    "author": self.author,
+                    "author_kind": self.author_kind,
+                    "body": self.body,
+                    "internal": False,
+                }
+            )
+            if self.author_kind == "agent":
+                aggregate._meet("first_response", self.at)
+            elif aggregate.status == "pending":
+                # The customer answered: the case is theirs no longer, the clocks run.
+                aggregate._move("open", self.at)
+
+    class NoteAdded(Event):
+        author: str
+        body: str
+
+        def change(self, aggregate: Any) -> None:
+            aggregate.messages.append(
+                {
+                    "at": self.at.isoformat(),
+                    "author": self.author,
+                    "author_kind": "agent",
+                    "body": self.body,
+                    "internal": True,
+                }
+            )
+
+    class StatusChanged(Event):
+        status: str
+
+        def change(self, aggregate: Any) -> None:
+            aggregate.history[-1].update(before=aggregate.status, status=self.status)
+            aggregate._move(self.status, self.at)
+
+    class SlaWarned(Event):
+        kind: str
+        due_at: datetime
+        deadline_version: int
+
+        def change(self, aggregate: Any) -> None:
+            aggregate.history[-1].update(kind=self.kind)
+            aggregate.clocks[self.kind]["warned"] = True
+
+    class SlaBreached(Event):
+        kind: str
+        due_at: datetime
+        deadline_version: int
+
+        def change(self, aggregate: Any) -> None:
+            aggregate.history[-1].update(kind=self.kind)
+            clock = aggregate.clocks[self.kind]
+            clock["warned"] = True
+            clock["breached"] = True
+
+    class Escalated(Event):
+        kind: str
+        priority: str
+        team: str
+        notify_team: str
+
+        def change(self, aggregate: Any) -> None:
+            aggregate.history[-1].update(kind=self.kind, priority=self.priority, team=self.team)
+            aggregate.team = self.team
+            aggregate._set_priority(self.priority, self.at)
+
+    class SatisfactionRecorded(Event):
+        csat: int
+        ces: int | None
+        nps: int | None
+        comment: str
+
+        def change(self, aggregate: Any) -> None:
+            aggregate.satisfaction = {
+                "csat": self.csat,
+                "ces": self.ces,
+                "nps": self.nps,
+                "comment": self.comment,
+                "at": self.at.isoformat(),
+            }
+
+    def __init__(
+        self,
+        customer_id: str,
+        channel: str,
+        subject: str,
+        description: str,
+        category: str,
+        priority: str,
+        team: str,
+        assignee: str,
+        tier: str,
+        tier_source: str,
+        policy_id: str,
+        policy_version: int,
+        terms: dict[str, Any],
+        reopen_window_seconds: int,
+        at: datetime,
+    ) -> None:
+        self.customer_id = customer_id
+        self.channel = channel
+        self.subject = subject
+        self.description = description
+        self.category = category
+        self.priority = priority
+        self.team = team
+        self.assignee = assignee
+        self.tier = tier
+        self.tier_source = tier_source
+        self.policy_id = policy_id
+        self.policy_version = policy_version
+        self.terms = terms
+        self.reopen_window_seconds = reopen_window_seconds
+        self.status = "new"
+        self.opened_at = at
+        self.updated_at = at
+        self.solved_at: datetime | None = None
+        self.messages: list[dict[str, Any]] = []
+        self.satisfaction: dict[str, Any] | None = None
+        # The Opened event itself appends the first entry (it is a `Case.Event` too).
+        self.history: list[dict[str, Any]] = []
+        targets = terms["targets"].get(tier) or {}
+        self.clocks: dict[str, dict[str, Any]] = {
+            kind: {
+                "target": int(targets.get(priority, {}).get(kind, 0)),
+                "consumed": 0.0,
+                "running_since": at.isoformat(),
+                "met_at": None,
+                "warned": False,
+                "breached": False,
+                "deadline_version": 1,
+            }
+            for kind in TARGET_KINDS
+            if targets.get(priority, {}).get(kind)
+        }
+
+    @classmethod
+    def open(
+        cls,
+        *,
+        customer_id: str,
+        channel: str,
+        subject: str,
+        description: str,
+        category: str,
+        priority: str,
+        team: str,
+        assignee: str,
+        tier: str,
+        tier_source: str,
+        policy_id: str,
+        policy_version: int,
+        terms: dict[str, Any],
+        reopen_window_seconds: int,
+        at: datetime,
+    ) -> Case:
+        return cls._create(
+            cls.Opened,
+            customer_id=customer_id,
+            channel=channel,
+            subject=subject,
+            description=description,
+            category=category,
+            priority=priority,
+            team=team,
+            assignee=assignee,
+            tier=tier,
+            tier_source=tier_source,
+            policy_id=policy_id,
+            policy_version=policy_version,
+            terms=copy.deepcopy(terms),
+            reopen_window_seconds=reopen_window_seconds,
+            at=at,
+        )
+
+    # -- commands
+
+    def triage(self, *, category: str, priority: str, team: str, at: datetime) -> None:
+        self._refuse_when_closed("triage")
+        if (category, priority, team) == (self.category, self.priority, self.team):
+            return
+        self._trigger(self.Triaged, at, category=category, priority=priority, team=team)
+
+    def assign(self, assignee: str, at: datetime) -> None:
+        self._refuse_when_closed("assign")
+        if assignee != self.assignee:
+            self._trigger(self.Assigned, at, assignee=assignee)
+
+    def reply(self, *, author: str, author_kind: str, body: str, at: datetime) -> None:
+        self._refuse_when_closed("reply to")
+        self._trigger(self.Replied, at, author=author, author_kind=author_kind, body=body)
+
+    def add_note(self, *, author: str, body: str, at: datetime) -> None:
+        self._refuse_when_closed("annotate")
+        self._trigger(self.NoteAdded, at, author=author, body=body)
+
+    def change_status(self, status: str, at: datetime) -> None:
+        if status == self.status:
+            return
+        allowed = TRANSITIONS[self.status]
+        if status not in allowed:
+            names = ", ".join(allowed) or "none: a closed case is final"
+            raise RuleViolated(f"a {self.status} case cannot become {status}; allowed: {names}")
+        if self.status == "solved" and status == "open":
+            assert self.solved_at is not None
+            window = timedelta(seconds=self.reopen_window_seconds)
+            if at > self.solved_at + window:
+                raise RuleViolated(
+                    f"the case was solved at {self.solved_at.isoformat()}; it can be reopened "
+                    f"within {self.reopen_window_seconds} s only (allowed now: closed)"
+                )
+        self._trigger(self.StatusChanged, at, status=status)
+
+    def record_satisfaction(
+        self, *, csat: int, ces: int | None, nps: int | None, comment: str, at: datetime
+    ) -> None:
+        if self.status not in STOPPED:
+            raise RuleViolated(f"a {self.status} case has no survey yet: solve it first")
+        if self.satisfaction is not None:
+            raise RuleViolated("this case already has its survey response")
+        self._trigger(self.SatisfactionRecorded, at, csat=csat, ces=ces, nps=nps, comment=comment)
+
+    def raise_deadline(self, kind: str, what: str, deadline_version: int, now: datetime) -> bool:
+        """Raises the warning or breach of clock `kind` if it is (still) due: False (and no
+        event) when it was raised before, the deadline moved, or it is not due yet."""
+        deadlines = {(d.kind, d.what): d for d in self.deadlines()}
+        due = deadlines.get((kind, what))
+        if due is None or due.deadline_version != deadline_version or due.at > now:
+            return False
+        breach = deadlines.get((kind, "breach"))
+        if what == "warning" and breach is not None and breach.at <= now:
+            return False  # too late to warn: the breach is due and says more
+        event = self.SlaBreached if what == "breach" else self.SlaWarned
+        self._trigger(event, now, kind=kind, due_at=due.at, deadline_version=deadline_version)
+        if what == "breach":
+            self._escalate(kind, now)
+        return True
+
+    def _escalate(self, kind: str, at: datetime) -> None:
+        raise_priority = bool(self.terms.get("escalate_priority"))
+        team = self.terms.get("escalate_team") or ""
+        if not raise_priority and not team:
+            return
+        priority = self.priority
+        if raise_priority:
+            priority = PRIORITIES[min(PRIORITIES.index(priority) + 1, len(PRIORITIES) - 1)]
+        self._trigger(
+            self.Escalated,
+            at,
+            kind=kind,
+            priority=priority,
+            team=team or self.team,
+            notify_team=team,
+        )
+
+    # -- queries
+
+    @property
+    def calendar(self) -> BusinessCalendar:
+        return BusinessCalendar.from_data(self.terms["calendar"])
+
+    def deadlines(self) -> list[Deadline]:
+        """The warnings and breaches still to raise, earliest first."""
+        found: list[Deadline] = []
+        warning = int(self.terms.get("warning_seconds", 0))
+        for kind, clock in self.clocks.items():
+            since = _at(clock["running_since"])
+            if since is None or clock["met_at"] is not None or clock["breached"]:
+                continue
+            left = clock["target"] - clock["consumed"]
+            version = clock["deadline_version"]
+            due = self.calendar.add(since, max(left, 0))
+            if not clock["warned"] and warning > 0 and left > warning:
+                found.append(
+                    Deadline(
+                        str(self.id),
+                        kind,
+                        "warning",
+                        self.calendar.add(since, left - warning),
+                        version,
+                    )
+                )
+            found.append(Deadline(str(self.id), kind, "breach", due, version))
+        return sorted(found, key=lambda d: d.at)
+
+    def next_due(self) -> datetime | None:
+        """The next breach time of a running clock (the queue's urgency)."""
+        breaches = [d.at for d in self.deadlines() if d.what == "breach"]
+        return min(breaches) if breaches else None
+
+    def clock_state(self, kind: str) -> str:
+        """running, paused, met, or breached (a target met late stays breached)."""
+        clock = self.clocks[kind]
+        if clock["breached"]:
+            return "breached"
+        if clock["met_at"] is not None:
+            return "met"
+        return "running" if clock["running_since"] is not None else "paused"
+
+    def business_seconds_used(self, kind: str, now: datetime) -> float:
+        clock = self.clocks[kind]
+        since = _at(clock["running_since"])
+        used: float = clock["consumed"]
+        if since is not None and clock["met_at"] is None:
+            used += self.calendar.between(since, now)
+        return used
+
+    # -- clock mechanics (called from the events' apply, so replay rebuilds them)
+
+    def _trigger(self, event: type[Aggregate.Event], at: datetime, **fields: Any) -> None:
+        self.trigger_event(event, customer_id=self.customer_id, at=at, **fields)
+
+    def _refuse_when_closed(self, verb: str) -> None:
+        if self.status == "closed":
+            raise RuleViolated(f"a closed case is final: cannot {verb} it")
+
+    def _pauses(self, status: str) -> bool:
+        return status in PAUSED_ALWAYS or (
+            status == "on_hold" and bool(self.terms.get("pause_on_hold"))
+        )
+
+    def _stop_clock(self, clock: dict[str, Any], at: datetime) -> None:
+        since = _at(clock["running_since"])
+        if since is not None:
+            clock["consumed"] += self.calendar.between(since, at)
+            clock["running_since"] = None
+            clock["deadline_version"] += 1
+
+    def _start_clock(self, clock: dict[str, Any], at: datetime) -> None:
+        if clock["running_since"] is None and clock["met_at"] is None:
+            clock["running_since"] = _iso(at)
+            clock["deadline_version"] += 1
+
+    def _meet(self, kind: str, at: datetime) -> None:
+        clock = self.clocks.get(kind)
+        if clock is not None and clock["met_at"] is None:
+            self._stop_clock(clock, at)
+            clock["met_at"] = _iso(at)
+
+    def _move(self, status: str, at: datetime) -> None:
+        before, self.status = self.status, status
+        if status in STOPPED:
+            if status == "solved":
+                self.solved_at = at
+                for kind in self.clocks:
+                    self._meet(kind, at)
+            return
+        if before == "solved":  # reopened: resolution runs again from where it stopped
+            clock = self.clocks.get("resolution")
+            if clock is not None:
+                clock["met_at"] = None
+            self.solved_at = None
+        for clock in self.clocks.values():
+            if self._pauses(status):
+                self._stop_clock(clock, at)
+            else:
+                self._start_clock(clock, at)
+
+    def _set_priority(self, priority: str, at: datetime) -> None:
+        if priority == self.priority:
+            return
+        self.priority = priority
+        targets = self.terms["targets"].get(self.tier, {}).get(priority, {})
+        for kind, clock in self.clocks.items():
+            if clock["met_at"] is None and kind in targets:
+                clock["target"] = int(targets[kind])
+                clock["deadline_version"] += 1

@@ -1,0 +1,115 @@
+"""`crm-tickets serve|relay|sla`: the tickets service's processes.
+
+`serve` runs the gRPC and REST API and, beside it, the SLA scanner: every
+replica raises the deadlines that fall due, and each is raised exactly once
+whatever the number of replicas (see `crm_tickets.application`). `sla` runs
+the scanner alone, for a deployment that wants it apart from the API.
+
+`CRM_TICKETS_SLA_INTERVAL` (seconds, default 5) is how often the scanner
+looks; `CRM_TICKETS_REOPEN_WINDOW` (seconds, default 7 days) how long a solved
+case may be reopened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+
+from crm_common.cli import Process, run_cli
+from crm_common.health import Heartbeat
+from crm_common.lifecycle import run_worker
+from crm_common.relay import run_relay
+from crm_common.server import access_gate, serve
+from crm_common.settings import Settings
+from crm_tickets.application import (
+    DEFAULT_REOPEN_WINDOW_SECONDS,
+    TicketsService,
+    create_application,
+)
+from crm_tickets.contacts_client import GrpcContacts
+from crm_tickets.events_out import PROTO_MESSAGE, to_wire
+from crm_tickets.grpc_api import grpc_service
+from crm_tickets.rest_api import create_app
+
+SERVICE = "tickets"
+log = logging.getLogger("crm_tickets")
+
+
+def _interval() -> float:
+    return float(os.environ.get("CRM_TICKETS_SLA_INTERVAL", "5"))
+
+
+def _service(settings: Settings, contacts: GrpcContacts | None = None) -> TicketsService:
+    window = int(os.environ.get("CRM_TICKETS_REOPEN_WINDOW", DEFAULT_REOPEN_WINDOW_SECONDS))
+    return TicketsService(create_application(settings), contacts, reopen_window_seconds=window)
+
+
+async def scan_until(service: TicketsService, stop: asyncio.Event, heartbeat: Heartbeat) -> None:
+    """Raises due SLA deadlines every interval until `stop` is set."""
+    interval = _interval()
+    while not stop.is_set():
+        try:
+            await service.raise_due_deadlines()
+            heartbeat.beat()
+        except Exception as error:  # keep scanning: the next round retries
+            heartbeat.failed(error)
+            log.exception("SLA scan failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+
+
+async def run_serve(settings: Settings) -> None:
+    gate = access_gate(settings)
+    contacts = GrpcContacts(settings)
+    service = _service(settings, contacts)
+    stop = asyncio.Event()
+    try:
+        await asyncio.to_thread(service.deadlines.catch_up)
+        scanner = asyncio.create_task(scan_until(service, stop, Heartbeat("tickets-sla")))
+        try:
+            await serve(
+                settings,
+                gate=gate,
+                grpc_services=[grpc_service(service)],
+                http_app=create_app(service, gate),
+            )
+        finally:
+            stop.set()
+            await scanner
+    finally:
+        service.close()
+        await contacts.close()
+
+
+async def run_sla(settings: Settings) -> None:
+    service = _service(settings)
+    heartbeat = Heartbeat("tickets-sla")
+    try:
+        await run_worker(settings, heartbeat, lambda stop: scan_until(service, stop, heartbeat))
+    finally:
+        service.close()
+
+
+async def run_relay_process(settings: Settings) -> None:
+    await run_relay(
+        settings, to_wire=to_wire, app_factory=create_application, proto_message=PROTO_MESSAGE
+    )
+
+
+PROCESSES = {
+    "serve": Process(
+        "gRPC and REST API of cases and SLA policies, with the SLA scanner", run_serve
+    ),
+    "relay": Process("publish the event log to crm.tickets.events", run_relay_process),
+    "sla": Process("raise due SLA warnings and breaches (exactly once)", run_sla),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(SERVICE, PROCESSES, description=__doc__, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Canonicalise, then bound, then check inputs into domain values.
+
+Refusals are `ValidationFailed` with field paths (`terms.targets[2].priority`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from crm_common.errors import FieldError, FieldErrors, ValidationFailed
+from crm_tickets.domain import (
+    CHANNELS,
+    PRIORITIES,
+    STATUSES,
+    TIERS,
+    BusinessCalendar,
+    Targets,
+    policy_terms,
+)
+from crm_tickets.inputs import NewCase, SlaTermsInput, SurveyInput, Triage
+
+MAX_TEXT = 200
+MAX_BODY = 20_000
+MAX_TARGET_SECONDS = 366 * 24 * 3600
+
+
+def text(
+    errors: FieldErrors, field: str, value: str, *, required: bool, limit: int = MAX_TEXT
+) -> str:
+    value = " ".join(value.split()) if limit <= MAX_TEXT else value.strip()
+    if required and not value:
+        errors.add(field, "is required")
+    elif len(value) > limit:
+        errors.add(field, f"must be at most {limit} characters")
+    return value
+
+
+def word(errors: FieldErrors, field: str, value: str | None, allowed: tuple[str, ...]) -> str:
+    if value is None or value not in allowed:
+        errors.add(field, f"must be one of {', '.join(allowed)}")
+        return ""
+    return value
+
+
+def ident(field: str, value: str) -> str:
+    try:
+        return str(UUID(value.strip()))
+    except ValueError:
+        raise ValidationFailed.of(field, f"{value[:60]!r} is not an id") from None
+
+
+def new_case(new: NewCase) -> NewCase:
+    errors = FieldErrors()
+    customer = text(errors, "customer_id", new.customer_id, required=True)
+    checked = NewCase(
+        customer_id=customer,
+        channel=word(errors, "channel", new.channel, CHANNELS),
+        subject=text(errors, "subject", new.subject, required=True),
+        description=text(errors, "description", new.description, required=False, limit=MAX_BODY),
+        category=text(errors, "category", new.category.lower(), required=False),
+        priority=word(errors, "priority", new.priority or "normal", PRIORITIES),
+        team=text(errors, "team", new.team.lower(), required=True),
+        assignee=text(errors, "assignee", new.assignee, required=False),
+        policy_id=new.policy_id.strip(),
+    )
+    errors.raise_if_any()
+    if checked.policy_id:
+        ident("policy_id", checked.policy_id)
+    return checked
+
+
+def triage(change: Triage) -> Triage:
+    errors = FieldErrors()
+    checked = Triage(
+        category=text(errors, "category", change.category.lower(), required=False),
+        priority=word(errors, "priority", change.priority, PRIORITIES),
+        team=text(errors, "team", change.team.lower(), required=True),
+    )
+    errors.raise_if_any()
+    return checked
+
+
+def status(value: str | None) -> str:
+    errors = FieldErrors()
+    checked = word(errors, "status", value, STATUSES)
+    errors.raise_if_any()
+    return checked
+
+
+def body(field: str, value: str) -> str:
+    errors = FieldErrors()
+    checked = text(errors, field, value, required=True, limit=MAX_BODY)
+    errors.raise_if_any()
+    return checked
+
+
+def sla_terms(terms: SlaTermsInput) -> dict[str, Any]:
+    errors = FieldErrors()
+    targets: Targets = {}
+    for i, t in enumerate(terms.targets):
+        path = f"terms.targets[{i}]"
+        tier = word(errors, f"{path}.tier", t.tier.lower().strip(), TIERS)
+        priority = word(errors, f"{path}.priority", t.priority, PRIORITIES)
+        for name in ("first_response_seconds", "resolution_seconds"):
+            value = getattr(t, name)
+            if not 0 < value <= MAX_TARGET_SECONDS:
+                errors.add(f"{path}.{name}", f"must be between 1 and {MAX_TARGET_SECONDS}")
+        if tier and priority:
+            if priority in targets.get(tier, {}):
+                errors.add(path, f"{tier}/{priority} is set twice")
+            targets.setdefault(tier, {})[priority] = {
+                "first_response": t.first_response_seconds,
+                "resolution": t.resolution_seconds,
+            }
+    if not terms.targets:
+        errors.add("terms.targets", "needs at least one target")
+    if not 0 <= terms.warning_seconds <= MAX_TARGET_SECONDS:
+        errors.add("terms.warning_seconds", f"must be between 0 and {MAX_TARGET_SECONDS}")
+    escalate_team = text(errors, "terms.escalate_team", terms.escalate_team.lower(), required=False)
+    calendar: BusinessCalendar | None = None
+    try:
+        calendar = BusinessCalendar(
+            terms.calendar.timezone.strip() or "UTC",
+            tuple((h.day.lower(), h.opens, h.closes) for h in terms.calendar.hours),
+            tuple(terms.calendar.holidays),
+        )
+    except ValidationFailed as error:
+        errors.errors += [FieldError(f"terms.{e.field}", e.message) for e in error.errors]
+    errors.raise_if_any()
+    assert calendar is not None
+    return policy_terms(
+        targets=targets,
+        calendar=calendar,
+        warning_seconds=terms.warning_seconds,
+        pause_on_hold=terms.pause_on_hold,
+        escalate_priority=terms.escalate_priority,
+        escalate_team=escalate_team,
+    )
+
+
+def survey(response: SurveyInput) -> SurveyInput:
+    errors = FieldErrors()
+    if not 1 <= response.csat <= 5:
+        errors.add("csat", "must be between 1 and 5")
+    if response.ces is not None and not 1 <= response.ces <= 7:
+        errors.add("ces", "must be between 1 and 7")
+    if response.nps is not None and not 0 <= response.nps <= 10:
+        errors.add("nps", "must be between 0 and 10")
+    comment = text(errors, "comment", response.comment, required=False, limit=MAX_BODY)
+    errors.raise_if_any()
+    return SurveyInput(response.csat, response.ces, response.nps, comment)

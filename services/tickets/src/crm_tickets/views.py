@@ -1,0 +1,177 @@
+"""What readers see: frozen views of cases and SLA policies, returned by the
+application's queries and writes and rendered by `messages` (protobuf) and the
+REST adapter. A view is a copy taken at one instant (`now` for the clocks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from crm_common.commands import WriteOutcome
+from crm_tickets.domain import Case, SlaPolicy
+
+
+@dataclass(frozen=True)
+class ClockView:
+    kind: str
+    state: str
+    target_seconds: int
+    used_seconds: float
+    due_at: datetime | None
+
+
+@dataclass(frozen=True)
+class MessageView:
+    at: datetime
+    author: str
+    author_kind: str
+    body: str
+    internal: bool
+
+
+@dataclass(frozen=True)
+class HistoryView:
+    at: datetime
+    what: str
+    details: dict[str, str]
+
+
+@dataclass(frozen=True)
+class SatisfactionView:
+    csat: int
+    ces: int | None
+    nps: int | None
+    comment: str
+
+
+@dataclass(frozen=True)
+class CaseView:
+    id: str
+    version: int
+    customer_id: str
+    channel: str
+    subject: str
+    description: str
+    category: str
+    priority: str
+    team: str
+    assignee: str
+    status: str
+    tier: str
+    tier_source: str
+    policy_id: str
+    policy_version: int
+    clocks: list[ClockView]
+    messages: list[MessageView]
+    history: list[HistoryView]
+    satisfaction: SatisfactionView | None
+    opened_at: datetime
+    next_due_at: datetime | None
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    id: str
+    version: int
+    name: str
+    policy_version: int
+    retired: bool
+    terms: dict[str, Any]
+
+
+View = CaseView | PolicyView
+
+
+@dataclass(frozen=True)
+class Written:
+    """The outcome of a write and its subject as it stands after it."""
+
+    outcome: WriteOutcome
+    subject: View
+
+
+@dataclass(frozen=True)
+class CasePage:
+    cases: list[CaseView]
+    next_page_token: str
+
+
+def case_view(case: Case, now: datetime) -> CaseView:
+    due = {d.kind: d.at for d in case.deadlines() if d.what == "breach"}
+    return CaseView(
+        id=str(case.id),
+        version=case.version,
+        customer_id=case.customer_id,
+        channel=case.channel,
+        subject=case.subject,
+        description=case.description,
+        category=case.category,
+        priority=case.priority,
+        team=case.team,
+        assignee=case.assignee,
+        status=case.status,
+        tier=case.tier,
+        tier_source=case.tier_source,
+        policy_id=case.policy_id,
+        policy_version=case.policy_version,
+        clocks=[
+            ClockView(
+                kind,
+                case.clock_state(kind),
+                int(clock["target"]),
+                round(case.business_seconds_used(kind, now), 3),
+                due.get(kind),
+            )
+            for kind, clock in case.clocks.items()
+        ],
+        messages=[
+            MessageView(
+                datetime.fromisoformat(m["at"]),
+                m["author"],
+                m["author_kind"],
+                m["body"],
+                m["internal"],
+            )
+            for m in case.messages
+        ],
+        history=[
+            HistoryView(
+                datetime.fromisoformat(h["at"]),
+                h["what"],
+                {k: str(v) for k, v in h.items() if k not in ("at", "what")},
+            )
+            for h in case.history
+        ],
+        satisfaction=(
+            None
+            if case.satisfaction is None
+            else SatisfactionView(
+                case.satisfaction["csat"],
+                case.satisfaction["ces"],
+                case.satisfaction["nps"],
+                case.satisfaction["comment"],
+            )
+        ),
+        opened_at=case.opened_at,
+        next_due_at=case.next_due(),
+    )
+
+
+def policy_view(policy: SlaPolicy) -> PolicyView:
+    return PolicyView(
+        str(policy.id),
+        policy.version,
+        policy.name,
+        policy.policy_version,
+        policy.retired,
+        policy.terms,
+    )
+
+
+def view_of(subject: Any, now: datetime) -> View:
+    if isinstance(subject, Case):
+        return case_view(subject, now)
+    if isinstance(subject, SlaPolicy):
+        return policy_view(subject)
+    raise TypeError(f"no view of {type(subject).__name__}")

@@ -1,0 +1,64 @@
+"""The REST adapter in process, behind the real access gate with real signed tokens."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from tickets_support import Clock, KnownContacts, sqlite_settings
+
+from crm_deploy.identity import Identity
+from crm_deploy.testing import bearer, gate_for
+from crm_tickets.application import TicketsService, create_application
+from crm_tickets.rest_api import create_app
+
+
+@pytest.fixture
+async def http(tmp_path: Path, identity: Identity) -> AsyncIterator[httpx.AsyncClient]:
+    service = TicketsService(
+        create_application(sqlite_settings(tmp_path)), KnownContacts("contact-1"), clock=Clock()
+    )
+    app = create_app(service, gate_for("tickets", identity))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://tickets") as client:
+        yield client
+    service.close()
+
+
+async def test_every_route_names_its_operation_and_is_in_the_policy(
+    http: httpx.AsyncClient,
+) -> None:
+    from crm_common.auth.access import AccessPolicy
+
+    document = (await http.get("/openapi.json")).json()
+    operations = {op["operationId"] for path in document["paths"].values() for op in path.values()}
+    listed = set(AccessPolicy.load().operations["tickets"])
+    assert operations == listed
+
+
+async def test_tokens_roles_and_errors(http: httpx.AsyncClient, identity: Identity) -> None:
+    body = {"customer_id": "contact-1", "channel": "email", "subject": "Hi", "team": "support"}
+    assert (await http.post("/cases", json=body)).status_code == 401
+    marketing = bearer(identity.mint("marketing"))
+    refused = await http.post("/cases", json=body, headers=marketing)
+    assert refused.status_code == 403, refused.text
+    agent = bearer(identity.mint("service", subject="agent-7"))
+    unknown = await http.post("/cases", json={**body, "customer_id": "x"}, headers=agent)
+    assert unknown.status_code == 404
+    headers = {**agent, "Idempotency-Key": "k-1"}
+    opened = await http.post("/cases", json=body, headers=headers)
+    assert opened.status_code == 201, opened.text
+    again = await http.post("/cases", json=body, headers=headers)
+    assert (again.status_code, again.json()["id"]) == (200, opened.json()["id"])
+    other = await http.post("/cases", json={**body, "subject": "Other"}, headers=headers)
+    assert other.status_code == 422
+    case = opened.json()["case"]
+    assert (case["status"], case["history"][0]["what"]) == ("new", "Opened")
+    stale = await http.post(
+        f"/cases/{case['id']}/status", json={"status": "open"}, headers={**agent, "If-Match": "7"}
+    )
+    assert stale.status_code == 409
+    read = await http.get(f"/cases/{case['id']}", headers=marketing)
+    assert read.status_code == 200 and read.json()["clocks"][0]["state"] == "running"
