@@ -26,22 +26,17 @@ concurrent partitions share the command bus's group commit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
 
 from crm.events.v1 import pipeline_pb2 as events_pb
 from crm_common.commands import Caller
 from crm_common.errors import CrmError, NotFound, RuleViolated, ValidationFailed
+from crm_common.following import GroupMember, GroupProgress, RetryLater
 from crm_common.health import Heartbeat
-from crm_common.lifecycle import retry_until_stopped
 from crm_common.records import Record, consuming_span, header, where
 from crm_common.settings import topic_of
 from crm_contacts.application import ContactsService
@@ -51,7 +46,6 @@ tracer = trace.get_tracer("crm_contacts.follower")
 
 WON_TYPE = "crm.pipeline.v1.OpportunityWon"
 CLIENT = "crm-contacts-follower"
-MAX_BACKOFF = 30.0
 # Errors that say the record itself can never succeed: logged and passed over.
 PERMANENT: tuple[type[CrmError], ...] = (NotFound, ValidationFailed, RuleViolated)
 
@@ -96,21 +90,14 @@ def promotions_of(record: Record) -> list[Promotion]:
 
 
 @dataclass
-class FollowerStats:
-    records: int = 0
+class FollowerStats(GroupProgress):
     promoted: int = 0
     unchanged: int = 0
     replayed: int = 0
     skipped: int = 0
-    retries: int = 0
-    commits: dict[TopicPartition, int] = field(default_factory=dict)
 
 
-class _Retry(Exception):
-    """A record failed for a reason that may pass: read it again later."""
-
-
-class OpportunityFollower:
+class OpportunityFollower(GroupMember):
     """Feeds won deals from the pipeline topic to the contacts command bus."""
 
     def __init__(
@@ -126,127 +113,27 @@ class OpportunityFollower:
         heartbeat: Heartbeat | None = None,
     ) -> None:
         self.service = service
-        self.bootstrap = bootstrap
-        self.topic = topic or topic_of("pipeline")
-        self.group_id = group_id or default_group_id()
-        self.max_records = max_records
-        self.poll_timeout_ms = poll_timeout_ms
-        self.retry_backoff = retry_backoff
-        self.stats = FollowerStats()
-        self._backoff = retry_backoff
-        self.heartbeat = heartbeat or Heartbeat(f"{self.group_id} follower")
-
-    def health_details(self) -> dict[str, Any]:
-        """What `GET /healthz` reports besides the heartbeat."""
-        stats = self.stats
-        return {
-            "topic": self.topic,
-            "group_id": self.group_id,
-            "records": stats.records,
-            "promoted": stats.promoted,
-            "unchanged": stats.unchanged,
-            "replayed": stats.replayed,
-            "skipped": stats.skipped,
-            "retries": stats.retries,
-        }
+        stats = FollowerStats()
+        group = group_id or default_group_id()
+        super().__init__(
+            topic=topic or topic_of("pipeline"),
+            bootstrap=bootstrap,
+            group_id=group,
+            client_id=CLIENT,
+            stats=stats,
+            max_records=max_records,
+            poll_timeout_ms=poll_timeout_ms,
+            retry_backoff=retry_backoff,
+            heartbeat=heartbeat,
+            what="follower",
+        )
+        self.stats: FollowerStats = stats
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Follows the topic until `stop` is set; starts over after Kafka errors."""
-        await retry_until_stopped(
-            lambda: self._consume(stop),
-            stop,
-            heartbeat=self.heartbeat,
-            retry_on=(KafkaError,),
-            what=f"follower {self.group_id}",
-            then="starting again from the committed offsets",
-            first_backoff=self.retry_backoff,
-            max_backoff=MAX_BACKOFF,
-        )
+        """Follows the topic until `stop` is set."""
+        await self.consume(stop)
 
-    def _new_consumer(self) -> AIOKafkaConsumer:
-        return AIOKafkaConsumer(
-            self.topic,
-            bootstrap_servers=self.bootstrap,
-            group_id=self.group_id,
-            client_id=CLIENT,
-            enable_auto_commit=False,
-            # A new group starts at the beginning: deals won before the
-            # follower first ran still make their contacts customers.
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-        )
-
-    async def _consume(self, stop: asyncio.Event) -> None:
-        consumer = self._new_consumer()
-        await consumer.start()
-        log.info("follower %s follows %s", self.group_id, self.topic)
-        if self.heartbeat.last_error is not None:
-            self.heartbeat.recovered()
-        try:
-            while not stop.is_set():
-                self.heartbeat.beat()
-                fetched = await consumer.getmany(
-                    timeout_ms=self.poll_timeout_ms, max_records=self.max_records
-                )
-                batch = {tp: records for tp, records in fetched.items() if records}
-                if not batch:
-                    continue
-                results = await asyncio.gather(
-                    *(self._partition(tp, records) for tp, records in batch.items())
-                )
-                offsets = {tp: done for tp, done, _ in results if done is not None}
-                await self._commit(consumer, offsets)
-                retry = [(tp, offset) for tp, _, offset in results if offset is not None]
-                if retry:
-                    # Read the failed records again after a pause; what the other
-                    # partitions handled in this batch is committed already.
-                    assigned = consumer.assignment()
-                    for tp, offset in retry:
-                        if tp in assigned:
-                            consumer.seek(tp, offset)
-                    self.stats.retries += 1
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), self._backoff)
-                    self._backoff = min(self._backoff * 2, MAX_BACKOFF)
-                else:
-                    self._backoff = self.retry_backoff
-        finally:
-            await consumer.stop()
-
-    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
-        assigned = consumer.assignment()
-        offsets = {tp: offset for tp, offset in offsets.items() if tp in assigned}
-        if not offsets:
-            return
-        try:
-            await consumer.commit(offsets)
-        except (CommitFailedError, IllegalStateError) as error:
-            # The group rebalanced: the partitions' new owner reads these
-            # records again, and their request ids make that harmless.
-            log.warning("follower %s could not commit %s: %r", self.group_id, offsets, error)
-            return
-        self.stats.commits.update(offsets)
-
-    async def _partition(
-        self, tp: TopicPartition, records: Sequence[Record]
-    ) -> tuple[TopicPartition, int | None, int | None]:
-        """Handles one partition's records in order.
-
-        Returns the offset to commit (after the last record handled, None when
-        none was) and the offset to read again (the record that failed, None
-        when all were handled).
-        """
-        done: int | None = None
-        for record in records:
-            try:
-                await self._record(record)
-            except _Retry:
-                return tp, done, record.offset
-            self.stats.records += 1
-            done = record.offset + 1
-        return tp, done, None
-
-    async def _record(self, record: Record) -> None:
+    async def handle(self, record: Record) -> None:
         at = where(record)
         try:
             wanted = promotions_of(record)
@@ -282,7 +169,7 @@ class OpportunityFollower:
                 self._backoff,
             )
             self.heartbeat.failed(f"contact {promotion.contact_id} at {at}: {error!r}")
-            raise _Retry from error
+            raise RetryLater from error
         if self.heartbeat.last_error is not None:
             self.heartbeat.recovered()
         outcome = written.outcome

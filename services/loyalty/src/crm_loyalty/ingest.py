@@ -26,20 +26,16 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
 
 from crm.erp.v1 import orders_pb2 as erp_pb
 from crm_common.commands import Caller
 from crm_common.errors import NotFound, RuleViolated, ValidationFailed
+from crm_common.following import GroupMember, GroupProgress, RetryLater
 from crm_common.health import Heartbeat
-from crm_common.lifecycle import retry_until_stopped
 from crm_common.records import Record, consuming_span, where
 from crm_common.settings import inbound_topic, topic_of
 from crm_loyalty.application import LoyaltyService
@@ -52,7 +48,6 @@ tracer = trace.get_tracer("crm_loyalty.ingest")
 
 CLIENT = "crm-loyalty-ingest"
 ACTOR = "erp"
-MAX_BACKOFF = 30.0
 
 
 def erp_topic() -> str:
@@ -65,19 +60,13 @@ def default_group_id() -> str:
 
 
 @dataclass
-class IngestStats:
-    records: int = 0
+class IngestStats(GroupProgress):
     applied: int = 0
     repeated: int = 0
     parked: int = 0
     unparked: int = 0
-    retries: int = 0
     settled_released: int = 0
     settled_expired: int = 0
-
-
-class _Retry(Exception):
-    """The service itself failed: read the record again later."""
 
 
 def message_key(message: erp_pb.OrderEvent) -> str:
@@ -87,7 +76,7 @@ def message_key(message: erp_pb.OrderEvent) -> str:
     return f"{message.order_id}:{kind}"
 
 
-class OrderIngest:
+class OrderIngest(GroupMember):
     def __init__(
         self,
         service: LoyaltyService,
@@ -102,19 +91,22 @@ class OrderIngest:
         heartbeat: Heartbeat | None = None,
     ) -> None:
         self.service = service
-        self.bootstrap = bootstrap
-        self.topic = topic or erp_topic()
-        self.group_id = group_id or default_group_id()
         self.retry_interval = retry_interval
         self.settle_interval = settle_interval
-        self.max_records = max_records
-        self.poll_timeout_ms = poll_timeout_ms
-        self.stats = IngestStats()
-        self.heartbeat = heartbeat or Heartbeat(f"{self.group_id} ingest")
-        self._backoff = 0.5
-
-    def health_details(self) -> dict[str, Any]:
-        return {"topic": self.topic, "group_id": self.group_id, **vars(self.stats)}
+        stats = IngestStats()
+        group = group_id or default_group_id()
+        super().__init__(
+            topic=topic or erp_topic(),
+            bootstrap=bootstrap,
+            group_id=group,
+            client_id=CLIENT,
+            stats=stats,
+            max_records=max_records,
+            poll_timeout_ms=poll_timeout_ms,
+            heartbeat=heartbeat,
+            what="ingest",
+        )
+        self.stats: IngestStats = stats
 
     # -- applying one message -------------------------------------------------------
 
@@ -157,7 +149,7 @@ class OrderIngest:
             self.stats.parked += 1
             log.warning("ingest: parked %s (%s)", key, reason)
 
-    async def _record(self, record: Record) -> None:
+    async def handle(self, record: Record) -> None:
         payload = record.value or b""
         try:
             message = erp_pb.OrderEvent.FromString(payload)
@@ -181,7 +173,7 @@ class OrderIngest:
             except Exception as error:
                 log.error("ingest: %s failed (%r); retrying", where(record), error)
                 self.heartbeat.failed(f"{key} at {where(record)}: {error!r}")
-                raise _Retry from error
+                raise RetryLater from error
 
     # -- parked messages and the schedule ---------------------------------------------
 
@@ -231,80 +223,7 @@ class OrderIngest:
     async def run(self, stop: asyncio.Event) -> None:
         schedule = asyncio.create_task(self._schedule(stop))
         try:
-            await retry_until_stopped(
-                lambda: self._consume(stop),
-                stop,
-                heartbeat=self.heartbeat,
-                retry_on=(KafkaError,),
-                what=f"ingest {self.group_id}",
-                then="starting again from the committed offsets",
-                max_backoff=MAX_BACKOFF,
-            )
+            await self.consume(stop)
         finally:
             stop.set()
             await schedule
-
-    async def _consume(self, stop: asyncio.Event) -> None:
-        consumer = AIOKafkaConsumer(
-            self.topic,
-            bootstrap_servers=self.bootstrap,
-            group_id=self.group_id,
-            client_id=CLIENT,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-        )
-        await consumer.start()
-        log.info("ingest %s consumes %s", self.group_id, self.topic)
-        if self.heartbeat.last_error is not None:
-            self.heartbeat.recovered()
-        try:
-            while not stop.is_set():
-                self.heartbeat.beat()
-                fetched = await consumer.getmany(
-                    timeout_ms=self.poll_timeout_ms, max_records=self.max_records
-                )
-                batch = {tp: records for tp, records in fetched.items() if records}
-                if not batch:
-                    continue
-                results = await asyncio.gather(
-                    *(self._partition(tp, records) for tp, records in batch.items())
-                )
-                await self._commit(consumer, {tp: d for tp, d, _ in results if d is not None})
-                retry = [(tp, offset) for tp, _, offset in results if offset is not None]
-                if retry:
-                    assigned = consumer.assignment()
-                    for tp, offset in retry:
-                        if tp in assigned:
-                            consumer.seek(tp, offset)
-                    self.stats.retries += 1
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), self._backoff)
-                    self._backoff = min(self._backoff * 2, MAX_BACKOFF)
-                else:
-                    self._backoff = 0.5
-        finally:
-            await consumer.stop()
-
-    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
-        assigned = consumer.assignment()
-        offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
-        if not offsets:
-            return
-        try:
-            await consumer.commit(offsets)
-        except (CommitFailedError, IllegalStateError) as error:
-            log.warning("ingest %s could not commit %s: %r", self.group_id, offsets, error)
-
-    async def _partition(
-        self, tp: TopicPartition, records: Sequence[Record]
-    ) -> tuple[TopicPartition, int | None, int | None]:
-        done: int | None = None
-        for record in records:
-            try:
-                await self._record(record)
-            except _Retry:
-                return tp, done, record.offset
-            self.stats.records += 1
-            done = record.offset + 1
-        return tp, done, None
