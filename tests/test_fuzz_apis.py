@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from protobuf_strategies import message_strategy
 
 import crm
+from crm_common.auth.access import AccessPolicy
 from crm_common.registry import SERVICES
 from crm_deploy.identity import Identity
 from crm_deploy.testing import bearer, grpc_auth
@@ -148,3 +149,25 @@ def test_the_fuzzers_reach_the_apis(platform: Any, identity: Identity) -> None:
         f"{http}/contacts", headers=bearer(identity.mint("admin", client="fuzzer")), timeout=10
     )
     assert reply.status_code == 200
+
+
+@pytest.mark.parametrize("service", API_SERVICES)
+def test_every_operation_a_service_serves_is_written_in_the_access_policy(
+    platform: Any, identity: Identity, service: str
+) -> None:
+    """Deny by default only protects if nothing is forgotten: every gRPC method and
+    every REST operation of the running service has its line in access.yaml, and
+    the REST operations carry the gRPC methods' names."""
+    policy = AccessPolicy.load()
+    address, http = _addresses(platform, service)
+    _load_stubs()
+    methods = {
+        m.name
+        for name in _served_apis(address)
+        for m in descriptor_pool.Default().FindServiceByName(name).methods
+    }
+    document = httpx.get(f"{http}/openapi.json", timeout=10).json()
+    operations = {op["operationId"] for path in document["paths"].values() for op in path.values()}
+    listed = set(policy.operations.get(service, {}))
+    assert methods <= listed, sorted(methods - listed)
+    assert operations <= listed, sorted(operations - listed)

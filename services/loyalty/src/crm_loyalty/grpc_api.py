@@ -45,11 +45,11 @@ def rules_input(rules: pb.EarningRules) -> RulesInput:
             CampaignInput(
                 c.name,
                 c.factor,
-                from_timestamp(c.starts_at),
-                from_timestamp(c.ends_at),
+                from_timestamp(c.starts_at, f"rules.campaigns[{i}].starts_at"),
+                from_timestamp(c.ends_at, f"rules.campaigns[{i}].ends_at"),
                 list(c.categories),
             )
-            for c in rules.campaigns
+            for i, c in enumerate(rules.campaigns)
         ],
         lot_lifetime_days=rules.lot_lifetime_days or 365,
         return_window_days=rules.return_window_days,

@@ -115,7 +115,7 @@ class OrderIngest(GroupMember):
         Raises CustomerNotKnown / OrderNotKnown / NotFound when it cannot apply yet."""
         key = message_key(message)
         caller = Caller(actor=ACTOR, client=CLIENT, request_id=f"erp:{key}")
-        at = from_timestamp(message.occurred_at)
+        at = from_timestamp(message.occurred_at, "occurred_at")
         kind = message.WhichOneof("payload")
         if kind == "placed":
             placed = message.placed

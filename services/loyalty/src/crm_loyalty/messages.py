@@ -9,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from crm.loyalty.v1 import loyalty_pb2 as pb
 from crm_common.commands import WriteOutcome
 from crm_common.enums import enum_number
+from crm_common.timestamps import datetime_of
 from crm_loyalty.domain import Balance, Rules
 from crm_loyalty.views import MemberView, TierView
 
@@ -21,10 +22,11 @@ def timestamp(at: datetime | None) -> Timestamp | None:
     return stamp
 
 
-def from_timestamp(stamp: Timestamp) -> datetime | None:
+def from_timestamp(stamp: Timestamp, field: str) -> datetime | None:
+    """None for an unset timestamp; one no calendar holds is refused naming `field`."""
     if not stamp.seconds and not stamp.nanos:
         return None
-    return stamp.ToDatetime(tzinfo=UTC)
+    return datetime_of(stamp, field)
 
 
 def write_result(outcome: WriteOutcome) -> pb.WriteResult:
