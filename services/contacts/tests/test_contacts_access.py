@@ -527,3 +527,26 @@ async def test_an_idempotency_key_is_its_callers_own_and_never_answers_another_r
     assert (ada_now["given_name"], ada_now["version"]) == ("Ada", 2)
     grace_now = await api.http.get(f"/contacts/{second.json()['id']}", headers=bearer(bob_token))
     assert (grace_now.json()["owner"], grace_now.json()["version"]) == ("", 1)
+
+
+async def test_who_sees_pseudonyms_cannot_search_by_the_values_behind_them(
+    api: Api, identity: Identity
+) -> None:
+    await create_ada(api, identity.mint("sales", subject="grace"))
+    analyst, sales = identity.mint("analyst"), identity.mint("sales")
+    for params in ({"email": "ada@example.com"}, {"query": "Lovelace"}, {"phone": "+41446681800"}):
+        refused = await api.http.get("/contacts", params=params, headers=bearer(analyst))
+        assert refused.status_code == 403, (params, refused.text)
+        assert "pseudonyms" in refused.json()["message"]
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await api.stub.ListContacts(
+            c.ListContactsRequest(email="ada@example.com"), metadata=grpc_auth(analyst)
+        )
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Filters that reveal no one stay open; roles that see clear data search as before.
+    by_tag = await api.http.get("/contacts", params={"tag": "vip"}, headers=bearer(analyst))
+    assert by_tag.status_code == 200 and by_tag.json()["contacts"]
+    by_email = await api.http.get(
+        "/contacts", params={"email": "ada@example.com"}, headers=bearer(sales)
+    )
+    assert by_email.status_code == 200 and by_email.json()["contacts"]

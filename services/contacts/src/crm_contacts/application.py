@@ -302,7 +302,22 @@ class ContactsService:
         return view_of(contact)
 
     async def list_contacts(self, query: ContactQuery, caller: Caller | None = None) -> ContactPage:
-        """A page of the search as `caller` may see it: a partner, its tagged contacts only."""
+        """A page of the search as `caller` may see it: a partner, its tagged contacts only.
+
+        A caller who sees names and addresses only as pseudonyms may not search by
+        them either: a search by email would confirm who is behind a pseudonym.
+        """
+        if (
+            caller is not None
+            and caller.principal is not None
+            and (query.query or query.email or query.phone)
+        ):
+            masked = self.policy.pseudonymised_fields(caller.principal, "contacts", "ListContacts")
+            if masked:
+                raise PermissionDenied(
+                    "searching by name, email or phone is not open to roles that see "
+                    "personal data only as pseudonyms; filter by tag or kind"
+                )
         grant = self.grant_of(caller)
         within = _canonical_tag(grant.tag) if grant is not None else None
         return await asyncio.to_thread(
