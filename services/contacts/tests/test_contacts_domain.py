@@ -279,6 +279,10 @@ def test_custom_fields_are_stored_in_canonical_text(
         (CustomFieldInput("colour", "red"), "custom_fields.budget.type"),
         (CustomFieldInput("number", "twelve"), "custom_fields.budget.value"),
         (CustomFieldInput("number", "NaN"), "custom_fields.budget.value"),
+        # Nine characters in, a million digits out: bounded as a number first.
+        (CustomFieldInput("number", "1e999999"), "custom_fields.budget.value"),
+        (CustomFieldInput("number", "-1e-999999"), "custom_fields.budget.value"),
+        (CustomFieldInput("number", "9e999998"), "custom_fields.budget.value"),
         (CustomFieldInput("money", "12.50"), "custom_fields.budget.currency"),
         (CustomFieldInput("money", "12.50", "XYZ"), "custom_fields.budget.currency"),
         # Withdrawn in 2025 (replaced by XCG).

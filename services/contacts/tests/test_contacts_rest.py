@@ -396,3 +396,19 @@ async def test_the_openapi_document_describes_the_api(http: httpx.AsyncClient) -
     # Fields some roles do not see may be left out of a contact.
     contact = next(v for k, v in schemas.items() if k.startswith("Contact") and "kind" in str(v))
     assert not {"custom_fields", "interactions"} & set(contact["required"])
+
+
+@pytest.mark.parametrize("number", ["1e999999", "1e-999999", "9e999998"])
+async def test_a_number_too_large_to_write_out_is_refused_and_nothing_is_stored(
+    http: httpx.AsyncClient, sqlite_service: ContactsService, number: str
+) -> None:
+    ada = await create_ada(http)
+    length = log_length(sqlite_service.app)
+    field = {"budget": {"type": "number", "value": number}}
+    created = await http.post("/persons", json={"family_name": "Byron", "custom_fields": field})
+    patched = await http.patch(f"/persons/{ada['id']}", json={"custom_fields": field})
+    for reply in (created, patched):
+        assert reply.status_code == 422, reply.text
+        assert reply.json()["detail"][0]["field"] == "custom_fields.budget.value"
+        assert len(reply.text) < 1000
+    assert log_length(sqlite_service.app) == length

@@ -163,3 +163,15 @@ async def test_expiry_runs_once_and_tiers_follow_the_points(
     clock.advance(days=30)
     await service.settle_all(ADMIN)
     assert (await service.get_tier("c-1")).tier == "basic"
+
+
+def test_multipliers_are_bounded_after_they_are_parsed() -> None:
+    from crm_common.errors import FieldErrors
+    from crm_loyalty.validation import _factor
+
+    for given, kept in (("1.5", "1.5"), ("2.000", "2"), ("1E+2", "100"), ("0", "0")):
+        errors = FieldErrors()
+        assert str(_factor(given, "factor", errors)) == kept and not errors.errors
+    for refused in ("1e-999999", "1e999999", "0.00001", "-1", "NaN"):
+        errors = FieldErrors()
+        assert _factor(refused, "factor", errors) is None and errors.errors, refused

@@ -161,6 +161,10 @@ def tags_of(errors: FieldErrors, path: str, tags: Sequence[str]) -> tuple[str, .
     return tuple(sorted(seen))
 
 
+#: The largest decimal exponent a number custom field may have, either way.
+MAX_EXPONENT = 30
+
+
 def custom_field_of(errors: FieldErrors, path: str, given: CustomFieldInput) -> CustomField | None:
     """A custom field value with canonical text; None when invalid."""
     before = len(errors.errors)
@@ -172,8 +176,14 @@ def custom_field_of(errors: FieldErrors, path: str, given: CustomFieldInput) -> 
         errors.add(f"{path}.value", f"must be at most {MAX_FIELD_VALUE} characters")
     elif kind is FieldType.NUMBER:
         number = _collected(errors, lambda: parse_decimal(raw, f"{path}.value"))
-        if number is not None:
+        # Bounded as a number, before it is written out: `1e999999` is nine
+        # characters in and a million digits out.
+        if number is not None and number and not -MAX_EXPONENT <= number.adjusted() < MAX_EXPONENT:
+            errors.add(f"{path}.value", f"must be between 1e-{MAX_EXPONENT} and 1e{MAX_EXPONENT}")
+        elif number is not None:
             value = _plain(number)
+            if len(value) > MAX_FIELD_VALUE:
+                errors.add(f"{path}.value", f"has more than {MAX_FIELD_VALUE} digits")
     elif kind is FieldType.MONEY:
         value, currency = _money(errors, path, raw, currency)
     elif kind is FieldType.DATE:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from crm_common.errors import FieldErrors, ValidationFailed
-from crm_common.money import canonical_currency, parse_amount, parse_decimal
+from crm_common.money import canonical_currency, decimal_places, parse_amount, parse_decimal
 from crm_loyalty.domain import CHANNELS, Campaign, Rules
 from crm_loyalty.inputs import PlacedOrder, Purchase, ReturnedOrder, RulesInput
 
@@ -125,7 +125,13 @@ def _factor(value: str, field: str, errors: FieldErrors) -> Decimal | None:
     if number < 0 or number > 1000:
         errors.add(field, "must be between 0 and 1000")
         return None
-    return number
+    # Bounded after parsing: `1e-999999` is in range but is no multiplier anyone means.
+    if decimal_places(number) > 4:
+        errors.add(field, "has at most 4 decimal places")
+        return None
+    # Canonical text: no exponent, no trailing zeros (`100`, `1.5`).
+    exact = number.quantize(Decimal("0.0001")).normalize()
+    return exact.quantize(Decimal(1)) if exact == exact.to_integral_value() else exact
 
 
 def rules(value: RulesInput) -> Rules:
