@@ -9,6 +9,8 @@ answers its health checks, and stop a process the way Kubernetes does.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import os
 import signal
 import subprocess
@@ -21,7 +23,9 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crm_common.auth.gate import AccessGate
+from crm_common.settings import Settings
 from crm_deploy.identity import Identity, ensure_identity
+from crm_deploy.postgres import EmbeddedPostgres, PostgresTarget, wait_for
 
 Started = list[subprocess.Popen[bytes]]
 
@@ -113,3 +117,63 @@ def kill_leftovers(started: Started) -> None:
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+# -- PostgreSQL: the production event store, on every machine -----------------------
+
+
+@functools.cache
+def postgres_target() -> PostgresTarget:
+    """The PostgreSQL server of this test process, started on first use.
+
+    By default a server of its own (`crm_deploy.postgres.EmbeddedPostgres`, fsync
+    off, stopped when the process exits), so the PostgreSQL tests run alike on
+    every machine. `CRM_TEST_POSTGRES_HOST` (with `_PORT`, `_DBNAME`, `_USER`,
+    `_PASSWORD`) points them at an existing server instead.
+    """
+    host = os.environ.get("CRM_TEST_POSTGRES_HOST")
+    if host:
+        target = PostgresTarget(
+            host=host,
+            port=int(os.environ.get("CRM_TEST_POSTGRES_PORT", "5432")),
+            dbname=os.environ.get("CRM_TEST_POSTGRES_DBNAME", "postgres"),
+            user=os.environ.get("CRM_TEST_POSTGRES_USER", "postgres"),
+            password=os.environ.get("CRM_TEST_POSTGRES_PASSWORD", ""),
+        )
+        reason = wait_for(target, timeout=10)
+        if reason:
+            raise RuntimeError(f"CRM_TEST_POSTGRES_HOST is set but unusable: {reason}")
+        return target
+    server = EmbeddedPostgres(durable=False)
+    target = server.start()
+    atexit.register(server.stop)
+    return target
+
+
+def postgres_settings(service: str, schema: str, data_dir: Path = Path("unused")) -> Settings:
+    """Settings of `service` on the tests' PostgreSQL, in `schema` (created on first use)."""
+    return Settings(
+        service=service,
+        data_dir=data_dir,
+        bind_host="127.0.0.1",
+        grpc_port=0,
+        http_port=0,
+        event_store="postgres",
+        postgres=postgres_target().settings(schema),
+    )
+
+
+def create_schema(schema: str) -> None:
+    import psycopg
+    from psycopg.sql import SQL, Identifier
+
+    with psycopg.connect(**postgres_target().connect_kwargs(), autocommit=True) as conn:
+        conn.execute(SQL("CREATE SCHEMA {}").format(Identifier(schema)))
+
+
+def drop_schema(schema: str) -> None:
+    import psycopg
+    from psycopg.sql import SQL, Identifier
+
+    with psycopg.connect(**postgres_target().connect_kwargs(), autocommit=True) as conn:
+        conn.execute(SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(Identifier(schema)))

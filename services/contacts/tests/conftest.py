@@ -1,8 +1,8 @@
 """Fixtures of the contacts tests: the service over a real event store.
 
-SQLite stores live in the test's temporary directory. PostgreSQL tests run
-where the server on 127.0.0.1:5432 is reachable, each in a schema of its own
-that is dropped afterwards; elsewhere they are skipped with the reason.
+SQLite stores live in the test's temporary directory. PostgreSQL tests run on
+the tests' own PostgreSQL server (`crm_deploy.testing.postgres_target`), each
+in a schema of its own that is dropped afterwards.
 """
 
 from __future__ import annotations
@@ -12,24 +12,17 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from contacts_support import (
-    Clock,
-    drop_schema,
-    postgres_settings,
-    postgres_unreachable,
-    sqlite_settings,
-)
+from contacts_support import Clock, sqlite_settings
 
 from crm_common.settings import Settings
 from crm_contacts.application import ContactsService, create_application
+from crm_deploy.testing import drop_schema, postgres_settings, postgres_target
 
 
 @pytest.fixture
 def postgres_schema() -> Iterator[str]:
     """A fresh, empty schema, dropped after the test."""
-    reason = postgres_unreachable()
-    if reason:
-        pytest.skip(reason)
+    postgres_target()
     schema = f"contacts_test_{uuid.uuid4().hex[:12]}"
     yield schema
     drop_schema(schema)
@@ -41,7 +34,7 @@ def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     if request.param == "sqlite":
         return sqlite_settings(tmp_path)
     schema: str = request.getfixturevalue("postgres_schema")
-    return postgres_settings(schema)
+    return postgres_settings("contacts", schema)
 
 
 @pytest.fixture

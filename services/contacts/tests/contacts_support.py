@@ -1,37 +1,14 @@
-"""Helpers of the contacts tests: event store settings, a hand-moved clock."""
+"""Helpers of the contacts tests: SQLite settings, a hand-moved clock (PostgreSQL's are
+`crm_deploy.testing`'s)."""
 
 from __future__ import annotations
 
-import functools
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg
-from psycopg.sql import SQL, Identifier
-
 from crm_common.settings import Settings
 from crm_contacts.application import ContactsApplication
-
-PG = {"host": "127.0.0.1", "port": "5432", "dbname": "test", "user": "postgres", "password": ""}
-
-
-@functools.cache
-def postgres_unreachable() -> str | None:
-    """Why PostgreSQL cannot be used, or None when it can."""
-    try:
-        with psycopg.connect(
-            host=PG["host"],
-            port=PG["port"],
-            dbname=PG["dbname"],
-            user=PG["user"],
-            connect_timeout=3,
-        ) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.Error as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        return f"PostgreSQL on {PG['host']}:{PG['port']} is not reachable: {first_line}"
-    return None
 
 
 def sqlite_settings(data_dir: Path) -> Settings:
@@ -43,25 +20,6 @@ def sqlite_settings(data_dir: Path) -> Settings:
         http_port=0,
         event_store="sqlite",
     )
-
-
-def postgres_settings(schema: str) -> Settings:
-    return Settings(
-        service="contacts",
-        data_dir=Path("unused"),
-        bind_host="127.0.0.1",
-        grpc_port=0,
-        http_port=0,
-        event_store="postgres",
-        postgres={**PG, "schema": schema},
-    )
-
-
-def drop_schema(schema: str) -> None:
-    with psycopg.connect(
-        host=PG["host"], port=PG["port"], dbname=PG["dbname"], user=PG["user"], autocommit=True
-    ) as conn:
-        conn.execute(SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(Identifier(schema)))
 
 
 class Clock:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from contacts_support import Clock, log_length, postgres_settings
+from contacts_support import Clock, log_length
 
 from crm_common.commands import Caller
 from crm_common.errors import (
@@ -37,6 +37,7 @@ from crm_contacts.inputs import (
     NewPerson,
     PersonChanges,
 )
+from crm_deploy.testing import postgres_settings
 
 
 def caller(**kw: Any) -> Caller:
@@ -527,7 +528,7 @@ def assert_all_come_up_together(settings: Settings, processes: int = 8) -> None:
 def test_replicas_starting_together_on_a_fresh_schema_all_come_up(postgres_schema: str) -> None:
     """Eight processes' worth of applications created at once on an empty
     schema (replicas rolled out together)."""
-    assert_all_come_up_together(postgres_settings(postgres_schema))
+    assert_all_come_up_together(postgres_settings("contacts", postgres_schema))
 
 
 def test_processes_starting_together_on_a_fresh_sqlite_file_all_come_up(tmp_path: Path) -> None:

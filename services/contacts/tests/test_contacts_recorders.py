@@ -14,18 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from contacts_support import PG, drop_schema, postgres_unreachable
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresDatastore
 from eventsourcing.sqlite import SQLiteDatastore
-from psycopg.sql import SQL, Identifier
 
 from crm_common.eventstore import (
     PositionedPostgresApplicationRecorder,
     PositionedSQLiteApplicationRecorder,
 )
+from crm_deploy.testing import create_schema, drop_schema, postgres_target
 
 try:
     from eventsourcing.tests.persistence import ApplicationRecorderTestCase
@@ -38,13 +36,6 @@ else:
     LIBRARY_CASES_MISSING = None
 
 
-def create_schema(schema: str) -> None:
-    with psycopg.connect(
-        host=PG["host"], port=PG["port"], dbname=PG["dbname"], user=PG["user"], autocommit=True
-    ) as conn:
-        conn.execute(SQL("CREATE SCHEMA {}").format(Identifier(schema)))
-
-
 def sqlite_recorder(directory: str) -> PositionedSQLiteApplicationRecorder:
     datastore = SQLiteDatastore(str(Path(directory) / "events.sqlite"))
     recorder = PositionedSQLiteApplicationRecorder(datastore)
@@ -53,12 +44,13 @@ def sqlite_recorder(directory: str) -> PositionedSQLiteApplicationRecorder:
 
 
 def postgres_recorder(schema: str) -> tuple[PositionedPostgresApplicationRecorder, Any]:
+    target = postgres_target()
     datastore = PostgresDatastore(
-        dbname=PG["dbname"],
-        host=PG["host"],
-        port=PG["port"],
-        user=PG["user"],
-        password=PG["password"],
+        dbname=target.dbname,
+        host=target.host,
+        port=str(target.port),
+        user=target.user,
+        password=target.password,
         schema=schema,
         pool_size=4,
         max_overflow=12,
@@ -134,9 +126,6 @@ else:
         ApplicationRecorderTestCase[PositionedPostgresApplicationRecorder]
     ):
         def setUp(self) -> None:
-            reason = postgres_unreachable()
-            if reason:
-                self.skipTest(reason)
             self.schema = f"contacts_rec_{uuid.uuid4().hex[:12]}"
             create_schema(self.schema)
             self.datastores: list[Any] = []

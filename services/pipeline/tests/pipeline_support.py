@@ -1,4 +1,4 @@
-"""Support code of the pipeline tests: PostgreSQL settings, a hand-moved clock, the
+"""Support code of the pipeline tests: a hand-moved clock, the
 contacts service in process behind `ContactsPort`, a standard pipeline, gRPC stubs
 that carry a real token."""
 
@@ -8,8 +8,6 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-
-import psycopg
 
 from crm_common.auth.issuer import ServiceCredentials
 from crm_common.auth.principal import Principal, current_principal
@@ -22,28 +20,6 @@ from crm_deploy.identity import Identity
 from crm_deploy.testing import grpc_auth
 from crm_pipeline.application import CompanyToRegister, PersonToRegister
 from crm_pipeline.inputs import StageInput
-
-POSTGRES = {
-    "host": "127.0.0.1",
-    "port": "5432",
-    "dbname": "test",
-    "user": "postgres",
-    "password": "",
-}
-
-
-def postgres_reachable() -> str | None:
-    try:
-        with psycopg.connect(
-            host=POSTGRES["host"],
-            port=POSTGRES["port"],
-            dbname=POSTGRES["dbname"],
-            user=POSTGRES["user"],
-            connect_timeout=3,
-        ):
-            return None
-    except psycopg.OperationalError as error:
-        return f"PostgreSQL on {POSTGRES['host']}:{POSTGRES['port']} is unreachable: {error}"
 
 
 class Clock:

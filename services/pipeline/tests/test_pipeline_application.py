@@ -1,7 +1,7 @@
 """The pipeline application over a real event store: SQLite, and PostgreSQL.
 
-Every test runs on both stores (the PostgreSQL runs are marked `postgres`
-and skip with the reason when the server is unreachable). Lead conversion
+Every test runs on both stores (the PostgreSQL runs are marked `postgres` and
+use the tests' own server, `crm_deploy.testing.postgres_target`). Lead conversion
 talks to the real contacts application, in process, through `ContactsPort`.
 """
 
@@ -14,10 +14,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from pipeline_support import POSTGRES, STAGES, Clock, InProcessContacts, postgres_reachable
-from psycopg.sql import SQL, Identifier
+from pipeline_support import STAGES, Clock, InProcessContacts
 
 from crm_common.auth.principal import Principal, current_principal
 from crm_common.commands import Caller
@@ -33,6 +31,7 @@ from crm_common.settings import Settings
 from crm_contacts.application import ContactsService
 from crm_contacts.application import create_application as create_contacts
 from crm_contacts.inputs import ContactQuery, NewCompany, NewPerson
+from crm_deploy.testing import drop_schema, postgres_settings
 from crm_pipeline.application import PipelineService, create_application
 from crm_pipeline.inputs import (
     ForecastQuery,
@@ -50,30 +49,19 @@ from crm_pipeline.views import Written
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
-    store = request.param
+    if request.param == "sqlite":
+        yield Settings(
+            service="pipeline",
+            data_dir=tmp_path,
+            bind_host="127.0.0.1",
+            grpc_port=0,
+            http_port=0,
+            event_store="sqlite",
+        )
+        return
     schema = f"pipeline_test_{uuid.uuid4().hex[:10]}"
-    if store == "postgres":
-        reason = postgres_reachable()
-        if reason:
-            pytest.skip(reason)
-    yield Settings(
-        service="pipeline",
-        data_dir=tmp_path,
-        bind_host="127.0.0.1",
-        grpc_port=0,
-        http_port=0,
-        event_store=store,
-        postgres={**POSTGRES, "schema": schema},
-    )
-    if store == "postgres":
-        with psycopg.connect(
-            host=POSTGRES["host"],
-            port=POSTGRES["port"],
-            dbname="test",
-            user="postgres",
-            autocommit=True,
-        ) as conn:
-            conn.execute(SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(Identifier(schema)))
+    yield postgres_settings("pipeline", schema, tmp_path)
+    drop_schema(schema)
 
 
 @pytest.fixture
