@@ -38,9 +38,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
-import psycopg
-from psycopg.sql import SQL, Identifier
 
+from bench import postgres as bench_postgres
 from bench.auth import measure_auth_cost, render_auth
 from bench.baseline import application_layer_creates, bare_save_loop
 from bench.load import Lag, Throughput, closed_loop_creates, open_loop_lag, summarize
@@ -77,22 +76,6 @@ class StoreRun:
     @property
     def baseline(self) -> float:
         return statistics.fmean([self.baseline_before, self.baseline_after])
-
-
-POSTGRES = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-
-
-def postgres_reachable() -> bool:
-    try:
-        with psycopg.connect(POSTGRES, connect_timeout=3):
-            return True
-    except psycopg.Error:
-        return False
-
-
-def drop_schema(schema: str) -> None:
-    with psycopg.connect(POSTGRES, autocommit=True) as conn:
-        conn.execute(SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(Identifier(schema)))
 
 
 def rss_of(stack: Stack, names: list[str]) -> dict[str, float]:
@@ -163,9 +146,9 @@ async def run_store(stack: Stack, store: str, args: argparse.Namespace, scratch:
     ensure_topics(stack.kafka_bootstrap, {f"{prefix}.{name}.events": 6 for name in TOPIC_SERVICES})
     env = {
         "CRM_EVENT_STORE": store,
-        "CRM_POSTGRES_SCHEMA": schema,
         "CRM_TOPIC_PREFIX": prefix,
         "CRM_MONGO_DB": mongo_db,
+        **(bench_postgres.env(schema) if store == "postgres" else {}),
     }
     print(f"[{store}] baseline (bare save loop, {args.baseline} saves)", flush=True)
     result.baseline_before = bare_save_loop(
@@ -238,9 +221,9 @@ async def run_store(stack: Stack, store: str, args: argparse.Namespace, scratch:
     print(f"[{store}]   baseline after: {result.baseline_after:,.0f} saves/s", flush=True)
     if store == "postgres":
         for suffix in ("1", "2", "app1", "app16"):
-            drop_schema(baseline_schema + suffix)
+            bench_postgres.drop_schema(baseline_schema + suffix)
         for name in (schema,):
-            drop_schema(name)
+            bench_postgres.drop_schema(name)
     return result
 
 
@@ -409,9 +392,9 @@ def render(runs: list[StoreRun], infra: dict[str, float], args: argparse.Namespa
 
 async def main_async(args: argparse.Namespace) -> None:
     stores = [s for s in args.stores.split(",") if s]
-    if "postgres" in stores and not postgres_reachable():
-        print("PostgreSQL is not reachable on 127.0.0.1:5432; measuring sqlite only", flush=True)
-        stores = [s for s in stores if s != "postgres"]
+    if "postgres" in stores:
+        where = bench_postgres.target()
+        print(f"PostgreSQL on {where.host}:{where.port}", flush=True)
     with tempfile.TemporaryDirectory(prefix="crm-bench-") as tmp:
         scratch = Path(args.keep_dir).resolve() if args.keep_dir else Path(tmp)
         stack = Stack(StackConfig.for_tests(scratch / "stack"))

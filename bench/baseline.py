@@ -12,6 +12,7 @@ from uuid import UUID
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
+from bench import postgres as bench_postgres
 from crm_common.commands import Caller
 from crm_common.eventstore import application_env
 from crm_common.settings import Settings
@@ -40,14 +41,7 @@ def _settings(data_dir: Path, store: str, schema: str, service: str) -> Settings
         grpc_port=0,
         http_port=0,
         event_store=store,
-        postgres={
-            "host": "127.0.0.1",
-            "port": "5432",
-            "dbname": "postgres",
-            "user": "postgres",
-            "password": "",
-            "schema": schema,
-        },
+        postgres=bench_postgres.settings(schema) if store == "postgres" else {},
     )
 
 

@@ -46,9 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import psycopg
-from psycopg.sql import SQL, Identifier
 
+from bench import postgres as bench_postgres
 from bench.baseline import bare_save_loop
 from bench.load import Throughput, percentile
 from crm.pipeline.v1 import pipeline_pb2 as pb
@@ -70,13 +69,6 @@ from crm_pipeline.domain import Opportunity, Pipeline
 from crm_pipeline.inputs import StageInput
 
 MIB = 1024 * 1024
-POSTGRES = {
-    "host": "127.0.0.1",
-    "port": "5432",
-    "dbname": "postgres",
-    "user": "postgres",
-    "password": "",
-}
 
 # Two pipelines of a sales team: new business and renewals.
 NEW_BUSINESS = [
@@ -153,14 +145,12 @@ def _settings(data_dir: Path, store: str, schema: str) -> Settings:
         grpc_port=0,
         http_port=0,
         event_store=store,
-        postgres={**POSTGRES, "schema": schema},
+        postgres=bench_postgres.settings(schema) if store == "postgres" else {},
     )
 
 
 def _drop_schema(schema: str) -> None:
-    conninfo = psycopg.conninfo.make_conninfo(**{k: v for k, v in POSTGRES.items() if v})
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(Identifier(schema)))
+    bench_postgres.drop_schema(schema)
 
 
 # -- seeding -------------------------------------------------------------------------------
@@ -313,11 +303,11 @@ def serve_process(scratch: Path, store: str, schema: str) -> tuple[ManagedProces
     env.update(
         CRM_DATA_DIR=str(scratch),
         CRM_EVENT_STORE=store,
-        CRM_POSTGRES_SCHEMA=schema,
-        CRM_POSTGRES_DBNAME=POSTGRES["dbname"],
         CRM_PIPELINE_GRPC_PORT=str(grpc_port),
         CRM_PIPELINE_HTTP_PORT=str(http_port),
     )
+    if store == "postgres":
+        env.update(bench_postgres.env(schema))
     target = f"127.0.0.1:{grpc_port}"
     process = ManagedProcess(
         "pipeline-api",
