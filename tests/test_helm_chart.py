@@ -322,7 +322,11 @@ def test_processes_read_kafka_mongodb_and_postgresql_from_values(
             }
         if process.api:
             ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-            assert ports == {"grpc": settings.grpc_port, "http": settings.http_port}
+            assert ports == {
+                "grpc": settings.grpc_port,
+                "http": settings.http_port,
+                "health": settings.health_port,
+            }
 
 
 def test_credentials_travel_in_secrets_never_in_the_config_map(
@@ -363,10 +367,18 @@ def test_api_pods_are_probed_over_grpc_health_and_workers_over_their_heartbeat(
         container = default.container(process.name)
         if process.api:
             grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
-            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            for probe in ("startupProbe", "readinessProbe"):
                 assert container[probe]["grpc"]["port"] == grpc_port, (process.name, probe)
+            # Not restarted while a dependency is down: liveness is the process's own.
+            assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
             assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "/bin/sleep"
-            assert "CRM_HEALTH_PORT" not in default.container_env(container)
+            # Its health port serves /readyz and /metrics; the probes stay on gRPC.
+            settings = settings_seen_by(
+                default.container_env(container), process.service, monkeypatch
+            )
+            assert {"name": "health", "containerPort": settings.health_port, "protocol": "TCP"} in (
+                container["ports"]
+            )
         else:
             # The worker serves GET /healthz where the probes look for it.
             settings = settings_seen_by(
@@ -394,6 +406,67 @@ def test_the_worker_health_port_and_stale_limit_are_values() -> None:
     assert "global.workerHealth.staleAfterSeconds" in render_fails(
         ["global.workerHealth.staleAfterSeconds=0"]
     )
+
+
+def test_metrics_are_not_scraped_unless_asked(default: Manifests) -> None:
+    """Every process serves /metrics on its health port; the chart adds no scrape
+    annotations, no PodMonitor and no extra ingress by default."""
+    for process in SERVICE_PROCESSES:
+        deployment = default.get("Deployment", f"{FULLNAME}-{process.name}")
+        annotations = deployment["spec"]["template"]["metadata"].get("annotations") or {}
+        assert not any(k.startswith("prometheus.io/") for k in annotations), process.name
+        container = default.container(process.name)
+        assert "health" in [p["name"] for p in container["ports"]], process.name
+    assert default.of_kind("PodMonitor") == []
+    assert not default.has("NetworkPolicy", f"{FULLNAME}-metrics-ingress")
+
+
+def test_scraping_by_annotations_or_a_pod_monitor(monkeypatch: pytest.MonkeyPatch) -> None:
+    manifests = Manifests(
+        render(
+            sets=[
+                "metrics.podAnnotations=true",
+                "metrics.podMonitor.enabled=true",
+                "metrics.podMonitor.interval=15s",
+                "metrics.podMonitor.labels.release=prometheus",
+                "metrics.scrapeFrom[0].namespaceSelector.matchLabels.team=observability",
+                "global.workerHealth.port=9200",
+            ]
+        )
+    )
+    for process in SERVICE_PROCESSES:
+        deployment = manifests.get("Deployment", f"{FULLNAME}-{process.name}")
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/path"] == "/metrics"
+        # The port the process really serves /metrics on (CRM_HEALTH_PORT).
+        container = manifests.container(process.name)
+        settings = settings_seen_by(
+            manifests.container_env(container), process.service, monkeypatch
+        )
+        assert annotations["prometheus.io/port"] == str(settings.health_port) == "9200"
+    (monitor,) = manifests.of_kind("PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["podMetricsEndpoints"] == [
+        {"port": "health", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}
+    ]
+    selected = monitor["spec"]["selector"]["matchLabels"]
+    for process in SERVICE_PROCESSES:
+        labels = manifests.get("Deployment", f"{FULLNAME}-{process.name}")["spec"]["template"][
+            "metadata"
+        ]["labels"]
+        assert selected.items() <= labels.items(), process.name
+    # The default-deny policy would drop the scrapes: one policy lets them in.
+    policy = manifests.get("NetworkPolicy", f"{FULLNAME}-metrics-ingress")["spec"]
+    (rule,) = policy["ingress"]
+    assert rule["ports"] == [{"port": 9200, "protocol": "TCP"}]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"team": "observability"}}}]
+    kubernetes_validate.validate(
+        manifests.get("NetworkPolicy", f"{FULLNAME}-metrics-ingress"), KUBE_VERSION, strict=True
+    )
+    assert "metrics.podMonitor.interval" in render_fails(["metrics.podMonitor.interval=soon"])
+    assert "metrics" in render_fails(["metrics.scrape=true"])
 
 
 def test_relay_and_projector_stay_single_replica_even_when_asked_for_more() -> None:

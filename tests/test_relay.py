@@ -201,3 +201,214 @@ async def test_a_relay_interrupted_at_random_moments_loses_nothing(tmp_path, loc
     relay_app.close()
     seen = {(json.loads(r.value)["id"], json.loads(r.value)["version"]) for r in records}
     assert len(seen) == total  # nothing lost; duplicates are allowed on the wire
+
+
+async def test_a_poison_event_is_set_aside_and_every_later_event_published_exactly_once(
+    tmp_path, local_stack
+):
+    """One event larger than the broker takes and one the encoder fails on,
+    stored bypassing the commands' limits: the relay sets both aside, reports
+    failing, and publishes every other event once; an operator re-drives one
+    (the encoder fixed) and skips the other, and the relay is ready again."""
+    bootstrap = local_stack.kafka_bootstrap
+    topic = f"crm.relaytest{uuid.uuid4().hex[:6]}.events"
+    await create_topic(bootstrap, topic)
+    s = settings(tmp_path, bootstrap)
+    app: Application[UUID] = Application(env=_env(s))
+    ticket = Ticket("printer")
+    for n in range(5):
+        ticket.note(f"before {n}")
+    ticket.note("x" * 1_500_000)  # the broker's limit is 1 MB
+    ticket.note("unencodable")
+    for n in range(5):
+        ticket.note(f"after {n}")
+    app.save(ticket)  # straight into the store, as an older release might have
+    total = write_events(app, tickets=3, notes=60) + 1 + 10
+    encoder_fixed = False
+
+    def fragile_to_wire(
+        domain_event: Any, meta: dict[str, Any], position: int
+    ) -> tuple[str, str, bytes]:
+        if getattr(domain_event, "text", None) == "unencodable" and not encoder_fixed:
+            raise ValueError("no wire form for this note")
+        key, ce_type, payload = to_wire(domain_event, meta, position)
+        body = {**json.loads(payload), "text": getattr(domain_event, "text", None)}
+        return key, ce_type, json.dumps(body).encode()
+
+    relay, relay_app = build_relay(
+        s,
+        to_wire=fragile_to_wire,
+        app_factory=lambda st: Application(env=_env(st)),
+        proto_message="test.Json",
+    )
+    relay.topic, relay.tracking_name = topic, f"{topic}:relay"
+    relay.dead_letters.topic = topic
+    relay.batch_size = 4  # the poison events sit inside batches, not at their ends
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    await consume_all(bootstrap, topic, total, timeout=60)
+    await asyncio.sleep(1.5)  # anything published again would arrive by now
+    records = await consume_all(bootstrap, topic, total, timeout=10)
+    published = [(json.loads(r.value)["id"], json.loads(r.value)["version"]) for r in records]
+    once = {p: published.count(p) for p in set(published)}
+    assert set(once.values()) == {1}, "an event was published more than once"
+    assert len(once) == total
+    assert (str(ticket.id), 7) not in once and (str(ticket.id), 8) not in once
+    assert relay.recorded_position() == relay_app.recorder.max_notification_id()
+
+    letters = relay.dead_letters.open()
+    assert [(d.event, d.state) for d in letters] == [
+        (f"{ticket.id}:7", "open"),
+        (f"{ticket.id}:8", "open"),
+    ]
+    assert "too large" in letters[0].reason
+    assert "cannot be encoded: ValueError" in letters[1].reason
+    assert not relay.heartbeat.ready
+    assert relay.health_details()["open_dead_letters"] == 2
+
+    encoder_fixed = True
+    assert relay.dead_letters.resolve(letters[1].position, "redrive")
+    assert relay.dead_letters.resolve(letters[0].position, "skipped")
+    relay._dead_letters_checked = 0.0  # look now rather than within 5 s
+    for _ in range(100):
+        if relay.heartbeat.ready:
+            break
+        await asyncio.sleep(0.1)
+    assert relay.heartbeat.ready
+    stop.set()
+    await task
+    relay_app.close()
+    app.close()
+    final = await consume_all(bootstrap, topic, total + 1, timeout=10)
+    versions = [
+        json.loads(r.value)["version"] for r in final if json.loads(r.value)["id"] == str(ticket.id)
+    ]
+    assert sorted(versions) == [1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13]  # 8 re-driven, 7 not
+    assert [d.state for d in relay.dead_letters.all()] == ["skipped", "redriven"]
+
+
+def test_a_command_whose_event_is_too_large_to_publish_is_refused_and_stores_nothing(
+    tmp_path: Path,
+) -> None:
+    from crm_common.commands import MAX_EVENT_BYTES
+    from crm_common.errors import ValidationFailed
+
+    s = settings(tmp_path, "127.0.0.1:9")
+    app: Application[UUID] = Application(env=_env(s))
+    bus = CommandBus(app, "relaytest")
+    try:
+        opened = bus.execute(
+            CommandContext("Open", actor="ada"), lambda uow: uow.add(Ticket("printer"))
+        )
+        before = app.recorder.max_notification_id()
+
+        def note(text: str) -> Any:
+            def decide(uow: UnitOfWork) -> Ticket:
+                ticket = uow.get(opened.id, Ticket)
+                ticket.note(text)
+                return ticket
+
+            return decide
+
+        with pytest.raises(ValidationFailed) as refused:
+            bus.execute(CommandContext("Note", actor="ada"), note("x" * (MAX_EVENT_BYTES + 1)))
+        assert refused.value.errors[0].field == "body"
+        assert "too large" in refused.value.errors[0].message
+        assert app.recorder.max_notification_id() == before
+        # The aggregate was left as it was: the next command works on it.
+        written = bus.execute(CommandContext("Note", actor="ada"), note("short"))
+        assert written.version == 2
+    finally:
+        bus.close()
+        app.close()
+
+
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_the_operators_command_lists_redrives_and_skips_dead_letters(
+    tmp_path: Path, store: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from crm_common import relay as relay_module
+    from crm_deploy.testing import drop_schema, postgres_settings, postgres_target
+
+    schema = f"relay_test_{uuid.uuid4().hex[:12]}"
+    if store == "sqlite":
+        s = settings(tmp_path, "127.0.0.1:9")
+    else:
+        postgres_target()
+        s = postgres_settings("relaytest", schema)
+    # The service's settings, as its environment would give them.
+    monkeypatch.setattr(relay_module.Settings, "from_env", lambda service: s)
+    try:
+        letters = relay_module.dead_letters_of(s)
+        letters.record(17, "c0ffee:3", "too large: 2000000 bytes")
+        letters.record(21, "c0ffee:4", "cannot be encoded: ValueError: no wire form")
+        letters.record(17, "c0ffee:3", "too large: 2000001 bytes")  # set aside again
+        assert relay_module.main(["relaytest", "dead-letters", "--open"]) == 0
+        listed = capsys.readouterr().out.splitlines()
+        assert [line.split("\t")[:3] for line in listed] == [
+            ["17", "open", "c0ffee:3"],
+            ["21", "open", "c0ffee:4"],
+        ]
+        assert listed[0].endswith("too large: 2000001 bytes")
+        assert relay_module.main(["relaytest", "redrive", "21"]) == 0
+        assert relay_module.main(["relaytest", "skip", "17"]) == 0
+        assert relay_module.main(["relaytest", "skip", "99"]) == 1
+        assert [(d.position, d.state) for d in letters.open()] == [(21, "redrive")]
+        assert [d.position for d in letters.to_redrive()] == [21]
+        assert [(d.position, d.state) for d in letters.all()] == [(17, "skipped"), (21, "redrive")]
+        assert letters.all()[0].resolved_at is not None
+    finally:
+        if store == "postgres":
+            drop_schema(schema)
+
+
+async def test_a_publish_failing_part_way_republishes_nothing_the_broker_took(
+    tmp_path: Path, local_stack: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker acknowledges the first messages of a batch, then one fails (as a
+    delivery that ran out of retries does): the relay records the acknowledged
+    prefix, reconnects, and publishes from the failed message on, each once."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaTimeoutError
+
+    bootstrap = local_stack.kafka_bootstrap
+    topic = f"crm.relaytest{uuid.uuid4().hex[:6]}.events"
+    await create_topic(bootstrap, topic)
+    s = settings(tmp_path, bootstrap)
+    app: Application[UUID] = Application(env=_env(s))
+    total = write_events(app, tickets=2, notes=48)
+    app.close()
+    real_send = AIOKafkaProducer.send
+    sends = 0
+
+    async def send(self: AIOKafkaProducer, *args: Any, **kwargs: Any) -> Any:
+        nonlocal sends
+        sends += 1
+        if sends == 10:
+            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            failed.set_exception(KafkaTimeoutError("delivery timed out"))
+            return failed
+        return await real_send(self, *args, **kwargs)
+
+    monkeypatch.setattr(AIOKafkaProducer, "send", send)
+    relay, relay_app = build_relay(
+        s,
+        to_wire=to_wire,
+        app_factory=lambda st: Application(env=_env(st)),
+        proto_message="test.Json",
+    )
+    relay.topic, relay.tracking_name = topic, f"{topic}:relay"
+    relay.dead_letters.topic = topic
+    relay.batch_size = 25
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    await consume_all(bootstrap, topic, total, timeout=60)
+    await asyncio.sleep(1.0)
+    records = await consume_all(bootstrap, topic, total, timeout=10)
+    stop.set()
+    await task
+    relay_app.close()
+    assert sends > 10  # the failure happened, and the relay went on
+    published = [(json.loads(r.value)["id"], json.loads(r.value)["version"]) for r in records]
+    assert len(published) == len(set(published)) == total
+    assert relay.dead_letters.all() == []  # a failure that passes is no dead letter

@@ -108,7 +108,10 @@ async def test_served_over_http_on_its_own_port() -> None:
             stale = await http.get("/healthz", timeout=5)
             assert stale.status_code == 503
             assert stale.json()["status"] == "stale"
-            assert (await http.get("/metrics", timeout=5)).status_code == 404
+            assert (await http.get("/status", timeout=5)).status_code == 404
+            scraped = await http.get("/metrics", timeout=5)
+            assert scraped.status_code == 200
+            assert scraped.headers["content-type"].startswith("text/plain")
     # Closed with the block.
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)

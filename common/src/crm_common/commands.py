@@ -43,6 +43,11 @@ tracer = trace.get_tracer("crm_common.commands")
 RECEIPT_NAMESPACE = UUID("6f1c2a4e-8d0b-4f51-9a7e-3c2d1b0a9e88")
 MAX_REQUEST_ID_LENGTH = 200
 MAX_CONFLICT_RETRIES = 5
+#: The largest event a command may store, as the event store holds it (after the
+#: domain canonicalised every value): well under what the relay can publish
+#: (crm_common.relay.MAX_MESSAGE_BYTES), so no command can store an event that
+#: would stop it. A request body is at most 1 MiB (crm_common.server).
+MAX_EVENT_BYTES = 512 * 1024
 #: How long a request id answers with its first outcome; after that the same id
 #: starts a new request (the IETF Idempotency-Key draft leaves this to the server).
 RECEIPT_RETENTION = timedelta(hours=24)
@@ -526,6 +531,7 @@ class CommandBus:
                 events: list[Any] = []
                 for aggregate in uow.touched():
                     events.extend(aggregate.collect_events())
+                self._check_sizes(events)
             except Exception:
                 uow.undo()
                 raise
@@ -564,6 +570,17 @@ class CommandBus:
         if receipt_id is not None:
             in_batch[receipt_id] = staged
         return staged
+
+    def _check_sizes(self, events: list[Any]) -> None:
+        """Refuses a command whose events are too large to store and publish."""
+        for e in events:
+            size = len(self.app.mapper.to_stored_event(e).state)
+            if size > MAX_EVENT_BYTES:
+                raise ValidationFailed.of(
+                    "body",
+                    f"the change is too large: it would be stored as {size} bytes, "
+                    f"at most {MAX_EVENT_BYTES} are allowed; split it or shorten its values",
+                )
 
     def _replay_later(self, job: _Job, earlier: _Staged) -> _Staged:
         first = earlier.job.ctx

@@ -102,3 +102,13 @@ class FieldErrors:
     def raise_if_any(self) -> None:
         if self.errors:
             raise ValidationFailed(self.errors)
+
+
+class RequestTooLarge(CrmError):
+    """The request is larger than the service accepts; it was not read whole, nothing
+    was written (HTTP 413, gRPC RESOURCE_EXHAUSTED)."""
+
+
+class MalformedRequest(CrmError):
+    """The request cannot be parsed at all (not JSON, not UTF-8, not a protobuf
+    message of the method's type); nothing was written (HTTP 400, gRPC INVALID_ARGUMENT)."""

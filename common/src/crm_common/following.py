@@ -11,7 +11,9 @@ published a suffix again) is answered from the command's receipt.
   service itself), and that record is read again after a growing pause while
   the other partitions go on.
 - A record that can never succeed is the subclass's to log or park; it returns
-  normally so the partition moves on.
+  normally so the partition moves on. Anything else it raises is logged at
+  ERROR and counted as a dead letter, and the partition moves on too: one
+  record never stops the member nor blocks its partition for good.
 """
 
 from __future__ import annotations
@@ -176,6 +178,18 @@ class GroupMember:
                 await self.handle(record)
             except RetryLater:
                 return tp, done, record.offset
+            except Exception as error:
+                # A record the subclass did not expect to fail on: it would fail
+                # again on every read, so the partition passes over it, and says so.
+                log.error(
+                    "%s: %s:%d@%d cannot be handled (%r); passed over as a dead letter",
+                    self.group_id,
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    error,
+                )
+                self.heartbeat.dead_letter()
             self.stats.records += 1
             done = record.offset + 1
         return tp, done, None

@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-from crm_common.health import Details, Heartbeat, serve_health
+from crm_common.health import Details, Heartbeat, dependency_of, serve_health
+from crm_common.metrics import worker_retries
 from crm_common.settings import Settings
 
 T = TypeVar("T")
@@ -71,9 +72,10 @@ async def retry_until_stopped(
     again after the errors it may recover from, with a doubling backoff that
     `stop` cuts short.
 
-    Each error is logged (`what: error; then in N s`) and reported on the
-    heartbeat; the backoff starts over once the worker has told the
-    heartbeat it `recovered()` (connected again) since the last error.
+    Each error is reported on the heartbeat (which logs the change from
+    working to waiting once) and counted in `crm.worker.retries`; the backoff
+    starts over once the worker has told the heartbeat it `recovered()`
+    (connected again) since the last error.
     """
     backoff = first_backoff
     while not stop.is_set():
@@ -82,8 +84,10 @@ async def retry_until_stopped(
         except retry_on as error:
             if heartbeat.last_error is None:
                 backoff = first_backoff
+            # The heartbeat logs the change to waiting once; each retry only at DEBUG.
             heartbeat.failed(error)
-            log.warning("%s: %r; %s in %.1f s", what, error, then, backoff)
+            worker_retries.add(1, {"worker": heartbeat.worker, "dependency": dependency_of(error)})
+            log.debug("%s: %r; %s in %.1f s", what, error, then, backoff)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), backoff)
             backoff = min(backoff * 2, max_backoff)

@@ -48,6 +48,8 @@ CURRENCIES: Mapping[str, int] = {
 }
 
 MAX_AMOUNT = Decimal(10) ** 15
+#: The largest and smallest magnitude (power of ten) of any decimal input.
+MAX_EXPONENT = 100
 
 
 def canonical_currency(code: str, field: str = "currency") -> str:
@@ -87,6 +89,9 @@ def parse_decimal(value: str | Decimal | int, field: str) -> Decimal:
             raise ValidationFailed.of(field, f"{text[:40]!r} is not a decimal number") from None
     if not number.is_finite():
         raise ValidationFailed.of(field, "must be a finite number")
+    if number and not -MAX_EXPONENT <= number.adjusted() <= MAX_EXPONENT:
+        # 1e1000000 is a valid Decimal, but arithmetic on it overflows the context.
+        raise ValidationFailed.of(field, f"must be between 1e-{MAX_EXPONENT} and 1e{MAX_EXPONENT}")
     return number
 
 

@@ -33,6 +33,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,7 +49,7 @@ from pymongo.client_session import ClientSession
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
-from crm_common.health import Heartbeat
+from crm_common.health import Heartbeat, consumer_lag
 from crm_common.lifecycle import retry_until_stopped
 from crm_common.records import Record, consuming_span, header
 
@@ -204,6 +205,9 @@ class ProjectionConsumer:
         self._committed: dict[TopicPartition, int] = {}
         self._reported_records = -1
         self._session: ClientSession | None = None
+        # A batch whose commit answered an error after it may have landed:
+        # (its token, the offsets it stored). Settled before the next batch.
+        self._in_doubt: tuple[str, dict[TopicPartition, int]] | None = None
 
     # -- offsets ----------------------------------------------------------------------
 
@@ -316,6 +320,7 @@ class ProjectionConsumer:
             self._session = await asyncio.to_thread(self._take_over)
             stored = await asyncio.to_thread(self.stored_offsets)
             self._committed = {tp: o for tp, o in stored.items() if tp in partitions}
+            self._in_doubt = None  # what is stored is what counts
             await self._seek_to_committed(consumer, partitions)
             if self.heartbeat.last_error is not None:
                 self.heartbeat.recovered()  # Kafka and the document store answer again
@@ -387,8 +392,13 @@ class ProjectionConsumer:
                 timeout_ms=self.poll_timeout_ms, max_records=self.max_records
             )
             batch = {tp: recs for tp, recs in fetched.items() if recs}
+            self.heartbeat.lag(consumer_lag(consumer, partitions, self._committed))  # metrics
             if batch:
                 try:
+                    if self._in_doubt is not None and await asyncio.to_thread(self._settle):
+                        # The previous batch did land: read on after it instead.
+                        await self._seek_to_committed(consumer, partitions)
+                        continue
                     await self._commit(batch)
                     backoff = self.retry_backoff
                     if self.heartbeat.last_error is not None:
@@ -410,6 +420,7 @@ class ProjectionConsumer:
                 for tp, end in ends.items():
                     if await consumer.position(tp) >= end:
                         passed.add(tp)
+            self.heartbeat.lag(consumer_lag(consumer, partitions, self._committed))
             now = time.monotonic()
             if now - last_report >= self.lag_log_interval:
                 self._report_lag(consumer, partitions)
@@ -437,6 +448,7 @@ class ProjectionConsumer:
         self.stats.records += len(records)
         for key, value in (counters or {}).items():
             self.stats.counters[key] = self.stats.counters.get(key, 0) + value
+        self.heartbeat.dead_letter((counters or {}).get("dead_letters", 0))  # metrics
         log.debug(
             "projection %s stored %d records in %.1f ms, now at %s",
             self.projection,
@@ -445,17 +457,48 @@ class ProjectionConsumer:
             _fmt(next_offsets),
         )
 
+    def _settle(self) -> bool:
+        """Whether the batch whose commit ended in an error is stored after all.
+
+        A commit whose answer was lost (the document store crashed or the
+        connection broke after it committed) leaves the stored offsets ahead of
+        what this projector saw committed; they carry that batch's token, which
+        tells them from another projector's or a reset's.
+        """
+        assert self._in_doubt is not None
+        token, next_offsets = self._in_doubt
+        ids = {offset_id(self.projection, tp): tp for tp in next_offsets}
+        found = {
+            d["_id"]: d for d in self.database[OFFSETS_COLLECTION].find({"_id": {"$in": list(ids)}})
+        }
+        self._in_doubt = None
+        if not all((found.get(i) or {}).get("commit_token") == token for i in ids):
+            return False
+        log.info(
+            "projection %s: the batch up to %s was stored although its commit answered an "
+            "error; going on from there",
+            self.projection,
+            _fmt(next_offsets),
+        )
+        self._committed.update(next_offsets)
+        return True
+
     def _transaction(
         self, records: list[Record], next_offsets: dict[TopicPartition, int]
     ) -> Mapping[str, int]:
         offsets = self.database[OFFSETS_COLLECTION]
+        # One token per batch, kept by every retry of its transaction and stored
+        # with the offsets: a retry that finds it there knows an earlier attempt
+        # committed although its answer was lost (not another projector).
+        token = uuid.uuid4().hex
+        first: list[Mapping[str, int]] = []
 
         def body(session: ClientSession) -> Mapping[str, int]:
             ids = {offset_id(self.projection, tp): tp for tp in next_offsets}
-            found = {
-                d["_id"]: d["next_offset"]
-                for d in offsets.find({"_id": {"$in": list(ids)}}, session=session)
-            }
+            docs = {d["_id"]: d for d in offsets.find({"_id": {"$in": list(ids)}}, session=session)}
+            if first and all((docs.get(i) or {}).get("commit_token") == token for i in ids):
+                return first[0]  # stored by an attempt whose commit answer was lost
+            found = {ident: d.get("next_offset") for ident, d in docs.items()}
             for ident, tp in ids.items():
                 if found.get(ident) != self._committed.get(tp):
                     raise ProjectionFenced(
@@ -464,6 +507,7 @@ class ProjectionConsumer:
                         f"{self._committed.get(tp)}: another projector or a reset moved it"
                     )
             counters = self.read_model.apply_batch(session, records)
+            first[:] = [counters]
             offsets.bulk_write(
                 [
                     UpdateOne(
@@ -474,6 +518,7 @@ class ProjectionConsumer:
                                 "topic": tp.topic,
                                 "partition": tp.partition,
                                 "next_offset": next_offsets[tp],
+                                "commit_token": token,
                             }
                         },
                         upsert=True,
@@ -487,8 +532,15 @@ class ProjectionConsumer:
 
         assert self._session is not None, "transactions run inside _consume"
         # with_transaction retries the whole body on TransientTransactionError
-        # and the commit on UnknownTransactionCommitResult.
-        return self._session.with_transaction(body)
+        # and the commit on UnknownTransactionCommitResult; a retried commit of a
+        # transaction the server committed before it crashed answers
+        # NoSuchTransaction, and the body runs again: the token recognises it.
+        try:
+            return self._session.with_transaction(body)
+        except PyMongoError:
+            if first:  # the body ran: a commit may have landed
+                self._in_doubt = (token, dict(next_offsets))
+            raise
 
     def _report_lag(self, consumer: AIOKafkaConsumer, partitions: Sequence[TopicPartition]) -> None:
         lag = {}

@@ -7,21 +7,42 @@ the broker has acknowledged every message of the batch. Killed at any
 moment, it restarts from the recorded position: nothing is lost, and a
 suffix may be published again (consumers drop what they already applied).
 There is no dual write: command handlers never publish.
+
+An event that can never be published (larger than the broker takes, or one
+the service's encoder fails on) must not stop the relay nor make it publish
+the rest of its batch again and again: it is set aside in the relay's
+dead-letter table (`relay_dead_letters`, beside the position it records) with
+the reason, the relay reports itself failing (`/readyz` 503) and logs one
+error line, and goes on with the next event. The broker's acknowledgements
+are recorded per prefix: when publishing fails part way, the position moves
+past every message acknowledged before the first that failed, so a retry
+publishes nothing the broker already took. `python -m crm_common.relay`
+lists the dead letters, re-drives one (publishes it again) or skips it
+(docs/reliability.md, "Poison events").
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
+import sqlite3
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    InvalidMessageError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
 from eventsourcing.application import Application
 from eventsourcing.persistence import (
     ApplicationRecorder,
@@ -31,9 +52,11 @@ from eventsourcing.persistence import (
     Tracking,
     TrackingRecorder,
 )
+from eventsourcing.postgres import PostgresDatastore
 from eventsourcing.utils import Environment
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
+from psycopg.sql import SQL, Identifier
 
 from crm_common.eventstore import application_env, creating_tables
 from crm_common.health import Heartbeat
@@ -49,6 +72,19 @@ ToWire = Callable[[Any, dict[str, Any], int], "tuple[str, str, bytes] | None"]
 
 PROTOBUF_CONTENT_TYPE = "application/protobuf"
 
+#: The largest message (key, value and headers) the relay sends: the producer's
+#: request limit, under the broker's default `message.max.bytes` (1 MB + 12 B).
+#: Commands refuse events anywhere near it (crm_common.commands.MAX_EVENT_BYTES).
+MAX_MESSAGE_BYTES = 1_000_000
+
+#: The broker refuses this message whatever the number of retries.
+POISON_ERRORS: tuple[type[KafkaError], ...] = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    RecordListTooLargeError,
+    InvalidMessageError,
+)
+
 
 @dataclass(frozen=True)
 class WireMessage:
@@ -57,6 +93,7 @@ class WireMessage:
     payload: bytes
     headers: list[tuple[str, bytes]]
     position: int
+    event: str = ""  # originator id:version, what a dead letter names
 
 
 def cloudevent_headers(
@@ -101,6 +138,109 @@ def audit_headers(meta: dict[str, Any]) -> list[tuple[str, bytes]]:
     ]
 
 
+@dataclass(frozen=True)
+class DeadLetter:
+    """An event the relay set aside, and what became of it."""
+
+    position: int
+    event: str  # originator id:version
+    reason: str
+    state: str  # open, redrive (asked for), skipped, redriven
+    recorded_at: str
+    resolved_at: str | None
+
+
+class DeadLetters:
+    """The relay's dead-letter table, in the same database as its position.
+
+    Holds the coordinates of each event and why it was set aside, never the
+    event itself: that stays in the event store, where a re-drive reads it.
+    """
+
+    TABLE = "relay_dead_letters"
+    COLUMNS = "position, event, reason, state, recorded_at, resolved_at"
+
+    def __init__(self, tracking: TrackingRecorder, topic: str) -> None:
+        datastore: Any = getattr(tracking, "datastore", None)
+        if datastore is None:
+            raise TypeError(f"{type(tracking).__name__} has no datastore for dead letters")
+        self.datastore = datastore
+        self.topic = topic
+        self.postgres = isinstance(datastore, PostgresDatastore)
+        self._execute(
+            "CREATE TABLE IF NOT EXISTS {table} (topic text NOT NULL, position bigint NOT NULL, "
+            "event text NOT NULL, reason text NOT NULL, state text NOT NULL, "
+            "recorded_at text NOT NULL, resolved_at text, PRIMARY KEY (topic, position))",
+            (),
+        )
+
+    def _execute(self, statement: str, params: Sequence[Any]) -> list[Any]:
+        if self.postgres:
+            table = Identifier(self.datastore.schema, self.TABLE).as_string()
+            sql = statement.replace("?", "%s").replace("{table}", table)
+            with self.datastore.transaction(commit=True) as cursor:
+                cursor.execute(SQL(sql), tuple(params))
+                return list(cursor.fetchall()) if cursor.description else []
+        with self.datastore.transaction(commit=True) as cursor:
+            cursor.execute(statement.replace("{table}", self.TABLE), tuple(params))
+            rows: list[sqlite3.Row] = cursor.fetchall()
+            return rows
+
+    def _rows(self, where: str, params: Sequence[Any]) -> list[DeadLetter]:
+        rows = self._execute(
+            f"SELECT {self.COLUMNS} FROM {{table}} WHERE topic = ? {where} ORDER BY position",
+            (self.topic, *params),
+        )
+        return [
+            DeadLetter(
+                position=int(r["position"]),
+                event=r["event"],
+                reason=r["reason"],
+                state=r["state"],
+                recorded_at=r["recorded_at"],
+                resolved_at=r["resolved_at"],
+            )
+            for r in rows
+        ]
+
+    def record(self, position: int, event: str, reason: str) -> None:
+        """Sets an event aside (again: a re-drive that failed opens it anew)."""
+        self._execute(
+            "INSERT INTO {table} (topic, position, event, reason, state, recorded_at) "
+            "VALUES (?, ?, ?, ?, 'open', ?) ON CONFLICT (topic, position) DO UPDATE "
+            "SET reason = excluded.reason, state = 'open', recorded_at = excluded.recorded_at, "
+            "resolved_at = NULL",
+            (self.topic, position, event, reason[:2000], _now()),
+        )
+
+    def all(self) -> list[DeadLetter]:
+        return self._rows("", ())
+
+    def open(self) -> list[DeadLetter]:
+        """Set aside and not resolved: the relay reports failing while there are any."""
+        return self._rows("AND state IN ('open', 'redrive')", ())
+
+    def to_redrive(self) -> list[DeadLetter]:
+        return self._rows("AND state = 'redrive'", ())
+
+    def resolve(self, position: int, state: str) -> bool:
+        """Marks a dead letter `redrive` (the relay publishes it at its next round),
+        `skipped` (never published) or `redriven` (published)."""
+        if state not in ("redrive", "skipped", "redriven"):
+            raise ValueError(f"unknown state {state!r}")
+        resolved = None if state == "redrive" else _now()
+        changed = self._execute(
+            "UPDATE {table} SET state = ?, resolved_at = ? "
+            "WHERE topic = ? AND position = ? RETURNING position",
+            (state, resolved, self.topic, position),
+        )
+        return bool(changed)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 class Relay:
     """Publishes one service's notification log to its Kafka topic."""
 
@@ -119,6 +259,7 @@ class Relay:
         poll_interval: float = 0.05,
         batch_interval: float = 0.02,
         heartbeat: Heartbeat | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self.service = service
         self.recorder = recorder
@@ -141,6 +282,14 @@ class Relay:
         self.position = 0
         self.heartbeat = heartbeat or Heartbeat(f"{self.topic} relay")
         self._last_publish: float | None = None
+        self.max_message_bytes = max_message_bytes
+        self.dead_letters = DeadLetters(tracking, self.topic)
+        self.open_dead_letters = 0
+        self._dead_letters_checked = 0.0
+        self._redrive_due = False
+        #: Positions past the recorded one that the broker already acknowledged
+        #: (sent after a message that failed): this process does not send them again.
+        self._acked_ahead: set[int] = set()
 
     def health_details(self) -> dict[str, Any]:
         """What `GET /healthz` reports besides the heartbeat."""
@@ -148,6 +297,7 @@ class Relay:
             "topic": self.topic,
             "position": self.position,
             "published": self.published,
+            "open_dead_letters": self.open_dead_letters,
             "seconds_since_publish": (
                 None
                 if self._last_publish is None
@@ -158,49 +308,174 @@ class Relay:
     def recorded_position(self) -> int:
         return self.tracking.max_tracking_id(self.tracking_name) or 0
 
-    def _to_messages(self, notifications: list[Notification]) -> list[WireMessage]:
+    def _to_messages(
+        self, notifications: list[Notification]
+    ) -> tuple[list[WireMessage], list[tuple[Notification, str]]]:
+        """The messages of the notifications, and those that cannot become one (why)."""
         messages = []
+        poison: list[tuple[Notification, str]] = []
         for n in notifications:
-            domain_event = self.mapper.to_domain_event(n)
-            meta: dict[str, Any] = dict(getattr(domain_event, "_meta", None) or {})
-            wire = self.to_wire(domain_event, meta, n.id)
-            if wire is None:
+            try:
+                message = self._to_message(n)
+            except Exception as error:  # a stored event the encoder fails on
+                poison.append((n, f"cannot be encoded: {type(error).__name__}: {error}"[:500]))
                 continue
-            key, ce_type, payload = wire
-            when = getattr(domain_event, "timestamp", None) or datetime.now(UTC)
-            headers = cloudevent_headers(
-                ce_id=f"{n.originator_id}:{n.originator_version}",
-                ce_type=ce_type,
-                source=f"/crm/{self.service}",
-                subject=key,
-                time_=when,
-                proto_message=self.proto_message,
-                position=n.id,
+            if message is None:
+                continue
+            size = (
+                len(message.payload)
+                + len(message.key.encode())
+                + sum(len(k) + len(v) for k, v in message.headers)
             )
-            headers += audit_headers(meta)
-            parent = context_from_traceparent(meta.get("traceparent"))
-            with tracer.start_as_current_span(
-                f"publish {ce_type}",
-                context=parent,
-                kind=SpanKind.PRODUCER,
-                attributes={
-                    "messaging.system": "kafka",
-                    "messaging.destination.name": self.topic,
-                    "crm.position": n.id,
-                },
-            ):
-                headers = kafka_headers_with_context(headers)
-            messages.append(WireMessage(key, ce_type, payload, headers, n.id))
-        return messages
+            if size > self.max_message_bytes:
+                poison.append(
+                    (
+                        n,
+                        f"too large: {size} bytes, the relay sends at most "
+                        f"{self.max_message_bytes}",
+                    )
+                )
+                continue
+            messages.append(message)
+        return messages, poison
 
-    async def _publish(self, producer: AIOKafkaProducer, messages: list[WireMessage]) -> None:
-        acks = []
+    def _to_message(self, n: Notification) -> WireMessage | None:
+        domain_event = self.mapper.to_domain_event(n)
+        meta: dict[str, Any] = dict(getattr(domain_event, "_meta", None) or {})
+        wire = self.to_wire(domain_event, meta, n.id)
+        if wire is None:
+            return None
+        key, ce_type, payload = wire
+        when = getattr(domain_event, "timestamp", None) or datetime.now(UTC)
+        headers = cloudevent_headers(
+            ce_id=f"{n.originator_id}:{n.originator_version}",
+            ce_type=ce_type,
+            source=f"/crm/{self.service}",
+            subject=key,
+            time_=when,
+            proto_message=self.proto_message,
+            position=n.id,
+        )
+        headers += audit_headers(meta)
+        parent = context_from_traceparent(meta.get("traceparent"))
+        with tracer.start_as_current_span(
+            f"publish {ce_type}",
+            context=parent,
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": self.topic,
+                "crm.position": n.id,
+            },
+        ):
+            headers = kafka_headers_with_context(headers)
+        return WireMessage(
+            key, ce_type, payload, headers, n.id, f"{n.originator_id}:{n.originator_version}"
+        )
+
+    async def _publish(
+        self, producer: AIOKafkaProducer, messages: list[WireMessage]
+    ) -> tuple[list[tuple[WireMessage, str]], tuple[WireMessage, BaseException] | None]:
+        """Sends the messages; the broker's refusals of single messages (too large,
+        invalid), and the first other failure with the message it hit, if any.
+
+        Every message before that one was acknowledged or refused."""
+        acks: list[asyncio.Future[Any] | BaseException] = []
         for m in messages:
-            acks.append(
-                await producer.send(self.topic, m.payload, key=m.key.encode(), headers=m.headers)
+            try:
+                acks.append(
+                    await producer.send(
+                        self.topic, m.payload, key=m.key.encode(), headers=m.headers
+                    )
+                )
+            except POISON_ERRORS as error:  # refused before sending
+                acks.append(error)
+            except KafkaError as error:  # nothing after this one is sent
+                acks.append(error)
+                break
+        results = await asyncio.gather(
+            *(a for a in acks if not isinstance(a, BaseException)), return_exceptions=True
+        )
+        outcomes = iter(results)
+        refused: list[tuple[WireMessage, str]] = []
+        failure: tuple[WireMessage, BaseException] | None = None
+        for m, ack in zip(messages, acks, strict=False):
+            outcome = ack if isinstance(ack, BaseException) else next(outcomes)
+            if isinstance(outcome, POISON_ERRORS):
+                refused.append((m, f"refused by the broker: {type(outcome).__name__}: {outcome}"))
+            elif isinstance(outcome, BaseException):
+                failure = failure or (m, outcome)
+            elif failure is not None:
+                # Taken by the broker after one that failed: the position cannot
+                # move past it yet, but the retry need not send it again.
+                self._acked_ahead.add(m.position)
+        return refused, failure
+
+    async def _set_aside(self, poison: list[tuple[int, str, str]]) -> None:
+        """Records events that can never be published, and says so once each."""
+        for position, event, reason in poison:
+            await asyncio.to_thread(self.dead_letters.record, position, event, reason)
+            self.heartbeat.dead_letter()
+            log.error(
+                "relay %s: event %s at position %d set aside as a dead letter (%s); the relay "
+                "goes on and reports failing until it is resolved: python -m crm_common.relay "
+                "%s dead-letters, then redrive or skip %d",
+                self.topic,
+                event,
+                position,
+                reason,
+                self.service,
+                position,
             )
-        # The position may only move once the broker has every message.
-        await asyncio.gather(*acks)
+        await self._check_dead_letters(force=True)
+
+    async def _check_dead_letters(self, *, force: bool = False) -> None:
+        """Re-drives what an operator asked for, and reports failing while any
+        dead letter is open (looked at every few seconds: another process resolves them)."""
+        now = time.monotonic()
+        if not force and now - self._dead_letters_checked < 5.0:
+            return
+        self._dead_letters_checked = now
+        opened = await asyncio.to_thread(self.dead_letters.open)
+        self.open_dead_letters = len(opened)
+        self._redrive_due = any(letter.state == "redrive" for letter in opened)
+        if opened:
+            self.heartbeat.failed(
+                f"{len(opened)} event(s) set aside as dead letters, the first at position "
+                f"{opened[0].position}: {opened[0].reason}",
+                waiting_for="an operator to re-drive or skip its dead letters",
+            )
+        elif self.heartbeat.last_error is not None and "dead letter" in self.heartbeat.last_error:
+            self.heartbeat.recovered()
+
+    async def _redrive(self, producer: AIOKafkaProducer) -> None:
+        self._redrive_due = False
+        for letter in await asyncio.to_thread(self.dead_letters.to_redrive):
+            notifications = await asyncio.to_thread(
+                self.recorder.select_notifications, letter.position, 1
+            )
+            stored = [n for n in notifications if n.id == letter.position]
+            messages, poison = self._to_messages(stored)
+            refused, failure = await self._publish(producer, messages)
+            if failure is not None:
+                raise failure[1]
+            reasons = [r for _, r in poison] + [r for _, r in refused]
+            if reasons:
+                await asyncio.to_thread(
+                    self.dead_letters.record, letter.position, letter.event, reasons[0]
+                )
+                log.error(
+                    "relay %s: re-drive of position %d failed: %s",
+                    self.topic,
+                    letter.position,
+                    reasons[0],
+                )
+            else:
+                await asyncio.to_thread(self.dead_letters.resolve, letter.position, "redriven")
+                log.info(
+                    "relay %s: dead letter at position %d re-driven", self.topic, letter.position
+                )
+            self._dead_letters_checked = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         self.position = await asyncio.to_thread(self.recorded_position)
@@ -232,8 +507,12 @@ class Relay:
             await producer.stop()
 
     async def _follow(self, producer: AIOKafkaProducer, stop: asyncio.Event) -> None:
+        await self._check_dead_letters(force=True)
         while not stop.is_set():
             self.heartbeat.beat()
+            await self._check_dead_letters()
+            if self._redrive_due:
+                await self._redrive(producer)
             notifications = list(
                 await asyncio.to_thread(
                     self.recorder.select_notifications,
@@ -242,19 +521,42 @@ class Relay:
                 )
             )
             if not notifications:
+                self.heartbeat.lag(0)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.poll_interval)
                 continue
             started = time.perf_counter()
-            messages = self._to_messages(notifications)
-            if messages:
-                await self._publish(producer, messages)
+            messages, poison = self._to_messages(notifications)
+            messages = [m for m in messages if m.position not in self._acked_ahead]
+            refused, failure = await self._publish(producer, messages) if messages else ([], None)
+            set_aside = [(n.id, f"{n.originator_id}:{n.originator_version}", r) for n, r in poison]
+            set_aside += [(m.position, m.event, r) for m, r in refused]
+            if failure is not None:
+                # Everything before the failed message is with the broker (or set
+                # aside): record that much, so the retry starts after it.
+                message, error = failure
+                set_aside = [x for x in set_aside if x[0] < message.position]
+                if set_aside:
+                    await self._set_aside(set_aside)
+                if message.position - 1 > self.position:
+                    await asyncio.to_thread(
+                        self.tracking.insert_tracking,
+                        Tracking(self.tracking_name, message.position - 1),
+                    )
+                    self.position = message.position - 1
+                raise error
+            if set_aside:
+                await self._set_aside(sorted(set_aside))
             last = notifications[-1].id
             await asyncio.to_thread(
                 self.tracking.insert_tracking, Tracking(self.tracking_name, last)
             )
             self.position = last
-            self.published += len(messages)
+            self._acked_ahead = {p for p in self._acked_ahead if p > last}
+            full = len(notifications) >= self.batch_size
+            head = await asyncio.to_thread(self.recorder.max_notification_id) if full else last
+            self.heartbeat.lag((head or last) - last)  # events not yet published (metrics)
+            self.published += len(messages) - len(refused)
             self._last_publish = time.monotonic()
             if len(notifications) < self.batch_size:
                 rest = self.batch_interval - (time.perf_counter() - started)
@@ -314,3 +616,58 @@ async def run_relay(
     finally:
         app.close()
         log.info("relay %s stopped at position %d", relay.topic, relay.position)
+
+
+# -- the operator's command -------------------------------------------------------------
+
+
+def dead_letters_of(settings: Settings) -> DeadLetters:
+    """The dead-letter table of a service's relay, from the service's settings."""
+    env = application_env(settings, SINGLE_ROW_TRACKING="y")
+    factory = InfrastructureFactory.construct(
+        Environment(name=f"{settings.service}_relay", env=env)
+    )
+    with creating_tables(settings):
+        tracking = factory.tracking_recorder()
+    return DeadLetters(tracking, topic_of(settings.service))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m crm_common.relay SERVICE dead-letters [redrive|skip POSITION]`, run with
+    the service's environment (CRM_* variables: which event store, where)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m crm_common.relay",
+        description="List, re-drive or skip the events a service's relay set aside.",
+    )
+    parser.add_argument("service", help="the service whose relay it is (contacts, ...)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("dead-letters", help="list the dead letters (all, or open)")
+    listing.add_argument("--open", action="store_true", help="only those not resolved")
+    for name, text in (
+        ("redrive", "publish the event again at the relay's next round"),
+        ("skip", "never publish the event (it stays in the event store)"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("position", type=int, help="the event's log position")
+    args = parser.parse_args(argv)
+    letters = dead_letters_of(Settings.from_env(args.service))
+    if args.command == "dead-letters":
+        rows = letters.open() if args.open else letters.all()
+        for row in rows:
+            print(
+                f"{row.position}\t{row.state}\t{row.event}\t{row.recorded_at}\t"
+                f"{row.resolved_at or '-'}\t{row.reason}"
+            )
+        if not rows:
+            print(f"no {'open ' if args.open else ''}dead letters on {letters.topic}")
+        return 0
+    state = "redrive" if args.command == "redrive" else "skipped"
+    if not letters.resolve(args.position, state):
+        print(f"no dead letter at position {args.position} on {letters.topic}", file=sys.stderr)
+        return 1
+    print(f"{letters.topic} position {args.position}: {state}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import uuid
 from collections.abc import Awaitable, Callable, Generator, Sequence
@@ -26,6 +28,7 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
@@ -33,6 +36,8 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crm_common.auth.gate import ACTING_USER_KEY, OPEN_GRPC_PREFIXES, AccessGate
 from crm_common.auth.http_gate import admission, refusal_headers, secure_openapi
@@ -40,10 +45,13 @@ from crm_common.auth.principal import Principal, current_principal
 from crm_common.commands import Caller
 from crm_common.errors import (
     CrmError,
+    FieldError,
     IdempotencyKeyReused,
+    MalformedRequest,
     NotFound,
     PermissionDenied,
     RateLimited,
+    RequestTooLarge,
     RuleViolated,
     Unauthenticated,
     Unavailable,
@@ -51,6 +59,8 @@ from crm_common.errors import (
     VersionConflict,
     WaitTimedOut,
 )
+from crm_common.health import Dependencies, Dependency, Heartbeat, serve_health
+from crm_common.metrics import HttpMetrics, rpc_metrics_interceptor
 from crm_common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,6 +88,8 @@ _GRPC_CODES: list[tuple[type[CrmError], grpc.StatusCode, int]] = [
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, code_pb2.PERMISSION_DENIED),
     (RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED),
     (IdempotencyKeyReused, grpc.StatusCode.FAILED_PRECONDITION, code_pb2.FAILED_PRECONDITION),
+    (RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED),
+    (MalformedRequest, grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
 ]
 
 _HTTP_STATUS: list[tuple[type[CrmError], int]] = [
@@ -91,7 +103,23 @@ _HTTP_STATUS: list[tuple[type[CrmError], int]] = [
     (PermissionDenied, 403),
     (RateLimited, 429),
     (IdempotencyKeyReused, 422),
+    (RequestTooLarge, 413),
+    (MalformedRequest, 400),
 ]
+
+#: The largest request body (REST) or message (gRPC) a service accepts, in bytes:
+#: `CRM_MAX_REQUEST_BYTES`, 1 MiB by default. A larger one is refused with 413 /
+#: RESOURCE_EXHAUSTED before it is read whole.
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
+
+
+def max_request_bytes() -> int:
+    value = os.environ.get("CRM_MAX_REQUEST_BYTES", "").strip()
+    if not value:
+        return DEFAULT_MAX_REQUEST_BYTES
+    if not value.isdigit() or int(value) < 1024:
+        raise RuntimeError(f"CRM_MAX_REQUEST_BYTES={value!r}: a number of bytes, at least 1024")
+    return int(value)
 
 
 def grpc_status_of(error: CrmError) -> tuple[grpc.StatusCode, status_pb2.Status]:
@@ -103,7 +131,18 @@ def grpc_status_of(error: CrmError) -> tuple[grpc.StatusCode, status_pb2.Status]
             break
     status = status_pb2.Status(code=numeric, message=error.message)
     detail = any_pb2.Any()
-    if isinstance(error, ValidationFailed):
+    if isinstance(error, MalformedRequest):
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field="request", description=error.message
+                    )
+                ]
+            )
+        )
+        status.details.append(detail)
+    elif isinstance(error, ValidationFailed):
         detail.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
@@ -181,9 +220,33 @@ def _admit_grpc(
 
 
 # grpcio ships no type information, so its base classes are Any to mypy.
+@dataclass(frozen=True)
+class _Malformed:
+    """What a request's bytes became when they are not a message of the method's type."""
+
+    error: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The method's deserializer, answering `_Malformed` instead of raising: grpcio
+    would answer UNKNOWN naming the exception's class."""
+    if deserializer is None:
+        return None
+    parse = deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except (DecodeError, ValueError, TypeError) as error:
+            return _Malformed(str(error)[:200])
+
+    return deserialize
+
+
 class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Admits every call through the gate (health and reflection excepted) and turns
-    `CrmError`s raised by unary handlers into rich gRPC statuses."""
+    `CrmError`s raised by unary handlers into rich gRPC statuses (a request that is
+    not a message of the method's type too: INVALID_ARGUMENT)."""
 
     def __init__(self, gate: AccessGate) -> None:
         self.gate = gate
@@ -205,6 +268,11 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             try:
                 if not open_method:
                     current_principal.set(_admit_grpc(gate, method, context))
+                if isinstance(request, _Malformed):
+                    raise MalformedRequest(
+                        f"the request is not a {method.rsplit('/', 1)[-1]} request message: "
+                        f"{request.error or 'malformed protobuf'}"
+                    )
                 return await inner(request, context)
             except CrmError as error:
                 code, status = grpc_status_of(error)
@@ -229,7 +297,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -278,7 +346,7 @@ def install_error_handlers(app: FastAPI) -> None:
             if isinstance(error, kind):
                 status = http_status
                 break
-        body: dict[str, Any] = {"error": type(error).__name__, "message": error.message}
+        body = _error_body(error)
         if isinstance(error, ValidationFailed):
             body["detail"] = [{"field": e.field, "message": e.message} for e in error.errors]
         if isinstance(error, VersionConflict):
@@ -288,6 +356,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        unparsable = [e for e in error.errors() if e.get("type") == "json_invalid"]
+        if unparsable:
+            problem = (unparsable[0].get("ctx") or {}).get("error") or "JSON decode error"
+            where = [p for p in unparsable[0].get("loc", ()) if isinstance(p, int)]
+            malformed = MalformedRequest(
+                f"the body is not JSON: {problem}" + (f" at character {where[0]}" if where else "")
+            )
+            return JSONResponse(_error_body(malformed), status_code=400)
         detail = []
         for e in error.errors():
             loc = [p for p in e.get("loc", ()) if p not in ("body", "query", "path", "header")]
@@ -297,6 +373,32 @@ def install_error_handlers(app: FastAPI) -> None:
             {"error": "ValidationFailed", "message": message, "detail": detail},
             status_code=422,
         )
+
+    @app.exception_handler(HTTPException)
+    async def http_refusal(request: Request, error: HTTPException) -> JSONResponse:
+        # The framework's own refusals (no such route, method, unreadable body), in
+        # the platform's shape instead of `{"detail": ...}`.
+        status = error.status_code
+        text = str(error.detail)
+        kind = _HTTP_KINDS.get(status, "RequestRefused")
+        if status == 400 and text == "There was an error parsing the body":
+            text = "the body is not UTF-8 JSON"
+        elif status == 404 and text == "Not Found":
+            text = f"no operation at {request.url.path}"
+        elif status == 405:
+            text = f"{request.method} is not an operation of {request.url.path}"
+        body: dict[str, Any] = {"error": kind, "message": text}
+        if status in (400, 413):
+            body["detail"] = [{"field": "body", "message": text}]
+        return JSONResponse(body, status_code=status, headers=error.headers)
+
+
+_HTTP_KINDS = {
+    400: "MalformedRequest",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    413: "RequestTooLarge",
+}
 
 
 # -- who is asking ---------------------------------------------------------------
@@ -370,6 +472,197 @@ def http_caller(
     )
 
 
+# -- requests too large or unreadable ----------------------------------------------
+
+
+def _error_body(error: CrmError) -> dict[str, Any]:
+    body: dict[str, Any] = {"error": type(error).__name__, "message": error.message}
+    if isinstance(error, MalformedRequest | RequestTooLarge):
+        body["detail"] = [{"field": "body", "message": error.message}]
+    return body
+
+
+class BodyLimit:
+    """Refuses a request body over `limit` bytes with 413 without reading it whole:
+    at once when its Content-Length says so, else as soon as the bytes received
+    pass the limit (chunked bodies), before the route parses anything."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        refusal: CrmError | None = None
+        if declared is not None:
+            if not declared.strip().isdigit():
+                refusal = MalformedRequest("the Content-Length header is not a number of bytes")
+            elif int(declared) > limit:
+                refusal = _too_large(limit)
+        if refusal is not None:
+            await _send_error(send, refusal)
+            return
+        received = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # FastAPI answers an HTTPException raised while it reads the body.
+                    raise HTTPException(413, _too_large(limit).message)
+            return message
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except HTTPException as error:  # read outside a route: answered here
+            if started or error.status_code != 413:
+                raise
+            await _send_error(send, _too_large(limit))
+
+
+def _too_large(limit: int) -> RequestTooLarge:
+    return RequestTooLarge(f"the request body is larger than {limit} bytes")
+
+
+async def _send_error(send: Send, error: CrmError) -> None:
+    status = next((code for kind, code in _HTTP_STATUS if isinstance(error, kind)), 500)
+    payload = json.dumps(_error_body(error)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+# -- the documented errors ---------------------------------------------------------
+
+_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "The platform's one error shape; `detail` names each field at fault.",
+    "required": ["error", "message"],
+    "properties": {
+        "error": {"type": "string", "description": "The kind, e.g. ValidationFailed"},
+        "message": {"type": "string"},
+        "detail": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["field", "message"],
+                "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
+        "expected_version": {"type": "integer", "description": "409 on a stale version"},
+        "actual_version": {"type": "integer", "description": "409 on a stale version"},
+    },
+}
+
+
+def _error_response(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def documented_errors(method: str, path: str, operation: dict[str, Any]) -> dict[str, Any]:
+    """The error responses an operation can answer, besides 401/403/429 (the gate's)."""
+    body = "requestBody" in operation
+    params = {p.get("name", "") for p in operation.get("parameters", ())}
+    errors = {
+        "404": "The addressed entity, or one the request names, does not exist.",
+        "422": "The input is invalid (`detail` names each field); nothing was written.",
+        "503": "A service or store this one depends on cannot answer; retry later.",
+    }
+    if body:
+        errors["400"] = "The body is not JSON, or not UTF-8; nothing was written."
+        errors["413"] = "The body is larger than the service accepts (1 MiB unless configured)."
+    if method in ("post", "put", "patch", "delete"):
+        errors["409"] = (
+            "The version the client saw is stale (`expected_version`, `actual_version`), "
+            "or a business rule refuses the change in the entity's current state."
+        )
+    if any(p.startswith("wait") for p in params):
+        errors["504"] = "The read waited for a write it did not see in time."
+    return {status: _error_response(text) for status, text in sorted(errors.items())}
+
+
+def document_errors(app: FastAPI) -> None:
+    """Every operation's OpenAPI responses describe the errors it answers, in the
+    platform's shape (`Error`), instead of FastAPI's own 422 body."""
+    previous = app.openapi
+
+    def document() -> dict[str, Any]:
+        if app.openapi_schema is not None and "Error" in app.openapi_schema.get(
+            "components", {}
+        ).get("schemas", {}):
+            return app.openapi_schema
+        schema = previous()
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas["Error"] = _ERROR_SCHEMA
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                responses = operation.setdefault("responses", {})
+                for status, response in documented_errors(method, path, operation).items():
+                    if status == "422" or status not in responses:
+                        responses[status] = response
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = document  # type: ignore[method-assign]
+
+
+def _query_names(dependant: Any) -> frozenset[str]:
+    """The query parameters a route (and every dependency it has) reads."""
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return frozenset(names)
+
+
+async def refuse_unknown_query(request: Request) -> None:
+    """A query parameter the operation does not have is refused (422) rather than
+    ignored: `?limt=5` would otherwise answer as if no limit had been asked for."""
+    if not request.query_params:
+        return
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known = getattr(route, "_crm_query_names", None)
+    if known is None:
+        known = _query_names(dependant)
+        route._crm_query_names = known  # type: ignore[union-attr]
+    unknown = sorted({name for name in request.query_params if name not in known})
+    if unknown:
+        raise ValidationFailed(
+            [
+                FieldError(name[:60], "is not a query parameter of this operation")
+                for name in unknown[:10]
+            ]
+        )
+
+
 def service_app(gate: AccessGate, *, title: str, description: str, version: str = "1") -> FastAPI:
     """The REST app of a service: every route behind the gate, errors mapped once,
     the bearer scheme and the refusals in the OpenAPI document."""
@@ -377,14 +670,21 @@ def service_app(gate: AccessGate, *, title: str, description: str, version: str 
         title=title,
         version=version,
         description=description,
-        dependencies=[Depends(admission(gate))],
+        dependencies=[Depends(admission(gate)), Depends(refuse_unknown_query)],
     )
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=max_request_bytes())
     secure_openapi(app)
+    document_errors(app)
 
     @app.get("/healthz", include_in_schema=False)
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz(request: Request) -> JSONResponse:
+        # 503 while a hard dependency is down (serve() checks them, crm_common.health).
+        watch = getattr(request.app.state, "dependencies", None)
+        if isinstance(watch, Dependencies) and not watch.serving:
+            body = {"status": "unavailable", "reason": watch.heartbeat.last_error}
+            return JSONResponse(body, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     return app
 
@@ -435,18 +735,33 @@ async def serve(
     grpc_services: Sequence[GrpcService],
     http_app: FastAPI,
     on_stop: Sequence[Callable[[], Any]] = (),
+    dependencies: Sequence[Dependency] = (),
 ) -> None:
     """Runs gRPC and REST until SIGTERM/SIGINT, then shuts down gracefully.
 
     `http_app` comes from `service_app(gate, ...)`; the gRPC methods pass the same gate.
+    While one of `dependencies` is down, gRPC health says NOT_SERVING and REST
+    `/healthz` 503; `settings.health_port`, when set, serves `/healthz`,
+    `/readyz` and `/metrics` (crm_common.health).
     """
     FastAPIInstrumentor.instrument_app(http_app, excluded_urls="healthz")
+    http_app.add_middleware(HttpMetrics)
+    watch = Dependencies(
+        Heartbeat(f"{settings.service} api", stale_after=settings.health_stale_after),
+        dependencies,
+    )
+    http_app.state.dependencies = watch
 
     server = grpc.aio.server(
         # The OpenTelemetry gRPC instrumentation is untyped.
-        interceptors=[aio_server_interceptor(), AccessInterceptor(gate)],  # type: ignore[no-untyped-call]
+        interceptors=[
+            rpc_metrics_interceptor(),
+            aio_server_interceptor(),  # type: ignore[no-untyped-call]
+            AccessInterceptor(gate),
+        ],
         options=[
-            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            # Larger messages are refused with RESOURCE_EXHAUSTED, unread.
+            ("grpc.max_receive_message_length", max_request_bytes()),
             ("grpc.so_reuseport", 0),
             # Clients reconnect (and resolve the replicas again) every few
             # minutes, so replicas added since get their share of long-lived
@@ -479,8 +794,19 @@ async def serve(
     if bound == 0:
         raise RuntimeError(f"cannot listen on {address}")
     await server.start()
-    for name in ["", *names]:
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def set_health(serving: bool) -> None:
+        reply = health_pb2.HealthCheckResponse
+        for name in ["", *names]:
+            await health.set(name, reply.SERVING if serving else reply.NOT_SERVING)
+
+    await set_health(await watch.check_once())
+    stopped = asyncio.Event()
+    watching = asyncio.create_task(watch.watch(stopped, on_change=set_health))
+    ops = contextlib.AsyncExitStack()
+    await ops.enter_async_context(
+        serve_health(watch.heartbeat, host=settings.bind_host, port=settings.health_port)
+    )
 
     config = uvicorn.Config(
         http_app,
@@ -511,6 +837,9 @@ async def serve(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        stopped.set()
+        await watching
+        await ops.aclose()
         await health.enter_graceful_shutdown()
         await server.stop(grace=5)
         for stop in on_stop:

@@ -4,12 +4,15 @@ Traces follow a command from the REST or gRPC call through the event store
 (the W3C `traceparent` is stored with each event), the relay (which publishes
 it in the Kafka headers) into the projection that applies it. Spans are
 exported over OTLP/gRPC only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+Metrics (`crm_common.metrics`) share the resource and the endpoint, and are
+also readable as `GET /metrics` on the process's health port.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterable
 
 from opentelemetry import context as otel_context
@@ -18,24 +21,34 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from crm_common.metrics import setup_metrics, shutdown_metrics
+
 log = logging.getLogger(__name__)
 _provider: TracerProvider | None = None
 
 
 def setup_telemetry(service_name: str) -> TracerProvider:
-    """Installs the tracer provider of this process (once)."""
+    """Installs the tracer and meter providers of this process (once)."""
     global _provider
     if _provider is not None:
         return _provider
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": service_name, "service.namespace": "crm"})
+    resource = Resource.create(
+        {
+            "service.name": service_name,
+            "service.namespace": "crm",
+            # Several processes of one service (API, relay, ...) and replicas.
+            "service.instance.id": os.environ.get("CRM_POD_NAME")
+            or f"{socket.gethostname()}-{os.getpid()}",
+        }
     )
+    provider = TracerProvider(resource=resource)
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         log.info("exporting traces to %s", os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"])
     trace.set_tracer_provider(provider)
+    setup_metrics(resource)
     _provider = provider
     return provider
 
@@ -43,6 +56,7 @@ def setup_telemetry(service_name: str) -> TracerProvider:
 def shutdown_telemetry() -> None:
     if _provider is not None:
         _provider.shutdown()
+    shutdown_metrics()
 
 
 def current_traceparent() -> str | None:

@@ -2,11 +2,14 @@
 
     crm-stack up [--detach] [--only NAME,...]   start everything, print "CRM platform ready"
     crm-stack down                              stop a detached stack gracefully
-    crm-stack status                            each process: running?, pid, RSS
+    crm-stack status                            each process: running?, ready?, pid, RSS,
+                                                health port, restarts
+    crm-stack restart NAME                      stop and start one process of the running stack
     crm-stack wipe                              delete the data directory (not while running)
     crm-stack rebuild-360                       rebuild the 360 view and audit trail from the topics
     crm-stack identity [--rotate]               signing keys, a token per role, dev certificates
     crm-stack registry [--write]                the service registry as the Helm chart reads it
+    crm-stack asyncapi [--write]                the event contract (docs/asyncapi.yaml)
 
 The data directory is CRM_DATA_DIR (default ./var); ports come from
 CRM_KAFKA_PORT, CRM_ZOOKEEPER_PORT, CRM_MONGO_PORT and CRM_<SERVICE>_GRPC_PORT /
@@ -24,12 +27,20 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from crm_common.registry import chart_document
 from crm_deploy.process import PidRecord, ProcessFailed, read_pid_file, stop_pid, tail
 from crm_deploy.stack import INFRA, SERVICE_PROCESSES, Stack, StackConfig, load_state
-from crm_deploy.supervisor import Interrupted, Supervisor, hold_dir
+from crm_deploy.supervisor import (
+    RESTART_PENDING,
+    Interrupted,
+    Supervisor,
+    hold_dir,
+    restart_dir,
+)
 
 READY_LINE = "CRM platform ready"
 DETACH_TIMEOUT = 300.0
@@ -127,6 +138,14 @@ def cmd_up(detach: bool, only: str | None) -> int:
     config = StackConfig.from_env()
     names = _parse_only(only)
     running = _check_not_running(config)
+    if running is not None and names is not None:
+        print(
+            f"a stack is already running in {config.data_dir} (supervisor pid {running}); "
+            "--only chooses the processes of a stack that starts. To restart one process "
+            "of this one: crm-stack restart NAME",
+            file=sys.stderr,
+        )
+        return 1
     if running is not None:
         state = load_state(config.data_dir) or {}
         if detach and state.get("status") == "ready":
@@ -249,6 +268,23 @@ def cmd_down() -> int:
     return 0
 
 
+def _health(port: int | None) -> str:
+    """`ready`, `not ready` (with what it waits for) or `no answer`, from GET /readyz."""
+    if port is None:
+        return "-"
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as reply:
+            return "ready" if reply.status == 200 else "not ready"
+    except urllib.error.HTTPError as error:
+        try:
+            waiting_for = json.loads(error.read() or b"{}").get("waiting_for")
+        except ValueError:
+            waiting_for = None
+        return f"waiting for {waiting_for}" if waiting_for else "not ready"
+    except OSError:
+        return "no answer"
+
+
 def cmd_status() -> int:
     config = _config_for_running(_data_dir())
     state = load_state(config.data_dir) or {}
@@ -257,20 +293,78 @@ def cmd_status() -> int:
         print(f"stack: {state.get('status', 'unknown')} (supervisor pid {supervisor.pid})")
     else:
         print(f"stack: not running ({config.data_dir})")
-    print(f"{'process':<22}{'state':<10}{'pid':>8}{'RSS MiB':>10}")
+    restarts: dict[str, int] = state.get("restarts") or {}
+    print(
+        f"{'process':<22}{'state':<10}{'pid':>8}{'RSS MiB':>9}{'restarts':>10}  "
+        f"{'health port':<13}health (GET /healthz, /readyz, /metrics)"
+    )
     for name in _process_names():
         record = read_pid_file(config.run_dir / f"{name}.pid")
         process = record.process() if record is not None else None
+        port = config.health_ports.get(name)
+        port_text = str(port) if port is not None else "-"
+        count = restarts.get(name, 0)
         if process is None:
             held = " (held)" if (hold_dir(config.run_dir) / name).exists() else ""
-            print(f"{name:<22}{'stopped' + held:<10}{'-':>8}{'-':>10}")
+            print(f"{name:<22}{'stopped' + held:<10}{'-':>8}{'-':>9}{count:>10}  {port_text:<13}-")
             continue
         try:
             rss = f"{process.memory_info().rss / 2**20:.0f}"
         except Exception:
             rss = "?"
-        print(f"{name:<22}{'running':<10}{process.pid:>8}{rss:>10}")
+        print(
+            f"{name:<22}{'running':<10}{process.pid:>8}{rss:>9}{count:>10}  "
+            f"{port_text:<13}{_health(port)}"
+        )
     return 0 if supervisor is not None else 3
+
+
+# -- restart ---------------------------------------------------------------------
+
+RESTART_TIMEOUT = 150.0
+
+
+def cmd_restart(name: str) -> int:
+    """Asks the running supervisor to stop and start one process; waits for the outcome."""
+    known = _process_names()
+    if name not in known:
+        print(f"no process {name!r}; known: {', '.join(known)}", file=sys.stderr)
+        return 2
+    config = _config_for_running(_data_dir())
+    if _supervisor(config.run_dir) is None:
+        print(f"no stack running in {config.data_dir}: start it with `crm-stack up --detach`")
+        return 1
+    state = load_state(config.data_dir) or {}
+    if name not in (state.get("processes") or known):
+        print(f"{name} is not part of the running stack (it was started with --only)")
+        return 1
+    if (hold_dir(config.run_dir) / name).exists():
+        print(f"{name} is held (rebuild-360 running?): not restarting it", file=sys.stderr)
+        return 1
+    request = restart_dir(config.run_dir) / name
+    request.parent.mkdir(parents=True, exist_ok=True)
+    tmp = request.with_suffix(".tmp")
+    tmp.write_text(RESTART_PENDING + "\n")
+    tmp.replace(request)
+    print(f"restarting {name} ...", flush=True)
+    deadline = time.monotonic() + RESTART_TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            answer = request.read_text().strip()
+            if answer != RESTART_PENDING:
+                if answer.startswith("ok"):
+                    print(f"{name} restarted and ready (pid {answer.split()[-1]})")
+                    return 0
+                print(f"{name}: {answer}", file=sys.stderr)
+                return 1
+            if _supervisor(config.run_dir) is None:
+                print("the supervisor stopped before it answered", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+    finally:
+        request.unlink(missing_ok=True)
+    print(f"{name} was not ready again within {RESTART_TIMEOUT:.0f} s", file=sys.stderr)
+    return 1
 
 
 def cmd_wipe() -> int:
@@ -348,6 +442,27 @@ def cmd_registry(write: bool) -> int:
     return 0
 
 
+# -- asyncapi --------------------------------------------------------------------
+
+
+def cmd_asyncapi(write: bool) -> int:
+    """Prints the AsyncAPI document of every topic, or writes docs/asyncapi.yaml."""
+    # Imported here: it compiles proto/ and imports every service's events module.
+    from crm_deploy import asyncapi
+
+    try:
+        text = asyncapi.document_text()
+    except asyncapi.ContractError as error:
+        print(f"cannot generate the AsyncAPI document: {error}", file=sys.stderr)
+        return 1
+    if not write:
+        print(text, end="")
+        return 0
+    asyncapi.DOCUMENT.write_text(text)
+    print(f"wrote docs/{asyncapi.DOCUMENT.name}")
+    return 0
+
+
 # -- identity --------------------------------------------------------------------
 
 
@@ -383,7 +498,13 @@ def main(argv: list[str] | None = None) -> None:
         help="start only these service processes (infrastructure always starts)",
     )
     commands.add_parser("down", help="stop the detached stack gracefully")
-    commands.add_parser("status", help="each process: running or not, pid, RSS")
+    commands.add_parser(
+        "status", help="each process: running, ready, pid, RSS, restarts, health port"
+    )
+    restart = commands.add_parser(
+        "restart", help="stop and start one process of the running stack, wait until ready"
+    )
+    restart.add_argument("name", help="a process: " + ", ".join(_process_names()))
     commands.add_parser("wipe", help="delete the data directory (refused while running)")
     commands.add_parser(
         "rebuild-360", help="drop the 360 view and rebuild it from the topics (stack running)"
@@ -400,6 +521,10 @@ def main(argv: list[str] | None = None) -> None:
     registry.add_argument(
         "--write", action="store_true", help="write it to helm/crm-platform/services.json"
     )
+    asyncapi = commands.add_parser(
+        "asyncapi", help="print the event contract (AsyncAPI 3.0) generated from the code"
+    )
+    asyncapi.add_argument("--write", action="store_true", help="write it to docs/asyncapi.yaml")
     supervise = commands.add_parser("supervise", help=argparse.SUPPRESS)
     supervise.add_argument("--only")
     args = parser.parse_args(argv)
@@ -411,12 +536,16 @@ def main(argv: list[str] | None = None) -> None:
         code = cmd_down()
     elif args.command == "status":
         code = cmd_status()
+    elif args.command == "restart":
+        code = cmd_restart(args.name)
     elif args.command == "wipe":
         code = cmd_wipe()
     elif args.command == "identity":
         code = cmd_identity(args.rotate)
     elif args.command == "registry":
         code = cmd_registry(args.write)
+    elif args.command == "asyncapi":
+        code = cmd_asyncapi(args.write)
     else:
         code = cmd_rebuild_360()
     sys.exit(code)

@@ -182,6 +182,62 @@ def kafka_process(
     )
 
 
+def clear_stale_broker(zookeeper: str, broker_id: int = 0, timeout: float = 5.0) -> str | None:
+    """Deletes what a crashed broker left registered in ZooKeeper; says what, or None.
+
+    A broker registers itself as the ephemeral node `/brokers/ids/<id>` (and,
+    while it is the controller, `/controller`) of its ZooKeeper session. Killed
+    without a clean shutdown, its session lives on until it times out, and a
+    new broker with the same id that starts before then exits with
+    NodeExistsException. Call this only once the broker's process is gone:
+    the nodes then belong to a dead session, and deleting them lets the new
+    broker register at once (the dead session, when it expires, deletes only
+    nodes it still owns). ZooKeeper unreachable: nothing is done.
+    """
+    import json
+    import logging
+
+    from kazoo.client import KazooClient
+    from kazoo.exceptions import KazooException, NoNodeError
+    from kazoo.handlers.threading import KazooTimeoutError
+
+    client = KazooClient(hosts=zookeeper, timeout=timeout)
+    # kazoo logs every failed connection attempt; the caller reports the outcome.
+    logging.getLogger("kazoo").setLevel(logging.CRITICAL)
+    try:
+        client.start(timeout=timeout)
+    except (KazooTimeoutError, KazooException, OSError):
+        client.close()
+        return None
+    cleared = []
+    try:
+        path = f"/brokers/ids/{broker_id}"
+        stat = client.exists(path)
+        if stat is not None and stat.ephemeralOwner:
+            client.delete(path, version=stat.version)
+            cleared.append(f"{path} (session 0x{stat.ephemeralOwner:x})")
+        try:
+            data, stat = client.get("/controller")
+        except NoNodeError:
+            data, stat = b"", None
+        if stat is not None and stat.ephemeralOwner:
+            try:
+                controller = json.loads(data.decode() or "{}").get("brokerid")
+            except ValueError:
+                controller = None
+            if controller == broker_id:
+                client.delete("/controller", version=stat.version)
+                cleared.append(f"/controller (session 0x{stat.ephemeralOwner:x})")
+    except NoNodeError:
+        pass  # gone meanwhile: its session expired
+    except KazooException:
+        return None
+    finally:
+        client.stop()
+        client.close()
+    return ", ".join(cleared) or None
+
+
 def secantus_url(port: int, host: str = "127.0.0.1") -> str:
     return f"mongodb://{host}:{port}/?replicaSet=secantus"
 

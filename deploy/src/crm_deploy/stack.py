@@ -10,14 +10,20 @@ lives under one data directory::
     <data_dir>/<service>/     a service's own files (its event store)
     <data_dir>/logs/          one log per process
     <data_dir>/run/           pid files, generated configs, stack state
+
+Every service process serves `GET /healthz`, `/readyz` and `/metrics` on a
+health port of its own (`StackConfig.health_ports`, listed by `crm-stack status`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,7 +37,6 @@ from crm_deploy.process import (
     ManagedProcess,
     Probe,
     ProcessFailed,
-    alive_probe,
     all_probes,
     free_port,
     grpc_health_probe,
@@ -39,6 +44,7 @@ from crm_deploy.process import (
     port_in_use,
 )
 from crm_deploy.servers import (
+    clear_stale_broker,
     ensure_topics,
     kafka_home,
     kafka_process,
@@ -47,12 +53,46 @@ from crm_deploy.servers import (
     zookeeper_process,
 )
 
+log = logging.getLogger("crm_deploy.stack")
+
 HOST = "127.0.0.1"
 INFRA = ("zookeeper", "kafka", "secantus")
 #: The write services whose topics the platform creates (planned ones too, so
 #: that consumers such as ERP systems can subscribe before the service ships).
 TOPIC_SERVICES = event_sources()
 TOPIC_PARTITIONS = 6
+
+
+#: What a worker's `/readyz` names while it works on but holds records it could
+#: not publish or apply (crm_common.relay): ready for `up`, with a warning.
+OPERATOR_WAIT = "an operator"
+
+
+def worker_probe(url: str) -> Probe:
+    """Ready when the worker's `GET /readyz` answers 200, or 503 only because it
+    holds dead letters for an operator (it publishes everything else: the stack is
+    usable, and `deploy/crm status` goes on showing what waits); that is said once."""
+    warned: list[bool] = []
+
+    def probe(_process: ManagedProcess) -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as reply:
+                return int(reply.status) == 200
+        except urllib.error.HTTPError as error:
+            try:
+                waiting_for = str(json.loads(error.read() or b"{}").get("waiting_for") or "")
+            except ValueError:
+                return False
+            if not waiting_for.startswith(OPERATOR_WAIT):
+                return False
+            if not warned:
+                warned.append(True)
+                print(f"warning: {_process.name} is waiting for {waiting_for}", file=sys.stderr)
+            return True
+        except OSError:
+            return False
+
+    return probe
 
 
 @dataclass(frozen=True)
@@ -63,7 +103,8 @@ class ServiceProcess:
     command: tuple[str, ...]
     service: str
     #: API processes are ready when gRPC health says SERVING and GET /healthz is 200;
-    #: the others (relays, followers, projectors) when they are still alive after a second.
+    #: the others (relays, followers, projectors) when their health port's `GET /readyz`
+    #: is 200: they reached Kafka and their store (a relay: it is publishing).
     api: bool
 
     def argv(self) -> list[str]:
@@ -97,6 +138,23 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(value) if value else default
 
 
+#: The first health port of the local stack: each service process gets the next one.
+FIRST_HEALTH_PORT = 9101
+
+
+def health_port_variable(process: str) -> str:
+    """`contacts-relay` -> `CRM_CONTACTS_RELAY_HEALTH_PORT` (moves that process's port)."""
+    return f"CRM_{process.upper().replace('-', '_')}_HEALTH_PORT"
+
+
+def default_health_ports(env: Mapping[str, str] | None = None) -> dict[str, int]:
+    env = env or {}
+    return {
+        row.name: _env_int(env, health_port_variable(row.name), FIRST_HEALTH_PORT + i)
+        for i, row in enumerate(SERVICE_PROCESSES)
+    }
+
+
 @dataclass
 class StackConfig:
     """Where the stack keeps its data and which ports it listens on (127.0.0.1 only)."""
@@ -106,6 +164,8 @@ class StackConfig:
     zookeeper_port: int = 2181
     mongo_port: int = 27017
     service_ports: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    #: Process name -> its health port (`GET /healthz`, `/readyz`, `/metrics`).
+    health_ports: dict[str, int] = field(default_factory=default_health_ports)
     topics: dict[str, int] = field(
         default_factory=lambda: {
             **{topic_of(s): TOPIC_PARTITIONS for s in TOPIC_SERVICES},
@@ -134,6 +194,7 @@ class StackConfig:
                 )
                 for service, (grpc, http) in DEFAULT_PORTS.items()
             },
+            health_ports=default_health_ports(env),
         )
 
     @classmethod
@@ -146,6 +207,7 @@ class StackConfig:
             zookeeper_port=free_port(),
             mongo_port=free_port(),
             service_ports={s: (free_port(), free_port()) for s in DEFAULT_PORTS},
+            health_ports={row.name: free_port() for row in SERVICE_PROCESSES},
         )
 
     @property
@@ -191,6 +253,7 @@ class StackConfig:
             "zookeeper_port": self.zookeeper_port,
             "mongo_port": self.mongo_port,
             "service_ports": {k: list(v) for k, v in self.service_ports.items()},
+            "health_ports": dict(self.health_ports),
             "topics": self.topics,
             "kafka_heap": self.kafka_heap,
             "zookeeper_heap": self.zookeeper_heap,
@@ -207,6 +270,10 @@ class StackConfig:
             zookeeper_port=int(data["zookeeper_port"]),
             mongo_port=int(data["mongo_port"]),
             service_ports={k: (int(v[0]), int(v[1])) for k, v in data["service_ports"].items()},
+            health_ports={
+                **default_health_ports(),
+                **{k: int(v) for k, v in data.get("health_ports", {}).items()},
+            },
             topics={k: int(v) for k, v in data["topics"].items()},
             kafka_heap=data["kafka_heap"],
             zookeeper_heap=data["zookeeper_heap"],
@@ -250,6 +317,9 @@ class Stack:
             grpc, http = self.config.service_ports[row.service]
             endpoints[f"{row.service} gRPC"] = f"{HOST}:{grpc}"
             endpoints[f"{row.service} REST"] = f"http://{HOST}:{http} (OpenAPI: /docs)"
+        endpoints["health, metrics"] = (
+            f"http://{HOST}:<port>/healthz, /readyz, /metrics (ports: deploy/crm status)"
+        )
         endpoints["tokens"] = f"{self.identity.tokens}/<role>.jwt (deploy/crm identity)"
         endpoints["data dir"] = str(self.config.data_dir)
         endpoints["logs"] = str(self.config.logs_dir)
@@ -365,6 +435,10 @@ class Stack:
             env.update(extra_env)
         return env
 
+    def health_url(self, name: str, path: str = "/healthz") -> str:
+        """`GET /healthz` (or `/readyz`, `/metrics`) of a service process."""
+        return f"http://{HOST}:{self.config.health_ports[name]}{path}"
+
     def _service(self, row: ServiceProcess, extra_env: Mapping[str, str] | None) -> ManagedProcess:
         probe: Probe
         if row.api:
@@ -373,14 +447,17 @@ class Stack:
                 grpc_health_probe(f"{HOST}:{grpc}"), http_probe(f"http://{HOST}:{http}/healthz")
             )
         else:
-            probe = alive_probe(1.0)
+            # Ready once it does its work: a relay publishes, a projector applies.
+            probe = worker_probe(self.health_url(row.name, "/readyz"))
+        env = self.service_env(extra_env)
+        env["CRM_HEALTH_PORT"] = str(self.config.health_ports[row.name])
         return ManagedProcess(
             row.name,
             row.argv(),
             log_path=self.config.logs_dir / f"{row.name}.log",
             pid_path=self.config.run_dir / f"{row.name}.pid",
             probe=probe,
-            env=self.service_env(extra_env),
+            env=env,
             cwd=self.config.data_dir,
         )
 
@@ -391,6 +468,7 @@ class Stack:
         rows = list(SERVICE_PROCESSES) if names is None else [service_process(n) for n in names]
         ports: dict[str, int] = {}
         for row in rows:
+            ports[f"{row.name} health"] = self.config.health_ports[row.name]
             if row.api:
                 grpc, http = self.config.service_ports[row.service]
                 ports[f"{row.service} gRPC"], ports[f"{row.service} REST"] = grpc, http
@@ -412,8 +490,17 @@ class Stack:
         return started
 
     def restart(self, name: str) -> ManagedProcess:
-        """Starts a stopped or crashed process again, with the same command and env."""
+        """Starts a stopped or crashed process again, with the same command and env.
+
+        Kafka first gets its broker registration cleared: a broker killed
+        without a clean shutdown leaves it in ZooKeeper until its session
+        times out, and a broker that starts before then exits at once.
+        """
         process = self.process(name)
+        if name == "kafka":
+            cleared = clear_stale_broker(f"{HOST}:{self.config.zookeeper_port}", broker_id=0)
+            if cleared:
+                log.info("cleared the registration a crashed Kafka left: %s", cleared)
         process.start()
         return process
 

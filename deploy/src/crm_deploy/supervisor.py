@@ -7,8 +7,12 @@ Other `crm-stack` commands talk to a running supervisor through files in
 - `<process>.pid`: each child, written at every (re)start;
 - `hold/<process>`: while this marker exists the supervisor leaves that
   process stopped instead of restarting it (`rebuild-360` holds the projector);
+- `restart/<process>`: `crm-stack restart` asks for a stop and start of that
+  process; the supervisor writes the outcome into the file (`ok <pid>` or
+  `failed: <reason>`) once the process is ready again or has failed;
 - `stack.json`: the configuration and the state (`starting`, `ready`,
-  `failed`, `stopped`) with the endpoints once ready.
+  `failed`, `stopped`) with the endpoints once ready, and the restarts of
+  each process since.
 """
 
 from __future__ import annotations
@@ -45,6 +49,14 @@ def is_held(run_dir: Path, name: str) -> bool:
     return (hold_dir(run_dir) / name).exists()
 
 
+def restart_dir(run_dir: Path) -> Path:
+    return run_dir / "restart"
+
+
+#: What a restart request file holds until the supervisor has handled it.
+RESTART_PENDING = "pending"
+
+
 class Supervisor:
     def __init__(self, stack: Stack, names: Iterable[str] | None = None) -> None:
         self.stack = stack
@@ -55,6 +67,9 @@ class Supervisor:
         self._restart_at: dict[str, float] = {}
         self._held: set[str] = set()
         self.restarts = 0
+        #: Restarts of each process since the stack started (crashes and requests).
+        self.restarts_of: dict[str, int] = {}
+        self._ready_state: dict[str, object] = {}
 
     @property
     def run_dir(self) -> Path:
@@ -73,7 +88,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_pid_file(self.run_dir / "supervisor.pid", _own_pid())
-        for marker in hold_dir(self.run_dir).glob("*"):
+        for marker in [*hold_dir(self.run_dir).glob("*"), *restart_dir(self.run_dir).glob("*")]:
             marker.unlink()
         started = time.perf_counter()
         self.stack.save_state(status="starting")
@@ -94,12 +109,13 @@ class Supervisor:
         self._starting = False
         seconds = time.perf_counter() - started
         endpoints = self.stack.endpoints(self.names)
-        self.stack.save_state(
-            status="ready",
-            endpoints=endpoints,
-            startup_seconds=round(seconds, 2),
-            processes=[p.name for p in self.stack.processes()],
-        )
+        self._ready_state = {
+            "status": "ready",
+            "endpoints": endpoints,
+            "startup_seconds": round(seconds, 2),
+            "processes": [p.name for p in self.stack.processes()],
+        }
+        self.stack.save_state(**self._ready_state, restarts=self.restarts_of)
         log.info("stack ready in %.1f s", seconds)
         return endpoints
 
@@ -120,6 +136,7 @@ class Supervisor:
         log.info("stack stopped in %.1f s", time.perf_counter() - started)
 
     def tick(self) -> None:
+        self._handle_restart_requests()
         now = time.monotonic()
         for process in self.stack.processes():
             name = process.name
@@ -156,10 +173,47 @@ class Supervisor:
     def _restart(self, process: ManagedProcess, why: str) -> None:
         try:
             self.stack.restart(process.name)
-            self.restarts += 1
+            self._count_restart(process.name)
             log.info("%s restarted (%s), pid %s", process.name, why, process.pid)
         except OSError as exc:
             log.error("could not restart %s: %s", process.name, exc)
+
+    def _count_restart(self, name: str) -> None:
+        self.restarts += 1
+        self.restarts_of[name] = self.restarts_of.get(name, 0) + 1
+        if self._ready_state:
+            self.stack.save_state(**self._ready_state, restarts=self.restarts_of)
+
+    def _handle_restart_requests(self) -> None:
+        """Stops and starts each process `crm-stack restart` asked for; answers in its file."""
+        for request in sorted(restart_dir(self.run_dir).glob("*")):
+            if request.suffix == ".tmp":
+                continue
+            try:
+                if request.read_text().strip() != RESTART_PENDING:
+                    continue  # answered already; the command removes it
+            except FileNotFoundError:
+                continue
+            request.write_text(self.restart_now(request.name) + "\n")
+
+    def restart_now(self, name: str) -> str:
+        """Stops `name` gracefully, starts it again and waits until it is ready."""
+        try:
+            process = self.stack.process(name)
+        except KeyError:
+            return f"failed: {name} is not a process of this stack"
+        log.info("restarting %s on request", name)
+        process.stop()
+        self._restart_at.pop(name, None)
+        try:
+            self.stack.restart(name)
+            process.wait_ready()
+        except (OSError, ProcessFailed) as exc:
+            log.error("%s did not come back: %s", name, exc)
+            return f"failed: {exc}"
+        self._count_restart(name)
+        log.info("%s restarted on request, pid %s", name, process.pid)
+        return f"ok {process.pid}"
 
 
 def _own_pid() -> int:
