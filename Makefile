@@ -4,7 +4,7 @@ PY := .venv/bin/python
 BUF := node_modules/.bin/buf
 ARGS ?=
 
-.PHONY: install up up-detached down status wipe test unit fmt bench proto registry lint breaking rebuild-360 lock
+.PHONY: install up up-detached down status wipe test unit fmt bench proto registry lint breaking rebuild-360 lock asyncapi
 
 install:
 	deploy/install.sh --with-node-tools
@@ -48,6 +48,10 @@ proto: install
 # After changing crm_common.registry: the Helm chart's copy of it.
 registry: install
 	.venv/bin/crm-stack registry --write
+
+# After changing proto/, the registry or access.yaml: the event contract, docs/asyncapi.yaml.
+asyncapi: install
+	.venv/bin/crm-stack asyncapi --write
 
 lint: install
 	.venv/bin/ruff check .

@@ -18,11 +18,13 @@ for project in services/*/pyproject.toml; do services+=(-e "$(dirname "$project"
 $UV pip install --quiet --python .venv/bin/python -c constraints.txt \
   -e common "${services[@]}" -e deploy --group dev
 if [ "${1:-}" = "--with-node-tools" ]; then
-  # buf (protobuf lint / breaking-change checks) ships as an npm package.
+  # buf (protobuf lint / breaking-change checks) and the AsyncAPI specification's
+  # JSON Schema (tests/test_asyncapi.py) ship as npm packages.
   if ! command -v npm >/dev/null 2>&1; then
     apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null
   fi
   # `npm install` honours package-lock.json; `npm ci` would insist on the
   # lock listing buf's binaries for every platform, which this lock leaves out.
-  [ -x node_modules/.bin/buf ] || npm install --silent --no-audit --no-fund
+  [ -x node_modules/.bin/buf ] && [ -f node_modules/@asyncapi/specs/package.json ] ||
+    npm install --silent --no-audit --no-fund
 fi

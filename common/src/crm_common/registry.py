@@ -89,7 +89,7 @@ SERVICES: tuple[Service, ...] = (
         writes_events=True,
         # The follower role is `crm-loyalty ingest` (ERP orders, expiry schedule).
         roles=("api", "relay", "follower"),
-        inbound_topics=("erp.orders",),
+        inbound_topics=("erp.orders", "erp.orders.dead-letter"),
         summary="members, points on a ledger by lot, earning rules, tiers, ERP orders",
     ),
     Service(
@@ -98,7 +98,7 @@ SERVICES: tuple[Service, ...] = (
         8085,
         writes_events=False,
         roles=("api", "projector"),
-        consumes=("contacts", "pipeline"),
+        consumes=("contacts", "pipeline", "tickets", "loyalty"),
         summary="read models: the 360-degree customer view",
     ),
 )

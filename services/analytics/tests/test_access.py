@@ -28,6 +28,7 @@ from pymongo import MongoClient
 from test_processes import start
 
 from crm.customer360.v1 import customer360_pb2, customer360_pb2_grpc
+from crm_analytics.store import sources
 from crm_common.auth.issuer import TokenIssuer, new_private_key_pem
 from crm_deploy.identity import AUDIENCE, ISSUER, Identity
 from crm_deploy.process import free_port
@@ -42,7 +43,7 @@ OTHER = "p-other"  # not tagged
 async def api(local_stack: Any, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
     """serve + project over this module's topics and database, with two customers."""
     identity: Identity = local_stack.identity
-    for source in ("contacts", "pipeline"):
+    for source in sources():
         await create_topic(local_stack.kafka_bootstrap, f"{PREFIX}.{source}.events")
     tmp = tmp_path_factory.mktemp("analytics-access")
     database = f"analytics_{uuid.uuid4().hex[:10]}"
@@ -210,7 +211,16 @@ async def test_each_role_sees_exactly_its_fields_on_both_transports(api: Any) ->
         views[role] = (reply.json(), message.customer)
 
     sales, sales_pb = views["sales"]
-    assert set(sales) == ALWAYS | {"custom_fields", "timeline", "deals", "lifetime_won_revenue"}
+    assert set(sales) == ALWAYS | {
+        "custom_fields",
+        "timeline",
+        "deals",
+        "lifetime_won_revenue",
+        "tickets",
+        "loyalty",
+    }
+    # No case and no membership yet: null, not left out.
+    assert (sales["tickets"], sales["loyalty"]) == (None, None)
     assert sales["deals"][0]["amount"] == {"amount": "1200.00", "currency": "EUR"}
     assert sales["lifetime_won_revenue"] == [{"amount": "1200.00", "currency": "EUR"}]
     assert "Deal Gears won (1200.00 EUR)" in [e["summary"] for e in sales["timeline"]]
@@ -220,7 +230,7 @@ async def test_each_role_sees_exactly_its_fields_on_both_transports(api: Any) ->
 
     # Service agents: the deals and the timeline, but nothing of what the customer is worth.
     service, service_pb = views["service"]
-    assert set(service) == ALWAYS | {"custom_fields", "timeline", "deals"}
+    assert set(service) == ALWAYS | {"custom_fields", "timeline", "deals", "tickets", "loyalty"}
     assert [d["status"] for d in service["deals"]] == ["won"]
     assert "amount" not in service["deals"][0]
     summaries = [e["summary"] for e in service["timeline"]]

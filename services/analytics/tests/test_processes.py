@@ -43,7 +43,7 @@ from pymongo.database import Database
 from crm.contacts.v1 import contacts_pb2
 from crm.customer360.v1 import customer360_pb2, customer360_pb2_grpc
 from crm.pipeline.v1 import pipeline_pb2
-from crm_analytics.store import PROJECTION
+from crm_analytics.store import PROJECTION, sources
 from crm_common.projection import stored_offsets
 from crm_deploy.process import free_port
 from crm_deploy.testing import bearer, grpc_auth
@@ -58,8 +58,10 @@ PIPELINE_TOPIC = f"{TOPIC_PREFIX}.pipeline.events"
 @pytest.fixture(scope="module")
 async def published(analytics_servers) -> list[Any]:
     """Everything on the real topic; a big story, so a projector can be killed mid-way."""
-    with contextlib.suppress(TopicAlreadyExistsError):
-        await create_topic(analytics_servers.kafka_bootstrap, TOPIC)
+    # Every source's topic must exist for `project` to start; only these two get events.
+    for source in sources():
+        with contextlib.suppress(TopicAlreadyExistsError):
+            await create_topic(analytics_servers.kafka_bootstrap, f"{TOPIC_PREFIX}.{source}.events")
     events = story(seed=10, persons=300, companies=30, steps=3000)
     await publish(analytics_servers.kafka_bootstrap, TOPIC, events)
     return events
@@ -388,7 +390,7 @@ async def test_a_projector_stuck_on_the_document_store_reports_stale_until_it_mo
     CRM_HEALTH_STALE_SECONDS; once the store answers again, it is 200 again
     and nothing was lost."""
     prefix = f"t{uuid.uuid4().hex[:8]}.crm"
-    for service in ("contacts", "pipeline"):
+    for service in sources():
         await create_topic(analytics_servers.kafka_bootstrap, f"{prefix}.{service}.events")
     events = story(seed=31, persons=30, companies=4, steps=120)
     first, rest = events[:60], events[60:]

@@ -27,7 +27,7 @@ from crm.customer360.v1 import customer360_pb2
 from crm.pipeline.v1 import pipeline_pb2
 from crm_analytics.grpc_api import to_proto
 from crm_analytics.query import Customer360Queries
-from crm_analytics.rest_api import create_app, to_json
+from crm_analytics.rest_api import create_app, parse_wait_for, to_json
 from crm_analytics.store import Customer360Store
 from crm_common.errors import NotFound, ValidationFailed, WaitTimedOut
 from crm_common.projection import ProjectionConsumer
@@ -127,6 +127,9 @@ async def test_an_unknown_customer_is_not_found_at_once(running):
         ({"contacts": -1}, None, "wait_for"),
         ({"contacts": 1}, 30001, "wait_timeout_ms"),
         ({}, -5, "wait_timeout_ms"),
+        ({"ticket": 1}, None, "wait_for"),
+        ({"erp.orders": -2}, None, "wait_for"),
+        ({"loyalty": 2**63}, None, "wait_for"),
     ],
 )
 async def test_invalid_reads_are_refused_naming_the_field(running, wait_for, timeout_ms, field):
@@ -138,7 +141,8 @@ async def test_invalid_reads_are_refused_naming_the_field(running, wait_for, tim
 @pytest.fixture
 async def http(running, identity: Identity) -> AsyncIterator[httpx.AsyncClient]:
     """The REST app behind the real gate, called by a sales user (who sees every field)."""
-    app = create_app(running.queries, gate_for("analytics", identity))
+    key = identity.pseudonym_key.read_bytes().strip()
+    app = create_app(running.queries, gate_for("analytics", identity), key)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(
         transport=transport, base_url="http://analytics", headers=bearer(identity.mint("sales"))
@@ -183,6 +187,28 @@ async def test_rest_shows_the_360_view_as_json(running, http):
     assert ada["companies"] == [
         {"company_id": "acme", "company_name": "Acme Analytical", "role": "cto"}
     ]
+
+
+async def test_an_analyst_reads_names_addresses_and_timeline_texts_as_pseudonyms(
+    running, http, identity: Identity
+):
+    """The 360 view shows an analyst the person no more than contacts' GetContact
+    does: names, addresses and the timeline's texts (which quote interactions)
+    as stable pseudonyms; counts and kinds stay readable."""
+    await running.write(person_registered("eve", 1), interaction("eve", 2, "i-9", "spoke with Eve"))
+    clear = (await http.get("/customers/eve/360", params={"wait_for": "contacts:2"})).json()
+    analyst = bearer(identity.mint("analyst"))
+    seen = [(await http.get("/customers/eve/360", headers=analyst)).json() for _ in range(2)]
+    assert seen[0] == seen[1], "a pseudonym is stable from one read to the next"
+    masked = seen[0]
+    for name in ("display_name", "given_name", "family_name"):
+        assert clear[name]
+        assert masked[name].startswith("pseudonym:") and clear[name] not in masked[name]
+    assert masked["channels"][0]["address"].startswith("pseudonym:")
+    assert masked["channels"][0]["channel"] == clear["channels"][0]["channel"]
+    assert [e["kind"] for e in masked["timeline"]] == [e["kind"] for e in clear["timeline"]]
+    assert all(e["summary"].startswith("pseudonym:") for e in masked["timeline"] if e["summary"])
+    assert "spoke with Eve" not in str(masked)
 
 
 async def test_rest_errors_are_404_504_and_422(running, http):
@@ -451,3 +477,26 @@ async def test_the_audit_trail_has_one_entry_per_event_redeliveries_included_onc
     [entry] = by_actor.entries
     assert (entry["actor"], entry["client"]) == ("ada", "test")
     assert by_actor.next_page_token is not None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "tickets:9223372036854775808",
+        "loyalty:123456789012345678901234",
+        "erp.orders:",
+        "tickets:-1",
+        "tickets:\u00b2",
+        "42",
+    ],
+)
+def test_a_rest_wait_for_that_is_no_position_is_refused_naming_it(value):
+    with pytest.raises(ValidationFailed) as refused:
+        parse_wait_for([value])
+    assert [e.field for e in refused.value.errors] == ["wait_for"]
+
+
+def test_rest_wait_for_takes_every_source_and_the_erp_position():
+    assert parse_wait_for(
+        ["tickets:7", "loyalty:9", "erp.orders:9223372036854775807", "tickets:3"]
+    ) == {"tickets": 7, "loyalty": 9, "erp.orders": 2**63 - 1}

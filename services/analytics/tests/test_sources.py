@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pymongo import MongoClient
 
-from crm.events.v1 import contacts_pb2, pipeline_pb2
-from crm_analytics import from_contacts, from_pipeline
-from crm_analytics.store import DECODERS, Customer360Store, sources
+from crm.events.v1 import contacts_pb2, loyalty_pb2, pipeline_pb2, tickets_pb2
+from crm_analytics import from_contacts, from_loyalty, from_pipeline, from_tickets
+from crm_analytics.store import ADAPTERS, Customer360Store, sources, waitable_positions
 from crm_common.registry import service
 from crm_common.settings import topic_of
 
@@ -15,9 +15,14 @@ def payloads(message: type) -> set[str]:
     return {f.name for f in message.DESCRIPTOR.oneofs_by_name["payload"].fields}  # type: ignore[attr-defined]
 
 
-def test_the_sources_are_the_registrys_and_each_has_a_decoder():
-    assert sources() == service("analytics").consumes
-    assert set(sources()) == set(DECODERS)
+def test_the_sources_are_the_registrys_and_each_has_an_adapter():
+    assert (
+        sources() == service("analytics").consumes == ("contacts", "pipeline", "tickets", "loyalty")
+    )
+    assert set(sources()) == set(ADAPTERS)
+    assert all(ADAPTERS[s].source == s for s in sources())
+    # A reader may wait for each source's position, and for an ERP order record's.
+    assert waitable_positions() == (*sources(), "erp.orders")
 
 
 def test_the_store_reads_the_topic_of_every_source_by_default():
@@ -38,3 +43,15 @@ def test_every_pipeline_payload_is_in_exactly_one_table():
     tables.append(from_pipeline.OTHER_PAYLOADS)
     assert payloads(pipeline_pb2.PipelineEvent) == set().union(*tables)
     assert sum(len(t) for t in tables) == len(set().union(*tables))
+
+
+def test_every_tickets_payload_is_in_exactly_one_table():
+    tables = [from_tickets.CASE_PAYLOADS, from_tickets.POLICY_PAYLOADS]
+    assert payloads(tickets_pb2.TicketEvent) == set().union(*tables)
+    assert not tables[0] & tables[1]
+
+
+def test_every_loyalty_payload_is_in_exactly_one_table():
+    tables = [from_loyalty.MEMBER_PAYLOADS, from_loyalty.CATALOGUE_PAYLOADS]
+    assert payloads(loyalty_pb2.LoyaltyEvent) == set().union(*tables)
+    assert not tables[0] & tables[1]

@@ -22,10 +22,10 @@ from crm_loyalty.rest_api import create_app
 
 @pytest.fixture
 async def stub(
-    service: LoyaltyService, identity: Identity
+    sqlite_service: LoyaltyService, identity: Identity
 ) -> AsyncIterator[loyalty_pb2_grpc.LoyaltyServiceStub]:
     server = grpc.aio.server(interceptors=[AccessInterceptor(gate_for("loyalty", identity))])
-    api = grpc_service(service)
+    api = grpc_service(sqlite_service)
     api.add_to_server(api.servicer, server)
     port = free_port()
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -36,8 +36,10 @@ async def stub(
 
 
 @pytest.fixture
-async def http(service: LoyaltyService, identity: Identity) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(service, gate_for("loyalty", identity))
+async def http(
+    sqlite_service: LoyaltyService, identity: Identity
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(sqlite_service, gate_for("loyalty", identity))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://loyalty") as client:
         yield client
@@ -92,8 +94,9 @@ async def test_grpc_enrol_earn_redeem_and_tier_with_the_roles_of_the_policy(
 
 
 async def test_rest_writes_and_reads_with_the_audit_of_the_token(
-    http: httpx.AsyncClient, identity: Identity, service: LoyaltyService
+    http: httpx.AsyncClient, identity: Identity, sqlite_service: LoyaltyService
 ) -> None:
+    service = sqlite_service
     admin = bearer(identity.mint("admin", subject="ada"))
     assert (await http.get("/members/c-1")).status_code == 401
     created = await http.post(
@@ -143,4 +146,101 @@ async def test_rest_writes_and_reads_with_the_audit_of_the_token(
         "AdjustPoints",
         "GetEarningRules",
         "PublishEarningRules",
+        "DefineReward",
+        "ListRewards",
+        "RestockReward",
+        "RetireReward",
+        "RedeemReward",
+        "ListParkedOrders",
+        "RedriveParkedOrder",
     }
+
+
+async def test_rewards_over_rest_and_grpc_with_the_roles_of_the_policy(
+    http: httpx.AsyncClient, stub: Any, identity: Identity
+) -> None:
+    admin = bearer(identity.mint("admin", subject="ada"))
+    agent = bearer(identity.mint("service", subject="agent-7"))
+    await http.post("/members", json={"contact_id": "c-1", "channel": "app"}, headers=admin)
+    await http.post(
+        "/members/c-1/adjustments", json={"points": 250, "reason": "goodwill"}, headers=admin
+    )
+    denied = await http.post(
+        "/rewards", json={"code": "mug", "name": "Mug", "points": 100}, headers=agent
+    )
+    assert denied.status_code == 403
+    bad = await http.post("/rewards", json={"code": "a b", "name": "", "points": 0}, headers=admin)
+    assert bad.status_code == 422
+    assert {d["field"] for d in bad.json()["detail"]} == {"code", "name", "points"}
+    defined = await http.post(
+        "/rewards", json={"code": "Mug", "name": "Mug", "points": 100, "stock": 1}, headers=admin
+    )
+    assert defined.status_code == 201 and defined.json()["reward"]["code"] == "mug"
+    redeemed = await http.post(
+        "/members/c-1/reward-redemptions",
+        json={"code": "mug"},
+        headers={**agent, "Idempotency-Key": "red-1"},
+    )
+    assert redeemed.status_code == 201, redeemed.text
+    body = redeemed.json()
+    assert body["member"]["balance"]["active"] == 150 and body["reward"]["stock"] == 0
+    assert body["redemption_id"] == "mug:1"
+    empty = await http.post("/members/c-1/reward-redemptions", json={"code": "mug"}, headers=agent)
+    assert empty.status_code == 409 and "out of stock" in empty.text
+    restocked = await http.post("/rewards/mug/restock", json={"quantity": 2}, headers=admin)
+    assert restocked.json()["reward"]["stock"] == 2
+    listed = await http.get("/rewards", headers=agent)
+    assert [(r["code"], r["stock"], r["reserved"]) for r in listed.json()] == [("mug", 2, 1)]
+
+    grpc_admin = grpc_auth(identity.mint("admin", subject="ada"))
+    reply = await stub.RedeemReward(
+        pb.RedeemRewardRequest(contact_id="c-1", code="mug"), metadata=grpc_admin
+    )
+    assert reply.member.balance.active == 50 and reply.reward.reserved == 2
+    with pytest.raises(grpc.aio.AioRpcError) as poor:
+        await stub.RedeemReward(
+            pb.RedeemRewardRequest(contact_id="c-1", code="mug"), metadata=grpc_admin
+        )
+    assert poor.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await stub.RetireReward(pb.RetireRewardRequest(code="mug"), metadata=grpc_admin)
+    listed_grpc = await stub.ListRewards(pb.ListRewardsRequest(), metadata=grpc_admin)
+    assert list(listed_grpc.rewards) == []
+    everything = await stub.ListRewards(
+        pb.ListRewardsRequest(include_retired=True), metadata=grpc_admin
+    )
+    assert [(r.code, r.retired) for r in everything.rewards] == [("mug", True)]
+
+
+async def test_parked_orders_are_listed_for_the_erp_team_and_redriven_by_an_admin(
+    http: httpx.AsyncClient, stub: Any, identity: Identity, sqlite_service: LoyaltyService
+) -> None:
+    from crm_common.commands import Caller
+
+    ingest = Caller(actor="erp", client="crm-loyalty-ingest")
+    await sqlite_service.park(ingest, "o-7:placed", "ghost", "placed", b"raw", "unknown customer")
+    await sqlite_service.dead_letter(ingest, "o-7:placed", "limit reached", "crm.erp.orders.dl")
+    erp_team = bearer(identity.mint("erp-integration", subject="erp"))
+    admin = bearer(identity.mint("admin", subject="ada"))
+    listed = await http.get("/erp/parked-orders", headers=erp_team)
+    assert listed.status_code == 200
+    [entry] = listed.json()
+    assert (entry["key"], entry["state"], entry["reason"]) == (
+        "o-7:placed",
+        "dead_lettered",
+        "limit reached",
+    )
+    assert (await http.get("/erp/parked-orders?state=parked", headers=erp_team)).json() == []
+    assert (await http.get("/erp/parked-orders?state=x", headers=erp_team)).status_code == 422
+    refused = await http.post("/erp/parked-orders/o-7:placed/redrive", headers=erp_team)
+    assert refused.status_code == 403
+    redriven = await http.post("/erp/parked-orders/o-7:placed/redrive", headers=admin)
+    assert redriven.status_code == 200 and redriven.json()["state"] == "parked"
+    again = await http.post("/erp/parked-orders/o-7:placed/redrive", headers=admin)
+    assert again.status_code == 409
+    reply = await stub.ListParkedOrders(
+        pb.ListParkedOrdersRequest(state="parked"),
+        metadata=grpc_auth(identity.mint("admin", subject="ada")),
+    )
+    assert [(o.key, o.payload, o.source_offset) for o in reply.orders] == [
+        ("o-7:placed", b"raw", -1)
+    ]

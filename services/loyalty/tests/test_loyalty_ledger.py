@@ -115,6 +115,39 @@ def test_tiers_go_up_at_once_and_down_after_the_grace_period() -> None:
     assert m.review_tier(DEFAULT_TIERS, later + DEFAULT_TIERS.grace) == "basic"
 
 
+def test_a_cancellation_takes_the_order_points_locked_or_not_and_claws_back_what_was_spent() -> (
+    None
+):
+    m = member()
+    m.place_order(
+        "o-1", {"1": 60, "2": 40}, expires_at=T0 + days(365), locked_until=T0 + days(14),
+        rule_version=1, at=T0,
+    )  # fmt: skip
+    m.earn(30, expires_at=T0 + days(200), rule_version=1, reason="till", at=T0)
+    # Cancelled while locked: the whole order, once.
+    assert m.return_order("o-1", "cancelled", [], T0 + days(1)) == 100
+    assert m.return_order("o-1", "cancelled", [], T0 + days(2)) is None
+    assert (m.balance.locked, m.balance.cancelled, m.balance.active) == (0, 100, 30)
+
+    # After the window, 70 of its 100 points were spent: the cancellation takes the
+    # 30 left in the order's lot and the 10 of a later lot; 60 stay unrecovered.
+    m.place_order(
+        "o-2", {"1": 100}, expires_at=T0 + days(365), locked_until=T0 + days(14),
+        rule_version=1, at=T0,
+    )  # fmt: skip
+    m.settle(T0 + days(15))
+    m.spend(100, "gift", T0 + days(16))  # the till lot's 30 expire first, then 70 of o-2
+    m.earn(10, expires_at=T0 + days(300), rule_version=1, reason="till", at=T0 + days(17))
+    assert m.return_order("o-2", "cancelled", [], T0 + days(18)) == 40
+    cancelled = [e for e in m.pending_events if isinstance(e, Member.Cancelled)][-1]
+    assert cancelled.unrecovered == 60
+    assert m.balance.active == 0 and m.balance.cancelled == 140 and m.balance.spent == 100
+    # A later return of a line of the cancelled order cancels nothing more.
+    assert m.return_order("o-2", "late", ["1"], T0 + days(19)) == 0
+    rebuilt = replayed(m)
+    assert rebuilt.balance == m.balance
+
+
 # -- properties -------------------------------------------------------------------
 
 operation = st.one_of(
@@ -122,25 +155,34 @@ operation = st.one_of(
     st.tuples(st.just("order"), st.integers(0, 500), st.integers(1, 400)),
     st.tuples(st.just("spend"), st.integers(1, 600), st.integers(0, 0)),
     st.tuples(st.just("return"), st.integers(0, 30), st.integers(0, 2)),
+    st.tuples(st.just("cancel"), st.integers(0, 30), st.integers(0, 0)),
     st.tuples(st.just("settle"), st.integers(0, 0), st.integers(0, 0)),
     st.tuples(st.just("adjust"), st.integers(-300, 300), st.integers(1, 400)),
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(operation, st.integers(0, 40)), max_size=40))
 def test_any_sequence_keeps_the_ledger_whole(
     steps: list[tuple[tuple[str, int, int], int]],
 ) -> None:
+    """Earn, lock (orders), release and expire (settle), cancel (returns and
+    cancellations), spend and adjust, at any times: the balance adds up to an
+    independent tally of what each operation reported, no figure goes negative,
+    spending takes the earliest-expiring lots first, a return or cancellation
+    applies once, locks end with their window, and replaying the events rebuilds
+    the same ledger."""
     m = member()
     now = T0
     orders: list[str] = []
+    tally = {"earned": 0, "spent": 0, "cancelled": 0, "expired": 0}
     for (kind, amount, extra), advance in steps:
         now += days(advance)
         before = {k: (v.remaining, v.spent) for k, v in m.lots.items()}
         try:
             if kind == "earn":
                 m.earn(amount, expires_at=now + days(extra), rule_version=1, reason="p", at=now)
+                tally["earned"] += amount
             elif kind == "order":
                 order_id = f"o{len(orders)}"
                 orders.append(order_id)
@@ -152,6 +194,7 @@ def test_any_sequence_keeps_the_ledger_whole(
                     rule_version=1,
                     at=now,
                 )
+                tally["earned"] += amount
             elif kind == "spend":
                 expected_order = [
                     lot.lot_id
@@ -159,24 +202,44 @@ def test_any_sequence_keeps_the_ledger_whole(
                     if lot.spendable(now) > 0
                 ]
                 taken = m.spend(amount, "r", now)
+                tally["spent"] += amount
                 # The first-to-expire lots give first: all but the last are emptied.
                 assert list(taken) == expected_order[: len(taken)]
                 for lot_id in list(taken)[:-1]:
                     assert before[lot_id][0] == taken[lot_id]
-            elif kind == "return" and orders:
-                line_ids = [[], ["1"], ["2"]][extra]
-                m.return_order(orders[amount % len(orders)], f"r{amount}", line_ids, now)
+            elif kind in ("return", "cancel") and orders:
+                order_id = orders[amount % len(orders)]
+                return_id = f"r{amount}" if kind == "return" else "cancelled"
+                line_ids = [[], ["1"], ["2"]][extra] if kind == "return" else []
+                points = m.return_order(order_id, return_id, line_ids, now)
+                if points is not None:
+                    tally["cancelled"] += points
+                # Applied once: the same return again changes nothing.
+                assert m.return_order(order_id, return_id, line_ids, now) is None
             elif kind == "settle":
-                m.settle(now)
+                _, expired = m.settle(now)
+                tally["expired"] += expired
+                assert not any(
+                    lot.locked_until is not None and lot.locked_until <= now
+                    for lot in m.lots.values()
+                )
+                assert m.settle(now) == (0, 0)
             elif kind == "adjust" and amount != 0:
                 m.adjust(amount, "fix", "admin", now + days(extra), now)
+                tally["earned" if amount > 0 else "spent"] += abs(amount)
         except InsufficientPoints:
             assert {k: (v.remaining, v.spent) for k, v in m.lots.items()} == before
         balance = m.balance
         for lot in m.lots.values():
             lot.check()
-        assert min(balance.active, balance.locked, balance.expired, balance.spent) >= 0
-        assert balance.earned == sum(lot.earned for lot in m.lots.values())
+        assert min(vars(balance).values()) >= 0
+        assert (balance.earned, balance.spent, balance.cancelled, balance.expired) == (
+            tally["earned"],
+            tally["spent"],
+            tally["cancelled"],
+            tally["expired"],
+        )
+        assert balance.active + balance.locked == sum(x.remaining for x in m.lots.values())
     rebuilt = replayed(m)
     assert rebuilt.balance == m.balance
     assert {k: vars(v) for k, v in rebuilt.lots.items()} == {k: vars(v) for k, v in m.lots.items()}

@@ -3,13 +3,15 @@ each deadline exactly once, with two replicas on one store and across restarts."
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import replace
+from datetime import timedelta
 
 import pytest
-from tickets_support import Clock, KnownContacts, office_terms, sqlite_settings
+from tickets_support import Clock, KnownContacts, office_terms
 
 from crm_common.commands import Caller
 from crm_common.errors import NotFound, RuleViolated, ValidationFailed
+from crm_common.settings import Settings
 from crm_tickets.application import TicketsService, create_application
 from crm_tickets.domain import Case
 from crm_tickets.inputs import NewCase, SurveyInput
@@ -18,10 +20,8 @@ AGENT = Caller(actor="agent-7", client="test")
 ADMIN = Caller(actor="admin-1", client="test")
 
 
-def service(tmp_path: Path, clock: Clock) -> TicketsService:
-    return TicketsService(
-        create_application(sqlite_settings(tmp_path)), KnownContacts("contact-1"), clock=clock
-    )
+def service(settings: Settings, clock: Clock) -> TicketsService:
+    return TicketsService(create_application(settings), KnownContacts("contact-1"), clock=clock)
 
 
 def breaches(svc: TicketsService, case_id: str) -> list[str]:
@@ -32,8 +32,8 @@ def breaches(svc: TicketsService, case_id: str) -> list[str]:
     ]
 
 
-async def test_unknown_contacts_and_bad_input_are_refused(tmp_path: Path) -> None:
-    svc = service(tmp_path, Clock())
+async def test_unknown_contacts_and_bad_input_are_refused(store_settings: Settings) -> None:
+    svc = service(store_settings, Clock())
     try:
         with pytest.raises(NotFound, match="Contact"):
             await svc.open_case(AGENT, NewCase("nobody", "email", "Help", team="support"))
@@ -45,10 +45,10 @@ async def test_unknown_contacts_and_bad_input_are_refused(tmp_path: Path) -> Non
 
 
 async def test_deadlines_are_raised_once_by_two_replicas_and_after_a_restart(
-    tmp_path: Path,
+    store_settings: Settings,
 ) -> None:
     clock = Clock()  # Monday 09:00 UTC = 10:00 Berlin
-    first, second = service(tmp_path, clock), service(tmp_path, clock)
+    first, second = service(store_settings, clock), service(store_settings, clock)
     try:
         policy = await first.define_sla_policy(ADMIN, "Office", office_terms())
         opened = await first.open_case(
@@ -67,7 +67,7 @@ async def test_deadlines_are_raised_once_by_two_replicas_and_after_a_restart(
         second.close()
     # Everything down while the breach falls due; back a week later.
     clock.advance(days=7)
-    again, other = service(tmp_path, clock), service(tmp_path, clock)
+    again, other = service(store_settings, clock), service(store_settings, clock)
     try:
         assert sum([await other.raise_due_deadlines(), await again.raise_due_deadlines()]) == 2
         assert await again.raise_due_deadlines() == 0
@@ -89,8 +89,8 @@ async def test_deadlines_are_raised_once_by_two_replicas_and_after_a_restart(
         other.close()
 
 
-async def test_a_policy_revision_applies_to_new_cases_only(tmp_path: Path) -> None:
-    svc = service(tmp_path, Clock())
+async def test_a_policy_revision_applies_to_new_cases_only(store_settings: Settings) -> None:
+    svc = service(store_settings, Clock())
     try:
         policy = await svc.define_sla_policy(ADMIN, "Office", office_terms())
         new = NewCase("contact-1", "web", "Invoice", team="billing", policy_id=policy.outcome.id)
@@ -109,13 +109,16 @@ async def test_a_policy_revision_applies_to_new_cases_only(tmp_path: Path) -> No
         svc.close()
 
 
-async def test_replies_notes_status_and_satisfaction(tmp_path: Path) -> None:
+async def test_replies_notes_status_and_satisfaction(store_settings: Settings) -> None:
     clock = Clock()
-    svc = service(tmp_path, clock)
+    svc = service(store_settings, clock)
     try:
         opened = await svc.open_case(AGENT, NewCase("contact-1", "phone", "Refund", team="support"))
         case_id = opened.outcome.id
-        assert (opened.subject.tier, opened.subject.tier_source) == ("standard", "default")
+        assert (opened.subject.tier, opened.subject.tier_source) == (
+            "standard",
+            "default: loyalty not configured",
+        )
         await svc.add_internal_note(AGENT, case_id, "VIP, be nice")
         await svc.reply_to_case(AGENT, case_id, "agent", "On it")
         with pytest.raises(RuleViolated):
@@ -135,5 +138,114 @@ async def test_replies_notes_status_and_satisfaction(tmp_path: Path) -> None:
             "StatusChanged",
             "SatisfactionRecorded",
         ]
+    finally:
+        svc.close()
+
+
+async def test_the_queue_puts_breaches_first_then_the_nearest_deadline_then_paused(
+    store_settings: Settings,
+) -> None:
+    clock = Clock()  # Monday 09:00 UTC
+    svc = service(store_settings, clock)
+    try:
+        policy = await svc.define_sla_policy(ADMIN, "Office", office_terms(escalate_team=""))
+        pid = policy.outcome.id
+
+        async def open_(subject: str, priority: str = "normal") -> str:
+            new = NewCase("contact-1", "email", subject, team="desk", priority=priority)
+            opened = await svc.open_case(AGENT, replace(new, policy_id=pid))
+            return opened.outcome.id
+
+        late = await open_("late")  # first response due 11:00 Berlin = 10:00 UTC
+        clock.advance(minutes=30)
+        paused = await open_("paused")
+        await svc.change_case_status(AGENT, paused, "pending")
+        clock.advance(minutes=10)
+        soon = await open_("soon")  # due 10:40 UTC
+        clock.advance(minutes=10)
+        later = await open_("later")  # due 10:50 UTC
+        clock.advance(minutes=40)  # 10:30 UTC: `late` is overdue
+        await svc.raise_due_deadlines()
+        queue = await svc.team_queue("desk")
+        assert [c.subject for c in queue.cases] == ["late", "soon", "later", "paused"]
+        first_page = await svc.team_queue("desk", page_size=3)
+        rest = await svc.team_queue("desk", 3, first_page.next_page_token)
+        assert [c.id for c in first_page.cases + rest.cases] == [late, soon, later, paused]
+        assert rest.next_page_token == ""
+        risky = await svc.cases_at_risk(15, "desk")
+        assert [c.id for c in risky.cases] == [soon]
+        risky = await svc.cases_at_risk(30)
+        assert [c.id for c in risky.cases] == [soon, later]
+        with pytest.raises(ValidationFailed) as error:
+            await svc.cases_at_risk(0)
+        assert error.value.errors[0].field == "within_minutes"
+        with pytest.raises(ValidationFailed) as error:
+            await svc.team_queue("desk", page_size=501)
+        assert error.value.errors[0].field == "page_size"
+        with pytest.raises(ValidationFailed) as error:
+            await svc.team_queue("desk", page_token="abc")
+        assert error.value.errors[0].field == "page_token"
+    finally:
+        svc.close()
+
+
+async def test_customer_history_and_sla_compliance(store_settings: Settings) -> None:
+    clock = Clock()  # Monday 09:00 UTC = 10:00 Berlin
+    svc = service(store_settings, clock)
+    svc.contacts = KnownContacts("contact-1", "contact-2")
+    try:
+        terms = office_terms(
+            first_response=3600, resolution=4 * 3600, next_reply=1800, escalate_team=""
+        )
+        pid = (await svc.define_sla_policy(ADMIN, "Office", terms)).outcome.id
+        ids = []
+        for n in range(3):
+            new = NewCase("contact-1", "web", f"case {n}", team="desk", policy_id=pid)
+            ids.append((await svc.open_case(AGENT, new)).outcome.id)
+            clock.advance(minutes=1)
+        other = NewCase("contact-2", "web", "elsewhere", team="desk", policy_id=pid)
+        await svc.open_case(AGENT, other)
+        # case 0: first reply after 20 min, solved after 2 h: met, met.
+        clock.advance(minutes=17)
+        await svc.reply_to_case(AGENT, ids[0], "agent", "hello")
+        # case 1: first reply after 2 h (breached), the customer answers, the agent is
+        # quick (next reply met), solved after 3 h.
+        clock.advance(minutes=100)
+        await svc.raise_due_deadlines()
+        await svc.reply_to_case(AGENT, ids[1], "agent", "sorry")
+        await svc.reply_to_case(AGENT, ids[1], "customer", "still broken")
+        clock.advance(minutes=10)
+        await svc.reply_to_case(AGENT, ids[1], "agent", "fixed")
+        await svc.change_case_status(AGENT, ids[0], "solved")
+        clock.advance(minutes=60)
+        await svc.change_case_status(AGENT, ids[1], "solved")
+        await svc.change_case_status(AGENT, ids[1], "closed")
+        history = await svc.customer_cases("contact-1", page_size=2)
+        assert [c.id for c in history.cases] == [ids[2], ids[1]]
+        rest = await svc.customer_cases("contact-1", 2, history.next_page_token)
+        assert [c.id for c in rest.cases] == [ids[0]]
+        start, end = clock.now - timedelta(days=1), clock.now + timedelta(days=1)
+        report = await svc.sla_compliance("desk", start, end)
+        assert report.cases == 4
+        by_kind = {t.kind: (t.met, t.breached, t.open) for t in report.targets}
+        # case 2 and the other customer's case are still waiting for their first reply,
+        # and have breached it by now (raised by the scan at 10:58).
+        assert by_kind["first_response"] == (1, 3, 0)
+        assert by_kind["next_reply"] == (1, 0, 0)
+        assert by_kind["resolution"] == (2, 0, 2)
+        assert {t.kind: t.share_met for t in report.targets}["first_response"] == 0.25
+        # Business seconds to the first reply: 20 min and 119 min; mean and p90.
+        assert report.first_reply_count == 2
+        assert report.first_reply_mean_seconds == pytest.approx((20 + 119) * 60 / 2)
+        assert report.first_reply_p90_seconds == pytest.approx(119 * 60)
+        assert report.resolution_count == 2
+        empty = await svc.sla_compliance("desk", end, end + timedelta(days=1))
+        assert (empty.cases, empty.targets, empty.first_reply_mean_seconds) == (0, [], 0.0)
+        with pytest.raises(ValidationFailed) as error:
+            await svc.sla_compliance("desk", end, start)
+        assert error.value.errors[0].field == "period_end"
+        with pytest.raises(ValidationFailed) as error:
+            await svc.sla_compliance("desk", None, end)
+        assert error.value.errors[0].field == "period_start"
     finally:
         svc.close()

@@ -120,3 +120,12 @@ def test_between_adds_up_over_a_split(start: datetime, a: float, b: float) -> No
     assert calendar.between(start, middle) + calendar.between(middle, end) == pytest.approx(
         calendar.between(start, end), abs=1e-3
     )
+
+
+def test_a_far_team_across_its_own_daylight_saving_end() -> None:
+    # Auckland leaves daylight saving (UTC+13 -> UTC+12) on Sunday 5 April 2026.
+    auckland = BusinessCalendar("Pacific/Auckland", WEEK)
+    friday_16 = utc(2026, 4, 3, 3)  # Friday 16:00 NZDT
+    monday_10 = utc(2026, 4, 5, 22)  # Monday 10:00 NZST (still Sunday in UTC)
+    assert auckland.add(friday_16, 2 * H) == monday_10
+    assert auckland.between(friday_16, monday_10) == 2 * H

@@ -1,8 +1,11 @@
 """`crm-tickets serve|relay|sla` as real processes beside a real `crm-contacts serve`,
 over the local stack's Kafka, with real signed tokens: a case opens for a real
 contact (and is refused for an unknown one), its events reach the topic keyed by
-the contact, and a breach that falls due while the API is down is raised once
-when it comes back, even with a second scanner running."""
+the contact, and a breach that falls due while the API is down (SIGKILLed before
+the deadline, restarted after it) is raised once when it comes back, even with a
+second scanner running: an independent consumer reads the topic and finds one
+`SlaBreached` and one escalation. The processes' clock is a file the test moves
+(`CRM_TICKETS_CLOCK_FILE`) through business hours; nothing sleeps through them."""
 
 from __future__ import annotations
 
@@ -67,7 +70,8 @@ async def consume(bootstrap: str, case_id: str, wanted: int, timeout: float = 60
         await consumer.stop()
 
 
-def always_open_terms(first_response: int, resolution: int) -> pb.SlaTerms:
+def office_terms(first_response: int, resolution: int) -> pb.SlaTerms:
+    """Mon-Fri 09:00-17:00 in Berlin; a warning 15 minutes before a breach."""
     return pb.SlaTerms(
         targets=[
             pb.SlaTarget(
@@ -78,18 +82,19 @@ def always_open_terms(first_response: int, resolution: int) -> pb.SlaTerms:
             )
         ],
         calendar=pb.BusinessCalendar(
-            timezone="UTC",
+            timezone="Europe/Berlin",
             hours=[
-                pb.Weekday(day=d, opens="00:00", closes="24:00")
-                for d in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+                pb.Weekday(day=d, opens="09:00", closes="17:00")
+                for d in ("mon", "tue", "wed", "thu", "fri")
             ],
         ),
+        warning_seconds=900,
         escalate_priority=True,
         escalate_team="tier2",
     )
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 async def test_a_case_for_a_real_contact_reaches_the_topic_and_breaches_once_across_a_restart(
     tmp_path: Path,
     processes: list[subprocess.Popen[bytes]],
@@ -106,8 +111,13 @@ async def test_a_case_for_a_real_contact_reaches_the_topic_and_breaches_once_acr
         "CRM_CONTACTS_GRPC_TARGET": f"127.0.0.1:{ports['cg']}",
         "CRM_TICKETS_SLA_INTERVAL": "0.2",
     }
+    clock = tmp_path / "now.txt"
+    # Monday 2 February 2026, 09:00 UTC = 10:00 in Berlin.
+    clock.write_text("2026-02-02T09:00:00+00:00")
     contacts_env = clean_environment(tmp_path / "contacts", identity, **common)
-    env = clean_environment(tmp_path / "tickets", identity, **common)
+    env = clean_environment(
+        tmp_path / "tickets", identity, CRM_TICKETS_CLOCK_FILE=str(clock), **common
+    )
     log = tmp_path / "tickets.log"
     contacts = start_process(
         "contacts", "serve", contacts_env, tmp_path / "contacts.log", processes
@@ -144,7 +154,7 @@ async def test_a_case_for_a_real_contact_reaches_the_topic_and_breaches_once_acr
             await stub.GetCase(pb.GetCaseRequest(case_id="x"))
         assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
         policy = await stub.DefineSlaPolicy(
-            pb.DefineSlaPolicyRequest(name="Fast", terms=always_open_terms(4, 3600)),
+            pb.DefineSlaPolicyRequest(name="Office", terms=office_terms(3600, 8 * 3600)),
             metadata=admin,
         )
         opened = await stub.OpenCase(
@@ -160,10 +170,18 @@ async def test_a_case_for_a_real_contact_reaches_the_topic_and_breaches_once_acr
             metadata=agent,
         )
         case_id = opened.result.id
-    # Killed before the first-response deadline (4 s), back after it.
+        # First response due 11:00 Berlin (10:00 UTC), its warning at 09:45 UTC.
+        due = {c.kind: c.due_at.ToJsonString() for c in opened.case.clocks}
+        assert due["first_response"] == "2026-02-02T10:00:00Z"
+        clock.write_text("2026-02-02T09:40:00+00:00")
+        await asyncio.sleep(1)  # a few scans: nothing is due yet
+        quiet = await stub.GetCase(pb.GetCaseRequest(case_id=case_id), metadata=agent)
+        assert [h.what for h in quiet.case.history] == ["Opened"]
+    # Killed before the deadline; everything stays down while it falls due (the
+    # afternoon passes), and comes back at 16:30 Berlin.
     serve.send_signal(signal.SIGKILL)
     serve.wait(10)
-    await asyncio.sleep(5)
+    clock.write_text("2026-02-02T15:30:00+00:00")
     restarted = start_process("tickets", "serve", env, log, processes)
     scanner = start_process("tickets", "sla", env, tmp_path / "sla.log", processes)
     await wait_serving(target, base, restarted, log)
@@ -184,6 +202,15 @@ async def test_a_case_for_a_real_contact_reaches_the_topic_and_breaches_once_acr
             assert time.monotonic() < deadline, case
             await asyncio.sleep(0.2)
         assert (case["priority"], case["team"]) == ("high", "tier2")
+        # The first reply comes late: the target stays breached.
+        late = await http.post(
+            f"/cases/{case_id}/replies",
+            json={"author_kind": "agent", "body": "Sorry for the wait"},
+            headers=bearer(identity.mint("service", subject="agent-7")),
+        )
+        assert late.status_code == 200, late.text
+        clocks = {c["kind"]: c["state"] for c in late.json()["case"]["clocks"]}
+        assert clocks["first_response"] == "breached"
         service = bearer(identity.mint("service", subject="agent-7"))
         solved = await http.post(
             f"/cases/{case_id}/status", json={"status": "solved"}, headers=service
@@ -206,10 +233,13 @@ async def test_a_case_for_a_real_contact_reaches_the_topic_and_breaches_once_acr
     finally:
         await stop_gracefully(relay, tmp_path / "relay.log")
     kinds = [m.WhichOneof("payload") for _, m in records]
+    # Exactly once: one breach and one escalation, though the API was killed, came
+    # back with a second scanner beside it, and both scanned every 0.2 s.
     assert kinds == [
         "case_opened",
         "sla_breached",
         "case_escalated",
+        "case_replied",
         "case_status_changed",
         "satisfaction_recorded",
     ], kinds
@@ -217,4 +247,14 @@ async def test_a_case_for_a_real_contact_reaches_the_topic_and_breaches_once_acr
     headers = dict(records[1][0].headers)
     assert headers["ce_type"] == b"crm.tickets.v1.SlaBreached"
     assert headers["ce_source"] == b"/crm/tickets"
-    assert records[1][1].sla_breached.kind == "first_response"
+    breach = records[1][1]
+    assert breach.sla_breached.kind == "first_response"
+    assert breach.sla_breached.due_at.ToJsonString() == "2026-02-02T10:00:00Z"
+    assert breach.actor == "service:tickets"
+    # Every case event carries the case's SLA state after it (the 360 view's contract).
+    assert all(m.HasField("sla") for _, m in records)
+    sla_after_breach = {c.kind: c.state for c in breach.sla.clocks}
+    assert sla_after_breach == {"first_response": "breached", "resolution": "running"}
+    assert records[0][1].actor == "agent-7"
+    last = {c.kind: c.state for c in records[-1][1].sla.clocks}
+    assert last == {"first_response": "breached", "resolution": "met"}

@@ -62,3 +62,44 @@ async def test_tokens_roles_and_errors(http: httpx.AsyncClient, identity: Identi
     assert stale.status_code == 409
     read = await http.get(f"/cases/{case['id']}", headers=marketing)
     assert read.status_code == 200 and read.json()["clocks"][0]["state"] == "running"
+
+
+async def test_the_queries_over_rest_and_their_refusals(
+    http: httpx.AsyncClient, identity: Identity
+) -> None:
+    agent = bearer(identity.mint("service", subject="agent-7"))
+    body = {"customer_id": "contact-1", "channel": "web", "subject": "Hi", "team": "Desk"}
+    opened = (await http.post("/cases", json=body, headers=agent)).json()
+    # Monday 09:00 UTC; the default first response (normal: 8 business hours) is due 17:00.
+    risky = await http.get("/cases/at-risk", params={"within_minutes": 480}, headers=agent)
+    assert risky.status_code == 200, risky.text
+    assert [c["id"] for c in risky.json()["cases"]] == [opened["id"]]
+    calm = await http.get("/cases/at-risk", params={"within_minutes": 60}, headers=agent)
+    assert calm.json() == {"cases": [], "next_page_token": ""}
+    queue = await http.get("/teams/desk/queue", headers=agent)
+    assert [c["id"] for c in queue.json()["cases"]] == [opened["id"]]
+    history = await http.get("/customers/contact-1/cases", headers=agent)
+    assert [c["id"] for c in history.json()["cases"]] == [opened["id"]]
+    report = await http.get(
+        "/teams/desk/sla-compliance",
+        params={"period_start": "2026-02-01T00:00:00Z", "period_end": "2026-03-01T00:00:00Z"},
+        headers=agent,
+    )
+    assert report.status_code == 200, report.text
+    document = report.json()
+    assert document["cases"] == 1
+    assert {t["kind"]: t["open"] for t in document["targets"]} == {
+        "first_response": 1,
+        "resolution": 1,
+    }
+    for path, params, field in [
+        ("/cases/at-risk", {"within_minutes": 0}, "within_minutes"),
+        ("/teams/desk/queue", {"page_size": 501}, "page_size"),
+        ("/customers/contact-1/cases", {"page_token": "x"}, "page_token"),
+        ("/teams/desk/sla-compliance", {"period_end": "2026-03-01T00:00:00Z"}, "period_start"),
+    ]:
+        refused = await http.get(path, params=params, headers=agent)
+        assert refused.status_code == 422, (path, refused.text)
+        assert field in [d["field"] for d in refused.json()["detail"]], refused.text
+    marketing = bearer(identity.mint("marketing"))
+    assert (await http.get("/cases/at-risk", headers=marketing)).status_code == 403

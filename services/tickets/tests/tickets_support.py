@@ -53,6 +53,7 @@ def office_terms(
     *,
     first_response: int = 3600,
     resolution: int = 8 * 3600,
+    next_reply: int = 0,
     warning: int = 900,
     pause_on_hold: bool = False,
     escalate_team: str = "tier2",
@@ -60,7 +61,7 @@ def office_terms(
     """Mon-Fri 09:00-17:00 Europe/Berlin; the same targets for every priority."""
     return SlaTermsInput(
         targets=[
-            TargetInput("standard", p, first_response, resolution)
+            TargetInput("standard", p, first_response, resolution, next_reply)
             for p in ("low", "normal", "high", "urgent")
         ],
         calendar=CalendarInput(

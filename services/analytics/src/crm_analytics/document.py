@@ -18,11 +18,15 @@ Shared rules, whichever topic an event comes from:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal, NotRequired, Required, TypedDict
+from typing import Any, Generic, Literal, NotRequired, Required, TypedDict, TypeVar
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from crm_common.records import Record
 
 TIMELINE_LIMIT = 500
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -146,6 +150,131 @@ class Profile(TypedDict, total=False):
     owner: str
 
 
+# -- the tickets part (from_tickets.py) ---------------------------------------------------
+
+
+class SlaClock(TypedDict):
+    """One target of a case as the case's latest event tells it."""
+
+    kind: str
+    state: str | None
+    due_at: datetime | None
+    remaining_seconds: int | None
+    warn_at: datetime | None
+
+
+class CaseSla(TypedDict):
+    """The SLA a case is measured by, and its state after the case's latest event."""
+
+    policy_id: str
+    policy_version: int
+    tier: str
+    tier_source: str
+    #: The worst clock's state (breached, running, paused, met); None without clocks.
+    state: str | None
+    #: The earliest `due_at` of a running clock.
+    next_deadline: datetime | None
+    #: Some target of the case was breached (it stays so when met late or reopened).
+    breached: bool
+    clocks: list[SlaClock]
+
+
+class CaseSatisfaction(TypedDict):
+    csat: int
+    ces: int | None
+    nps: int | None
+    recorded_at: datetime | None
+
+
+class CaseSummary(TypedDict):
+    """A case of the customer; `subject` is personal (see visibility.py)."""
+
+    case_id: str
+    version: int
+    subject: str
+    status: str | None
+    priority: str | None
+    channel: str | None
+    category: str
+    team: str
+    assignee: str
+    opened_at: datetime | None
+    solved_at: datetime | None
+    closed_at: datetime | None
+    sla: CaseSla | None
+    satisfaction: CaseSatisfaction | None
+
+
+class SatisfactionTotals(TypedDict):
+    """Sums and counts of every survey answer of the customer (averages are computed on read)."""
+
+    responses: int
+    csat_sum: int
+    ces_sum: int
+    ces_count: int
+    nps_sum: int
+    nps_count: int
+
+
+class TicketsPart(TypedDict):
+    #: Cases not solved or closed, most urgent first.
+    open_cases: list[CaseSummary]
+    #: Solved and closed cases, most recently solved first, the newest `RECENT_CASES`.
+    recent_cases: list[CaseSummary]
+    satisfaction: SatisfactionTotals
+
+
+# -- the loyalty part (from_loyalty.py) ---------------------------------------------------
+
+
+class PointsBalance(TypedDict):
+    active: int
+    locked: int
+    expired: int
+    spent: int
+    cancelled: int
+
+
+class OpenLot(TypedDict):
+    """A lot that still holds points."""
+
+    lot_id: str
+    remaining: int
+    expires_at: datetime | None
+    locked: bool
+
+
+class LedgerEntry(TypedDict):
+    entry_id: str
+    kind: str
+    #: Signed: what the entry added to (or took from) the member's points.
+    points: int
+    detail: str
+    occurred_at: datetime | None
+
+
+class TierDowngrade(TypedDict):
+    to_tier: str
+    due_at: datetime | None
+
+
+class LoyaltyPart(TypedDict):
+    member_number: str
+    enrolment_channel: str
+    enrolled_at: datetime | None
+    balance: PointsBalance
+    #: None until the member's first tier change (the enrolment event names no tier).
+    tier: str | None
+    #: The qualifying points the latest tier change was decided on, and when.
+    qualifying_points: int | None
+    tier_changed_at: datetime | None
+    downgrade: TierDowngrade | None
+    lots: list[OpenLot]
+    recent_entries: list[LedgerEntry]
+    # Computed when the view is read (`from_loyalty.expiring_soon`), never stored.
+    expiring_soon: NotRequired[list[OpenLot]]
+
+
 class Customer360(Profile, total=False):
     """One customer's document, `_id` = the contact id.
 
@@ -161,6 +290,8 @@ class Customer360(Profile, total=False):
     timeline: list[TimelineEntry]
     deals: list[Deal]
     lifetime_won_revenue: list[Amount]
+    tickets: TicketsPart
+    loyalty: LoyaltyPart
     positions: Positions
     created_at: datetime | None
     updated_at: datetime
@@ -226,6 +357,75 @@ class AppliedToPipeline:
     applied: bool
 
 
+# -- a source of the view ----------------------------------------------------------------
+
+E = TypeVar("E", bound=Message)
+Outcome = Applied | AppliedToPipeline | None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a batch loaded: the customers' documents and the pipelines' names, by id."""
+
+    docs: Mapping[str, Customer360 | None]
+    pipelines: Mapping[str, PipelineNames | None]
+
+
+@dataclass(frozen=True)
+class SourceAdapter(Generic[E]):
+    """How the store consumes one source service's topic.
+
+    Each `from_<source>.py` module offers one (`ADAPTER`); the store knows no
+    source by name. `apply` is pure: it returns the changed copies (None for an
+    event of no customer, such as a pipeline definition's or an SLA policy's,
+    which changes no customer), raises UnknownEvent for a payload this version
+    does not know and ValueError for a malformed event.
+    """
+
+    #: The service name: the registry's, and the key of `positions`.
+    source: str
+    #: The event in a record (DecodeError / ValueError when it is not one).
+    decode: Callable[[Record], E]
+    #: The customer the event is about; "" for none.
+    customer_of: Callable[[E], str]
+    #: The customer documents applying it reads or changes (the customer's included).
+    customers_touched: Callable[[E], Iterable[str]]
+    apply: Callable[[E, Loaded], Outcome]
+    #: The pipelines' names documents it reads or changes.
+    pipelines_touched: Callable[[E], Iterable[str]] = lambda _: ()
+    #: Whether an event of a customer with no document yet creates one (every
+    #: source but contacts, whose documents start with the registration).
+    creates_documents: bool = True
+    #: Further positions its documents record, which a reader may wait for.
+    extra_positions: tuple[str, ...] = ()
+    #: Records in a document that an event it cannot apply (a payload this
+    #: version does not know) was seen; by default the source's position.
+    mark_seen: Callable[[Customer360, E], None] | None = None
+
+
+def decode_event(record: Record, message: type[E], subject: str) -> E:
+    """The event in the record, refused when it names no subject or position."""
+    if record.value is None:
+        raise ValueError("record without value")
+    event = message.FromString(record.value)
+    subject_id = getattr(event, subject)
+    if not subject_id:
+        raise ValueError(f"event without {subject}")
+    if getattr(event, "position", 0) <= 0:
+        raise ValueError(f"event of {subject_id} without position")
+    return event
+
+
+def payload_name(event: Any, known: Iterable[str]) -> str:
+    """The event's payload (its oneof `payload`); UnknownEvent for one not in `known`."""
+    payload: str | None = event.WhichOneof("payload")
+    if payload is None:
+        raise UnknownEvent(f"event at position {event.position} has no known payload")
+    if payload not in known:
+        raise UnknownEvent(f"event at position {event.position} carries {payload}")
+    return payload
+
+
 # -- shared rules -----------------------------------------------------------------------
 
 
@@ -265,6 +465,19 @@ def advance(doc: Customer360, position: int, occurred_at: datetime | None, sourc
         previous = doc.get("updated_at")
         if previous is None or aware(previous) < occurred_at:
             doc["updated_at"] = occurred_at
+
+
+def is_known(doc: Customer360 | None) -> bool:
+    """Some event of the customer itself has been applied.
+
+    A registration, or any event of a source other than contacts (a deal, a
+    case, a membership); a placeholder holding only the members of a company
+    not registered yet is not known.
+    """
+    if is_registered(doc):
+        return True
+    positions: Positions = (doc.get("positions") if doc else None) or {}
+    return any(int(p) > 0 for source, p in positions.items() if source != "contacts")
 
 
 def is_registered(doc: Customer360 | None) -> bool:

@@ -37,18 +37,22 @@ from crm_analytics.document import (
     Customer360,
     CustomField,
     FanOut,
+    Loaded,
     Member,
     MembershipChanged,
+    SourceAdapter,
     TimelineEntry,
     UnknownEvent,
     add_to_timeline,
     advance,
     applied_position,
     aware,
+    decode_event,
     new_document,
     to_datetime,
 )
 from crm_common.enums import enum_word
+from crm_common.records import Record
 
 SOURCE = "contacts"
 
@@ -395,3 +399,27 @@ def companies_referenced(event: events_pb2.ContactEvent) -> list[str]:
     """Company documents that applying `event` reads or changes."""
     company_of = _COMPANY_OF.get(event.WhichOneof("payload") or "")
     return [company_of(event)] if company_of else []
+
+
+# -- the source ---------------------------------------------------------------------------
+
+
+def decode(record: Record) -> events_pb2.ContactEvent:
+    return decode_event(record, events_pb2.ContactEvent, "contact_id")
+
+
+def _apply(event: events_pb2.ContactEvent, loaded: Loaded) -> Applied:
+    return apply_event(loaded.docs.get(event.contact_id), event, loaded.docs)
+
+
+#: How the store consumes the contacts topic. A document starts with its
+#: registration: an event of a contact never seen creates nothing when it
+#: cannot be applied.
+ADAPTER: SourceAdapter[events_pb2.ContactEvent] = SourceAdapter(
+    source=SOURCE,
+    decode=decode,
+    customer_of=lambda e: e.contact_id,
+    customers_touched=lambda e: [e.contact_id, *companies_referenced(e)],
+    apply=_apply,
+    creates_documents=False,
+)

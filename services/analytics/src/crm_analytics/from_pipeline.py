@@ -52,7 +52,10 @@ from crm_analytics.document import (
     Customer360,
     Deal,
     DealStatus,
+    Loaded,
+    Outcome,
     PipelineNames,
+    SourceAdapter,
     Stage,
     TimelineEntry,
     UnknownEvent,
@@ -60,6 +63,7 @@ from crm_analytics.document import (
     advance,
     applied_position,
     aware,
+    decode_event,
     is_registered,
     new_document,
     to_datetime,
@@ -67,6 +71,7 @@ from crm_analytics.document import (
 from crm_common.enums import enum_word
 from crm_common.errors import ValidationFailed
 from crm_common.money import parse_decimal
+from crm_common.records import Record
 
 SOURCE = "pipeline"
 
@@ -483,3 +488,42 @@ def is_known(doc: Customer360 | None) -> bool:
     not known.
     """
     return is_registered(doc) or applied_position(doc, SOURCE) > 0
+
+
+# -- the source ---------------------------------------------------------------------------
+
+
+def decode(record: Record) -> events_pb2.PipelineEvent:
+    """A pipeline event; `customer_id` is empty for pipelines and unconverted leads."""
+    return decode_event(record, events_pb2.PipelineEvent, "aggregate_id")
+
+
+def _customers_touched(event: events_pb2.PipelineEvent) -> list[str]:
+    if is_pipeline_definition(event) or not event.customer_id:
+        return []
+    return [event.customer_id]
+
+
+def _pipelines_touched(event: events_pb2.PipelineEvent) -> list[str]:
+    return [event.aggregate_id] if is_pipeline_definition(event) else []
+
+
+def _apply(event: events_pb2.PipelineEvent, loaded: Loaded) -> Outcome:
+    if is_pipeline_definition(event):
+        return apply_pipeline_definition(loaded.pipelines.get(event.aggregate_id), event)
+    if not event.customer_id:
+        # A lead before its conversion: nothing of a customer yet.
+        payload_of(event)
+        return None
+    return apply_pipeline_event(loaded.docs.get(event.customer_id), event)
+
+
+#: How the store consumes the pipeline topic.
+ADAPTER: SourceAdapter[events_pb2.PipelineEvent] = SourceAdapter(
+    source=SOURCE,
+    decode=decode,
+    customer_of=lambda e: e.customer_id,
+    customers_touched=_customers_touched,
+    apply=_apply,
+    pipelines_touched=_pipelines_touched,
+)

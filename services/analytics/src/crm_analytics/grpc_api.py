@@ -11,12 +11,23 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from crm.contacts.v1 import contacts_pb2
 from crm.customer360.v1 import customer360_pb2
 from crm.pipeline.v1 import pipeline_pb2
+from crm.tickets.v1 import tickets_pb2
 from crm_analytics.audit import AuditEntry
-from crm_analytics.document import Consent, Customer360, Deal, aware, stored_word
+from crm_analytics.document import (
+    CaseSummary,
+    Consent,
+    Customer360,
+    Deal,
+    LoyaltyPart,
+    TicketsPart,
+    aware,
+    stored_word,
+)
+from crm_analytics.from_tickets import averages
 from crm_analytics.query import DEFAULT_WAIT_MS, MAX_WAIT_MS, Customer360Queries
 from crm_analytics.visibility import customer360_for, principal
 from crm_common.auth.gate import AccessGate
-from crm_common.auth.redaction import redact_message
+from crm_common.auth.redaction import pseudonymise_message, redact_message
 from crm_common.enums import ProtoEnum, enum_number
 from crm_common.errors import ValidationFailed
 from crm_common.timestamps import datetime_of
@@ -63,6 +74,104 @@ def _deal(deal: Deal) -> customer360_pb2.Deal:
     _timestamp(message.opened_at, deal.get("opened_at"))
     _timestamp(message.stage_entered_at, deal.get("stage_entered_at"))
     _timestamp(message.closed_at, deal.get("closed_at"))
+    return message
+
+
+def _case(case: CaseSummary) -> customer360_pb2.CaseSummary:
+    message = customer360_pb2.CaseSummary(
+        case_id=case["case_id"],
+        version=int(case.get("version", 0)),
+        subject=case.get("subject", ""),
+        status=_number(tickets_pb2.CaseStatus, case.get("status")),
+        priority=_number(tickets_pb2.Priority, case.get("priority")),
+        channel=_number(tickets_pb2.Channel, case.get("channel")),
+        category=case.get("category", ""),
+        team=case.get("team", ""),
+        assignee=case.get("assignee", ""),
+    )
+    _timestamp(message.opened_at, case.get("opened_at"))
+    _timestamp(message.solved_at, case.get("solved_at"))
+    _timestamp(message.closed_at, case.get("closed_at"))
+    sla = case.get("sla")
+    if sla is not None:
+        message.sla.CopyFrom(
+            customer360_pb2.CaseSlaState(
+                policy_id=sla["policy_id"],
+                policy_version=int(sla["policy_version"]),
+                tier=sla["tier"],
+                tier_source=sla["tier_source"],
+                state=sla["state"] or "",
+                breached=bool(sla["breached"]),
+            )
+        )
+        _timestamp(message.sla.next_deadline, sla["next_deadline"])
+        for clock in sla["clocks"]:
+            item = customer360_pb2.CaseSlaClock(kind=clock["kind"], state=clock["state"] or "")
+            if clock["remaining_seconds"] is not None:
+                item.remaining_seconds = int(clock["remaining_seconds"])
+            _timestamp(item.due_at, clock["due_at"])
+            _timestamp(item.warn_at, clock["warn_at"])
+            message.sla.clocks.append(item)
+    answer = case.get("satisfaction")
+    if answer is not None:
+        message.satisfaction.csat = int(answer["csat"])
+        if answer["ces"] is not None:
+            message.satisfaction.ces = int(answer["ces"])
+        if answer["nps"] is not None:
+            message.satisfaction.nps = int(answer["nps"])
+        _timestamp(message.satisfaction.recorded_at, answer["recorded_at"])
+    return message
+
+
+def _tickets(part: TicketsPart) -> customer360_pb2.CustomerCases:
+    message = customer360_pb2.CustomerCases(
+        open_cases=[_case(c) for c in part["open_cases"]],
+        recent_cases=[_case(c) for c in part["recent_cases"]],
+    )
+    totals = part["satisfaction"]
+    message.satisfaction.responses = int(totals["responses"])
+    for name, value in averages(totals).items():
+        if value is not None:
+            setattr(message.satisfaction, name, value)
+    return message
+
+
+def _loyalty(part: LoyaltyPart) -> customer360_pb2.LoyaltyMembership:
+    balance = part["balance"]
+    message = customer360_pb2.LoyaltyMembership(
+        member_number=part["member_number"],
+        enrolment_channel=part["enrolment_channel"],
+        balance=customer360_pb2.PointsBalance(
+            active=balance["active"],
+            locked=balance["locked"],
+            expired=balance["expired"],
+            spent=balance["spent"],
+            cancelled=balance["cancelled"],
+        ),
+        tier=part["tier"] or "",
+    )
+    _timestamp(message.enrolled_at, part["enrolled_at"])
+    if part["qualifying_points"] is not None:
+        message.qualifying_points = int(part["qualifying_points"])
+    _timestamp(message.tier_changed_at, part["tier_changed_at"])
+    downgrade = part["downgrade"]
+    if downgrade is not None:
+        message.downgrade.to_tier = downgrade["to_tier"]
+        _timestamp(message.downgrade.due_at, downgrade["due_at"])
+    for lot in part.get("expiring_soon", []):
+        item = customer360_pb2.ExpiringLot(lot_id=lot["lot_id"], points=lot["remaining"])
+        _timestamp(item.expires_at, lot["expires_at"])
+        message.expiring_soon.append(item)
+    message.points_expiring_soon = sum(lot["remaining"] for lot in part.get("expiring_soon", []))
+    for entry in part["recent_entries"]:
+        ledger = customer360_pb2.LedgerEntry(
+            entry_id=entry["entry_id"],
+            kind=entry["kind"],
+            points=int(entry["points"]),
+            detail=entry["detail"],
+        )
+        _timestamp(ledger.occurred_at, entry["occurred_at"])
+        message.recent_entries.append(ledger)
     return message
 
 
@@ -123,6 +232,12 @@ def to_proto(doc: Customer360) -> customer360_pb2.Customer360:
         pipeline_pb2.Money(amount=m["amount"], currency=m["currency"])
         for m in doc.get("lifetime_won_revenue", [])
     )
+    tickets = doc.get("tickets")
+    if tickets is not None:
+        message.tickets.CopyFrom(_tickets(tickets))
+    loyalty = doc.get("loyalty")
+    if loyalty is not None:
+        message.loyalty.CopyFrom(_loyalty(loyalty))
     _timestamp(message.updated_at, doc.get("updated_at"))
     return message
 
@@ -163,9 +278,10 @@ class Customer360Servicer:
     are raised as CrmError; the shared server maps them to statuses.
     """
 
-    def __init__(self, queries: Customer360Queries, gate: AccessGate) -> None:
+    def __init__(self, queries: Customer360Queries, gate: AccessGate, pseudonym_key: bytes) -> None:
         self.queries = queries
         self.gate = gate
+        self.pseudonym_key = pseudonym_key
 
     async def GetCustomer360(
         self,
@@ -179,7 +295,7 @@ class Customer360Servicer:
             # Answer DEADLINE_EXCEEDED ourselves shortly before the caller gives up.
             budget = max(1, min(int(remaining * 1000) - 50, MAX_WAIT_MS))
             timeout_ms = min(timeout_ms or DEFAULT_WAIT_MS, budget)
-        doc, hidden = await customer360_for(
+        visible = await customer360_for(
             self.queries,
             self.gate,
             principal(),
@@ -187,7 +303,8 @@ class Customer360Servicer:
             dict(request.wait_for),
             timeout_ms,
         )
-        customer = redact_message(to_proto(doc), hidden)
+        customer = redact_message(to_proto(visible.doc), visible.hidden)
+        pseudonymise_message(customer, visible.pseudonymised, self.pseudonym_key)
         return customer360_pb2.GetCustomer360Response(customer=customer)
 
     async def GetAuditTrail(

@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
+
+from pymongo import MongoClient
 
 from crm.customer360.v1 import customer360_pb2_grpc
 from crm_analytics.grpc_api import Customer360Servicer
@@ -12,6 +16,7 @@ from crm_analytics.query import Customer360Queries
 from crm_analytics.rest_api import create_app
 from crm_analytics.store import PROJECTION, Customer360Store, connect
 from crm_common.cli import Process, run_cli
+from crm_common.health import Dependency
 from crm_common.lifecycle import run_worker, stop_on_signals
 from crm_common.projection import ProjectionConsumer
 from crm_common.server import GrpcService, access_gate, serve
@@ -31,23 +36,37 @@ def projection(settings: Settings, store: Customer360Store) -> ProjectionConsume
     )
 
 
+def document_store_check(url: str) -> tuple[Dependency, Callable[[], None]]:
+    """Every read of the 360 view needs the document store: a ping with a client of
+    its own that gives up within two seconds (and its close)."""
+    client: MongoClient[dict[str, Any]] = MongoClient(
+        url, serverSelectionTimeoutMS=2000, connectTimeoutMS=2000, socketTimeoutMS=2000
+    )
+    return Dependency("document store", lambda: client.admin.command("ping")), client.close
+
+
 async def run_serve(settings: Settings) -> None:
     gate = access_gate(settings)
+    # Refuses to start without the pseudonym key, before opening the store.
+    pseudonym_key = settings.pseudonym_key()
     client = connect(settings.mongo_url)
     store = Customer360Store(client[settings.mongo_db])
     queries = Customer360Queries(store)
+    document_store, close_check = document_store_check(settings.mongo_url)
     await serve(
         settings,
         gate=gate,
         grpc_services=[
             GrpcService(
-                Customer360Servicer(queries, gate),
+                Customer360Servicer(queries, gate, pseudonym_key),
                 customer360_pb2_grpc.add_Customer360ServiceServicer_to_server,
                 "crm.customer360.v1.Customer360Service",
             )
         ],
-        http_app=create_app(queries, gate),
-        on_stop=[client.close],
+        http_app=create_app(queries, gate, pseudonym_key),
+        on_stop=[client.close, close_check],
+        # NOT_SERVING / 503 while the document store is down.
+        dependencies=[document_store],
     )
 
 

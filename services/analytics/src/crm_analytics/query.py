@@ -17,25 +17,35 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
-from datetime import datetime
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from crm_analytics.audit import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, AuditPage, after_token
-from crm_analytics.document import Customer360, applied_position, aware
-from crm_analytics.from_pipeline import is_known
-from crm_analytics.store import Customer360Store, sources
+from crm_analytics.document import Customer360, applied_position, aware, is_known
+from crm_analytics.from_loyalty import expiring_soon
+from crm_analytics.store import Customer360Store, waitable_positions
 from crm_common.errors import FieldErrors, NotFound, WaitTimedOut
 
 DEFAULT_WAIT_MS = 5000
 MAX_WAIT_MS = 30000
 MAX_ID_LENGTH = 200
+#: Positions are int64 in every contract.
+MAX_POSITION = 2**63 - 1
 
 
 class Customer360Queries:
-    def __init__(self, store: Customer360Store, *, poll_interval: float = 0.02) -> None:
+    def __init__(
+        self,
+        store: Customer360Store,
+        *,
+        poll_interval: float = 0.02,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.store = store
         self.poll_interval = poll_interval
+        # What "expiring soon" is measured from.
+        self.clock = clock
 
     async def get_customer360(
         self,
@@ -46,13 +56,17 @@ class Customer360Queries:
         """The customer's document, once it has applied `wait_for` (if given).
 
         The deals carry the names of their pipeline and stage as last known.
+        The loyalty part gets the points expiring soon as of the clock.
+        `wait_for` names a source service (`contacts`, `pipeline`, `tickets`,
+        `loyalty`) or `erp.orders` (the position of an ERP order record in
+        its partition of the inbound topic: its offset + 1).
         Raises NotFound when no event of the customer itself has been applied
-        (neither its registration nor any pipeline event), WaitTimedOut when
-        the positions were not reached in time.
+        (neither its registration nor any other source's event), WaitTimedOut
+        when the positions were not reached in time.
         """
         wait_for = dict(wait_for or {})
         errors = FieldErrors()
-        known = sources()
+        known = waitable_positions()
         if not customer_id:
             errors.add("customer_id", "is required")
         elif len(customer_id) > MAX_ID_LENGTH:
@@ -60,8 +74,8 @@ class Customer360Queries:
         for source, position in wait_for.items():
             if source not in known:
                 errors.add("wait_for", f"unknown source {source!r} (known: {', '.join(known)})")
-            elif position < 0:
-                errors.add("wait_for", f"position of {source} must not be negative")
+            elif not 0 <= position <= MAX_POSITION:
+                errors.add("wait_for", f"position of {source} must be between 0 and {MAX_POSITION}")
         if timeout_ms is not None and not 0 <= timeout_ms <= MAX_WAIT_MS:
             errors.add("wait_timeout_ms", f"must be between 0 and {MAX_WAIT_MS}")
         errors.raise_if_any()
@@ -72,7 +86,12 @@ class Customer360Queries:
         if not is_known(doc):
             raise NotFound("customer", customer_id)
         assert doc is not None
-        return await asyncio.to_thread(self.store.with_names, doc)
+        named = await asyncio.to_thread(self.store.with_names, doc)
+        loyalty = named.get("loyalty")
+        if loyalty is None:
+            return named
+        soon = expiring_soon(loyalty, self.clock())
+        return {**named, "loyalty": {**loyalty, "expiring_soon": soon}}
 
     async def get_audit_trail(
         self,

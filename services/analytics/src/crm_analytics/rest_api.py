@@ -9,6 +9,7 @@ the fields the policy hides are left out.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, NotRequired, cast
 
@@ -16,11 +17,20 @@ from fastapi import FastAPI, Query
 from typing_extensions import TypedDict
 
 from crm_analytics.audit import MAX_PAGE_SIZE, AuditEntry
-from crm_analytics.document import Customer360, Deal, aware, stored_word
-from crm_analytics.query import MAX_WAIT_MS, Customer360Queries
+from crm_analytics.document import (
+    CaseSummary,
+    Customer360,
+    Deal,
+    LoyaltyPart,
+    TicketsPart,
+    aware,
+    stored_word,
+)
+from crm_analytics.from_tickets import averages
+from crm_analytics.query import MAX_POSITION, MAX_WAIT_MS, Customer360Queries
 from crm_analytics.visibility import customer360_for, principal
 from crm_common.auth.gate import AccessGate
-from crm_common.auth.redaction import redact
+from crm_common.auth.redaction import pseudonymise, redact
 from crm_common.errors import ValidationFailed
 from crm_common.server import service_app
 
@@ -98,6 +108,115 @@ class DealReply(TypedDict):
     lost_reason: str
 
 
+class SlaClockReply(TypedDict):
+    kind: str
+    state: str | None
+    due_at: str | None
+    remaining_seconds: int | None
+    warn_at: str | None
+
+
+class CaseSlaReply(TypedDict):
+    """The SLA as the case's latest event left it; `state` is the worst clock's
+    (breached, running, paused, met), `next_deadline` the earliest due time of a
+    running clock, `breached` whether any target of the case was breached."""
+
+    policy_id: str
+    policy_version: int
+    tier: str
+    tier_source: str
+    state: str | None
+    next_deadline: str | None
+    breached: bool
+    clocks: list[SlaClockReply]
+
+
+class CaseSatisfactionReply(TypedDict):
+    csat: int
+    ces: int | None
+    nps: int | None
+    recorded_at: str | None
+
+
+class CaseReply(TypedDict):
+    case_id: str
+    version: int
+    # Personal data: analysts get a pseudonym.
+    subject: str
+    status: str | None
+    priority: str | None
+    channel: str | None
+    category: str
+    team: str
+    assignee: str
+    opened_at: str | None
+    solved_at: str | None
+    closed_at: str | None
+    sla: CaseSlaReply | None
+    satisfaction: CaseSatisfactionReply | None
+
+
+class SatisfactionSummaryReply(TypedDict):
+    responses: int
+    csat_average: float | None
+    ces_average: float | None
+    nps_average: float | None
+
+
+class TicketsReply(TypedDict):
+    """Open cases the most urgent first; the newest 20 solved or closed ones."""
+
+    open_cases: list[CaseReply]
+    recent_cases: list[CaseReply]
+    satisfaction: SatisfactionSummaryReply
+
+
+class PointsBalanceReply(TypedDict):
+    active: int
+    locked: int
+    expired: int
+    spent: int
+    cancelled: int
+
+
+class TierDowngradeReply(TypedDict):
+    to_tier: str
+    due_at: str | None
+
+
+class ExpiringLotReply(TypedDict):
+    lot_id: str
+    points: int
+    expires_at: str | None
+
+
+class LedgerEntryReply(TypedDict):
+    entry_id: str
+    kind: str
+    points: int
+    detail: str
+    occurred_at: str | None
+
+
+class LoyaltyReply(TypedDict):
+    """The membership. `tier` is null before the first tier change; progress to the
+    next tier is not in the view (the thresholds are the loyalty service's
+    configuration, not in its events). `expiring_soon`: unlocked lots expiring within
+    30 days of the request."""
+
+    member_number: str
+    enrolment_channel: str
+    enrolled_at: str | None
+    balance: PointsBalanceReply
+    tier: str | None
+    qualifying_points: int | None
+    tier_changed_at: str | None
+    downgrade: TierDowngradeReply | None
+    expiring_soon: list[ExpiringLotReply]
+    points_expiring_soon: int
+    recent_entries: list[LedgerEntryReply]
+
+
 class Customer360Reply(TypedDict):
     """A person has the name fields, channels and companies; a company has domain,
     industry and members; a customer known so far only from its deals has neither
@@ -122,6 +241,9 @@ class Customer360Reply(TypedDict):
     timeline: NotRequired[list[TimelineEntryReply]]
     deals: NotRequired[list[DealReply]]
     lifetime_won_revenue: NotRequired[list[AmountReply]]
+    # Null until a case of the customer is known / while not a loyalty member.
+    tickets: NotRequired[TicketsReply | None]
+    loyalty: NotRequired[LoyaltyReply | None]
     positions: dict[str, int]
     created_at: str | None
     updated_at: str | None
@@ -153,17 +275,128 @@ def iso(when: datetime | None) -> str | None:
     return aware(when).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_POSITION = re.compile(r"[0-9]{1,19}")
+
+
 def parse_wait_for(values: list[str]) -> dict[str, int]:
     """`["contacts:123", ...]` -> `{"contacts": 123}` (the highest per source)."""
     wait_for: dict[str, int] = {}
     for value in values:
         source, sep, position = value.rpartition(":")
-        if not sep or not source or not position.isdigit():
+        if not sep or not source or not _POSITION.fullmatch(position):
             raise ValidationFailed.of(
-                "wait_for", f"{value!r} is not <source>:<position>, e.g. contacts:123"
+                "wait_for", f"{value[:200]!r} is not <source>:<position>, e.g. tickets:123"
+            )
+        if int(position) > MAX_POSITION:
+            raise ValidationFailed.of(
+                "wait_for", f"position of {source[:200]!r} is beyond {MAX_POSITION}"
             )
         wait_for[source] = max(wait_for.get(source, 0), int(position))
     return wait_for
+
+
+def case_json(case: CaseSummary) -> CaseReply:
+    sla = case.get("sla")
+    answer = case.get("satisfaction")
+    return {
+        "case_id": case["case_id"],
+        "version": int(case.get("version", 0)),
+        "subject": case.get("subject", ""),
+        "status": stored_word(case.get("status")),
+        "priority": stored_word(case.get("priority")),
+        "channel": stored_word(case.get("channel")),
+        "category": case.get("category", ""),
+        "team": case.get("team", ""),
+        "assignee": case.get("assignee", ""),
+        "opened_at": iso(case.get("opened_at")),
+        "solved_at": iso(case.get("solved_at")),
+        "closed_at": iso(case.get("closed_at")),
+        "sla": None
+        if sla is None
+        else {
+            "policy_id": sla["policy_id"],
+            "policy_version": int(sla["policy_version"]),
+            "tier": sla["tier"],
+            "tier_source": sla["tier_source"],
+            "state": sla["state"],
+            "next_deadline": iso(sla["next_deadline"]),
+            "breached": bool(sla["breached"]),
+            "clocks": [
+                {
+                    "kind": c["kind"],
+                    "state": c["state"],
+                    "due_at": iso(c["due_at"]),
+                    "remaining_seconds": c["remaining_seconds"],
+                    "warn_at": iso(c["warn_at"]),
+                }
+                for c in sla["clocks"]
+            ],
+        },
+        "satisfaction": None
+        if answer is None
+        else {
+            "csat": answer["csat"],
+            "ces": answer["ces"],
+            "nps": answer["nps"],
+            "recorded_at": iso(answer["recorded_at"]),
+        },
+    }
+
+
+def tickets_json(part: TicketsPart) -> TicketsReply:
+    means = averages(part["satisfaction"])
+    return {
+        "open_cases": [case_json(c) for c in part["open_cases"]],
+        "recent_cases": [case_json(c) for c in part["recent_cases"]],
+        "satisfaction": {
+            "responses": int(part["satisfaction"]["responses"]),
+            "csat_average": means["csat_average"],
+            "ces_average": means["ces_average"],
+            "nps_average": means["nps_average"],
+        },
+    }
+
+
+def loyalty_json(part: LoyaltyPart) -> LoyaltyReply:
+    soon = part.get("expiring_soon", [])
+    downgrade = part["downgrade"]
+    return {
+        "member_number": part["member_number"],
+        "enrolment_channel": part["enrolment_channel"],
+        "enrolled_at": iso(part["enrolled_at"]),
+        "balance": {
+            "active": part["balance"]["active"],
+            "locked": part["balance"]["locked"],
+            "expired": part["balance"]["expired"],
+            "spent": part["balance"]["spent"],
+            "cancelled": part["balance"]["cancelled"],
+        },
+        "tier": part["tier"],
+        "qualifying_points": part["qualifying_points"],
+        "tier_changed_at": iso(part["tier_changed_at"]),
+        "downgrade": None
+        if downgrade is None
+        else {"to_tier": downgrade["to_tier"], "due_at": iso(downgrade["due_at"])},
+        "expiring_soon": [
+            {
+                "lot_id": lot["lot_id"],
+                "points": lot["remaining"],
+                "expires_at": iso(lot["expires_at"]),
+            }
+            for lot in soon
+        ],
+        "points_expiring_soon": sum(lot["remaining"] for lot in soon),
+        "recent_entries": [
+            {
+                "entry_id": e["entry_id"],
+                "kind": e["kind"],
+                "points": int(e["points"]),
+                "detail": e["detail"],
+                "occurred_at": iso(e["occurred_at"]),
+            }
+            for e in part["recent_entries"]
+        ],
+    }
 
 
 def deal_json(deal: Deal) -> DealReply:
@@ -204,6 +437,8 @@ def to_json(doc: Customer360) -> Customer360Reply:
         "timeline": [],
         "deals": [],
         "lifetime_won_revenue": [],
+        "tickets": None,
+        "loyalty": None,
         "positions": {},
         "created_at": None,
         "updated_at": None,
@@ -270,6 +505,10 @@ def to_json(doc: Customer360) -> Customer360Reply:
         {"amount": m["amount"], "currency": m["currency"]}
         for m in doc.get("lifetime_won_revenue", [])
     ]
+    tickets = doc.get("tickets")
+    body["tickets"] = tickets_json(tickets) if tickets is not None else None
+    loyalty = doc.get("loyalty")
+    body["loyalty"] = loyalty_json(loyalty) if loyalty is not None else None
     body["positions"] = {k: int(v) for k, v in (doc.get("positions") or {}).items()}
     body["created_at"] = iso(doc.get("created_at"))
     body["updated_at"] = iso(doc.get("updated_at"))
@@ -291,7 +530,7 @@ def audit_entry_json(entry: AuditEntry) -> AuditEntryReply:
     }
 
 
-def create_app(queries: Customer360Queries, gate: AccessGate) -> FastAPI:
+def create_app(queries: Customer360Queries, gate: AccessGate, pseudonym_key: bytes) -> FastAPI:
     app = service_app(
         gate,
         title="CRM analytics",
@@ -310,8 +549,9 @@ def create_app(queries: Customer360Queries, gate: AccessGate) -> FastAPI:
             list[str],
             Query(
                 description="Wait until this write is visible: `<source>:<position>`, "
-                "e.g. `contacts:123` or `pipeline:45` (the position a write returned); "
-                "repeatable."
+                "e.g. `contacts:123`, `pipeline:45`, `tickets:7` or `loyalty:9` (the "
+                "position a write returned), or `erp.orders:<offset + 1>` for an ERP order "
+                "record; repeatable."
             ),
         ] = [],  # noqa: B006 - FastAPI copies query defaults per request
         timeout_ms: Annotated[
@@ -319,10 +559,11 @@ def create_app(queries: Customer360Queries, gate: AccessGate) -> FastAPI:
             Query(ge=0, le=MAX_WAIT_MS, description="How long to wait (default 5000 ms)."),
         ] = None,
     ) -> Customer360Reply:
-        doc, hidden = await customer360_for(
+        visible = await customer360_for(
             queries, gate, principal(), customer_id, parse_wait_for(wait_for), timeout_ms
         )
-        return cast(Customer360Reply, redact(to_json(doc), hidden))
+        body = redact(to_json(visible.doc), visible.hidden)
+        return cast(Customer360Reply, pseudonymise(body, visible.pseudonymised, pseudonym_key))
 
     @app.get(
         "/audit",

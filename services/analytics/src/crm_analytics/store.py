@@ -1,8 +1,10 @@
 """The 360 read model in MongoDB (plain pymongo: SecantusDB locally, MongoDB by URL).
 
 One document per customer in `customer360`, `_id` = the customer (contact) id,
-built from the contacts topic (`from_contacts.py`) and the pipeline topic
-(`from_pipeline.py`), typed in `document.py`; one document per sales pipeline
+built from the topic of every source service, each consumed through the
+adapter of its module (`from_contacts.py`, `from_pipeline.py`,
+`from_tickets.py`, `from_loyalty.py`: decoder, the customer of an event, the
+documents it touches, how to apply it), typed in `document.py`; one document per sales pipeline
 in `customer360_pipelines`, whose stage names a read joins into the deals. A
 batch from the projection is applied with a handful of round trips, whatever
 its size: a few `find`s load every document the batch touches, the events are
@@ -22,19 +24,17 @@ queries over such arrays use plain filters or `$elemMatch`, which work.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeVar
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from pymongo import InsertOne, MongoClient, ReplaceOne, UpdateMany
 from pymongo.client_session import ClientSession
 from pymongo.collection import Collection
 from pymongo.database import Database
 
-from crm.events.v1 import contacts_pb2 as events_pb2
-from crm.events.v1 import pipeline_pb2 as pipeline_events_pb2
-from crm_analytics import from_contacts, from_pipeline
+from crm_analytics import from_contacts, from_loyalty, from_pipeline, from_tickets
 from crm_analytics.audit import (
     AUDIT_COLLECTION,
     AuditEntry,
@@ -44,12 +44,13 @@ from crm_analytics.audit import (
     find_entries,
 )
 from crm_analytics.document import (
-    Applied,
     AppliedToPipeline,
     CompanyRenamed,
     Customer360,
+    Loaded,
     MembershipChanged,
     PipelineNames,
+    SourceAdapter,
     UnknownEvent,
     advance,
     applied_position,
@@ -76,15 +77,31 @@ PIPELINES_COLLECTION = "customer360_pipelines"
 # 160 ms, 10 x 50 ids: 39 ms); small chunks cost a real MongoDB nothing.
 LOAD_CHUNK = 50
 
-Event: TypeAlias = events_pb2.ContactEvent | pipeline_events_pb2.PipelineEvent
 _Stored = TypeVar("_Stored", Customer360, PipelineNames, AuditEntry)
-_Decoded = TypeVar("_Decoded", events_pb2.ContactEvent, pipeline_events_pb2.PipelineEvent)
+
+#: Every source the code can consume, by service name.
+ADAPTERS: dict[str, SourceAdapter[Any]] = {
+    adapter.source: adapter
+    for adapter in (
+        from_contacts.ADAPTER,
+        from_pipeline.ADAPTER,
+        from_tickets.ADAPTER,
+        from_loyalty.ADAPTER,
+    )
+}
 
 
 def sources() -> tuple[str, ...]:
     """The services whose topics the 360 view is built from (the registry's list)."""
     consumed: tuple[str, ...] = service("analytics").consumes
     return consumed
+
+
+def waitable_positions() -> tuple[str, ...]:
+    """What a reader may wait for: each source's position, and the further ones
+    their documents record (`erp.orders`, the ERP order records loyalty applied)."""
+    extra = [p for s in sources() if s in ADAPTERS for p in ADAPTERS[s].extra_positions]
+    return (*sources(), *extra)
 
 
 def default_topics() -> dict[str, str]:
@@ -97,34 +114,6 @@ def connect(url: str) -> MongoClient[dict[str, Any]]:
     return MongoClient(url, tz_aware=True)
 
 
-def _decode(record: Record, message: type[_Decoded], subject: str) -> _Decoded:
-    """The event in the record, refused when it names no subject or position."""
-    if record.value is None:
-        raise ValueError("record without value")
-    event = message.FromString(record.value)
-    subject_id = getattr(event, subject)
-    if not subject_id:
-        raise ValueError(f"event without {subject}")
-    if event.position <= 0:
-        raise ValueError(f"event of {subject_id} without position")
-    return event
-
-
-def decode_contact_event(record: Record) -> events_pb2.ContactEvent:
-    return _decode(record, events_pb2.ContactEvent, "contact_id")
-
-
-def decode_pipeline_event(record: Record) -> pipeline_events_pb2.PipelineEvent:
-    """A pipeline event; `customer_id` is empty for pipelines and unconverted leads."""
-    return _decode(record, pipeline_events_pb2.PipelineEvent, "aggregate_id")
-
-
-DECODERS: dict[str, Callable[[Record], Event]] = {
-    from_contacts.SOURCE: decode_contact_event,
-    from_pipeline.SOURCE: decode_pipeline_event,
-}
-
-
 class Customer360Store:
     """Reads and writes the 360 documents; the projection's read model.
 
@@ -135,15 +124,16 @@ class Customer360Store:
 
     def __init__(self, database: Database[Any], topics: Mapping[str, str] | None = None) -> None:
         topics = default_topics() if topics is None else topics
-        unknown = sorted(set(topics) - set(DECODERS))
+        unknown = sorted(set(topics) - set(ADAPTERS))
         if unknown:
-            raise ValueError(f"no decoder for source {', '.join(unknown)}")
+            raise ValueError(f"no adapter for source {', '.join(unknown)}")
         self.database = database
         self.collection: Collection[Customer360] = database[COLLECTION]
         self.pipelines: Collection[PipelineNames] = database[PIPELINES_COLLECTION]
         self.audit: Collection[AuditEntry] = database[AUDIT_COLLECTION]
         self.topics = dict(topics)
         self.sources = {topic: source for source, topic in topics.items()}
+        self.adapters = {topic: ADAPTERS[source] for source, topic in topics.items()}
 
     def ensure_indexes(self) -> None:
         # The rename fan-out finds the persons linked to a company.
@@ -216,30 +206,26 @@ class Customer360Store:
 
     def apply_batch(self, session: ClientSession, records: Sequence[Record]) -> Mapping[str, int]:
         failures: list[tuple[Record, str]] = []
-        events: list[tuple[Record, Event]] = []
+        events: list[tuple[Record, SourceAdapter[Any], Message]] = []
         for record in records:
-            source = self.sources.get(record.topic)
-            if source is None:
+            adapter = self.adapters.get(record.topic)
+            if adapter is None:
                 failures.append((record, f"no decoder for topic {record.topic}"))
                 continue
             try:
-                events.append((record, DECODERS[source](record)))
+                events.append((record, adapter, adapter.decode(record)))
             except (DecodeError, ValueError) as error:
                 failures.append((record, f"undecodable: {error}"))
 
         ids: set[str] = set()
         pipeline_ids: set[str] = set()
-        for _, e in events:
-            if isinstance(e, events_pb2.ContactEvent):
-                ids.add(e.contact_id)
-                ids.update(from_contacts.companies_referenced(e))
-            elif from_pipeline.is_pipeline_definition(e):
-                pipeline_ids.add(e.aggregate_id)
-            elif e.customer_id:
-                ids.add(e.customer_id)
+        for _, adapter, e in events:
+            ids.update(adapter.customers_touched(e))
+            pipeline_ids.update(adapter.pipelines_touched(e))
         docs = self._load(session, self.collection, ids)
         found = {i for i, d in docs.items() if d is not None}
         pipelines = self._load(session, self.pipelines, pipeline_ids)
+        loaded = Loaded(docs, pipelines)
 
         touched: set[str] = set()
         touched_pipelines: set[str] = set()
@@ -247,33 +233,30 @@ class Customer360Store:
         # One audit entry per event, redeliveries included (one id, one entry).
         audit: dict[str, AuditEntry] = {}
         applied = duplicates = no_customer = 0
-        for record, event in events:
+        for record, adapter, event in events:
+            position: int = getattr(event, "position")  # noqa: B009 - every event has one
             with projection_span(record, PROJECTION) as span:
-                customer_id = (
-                    event.contact_id
-                    if isinstance(event, events_pb2.ContactEvent)
-                    else event.customer_id
-                )
+                customer_id = adapter.customer_of(event)
                 span.set_attribute("crm.customer_id", customer_id)
-                span.set_attribute("crm.position", event.position)
+                span.set_attribute("crm.position", position)
                 entry = audit_entry(
                     record,
-                    self.sources[record.topic],
-                    event.position,
-                    to_datetime(event.occurred_at),
+                    adapter.source,
+                    position,
+                    to_datetime(getattr(event, "occurred_at")),  # noqa: B009
                 )
                 # CloudEvents: one source and id, one event; the first one consumed wins.
                 audit.setdefault(entry["_id"], entry)
                 try:
-                    outcome = self._apply(event, customer_id, docs, pipelines)
+                    outcome = adapter.apply(event, loaded)
                 except UnknownEvent as error:
                     failures.append((record, str(error)))
-                    self._mark_seen(docs, touched, record, event)
+                    self._mark_seen(docs, touched, adapter, event)
                     continue
                 except Exception as error:
                     # One event the code cannot apply must not stop the projection;
                     # it is parked with the reason and the documents stay untouched.
-                    log.exception("cannot apply event at position %d", event.position)
+                    log.exception("cannot apply event at position %d", position)
                     failures.append((record, f"{type(error).__name__}: {error}"))
                     continue
                 if outcome is None:
@@ -288,8 +271,8 @@ class Customer360Store:
                     pipelines[outcome.doc["_id"]] = outcome.doc
                     touched_pipelines.add(outcome.doc["_id"])
                     continue
-                docs[customer_id] = outcome.doc
-                touched.add(customer_id)
+                docs[outcome.doc["_id"]] = outcome.doc
+                touched.add(outcome.doc["_id"])
                 for fan_out in outcome.fan_out:
                     if isinstance(fan_out, MembershipChanged):
                         docs[fan_out.company_id] = from_contacts.apply_membership(
@@ -353,45 +336,31 @@ class Customer360Store:
         }
 
     @staticmethod
-    def _apply(
-        event: Event,
-        customer_id: str,
-        docs: Mapping[str, Customer360 | None],
-        pipelines: Mapping[str, PipelineNames | None],
-    ) -> Applied | AppliedToPipeline | None:
-        """Applies one event in memory; None for a pipeline event of no customer (yet)."""
-        if isinstance(event, events_pb2.ContactEvent):
-            return from_contacts.apply_event(docs[customer_id], event, docs)
-        if from_pipeline.is_pipeline_definition(event):
-            return from_pipeline.apply_pipeline_definition(pipelines[event.aggregate_id], event)
-        if not customer_id:
-            # A lead before its conversion: nothing of a customer yet.
-            from_pipeline.payload_of(event)
-            return None
-        return from_pipeline.apply_pipeline_event(docs[customer_id], event)
-
     def _mark_seen(
-        self,
         docs: dict[str, Customer360 | None],
         touched: set[str],
-        record: Record,
-        event: Event,
+        adapter: SourceAdapter[Any],
+        event: Any,
     ) -> None:
         # An event type this version does not know still counts as seen, so
         # a reader waiting for its position is not held up until the timeout;
         # the event itself is in the dead letters, and a rebuild after an
-        # upgrade applies it. A pipeline event may be the customer's first.
-        source = self.sources[record.topic]
-        if isinstance(event, events_pb2.ContactEvent):
-            customer_id, doc = event.contact_id, docs.get(event.contact_id)
-        else:
-            customer_id = event.customer_id
-            if not customer_id:
+        # upgrade applies it. An event of a source other than contacts may be
+        # the customer's first.
+        customer_id = adapter.customer_of(event)
+        if not customer_id:
+            return
+        doc = docs.get(customer_id)
+        if doc is None:
+            if not adapter.creates_documents:
                 return
-            doc = docs.get(customer_id) or new_document(customer_id)
-        if doc is not None and applied_position(doc, source) < event.position:
+            doc = new_document(customer_id)
+        if applied_position(doc, adapter.source) < event.position:
             doc = doc.copy()
-            advance(doc, event.position, to_datetime(event.occurred_at), source)
+            if adapter.mark_seen is not None:
+                adapter.mark_seen(doc, event)
+            else:
+                advance(doc, event.position, to_datetime(event.occurred_at), adapter.source)
             docs[customer_id] = doc
             touched.add(customer_id)
 

@@ -7,6 +7,9 @@ applied through the API process's `AccessGate`:
   everyone else gets them left out (REST) or cleared (gRPC). A timeline
   summary that names a deal's amount (`Deal Gears opened (1200.00 EUR)`) is
   shown without it to whoever may not see `deals.amount`.
+- pseudonyms (`pseudonymised.analytics.GetCustomer360`): personal text only
+  some roles may read in clear (the subjects of the customer's cases) is
+  replaced by a stable pseudonym for the roles the policy names (analysts).
 - partners (`partners`): a partner reads only the customers whose document
   carries its tag; any other customer, known or not, is refused with
   PERMISSION_DENIED / 403 (the same answer either way, so a partner cannot
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from crm_analytics.document import Customer360
 from crm_analytics.query import Customer360Queries
@@ -24,6 +28,7 @@ from crm_common.auth.gate import AccessGate
 from crm_common.auth.principal import Principal, current_principal
 from crm_common.errors import NotFound, PermissionDenied, Unauthenticated
 
+OPERATION = "GetCustomer360"
 #: The restricted path whose value the deals' timeline summaries repeat.
 AMOUNT_PATH = "deals.amount"
 # " (1200.00 EUR)" at the end of a summary: what from_pipeline appends to name the amount.
@@ -50,6 +55,17 @@ def without_amounts(doc: Customer360) -> Customer360:
     return {**doc, "timeline": timeline}  # type: ignore[typeddict-item]
 
 
+@dataclass(frozen=True)
+class Visible:
+    """The customer's document for one caller, and how its reply is to be shaped."""
+
+    doc: Customer360
+    #: Reply paths to leave out (REST) or clear (gRPC).
+    hidden: frozenset[str]
+    #: Reply paths whose text the caller gets as a pseudonym.
+    pseudonymised: frozenset[str]
+
+
 async def customer360_for(
     queries: Customer360Queries,
     gate: AccessGate,
@@ -57,8 +73,8 @@ async def customer360_for(
     customer_id: str,
     wait_for: Mapping[str, int] | None = None,
     timeout_ms: int | None = None,
-) -> tuple[Customer360, frozenset[str]]:
-    """The customer's document as `caller` may see it, and the reply paths to leave out."""
+) -> Visible:
+    """The customer's document as `caller` may see it, and what its reply hides."""
     grant = gate.policy.grant(caller)  # PermissionDenied for a partner without a grant
     try:
         doc = await queries.get_customer360(customer_id, wait_for, timeout_ms)
@@ -75,4 +91,4 @@ async def customer360_for(
     hidden = gate.hidden_fields(caller)
     if AMOUNT_PATH in hidden:
         doc = without_amounts(doc)
-    return doc, hidden
+    return Visible(doc, hidden, gate.pseudonymised_fields(caller, OPERATION))

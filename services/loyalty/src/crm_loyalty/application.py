@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.utils import get_topic
 
 from crm_common.commands import Caller, CommandBus, CommandContext, UnitOfWork, WriteOutcome
-from crm_common.errors import NotFound, RuleViolated
+from crm_common.errors import NotFound, RuleViolated, ValidationFailed
 from crm_common.eventstore import application_env, creating_tables
 from crm_common.settings import Settings
 from crm_loyalty import validation
@@ -38,14 +39,24 @@ from crm_loyalty.domain import (
     expiry_of,
     member_id,
 )
-from crm_loyalty.domain.parking import PARKING_ID, ParkedOrders
-from crm_loyalty.inputs import PlacedOrder, Purchase, ReturnedOrder, RulesInput
+from crm_loyalty.domain.parking import DEAD_LETTERED, PARKED, PARKING_ID, ParkedOrders
+from crm_loyalty.domain.rewards import Reward, reward_id
+from crm_loyalty.inputs import (
+    ErpSource,
+    PlacedOrder,
+    Purchase,
+    ReturnedOrder,
+    RewardInput,
+    RulesInput,
+)
 from crm_loyalty.views import (
     MemberView,
     ParkedView,
+    RewardView,
     TierView,
     Written,
     member_view,
+    reward_view,
     tier_view,
 )
 
@@ -61,6 +72,38 @@ class LoyaltyApplication(Application[UUID]):
 def create_application(settings: Settings) -> LoyaltyApplication:
     with creating_tables(settings):
         return LoyaltyApplication(env=application_env(settings))
+
+
+#: Attributes of stored member events written because of an ERP order record
+#: (infrastructure metadata riding in the stored event state, like the audit
+#: metadata): the record's partition and position (offset + 1).
+ERP_PARTITION = "_erp_partition"
+ERP_POSITION = "_erp_position"
+
+
+def stamp_source(aggregate: Any, source: ErpSource | None) -> None:
+    """Marks the aggregate's pending events as caused by the ERP record `source`."""
+    if source is None:
+        return
+    for event in aggregate.pending_events:
+        object.__setattr__(event, ERP_PARTITION, source.partition)
+        object.__setattr__(event, ERP_POSITION, source.position)
+
+
+def parked_view(key: str, e: dict[str, str]) -> ParkedView:
+    position = int(e.get("source_position", "0") or 0)
+    return ParkedView(
+        key,
+        e["customer_ref"],
+        e["kind"],
+        e["payload"],
+        e["reason"],
+        ErpSource(int(e.get("source_partition", "0") or 0), position) if position else None,
+        e.get("state", "parked"),
+        datetime.fromisoformat(e["parked_at"]) if e.get("parked_at") else None,
+        datetime.fromisoformat(e["dead_lettered_at"]) if e.get("dead_lettered_at") else None,
+        [(k, base64.b64decode(v)) for k, v in json.loads(e.get("headers") or "[]")],
+    )
 
 
 class ContactsPort(Protocol):
@@ -98,6 +141,8 @@ class LoyaltyService:
         self.bus = CommandBus(app, SERVICE)
         self._members_position = 0
         self._contact_ids: list[str] = []
+        self._rewards_position = 0
+        self._reward_codes: list[str] = []
 
     def close(self) -> None:
         self.bus.close()
@@ -124,6 +169,8 @@ class LoyaltyService:
             subject = await asyncio.to_thread(self._load, UUID(outcome.id))
         if isinstance(subject, EarningRules):
             return Written(outcome, subject.rules)
+        if isinstance(subject, Reward):
+            return Written(outcome, reward_view(subject))
         if not isinstance(subject, Member):
             raise NotFound("Member", outcome.id)
         return Written(outcome, member_view(subject, self.tiers))
@@ -140,17 +187,77 @@ class LoyaltyService:
 
     # -- members ----------------------------------------------------------------
 
-    async def enrol(self, caller: Caller, contact_id: str, channel: str | None) -> Written:
+    async def enrol(
+        self,
+        caller: Caller,
+        contact_id: str,
+        channel: str | None,
+        *,
+        birthday: str | None = None,
+        referred_by: str | None = None,
+    ) -> Written:
+        """Enrols a contact. `birthday` ("MM-DD", given by the member at enrolment)
+        earns the birthday bonus once a year; `referred_by` names the member who
+        referred this one (both get the referral bonuses at its first purchase)."""
         contact_id = validation.identifier(contact_id, "contact_id")
         word = validation.channel(channel)
+        day = validation.birthday(birthday)
+        referrer = (referred_by or "").strip()
+        if referrer:
+            referrer = validation.identifier(referrer, "referred_by")
         await self._ensure_contact(contact_id)
 
         def decide(uow: UnitOfWork) -> Member:
             if uow.exists(member_id(contact_id), Member):
                 raise RuleViolated(f"contact {contact_id} is a member already")
-            return uow.add(Member.enrol(contact_id, word, self.tiers.lowest, self.clock()))
+            if referrer and not uow.exists(member_id(referrer), Member):
+                raise ValidationFailed.of("referred_by", f"{referrer} is not a member")
+            return uow.add(
+                Member.enrol(contact_id, word, self.tiers.lowest, self.clock(), day, referrer)
+            )
 
-        return await self._write(caller.command("EnrolMember", contact_id, word), decide)
+        ctx = caller.command("EnrolMember", contact_id, word, day, referrer)
+        return await self._write(ctx, decide)
+
+    def _purchase_bonuses(
+        self,
+        uow: UnitOfWork,
+        member: Member,
+        rules: Rules,
+        at: datetime,
+        locked_until: datetime | None,
+    ) -> None:
+        """The first purchase's bonuses, in the decision of that purchase: the first
+        purchase bonus, and a referral's (to both members, once)."""
+        expires = expiry_of(at, rules.lot_lifetime_days)
+        version = rules.version
+        member.award_bonus(
+            "first_purchase",
+            rules.first_purchase_bonus,
+            expires_at=expires,
+            rule_version=version,
+            at=at,
+            locked_until=locked_until,
+        )
+        if member.settle_referral(at):
+            member.award_bonus(
+                "referee",
+                rules.referee_bonus,
+                expires_at=expires,
+                rule_version=version,
+                at=at,
+                locked_until=locked_until,
+            )
+            ident = member_id(member.referred_by)
+            if uow.exists(ident, Member):
+                referrer = uow.get(ident, Member, subject=False)
+                referrer.award_bonus(
+                    f"referrer:{member.customer_id}",
+                    rules.referrer_bonus,
+                    expires_at=expires,
+                    rule_version=version,
+                    at=at,
+                )
 
     async def get_member(self, contact_id: str) -> MemberView:
         contact_id = validation.identifier(contact_id, "contact_id")
@@ -173,17 +280,24 @@ class LoyaltyService:
             member = uow.get(member_id(contact_id), Member)
             rules = self._rules_in(uow)
             at = self.clock()
+            first = not member.has_purchased
             tier = member.tier or self.tiers.lowest
             points = sum(
                 rules.points(line.amount, line.currency, line.category, tier, at) for line in lines
             )
+            # One lot, one currency of spend: the first line's (tiers by spend count it).
+            currency = lines[0].currency if lines else ""
             member.earn(
                 points,
                 expires_at=expiry_of(at, rules.lot_lifetime_days),
                 rule_version=rules.version,
                 reason=reference or "purchase",
                 at=at,
+                spend={x.line_id: str(x.amount) for x in lines if x.currency == currency},
+                currency=currency,
             )
+            if first and member.has_purchased:
+                self._purchase_bonuses(uow, member, rules, at, None)
             member.review_tier(self.tiers, at)
             return member, {"points": str(points), "rule_version": str(rules.version)}
 
@@ -218,12 +332,25 @@ class LoyaltyService:
         return await self._write(ctx, decide)
 
     async def settle(self, caller: Caller, contact_id: str) -> Written:
-        """Releases ended return windows, expires lots past their expiry, reviews the
-        tier. Safe to run by several replicas at once: what is done is not again."""
+        """Gives a birthday bonus that is due, releases ended return windows, expires
+        lots past their expiry, reviews the tier. Safe to run by several replicas at
+        once and again after a restart: what is done is not again (the birthday bonus
+        of a year is in the member's state, and the store refuses a second writer of
+        the same version)."""
 
         def decide(uow: UnitOfWork) -> tuple[Member, dict[str, str]]:
             member = uow.get(member_id(contact_id), Member)
             at = self.clock()
+            year = member.birthday_due(at)
+            if year is not None:
+                rules = self._rules_in(uow)
+                member.award_bonus(
+                    f"birthday:{year}",
+                    rules.birthday_bonus,
+                    expires_at=expiry_of(at, rules.lot_lifetime_days),
+                    rule_version=rules.version,
+                    at=at,
+                )
             released, expired = member.settle(at)
             member.review_tier(self.tiers, at)
             return member, {"released": str(released), "expired": str(expired)}
@@ -252,6 +379,108 @@ class LoyaltyService:
             released += int(written.outcome.extra.get("released", "0"))
             expired += int(written.outcome.extra.get("expired", "0"))
         return released, expired
+
+    # -- the rewards catalogue --------------------------------------------------
+
+    async def define_reward(self, caller: Caller, value: RewardInput) -> Written:
+        reward = validation.reward(value)
+
+        def decide(uow: UnitOfWork) -> Reward:
+            if uow.exists(reward_id(reward.code), Reward):
+                raise RuleViolated(f"reward {reward.code!r} is in the catalogue already")
+            return uow.add(
+                Reward.define(
+                    reward.code,
+                    reward.name,
+                    reward.points,
+                    reward.stock,
+                    reward.valid_from,
+                    reward.valid_until,
+                    self.clock(),
+                )
+            )
+
+        return await self._write(caller.command("DefineReward", reward), decide)
+
+    async def restock_reward(self, caller: Caller, code: str, quantity: int) -> Written:
+        code = validation.reward_code(code)
+        quantity = validation.quantity(quantity, "quantity")
+
+        def decide(uow: UnitOfWork) -> Reward:
+            reward = uow.get(reward_id(code), Reward)
+            reward.restock(quantity, self.clock())
+            return reward
+
+        return await self._write(caller.command("RestockReward", code, quantity), decide)
+
+    async def retire_reward(self, caller: Caller, code: str) -> Written:
+        code = validation.reward_code(code)
+
+        def decide(uow: UnitOfWork) -> Reward:
+            reward = uow.get(reward_id(code), Reward)
+            reward.retire(self.clock())
+            return reward
+
+        return await self._write(caller.command("RetireReward", code), decide)
+
+    async def get_reward(self, code: str) -> RewardView:
+        code = validation.reward_code(code)
+        reward = await asyncio.to_thread(self._load, reward_id(code))
+        if not isinstance(reward, Reward):
+            raise NotFound("Reward", code)
+        return reward_view(reward)
+
+    def reward_codes(self) -> list[str]:
+        """Every reward's code, from the event log (followed incrementally)."""
+        topic = get_topic(Reward.Defined)
+        while True:
+            batch = self.app.recorder.select_notifications(
+                self._rewards_position + 1, 500, topics=[topic]
+            )
+            for n in batch:
+                defined = self.app.mapper.to_domain_event(n)
+                self._reward_codes.append(str(getattr(defined, "code", "")))
+                self._rewards_position = n.id
+            if len(batch) < 500:
+                return list(self._reward_codes)
+
+    async def list_rewards(self, *, include_retired: bool = False) -> list[RewardView]:
+        def load() -> list[RewardView]:
+            found = []
+            for code in self.reward_codes():
+                reward = self._load(reward_id(code))
+                if isinstance(reward, Reward) and (include_retired or not reward.retired):
+                    found.append(reward_view(reward))
+            return sorted(found, key=lambda r: r.code)
+
+        return await asyncio.to_thread(load)
+
+    async def redeem_reward(self, caller: Caller, contact_id: str, code: str) -> Written:
+        """One unit of the reward's stock and its price in points, in one decision:
+        both aggregates are saved together, each version-checked, so neither the
+        last unit nor the member's points can go twice. Refused (and nothing
+        changes) when the reward is out of stock, retired, outside its validity,
+        or the member's available points do not cover its price."""
+        contact_id = validation.identifier(contact_id, "contact_id")
+        code = validation.reward_code(code)
+        decided: list[RewardView] = []
+
+        def decide(uow: UnitOfWork) -> tuple[Member, dict[str, str]]:
+            member = uow.get(member_id(contact_id), Member)
+            reward = uow.get(reward_id(code), Reward, subject=False)
+            at = self.clock()
+            redemption = f"{code}:{reward.reserved + 1}"
+            price = reward.reserve(contact_id, redemption, at)
+            member.spend(price, f"reward:{redemption}", at)
+            decided.append(reward_view(reward))
+            return member, {"reward": code, "redemption": redemption, "points": str(price)}
+
+        written = await self._write(caller.command("RedeemReward", contact_id, code), decide)
+        # The reward as this redemption left it (a replayed request: as it is now).
+        reward = decided[-1] if decided and not written.outcome.replayed else None
+        if reward is None:
+            reward = await self.get_reward(code)
+        return Written(written.outcome, written.subject, reward)
 
     # -- earning rules ----------------------------------------------------------
 
@@ -296,10 +525,13 @@ class LoyaltyService:
 
         await self.bus.execute_async(enrolling.command("EnrolMember", contact_id, "erp"), decide)
 
-    async def place_order(self, caller: Caller, order: PlacedOrder) -> OrderOutcome:
+    async def place_order(
+        self, caller: Caller, order: PlacedOrder, source: ErpSource | None = None
+    ) -> OrderOutcome:
         """Earns an order's points, locked for the return window. A customer who is a
         contact but no member yet is enrolled (channel erp); one the contacts service
-        does not know raises `CustomerNotKnown`."""
+        does not know raises `CustomerNotKnown`. The events carry `source` (the
+        inbound record); an order placed before writes none."""
         lines = validation.placed_order(order)
         customer = order.customer_ref.strip()
         await self._ensure_member(caller, customer)
@@ -308,6 +540,7 @@ class LoyaltyService:
             member = uow.get(member_id(customer), Member)
             rules = self._rules_in(uow)
             at = validation.moment(order.occurred_at, self.clock())
+            first = not member.has_purchased
             tier = member.tier or self.tiers.lowest
             points = {
                 line.line_id: rules.points(line.amount, line.currency, line.category, tier, at)
@@ -320,9 +553,15 @@ class LoyaltyService:
                 locked_until=expiry_of(at, rules.return_window_days),
                 rule_version=rules.version,
                 at=at,
+                spend={line.line_id: str(line.amount) for line in lines},
+                currency=lines[0].currency if lines else "",
             )
+            if placed and first:
+                locked = expiry_of(at, rules.return_window_days)
+                self._purchase_bonuses(uow, member, rules, at, locked)
             if placed:
                 member.review_tier(self.tiers, self.clock())
+            stamp_source(member, source)
             return member, {"applied": str(placed).lower(), "points": str(sum(points.values()))}
 
         ctx = caller.command("RecordOrderPlaced", customer, order)
@@ -330,7 +569,9 @@ class LoyaltyService:
         extra = written.outcome.extra
         return OrderOutcome(written, extra.get("applied") == "true", int(extra.get("points", "0")))
 
-    async def return_order(self, caller: Caller, returned: ReturnedOrder) -> OrderOutcome:
+    async def return_order(
+        self, caller: Caller, returned: ReturnedOrder, source: ErpSource | None = None
+    ) -> OrderOutcome:
         """Cancels the points of the returned lines once per return; `OrderNotKnown`
         when the order was not placed (yet), `NotFound` when there is no member."""
         line_ids = validation.returned_order(returned)
@@ -344,6 +585,7 @@ class LoyaltyService:
             )
             if cancelled is not None:
                 member.review_tier(self.tiers, self.clock())
+            stamp_source(member, source)
             applied = cancelled is not None
             return member, {"applied": str(applied).lower(), "points": str(cancelled or 0)}
 
@@ -355,7 +597,15 @@ class LoyaltyService:
     # -- parked ERP messages ----------------------------------------------------
 
     async def park(
-        self, caller: Caller, key: str, customer_ref: str, kind: str, payload: bytes, reason: str
+        self,
+        caller: Caller,
+        key: str,
+        customer_ref: str,
+        kind: str,
+        payload: bytes,
+        reason: str,
+        source: ErpSource | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> bool:
         def decide(uow: UnitOfWork) -> tuple[ParkedOrders, dict[str, str]]:
             at = self.clock()
@@ -364,7 +614,9 @@ class LoyaltyService:
             else:
                 parking = uow.add(ParkedOrders(customer_id="", at=at))
             text = base64.b64encode(payload).decode()
-            parked = parking.park(key, customer_ref, kind, text, reason, at)
+            where = (source.partition, source.position) if source else (0, 0)
+            kept = json.dumps([[k, base64.b64encode(v).decode()] for k, v in headers or []])
+            parked = parking.park(key, customer_ref, kind, text, reason, at, where, kept)
             return parking, {"parked": str(parked).lower()}
 
         outcome = await self.bus.execute_async(caller.command("ParkOrder", key), decide)
@@ -378,11 +630,41 @@ class LoyaltyService:
 
         await self.bus.execute_async(caller.command("UnparkOrder", key), decide)
 
-    async def parked(self) -> list[ParkedView]:
+    async def parked(self, state: str = "") -> list[ParkedView]:
+        """Parked and dead-lettered ERP messages, in the order they were parked;
+        `state` (parked, dead_lettered) keeps only those."""
+        if state not in ("", PARKED, DEAD_LETTERED):
+            raise ValidationFailed.of("state", f"must be {PARKED} or {DEAD_LETTERED} (or empty)")
         parking = await asyncio.to_thread(self._load, PARKING_ID)
         if not isinstance(parking, ParkedOrders):
             return []
-        return [
-            ParkedView(key, e["customer_ref"], e["kind"], e["payload"], e["reason"])
-            for key, e in parking.entries.items()
-        ]
+        views = [parked_view(key, e) for key, e in parking.entries.items()]
+        return [v for v in views if not state or v.state == state]
+
+    async def dead_letter(self, caller: Caller, key: str, reason: str, topic: str) -> bool:
+        def decide(uow: UnitOfWork) -> tuple[ParkedOrders, dict[str, str]]:
+            parking = uow.get(PARKING_ID, ParkedOrders)
+            done = parking.dead_letter(key, reason, topic, self.clock())
+            return parking, {"dead_lettered": str(done).lower()}
+
+        outcome = await self.bus.execute_async(caller.command("DeadLetterOrder", key), decide)
+        return outcome.extra.get("dead_lettered") == "true"
+
+    async def redrive(self, caller: Caller, key: str) -> ParkedView:
+        """A dead-lettered ERP message parked again, to be retried from a fresh start.
+        Refused (nothing changes) when it is not dead-lettered."""
+        key = validation.identifier(key, "key")
+
+        def decide(uow: UnitOfWork) -> ParkedOrders:
+            if not uow.exists(PARKING_ID, ParkedOrders):
+                raise NotFound("ParkedOrder", key)
+            parking = uow.get(PARKING_ID, ParkedOrders)
+            if not parking.redrive(key, caller.actor, self.clock()):
+                raise RuleViolated(f"{key!r} is not dead-lettered: it is retried already")
+            return parking
+
+        await self.bus.execute_async(caller.command("RedriveParkedOrder", key), decide)
+        for entry in await self.parked():
+            if entry.key == key:
+                return entry
+        raise NotFound("ParkedOrder", key)

@@ -15,14 +15,22 @@ from typing import Any
 
 from crm.events.v1 import loyalty_pb2 as events_pb
 from crm_common.commands import CommandReceipt
+from crm_loyalty.application import ERP_PARTITION, ERP_POSITION
 from crm_loyalty.domain import EarningRules, Member
 from crm_loyalty.domain.parking import ParkedOrders
+from crm_loyalty.domain.rewards import Reward
 from crm_loyalty.messages import timestamp
 
 CE_TYPE_PREFIX = "crm.loyalty.v1."
 PROTO_MESSAGE = events_pb.LoyaltyEvent.DESCRIPTOR.full_name
 
-INTERNAL_EVENTS: tuple[type[Any], ...] = (CommandReceipt.Event, ParkedOrders.Event)
+#: Not published: receipts, parked ERP messages, and the mark that a referral
+#: was rewarded (its bonuses are published as PointsEarned, `bonus` referee/referrer).
+INTERNAL_EVENTS: tuple[type[Any], ...] = (
+    CommandReceipt.Event,
+    ParkedOrders.Event,
+    Member.ReferralSettled,
+)
 
 
 class UnpublishableEvent(TypeError):
@@ -47,6 +55,7 @@ def _earned(m: events_pb.LoyaltyEvent, d: Data) -> None:
             order_id=d["order_id"],
             rule_version=d["rule_version"],
             reason=d["reason"],
+            bonus=d.get("bonus", ""),
         )
     )
 
@@ -63,7 +72,11 @@ PAYLOADS: dict[type[Any], tuple[str, Fill]] = {
     Member.Created: (
         "MemberEnrolled",
         lambda m, d: m.member_enrolled.CopyFrom(
-            events_pb.MemberEnrolled(member_number=d["member_number"], channel=d["channel"])
+            events_pb.MemberEnrolled(
+                member_number=d["member_number"],
+                channel=d["channel"],
+                referred_by=d.get("referred_by", ""),
+            )
         ),
     ),
     Member.Earned: ("PointsEarned", _earned),
@@ -92,7 +105,11 @@ PAYLOADS: dict[type[Any], tuple[str, Fill]] = {
         "PointsCancelled",
         lambda m, d: m.points_cancelled.CopyFrom(
             events_pb.PointsCancelled(
-                lots=_lots(d), order_id=d["order_id"], return_id=d["return_id"]
+                lots=_lots(d),
+                order_id=d["order_id"],
+                return_id=d["return_id"],
+                line_ids=d["line_ids"],
+                unrecovered=d.get("unrecovered", 0),
             )
         ),
     ),
@@ -119,6 +136,46 @@ PAYLOADS: dict[type[Any], tuple[str, Fill]] = {
 }
 
 
+PAYLOADS.update(
+    {
+        Reward.Defined: (
+            "RewardDefined",
+            lambda m, d: m.reward_defined.CopyFrom(
+                events_pb.RewardDefined(
+                    code=d["code"],
+                    name=d["name"],
+                    points=d["points"],
+                    stock=d["stock"],
+                    valid_from=timestamp(d["valid_from"]),
+                    valid_until=timestamp(d["valid_until"]),
+                )
+            ),
+        ),
+        Reward.Restocked: (
+            "RewardRestocked",
+            lambda m, d: m.reward_restocked.CopyFrom(
+                events_pb.RewardRestocked(code=d["code"], quantity=d["quantity"])
+            ),
+        ),
+        Reward.Retired: (
+            "RewardRetired",
+            lambda m, d: m.reward_retired.CopyFrom(events_pb.RewardRetired(code=d["code"])),
+        ),
+        Reward.Reserved: (
+            "RewardReserved",
+            lambda m, d: m.reward_reserved.CopyFrom(
+                events_pb.RewardReserved(
+                    code=d["code"],
+                    contact_id=d["contact_id"],
+                    redemption_id=d["redemption_id"],
+                    points=d["points"],
+                )
+            ),
+        ),
+    }
+)
+
+
 def payload_name(event: Any) -> str:
     if isinstance(event, EarningRules.Created | EarningRules.Published):
         return "EarningRulesPublished"
@@ -141,6 +198,8 @@ def loyalty_event(event: Any, meta: Mapping[str, Any], position: int) -> events_
         occurred_at=timestamp(event.timestamp),
         actor=str(meta.get("actor") or ""),
         client=str(meta.get("client") or ""),
+        erp_partition=int(getattr(event, ERP_PARTITION, 0) or 0),
+        erp_position=int(getattr(event, ERP_POSITION, 0) or 0),
     )
     if name == "EarningRulesPublished":
         _rules(message, event.__dict__, event.originator_version)

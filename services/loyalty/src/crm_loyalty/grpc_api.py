@@ -16,15 +16,23 @@ from crm_common.enums import enum_word
 from crm_common.server import GrpcService, grpc_caller
 from crm_loyalty.application import LoyaltyService
 from crm_loyalty.domain import Rules
-from crm_loyalty.inputs import CampaignInput, Purchase, PurchaseLineInput, RulesInput
+from crm_loyalty.inputs import (
+    CampaignInput,
+    Purchase,
+    PurchaseLineInput,
+    RewardInput,
+    RulesInput,
+)
 from crm_loyalty.messages import (
     from_timestamp,
     member_pb,
+    parked_pb,
+    reward_pb,
     rules_pb,
     tier_pb,
     write_result,
 )
-from crm_loyalty.views import MemberView, Written
+from crm_loyalty.views import MemberView, RewardView, Written
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LoyaltyService"].full_name
 
@@ -34,6 +42,11 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 def _member(written: Written) -> pb.Member:
     assert isinstance(written.subject, MemberView)
     return member_pb(written.subject)
+
+
+def _reward(written: Written) -> pb.Reward:
+    assert isinstance(written.subject, RewardView)
+    return reward_pb(written.subject)
 
 
 def rules_input(rules: pb.EarningRules) -> RulesInput:
@@ -53,6 +66,10 @@ def rules_input(rules: pb.EarningRules) -> RulesInput:
         ],
         lot_lifetime_days=rules.lot_lifetime_days or 365,
         return_window_days=rules.return_window_days,
+        first_purchase_bonus=rules.first_purchase_bonus,
+        birthday_bonus=rules.birthday_bonus,
+        referrer_bonus=rules.referrer_bonus,
+        referee_bonus=rules.referee_bonus,
     )
 
 
@@ -67,6 +84,8 @@ class LoyaltyServicer(loyalty_pb2_grpc.LoyaltyServiceServicer):
             grpc_caller(context, request.request_id),
             request.contact_id,
             enum_word(pb.EnrolmentChannel, request.channel),
+            birthday=request.birthday,
+            referred_by=request.referred_by,
         )
         return pb.EnrolMemberResponse(result=write_result(written.outcome), member=_member(written))
 
@@ -145,6 +164,78 @@ class LoyaltyServicer(loyalty_pb2_grpc.LoyaltyServiceServicer):
 
     async def GetTier(self, request: pb.GetTierRequest, context: Context) -> pb.GetTierResponse:
         return tier_pb(await self.service.get_tier(request.contact_id))
+
+    async def DefineReward(
+        self, request: pb.DefineRewardRequest, context: Context
+    ) -> pb.DefineRewardResponse:
+        value = RewardInput(
+            request.code,
+            request.name,
+            request.points,
+            request.stock,
+            from_timestamp(request.valid_from, "valid_from"),
+            from_timestamp(request.valid_until, "valid_until"),
+        )
+        written = await self.service.define_reward(grpc_caller(context, request.request_id), value)
+        return pb.DefineRewardResponse(
+            result=write_result(written.outcome), reward=_reward(written)
+        )
+
+    async def RestockReward(
+        self, request: pb.RestockRewardRequest, context: Context
+    ) -> pb.RestockRewardResponse:
+        written = await self.service.restock_reward(
+            grpc_caller(context, request.request_id, request.expected_version),
+            request.code,
+            request.quantity,
+        )
+        return pb.RestockRewardResponse(
+            result=write_result(written.outcome), reward=_reward(written)
+        )
+
+    async def RetireReward(
+        self, request: pb.RetireRewardRequest, context: Context
+    ) -> pb.RetireRewardResponse:
+        written = await self.service.retire_reward(
+            grpc_caller(context, request.request_id, request.expected_version), request.code
+        )
+        return pb.RetireRewardResponse(
+            result=write_result(written.outcome), reward=_reward(written)
+        )
+
+    async def ListRewards(
+        self, request: pb.ListRewardsRequest, context: Context
+    ) -> pb.ListRewardsResponse:
+        rewards = await self.service.list_rewards(include_retired=request.include_retired)
+        return pb.ListRewardsResponse(rewards=[reward_pb(r) for r in rewards])
+
+    async def RedeemReward(
+        self, request: pb.RedeemRewardRequest, context: Context
+    ) -> pb.RedeemRewardResponse:
+        written = await self.service.redeem_reward(
+            grpc_caller(context, request.request_id, request.expected_version),
+            request.contact_id,
+            request.code,
+        )
+        assert written.reward is not None
+        return pb.RedeemRewardResponse(
+            result=write_result(written.outcome),
+            member=_member(written),
+            reward=reward_pb(written.reward),
+            redemption_id=written.outcome.extra.get("redemption", ""),
+        )
+
+    async def ListParkedOrders(
+        self, request: pb.ListParkedOrdersRequest, context: Context
+    ) -> pb.ListParkedOrdersResponse:
+        parked = await self.service.parked(request.state)
+        return pb.ListParkedOrdersResponse(orders=[parked_pb(p) for p in parked])
+
+    async def RedriveParkedOrder(
+        self, request: pb.RedriveParkedOrderRequest, context: Context
+    ) -> pb.RedriveParkedOrderResponse:
+        parked = await self.service.redrive(grpc_caller(context, request.request_id), request.key)
+        return pb.RedriveParkedOrderResponse(order=parked_pb(parked))
 
 
 def grpc_service(service: LoyaltyService) -> GrpcService:

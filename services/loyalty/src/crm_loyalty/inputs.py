@@ -39,6 +39,10 @@ class RulesInput:
     campaigns: list[CampaignInput] = field(default_factory=list)
     lot_lifetime_days: int = 365
     return_window_days: int = 30
+    first_purchase_bonus: int = 0
+    birthday_bonus: int = 0
+    referrer_bonus: int = 0
+    referee_bonus: int = 0
 
 
 @dataclass(frozen=True)
@@ -68,3 +72,24 @@ class ReturnedOrder:
     #: Empty: the whole order.
     line_ids: list[str] = field(default_factory=list)
     occurred_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ErpSource:
+    """The inbound record an ERP order event was read from: its partition and
+    the consumer position after it (offset + 1). Not part of what the order asks
+    for: a redelivery at another offset is the same request."""
+
+    partition: int
+    position: int
+
+
+@dataclass(frozen=True)
+class RewardInput:
+    #: The reward's code in the catalogue (`coffee-mug`), chosen once.
+    code: str
+    name: str
+    points: int
+    stock: int
+    valid_from: datetime | None = None
+    valid_until: datetime | None = None

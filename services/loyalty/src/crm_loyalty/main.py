@@ -3,21 +3,34 @@
 `ingest` (also run as `follow`, the registry's follower role) consumes the ERP
 orders topic. Its pace is set by `CRM_LOYALTY_PARKED_RETRY_SECONDS` (default
 30: how often parked orders are tried again) and `CRM_LOYALTY_SETTLE_SECONDS`
-(default 60: how often return windows are released and lots expired).
+(default 60: how often return windows are released and lots expired) and
+`CRM_LOYALTY_PARK_LIMIT_SECONDS` (default 604800, a week: how long a parked
+order is retried before it is dead-lettered to `<prefix>.erp.orders.dead-letter`).
+
+Both read the tier configuration at start (`CRM_LOYALTY_TIERS_YAML`, or the
+file `CRM_LOYALTY_TIERS_FILE` names, default the packaged `tiers.yaml`;
+`crm_loyalty.tier_config`) and exit with status 2,
+naming every mistake, when it is not valid.
+
+`crm-loyalty simulate-erp ...` publishes a simulated ERP order stream
+(`crm_loyalty.simulator`; `crm-loyalty simulate-erp --help`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from crm_common.cli import Process, run_cli
 from crm_common.lifecycle import run_worker
 from crm_common.relay import run_relay
 from crm_common.server import access_gate, serve
 from crm_common.settings import Settings
+from crm_loyalty import tier_config
 from crm_loyalty.application import LoyaltyService, create_application
 from crm_loyalty.contacts_client import GrpcContacts
+from crm_loyalty.domain import TierPolicy
 from crm_loyalty.events_out import PROTO_MESSAGE, to_wire
 from crm_loyalty.grpc_api import grpc_service
 from crm_loyalty.ingest import OrderIngest
@@ -34,10 +47,30 @@ def _seconds(name: str, default: float) -> float:
     return value
 
 
-async def run_serve(settings: Settings) -> None:
+def tier_policy() -> TierPolicy | None:
+    """The tier configuration (`crm_loyalty.tier_config.load`); None,
+    with every mistake logged, when it cannot be used."""
+    try:
+        policy = tier_config.load()
+    except tier_config.TierConfigError as error:
+        log.error("%s", error)
+        return None
+    log.info(
+        "tiers by %s over %s days: %s",
+        policy.basis,
+        policy.window.days,
+        ", ".join(f"{t.name} {t.threshold}" for t in policy.tiers),
+    )
+    return policy
+
+
+async def run_serve(settings: Settings) -> int | None:
+    tiers = tier_policy()
+    if tiers is None:
+        return 2
     gate = access_gate(settings)
     contacts = GrpcContacts(settings)
-    service = LoyaltyService(create_application(settings), contacts)
+    service = LoyaltyService(create_application(settings), contacts, tiers=tiers)
     try:
         await serve(
             settings,
@@ -48,6 +81,7 @@ async def run_serve(settings: Settings) -> None:
         )
     finally:
         await contacts.close()
+    return None
 
 
 async def run_relay_process(settings: Settings) -> None:
@@ -56,20 +90,25 @@ async def run_relay_process(settings: Settings) -> None:
     )
 
 
-async def run_ingest(settings: Settings) -> None:
+async def run_ingest(settings: Settings) -> int | None:
+    tiers = tier_policy()
+    if tiers is None:
+        return 2
     contacts = GrpcContacts(settings)
-    service = LoyaltyService(create_application(settings), contacts)
+    service = LoyaltyService(create_application(settings), contacts, tiers=tiers)
     ingest = OrderIngest(
         service,
         bootstrap=settings.kafka_bootstrap,
         retry_interval=_seconds("CRM_LOYALTY_PARKED_RETRY_SECONDS", 30),
         settle_interval=_seconds("CRM_LOYALTY_SETTLE_SECONDS", 60),
+        park_limit=_seconds("CRM_LOYALTY_PARK_LIMIT_SECONDS", 7 * 86400),
     )
     try:
         await run_worker(settings, ingest.heartbeat, ingest.run, details=ingest.health_details)
     finally:
         service.close()
         await contacts.close()
+    return None
 
 
 INGEST = Process("consume ERP orders into points; expire and release on schedule", run_ingest)
@@ -83,6 +122,12 @@ PROCESSES = {
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["simulate-erp"]:
+        # A tool, not a process of the service: its own options.
+        from crm_loyalty import simulator
+
+        sys.exit(simulator.main(args[1:]))
     run_cli(SERVICE, PROCESSES, description=__doc__, argv=argv)
 
 

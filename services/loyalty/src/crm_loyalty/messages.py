@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -11,7 +12,7 @@ from crm_common.commands import WriteOutcome
 from crm_common.enums import enum_number
 from crm_common.timestamps import datetime_of
 from crm_loyalty.domain import Balance, Rules
-from crm_loyalty.views import MemberView, TierView
+from crm_loyalty.views import MemberView, ParkedView, RewardView, TierView
 
 
 def timestamp(at: datetime | None) -> Timestamp | None:
@@ -73,6 +74,8 @@ def member_pb(view: MemberView) -> pb.Member:
             for lot in view.lots
         ],
         version=view.version,
+        birthday=view.birthday,
+        referred_by=view.referred_by,
     )
 
 
@@ -83,6 +86,8 @@ def tier_pb(view: TierView) -> pb.GetTierResponse:
         qualifying_points=view.qualifying_points,
         next_tier=view.next_tier,
         points_to_next_tier=view.points_to_next_tier,
+        basis=view.basis,
+        currency=view.currency,
     )
 
 
@@ -108,4 +113,37 @@ def rules_pb(rules: Rules) -> pb.EarningRules:
         ],
         lot_lifetime_days=rules.lot_lifetime_days,
         return_window_days=rules.return_window_days,
+        first_purchase_bonus=rules.first_purchase_bonus,
+        birthday_bonus=rules.birthday_bonus,
+        referrer_bonus=rules.referrer_bonus,
+        referee_bonus=rules.referee_bonus,
+    )
+
+
+def reward_pb(view: RewardView) -> pb.Reward:
+    return pb.Reward(
+        code=view.code,
+        name=view.name,
+        points=view.points,
+        stock=view.stock,
+        reserved=view.reserved,
+        valid_from=timestamp(view.valid_from),
+        valid_until=timestamp(view.valid_until),
+        retired=view.retired,
+        version=view.version,
+    )
+
+
+def parked_pb(view: ParkedView) -> pb.ParkedOrder:
+    return pb.ParkedOrder(
+        key=view.key,
+        customer_ref=view.customer_ref,
+        kind=view.kind,
+        reason=view.reason,
+        state=view.state,
+        parked_at=timestamp(view.parked_at),
+        dead_lettered_at=timestamp(view.dead_lettered_at),
+        source_partition=view.source.partition if view.source else -1,
+        source_offset=view.source.position - 1 if view.source else -1,
+        payload=base64.b64decode(view.payload),
     )

@@ -16,8 +16,14 @@ from crm_common.auth.gate import AccessGate
 from crm_common.server import IdempotencyKey, IfMatch, expected_version, http_caller, service_app
 from crm_loyalty.application import LoyaltyService
 from crm_loyalty.domain import Rules
-from crm_loyalty.inputs import CampaignInput, Purchase, PurchaseLineInput, RulesInput
-from crm_loyalty.views import MemberView, TierView, Written
+from crm_loyalty.inputs import (
+    CampaignInput,
+    Purchase,
+    PurchaseLineInput,
+    RewardInput,
+    RulesInput,
+)
+from crm_loyalty.views import MemberView, ParkedView, RewardView, TierView, Written
 
 DESCRIPTION = """Loyalty members (one per contact), their points on a ledger by lot, the
 earning rules and tiers.
@@ -74,6 +80,8 @@ class MemberModel(BaseModel):
     balance: BalanceModel
     lots: list[LotModel]
     version: int
+    birthday: str
+    referred_by: str
 
     @classmethod
     def of(cls, view: MemberView) -> MemberModel:
@@ -87,6 +95,8 @@ class MemberModel(BaseModel):
             balance=BalanceModel(**vars(view.balance)),
             lots=[LotModel(**vars(lot)) for lot in view.lots],
             version=view.version,
+            birthday=view.birthday,
+            referred_by=view.referred_by,
         )
 
 
@@ -121,6 +131,8 @@ class TierModel(BaseModel):
     qualifying_points: int
     next_tier: str
     points_to_next_tier: int
+    basis: str = Field(description="what tiers count: points, or spend (whole currency units)")
+    currency: str
 
     @classmethod
     def of(cls, view: TierView) -> TierModel:
@@ -130,6 +142,8 @@ class TierModel(BaseModel):
 class Enrolment(BaseModel):
     contact_id: str = Field(max_length=100)
     channel: str | None = Field(None, description="web, store, app, call_center or erp")
+    birthday: str | None = Field(None, description="MM-DD, for the birthday bonus")
+    referred_by: str | None = Field(None, description="the referring member's contact id")
 
 
 class PurchaseLineModel(BaseModel):
@@ -170,6 +184,10 @@ class RulesModel(BaseModel):
     campaigns: list[CampaignModel] = []
     lot_lifetime_days: int = 365
     return_window_days: int = 30
+    first_purchase_bonus: int = 0
+    birthday_bonus: int = 0
+    referrer_bonus: int = 0
+    referee_bonus: int = 0
 
     @classmethod
     def of(cls, rules: Rules) -> RulesModel:
@@ -187,6 +205,10 @@ class RulesModel(BaseModel):
             ],
             lot_lifetime_days=self.lot_lifetime_days,
             return_window_days=self.return_window_days,
+            first_purchase_bonus=self.first_purchase_bonus,
+            birthday_bonus=self.birthday_bonus,
+            referrer_bonus=self.referrer_bonus,
+            referee_bonus=self.referee_bonus,
         )
 
 
@@ -196,6 +218,94 @@ class RulesWrite(BaseModel):
     position: int
     replayed: bool
     rules: RulesModel
+
+
+class RewardModel(BaseModel):
+    code: str
+    name: str
+    points: int = Field(description="the price in points")
+    stock: int = Field(description="units left")
+    reserved: int = Field(description="units redeemed so far")
+    valid_from: datetime | None
+    valid_until: datetime | None
+    retired: bool
+    version: int
+
+    @classmethod
+    def of(cls, view: RewardView) -> RewardModel:
+        return cls(**vars(view))
+
+
+class RewardDefinition(BaseModel):
+    code: str = Field(description="letters, digits, '-', '_', '.'; stored in lower case")
+    name: str
+    points: int
+    stock: int = 0
+    valid_from: datetime | None = None
+    valid_until: datetime | None = None
+
+
+class Restock(BaseModel):
+    quantity: int
+
+
+class RewardWrite(BaseModel):
+    id: str
+    version: int
+    position: int
+    replayed: bool
+    reward: RewardModel
+
+    @classmethod
+    def of(cls, written: Written, response: Response | None = None) -> RewardWrite:
+        assert isinstance(written.subject, RewardView)
+        outcome = written.outcome
+        if response is not None and outcome.replayed:
+            response.status_code = 200
+        return cls(
+            id=outcome.id,
+            version=outcome.version,
+            position=outcome.position,
+            replayed=outcome.replayed,
+            reward=RewardModel.of(written.subject),
+        )
+
+
+class RewardRedemption(BaseModel):
+    code: str
+
+
+class RewardRedeemed(MemberWrite):
+    reward: RewardModel
+    redemption_id: str
+
+
+class ParkedOrderModel(BaseModel):
+    key: str
+    customer_ref: str
+    kind: str = Field(description="placed, returned, cancelled, refused or undecodable")
+    reason: str
+    state: str = Field(description="parked (retried) or dead_lettered")
+    parked_at: datetime | None
+    dead_lettered_at: datetime | None
+    source_partition: int = Field(description="-1: not known")
+    source_offset: int = Field(description="-1: not known")
+    payload: str = Field(description="the message as received, base64 (crm.erp.v1.OrderEvent)")
+
+    @classmethod
+    def of(cls, view: ParkedView) -> ParkedOrderModel:
+        return cls(
+            key=view.key,
+            customer_ref=view.customer_ref,
+            kind=view.kind,
+            reason=view.reason,
+            state=view.state,
+            parked_at=view.parked_at,
+            dead_lettered_at=view.dead_lettered_at,
+            source_partition=view.source.partition if view.source else -1,
+            source_offset=view.source.position - 1 if view.source else -1,
+            payload=view.payload,
+        )
 
 
 def _service(request: Request) -> LoyaltyService:
@@ -227,7 +337,14 @@ def create_app(service: LoyaltyService, gate: AccessGate) -> FastAPI:
         idempotency_key: IdempotencyKey = None,
     ) -> MemberWrite:
         caller = http_caller(request, idempotency_key)
-        return MemberWrite.of(await service.enrol(caller, body.contact_id, body.channel), response)
+        written = await service.enrol(
+            caller,
+            body.contact_id,
+            body.channel,
+            birthday=body.birthday,
+            referred_by=body.referred_by,
+        )
+        return MemberWrite.of(written, response)
 
     @app.get(
         "/members/{contact_id}",
@@ -357,5 +474,129 @@ def create_app(service: LoyaltyService, gate: AccessGate) -> FastAPI:
             replayed=outcome.replayed,
             rules=RulesModel.of(written.subject),
         )
+
+    @app.post(
+        "/rewards",
+        status_code=201,
+        response_model=RewardWrite,
+        responses=ERRORS,
+        summary="Define a reward of the catalogue: its price in points and its stock",
+        operation_id="DefineReward",
+        tags=["rewards"],
+    )
+    async def define_reward(
+        request: Request,
+        response: Response,
+        body: RewardDefinition,
+        service: Service,
+        idempotency_key: IdempotencyKey = None,
+    ) -> RewardWrite:
+        caller = http_caller(request, idempotency_key)
+        value = RewardInput(
+            body.code, body.name, body.points, body.stock, body.valid_from, body.valid_until
+        )
+        return RewardWrite.of(await service.define_reward(caller, value), response)
+
+    @app.get(
+        "/rewards",
+        response_model=list[RewardModel],
+        responses=ERRORS,
+        summary="The rewards catalogue (retired ones with include_retired=true)",
+        operation_id="ListRewards",
+        tags=["rewards"],
+    )
+    async def list_rewards(service: Service, include_retired: bool = False) -> list[RewardModel]:
+        rewards = await service.list_rewards(include_retired=include_retired)
+        return [RewardModel.of(r) for r in rewards]
+
+    @app.post(
+        "/rewards/{code}/restock",
+        response_model=RewardWrite,
+        responses=ERRORS,
+        summary="Add units to a reward's stock",
+        operation_id="RestockReward",
+        tags=["rewards"],
+    )
+    async def restock_reward(
+        code: str,
+        request: Request,
+        body: Restock,
+        service: Service,
+        idempotency_key: IdempotencyKey = None,
+        if_match: IfMatch = None,
+    ) -> RewardWrite:
+        caller = http_caller(request, idempotency_key, expected_version(if_match))
+        return RewardWrite.of(await service.restock_reward(caller, code, body.quantity))
+
+    @app.post(
+        "/rewards/{code}/retire",
+        response_model=RewardWrite,
+        responses=ERRORS,
+        summary="Retire a reward: listed, no longer redeemable",
+        operation_id="RetireReward",
+        tags=["rewards"],
+    )
+    async def retire_reward(
+        code: str,
+        request: Request,
+        service: Service,
+        idempotency_key: IdempotencyKey = None,
+        if_match: IfMatch = None,
+    ) -> RewardWrite:
+        caller = http_caller(request, idempotency_key, expected_version(if_match))
+        return RewardWrite.of(await service.retire_reward(caller, code))
+
+    @app.post(
+        "/members/{contact_id}/reward-redemptions",
+        status_code=201,
+        response_model=RewardRedeemed,
+        responses=ERRORS,
+        summary="Redeem a reward: one unit of stock and its price in points, together",
+        operation_id="RedeemReward",
+        tags=["rewards"],
+    )
+    async def redeem_reward(
+        contact_id: str,
+        request: Request,
+        response: Response,
+        body: RewardRedemption,
+        service: Service,
+        idempotency_key: IdempotencyKey = None,
+        if_match: IfMatch = None,
+    ) -> RewardRedeemed:
+        caller = http_caller(request, idempotency_key, expected_version(if_match))
+        written = await service.redeem_reward(caller, contact_id, body.code)
+        base = MemberWrite.of(written, response)
+        assert written.reward is not None
+        return RewardRedeemed(
+            **base.model_dump(),
+            reward=RewardModel.of(written.reward),
+            redemption_id=written.outcome.extra.get("redemption", ""),
+        )
+
+    @app.get(
+        "/erp/parked-orders",
+        response_model=list[ParkedOrderModel],
+        responses=ERRORS,
+        summary="ERP messages not applied: parked (retried) and dead-lettered",
+        operation_id="ListParkedOrders",
+        tags=["erp"],
+    )
+    async def list_parked(service: Service, state: str = "") -> list[ParkedOrderModel]:
+        return [ParkedOrderModel.of(p) for p in await service.parked(state)]
+
+    @app.post(
+        "/erp/parked-orders/{key}/redrive",
+        response_model=ParkedOrderModel,
+        responses=ERRORS,
+        summary="Park a dead-lettered ERP message again, to be retried afresh",
+        operation_id="RedriveParkedOrder",
+        tags=["erp"],
+    )
+    async def redrive(
+        key: str, request: Request, service: Service, idempotency_key: IdempotencyKey = None
+    ) -> ParkedOrderModel:
+        caller = http_caller(request, idempotency_key)
+        return ParkedOrderModel.of(await service.redrive(caller, key))
 
     return app

@@ -6,19 +6,24 @@ Every refusal is a `ValidationFailed` naming the field paths the client sent
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import TypeVar
 
 from crm_common.errors import FieldErrors, ValidationFailed
 from crm_common.money import canonical_currency, decimal_places, parse_amount, parse_decimal
 from crm_loyalty.domain import CHANNELS, Campaign, Rules
-from crm_loyalty.inputs import PlacedOrder, Purchase, ReturnedOrder, RulesInput
+from crm_loyalty.inputs import PlacedOrder, Purchase, ReturnedOrder, RewardInput, RulesInput
 
 MAX_ID = 100
 MAX_TEXT = 500
 MAX_LINES = 500
 MAX_POINTS = 10**9
+MAX_BONUS = 10**6
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,10 @@ def rules(value: RulesInput) -> Rules:
         errors.add("lot_lifetime_days", "must be between 1 and 3650")
     if not 0 <= value.return_window_days <= 365:
         errors.add("return_window_days", "must be between 0 and 365")
+    first = bonus(value.first_purchase_bonus, "first_purchase_bonus", errors)
+    birthday_points = bonus(value.birthday_bonus, "birthday_bonus", errors)
+    referrer = bonus(value.referrer_bonus, "referrer_bonus", errors)
+    referee = bonus(value.referee_bonus, "referee_bonus", errors)
     errors.raise_if_any()
     return Rules(
         version=0,
@@ -195,6 +204,10 @@ def rules(value: RulesInput) -> Rules:
         campaigns=tuple(campaigns),
         lot_lifetime_days=value.lot_lifetime_days,
         return_window_days=value.return_window_days,
+        first_purchase_bonus=first,
+        birthday_bonus=birthday_points,
+        referrer_bonus=referrer,
+        referee_bonus=referee,
     )
 
 
@@ -204,3 +217,72 @@ def moment(value: datetime | None, default: datetime) -> datetime:
     if value.tzinfo is None:
         raise ValidationFailed.of("occurred_at", "needs a time zone")
     return value.astimezone(UTC)
+
+
+MAX_STOCK = 10**7
+CODE_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def reward_code(value: str, field: str = "code") -> str:
+    code = identifier(value, field).lower()
+    if not set(code) <= CODE_CHARACTERS:
+        raise ValidationFailed.of(field, "may hold only letters, digits, '-', '_' and '.'")
+    return code
+
+
+def quantity(value: int, field: str, *, zero: bool = False) -> int:
+    if value < 0 or (value == 0 and not zero):
+        raise ValidationFailed.of(field, "must be 0 or more" if zero else "must be positive")
+    if value > MAX_STOCK:
+        raise ValidationFailed.of(field, f"must be at most {MAX_STOCK}")
+    return value
+
+
+def _collect(errors: FieldErrors, check: Callable[[], T]) -> T | None:
+    """The checked value, or None with the refusal added to `errors`."""
+    try:
+        return check()
+    except ValidationFailed as error:
+        for e in error.errors:
+            errors.add(e.field, e.message)
+        return None
+
+
+def reward(value: RewardInput) -> RewardInput:
+    errors = FieldErrors()
+    code = _collect(errors, lambda: reward_code(value.code))
+    name = _collect(errors, lambda: text(value.name, "name", required=True))
+    price = _collect(errors, lambda: points(value.points))
+    stock = _collect(errors, lambda: quantity(value.stock, "stock", zero=True))
+    starts, ends = value.valid_from, value.valid_until
+    for field, at in (("valid_from", starts), ("valid_until", ends)):
+        if at is not None and at.tzinfo is None:
+            errors.add(field, "needs a time zone")
+    errors.raise_if_any()
+    assert code is not None and name is not None and price is not None and stock is not None
+    starts = starts.astimezone(UTC) if starts else None
+    ends = ends.astimezone(UTC) if ends else None
+    if starts and ends and ends <= starts:
+        raise ValidationFailed.of("valid_until", "must be after valid_from")
+    return RewardInput(code, name, price, stock, starts, ends)
+
+
+def birthday(value: str | None) -> str:
+    """ "MM-DD" (a month and day: the year is nobody's business here), or ""."""
+    value = (value or "").strip()
+    if not value:
+        return ""
+    try:
+        month, day = (int(x) for x in value.split("-"))
+        # 2000 is a leap year: 02-29 is a birthday.
+        datetime(2000, month, day)
+    except ValueError:
+        raise ValidationFailed.of("birthday", "must be a month and day, MM-DD") from None
+    return f"{month:02d}-{day:02d}"
+
+
+def bonus(value: int, field: str, errors: FieldErrors) -> int:
+    if not 0 <= value <= MAX_BONUS:
+        errors.add(field, f"must be from 0 to {MAX_BONUS} points")
+        return 0
+    return value

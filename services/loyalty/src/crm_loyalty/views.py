@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from crm_common.commands import WriteOutcome
 from crm_loyalty.domain import Balance, Member, Rules, TierPolicy
+from crm_loyalty.domain.rewards import Reward
+from crm_loyalty.inputs import ErpSource
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class MemberView:
     balance: Balance
     lots: tuple[LotView, ...]
     version: int
+    birthday: str = ""
+    referred_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ class TierView:
     qualifying_points: int
     next_tier: str
     points_to_next_tier: int
+    basis: str = "points"
+    currency: str = ""
 
 
 @dataclass(frozen=True)
@@ -55,12 +61,51 @@ class ParkedView:
     kind: str
     payload: str
     reason: str
+    #: The inbound record it was read from (None: not known).
+    source: ErpSource | None = None
+    #: parked (retried) or dead_lettered (published to the dead-letter topic).
+    state: str = "parked"
+    parked_at: datetime | None = None
+    dead_lettered_at: datetime | None = None
+    #: The Kafka headers the record came with (CloudEvents attributes).
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RewardView:
+    code: str
+    name: str
+    points: int
+    #: Units left to redeem.
+    stock: int
+    #: Units redeemed so far.
+    reserved: int
+    valid_from: datetime | None
+    valid_until: datetime | None
+    retired: bool
+    version: int
 
 
 @dataclass(frozen=True)
 class Written:
     outcome: WriteOutcome
-    subject: MemberView | Rules
+    subject: MemberView | Rules | RewardView
+    #: A redemption's reward, besides its member (the subject).
+    reward: RewardView | None = None
+
+
+def reward_view(reward: Reward) -> RewardView:
+    return RewardView(
+        code=reward.code,
+        name=reward.name,
+        points=reward.points,
+        stock=reward.stock,
+        reserved=reward.reserved,
+        valid_from=reward.valid_from,
+        valid_until=reward.valid_until,
+        retired=reward.retired,
+        version=reward.version,
+    )
 
 
 def member_view(member: Member, policy: TierPolicy) -> MemberView:
@@ -91,6 +136,8 @@ def member_view(member: Member, policy: TierPolicy) -> MemberView:
             for lot in member.lots.values()
         ),
         version=member.version,
+        birthday=member.birthday,
+        referred_by=member.referred_by,
     )
 
 
@@ -104,4 +151,6 @@ def tier_view(member: Member, policy: TierPolicy, at: datetime) -> TierView:
         qualifying_points=points,
         next_tier=following.name if following else "",
         points_to_next_tier=max(0, following.threshold - points) if following else 0,
+        basis=policy.basis,
+        currency=policy.currency,
     )

@@ -9,8 +9,11 @@ which follows the event store's notification log.
 Opening a case checks its contact with the contacts service first, through
 `ContactsPort`, so the transport (gRPC in production) stays out of this layer.
 
-The customer tier comes from the loyalty service once it exists; until then
-every case gets `DEFAULT_TIER` and records `tier_source="default"`.
+The customer tier comes from the loyalty service through `TierPort` (gRPC
+`GetTier` with a short deadline in production): when loyalty does not know the
+customer as a member, cannot be reached, does not answer in time or refuses,
+the case gets `DEFAULT_TIER` and records why (`tier_source` "default: not a
+member", "default: loyalty unreachable", ...). The port never raises.
 
 SLA deadlines are raised by `raise_due_deadlines` (the scanner of every API
 process, and the `sla` process): each deadline is one `RaiseSlaDeadline`
@@ -26,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -37,7 +41,7 @@ from crm_common.errors import NotFound, ValidationFailed
 from crm_common.eventstore import application_env, creating_tables
 from crm_common.settings import Settings
 from crm_tickets import validation
-from crm_tickets.deadlines import DeadlineIndex
+from crm_tickets.deadlines import DeadlineIndex, mean, p90
 from crm_tickets.domain import (
     DEFAULT_TIER,
     PRIORITIES,
@@ -49,7 +53,16 @@ from crm_tickets.domain import (
     policy_terms,
 )
 from crm_tickets.inputs import NewCase, SlaTermsInput, SurveyInput, Triage
-from crm_tickets.views import CasePage, CaseView, PolicyView, Written, case_view, view_of
+from crm_tickets.views import (
+    CasePage,
+    CaseView,
+    ComplianceView,
+    PolicyView,
+    TargetComplianceView,
+    Written,
+    case_view,
+    view_of,
+)
 
 SERVICE = "tickets"
 log = logging.getLogger(__name__)
@@ -59,14 +72,15 @@ DEFAULT_REOPEN_WINDOW_SECONDS = 7 * 24 * 3600
 HOUR = 3600
 
 #: The terms of a case opened without a policy: Monday to Friday 09:00-17:00 UTC,
-#: the same targets for every tier (business hours: first reply / resolution).
+#: the same targets for every tier (business hours: first reply, next reply after
+#: each customer reply, resolution).
 DEFAULT_TERMS = policy_terms(
     targets={
         tier: {
-            "urgent": {"first_response": 1 * HOUR, "resolution": 8 * HOUR},
-            "high": {"first_response": 4 * HOUR, "resolution": 16 * HOUR},
-            "normal": {"first_response": 8 * HOUR, "resolution": 40 * HOUR},
-            "low": {"first_response": 16 * HOUR, "resolution": 80 * HOUR},
+            "urgent": {"first_response": HOUR, "next_reply": HOUR, "resolution": 8 * HOUR},
+            "high": {"first_response": 4 * HOUR, "next_reply": 4 * HOUR, "resolution": 16 * HOUR},
+            "normal": {"first_response": 8 * HOUR, "next_reply": 8 * HOUR, "resolution": 40 * HOUR},
+            "low": {"first_response": 16 * HOUR, "next_reply": 16 * HOUR, "resolution": 80 * HOUR},
         }
         for tier in TIERS
     },
@@ -101,6 +115,25 @@ class ContactsPort(Protocol):
         """Raises NotFound unless `contact_id` is a contact (person or company)."""
 
 
+@dataclass(frozen=True)
+class TierAnswer:
+    """A customer's tier and where it came from ("loyalty" or "default: <why>")."""
+
+    tier: str
+    source: str
+
+
+class TierPort(Protocol):
+    """What opening a case needs from the loyalty service."""
+
+    async def tier_of(self, contact_id: str) -> TierAnswer:
+        """The customer's tier; the default tier (with the reason) when there is none.
+        Never raises, never waits beyond its own short deadline."""
+
+
+NO_LOYALTY = TierAnswer(DEFAULT_TIER, "default: loyalty not configured")
+
+
 class TicketsService:
     """Use cases of the tickets service; both adapters and the scanner call these."""
 
@@ -111,9 +144,11 @@ class TicketsService:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         reopen_window_seconds: int = DEFAULT_REOPEN_WINDOW_SECONDS,
+        tiers: TierPort | None = None,
     ) -> None:
         self.app = app
         self.contacts = contacts
+        self.tiers = tiers
         self.bus = CommandBus(app, SERVICE)
         self.deadlines = DeadlineIndex(app)
         self.clock = clock
@@ -150,6 +185,7 @@ class TicketsService:
         if self.contacts is None:
             raise NotFound("Contact", case.customer_id)
         await self.contacts.ensure_exists(case.customer_id)
+        tier = NO_LOYALTY if self.tiers is None else await self.tiers.tier_of(case.customer_id)
 
         def decide(uow: UnitOfWork) -> Case:
             policy_id, version, terms = "", 0, DEFAULT_TERMS
@@ -168,8 +204,8 @@ class TicketsService:
                     priority=case.priority or "normal",
                     team=case.team,
                     assignee=case.assignee,
-                    tier=DEFAULT_TIER,
-                    tier_source="default",
+                    tier=tier.tier,
+                    tier_source=tier.source,
                     policy_id=policy_id,
                     policy_version=version,
                     terms=terms,
@@ -271,14 +307,69 @@ class TicketsService:
             raise NotFound("Case", case_id)
         return case_view(case, self.clock())
 
-    async def team_queue(self, team: str, page_size: int = 50, page_token: str = "") -> CasePage:
-        entries = await asyncio.to_thread(self.deadlines.queue, team.strip().lower())
-        start = int(page_token) if page_token.isdigit() else 0
-        size = min(max(page_size or 50, 1), 500)
-        page = entries[start : start + size]
-        cases = [await self.get_case(e.case_id) for e in page]
-        more = start + size < len(entries)
-        return CasePage(cases, str(start + size) if more else "")
+    async def _page(self, ids: list[str], page: validation.Page) -> CasePage:
+        chosen = ids[page.start : page.start + page.size]
+        cases = [await self.get_case(ident) for ident in chosen]
+        more = page.start + page.size < len(ids)
+        return CasePage(cases, str(page.start + page.size) if more else "")
+
+    async def team_queue(self, team: str, page_size: int = 0, page_token: str = "") -> CasePage:
+        """A team's unsolved cases by SLA urgency (`DeadlineIndex.queue`)."""
+        checked = validation.team("team", team)
+        page = validation.page(page_size, page_token)
+        entries = await asyncio.to_thread(self.deadlines.queue, checked)
+        return await self._page([e.case_id for e in entries], page)
+
+    async def cases_at_risk(
+        self, within_minutes: int, team: str = "", page_size: int = 0, page_token: str = ""
+    ) -> CasePage:
+        """Unsolved cases with a breach due within `within_minutes`, the nearest first."""
+        minutes = validation.within_minutes(within_minutes)
+        checked = validation.team("team", team, required=False)
+        page = validation.page(page_size, page_token)
+        until = self.clock() + timedelta(minutes=minutes)
+        entries = await asyncio.to_thread(self.deadlines.at_risk, until, checked)
+        return await self._page([e.case_id for e in entries], page)
+
+    async def customer_cases(
+        self, customer_id: str, page_size: int = 0, page_token: str = ""
+    ) -> CasePage:
+        """A customer's cases, the newest first (closed ones too)."""
+        customer = validation.required("customer_id", customer_id)
+        page = validation.page(page_size, page_token)
+        ids = await asyncio.to_thread(self.deadlines.customer_cases, customer)
+        return await self._page(ids, page)
+
+    async def sla_compliance(
+        self, team: str, period_start: datetime | None, period_end: datetime | None
+    ) -> ComplianceView:
+        """Per target kind the share met, and mean and p90 business time to the first
+        reply and to resolution, over the team's cases opened in the period."""
+        checked = validation.team("team", team)
+        start, end = validation.period(period_start, period_end)
+        found = await asyncio.to_thread(self.deadlines.compliance, checked, start, end)
+        return ComplianceView(
+            team=checked,
+            period_start=start,
+            period_end=end,
+            cases=found.cases,
+            targets=[
+                TargetComplianceView(
+                    kind,
+                    met,
+                    breached,
+                    still_open,
+                    met / (met + breached) if met + breached else 0.0,
+                )
+                for kind, (met, breached, still_open) in found.targets.items()
+            ],
+            first_reply_count=len(found.first_reply),
+            first_reply_mean_seconds=round(mean(found.first_reply), 3),
+            first_reply_p90_seconds=round(p90(found.first_reply), 3),
+            resolution_count=len(found.resolution),
+            resolution_mean_seconds=round(mean(found.resolution), 3),
+            resolution_p90_seconds=round(p90(found.resolution), 3),
+        )
 
     # -- SLA policies
 

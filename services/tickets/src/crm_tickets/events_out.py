@@ -6,13 +6,25 @@ of a case or SLA policy becomes one message with the CloudEvents type
 contact id (the policy's id for policy events). Command receipts are internal
 and not published; an event this module does not know is an error, never a
 silent skip.
+
+Every message carries the actor and client of the command that caused it, and
+every case event carries `sla`: the case's SLA state right after the event
+(policy and version, tier and its source, and each clock's state, due time,
+warning time or time left). `CaseEvents` works that state out: it keeps the
+cases it has seen recently and applies each event to its case, and loads a
+case from the event store at the event's version when it has not got the
+version just before (a relay restarted in the middle of the log, a case not
+seen for long). The snapshot depends only on the stored events, never on the
+clock, so publishing a suffix again gives the same messages.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 from crm.events.v1 import tickets_pb2 as events_pb
 from crm.tickets.v1 import tickets_pb2 as pb
@@ -36,6 +48,26 @@ Fill = Callable[[events_pb.TicketEvent, Data], None]
 
 def _priority(word: str) -> Any:
     return enum_number(pb.Priority, word)
+
+
+def sla_pb(case: Case) -> events_pb.CaseSla:
+    """The case's SLA state as it stands (`Case.sla_clocks`)."""
+    return events_pb.CaseSla(
+        policy_id=case.policy_id,
+        policy_version=case.policy_version,
+        tier=case.tier,
+        tier_source=case.tier_source,
+        clocks=[
+            events_pb.SlaClock(
+                kind=c["kind"],
+                state=c["state"],
+                due_at=timestamp(c["due_at"]),
+                remaining_seconds=c["remaining_seconds"] or 0,
+                warn_at=timestamp(c["warn_at"]),
+            )
+            for c in case.sla_clocks()
+        ],
+    )
 
 
 FILLERS: dict[type[Any], tuple[str, str, Fill]] = {
@@ -100,6 +132,7 @@ FILLERS: dict[type[Any], tuple[str, str, Fill]] = {
                 kind=d["kind"],
                 due_at=timestamp(d["due_at"]),
                 deadline_version=d["deadline_version"],
+                cycle=d.get("cycle", 1),
             )
         ),
     ),
@@ -111,6 +144,7 @@ FILLERS: dict[type[Any], tuple[str, str, Fill]] = {
                 kind=d["kind"],
                 due_at=timestamp(d["due_at"]),
                 deadline_version=d["deadline_version"],
+                cycle=d.get("cycle", 1),
             )
         ),
     ),
@@ -159,8 +193,11 @@ FILLERS: dict[type[Any], tuple[str, str, Fill]] = {
 }
 
 
-def to_wire(event: Any, meta: dict[str, Any], position: int) -> tuple[str, str, bytes] | None:
-    """(key, CloudEvents type, payload) of a stored event; None for internal events."""
+def to_wire(
+    event: Any, meta: dict[str, Any], position: int, *, case: Case | None = None
+) -> tuple[str, str, bytes] | None:
+    """(key, CloudEvents type, payload) of a stored event; None for internal events.
+    `case` is the case as it stands after the event (its SLA state goes along)."""
     if isinstance(event, INTERNAL_EVENTS):
         return None
     entry = FILLERS.get(type(event))
@@ -176,6 +213,50 @@ def to_wire(event: Any, meta: dict[str, Any], position: int) -> tuple[str, str, 
         version=event.originator_version,
         position=position,
         occurred_at=timestamp(at),
+        actor=str(meta.get("actor") or ""),
+        client=str(meta.get("client") or ""),
     )
+    if case is not None:
+        message.sla.CopyFrom(sla_pb(case))
     fill(message, data)
     return customer or str(event.originator_id), CE_TYPE_PREFIX + name, message.SerializeToString()
+
+
+CASE_EVENTS = tuple(t for t in FILLERS if issubclass(t, (Case.Opened, Case.Event)))
+
+
+class CaseEvents:
+    """The relay's `to_wire`: each case event with its case's SLA state after it.
+
+    `load(case_id, version)` reads a case from the event store as it stood at a
+    version; it is called only when the case is not kept at the version before the
+    event. At most `keep` cases are kept (the most recently published)."""
+
+    def __init__(self, load: Callable[[UUID, int], Case], keep: int = 2_000) -> None:
+        self.load = load
+        self.keep = keep
+        self.loads = 0
+        self._cases: OrderedDict[UUID, Case] = OrderedDict()
+
+    def case_after(self, event: Any) -> Case:
+        ident: UUID = event.originator_id
+        version: int = event.originator_version
+        case = self._cases.pop(ident, None)
+        if isinstance(event, Case.Opened):
+            case = event.mutate(None)
+        elif case is not None and case.version == version - 1:
+            case = event.mutate(case)
+        else:
+            self.loads += 1
+            case = self.load(ident, version)
+        assert case is not None
+        self._cases[ident] = case
+        while len(self._cases) > self.keep:
+            self._cases.popitem(last=False)
+        return case
+
+    def __call__(
+        self, event: Any, meta: dict[str, Any], position: int
+    ) -> tuple[str, str, bytes] | None:
+        case = self.case_after(event) if isinstance(event, CASE_EVENTS) else None
+        return to_wire(event, meta, position, case=case)

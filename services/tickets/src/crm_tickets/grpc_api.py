@@ -16,6 +16,7 @@ from crm.tickets.v1 import tickets_pb2_grpc
 from crm_common.commands import WriteOutcome
 from crm_common.enums import enum_word
 from crm_common.server import GrpcService, grpc_caller
+from crm_common.timestamps import datetime_of
 from crm_tickets.application import TicketsService
 from crm_tickets.inputs import (
     CalendarInput,
@@ -26,7 +27,7 @@ from crm_tickets.inputs import (
     Triage,
     WeekdayInput,
 )
-from crm_tickets.messages import case_pb, policy_pb
+from crm_tickets.messages import case_pb, compliance_pb, policy_pb
 from crm_tickets.views import CaseView, PolicyView, Written
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TicketsService"].full_name
@@ -57,6 +58,7 @@ def terms_input(terms: pb.SlaTerms) -> SlaTermsInput:
                 enum_word(pb.Priority, t.priority),
                 t.first_response_seconds,
                 t.resolution_seconds,
+                t.next_reply_seconds,
             )
             for t in terms.targets
         ],
@@ -176,6 +178,42 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         return pb.ListTeamQueueResponse(
             cases=[case_pb(c) for c in page.cases], next_page_token=page.next_page_token
         )
+
+    async def ListCasesAtRisk(
+        self, request: pb.ListCasesAtRiskRequest, context: Context
+    ) -> pb.ListCasesAtRiskResponse:
+        page = await self.service.cases_at_risk(
+            request.within_minutes, request.team, request.page_size, request.page_token
+        )
+        return pb.ListCasesAtRiskResponse(
+            cases=[case_pb(c) for c in page.cases], next_page_token=page.next_page_token
+        )
+
+    async def ListCustomerCases(
+        self, request: pb.ListCustomerCasesRequest, context: Context
+    ) -> pb.ListCustomerCasesResponse:
+        page = await self.service.customer_cases(
+            request.customer_id, request.page_size, request.page_token
+        )
+        return pb.ListCustomerCasesResponse(
+            cases=[case_pb(c) for c in page.cases], next_page_token=page.next_page_token
+        )
+
+    async def GetSlaCompliance(
+        self, request: pb.GetSlaComplianceRequest, context: Context
+    ) -> pb.GetSlaComplianceResponse:
+        start = (
+            datetime_of(request.period_start, "period_start")
+            if request.HasField("period_start")
+            else None
+        )
+        end = (
+            datetime_of(request.period_end, "period_end")
+            if request.HasField("period_end")
+            else None
+        )
+        view = await self.service.sla_compliance(request.team, start, end)
+        return pb.GetSlaComplianceResponse(compliance=compliance_pb(view))
 
     async def DefineSlaPolicy(
         self, request: pb.DefineSlaPolicyRequest, context: Context

@@ -32,6 +32,7 @@ class TargetInput:
     priority: str | None
     first_response_seconds: int
     resolution_seconds: int
+    next_reply_seconds: int = 0
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,13 @@ the scanner alone, for a deployment that wants it apart from the API.
 
 `CRM_TICKETS_SLA_INTERVAL` (seconds, default 5) is how often the scanner
 looks; `CRM_TICKETS_REOPEN_WINDOW` (seconds, default 7 days) how long a solved
-case may be reopened.
+case may be reopened; `CRM_TICKETS_LOYALTY_DEADLINE_MS` (default 300) how long
+opening a case waits for the customer's tier (`CRM_LOYALTY_GRPC_TARGET`).
+
+Time is injectable: with `CRM_TICKETS_CLOCK_FILE` set, the processes take
+"now" from that file (one ISO 8601 instant with its offset, read at every
+use), so tests and drills move the service through days of business hours at
+once. Unset (production), the clock is the system's.
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from uuid import UUID
 
 from crm_common.cli import Process, run_cli
 from crm_common.health import Heartbeat
@@ -25,25 +35,56 @@ from crm_common.server import access_gate, serve
 from crm_common.settings import Settings
 from crm_tickets.application import (
     DEFAULT_REOPEN_WINDOW_SECONDS,
+    TicketsApplication,
     TicketsService,
     create_application,
 )
 from crm_tickets.contacts_client import GrpcContacts
-from crm_tickets.events_out import PROTO_MESSAGE, to_wire
+from crm_tickets.domain import Case
+from crm_tickets.events_out import PROTO_MESSAGE, CaseEvents
 from crm_tickets.grpc_api import grpc_service
+from crm_tickets.loyalty_client import GrpcLoyaltyTiers
 from crm_tickets.rest_api import create_app
 
 SERVICE = "tickets"
 log = logging.getLogger("crm_tickets")
 
 
+class FileClock:
+    """Now, as written in a file (an ISO 8601 instant with its offset)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __call__(self) -> datetime:
+        at = datetime.fromisoformat(self.path.read_text().strip())
+        if at.tzinfo is None:
+            raise ValueError(f"{self.path}: the instant needs its offset (Z or +hh:mm)")
+        return at
+
+
+def _clock() -> Callable[[], datetime]:
+    path = os.environ.get("CRM_TICKETS_CLOCK_FILE", "")
+    return FileClock(Path(path)) if path else (lambda: datetime.now(UTC))
+
+
 def _interval() -> float:
     return float(os.environ.get("CRM_TICKETS_SLA_INTERVAL", "5"))
 
 
-def _service(settings: Settings, contacts: GrpcContacts | None = None) -> TicketsService:
+def _service(
+    settings: Settings,
+    contacts: GrpcContacts | None = None,
+    tiers: GrpcLoyaltyTiers | None = None,
+) -> TicketsService:
     window = int(os.environ.get("CRM_TICKETS_REOPEN_WINDOW", DEFAULT_REOPEN_WINDOW_SECONDS))
-    return TicketsService(create_application(settings), contacts, reopen_window_seconds=window)
+    return TicketsService(
+        create_application(settings),
+        contacts,
+        clock=_clock(),
+        reopen_window_seconds=window,
+        tiers=tiers,
+    )
 
 
 async def scan_until(service: TicketsService, stop: asyncio.Event, heartbeat: Heartbeat) -> None:
@@ -63,7 +104,8 @@ async def scan_until(service: TicketsService, stop: asyncio.Event, heartbeat: He
 async def run_serve(settings: Settings) -> None:
     gate = access_gate(settings)
     contacts = GrpcContacts(settings)
-    service = _service(settings, contacts)
+    tiers = GrpcLoyaltyTiers(settings)
+    service = _service(settings, contacts, tiers)
     stop = asyncio.Event()
     try:
         await asyncio.to_thread(service.deadlines.catch_up)
@@ -81,6 +123,7 @@ async def run_serve(settings: Settings) -> None:
     finally:
         service.close()
         await contacts.close()
+        await tiers.close()
 
 
 async def run_sla(settings: Settings) -> None:
@@ -93,8 +136,19 @@ async def run_sla(settings: Settings) -> None:
 
 
 async def run_relay_process(settings: Settings) -> None:
+    apps: list[TicketsApplication] = []
+
+    def factory(settings: Settings) -> TicketsApplication:
+        app = create_application(settings)
+        apps.append(app)
+        return app
+
+    def load(case_id: UUID, version: int) -> Case:
+        case: Case = apps[0].repository.get(case_id, version=version)
+        return case
+
     await run_relay(
-        settings, to_wire=to_wire, app_factory=create_application, proto_message=PROTO_MESSAGE
+        settings, to_wire=CaseEvents(load), app_factory=factory, proto_message=PROTO_MESSAGE
     )
 
 

@@ -9,7 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from crm.tickets.v1 import tickets_pb2 as pb
 from crm_common.enums import enum_number
-from crm_tickets.views import CaseView, PolicyView
+from crm_tickets.views import CaseView, ComplianceView, PolicyView
 
 
 def timestamp(at: datetime | None) -> Timestamp | None:
@@ -29,6 +29,7 @@ def terms_pb(terms: dict[str, Any]) -> pb.SlaTerms:
                 priority=enum_number(pb.Priority, priority),
                 first_response_seconds=kinds["first_response"],
                 resolution_seconds=kinds["resolution"],
+                next_reply_seconds=kinds.get("next_reply", 0),
             )
             for tier, by_priority in sorted(terms["targets"].items())
             for priority, kinds in by_priority.items()
@@ -80,6 +81,7 @@ def case_pb(view: CaseView) -> pb.Case:
                 target_seconds=c.target_seconds,
                 used_seconds=c.used_seconds,
                 due_at=timestamp(c.due_at),
+                cycle=c.cycle,
             )
             for c in view.clocks
         ],
@@ -109,4 +111,25 @@ def case_pb(view: CaseView) -> pb.Case:
         ),
         opened_at=timestamp(view.opened_at),
         next_due_at=timestamp(view.next_due_at),
+    )
+
+
+def compliance_pb(view: ComplianceView) -> pb.SlaCompliance:
+    return pb.SlaCompliance(
+        team=view.team,
+        period_start=timestamp(view.period_start),
+        period_end=timestamp(view.period_end),
+        cases=view.cases,
+        targets=[
+            pb.TargetCompliance(
+                kind=t.kind, met=t.met, breached=t.breached, open=t.open, share_met=t.share_met
+            )
+            for t in view.targets
+        ],
+        first_reply_count=view.first_reply_count,
+        first_reply_mean_seconds=view.first_reply_mean_seconds,
+        first_reply_p90_seconds=view.first_reply_p90_seconds,
+        resolution_count=view.resolution_count,
+        resolution_mean_seconds=view.resolution_mean_seconds,
+        resolution_p90_seconds=view.resolution_p90_seconds,
     )

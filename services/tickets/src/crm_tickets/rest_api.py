@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from crm_common.auth.gate import AccessGate
@@ -60,6 +60,7 @@ class Clock(Model):
     target_seconds: int
     used_seconds: float
     due_at: datetime | None
+    cycle: int = Field(description="next_reply: the customer reply it answers (1, 2, ...)")
 
 
 class Message(Model):
@@ -136,6 +137,31 @@ class CasePageModel(Model):
     next_page_token: str
 
 
+class TargetComplianceModel(Model):
+    kind: str = Field(description="first_response, next_reply or resolution")
+    met: int
+    breached: int = Field(description="A target met late counts as breached")
+    open: int = Field(description="Running or paused: not in the share")
+    share_met: float = Field(description="met / (met + breached); 0 when none ended")
+
+
+class ComplianceModel(Model):
+    """Times are business seconds on each case's calendar, paused time left out (what
+    the SLA clocks count); p90 by the nearest-rank method."""
+
+    team: str
+    period_start: datetime
+    period_end: datetime
+    cases: int
+    targets: list[TargetComplianceModel]
+    first_reply_count: int
+    first_reply_mean_seconds: float
+    first_reply_p90_seconds: float
+    resolution_count: int
+    resolution_mean_seconds: float
+    resolution_p90_seconds: float
+
+
 class CaseCreate(BaseModel):
     customer_id: str = Field(description="The contact (person or company) the case is about")
     channel: Channel
@@ -183,6 +209,9 @@ class TargetBody(BaseModel):
     priority: Priority
     first_response_seconds: int
     resolution_seconds: int
+    next_reply_seconds: int = Field(
+        0, description="From a customer reply to the next agent reply; 0: no target"
+    )
 
 
 class WeekdayBody(BaseModel):
@@ -393,9 +422,67 @@ teams = APIRouter(prefix="/teams", tags=["cases"])
     "/{team}/queue", response_model=CasePageModel, responses=ERRORS, operation_id="ListTeamQueue"
 )
 async def team_queue(
-    team: str, service: Service, page_size: int = 50, page_token: str = ""
+    team: str, service: Service, page_size: int = 0, page_token: str = ""
 ) -> CasePageModel:
     return CasePageModel.model_validate(await service.team_queue(team, page_size, page_token))
+
+
+@teams.get(
+    "/{team}/sla-compliance",
+    response_model=ComplianceModel,
+    responses=ERRORS,
+    operation_id="GetSlaCompliance",
+)
+async def sla_compliance(
+    team: str,
+    service: Service,
+    period_start: Annotated[
+        datetime | None, Query(description="Cases opened from (inclusive)")
+    ] = None,
+    period_end: Annotated[datetime | None, Query(description="Cases opened before")] = None,
+) -> ComplianceModel:
+    return ComplianceModel.model_validate(
+        await service.sla_compliance(team, period_start, period_end)
+    )
+
+
+# Before `cases`, so that `/cases/at-risk` is not taken for a case id.
+at_risk = APIRouter(prefix="/cases", tags=["cases"])
+
+
+@at_risk.get(
+    "/at-risk",
+    response_model=CasePageModel,
+    responses=ERRORS,
+    operation_id="ListCasesAtRisk",
+)
+async def cases_at_risk(
+    service: Service,
+    within_minutes: int = 60,
+    team: str = "",
+    page_size: int = 0,
+    page_token: str = "",
+) -> CasePageModel:
+    return CasePageModel.model_validate(
+        await service.cases_at_risk(within_minutes, team, page_size, page_token)
+    )
+
+
+customers = APIRouter(prefix="/customers", tags=["cases"])
+
+
+@customers.get(
+    "/{customer_id}/cases",
+    response_model=CasePageModel,
+    responses=ERRORS,
+    operation_id="ListCustomerCases",
+)
+async def customer_cases(
+    customer_id: str, service: Service, page_size: int = 0, page_token: str = ""
+) -> CasePageModel:
+    return CasePageModel.model_validate(
+        await service.customer_cases(customer_id, page_size, page_token)
+    )
 
 
 @policies.post(
@@ -464,6 +551,6 @@ async def retire_sla_policy(
 def create_app(service: TicketsService, gate: AccessGate) -> FastAPI:
     app = service_app(gate, title="CRM tickets", description=DESCRIPTION)
     app.state.service = service
-    for router in (cases, teams, policies):
+    for router in (at_risk, cases, teams, customers, policies):
         app.include_router(router)
     return app

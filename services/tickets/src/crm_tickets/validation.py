@@ -5,6 +5,9 @@ Refusals are `ValidationFailed` with field paths (`terms.targets[2].priority`).
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -13,7 +16,6 @@ from crm_tickets.domain import (
     CHANNELS,
     PRIORITIES,
     STATUSES,
-    TIERS,
     BusinessCalendar,
     Targets,
     policy_terms,
@@ -23,6 +25,8 @@ from crm_tickets.inputs import NewCase, SlaTermsInput, SurveyInput, Triage
 MAX_TEXT = 200
 MAX_BODY = 20_000
 MAX_TARGET_SECONDS = 366 * 24 * 3600
+#: A customer tier: a lower-case word (the loyalty service's tiers are data).
+TIER_WORD = re.compile(r"[a-z][a-z0-9_-]{0,39}")
 
 
 def text(
@@ -100,19 +104,30 @@ def sla_terms(terms: SlaTermsInput) -> dict[str, Any]:
     targets: Targets = {}
     for i, t in enumerate(terms.targets):
         path = f"terms.targets[{i}]"
-        tier = word(errors, f"{path}.tier", t.tier.lower().strip(), TIERS)
+        tier = t.tier.lower().strip()
+        if not TIER_WORD.fullmatch(tier):
+            errors.add(f"{path}.tier", "must be a tier word (a-z, 0-9, _ or -, at most 40)")
+            tier = ""
         priority = word(errors, f"{path}.priority", t.priority, PRIORITIES)
         for name in ("first_response_seconds", "resolution_seconds"):
             value = getattr(t, name)
             if not 0 < value <= MAX_TARGET_SECONDS:
                 errors.add(f"{path}.{name}", f"must be between 1 and {MAX_TARGET_SECONDS}")
+        if not 0 <= t.next_reply_seconds <= MAX_TARGET_SECONDS:
+            errors.add(
+                f"{path}.next_reply_seconds",
+                f"must be between 0 (none) and {MAX_TARGET_SECONDS}",
+            )
         if tier and priority:
             if priority in targets.get(tier, {}):
                 errors.add(path, f"{tier}/{priority} is set twice")
-            targets.setdefault(tier, {})[priority] = {
+            kinds = {
                 "first_response": t.first_response_seconds,
                 "resolution": t.resolution_seconds,
             }
+            if t.next_reply_seconds > 0:
+                kinds["next_reply"] = t.next_reply_seconds
+            targets.setdefault(tier, {})[priority] = kinds
     if not terms.targets:
         errors.add("terms.targets", "needs at least one target")
     if not 0 <= terms.warning_seconds <= MAX_TARGET_SECONDS:
@@ -150,3 +165,63 @@ def survey(response: SurveyInput) -> SurveyInput:
     comment = text(errors, "comment", response.comment, required=False, limit=MAX_BODY)
     errors.raise_if_any()
     return SurveyInput(response.csat, response.ces, response.nps, comment)
+
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+MAX_WITHIN_MINUTES = 7 * 24 * 60
+MAX_PERIOD = timedelta(days=366)
+
+
+@dataclass(frozen=True)
+class Page:
+    start: int
+    size: int
+
+
+def page(page_size: int, page_token: str) -> Page:
+    """0 means the default size; a token is the offset a previous page answered."""
+    errors = FieldErrors()
+    if not 0 <= page_size <= MAX_PAGE_SIZE:
+        errors.add("page_size", f"must be between 1 and {MAX_PAGE_SIZE} (0: {DEFAULT_PAGE_SIZE})")
+    token = page_token.strip()
+    if token and not (token.isascii() and token.isdigit() and len(token) <= 9):
+        errors.add("page_token", "is not a token this service gave out")
+    errors.raise_if_any()
+    return Page(int(token or 0), page_size or DEFAULT_PAGE_SIZE)
+
+
+def required(field: str, value: str) -> str:
+    errors = FieldErrors()
+    checked = text(errors, field, value, required=True)
+    errors.raise_if_any()
+    return checked
+
+
+def team(field: str, value: str, *, required: bool = True) -> str:
+    errors = FieldErrors()
+    checked = text(errors, field, value.lower(), required=required)
+    errors.raise_if_any()
+    return checked
+
+
+def within_minutes(value: int) -> int:
+    if not 1 <= value <= MAX_WITHIN_MINUTES:
+        raise ValidationFailed.of("within_minutes", f"must be between 1 and {MAX_WITHIN_MINUTES}")
+    return value
+
+
+def period(start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
+    errors = FieldErrors()
+    for name, value in (("period_start", start), ("period_end", end)):
+        if value is None:
+            errors.add(name, "is required")
+        elif value.tzinfo is None:
+            errors.add(name, "must carry a time zone")
+    errors.raise_if_any()
+    assert start is not None and end is not None
+    if end <= start:
+        raise ValidationFailed.of("period_end", "must be after period_start")
+    if end - start > MAX_PERIOD:
+        raise ValidationFailed.of("period_end", "the period may span at most 366 days")
+    return start, end

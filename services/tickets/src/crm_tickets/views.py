@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from crm_common.commands import WriteOutcome
-from crm_tickets.domain import Case, SlaPolicy
+from crm_tickets.domain import TARGET_KINDS, Case, SlaPolicy
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class ClockView:
     target_seconds: int
     used_seconds: float
     due_at: datetime | None
+    cycle: int = 1
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,34 @@ class CasePage:
     next_page_token: str
 
 
+@dataclass(frozen=True)
+class TargetComplianceView:
+    kind: str
+    met: int
+    breached: int
+    open: int
+    share_met: float
+
+
+@dataclass(frozen=True)
+class ComplianceView:
+    """SLA compliance of a team's cases opened in [period_start, period_end). Times are
+    business seconds on each case's calendar with paused time left out (what the SLA
+    clocks count); p90 by the nearest-rank method."""
+
+    team: str
+    period_start: datetime
+    period_end: datetime
+    cases: int
+    targets: list[TargetComplianceView]
+    first_reply_count: int
+    first_reply_mean_seconds: float
+    first_reply_p90_seconds: float
+    resolution_count: int
+    resolution_mean_seconds: float
+    resolution_p90_seconds: float
+
+
 def case_view(case: Case, now: datetime) -> CaseView:
     due = {d.kind: d.at for d in case.deadlines() if d.what == "breach"}
     return CaseView(
@@ -122,8 +151,9 @@ def case_view(case: Case, now: datetime) -> CaseView:
                 int(clock["target"]),
                 round(case.business_seconds_used(kind, now), 3),
                 due.get(kind),
+                int(clock.get("cycle", 1)),
             )
-            for kind, clock in case.clocks.items()
+            for kind, clock in sorted(case.clocks.items(), key=lambda c: TARGET_KINDS.index(c[0]))
         ],
         messages=[
             MessageView(

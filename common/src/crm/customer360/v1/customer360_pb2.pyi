@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from crm.contacts.v1 import contacts_pb2 as _contacts_pb2
 from crm.pipeline.v1 import pipeline_pb2 as _pipeline_pb2
+from crm.tickets.v1 import tickets_pb2 as _tickets_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -113,7 +114,7 @@ class AuditEntry(_message.Message):
     POSITION_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     source: _builtins.str
-    """The service whose event it is ("contacts", "pipeline")."""
+    """The service whose event it is ("contacts", "pipeline", "tickets", "loyalty")."""
     event_type: _builtins.str
     """The CloudEvents type, e.g. "crm.contacts.v1.PersonRegistered"."""
     event_id: _builtins.str
@@ -187,8 +188,12 @@ class GetCustomer360Request(_message.Message):
     @_builtins.property
     def wait_for(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Read-your-writes: wait until the view has applied, for each named
-        source service ("contacts", "pipeline"), at least this position of that
-        service's event log (the `position` a write returned).
+        source service ("contacts", "pipeline", "tickets", "loyalty"), at least
+        this position of that service's event log (the `position` a write
+        returned); or, as "erp.orders", at least this position of an ERP order
+        record (its offset + 1 in its partition of the inbound topic), once the
+        loyalty service has applied it. INVALID_ARGUMENT (field wait_for) for
+        any other name or a negative position.
         """
 
     def __init__(
@@ -294,9 +299,13 @@ class TimelineEntry(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     entry_id: _builtins.str
     source: _builtins.str
-    """Source service of the entry ("contacts", ...)."""
+    """Source service of the entry ("contacts", "pipeline", "tickets", "loyalty")."""
     kind: _builtins.str
-    """e.g. "interaction.call", "profile.created"."""
+    """e.g. "interaction.call", "profile.created", "deal.won", "case.opened",
+    "case.solved", "case.reopened", "case.sla_breached", "case.satisfaction",
+    "loyalty.enrolled", "loyalty.earned", "loyalty.redeemed",
+    "loyalty.cancelled", "loyalty.expired", "loyalty.tier_changed".
+    """
     summary: _builtins.str
     direction: _contacts_pb2.Direction.ValueType
     channel: _contacts_pb2.Channel.ValueType
@@ -480,6 +489,8 @@ class Customer360(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     DEALS_FIELD_NUMBER: _builtins.int
     LIFETIME_WON_REVENUE_FIELD_NUMBER: _builtins.int
+    TICKETS_FIELD_NUMBER: _builtins.int
+    LOYALTY_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     kind: _contacts_pb2.ContactKind.ValueType
     display_name: _builtins.str
@@ -518,6 +529,16 @@ class Customer360(_message.Message):
         entry per currency (never converted), ordered by currency.
         """
 
+    @_builtins.property
+    def tickets(self) -> Global___CustomerCases:
+        """The customer's cases (tickets service); unset until a case of the
+        customer has been applied.
+        """
+
+    @_builtins.property
+    def loyalty(self) -> Global___LoyaltyMembership:
+        """The loyalty membership; unset while the customer is not a member."""
+
     def __init__(
         self,
         *,
@@ -539,11 +560,493 @@ class Customer360(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         deals: _abc.Iterable[Global___Deal] | None = ...,
         lifetime_won_revenue: _abc.Iterable[_pipeline_pb2.Money] | None = ...,
+        tickets: Global___CustomerCases | None = ...,
+        loyalty: Global___LoyaltyMembership | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["loyalty", b"loyalty", "tickets", b"tickets", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "companies", b"companies", "custom_fields", b"custom_fields", "customer_id", b"customer_id", "deals", b"deals", "display_name", b"display_name", "domain", b"domain", "family_name", b"family_name", "given_name", b"given_name", "industry", b"industry", "kind", b"kind", "lifecycle_stage", b"lifecycle_stage", "lifetime_won_revenue", b"lifetime_won_revenue", "owner", b"owner", "positions", b"positions", "tags", b"tags", "timeline", b"timeline", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "companies", b"companies", "custom_fields", b"custom_fields", "customer_id", b"customer_id", "deals", b"deals", "display_name", b"display_name", "domain", b"domain", "family_name", b"family_name", "given_name", b"given_name", "industry", b"industry", "kind", b"kind", "lifecycle_stage", b"lifecycle_stage", "lifetime_won_revenue", b"lifetime_won_revenue", "loyalty", b"loyalty", "owner", b"owner", "positions", b"positions", "tags", b"tags", "tickets", b"tickets", "timeline", b"timeline", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Customer360: _TypeAlias = Customer360  # noqa: Y015
+
+@_typing.final
+class CustomerCases(_message.Message):
+    """-- cases ------------------------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPEN_CASES_FIELD_NUMBER: _builtins.int
+    RECENT_CASES_FIELD_NUMBER: _builtins.int
+    SATISFACTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def open_cases(self) -> _containers.RepeatedCompositeFieldContainer[Global___CaseSummary]:
+        """Every case not solved or closed, the most urgent first: a breached case,
+        then the nearest deadline, then the oldest.
+        """
+
+    @_builtins.property
+    def recent_cases(self) -> _containers.RepeatedCompositeFieldContainer[Global___CaseSummary]:
+        """The newest 20 solved or closed cases, the most recently solved first."""
+
+    @_builtins.property
+    def satisfaction(self) -> Global___SatisfactionSummary:
+        """Over every survey answer of the customer."""
+
+    def __init__(
+        self,
+        *,
+        open_cases: _abc.Iterable[Global___CaseSummary] | None = ...,
+        recent_cases: _abc.Iterable[Global___CaseSummary] | None = ...,
+        satisfaction: Global___SatisfactionSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["satisfaction", b"satisfaction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["open_cases", b"open_cases", "recent_cases", b"recent_cases", "satisfaction", b"satisfaction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CustomerCases: _TypeAlias = CustomerCases  # noqa: Y015
+
+@_typing.final
+class CaseSummary(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASE_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    TEAM_FIELD_NUMBER: _builtins.int
+    ASSIGNEE_FIELD_NUMBER: _builtins.int
+    OPENED_AT_FIELD_NUMBER: _builtins.int
+    SOLVED_AT_FIELD_NUMBER: _builtins.int
+    CLOSED_AT_FIELD_NUMBER: _builtins.int
+    SLA_FIELD_NUMBER: _builtins.int
+    SATISFACTION_FIELD_NUMBER: _builtins.int
+    case_id: _builtins.str
+    version: _builtins.int
+    """Version of the case after the last applied event."""
+    subject: _builtins.str
+    """Personal data: analysts get a pseudonym."""
+    status: _tickets_pb2.CaseStatus.ValueType
+    priority: _tickets_pb2.Priority.ValueType
+    channel: _tickets_pb2.Channel.ValueType
+    category: _builtins.str
+    team: _builtins.str
+    assignee: _builtins.str
+    @_builtins.property
+    def opened_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def solved_at(self) -> _timestamp_pb2.Timestamp:
+        """Set while solved or closed (a reopened case clears them)."""
+
+    @_builtins.property
+    def closed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def sla(self) -> Global___CaseSlaState:
+        """Unset when the case's events carried no SLA."""
+
+    @_builtins.property
+    def satisfaction(self) -> Global___CaseSatisfaction:
+        """Unset until the customer answered the survey."""
+
+    def __init__(
+        self,
+        *,
+        case_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        subject: _builtins.str = ...,
+        status: _tickets_pb2.CaseStatus.ValueType = ...,
+        priority: _tickets_pb2.Priority.ValueType = ...,
+        channel: _tickets_pb2.Channel.ValueType = ...,
+        category: _builtins.str = ...,
+        team: _builtins.str = ...,
+        assignee: _builtins.str = ...,
+        opened_at: _timestamp_pb2.Timestamp | None = ...,
+        solved_at: _timestamp_pb2.Timestamp | None = ...,
+        closed_at: _timestamp_pb2.Timestamp | None = ...,
+        sla: Global___CaseSlaState | None = ...,
+        satisfaction: Global___CaseSatisfaction | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["closed_at", b"closed_at", "opened_at", b"opened_at", "satisfaction", b"satisfaction", "sla", b"sla", "solved_at", b"solved_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignee", b"assignee", "case_id", b"case_id", "category", b"category", "channel", b"channel", "closed_at", b"closed_at", "opened_at", b"opened_at", "priority", b"priority", "satisfaction", b"satisfaction", "sla", b"sla", "solved_at", b"solved_at", "status", b"status", "subject", b"subject", "team", b"team", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaseSummary: _TypeAlias = CaseSummary  # noqa: Y015
+
+@_typing.final
+class CaseSlaState(_message.Message):
+    """A case's SLA as its latest event left it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_ID_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    TIER_SOURCE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    NEXT_DEADLINE_FIELD_NUMBER: _builtins.int
+    BREACHED_FIELD_NUMBER: _builtins.int
+    CLOCKS_FIELD_NUMBER: _builtins.int
+    policy_id: _builtins.str
+    """The policy and version the case's targets come from ("" and 0: the
+    tickets service's default terms).
+    """
+    policy_version: _builtins.int
+    tier: _builtins.str
+    """The customer tier the targets were chosen by, and where it came from."""
+    tier_source: _builtins.str
+    state: _builtins.str
+    """The worst clock's state: "breached", "running", "paused" or "met" (in
+    that order of worse); empty when the case has no target.
+    """
+    breached: _builtins.bool
+    """Some target of the case was breached (also when met late since)."""
+    @_builtins.property
+    def next_deadline(self) -> _timestamp_pb2.Timestamp:
+        """The earliest due time of a running clock; unset when none runs."""
+
+    @_builtins.property
+    def clocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___CaseSlaClock]: ...
+    def __init__(
+        self,
+        *,
+        policy_id: _builtins.str = ...,
+        policy_version: _builtins.int = ...,
+        tier: _builtins.str = ...,
+        tier_source: _builtins.str = ...,
+        state: _builtins.str = ...,
+        next_deadline: _timestamp_pb2.Timestamp | None = ...,
+        breached: _builtins.bool = ...,
+        clocks: _abc.Iterable[Global___CaseSlaClock] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_deadline", b"next_deadline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breached", b"breached", "clocks", b"clocks", "next_deadline", b"next_deadline", "policy_id", b"policy_id", "policy_version", b"policy_version", "state", b"state", "tier", b"tier", "tier_source", b"tier_source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaseSlaState: _TypeAlias = CaseSlaState  # noqa: Y015
+
+@_typing.final
+class CaseSlaClock(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DUE_AT_FIELD_NUMBER: _builtins.int
+    REMAINING_SECONDS_FIELD_NUMBER: _builtins.int
+    WARN_AT_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"first_response", "next_reply" or "resolution"."""
+    state: _builtins.str
+    """"running", "paused", "met" or "breached"."""
+    remaining_seconds: _builtins.int
+    """Business seconds left: set while paused."""
+    @_builtins.property
+    def due_at(self) -> _timestamp_pb2.Timestamp:
+        """When the target is (or was) breached: set while running, and when breached."""
+
+    @_builtins.property
+    def warn_at(self) -> _timestamp_pb2.Timestamp:
+        """When the warning falls due: set while running and the warning is to come."""
+
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        state: _builtins.str = ...,
+        due_at: _timestamp_pb2.Timestamp | None = ...,
+        remaining_seconds: _builtins.int | None = ...,
+        warn_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_remaining_seconds", b"_remaining_seconds", "due_at", b"due_at", "remaining_seconds", b"remaining_seconds", "warn_at", b"warn_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remaining_seconds", b"_remaining_seconds", "due_at", b"due_at", "kind", b"kind", "remaining_seconds", b"remaining_seconds", "state", b"state", "warn_at", b"warn_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__remaining_seconds: _TypeAlias = _typing.Literal["remaining_seconds"]  # noqa: Y015
+    _WhichOneofArgType__remaining_seconds: _TypeAlias = _typing.Literal["_remaining_seconds", b"_remaining_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remaining_seconds) -> _WhichOneofReturnType__remaining_seconds | None: ...
+
+Global___CaseSlaClock: _TypeAlias = CaseSlaClock  # noqa: Y015
+
+@_typing.final
+class CaseSatisfaction(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CSAT_FIELD_NUMBER: _builtins.int
+    CES_FIELD_NUMBER: _builtins.int
+    NPS_FIELD_NUMBER: _builtins.int
+    RECORDED_AT_FIELD_NUMBER: _builtins.int
+    csat: _builtins.int
+    """1 to 5."""
+    ces: _builtins.int
+    """1 to 7; unset when not answered."""
+    nps: _builtins.int
+    """0 to 10; unset when not answered."""
+    @_builtins.property
+    def recorded_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        csat: _builtins.int = ...,
+        ces: _builtins.int | None = ...,
+        nps: _builtins.int | None = ...,
+        recorded_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ces", b"_ces", "_nps", b"_nps", "ces", b"ces", "nps", b"nps", "recorded_at", b"recorded_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ces", b"_ces", "_nps", b"_nps", "ces", b"ces", "csat", b"csat", "nps", b"nps", "recorded_at", b"recorded_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__ces: _TypeAlias = _typing.Literal["ces"]  # noqa: Y015
+    _WhichOneofArgType__ces: _TypeAlias = _typing.Literal["_ces", b"_ces"]  # noqa: Y015
+    _WhichOneofReturnType__nps: _TypeAlias = _typing.Literal["nps"]  # noqa: Y015
+    _WhichOneofArgType__nps: _TypeAlias = _typing.Literal["_nps", b"_nps"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ces) -> _WhichOneofReturnType__ces | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__nps) -> _WhichOneofReturnType__nps | None: ...
+
+Global___CaseSatisfaction: _TypeAlias = CaseSatisfaction  # noqa: Y015
+
+@_typing.final
+class SatisfactionSummary(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSES_FIELD_NUMBER: _builtins.int
+    CSAT_AVERAGE_FIELD_NUMBER: _builtins.int
+    CES_AVERAGE_FIELD_NUMBER: _builtins.int
+    NPS_AVERAGE_FIELD_NUMBER: _builtins.int
+    responses: _builtins.int
+    """Survey answers received."""
+    csat_average: _builtins.float
+    """The means of the answers given (two decimals); unset without any."""
+    ces_average: _builtins.float
+    nps_average: _builtins.float
+    def __init__(
+        self,
+        *,
+        responses: _builtins.int = ...,
+        csat_average: _builtins.float | None = ...,
+        ces_average: _builtins.float | None = ...,
+        nps_average: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ces_average", b"_ces_average", "_csat_average", b"_csat_average", "_nps_average", b"_nps_average", "ces_average", b"ces_average", "csat_average", b"csat_average", "nps_average", b"nps_average"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ces_average", b"_ces_average", "_csat_average", b"_csat_average", "_nps_average", b"_nps_average", "ces_average", b"ces_average", "csat_average", b"csat_average", "nps_average", b"nps_average", "responses", b"responses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__ces_average: _TypeAlias = _typing.Literal["ces_average"]  # noqa: Y015
+    _WhichOneofArgType__ces_average: _TypeAlias = _typing.Literal["_ces_average", b"_ces_average"]  # noqa: Y015
+    _WhichOneofReturnType__csat_average: _TypeAlias = _typing.Literal["csat_average"]  # noqa: Y015
+    _WhichOneofArgType__csat_average: _TypeAlias = _typing.Literal["_csat_average", b"_csat_average"]  # noqa: Y015
+    _WhichOneofReturnType__nps_average: _TypeAlias = _typing.Literal["nps_average"]  # noqa: Y015
+    _WhichOneofArgType__nps_average: _TypeAlias = _typing.Literal["_nps_average", b"_nps_average"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ces_average) -> _WhichOneofReturnType__ces_average | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__csat_average) -> _WhichOneofReturnType__csat_average | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__nps_average) -> _WhichOneofReturnType__nps_average | None: ...
+
+Global___SatisfactionSummary: _TypeAlias = SatisfactionSummary  # noqa: Y015
+
+@_typing.final
+class LoyaltyMembership(_message.Message):
+    """-- loyalty ------------------------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_NUMBER_FIELD_NUMBER: _builtins.int
+    ENROLMENT_CHANNEL_FIELD_NUMBER: _builtins.int
+    ENROLLED_AT_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    QUALIFYING_POINTS_FIELD_NUMBER: _builtins.int
+    TIER_CHANGED_AT_FIELD_NUMBER: _builtins.int
+    DOWNGRADE_FIELD_NUMBER: _builtins.int
+    EXPIRING_SOON_FIELD_NUMBER: _builtins.int
+    POINTS_EXPIRING_SOON_FIELD_NUMBER: _builtins.int
+    RECENT_ENTRIES_FIELD_NUMBER: _builtins.int
+    member_number: _builtins.str
+    enrolment_channel: _builtins.str
+    """web, store, app, call_center, erp."""
+    tier: _builtins.str
+    """The tier as the member's latest tier change set it; empty before the
+    first one. Progress to the next tier is not part of the view: the tier
+    thresholds are the loyalty service's configuration, not in its events
+    (crm.loyalty.v1.LoyaltyService/GetTier answers it).
+    """
+    qualifying_points: _builtins.int
+    """The qualifying points the latest tier change was decided on, and when."""
+    points_expiring_soon: _builtins.int
+    """The sum of their points."""
+    @_builtins.property
+    def enrolled_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def balance(self) -> Global___PointsBalance: ...
+    @_builtins.property
+    def tier_changed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def downgrade(self) -> Global___TierDowngrade:
+        """Set while a downgrade is scheduled."""
+
+    @_builtins.property
+    def expiring_soon(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExpiringLot]:
+        """Unlocked lots expiring within 30 days of the request, the soonest first."""
+
+    @_builtins.property
+    def recent_entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerEntry]:
+        """The newest 20 ledger entries, newest first."""
+
+    def __init__(
+        self,
+        *,
+        member_number: _builtins.str = ...,
+        enrolment_channel: _builtins.str = ...,
+        enrolled_at: _timestamp_pb2.Timestamp | None = ...,
+        balance: Global___PointsBalance | None = ...,
+        tier: _builtins.str = ...,
+        qualifying_points: _builtins.int | None = ...,
+        tier_changed_at: _timestamp_pb2.Timestamp | None = ...,
+        downgrade: Global___TierDowngrade | None = ...,
+        expiring_soon: _abc.Iterable[Global___ExpiringLot] | None = ...,
+        points_expiring_soon: _builtins.int = ...,
+        recent_entries: _abc.Iterable[Global___LedgerEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_qualifying_points", b"_qualifying_points", "balance", b"balance", "downgrade", b"downgrade", "enrolled_at", b"enrolled_at", "qualifying_points", b"qualifying_points", "tier_changed_at", b"tier_changed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_qualifying_points", b"_qualifying_points", "balance", b"balance", "downgrade", b"downgrade", "enrolled_at", b"enrolled_at", "enrolment_channel", b"enrolment_channel", "expiring_soon", b"expiring_soon", "member_number", b"member_number", "points_expiring_soon", b"points_expiring_soon", "qualifying_points", b"qualifying_points", "recent_entries", b"recent_entries", "tier", b"tier", "tier_changed_at", b"tier_changed_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__qualifying_points: _TypeAlias = _typing.Literal["qualifying_points"]  # noqa: Y015
+    _WhichOneofArgType__qualifying_points: _TypeAlias = _typing.Literal["_qualifying_points", b"_qualifying_points"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__qualifying_points) -> _WhichOneofReturnType__qualifying_points | None: ...
+
+Global___LoyaltyMembership: _TypeAlias = LoyaltyMembership  # noqa: Y015
+
+@_typing.final
+class PointsBalance(_message.Message):
+    """Always the sums over the member's lots; never negative."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    LOCKED_FIELD_NUMBER: _builtins.int
+    EXPIRED_FIELD_NUMBER: _builtins.int
+    SPENT_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    active: _builtins.int
+    """Spendable."""
+    locked: _builtins.int
+    """Held during an order's return window."""
+    expired: _builtins.int
+    spent: _builtins.int
+    cancelled: _builtins.int
+    """Taken back by returns."""
+    def __init__(
+        self,
+        *,
+        active: _builtins.int = ...,
+        locked: _builtins.int = ...,
+        expired: _builtins.int = ...,
+        spent: _builtins.int = ...,
+        cancelled: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "cancelled", b"cancelled", "expired", b"expired", "locked", b"locked", "spent", b"spent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PointsBalance: _TypeAlias = PointsBalance  # noqa: Y015
+
+@_typing.final
+class TierDowngrade(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TO_TIER_FIELD_NUMBER: _builtins.int
+    DUE_AT_FIELD_NUMBER: _builtins.int
+    to_tier: _builtins.str
+    @_builtins.property
+    def due_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        to_tier: _builtins.str = ...,
+        due_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["due_at", b"due_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["due_at", b"due_at", "to_tier", b"to_tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierDowngrade: _TypeAlias = TierDowngrade  # noqa: Y015
+
+@_typing.final
+class ExpiringLot(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOT_ID_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    lot_id: _builtins.str
+    points: _builtins.int
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        lot_id: _builtins.str = ...,
+        points: _builtins.int = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "lot_id", b"lot_id", "points", b"points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExpiringLot: _TypeAlias = ExpiringLot  # noqa: Y015
+
+@_typing.final
+class LedgerEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    kind: _builtins.str
+    """earned, spent, adjusted, released, cancelled, expired."""
+    points: _builtins.int
+    """Signed: what the entry added to (or took from) the member's points;
+    a release moves locked points to active (positive).
+    """
+    detail: _builtins.str
+    """The order, the redemption's reference or the adjustment's reason."""
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        entry_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        points: _builtins.int = ...,
+        detail: _builtins.str = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "entry_id", b"entry_id", "kind", b"kind", "occurred_at", b"occurred_at", "points", b"points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LedgerEntry: _TypeAlias = LedgerEntry  # noqa: Y015

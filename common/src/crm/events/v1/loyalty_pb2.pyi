@@ -44,6 +44,8 @@ class LoyaltyEvent(_message.Message):
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
     CLIENT_FIELD_NUMBER: _builtins.int
+    ERP_PARTITION_FIELD_NUMBER: _builtins.int
+    ERP_POSITION_FIELD_NUMBER: _builtins.int
     MEMBER_ENROLLED_FIELD_NUMBER: _builtins.int
     POINTS_EARNED_FIELD_NUMBER: _builtins.int
     POINTS_SPENT_FIELD_NUMBER: _builtins.int
@@ -54,12 +56,27 @@ class LoyaltyEvent(_message.Message):
     TIER_CHANGED_FIELD_NUMBER: _builtins.int
     TIER_DOWNGRADE_SCHEDULED_FIELD_NUMBER: _builtins.int
     EARNING_RULES_PUBLISHED_FIELD_NUMBER: _builtins.int
+    REWARD_DEFINED_FIELD_NUMBER: _builtins.int
+    REWARD_RESTOCKED_FIELD_NUMBER: _builtins.int
+    REWARD_RETIRED_FIELD_NUMBER: _builtins.int
+    REWARD_RESERVED_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     aggregate_id: _builtins.str
     version: _builtins.int
     position: _builtins.int
     actor: _builtins.str
     client: _builtins.str
+    erp_partition: _builtins.int
+    """Where the event came from when an ERP order record caused it: the
+    partition of `<prefix>.erp.orders` the record was read from, and its
+    offset + 1 (the consumer position after it). 0 and 0 when no order record
+    caused the event. Every order record applied to a member yields at least
+    one event carrying its position (a placement earns a lot even of 0 points,
+    a return or cancellation cancels even 0 points); a redelivered record
+    yields none. A publisher that got offset o for an order may wait for
+    position o + 1 of that partition to know the order is applied.
+    """
+    erp_position: _builtins.int
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -82,6 +99,19 @@ class LoyaltyEvent(_message.Message):
     def tier_downgrade_scheduled(self) -> Global___TierDowngradeScheduled: ...
     @_builtins.property
     def earning_rules_published(self) -> Global___EarningRulesPublished: ...
+    @_builtins.property
+    def reward_defined(self) -> Global___RewardDefined:
+        """Events of the rewards catalogue: keyed by the reward's aggregate id,
+        `customer_id` empty (a redemption's points are the member's PointsSpent,
+        reference "reward:<code>:<n>").
+        """
+
+    @_builtins.property
+    def reward_restocked(self) -> Global___RewardRestocked: ...
+    @_builtins.property
+    def reward_retired(self) -> Global___RewardRetired: ...
+    @_builtins.property
+    def reward_reserved(self) -> Global___RewardReserved: ...
     def __init__(
         self,
         *,
@@ -92,6 +122,8 @@ class LoyaltyEvent(_message.Message):
         occurred_at: _timestamp_pb2.Timestamp | None = ...,
         actor: _builtins.str = ...,
         client: _builtins.str = ...,
+        erp_partition: _builtins.int = ...,
+        erp_position: _builtins.int = ...,
         member_enrolled: Global___MemberEnrolled | None = ...,
         points_earned: Global___PointsEarned | None = ...,
         points_spent: Global___PointsSpent | None = ...,
@@ -102,12 +134,16 @@ class LoyaltyEvent(_message.Message):
         tier_changed: Global___TierChanged | None = ...,
         tier_downgrade_scheduled: Global___TierDowngradeScheduled | None = ...,
         earning_rules_published: Global___EarningRulesPublished | None = ...,
+        reward_defined: Global___RewardDefined | None = ...,
+        reward_restocked: Global___RewardRestocked | None = ...,
+        reward_retired: Global___RewardRetired | None = ...,
+        reward_reserved: Global___RewardReserved | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["earning_rules_published", b"earning_rules_published", "member_enrolled", b"member_enrolled", "occurred_at", b"occurred_at", "payload", b"payload", "points_adjusted", b"points_adjusted", "points_cancelled", b"points_cancelled", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_released", b"points_released", "points_spent", b"points_spent", "tier_changed", b"tier_changed", "tier_downgrade_scheduled", b"tier_downgrade_scheduled"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["earning_rules_published", b"earning_rules_published", "member_enrolled", b"member_enrolled", "occurred_at", b"occurred_at", "payload", b"payload", "points_adjusted", b"points_adjusted", "points_cancelled", b"points_cancelled", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_released", b"points_released", "points_spent", b"points_spent", "reward_defined", b"reward_defined", "reward_reserved", b"reward_reserved", "reward_restocked", b"reward_restocked", "reward_retired", b"reward_retired", "tier_changed", b"tier_changed", "tier_downgrade_scheduled", b"tier_downgrade_scheduled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "aggregate_id", b"aggregate_id", "client", b"client", "customer_id", b"customer_id", "earning_rules_published", b"earning_rules_published", "member_enrolled", b"member_enrolled", "occurred_at", b"occurred_at", "payload", b"payload", "points_adjusted", b"points_adjusted", "points_cancelled", b"points_cancelled", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_released", b"points_released", "points_spent", b"points_spent", "position", b"position", "tier_changed", b"tier_changed", "tier_downgrade_scheduled", b"tier_downgrade_scheduled", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "aggregate_id", b"aggregate_id", "client", b"client", "customer_id", b"customer_id", "earning_rules_published", b"earning_rules_published", "erp_partition", b"erp_partition", "erp_position", b"erp_position", "member_enrolled", b"member_enrolled", "occurred_at", b"occurred_at", "payload", b"payload", "points_adjusted", b"points_adjusted", "points_cancelled", b"points_cancelled", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_released", b"points_released", "points_spent", b"points_spent", "position", b"position", "reward_defined", b"reward_defined", "reward_reserved", b"reward_reserved", "reward_restocked", b"reward_restocked", "reward_retired", b"reward_retired", "tier_changed", b"tier_changed", "tier_downgrade_scheduled", b"tier_downgrade_scheduled", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["member_enrolled", "points_earned", "points_spent", "points_adjusted", "points_released", "points_cancelled", "points_expired", "tier_changed", "tier_downgrade_scheduled", "earning_rules_published"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["member_enrolled", "points_earned", "points_spent", "points_adjusted", "points_released", "points_cancelled", "points_expired", "tier_changed", "tier_downgrade_scheduled", "earning_rules_published", "reward_defined", "reward_restocked", "reward_retired", "reward_reserved"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -143,18 +179,24 @@ class MemberEnrolled(_message.Message):
 
     MEMBER_NUMBER_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
+    REFERRED_BY_FIELD_NUMBER: _builtins.int
     member_number: _builtins.str
     channel: _builtins.str
     """web, store, app, call_center, erp"""
+    referred_by: _builtins.str
+    """The referring member's contact id, or empty. (The member's birthday, given
+    at enrolment for the birthday bonus, is personal data and not published.)
+    """
     def __init__(
         self,
         *,
         member_number: _builtins.str = ...,
         channel: _builtins.str = ...,
+        referred_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "member_number", b"member_number"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "member_number", b"member_number", "referred_by", b"referred_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -171,11 +213,19 @@ class PointsEarned(_message.Message):
     ORDER_ID_FIELD_NUMBER: _builtins.int
     RULE_VERSION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    BONUS_FIELD_NUMBER: _builtins.int
     lot_id: _builtins.str
     points: _builtins.int
     order_id: _builtins.str
     rule_version: _builtins.int
     reason: _builtins.str
+    """"order", a purchase's reference, or for event bonuses "bonus: first purchase",
+    "bonus: birthday", "bonus: referee", "bonus: referrer".
+    """
+    bonus: _builtins.str
+    """An event bonus: "first_purchase", "birthday:<year>", "referee",
+    "referrer:<the new member's contact id>"; empty for other earnings.
+    """
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -192,10 +242,11 @@ class PointsEarned(_message.Message):
         order_id: _builtins.str = ...,
         rule_version: _builtins.int = ...,
         reason: _builtins.str = ...,
+        bonus: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "locked_until", b"locked_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "locked_until", b"locked_until", "lot_id", b"lot_id", "order_id", b"order_id", "points", b"points", "reason", b"reason", "rule_version", b"rule_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bonus", b"bonus", "expires_at", b"expires_at", "locked_until", b"locked_until", "lot_id", b"lot_id", "order_id", b"order_id", "points", b"points", "reason", b"reason", "rule_version", b"rule_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -279,25 +330,41 @@ Global___PointsReleased: _TypeAlias = PointsReleased  # noqa: Y015
 
 @_typing.final
 class PointsCancelled(_message.Message):
+    """Points cancelled by a return of an order's lines, or by its cancellation
+    (`return_id` "cancelled": every line not returned yet). They come from the
+    order's lot, locked or not; points of it spent meanwhile are taken from the
+    member's other lots, first to expire first (so `lots` may name other lots);
+    what those cannot cover either is `unrecovered` (balances never go negative).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     LOTS_FIELD_NUMBER: _builtins.int
     ORDER_ID_FIELD_NUMBER: _builtins.int
     RETURN_ID_FIELD_NUMBER: _builtins.int
+    LINE_IDS_FIELD_NUMBER: _builtins.int
+    UNRECOVERED_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     return_id: _builtins.str
+    unrecovered: _builtins.int
     @_builtins.property
     def lots(self) -> _containers.RepeatedCompositeFieldContainer[Global___LotPoints]: ...
+    @_builtins.property
+    def line_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The lines this return or cancellation covered."""
+
     def __init__(
         self,
         *,
         lots: _abc.Iterable[Global___LotPoints] | None = ...,
         order_id: _builtins.str = ...,
         return_id: _builtins.str = ...,
+        line_ids: _abc.Iterable[_builtins.str] | None = ...,
+        unrecovered: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lots", b"lots", "order_id", b"order_id", "return_id", b"return_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["line_ids", b"line_ids", "lots", b"lots", "order_id", b"order_id", "return_id", b"return_id", "unrecovered", b"unrecovered"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -397,3 +464,118 @@ class EarningRulesPublished(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EarningRulesPublished: _TypeAlias = EarningRulesPublished  # noqa: Y015
+
+@_typing.final
+class RewardDefined(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    STOCK_FIELD_NUMBER: _builtins.int
+    VALID_FROM_FIELD_NUMBER: _builtins.int
+    VALID_UNTIL_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """The reward's code in the catalogue (lower case)."""
+    name: _builtins.str
+    points: _builtins.int
+    """Its price in points."""
+    stock: _builtins.int
+    @_builtins.property
+    def valid_from(self) -> _timestamp_pb2.Timestamp:
+        """Unset: no bound."""
+
+    @_builtins.property
+    def valid_until(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        name: _builtins.str = ...,
+        points: _builtins.int = ...,
+        stock: _builtins.int = ...,
+        valid_from: _timestamp_pb2.Timestamp | None = ...,
+        valid_until: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "name", b"name", "points", b"points", "stock", b"stock", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewardDefined: _TypeAlias = RewardDefined  # noqa: Y015
+
+@_typing.final
+class RewardRestocked(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    quantity: _builtins.int
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        quantity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "quantity", b"quantity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewardRestocked: _TypeAlias = RewardRestocked  # noqa: Y015
+
+@_typing.final
+class RewardRetired(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewardRetired: _TypeAlias = RewardRetired  # noqa: Y015
+
+@_typing.final
+class RewardReserved(_message.Message):
+    """One unit taken by a redemption; the member's PointsSpent of the same
+    decision has reference "reward:<redemption_id>".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    CONTACT_ID_FIELD_NUMBER: _builtins.int
+    REDEMPTION_ID_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    contact_id: _builtins.str
+    """The member's contact id."""
+    redemption_id: _builtins.str
+    """"<code>:<n>", n counting the reward's redemptions."""
+    points: _builtins.int
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        contact_id: _builtins.str = ...,
+        redemption_id: _builtins.str = ...,
+        points: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "contact_id", b"contact_id", "points", b"points", "redemption_id", b"redemption_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewardReserved: _TypeAlias = RewardReserved  # noqa: Y015

@@ -3,10 +3,12 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from crm.tickets.v1 import tickets_pb2 as _tickets_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -35,6 +37,9 @@ class TicketEvent(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     POSITION_FIELD_NUMBER: _builtins.int
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    CLIENT_FIELD_NUMBER: _builtins.int
+    SLA_FIELD_NUMBER: _builtins.int
     CASE_OPENED_FIELD_NUMBER: _builtins.int
     CASE_TRIAGED_FIELD_NUMBER: _builtins.int
     CASE_ASSIGNED_FIELD_NUMBER: _builtins.int
@@ -53,8 +58,19 @@ class TicketEvent(_message.Message):
     """The case or SLA policy the event happened to."""
     version: _builtins.int
     position: _builtins.int
+    actor: _builtins.str
+    """Who did it, and through which client (the command's audit metadata;
+    "service:tickets" for the SLA scanner).
+    """
+    client: _builtins.str
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def sla(self) -> Global___CaseSla:
+        """The case's SLA state right after this event: set on every event of a
+        case, unset on SLA policy events.
+        """
+
     @_builtins.property
     def case_opened(self) -> Global___CaseOpened: ...
     @_builtins.property
@@ -89,6 +105,9 @@ class TicketEvent(_message.Message):
         version: _builtins.int = ...,
         position: _builtins.int = ...,
         occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        actor: _builtins.str = ...,
+        client: _builtins.str = ...,
+        sla: Global___CaseSla | None = ...,
         case_opened: Global___CaseOpened | None = ...,
         case_triaged: Global___CaseTriaged | None = ...,
         case_assigned: Global___CaseAssigned | None = ...,
@@ -103,15 +122,99 @@ class TicketEvent(_message.Message):
         sla_policy_revised: Global___SlaPolicyRevised | None = ...,
         sla_policy_retired: Global___SlaPolicyRetired | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["case_assigned", b"case_assigned", "case_escalated", b"case_escalated", "case_note_added", b"case_note_added", "case_opened", b"case_opened", "case_replied", b"case_replied", "case_status_changed", b"case_status_changed", "case_triaged", b"case_triaged", "occurred_at", b"occurred_at", "payload", b"payload", "satisfaction_recorded", b"satisfaction_recorded", "sla_breached", b"sla_breached", "sla_policy_defined", b"sla_policy_defined", "sla_policy_retired", b"sla_policy_retired", "sla_policy_revised", b"sla_policy_revised", "sla_warned", b"sla_warned"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["case_assigned", b"case_assigned", "case_escalated", b"case_escalated", "case_note_added", b"case_note_added", "case_opened", b"case_opened", "case_replied", b"case_replied", "case_status_changed", b"case_status_changed", "case_triaged", b"case_triaged", "occurred_at", b"occurred_at", "payload", b"payload", "satisfaction_recorded", b"satisfaction_recorded", "sla", b"sla", "sla_breached", b"sla_breached", "sla_policy_defined", b"sla_policy_defined", "sla_policy_retired", b"sla_policy_retired", "sla_policy_revised", b"sla_policy_revised", "sla_warned", b"sla_warned"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_id", b"aggregate_id", "case_assigned", b"case_assigned", "case_escalated", b"case_escalated", "case_note_added", b"case_note_added", "case_opened", b"case_opened", "case_replied", b"case_replied", "case_status_changed", b"case_status_changed", "case_triaged", b"case_triaged", "customer_id", b"customer_id", "occurred_at", b"occurred_at", "payload", b"payload", "position", b"position", "satisfaction_recorded", b"satisfaction_recorded", "sla_breached", b"sla_breached", "sla_policy_defined", b"sla_policy_defined", "sla_policy_retired", b"sla_policy_retired", "sla_policy_revised", b"sla_policy_revised", "sla_warned", b"sla_warned", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "aggregate_id", b"aggregate_id", "case_assigned", b"case_assigned", "case_escalated", b"case_escalated", "case_note_added", b"case_note_added", "case_opened", b"case_opened", "case_replied", b"case_replied", "case_status_changed", b"case_status_changed", "case_triaged", b"case_triaged", "client", b"client", "customer_id", b"customer_id", "occurred_at", b"occurred_at", "payload", b"payload", "position", b"position", "satisfaction_recorded", b"satisfaction_recorded", "sla", b"sla", "sla_breached", b"sla_breached", "sla_policy_defined", b"sla_policy_defined", "sla_policy_retired", b"sla_policy_retired", "sla_policy_revised", b"sla_policy_revised", "sla_warned", b"sla_warned", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["case_opened", "case_triaged", "case_assigned", "case_replied", "case_note_added", "case_status_changed", "sla_warned", "sla_breached", "case_escalated", "satisfaction_recorded", "sla_policy_defined", "sla_policy_revised", "sla_policy_retired"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___TicketEvent: _TypeAlias = TicketEvent  # noqa: Y015
+
+@_typing.final
+class CaseSla(_message.Message):
+    """The SLA a case is measured by and its clocks, as they stand after an event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_ID_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    TIER_SOURCE_FIELD_NUMBER: _builtins.int
+    CLOCKS_FIELD_NUMBER: _builtins.int
+    policy_id: _builtins.str
+    """The policy and its version the case copied its terms from ("" and 0: the
+    service's default terms).
+    """
+    policy_version: _builtins.int
+    tier: _builtins.str
+    """The customer tier the targets were chosen by, and where it came from:
+    "loyalty", or "default: <why>" (not a member, loyalty unreachable, ...).
+    """
+    tier_source: _builtins.str
+    @_builtins.property
+    def clocks(self) -> _containers.RepeatedCompositeFieldContainer[Global___SlaClock]:
+        """One per target the case has (first_response, next_reply once a customer
+        reply awaits the agent, resolution).
+        """
+
+    def __init__(
+        self,
+        *,
+        policy_id: _builtins.str = ...,
+        policy_version: _builtins.int = ...,
+        tier: _builtins.str = ...,
+        tier_source: _builtins.str = ...,
+        clocks: _abc.Iterable[Global___SlaClock] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clocks", b"clocks", "policy_id", b"policy_id", "policy_version", b"policy_version", "tier", b"tier", "tier_source", b"tier_source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaseSla: _TypeAlias = CaseSla  # noqa: Y015
+
+@_typing.final
+class SlaClock(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DUE_AT_FIELD_NUMBER: _builtins.int
+    REMAINING_SECONDS_FIELD_NUMBER: _builtins.int
+    WARN_AT_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"first_response" | "next_reply" | "resolution"."""
+    state: _builtins.str
+    """"running" | "paused" | "met" | "breached" (a target met late stays breached)."""
+    remaining_seconds: _builtins.int
+    """Business seconds left on the target: set while paused."""
+    @_builtins.property
+    def due_at(self) -> _timestamp_pb2.Timestamp:
+        """When the target is (or was) breached: set while running, and when breached."""
+
+    @_builtins.property
+    def warn_at(self) -> _timestamp_pb2.Timestamp:
+        """When the warning falls due: set while running and the warning is still to come."""
+
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        state: _builtins.str = ...,
+        due_at: _timestamp_pb2.Timestamp | None = ...,
+        remaining_seconds: _builtins.int = ...,
+        warn_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["due_at", b"due_at", "warn_at", b"warn_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["due_at", b"due_at", "kind", b"kind", "remaining_seconds", b"remaining_seconds", "state", b"state", "warn_at", b"warn_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SlaClock: _TypeAlias = SlaClock  # noqa: Y015
 
 @_typing.final
 class CaseOpened(_message.Message):
@@ -270,9 +373,12 @@ class SlaWarned(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     DUE_AT_FIELD_NUMBER: _builtins.int
     DEADLINE_VERSION_FIELD_NUMBER: _builtins.int
+    CYCLE_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
-    """first_response or resolution."""
+    """first_response, next_reply or resolution."""
     deadline_version: _builtins.int
+    cycle: _builtins.int
+    """next_reply: the clock instance (one per customer reply awaiting the agent); 1 otherwise."""
     @_builtins.property
     def due_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -281,10 +387,11 @@ class SlaWarned(_message.Message):
         kind: _builtins.str = ...,
         due_at: _timestamp_pb2.Timestamp | None = ...,
         deadline_version: _builtins.int = ...,
+        cycle: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["due_at", b"due_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_version", b"deadline_version", "due_at", b"due_at", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cycle", b"cycle", "deadline_version", b"deadline_version", "due_at", b"due_at", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -297,8 +404,10 @@ class SlaBreached(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     DUE_AT_FIELD_NUMBER: _builtins.int
     DEADLINE_VERSION_FIELD_NUMBER: _builtins.int
+    CYCLE_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     deadline_version: _builtins.int
+    cycle: _builtins.int
     @_builtins.property
     def due_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -307,10 +416,11 @@ class SlaBreached(_message.Message):
         kind: _builtins.str = ...,
         due_at: _timestamp_pb2.Timestamp | None = ...,
         deadline_version: _builtins.int = ...,
+        cycle: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["due_at", b"due_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_version", b"deadline_version", "due_at", b"due_at", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cycle", b"cycle", "deadline_version", b"deadline_version", "due_at", b"due_at", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -205,12 +205,17 @@ class Member(_message.Message):
     BALANCE_FIELD_NUMBER: _builtins.int
     LOTS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    BIRTHDAY_FIELD_NUMBER: _builtins.int
+    REFERRED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     contact_id: _builtins.str
     member_number: _builtins.str
     channel: Global___EnrolmentChannel.ValueType
     tier: _builtins.str
     version: _builtins.int
+    birthday: _builtins.str
+    """"MM-DD" or empty."""
+    referred_by: _builtins.str
     @_builtins.property
     def enrolled_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -229,10 +234,12 @@ class Member(_message.Message):
         balance: Global___Balance | None = ...,
         lots: _abc.Iterable[Global___Lot] | None = ...,
         version: _builtins.int = ...,
+        birthday: _builtins.str = ...,
+        referred_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "enrolled_at", b"enrolled_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "channel", b"channel", "contact_id", b"contact_id", "enrolled_at", b"enrolled_at", "id", b"id", "lots", b"lots", "member_number", b"member_number", "tier", b"tier", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "birthday", b"birthday", "channel", b"channel", "contact_id", b"contact_id", "enrolled_at", b"enrolled_at", "id", b"id", "lots", b"lots", "member_number", b"member_number", "referred_by", b"referred_by", "tier", b"tier", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -357,10 +364,25 @@ class EarningRules(_message.Message):
     CAMPAIGNS_FIELD_NUMBER: _builtins.int
     LOT_LIFETIME_DAYS_FIELD_NUMBER: _builtins.int
     RETURN_WINDOW_DAYS_FIELD_NUMBER: _builtins.int
+    FIRST_PURCHASE_BONUS_FIELD_NUMBER: _builtins.int
+    BIRTHDAY_BONUS_FIELD_NUMBER: _builtins.int
+    REFERRER_BONUS_FIELD_NUMBER: _builtins.int
+    REFEREE_BONUS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """0: the built-in defaults, never published."""
     lot_lifetime_days: _builtins.int
     return_window_days: _builtins.int
+    first_purchase_bonus: _builtins.int
+    """Event bonuses in points (0: none), each a lot of its own with reason
+    "bonus: ..." recording these rules' version; bonuses do not count towards
+    tiers. The first purchase's (locked like its order when it is an ERP order),
+    the birthday's (once a year, on or after the member's birthday), and a
+    referral's, to the referrer and to the new member, when the new member's
+    first purchase lands.
+    """
+    birthday_bonus: _builtins.int
+    referrer_bonus: _builtins.int
+    referee_bonus: _builtins.int
     @_builtins.property
     def rates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rate]: ...
     @_builtins.property
@@ -379,10 +401,14 @@ class EarningRules(_message.Message):
         campaigns: _abc.Iterable[Global___Campaign] | None = ...,
         lot_lifetime_days: _builtins.int = ...,
         return_window_days: _builtins.int = ...,
+        first_purchase_bonus: _builtins.int = ...,
+        birthday_bonus: _builtins.int = ...,
+        referrer_bonus: _builtins.int = ...,
+        referee_bonus: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaigns", b"campaigns", "category_multipliers", b"category_multipliers", "lot_lifetime_days", b"lot_lifetime_days", "rates", b"rates", "return_window_days", b"return_window_days", "tier_multipliers", b"tier_multipliers", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["birthday_bonus", b"birthday_bonus", "campaigns", b"campaigns", "category_multipliers", b"category_multipliers", "first_purchase_bonus", b"first_purchase_bonus", "lot_lifetime_days", b"lot_lifetime_days", "rates", b"rates", "referee_bonus", b"referee_bonus", "referrer_bonus", b"referrer_bonus", "return_window_days", b"return_window_days", "tier_multipliers", b"tier_multipliers", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -395,19 +421,27 @@ class EnrolMemberRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CONTACT_ID_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
+    BIRTHDAY_FIELD_NUMBER: _builtins.int
+    REFERRED_BY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     contact_id: _builtins.str
     channel: Global___EnrolmentChannel.ValueType
+    birthday: _builtins.str
+    """"MM-DD", as the member gives it at enrolment (the birthday bonus); optional."""
+    referred_by: _builtins.str
+    """The contact id of the member who referred this one; optional."""
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         contact_id: _builtins.str = ...,
         channel: Global___EnrolmentChannel.ValueType = ...,
+        birthday: _builtins.str = ...,
+        referred_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "contact_id", b"contact_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["birthday", b"birthday", "channel", b"channel", "contact_id", b"contact_id", "referred_by", b"referred_by", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -759,6 +793,8 @@ class GetTierResponse(_message.Message):
     QUALIFYING_POINTS_FIELD_NUMBER: _builtins.int
     NEXT_TIER_FIELD_NUMBER: _builtins.int
     POINTS_TO_NEXT_TIER_FIELD_NUMBER: _builtins.int
+    BASIS_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
     contact_id: _builtins.str
     tier: _builtins.str
     qualifying_points: _builtins.int
@@ -766,6 +802,12 @@ class GetTierResponse(_message.Message):
     next_tier: _builtins.str
     """Empty at the top tier."""
     points_to_next_tier: _builtins.int
+    basis: _builtins.str
+    """What the tiers count (the deployment's tier configuration): "points", or
+    "spend" (then qualifying_points and points_to_next_tier are whole units of
+    `currency` spent in the window).
+    """
+    currency: _builtins.str
     def __init__(
         self,
         *,
@@ -774,11 +816,464 @@ class GetTierResponse(_message.Message):
         qualifying_points: _builtins.int = ...,
         next_tier: _builtins.str = ...,
         points_to_next_tier: _builtins.int = ...,
+        basis: _builtins.str = ...,
+        currency: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contact_id", b"contact_id", "next_tier", b"next_tier", "points_to_next_tier", b"points_to_next_tier", "qualifying_points", b"qualifying_points", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis", b"basis", "contact_id", b"contact_id", "currency", b"currency", "next_tier", b"next_tier", "points_to_next_tier", b"points_to_next_tier", "qualifying_points", b"qualifying_points", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTierResponse: _TypeAlias = GetTierResponse  # noqa: Y015
+
+@_typing.final
+class Reward(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    STOCK_FIELD_NUMBER: _builtins.int
+    RESERVED_FIELD_NUMBER: _builtins.int
+    VALID_FROM_FIELD_NUMBER: _builtins.int
+    VALID_UNTIL_FIELD_NUMBER: _builtins.int
+    RETIRED_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    name: _builtins.str
+    points: _builtins.int
+    """The price in points."""
+    stock: _builtins.int
+    """Units left."""
+    reserved: _builtins.int
+    """Units redeemed so far."""
+    retired: _builtins.bool
+    version: _builtins.int
+    @_builtins.property
+    def valid_from(self) -> _timestamp_pb2.Timestamp:
+        """Unset: no bound."""
+
+    @_builtins.property
+    def valid_until(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        name: _builtins.str = ...,
+        points: _builtins.int = ...,
+        stock: _builtins.int = ...,
+        reserved: _builtins.int = ...,
+        valid_from: _timestamp_pb2.Timestamp | None = ...,
+        valid_until: _timestamp_pb2.Timestamp | None = ...,
+        retired: _builtins.bool = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "name", b"name", "points", b"points", "reserved", b"reserved", "retired", b"retired", "stock", b"stock", "valid_from", b"valid_from", "valid_until", b"valid_until", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Reward: _TypeAlias = Reward  # noqa: Y015
+
+@_typing.final
+class DefineRewardRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    STOCK_FIELD_NUMBER: _builtins.int
+    VALID_FROM_FIELD_NUMBER: _builtins.int
+    VALID_UNTIL_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    code: _builtins.str
+    """Letters, digits, '-', '_', '.'; stored in lower case."""
+    name: _builtins.str
+    points: _builtins.int
+    stock: _builtins.int
+    @_builtins.property
+    def valid_from(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def valid_until(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        code: _builtins.str = ...,
+        name: _builtins.str = ...,
+        points: _builtins.int = ...,
+        stock: _builtins.int = ...,
+        valid_from: _timestamp_pb2.Timestamp | None = ...,
+        valid_until: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "name", b"name", "points", b"points", "request_id", b"request_id", "stock", b"stock", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DefineRewardRequest: _TypeAlias = DefineRewardRequest  # noqa: Y015
+
+@_typing.final
+class DefineRewardResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    REWARD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def result(self) -> Global___WriteResult: ...
+    @_builtins.property
+    def reward(self) -> Global___Reward: ...
+    def __init__(
+        self,
+        *,
+        result: Global___WriteResult | None = ...,
+        reward: Global___Reward | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "reward", b"reward"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "reward", b"reward"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DefineRewardResponse: _TypeAlias = DefineRewardResponse  # noqa: Y015
+
+@_typing.final
+class RestockRewardRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    expected_version: _builtins.int
+    code: _builtins.str
+    quantity: _builtins.int
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        expected_version: _builtins.int = ...,
+        code: _builtins.str = ...,
+        quantity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "expected_version", b"expected_version", "quantity", b"quantity", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestockRewardRequest: _TypeAlias = RestockRewardRequest  # noqa: Y015
+
+@_typing.final
+class RestockRewardResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    REWARD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def result(self) -> Global___WriteResult: ...
+    @_builtins.property
+    def reward(self) -> Global___Reward: ...
+    def __init__(
+        self,
+        *,
+        result: Global___WriteResult | None = ...,
+        reward: Global___Reward | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "reward", b"reward"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "reward", b"reward"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestockRewardResponse: _TypeAlias = RestockRewardResponse  # noqa: Y015
+
+@_typing.final
+class RetireRewardRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    expected_version: _builtins.int
+    code: _builtins.str
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        expected_version: _builtins.int = ...,
+        code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "expected_version", b"expected_version", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetireRewardRequest: _TypeAlias = RetireRewardRequest  # noqa: Y015
+
+@_typing.final
+class RetireRewardResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    REWARD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def result(self) -> Global___WriteResult: ...
+    @_builtins.property
+    def reward(self) -> Global___Reward: ...
+    def __init__(
+        self,
+        *,
+        result: Global___WriteResult | None = ...,
+        reward: Global___Reward | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "reward", b"reward"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "reward", b"reward"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetireRewardResponse: _TypeAlias = RetireRewardResponse  # noqa: Y015
+
+@_typing.final
+class ListRewardsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCLUDE_RETIRED_FIELD_NUMBER: _builtins.int
+    include_retired: _builtins.bool
+    def __init__(
+        self,
+        *,
+        include_retired: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_retired", b"include_retired"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRewardsRequest: _TypeAlias = ListRewardsRequest  # noqa: Y015
+
+@_typing.final
+class ListRewardsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REWARDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rewards(self) -> _containers.RepeatedCompositeFieldContainer[Global___Reward]: ...
+    def __init__(
+        self,
+        *,
+        rewards: _abc.Iterable[Global___Reward] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rewards", b"rewards"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRewardsResponse: _TypeAlias = ListRewardsResponse  # noqa: Y015
+
+@_typing.final
+class RedeemRewardRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    CONTACT_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    expected_version: _builtins.int
+    contact_id: _builtins.str
+    code: _builtins.str
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        expected_version: _builtins.int = ...,
+        contact_id: _builtins.str = ...,
+        code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "contact_id", b"contact_id", "expected_version", b"expected_version", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeemRewardRequest: _TypeAlias = RedeemRewardRequest  # noqa: Y015
+
+@_typing.final
+class RedeemRewardResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
+    REWARD_FIELD_NUMBER: _builtins.int
+    REDEMPTION_ID_FIELD_NUMBER: _builtins.int
+    redemption_id: _builtins.str
+    """"<code>:<n>"; the member's spending has reference "reward:<redemption_id>"."""
+    @_builtins.property
+    def result(self) -> Global___WriteResult: ...
+    @_builtins.property
+    def member(self) -> Global___Member: ...
+    @_builtins.property
+    def reward(self) -> Global___Reward: ...
+    def __init__(
+        self,
+        *,
+        result: Global___WriteResult | None = ...,
+        member: Global___Member | None = ...,
+        reward: Global___Reward | None = ...,
+        redemption_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["member", b"member", "result", b"result", "reward", b"reward"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member", b"member", "redemption_id", b"redemption_id", "result", b"result", "reward", b"reward"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeemRewardResponse: _TypeAlias = RedeemRewardResponse  # noqa: Y015
+
+@_typing.final
+class ParkedOrder(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    CUSTOMER_REF_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PARKED_AT_FIELD_NUMBER: _builtins.int
+    DEAD_LETTERED_AT_FIELD_NUMBER: _builtins.int
+    SOURCE_PARTITION_FIELD_NUMBER: _builtins.int
+    SOURCE_OFFSET_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """"<order_id>:placed", "<order_id>:returned:<return_id>", "<order_id>:cancelled"."""
+    customer_ref: _builtins.str
+    kind: _builtins.str
+    """placed, returned, cancelled; refused (the message can never apply as sent);
+    undecodable.
+    """
+    reason: _builtins.str
+    state: _builtins.str
+    """parked or dead_lettered."""
+    source_partition: _builtins.int
+    """The inbound record it came from: partition and offset (-1: not known)."""
+    source_offset: _builtins.int
+    payload: _builtins.bytes
+    """The message as received (crm.erp.v1.OrderEvent bytes)."""
+    @_builtins.property
+    def parked_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def dead_lettered_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        customer_ref: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        state: _builtins.str = ...,
+        parked_at: _timestamp_pb2.Timestamp | None = ...,
+        dead_lettered_at: _timestamp_pb2.Timestamp | None = ...,
+        source_partition: _builtins.int = ...,
+        source_offset: _builtins.int = ...,
+        payload: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dead_lettered_at", b"dead_lettered_at", "parked_at", b"parked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_ref", b"customer_ref", "dead_lettered_at", b"dead_lettered_at", "key", b"key", "kind", b"kind", "parked_at", b"parked_at", "payload", b"payload", "reason", b"reason", "source_offset", b"source_offset", "source_partition", b"source_partition", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParkedOrder: _TypeAlias = ParkedOrder  # noqa: Y015
+
+@_typing.final
+class ListParkedOrdersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    state: _builtins.str
+    """parked or dead_lettered; empty: both."""
+    def __init__(
+        self,
+        *,
+        state: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListParkedOrdersRequest: _TypeAlias = ListParkedOrdersRequest  # noqa: Y015
+
+@_typing.final
+class ListParkedOrdersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def orders(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParkedOrder]: ...
+    def __init__(
+        self,
+        *,
+        orders: _abc.Iterable[Global___ParkedOrder] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["orders", b"orders"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListParkedOrdersResponse: _TypeAlias = ListParkedOrdersResponse  # noqa: Y015
+
+@_typing.final
+class RedriveParkedOrderRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    key: _builtins.str
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedriveParkedOrderRequest: _TypeAlias = RedriveParkedOrderRequest  # noqa: Y015
+
+@_typing.final
+class RedriveParkedOrderResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def order(self) -> Global___ParkedOrder: ...
+    def __init__(
+        self,
+        *,
+        order: Global___ParkedOrder | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["order", b"order"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["order", b"order"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedriveParkedOrderResponse: _TypeAlias = RedriveParkedOrderResponse  # noqa: Y015

@@ -81,6 +81,41 @@ class LoyaltyServiceStub:
                 request_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.GetTierRequest.SerializeToString,
                 response_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.GetTierResponse.FromString,
                 _registered_method=True)
+        self.DefineReward = channel.unary_unary(
+                '/crm.loyalty.v1.LoyaltyService/DefineReward',
+                request_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.DefineRewardRequest.SerializeToString,
+                response_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.DefineRewardResponse.FromString,
+                _registered_method=True)
+        self.RestockReward = channel.unary_unary(
+                '/crm.loyalty.v1.LoyaltyService/RestockReward',
+                request_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RestockRewardRequest.SerializeToString,
+                response_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RestockRewardResponse.FromString,
+                _registered_method=True)
+        self.RetireReward = channel.unary_unary(
+                '/crm.loyalty.v1.LoyaltyService/RetireReward',
+                request_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RetireRewardRequest.SerializeToString,
+                response_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RetireRewardResponse.FromString,
+                _registered_method=True)
+        self.ListRewards = channel.unary_unary(
+                '/crm.loyalty.v1.LoyaltyService/ListRewards',
+                request_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.ListRewardsRequest.SerializeToString,
+                response_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.ListRewardsResponse.FromString,
+                _registered_method=True)
+        self.RedeemReward = channel.unary_unary(
+                '/crm.loyalty.v1.LoyaltyService/RedeemReward',
+                request_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RedeemRewardRequest.SerializeToString,
+                response_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RedeemRewardResponse.FromString,
+                _registered_method=True)
+        self.ListParkedOrders = channel.unary_unary(
+                '/crm.loyalty.v1.LoyaltyService/ListParkedOrders',
+                request_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.ListParkedOrdersRequest.SerializeToString,
+                response_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.ListParkedOrdersResponse.FromString,
+                _registered_method=True)
+        self.RedriveParkedOrder = channel.unary_unary(
+                '/crm.loyalty.v1.LoyaltyService/RedriveParkedOrder',
+                request_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RedriveParkedOrderRequest.SerializeToString,
+                response_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RedriveParkedOrderResponse.FromString,
+                _registered_method=True)
 
 
 class LoyaltyServiceServicer:
@@ -146,6 +181,61 @@ class LoyaltyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DefineReward(self, request, context):
+        """The rewards catalogue. A reward is named by its code, chosen when it is
+        defined; a retired reward stays listed (include_retired) but can no longer
+        be redeemed or restocked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestockReward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetireReward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRewards(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedeemReward(self, request, context):
+        """Reserves one unit of the reward and spends its price from the member's lots
+        that expire first, in one decision. FAILED_PRECONDITION (and nothing changes)
+        when it is out of stock, retired, outside its validity, or the points do not
+        cover it. `expected_version` is the member's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListParkedOrders(self, request, context):
+        """ERP order messages not applied (yet): parked ones are retried by the ingest;
+        dead-lettered ones were published to `<prefix>.erp.orders.dead-letter` with
+        the reason and wait for an operator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedriveParkedOrder(self, request, context):
+        """Parks a dead-lettered message again: the ingest retries it from a fresh
+        start (the parking limit counts again). FAILED_PRECONDITION when it is not
+        dead-lettered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoyaltyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +278,41 @@ def add_LoyaltyServiceServicer_to_server(servicer, server):
                     servicer.GetTier,
                     request_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.GetTierRequest.FromString,
                     response_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.GetTierResponse.SerializeToString,
+            ),
+            'DefineReward': grpc.unary_unary_rpc_method_handler(
+                    servicer.DefineReward,
+                    request_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.DefineRewardRequest.FromString,
+                    response_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.DefineRewardResponse.SerializeToString,
+            ),
+            'RestockReward': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestockReward,
+                    request_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RestockRewardRequest.FromString,
+                    response_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RestockRewardResponse.SerializeToString,
+            ),
+            'RetireReward': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireReward,
+                    request_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RetireRewardRequest.FromString,
+                    response_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RetireRewardResponse.SerializeToString,
+            ),
+            'ListRewards': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRewards,
+                    request_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.ListRewardsRequest.FromString,
+                    response_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.ListRewardsResponse.SerializeToString,
+            ),
+            'RedeemReward': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeemReward,
+                    request_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RedeemRewardRequest.FromString,
+                    response_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RedeemRewardResponse.SerializeToString,
+            ),
+            'ListParkedOrders': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListParkedOrders,
+                    request_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.ListParkedOrdersRequest.FromString,
+                    response_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.ListParkedOrdersResponse.SerializeToString,
+            ),
+            'RedriveParkedOrder': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedriveParkedOrder,
+                    request_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RedriveParkedOrderRequest.FromString,
+                    response_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RedriveParkedOrderResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -413,6 +538,195 @@ class LoyaltyService:
             '/crm.loyalty.v1.LoyaltyService/GetTier',
             crm_dot_loyalty_dot_v1_dot_loyalty__pb2.GetTierRequest.SerializeToString,
             crm_dot_loyalty_dot_v1_dot_loyalty__pb2.GetTierResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DefineReward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.loyalty.v1.LoyaltyService/DefineReward',
+            crm_dot_loyalty_dot_v1_dot_loyalty__pb2.DefineRewardRequest.SerializeToString,
+            crm_dot_loyalty_dot_v1_dot_loyalty__pb2.DefineRewardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestockReward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.loyalty.v1.LoyaltyService/RestockReward',
+            crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RestockRewardRequest.SerializeToString,
+            crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RestockRewardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireReward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.loyalty.v1.LoyaltyService/RetireReward',
+            crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RetireRewardRequest.SerializeToString,
+            crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RetireRewardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRewards(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.loyalty.v1.LoyaltyService/ListRewards',
+            crm_dot_loyalty_dot_v1_dot_loyalty__pb2.ListRewardsRequest.SerializeToString,
+            crm_dot_loyalty_dot_v1_dot_loyalty__pb2.ListRewardsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeemReward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.loyalty.v1.LoyaltyService/RedeemReward',
+            crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RedeemRewardRequest.SerializeToString,
+            crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RedeemRewardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListParkedOrders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.loyalty.v1.LoyaltyService/ListParkedOrders',
+            crm_dot_loyalty_dot_v1_dot_loyalty__pb2.ListParkedOrdersRequest.SerializeToString,
+            crm_dot_loyalty_dot_v1_dot_loyalty__pb2.ListParkedOrdersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedriveParkedOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.loyalty.v1.LoyaltyService/RedriveParkedOrder',
+            crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RedriveParkedOrderRequest.SerializeToString,
+            crm_dot_loyalty_dot_v1_dot_loyalty__pb2.RedriveParkedOrderResponse.FromString,
             options,
             channel_credentials,
             insecure,

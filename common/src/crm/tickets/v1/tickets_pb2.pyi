@@ -164,12 +164,17 @@ class SlaClock(_message.Message):
     TARGET_SECONDS_FIELD_NUMBER: _builtins.int
     USED_SECONDS_FIELD_NUMBER: _builtins.int
     DUE_AT_FIELD_NUMBER: _builtins.int
+    CYCLE_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
-    """first_response or resolution."""
+    """first_response, next_reply or resolution."""
     state: Global___ClockState.ValueType
     target_seconds: _builtins.int
     used_seconds: _builtins.float
     """Business seconds used so far."""
+    cycle: _builtins.int
+    """next_reply: which customer reply the running or last clock answers (1, 2, ...);
+    1 for the other kinds.
+    """
     @_builtins.property
     def due_at(self) -> _timestamp_pb2.Timestamp:
         """When the target is breached if nothing changes (unset unless running)."""
@@ -182,10 +187,11 @@ class SlaClock(_message.Message):
         target_seconds: _builtins.int = ...,
         used_seconds: _builtins.float = ...,
         due_at: _timestamp_pb2.Timestamp | None = ...,
+        cycle: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["due_at", b"due_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["due_at", b"due_at", "kind", b"kind", "state", b"state", "target_seconds", b"target_seconds", "used_seconds", b"used_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cycle", b"cycle", "due_at", b"due_at", "kind", b"kind", "state", b"state", "target_seconds", b"target_seconds", "used_seconds", b"used_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -714,6 +720,249 @@ class ListTeamQueueResponse(_message.Message):
 Global___ListTeamQueueResponse: _TypeAlias = ListTeamQueueResponse  # noqa: Y015
 
 @_typing.final
+class ListCasesAtRiskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WITHIN_MINUTES_FIELD_NUMBER: _builtins.int
+    TEAM_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    within_minutes: _builtins.int
+    """1 to 10080 (a week)."""
+    team: _builtins.str
+    """Empty: every team."""
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        within_minutes: _builtins.int = ...,
+        team: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "team", b"team", "within_minutes", b"within_minutes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCasesAtRiskRequest: _TypeAlias = ListCasesAtRiskRequest  # noqa: Y015
+
+@_typing.final
+class ListCasesAtRiskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def cases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Case]: ...
+    def __init__(
+        self,
+        *,
+        cases: _abc.Iterable[Global___Case] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cases", b"cases", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCasesAtRiskResponse: _TypeAlias = ListCasesAtRiskResponse  # noqa: Y015
+
+@_typing.final
+class ListCustomerCasesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        customer_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCustomerCasesRequest: _TypeAlias = ListCustomerCasesRequest  # noqa: Y015
+
+@_typing.final
+class ListCustomerCasesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CASES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def cases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Case]: ...
+    def __init__(
+        self,
+        *,
+        cases: _abc.Iterable[Global___Case] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cases", b"cases", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCustomerCasesResponse: _TypeAlias = ListCustomerCasesResponse  # noqa: Y015
+
+@_typing.final
+class GetSlaComplianceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEAM_FIELD_NUMBER: _builtins.int
+    PERIOD_START_FIELD_NUMBER: _builtins.int
+    PERIOD_END_FIELD_NUMBER: _builtins.int
+    team: _builtins.str
+    @_builtins.property
+    def period_start(self) -> _timestamp_pb2.Timestamp:
+        """The period: cases opened at or after `period_start` and before `period_end`."""
+
+    @_builtins.property
+    def period_end(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        team: _builtins.str = ...,
+        period_start: _timestamp_pb2.Timestamp | None = ...,
+        period_end: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_end", b"period_end", "period_start", b"period_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["period_end", b"period_end", "period_start", b"period_start", "team", b"team"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSlaComplianceRequest: _TypeAlias = GetSlaComplianceRequest  # noqa: Y015
+
+@_typing.final
+class TargetCompliance(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    MET_FIELD_NUMBER: _builtins.int
+    BREACHED_FIELD_NUMBER: _builtins.int
+    OPEN_FIELD_NUMBER: _builtins.int
+    SHARE_MET_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """first_response, next_reply or resolution."""
+    met: _builtins.int
+    """Clock instances that ended met, or breached (a target met late is breached)."""
+    breached: _builtins.int
+    open: _builtins.int
+    """Still running or paused: not counted in the share."""
+    share_met: _builtins.float
+    """met / (met + breached); 0 when nothing ended."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        met: _builtins.int = ...,
+        breached: _builtins.int = ...,
+        open: _builtins.int = ...,
+        share_met: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breached", b"breached", "kind", b"kind", "met", b"met", "open", b"open", "share_met", b"share_met"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TargetCompliance: _TypeAlias = TargetCompliance  # noqa: Y015
+
+@_typing.final
+class SlaCompliance(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEAM_FIELD_NUMBER: _builtins.int
+    PERIOD_START_FIELD_NUMBER: _builtins.int
+    PERIOD_END_FIELD_NUMBER: _builtins.int
+    CASES_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    FIRST_REPLY_COUNT_FIELD_NUMBER: _builtins.int
+    FIRST_REPLY_MEAN_SECONDS_FIELD_NUMBER: _builtins.int
+    FIRST_REPLY_P90_SECONDS_FIELD_NUMBER: _builtins.int
+    RESOLUTION_COUNT_FIELD_NUMBER: _builtins.int
+    RESOLUTION_MEAN_SECONDS_FIELD_NUMBER: _builtins.int
+    RESOLUTION_P90_SECONDS_FIELD_NUMBER: _builtins.int
+    team: _builtins.str
+    cases: _builtins.int
+    first_reply_count: _builtins.int
+    """Business seconds (the case's calendar, paused time left out) from opening
+    to the first public agent reply, over the cases that had one.
+    """
+    first_reply_mean_seconds: _builtins.float
+    first_reply_p90_seconds: _builtins.float
+    resolution_count: _builtins.int
+    """Business seconds (paused time left out) from opening to solving, over the
+    solved cases (a reopened case counts until its last solving).
+    """
+    resolution_mean_seconds: _builtins.float
+    resolution_p90_seconds: _builtins.float
+    @_builtins.property
+    def period_start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def period_end(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___TargetCompliance]: ...
+    def __init__(
+        self,
+        *,
+        team: _builtins.str = ...,
+        period_start: _timestamp_pb2.Timestamp | None = ...,
+        period_end: _timestamp_pb2.Timestamp | None = ...,
+        cases: _builtins.int = ...,
+        targets: _abc.Iterable[Global___TargetCompliance] | None = ...,
+        first_reply_count: _builtins.int = ...,
+        first_reply_mean_seconds: _builtins.float = ...,
+        first_reply_p90_seconds: _builtins.float = ...,
+        resolution_count: _builtins.int = ...,
+        resolution_mean_seconds: _builtins.float = ...,
+        resolution_p90_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_end", b"period_end", "period_start", b"period_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cases", b"cases", "first_reply_count", b"first_reply_count", "first_reply_mean_seconds", b"first_reply_mean_seconds", "first_reply_p90_seconds", b"first_reply_p90_seconds", "period_end", b"period_end", "period_start", b"period_start", "resolution_count", b"resolution_count", "resolution_mean_seconds", b"resolution_mean_seconds", "resolution_p90_seconds", b"resolution_p90_seconds", "targets", b"targets", "team", b"team"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SlaCompliance: _TypeAlias = SlaCompliance  # noqa: Y015
+
+@_typing.final
+class GetSlaComplianceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPLIANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def compliance(self) -> Global___SlaCompliance: ...
+    def __init__(
+        self,
+        *,
+        compliance: Global___SlaCompliance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compliance", b"compliance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compliance", b"compliance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSlaComplianceResponse: _TypeAlias = GetSlaComplianceResponse  # noqa: Y015
+
+@_typing.final
 class Weekday(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -778,11 +1027,16 @@ class SlaTarget(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     FIRST_RESPONSE_SECONDS_FIELD_NUMBER: _builtins.int
     RESOLUTION_SECONDS_FIELD_NUMBER: _builtins.int
+    NEXT_REPLY_SECONDS_FIELD_NUMBER: _builtins.int
     tier: _builtins.str
     """A customer tier (standard, silver, gold, platinum)."""
     priority: Global___Priority.ValueType
     first_response_seconds: _builtins.int
     resolution_seconds: _builtins.int
+    next_reply_seconds: _builtins.int
+    """Business seconds from a customer reply to the next public agent reply
+    (0: no next-reply target).
+    """
     def __init__(
         self,
         *,
@@ -790,10 +1044,11 @@ class SlaTarget(_message.Message):
         priority: Global___Priority.ValueType = ...,
         first_response_seconds: _builtins.int = ...,
         resolution_seconds: _builtins.int = ...,
+        next_reply_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_response_seconds", b"first_response_seconds", "priority", b"priority", "resolution_seconds", b"resolution_seconds", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_response_seconds", b"first_response_seconds", "next_reply_seconds", b"next_reply_seconds", "priority", b"priority", "resolution_seconds", b"resolution_seconds", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

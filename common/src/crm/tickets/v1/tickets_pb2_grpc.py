@@ -84,6 +84,21 @@ class TicketsServiceStub:
                 request_serializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.ListTeamQueueRequest.SerializeToString,
                 response_deserializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.ListTeamQueueResponse.FromString,
                 _registered_method=True)
+        self.ListCasesAtRisk = channel.unary_unary(
+                '/crm.tickets.v1.TicketsService/ListCasesAtRisk',
+                request_serializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.ListCasesAtRiskRequest.SerializeToString,
+                response_deserializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.ListCasesAtRiskResponse.FromString,
+                _registered_method=True)
+        self.ListCustomerCases = channel.unary_unary(
+                '/crm.tickets.v1.TicketsService/ListCustomerCases',
+                request_serializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.ListCustomerCasesRequest.SerializeToString,
+                response_deserializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.ListCustomerCasesResponse.FromString,
+                _registered_method=True)
+        self.GetSlaCompliance = channel.unary_unary(
+                '/crm.tickets.v1.TicketsService/GetSlaCompliance',
+                request_serializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.GetSlaComplianceRequest.SerializeToString,
+                response_deserializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.GetSlaComplianceResponse.FromString,
+                _registered_method=True)
         self.DefineSlaPolicy = channel.unary_unary(
                 '/crm.tickets.v1.TicketsService/DefineSlaPolicy',
                 request_serializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.DefineSlaPolicyRequest.SerializeToString,
@@ -171,7 +186,31 @@ class TicketsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListTeamQueue(self, request, context):
-        """A team's open cases, the most urgent SLA deadline first.
+        """A team's unsolved cases by SLA urgency: breached first, then the nearest
+        deadline, then cases whose clocks are all paused (or have no target).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCasesAtRisk(self, request, context):
+        """Unsolved cases with a breach still to come within `within_minutes` (or
+        overdue and about to be raised), the nearest first; optionally of one team.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCustomerCases(self, request, context):
+        """A customer's cases, the newest first (closed ones too).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSlaCompliance(self, request, context):
+        """SLA compliance of a team's cases opened in [period_start, period_end): per target kind the
+        share met, and mean and p90 business time to first reply and to resolution.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -248,6 +287,21 @@ def add_TicketsServiceServicer_to_server(servicer, server):
                     servicer.ListTeamQueue,
                     request_deserializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.ListTeamQueueRequest.FromString,
                     response_serializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.ListTeamQueueResponse.SerializeToString,
+            ),
+            'ListCasesAtRisk': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCasesAtRisk,
+                    request_deserializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.ListCasesAtRiskRequest.FromString,
+                    response_serializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.ListCasesAtRiskResponse.SerializeToString,
+            ),
+            'ListCustomerCases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCustomerCases,
+                    request_deserializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.ListCustomerCasesRequest.FromString,
+                    response_serializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.ListCustomerCasesResponse.SerializeToString,
+            ),
+            'GetSlaCompliance': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSlaCompliance,
+                    request_deserializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.GetSlaComplianceRequest.FromString,
+                    response_serializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.GetSlaComplianceResponse.SerializeToString,
             ),
             'DefineSlaPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.DefineSlaPolicy,
@@ -518,6 +572,87 @@ class TicketsService:
             '/crm.tickets.v1.TicketsService/ListTeamQueue',
             crm_dot_tickets_dot_v1_dot_tickets__pb2.ListTeamQueueRequest.SerializeToString,
             crm_dot_tickets_dot_v1_dot_tickets__pb2.ListTeamQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCasesAtRisk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.tickets.v1.TicketsService/ListCasesAtRisk',
+            crm_dot_tickets_dot_v1_dot_tickets__pb2.ListCasesAtRiskRequest.SerializeToString,
+            crm_dot_tickets_dot_v1_dot_tickets__pb2.ListCasesAtRiskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCustomerCases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.tickets.v1.TicketsService/ListCustomerCases',
+            crm_dot_tickets_dot_v1_dot_tickets__pb2.ListCustomerCasesRequest.SerializeToString,
+            crm_dot_tickets_dot_v1_dot_tickets__pb2.ListCustomerCasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSlaCompliance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.tickets.v1.TicketsService/GetSlaCompliance',
+            crm_dot_tickets_dot_v1_dot_tickets__pb2.GetSlaComplianceRequest.SerializeToString,
+            crm_dot_tickets_dot_v1_dot_tickets__pb2.GetSlaComplianceResponse.FromString,
             options,
             channel_credentials,
             insecure,

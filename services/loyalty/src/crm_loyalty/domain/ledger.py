@@ -14,7 +14,7 @@ changes, when the spendable points do not cover the amount.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from crm_common.errors import RuleViolated
@@ -39,6 +39,9 @@ class Lot:
     reason: str
     #: Points per order line (what a return of those lines cancels).
     lines: dict[str, int]
+    #: Money spent per line (decimal text) and its currency; empty when not known.
+    spend: dict[str, str] = field(default_factory=dict)
+    currency: str = ""
     remaining: int = 0
     spent: int = 0
     expired: int = 0

@@ -10,9 +10,11 @@ transport's redelivery and the request ids' retention.
 
 from __future__ import annotations
 
+import calendar
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from eventsourcing.domain import Aggregate
@@ -22,16 +24,19 @@ from crm_loyalty.domain.ledger import (
     Balance,
     Lot,
     allocate,
+    available,
     balance_of,
     due_for_expiry,
     due_for_release,
     take,
 )
-from crm_loyalty.domain.tiers import TierPolicy
+from crm_loyalty.domain.tiers import SPEND, TierPolicy
 
 MEMBER_NAMESPACE = uuid.UUID("8a0f6c52-3c1e-4b7a-a1d9-52e7d4f0b613")
 #: Lots from manual adjustments (their reason starts so) do not count towards tiers.
 ADJUSTMENT = "adjustment"
+#: Lots from event bonuses (their reason starts so) do not count towards tiers either.
+BONUS = "bonus"
 CHANNELS = ("web", "store", "app", "call_center", "erp")
 
 
@@ -70,6 +75,10 @@ class Member(Aggregate):
         member_number: str
         channel: str
         at: datetime
+        #: "MM-DD" (the birthday bonus), "" when not given.
+        birthday: str = ""
+        #: The contact id of the member who referred this one, "" for none.
+        referred_by: str = ""
 
     class Earned(Aggregate.Event):
         customer_id: str
@@ -82,9 +91,27 @@ class Member(Aggregate):
         reason: str
         lines: dict[str, int]
         at: datetime
+        #: Money spent per line (decimal text) in `currency`, for tiers by spend.
+        spend: dict[str, str] | None = None
+        currency: str = ""
+        #: An event bonus: "first_purchase", "birthday:<year>", "referee",
+        #: "referrer:<contact id of the new member>"; "" for other earnings.
+        bonus: str = ""
 
         def apply(self, aggregate: Any) -> None:
             aggregate._add_lot(self)
+            if self.bonus:
+                aggregate.bonuses.add(self.bonus)
+
+    class ReferralSettled(Aggregate.Event):
+        """The referral of this member was rewarded (its first purchase landed)."""
+
+        customer_id: str
+        referred_by: str
+        at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.referral_settled = True
 
     class Spent(Aggregate.Event):
         customer_id: str
@@ -128,6 +155,9 @@ class Member(Aggregate):
         return_id: str
         line_ids: list[str]
         at: datetime
+        #: Points the return should have cancelled but that were spent already and
+        #: not covered by the member's other lots.
+        unrecovered: int = 0
 
         def apply(self, aggregate: Any) -> None:
             take(aggregate.lots, self.lots, "cancelled")
@@ -167,11 +197,23 @@ class Member(Aggregate):
             aggregate.downgrade_due = self.due_at
             aggregate.downgrade_to = self.to_tier
 
-    def __init__(self, customer_id: str, member_number: str, channel: str, at: datetime) -> None:
+    def __init__(
+        self,
+        customer_id: str,
+        member_number: str,
+        channel: str,
+        at: datetime,
+        birthday: str = "",
+        referred_by: str = "",
+    ) -> None:
         self.customer_id = customer_id
         self.member_number = member_number
         self.channel = channel
         self.enrolled_at = at
+        self.birthday = birthday
+        self.referred_by = referred_by
+        self.bonuses: set[str] = set()
+        self.referral_settled = False
         self.tier = ""
         self.downgrade_due: datetime | None = None
         self.downgrade_to = ""
@@ -183,11 +225,26 @@ class Member(Aggregate):
         return member_id(customer_id)
 
     @classmethod
-    def enrol(cls, contact_id: str, channel: str, tier: str, at: datetime) -> Member:
+    def enrol(
+        cls,
+        contact_id: str,
+        channel: str,
+        tier: str,
+        at: datetime,
+        birthday: str = "",
+        referred_by: str = "",
+    ) -> Member:
         if channel not in CHANNELS:
             raise RuleViolated(f"unknown enrolment channel {channel!r}")
+        if referred_by == contact_id:
+            raise RuleViolated("a member cannot refer itself")
         member = cls(
-            customer_id=contact_id, member_number=member_number(contact_id), channel=channel, at=at
+            customer_id=contact_id,
+            member_number=member_number(contact_id),
+            channel=channel,
+            at=at,
+            birthday=birthday,
+            referred_by=referred_by,
         )
         member.tier = tier
         return member
@@ -208,6 +265,8 @@ class Member(Aggregate):
             reason=event.reason if reason is None else reason,
             lines=lines,
             remaining=event.points,
+            spend=dict(getattr(event, "spend", None) or {}),
+            currency=getattr(event, "currency", "") or "",
         )
         self.lots[lot.lot_id] = lot
         if lot.order_id:
@@ -223,15 +282,89 @@ class Member(Aggregate):
         return balance_of(self.lots.values())
 
     def qualifying_points(self, policy: TierPolicy, at: datetime) -> int:
-        """Points earned by purchases in the rolling window, less what returns cancelled."""
+        """What tiers count in the rolling window: points earned by purchases less
+        what returns cancelled (basis points), or whole currency units spent less
+        returned lines (basis spend; other currencies do not count)."""
         since = at - policy.window
-        return sum(
-            lot.earned - lot.cancelled
+        window = [
+            lot
             for lot in self.lots.values()
-            if lot.earned_at > since and not lot.reason.startswith(ADJUSTMENT)
-        )
+            if lot.earned_at > since and not lot.reason.startswith((ADJUSTMENT, BONUS))
+        ]
+        if policy.basis == SPEND:
+            total = Decimal(0)
+            for lot in window:
+                if lot.currency != policy.currency:
+                    continue
+                order = self.orders.get(lot.order_id) if lot.order_id else None
+                returned = order.returned_lines if order is not None else set()
+                total += sum(
+                    (Decimal(v) for k, v in lot.spend.items() if k not in returned), Decimal(0)
+                )
+            return int(total)
+        return sum(lot.earned - lot.cancelled for lot in window)
+
+    @property
+    def has_purchased(self) -> bool:
+        """Whether any purchase or order earned a lot (not adjustments, not bonuses)."""
+        return any(not lot.reason.startswith((ADJUSTMENT, BONUS)) for lot in self.lots.values())
+
+    def birthday_due(self, at: datetime) -> int | None:
+        """The year whose birthday bonus is due at `at`, or None: on or after the
+        birthday (29 February: the 28th in other years), a birthday on or after
+        the enrolment, not given for that year yet."""
+        if not self.birthday:
+            return None
+        month, day = (int(x) for x in self.birthday.split("-"))
+        year = at.year
+        if month == 2 and day == 29 and not calendar.isleap(year):
+            day = 28
+        when = date(year, month, day)
+        if at.date() < when or when < self.enrolled_at.date():
+            return None
+        return None if f"birthday:{year}" in self.bonuses else year
 
     # -- commands -----------------------------------------------------------------
+
+    def award_bonus(
+        self,
+        bonus: str,
+        points: int,
+        *,
+        expires_at: datetime,
+        rule_version: int,
+        at: datetime,
+        locked_until: datetime | None = None,
+    ) -> str | None:
+        """An event bonus as a lot of its own (None, and nothing, for 0 points or a
+        bonus given before): `reason` "bonus: <bonus>"."""
+        if points <= 0 or bonus in self.bonuses:
+            return None
+        lot_id = self._lot_id()
+        self.trigger_event(
+            self.Earned,
+            customer_id=self.customer_id,
+            lot_id=lot_id,
+            points=points,
+            expires_at=expires_at,
+            locked_until=locked_until,
+            order_id="",
+            rule_version=rule_version,
+            reason=f"{BONUS}: {bonus.split(':')[0].replace('_', ' ')}",
+            lines={},
+            at=at,
+            bonus=bonus,
+        )
+        return lot_id
+
+    def settle_referral(self, at: datetime) -> bool:
+        """Marks the referral rewarded; False when there is none or it was."""
+        if not self.referred_by or self.referral_settled:
+            return False
+        self.trigger_event(
+            self.ReferralSettled, customer_id=self.customer_id, referred_by=self.referred_by, at=at
+        )
+        return True
 
     def earn(
         self,
@@ -244,6 +377,8 @@ class Member(Aggregate):
         locked_until: datetime | None = None,
         order_id: str = "",
         lines: dict[str, int] | None = None,
+        spend: dict[str, str] | None = None,
+        currency: str = "",
     ) -> str | None:
         """Adds a lot; None (and no event) for zero points."""
         if points < 0:
@@ -263,6 +398,8 @@ class Member(Aggregate):
             reason=reason,
             lines=dict(lines or {}),
             at=at,
+            spend=dict(spend or {}),
+            currency=currency,
         )
         return lot_id
 
@@ -278,6 +415,8 @@ class Member(Aggregate):
         locked_until: datetime,
         rule_version: int,
         at: datetime,
+        spend: dict[str, str] | None = None,
+        currency: str = "",
     ) -> bool:
         """Earns an order's points, locked for its return window. False: already placed
         (a redelivery), nothing happens. An order worth no points still records a
@@ -296,16 +435,23 @@ class Member(Aggregate):
             reason="order",
             lines=dict(lines),
             at=at,
+            spend=dict(spend or {}),
+            currency=currency,
         )
         return True
 
     def return_order(
         self, order_id: str, return_id: str, line_ids: list[str], at: datetime
     ) -> int | None:
-        """Cancels the points of the returned lines (all lines when none are named).
+        """Cancels the points of the returned lines (all lines not returned yet when
+        none are named: a cancellation is the return "cancelled" of the whole order).
 
-        None: this return was applied already. Points already spent after the
-        window are not clawed back; the lot's remaining points are the limit.
+        None: this return was applied already. The points come from the order's
+        lot, locked or released. When some of them were spent meanwhile (after
+        the return window), the rest is taken back from the member's other
+        available lots, first to expire first; what even those cannot cover is
+        recorded as `unrecovered` (the balance never goes negative). Returns the
+        points cancelled.
         """
         order = self.orders.get(order_id)
         if order is None:
@@ -318,18 +464,31 @@ class Member(Aggregate):
         wanted = [
             line for line in (line_ids or list(order.lines)) if line not in order.returned_lines
         ]
+        owed = sum(order.lines[line] for line in wanted)
         lot = self.lots[order.lot_id]
-        points = min(sum(order.lines[line] for line in wanted), lot.remaining)
+        taken: dict[str, int] = {}
+        own = min(owed, lot.remaining)
+        if own:
+            taken[lot.lot_id] = own
+        short = owed - own
+        if short:
+            others = [x for x in self.lots.values() if x.lot_id != lot.lot_id]
+            back = min(short, available(others, at))
+            if back:
+                for lot_id, points in allocate(others, back, at).items():
+                    taken[lot_id] = taken.get(lot_id, 0) + points
+            short -= back
         self.trigger_event(
             self.Cancelled,
             customer_id=self.customer_id,
-            lots={lot.lot_id: points} if points else {},
+            lots=taken,
             order_id=order_id,
             return_id=return_id,
             line_ids=wanted,
             at=at,
+            unrecovered=short,
         )
-        return points
+        return sum(taken.values())
 
     def spend(self, points: int, reference: str, at: datetime) -> dict[str, int]:
         allocation = allocate(self.lots.values(), points, at)

@@ -43,6 +43,13 @@ class Rules:
     campaigns: tuple[Campaign, ...] = ()
     lot_lifetime_days: int = 365
     return_window_days: int = 30
+    #: Event bonuses, in points (0: none): a member's first purchase, its birthday
+    #: (once a year), and a referral (to the referrer and to the new member, when
+    #: the new member's first purchase lands).
+    first_purchase_bonus: int = 0
+    birthday_bonus: int = 0
+    referrer_bonus: int = 0
+    referee_bonus: int = 0
 
     def points(self, amount: Decimal, currency: str, category: str, tier: str, at: datetime) -> int:
         """Points of one line; 0 for a currency without a rate."""
@@ -74,6 +81,10 @@ class Rules:
             ],
             "lot_lifetime_days": self.lot_lifetime_days,
             "return_window_days": self.return_window_days,
+            "first_purchase_bonus": self.first_purchase_bonus,
+            "birthday_bonus": self.birthday_bonus,
+            "referrer_bonus": self.referrer_bonus,
+            "referee_bonus": self.referee_bonus,
         }
 
     @classmethod
@@ -95,6 +106,11 @@ class Rules:
             ),
             lot_lifetime_days=int(data["lot_lifetime_days"]),
             return_window_days=int(data["return_window_days"]),
+            # Rules published before bonuses existed have none.
+            first_purchase_bonus=int(data.get("first_purchase_bonus", 0)),
+            birthday_bonus=int(data.get("birthday_bonus", 0)),
+            referrer_bonus=int(data.get("referrer_bonus", 0)),
+            referee_bonus=int(data.get("referee_bonus", 0)),
         )
 
 

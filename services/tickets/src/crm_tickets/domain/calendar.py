@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from functools import cached_property, lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -90,34 +91,62 @@ class BusinessCalendar:
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> BusinessCalendar:
-        return cls(
+        """The calendar of stored terms (the same terms give the same, shared instance:
+        every case of a policy version counts in one calendar)."""
+        seen = _BY_DATA.get(id(data))
+        if seen is not None and seen[0] is data:
+            return seen[1]
+        calendar = _calendar(
             data["timezone"],
             tuple((d, s, e) for d, s, e in data["hours"]),
             tuple(data["holidays"]),
         )
+        if len(_BY_DATA) >= 4096:
+            _BY_DATA.clear()
+        _BY_DATA[id(data)] = (data, calendar)
+        return calendar
 
     # -- the arithmetic
 
-    @property
+    @cached_property
     def _zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
 
+    @cached_property
+    def _week(self) -> dict[int, tuple[time, time]]:
+        """weekday number -> (opens, closes) local time; closes is time.max for 24:00."""
+        return {
+            WEEKDAYS.index(d): (_parse_time(start, "start"), _parse_time(end, "end"))
+            for d, start, end in self.hours
+        }
+
+    @cached_property
+    def _holiday_dates(self) -> frozenset[date]:
+        return frozenset(date.fromisoformat(text) for text in self.holidays)
+
+    @cached_property
+    def _days(self) -> dict[date, list[tuple[datetime, datetime]]]:
+        """The working intervals of the days asked for so far (a few years at most)."""
+        return {}
+
     def _open_intervals(self, day: date) -> list[tuple[datetime, datetime]]:
         """The day's working interval as aware UTC instants (empty when closed)."""
-        if day.isoformat() in self.holidays:
+        known = self._days.get(day)
+        if known is None:
+            known = self._days[day] = self._day_intervals(day)
+        return known
+
+    def _day_intervals(self, day: date) -> list[tuple[datetime, datetime]]:
+        hours = self._week.get(day.weekday())
+        if hours is None or day in self._holiday_dates:
             return []
-        key = WEEKDAYS[day.weekday()]
-        for d, start, end in self.hours:
-            if d == key:
-                zone = self._zone
-                opens = datetime.combine(day, _parse_time(start, "start"), zone)
-                closes_at = _parse_time(end, "end")
-                if closes_at == time.max:
-                    closes = datetime.combine(day + timedelta(days=1), time(0), zone)
-                else:
-                    closes = datetime.combine(day, closes_at, zone)
-                return [(opens.astimezone(UTC), closes.astimezone(UTC))]
-        return []
+        zone = self._zone
+        opens = datetime.combine(day, hours[0], zone)
+        if hours[1] == time.max:
+            closes = datetime.combine(day + timedelta(days=1), time(0), zone)
+        else:
+            closes = datetime.combine(day, hours[1], zone)
+        return [(opens.astimezone(UTC), closes.astimezone(UTC))]
 
     def _days_from(self, instant: datetime) -> Iterator[date]:
         day = instant.astimezone(self._zone).date() - timedelta(days=1)
@@ -154,3 +183,16 @@ class BusinessCalendar:
                     return lo + timedelta(seconds=remaining)
                 remaining -= available
         raise ValidationFailed.of("calendar", f"no working time within {MAX_DAYS} days")
+
+
+#: Stored calendar data -> its calendar, by the data's identity (the data is kept with
+#: it, so an id is never reused while its entry lives): cases that share their terms
+#: (the query model keeps one copy of each) skip even building the cache key.
+_BY_DATA: dict[int, tuple[dict[str, Any], BusinessCalendar]] = {}
+
+
+@lru_cache(maxsize=1024)
+def _calendar(
+    timezone: str, hours: tuple[tuple[str, str, str], ...], holidays: tuple[str, ...]
+) -> BusinessCalendar:
+    return BusinessCalendar(timezone, hours, holidays)

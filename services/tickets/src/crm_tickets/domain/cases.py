@@ -4,13 +4,18 @@ The case copies the SLA terms of the policy version it started with (its
 tier's targets per priority, the calendar, warning lead, pause rule,
 escalation), so a later policy revision never moves its deadlines.
 
-Each SLA target (`first_response`, `resolution`) is a clock: business seconds
-consumed so far, the instant it last started running (None while paused),
-when it was met, and whether its warning and breach were raised. Every time a
-clock's deadline can move (pause, resume, priority change, reopening) its
-`deadline_version` goes up: the SLA scanner names the deadline it raises by
-(case, kind, deadline version), and the case raises each warning and each
-breach at most once per target whatever the scanner does.
+Each SLA target (`first_response`, `next_reply`, `resolution`) is a clock:
+business seconds consumed so far, the instant it last started running (None
+while paused), when it was met, and whether its warning and breach were
+raised. `first_response` and `resolution` run from the opening; `next_reply`
+starts with a customer's public reply once the first response is given, and
+runs until the next public agent reply: each such cycle is a new instance of
+the clock (`cycle` 1, 2, ...), with its own warning and breach. Every time a
+clock's deadline can move (pause, resume, priority change, reopening, a new
+cycle) its `deadline_version` goes up, and it never goes back, not even from
+one cycle to the next: the SLA scanner names the deadline it raises by (case,
+kind, deadline version), and the case raises each warning and each breach at
+most once per clock instance whatever the scanner does.
 
 Methods refuse with `RuleViolated` what the case's state does not allow,
 before any event is triggered.
@@ -27,7 +32,7 @@ from eventsourcing.domain import Aggregate
 
 from crm_common.errors import RuleViolated
 from crm_tickets.domain.calendar import BusinessCalendar
-from crm_tickets.domain.values import PRIORITIES, TARGET_KINDS, TRANSITIONS
+from crm_tickets.domain.values import DEFAULT_TIER, PRIORITIES, TARGET_KINDS, TRANSITIONS
 
 PAUSED_ALWAYS = ("pending",)
 STOPPED = ("solved", "closed")
@@ -42,6 +47,7 @@ class Deadline:
     what: str  # "warning" | "breach"
     at: datetime
     deadline_version: int
+    cycle: int = 1
 
     @property
     def request_id(self) -> str:
@@ -55,6 +61,28 @@ def _iso(at: datetime | None) -> str | None:
 
 def _at(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
+
+
+def _terms_for(terms: dict[str, Any], tier: str) -> dict[str, Any]:
+    """The terms a case keeps: the policy's, with the targets of its tier only (those of
+    the default tier when the policy sets none for it)."""
+    targets = terms["targets"]
+    key = tier if tier in targets else DEFAULT_TIER
+    return {**terms, "targets": {key: targets.get(key, {})}}
+
+
+def _new_clock(target: int, at: datetime, *, running: bool) -> dict[str, Any]:
+    return {
+        "target": target,
+        "consumed": 0.0,
+        "started_at": at.isoformat(),
+        "running_since": at.isoformat() if running else None,
+        "met_at": None,
+        "warned": False,
+        "breached": False,
+        "deadline_version": 1,
+        "cycle": 1,
+    }
 
 
 class Case(Aggregate):
@@ -126,9 +154,12 @@ class Case(Aggregate):
             )
             if self.author_kind == "agent":
                 aggregate._meet("first_response", self.at)
-            elif aggregate.status == "pending":
-                # The customer answered: the case is theirs no longer, the clocks run.
-                aggregate._move("open", self.at)
+                aggregate._meet("next_reply", self.at)
+            else:
+                if aggregate.status == "pending":
+                    # The customer answered: the case is theirs no longer, the clocks run.
+                    aggregate._move("open", self.at)
+                aggregate._await_agent(self.at)
 
     class NoteAdded(Event):
         author: str
@@ -156,6 +187,7 @@ class Case(Aggregate):
         kind: str
         due_at: datetime
         deadline_version: int
+        cycle: int = 1
 
         def change(self, aggregate: Any) -> None:
             aggregate.history[-1].update(kind=self.kind)
@@ -165,12 +197,14 @@ class Case(Aggregate):
         kind: str
         due_at: datetime
         deadline_version: int
+        cycle: int = 1
 
         def change(self, aggregate: Any) -> None:
             aggregate.history[-1].update(kind=self.kind)
             clock = aggregate.clocks[self.kind]
             clock["warned"] = True
             clock["breached"] = True
+            clock["breached_due_at"] = self.due_at.isoformat()
 
     class Escalated(Event):
         kind: str
@@ -238,19 +272,14 @@ class Case(Aggregate):
         self.satisfaction: dict[str, Any] | None = None
         # The Opened event itself appends the first entry (it is a `Case.Event` too).
         self.history: list[dict[str, Any]] = []
-        targets = terms["targets"].get(tier) or {}
+        #: next-reply clock instances that ended before the current one: kind, cycle,
+        #: state (met or breached) and the business seconds they ran.
+        self.finished_clocks: list[dict[str, Any]] = []
+        targets = self._targets()
         self.clocks: dict[str, dict[str, Any]] = {
-            kind: {
-                "target": int(targets.get(priority, {}).get(kind, 0)),
-                "consumed": 0.0,
-                "running_since": at.isoformat(),
-                "met_at": None,
-                "warned": False,
-                "breached": False,
-                "deadline_version": 1,
-            }
+            kind: _new_clock(int(targets[kind]), at, running=True)
             for kind in TARGET_KINDS
-            if targets.get(priority, {}).get(kind)
+            if kind != "next_reply" and targets.get(kind)
         }
 
     @classmethod
@@ -287,7 +316,7 @@ class Case(Aggregate):
             tier_source=tier_source,
             policy_id=policy_id,
             policy_version=policy_version,
-            terms=copy.deepcopy(terms),
+            terms=copy.deepcopy(_terms_for(terms, tier)),
             reopen_window_seconds=reopen_window_seconds,
             at=at,
         )
@@ -350,7 +379,14 @@ class Case(Aggregate):
         if what == "warning" and breach is not None and breach.at <= now:
             return False  # too late to warn: the breach is due and says more
         event = self.SlaBreached if what == "breach" else self.SlaWarned
-        self._trigger(event, now, kind=kind, due_at=due.at, deadline_version=deadline_version)
+        self._trigger(
+            event,
+            now,
+            kind=kind,
+            due_at=due.at,
+            deadline_version=deadline_version,
+            cycle=due.cycle,
+        )
         if what == "breach":
             self._escalate(kind, now)
         return True
@@ -388,6 +424,7 @@ class Case(Aggregate):
                 continue
             left = clock["target"] - clock["consumed"]
             version = clock["deadline_version"]
+            cycle = int(clock.get("cycle", 1))
             due = self.calendar.add(since, max(left, 0))
             if not clock["warned"] and warning > 0 and left > warning:
                 found.append(
@@ -397,10 +434,42 @@ class Case(Aggregate):
                         "warning",
                         self.calendar.add(since, left - warning),
                         version,
+                        cycle,
                     )
                 )
-            found.append(Deadline(str(self.id), kind, "breach", due, version))
+            found.append(Deadline(str(self.id), kind, "breach", due, version, cycle))
         return sorted(found, key=lambda d: d.at)
+
+    def sla_clocks(self) -> list[dict[str, Any]]:
+        """The clocks as they stand (no `now` needed): kind, state, cycle, and `due_at`
+        (running, or breached: when it fell due), `remaining_seconds` (paused: business
+        seconds left, 0 when none) and `warn_at` (running, the warning still to come)."""
+        pending = {(d.kind, d.what): d.at for d in self.deadlines()}
+        found = []
+        for kind in TARGET_KINDS:
+            clock = self.clocks.get(kind)
+            if clock is None:
+                continue
+            state = self.clock_state(kind)
+            due_at: datetime | None = None
+            remaining: int | None = None
+            if state == "running":
+                due_at = pending.get((kind, "breach"))
+            elif state == "breached":
+                due_at = _at(clock.get("breached_due_at"))
+            elif state == "paused":
+                remaining = max(int(clock["target"] - clock["consumed"]), 0)
+            found.append(
+                {
+                    "kind": kind,
+                    "state": state,
+                    "cycle": int(clock.get("cycle", 1)),
+                    "due_at": due_at,
+                    "remaining_seconds": remaining,
+                    "warn_at": pending.get((kind, "warning")) if state == "running" else None,
+                }
+            )
+        return found
 
     def next_due(self) -> datetime | None:
         """The next breach time of a running clock (the queue's urgency)."""
@@ -425,6 +494,41 @@ class Case(Aggregate):
         return used
 
     # -- clock mechanics (called from the events' apply, so replay rebuilds them)
+
+    def _targets(self) -> dict[str, Any]:
+        """The targets of the case's tier and priority (the default tier's when its
+        policy sets none for the tier)."""
+        targets = self.terms["targets"]
+        by_priority = targets.get(self.tier) or targets.get(DEFAULT_TIER) or {}
+        found: dict[str, Any] = by_priority.get(self.priority) or {}
+        return found
+
+    def _await_agent(self, at: datetime) -> None:
+        """A customer's public reply: a new next-reply clock instance starts, unless one
+        is already counting (the agent still owes the earlier reply), the first response
+        is still owed (its clock covers it), or the case is solved."""
+        if self.status in STOPPED:
+            return
+        target = int(self._targets().get("next_reply") or 0)
+        first = self.clocks.get("first_response")
+        if target <= 0 or (first is not None and first["met_at"] is None):
+            return
+        before = self.clocks.get("next_reply")
+        if before is not None and before["met_at"] is None:
+            return
+        clock = _new_clock(target, at, running=not self._pauses(self.status))
+        if before is not None:
+            self.finished_clocks.append(
+                {
+                    "kind": "next_reply",
+                    "cycle": int(before.get("cycle", 1)),
+                    "state": "breached" if before["breached"] else "met",
+                    "seconds": before["consumed"],
+                }
+            )
+            clock["cycle"] = int(before.get("cycle", 1)) + 1
+            clock["deadline_version"] = int(before["deadline_version"]) + 1
+        self.clocks["next_reply"] = clock
 
     def _trigger(self, event: type[Aggregate.Event], at: datetime, **fields: Any) -> None:
         self.trigger_event(event, customer_id=self.customer_id, at=at, **fields)
@@ -479,7 +583,7 @@ class Case(Aggregate):
         if priority == self.priority:
             return
         self.priority = priority
-        targets = self.terms["targets"].get(self.tier, {}).get(priority, {})
+        targets = self._targets()
         for kind, clock in self.clocks.items():
             if clock["met_at"] is None and kind in targets:
                 clock["target"] = int(targets[kind])

@@ -9,12 +9,18 @@ from crm_common.errors import ValidationFailed
 CHANNELS = ("email", "phone", "chat", "web", "social")
 PRIORITIES = ("low", "normal", "high", "urgent")
 STATUSES = ("new", "open", "pending", "on_hold", "solved", "closed")
-#: The SLA targets a policy sets per priority and tier.
-TARGET_KINDS = ("first_response", "resolution")
-#: The customer tier a case uses while the loyalty service does not exist or does
-#: not answer in time (the case records where its tier came from).
+#: The SLA targets a policy sets per priority and tier: the first public agent
+#: reply, the next agent reply after each customer reply (one clock instance per
+#: such reply), and solving the case.
+TARGET_KINDS = ("first_response", "next_reply", "resolution")
+#: The customer tier a case uses when the loyalty service does not know the
+#: customer as a member, does not answer in time, or refuses (the case records
+#: why in its `tier_source`); also the targets a case falls back to when its
+#: policy sets none for the customer's tier.
 DEFAULT_TIER = "standard"
-TIERS = ("standard", "silver", "gold", "platinum")
+#: The tiers of the default terms. Policies may name any tier word (the loyalty
+#: service's tiers are data too: basic, silver, gold, vip out of the box).
+TIERS = ("standard", "basic", "silver", "gold", "platinum", "vip")
 
 #: status -> the statuses a case may move to from it (reopening is `solved -> open`).
 TRANSITIONS: dict[str, tuple[str, ...]] = {
