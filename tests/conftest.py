@@ -2,9 +2,10 @@
 
 `platform` starts every service process (contacts API, relay and follower,
 pipeline API and relay, analytics API and projector) once per test session on
-top of the shared `local_stack` (real Kafka and SecantusDB on free ports), with
-traces exported to an in-process OTLP receiver so a test can see what the
-processes really export.
+top of the shared `local_stack` (real Kafka and SecantusDB on free ports), the
+write services on PostgreSQL (the tests' own server, a database of the
+session's), with traces exported to an in-process OTLP receiver so a test can
+see what the processes really export.
 
 Every call carries a real signed token of the session's identity: the stubs
 of the `contacts`, `pipeline` and `customer360` fixtures add one (unless the
@@ -16,6 +17,7 @@ makes itself.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +30,9 @@ from crm.contacts.v1 import contacts_pb2_grpc
 from crm.customer360.v1 import customer360_pb2_grpc
 from crm.pipeline.v1 import pipeline_pb2_grpc
 from crm_deploy.identity import Identity
+from crm_deploy.postgres import PostgresTarget
 from crm_deploy.stack import SERVICE_PROCESSES as STACK_PROCESSES
-from crm_deploy.testing import bearer, grpc_auth
+from crm_deploy.testing import bearer, grpc_auth, postgres_database, postgres_env
 
 # Every process of the platform (crm_common.registry, through the stack's table).
 SERVICE_PROCESSES = [p.name for p in STACK_PROCESSES]
@@ -68,6 +71,8 @@ class Platform:
     analytics_http: str
     #: The session's identity, which every process trusts.
     identity: Identity
+    #: The PostgreSQL database the write services store their events in.
+    postgres: PostgresTarget
 
     def token(self, role: str = "admin", subject: str | None = None) -> str:
         """A real signed token of a user with `role`, through the client `e2e-tests`."""
@@ -118,6 +123,11 @@ def platform(local_stack: Any, otlp_collector: OtlpCollector) -> Iterator[Platfo
         # Export within a fraction of a second instead of the default 5 s.
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     }
+    # The production event store: every write service on PostgreSQL, in a
+    # database of the session's own (SQLite is what the service tests cover too).
+    database = contextlib.ExitStack()
+    postgres = database.enter_context(postgres_database("crm_e2e"))
+    env.update(postgres_env(postgres))
     local_stack.start_services(SERVICE_PROCESSES, extra_env=env)
     ports = local_stack.config.service_ports
     try:
@@ -131,9 +141,11 @@ def platform(local_stack: Any, otlp_collector: OtlpCollector) -> Iterator[Platfo
             analytics_grpc=f"127.0.0.1:{ports['analytics'][0]}",
             analytics_http=f"http://127.0.0.1:{ports['analytics'][1]}",
             identity=local_stack.identity,
+            postgres=postgres,
         )
     finally:
         local_stack.stop_services(SERVICE_PROCESSES)
+        database.close()
 
 
 @pytest.fixture

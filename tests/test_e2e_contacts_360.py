@@ -121,6 +121,31 @@ async def test_grpc_writes_show_in_the_360_view(contacts: Any, customer360: Any)
     assert doc.positions["contacts"] >= position
 
 
+async def test_the_platform_stores_its_events_in_postgresql(platform: Any, contacts: Any) -> None:
+    """The end-to-end tests run on the production event store: a write through
+    the contacts API is a row of the contacts schema in PostgreSQL, at the
+    position the API answered."""
+    import psycopg
+    from psycopg.sql import SQL, Identifier
+
+    created = await contacts.CreatePerson(new_person())
+    with psycopg.connect(**platform.postgres.connect_kwargs()) as conn:
+        tables = {
+            name
+            for (name,) in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'contacts'"
+            )
+        }
+        events = next(t for t in tables if t.endswith("_events") and "snapshot" not in t)
+        row = conn.execute(
+            SQL("SELECT originator_version FROM {}.{} WHERE notification_id = %s").format(
+                Identifier("contacts"), Identifier(events)
+            ),
+            (created.result.position,),
+        ).fetchone()
+    assert row == (1,), f"no event at position {created.result.position} in contacts.{events}"
+
+
 async def test_rest_writes_show_in_the_360_view(platform: Any) -> None:
     email = f"{unique('grace.')}@example.com"
     async with httpx.AsyncClient(timeout=30, headers=platform.headers(*E2E_CALLER)) as http:

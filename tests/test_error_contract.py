@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,8 +19,10 @@ from typing import Any
 
 import grpc
 import httpx
+import psycopg
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from psycopg.sql import SQL, Identifier
 
 from crm.contacts.v1 import contacts_pb2
 from crm.pipeline.v1 import pipeline_pb2
@@ -41,11 +42,23 @@ def addresses(platform: Any, service: str) -> tuple[str, str]:
 
 
 def stored_events(platform: Any, service: str) -> int:
-    """How many events the service's event store holds (read beside the service)."""
-    path = platform.stack.config.data_dir / service / "events.sqlite"
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as db:
-        (count,) = db.execute("SELECT COUNT(*) FROM stored_events").fetchone()
-    return int(count)
+    """How many events the service's event store holds (read beside the service:
+    the platform's write services store in PostgreSQL, a schema each)."""
+    with psycopg.connect(**platform.postgres.connect_kwargs()) as conn:
+        tables = [
+            name
+            for (name,) in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                (service,),
+            )
+            if name.endswith("_events") and "snapshot" not in name
+        ]
+        assert len(tables) == 1, f"the event table of {service} among {tables}"
+        row = conn.execute(
+            SQL("SELECT COUNT(*) FROM {}.{}").format(Identifier(service), Identifier(tables[0]))
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def assert_error_shape(reply: httpx.Response, status: int) -> dict[str, Any]:

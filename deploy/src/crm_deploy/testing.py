@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import functools
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -177,3 +179,32 @@ def drop_schema(schema: str) -> None:
 
     with psycopg.connect(**postgres_target().connect_kwargs(), autocommit=True) as conn:
         conn.execute(SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(Identifier(schema)))
+
+
+@contextlib.contextmanager
+def postgres_database(prefix: str = "crm_test") -> Iterator[PostgresTarget]:
+    """A fresh database on the tests' PostgreSQL (its own schemas start empty
+    whatever ran before), dropped afterwards; yields where it answers."""
+    import dataclasses
+    import uuid
+
+    import psycopg
+    from psycopg.sql import SQL, Identifier
+
+    server = postgres_target()
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(**server.connect_kwargs(), autocommit=True) as conn:
+        conn.execute(SQL("CREATE DATABASE {}").format(Identifier(name)))
+    try:
+        yield dataclasses.replace(server, dbname=name)
+    finally:
+        with psycopg.connect(**server.connect_kwargs(), autocommit=True) as conn:
+            conn.execute(SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(Identifier(name)))
+
+
+def postgres_env(target: PostgresTarget) -> dict[str, str]:
+    """CRM_* variables that put every service process on `target`, each service in
+    the schema named after it (the production default)."""
+    env = target.env("unused")
+    del env["CRM_POSTGRES_SCHEMA"]
+    return env
