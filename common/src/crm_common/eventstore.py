@@ -2,22 +2,46 @@
 module, chosen by configuration, with one addition to its recorders: finding
 the log position of a stored event (`position_of`), which a retried command
 needs to hand back the position of its first outcome.
+
+And snapshots of long-lived aggregates (`SnapshottingApplication`): every
+`CRM_SNAPSHOT_INTERVAL` events (default 50) of an aggregate of a kind its
+application names, the aggregate's state is stored in the library's snapshot
+table (beside the events, not in the notification log, so never relayed), and
+a load starts from the latest snapshot and replays only the events after it.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import fcntl
+import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from enum import Enum
+from typing import Any, ClassVar, Protocol
 from uuid import UUID
 
 import psycopg
+from eventsourcing.application import (
+    AggregateNotFoundError,
+    Application,
+    Repository,
+    project_aggregate,
+)
+from eventsourcing.domain import Aggregate, DomainEventProtocol, Snapshot
+from eventsourcing.persistence import IntegrityError, Recording
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
+from eventsourcing.utils import Environment, EnvType, get_topic, resolve_topic, strtobool
 from psycopg.sql import SQL, Identifier
 
 from crm_common.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class PositionedRecorder(Protocol):
@@ -156,3 +180,267 @@ def recorder_position_of(recorder: Any, originator_id: UUID | str, version: int)
         )
     result: int | None = finder(originator_id, version)
     return result
+
+
+# -- snapshots ------------------------------------------------------------------------------
+
+#: Events of one long-lived aggregate between two of its snapshots, unless the
+#: environment variable `CRM_SNAPSHOT_INTERVAL` says otherwise (0: no snapshots
+#: are taken or read).
+DEFAULT_SNAPSHOT_INTERVAL = 50
+SNAPSHOT_INTERVAL_VAR = "CRM_SNAPSHOT_INTERVAL"
+
+
+def snapshot_interval(value: str | None) -> int:
+    """The snapshot interval configured by `value` (the variable's text)."""
+    if value is None or not value.strip():
+        return DEFAULT_SNAPSHOT_INTERVAL
+    try:
+        interval = int(value)
+    except ValueError:
+        interval = -1
+    if interval < 0:
+        raise ValueError(
+            f"{SNAPSHOT_INTERVAL_VAR} must be a whole number of events "
+            f"(0 turns snapshots off), not {value!r}"
+        )
+    return interval
+
+
+_TAG = "~"
+
+
+def encode_state(value: Any) -> Any:
+    """`value` as JSON-native data that `decode_state` turns back into an
+    equal value of the same types (tuples stay tuples, sets sets, enum
+    members and dataclass value objects themselves). Raises TypeError for
+    what it cannot represent faithfully, so that no snapshot is stored
+    rather than a wrong one."""
+    kind = type(value)
+    if value is None or kind in (bool, int, float, str):
+        return value
+    if isinstance(value, Enum):
+        return {_TAG: "enum", "c": get_topic(kind), "v": encode_state(value.value)}
+    if kind is list:
+        return [encode_state(v) for v in value]
+    if kind is dict:
+        if _TAG not in value and all(type(k) is str for k in value):
+            return {k: encode_state(v) for k, v in value.items()}
+        return {_TAG: "map", "v": [[encode_state(k), encode_state(v)] for k, v in value.items()]}
+    if kind is tuple:
+        return {_TAG: "tuple", "v": [encode_state(v) for v in value]}
+    if kind is set or kind is frozenset:
+        items = sorted(
+            (encode_state(v) for v in value), key=lambda v: json.dumps(v, sort_keys=True)
+        )
+        return {_TAG: kind.__name__, "v": items}
+    if kind is Decimal:
+        return {_TAG: "decimal", "v": str(value)}
+    if kind is datetime or kind is date or kind is time:
+        return {_TAG: kind.__name__, "v": value.isoformat()}
+    if kind is timedelta:
+        return {_TAG: "timedelta", "v": [value.days, value.seconds, value.microseconds]}
+    if kind is UUID:
+        return {_TAG: "uuid", "v": value.hex}
+    if kind is bytes:
+        return {_TAG: "bytes", "v": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, tuple) and hasattr(kind, "_fields"):
+        return {_TAG: "namedtuple", "c": get_topic(kind), "v": [encode_state(v) for v in value]}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        attributes = (
+            vars(value)
+            if hasattr(value, "__dict__")
+            else {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        )
+        return {
+            _TAG: "object",
+            "c": get_topic(kind),
+            "v": {name: encode_state(v) for name, v in attributes.items()},
+        }
+    raise TypeError(f"a snapshot cannot hold a {kind.__module__}.{kind.__qualname__}")
+
+
+def decode_state(data: Any) -> Any:
+    """The value that `encode_state` turned into `data`."""
+    if isinstance(data, list):
+        return [decode_state(v) for v in data]
+    if not isinstance(data, dict):
+        return data
+    tag = data.get(_TAG)
+    if tag is None:
+        return {k: decode_state(v) for k, v in data.items()}
+    v = data["v"]
+    match tag:
+        case "enum":
+            return resolve_topic(data["c"])(decode_state(v))
+        case "map":
+            return {decode_state(k): decode_state(x) for k, x in v}
+        case "tuple":
+            return tuple(decode_state(x) for x in v)
+        case "set":
+            return {decode_state(x) for x in v}
+        case "frozenset":
+            return frozenset(decode_state(x) for x in v)
+        case "decimal":
+            return Decimal(v)
+        case "datetime":
+            return datetime.fromisoformat(v)
+        case "date":
+            return date.fromisoformat(v)
+        case "time":
+            return time.fromisoformat(v)
+        case "timedelta":
+            return timedelta(days=v[0], seconds=v[1], microseconds=v[2])
+        case "uuid":
+            return UUID(v)
+        case "bytes":
+            return base64.b64decode(v)
+        case "namedtuple":
+            return resolve_topic(data["c"])(*(decode_state(x) for x in v))
+        case "object":
+            cls = resolve_topic(data["c"])
+            obj = cls.__new__(cls)
+            for name, x in v.items():
+                object.__setattr__(obj, name, decode_state(x))
+            return obj
+    raise ValueError(f"unknown value tag {tag!r} in a snapshot")
+
+
+class AggregateSnapshot(Snapshot):
+    """A snapshot whose state keeps its Python types through JSON (see
+    `encode_state`): no transcodings to register per service, and a value
+    it cannot represent means no snapshot rather than a different aggregate."""
+
+    @classmethod
+    def take(cls, aggregate: Any) -> AggregateSnapshot:
+        taken = super().take(aggregate)
+        return dataclasses.replace(taken, state={"format": 1, "state": encode_state(taken.state)})
+
+    def mutate(self, _: None) -> Any:
+        if self.state.get("format") != 1:
+            raise ValueError(f"unknown snapshot format {self.state.get('format')!r}")
+        decoded = dataclasses.replace(self, state=decode_state(self.state["state"]))
+        return Snapshot.mutate(decoded, None)
+
+
+class SnapshotTolerantRepository(Repository[UUID]):
+    """A repository that replays all of an aggregate's events when its
+    snapshot cannot be used (a renamed class, an unknown format): a snapshot
+    only saves time, it never makes an aggregate unloadable."""
+
+    def _reconstruct_aggregate(
+        self, aggregate_id: UUID, version: int | None, projector_func: Any
+    ) -> Any:
+        try:
+            return super()._reconstruct_aggregate(aggregate_id, version, projector_func)
+        except AggregateNotFoundError:
+            raise
+        except Exception:
+            if self.snapshot_store is None:
+                raise
+            log.warning(
+                "snapshot of aggregate %s unusable, replaying its events",
+                aggregate_id,
+                exc_info=True,
+            )
+        aggregate = projector_func(
+            None, self.event_store.get(originator_id=aggregate_id, lte=version)
+        )
+        if aggregate is None:
+            raise AggregateNotFoundError(
+                f"Aggregate {aggregate_id!r} version {version!r} not found."
+            )
+        return aggregate
+
+
+class SnapshottingApplication(Application[UUID]):
+    """An application that snapshots its long-lived aggregates.
+
+    A service names its kinds in `snapshot_kinds`; each save then stores a
+    snapshot of every aggregate of those kinds whose version it takes to a
+    multiple of the interval (`CRM_SNAPSHOT_INTERVAL`, default
+    `DEFAULT_SNAPSHOT_INTERVAL`), in the library's snapshot table (SQLite:
+    `stored_snapshots`; PostgreSQL: `<service>_snapshots` in the service's
+    schema), outside the notification log that the relay publishes. Loads go
+    through the library's repository: the latest snapshot, then the events
+    after it. Taking a snapshot happens after the save has committed and a
+    failure is logged, never raised: the command has succeeded either way."""
+
+    snapshot_kinds: ClassVar[tuple[type[Aggregate], ...]] = ()
+
+    def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
+        environment = super().construct_env(name, env)
+        self.snapshot_interval = snapshot_interval(environment.get(SNAPSHOT_INTERVAL_VAR))
+        enabled = bool(self.snapshot_interval and self.snapshot_kinds)
+        environment["IS_SNAPSHOTTING_ENABLED"] = "y" if enabled else "n"
+        return environment
+
+    def construct_repository(self) -> Repository[UUID]:
+        maxsize = self.env.get(self.AGGREGATE_CACHE_MAXSIZE)
+        return SnapshotTolerantRepository(
+            event_store=self.events,
+            snapshot_store=self.snapshots,
+            cache_maxsize=int(maxsize) if maxsize else None,
+            fastforward=strtobool(self.env.get(self.AGGREGATE_CACHE_FASTFORWARD, "y")),
+            fastforward_skipping=strtobool(
+                self.env.get(self.AGGREGATE_CACHE_FASTFORWARD_SKIPPING, "n")
+            ),
+            deepcopy_from_cache=strtobool(self.env.get(self.DEEPCOPY_FROM_AGGREGATE_CACHE, "y")),
+        )
+
+    def snapshot_kind_of(self, event: DomainEventProtocol[UUID]) -> type[Aggregate] | None:
+        """The snapshotted kind (or one of them) that stores `event`, or None."""
+        event_class = type(event)
+        for kind in self.snapshot_kinds:
+            # An event a base class's method triggers is the base's event class.
+            for owner in kind.__mro__:
+                if vars(owner).get(event_class.__name__) is event_class:
+                    return kind
+        return None
+
+    def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
+        recordings = super().save(*objs, **kwargs)
+        interval = self.snapshot_interval
+        if self.snapshots is None or not interval:
+            return recordings
+        # One snapshot per aggregate and save: at the last multiple it reached.
+        due: dict[UUID, int] = {}
+        for recording in recordings:
+            event = recording.domain_event
+            version = event.originator_version
+            if version % interval == 0 and self.snapshot_kind_of(event) is not None:
+                due[event.originator_id] = max(version, due.get(event.originator_id, 0))
+        for aggregate_id, version in due.items():
+            try:
+                self.take_snapshot(aggregate_id, version)
+            except IntegrityError:
+                pass  # another process of the service took this one
+            except Exception:
+                log.warning(
+                    "no snapshot of aggregate %s at version %s",
+                    aggregate_id,
+                    version,
+                    exc_info=True,
+                )
+        return recordings
+
+    def replay(self, aggregate_id: UUID) -> Any:
+        """The aggregate from all of its events, ignoring any snapshot."""
+        aggregate = project_aggregate(None, self.events.get(aggregate_id))
+        if aggregate is None:
+            raise AggregateNotFoundError(f"Aggregate {aggregate_id!r} not found.")
+        return aggregate
+
+    def take_snapshot(
+        self,
+        aggregate_id: UUID,
+        version: int | None = None,
+        projector_func: Any = project_aggregate,
+    ) -> None:
+        """Stores a snapshot of the aggregate as of `version` (default: latest)."""
+        if self.snapshots is None:
+            raise RuntimeError(f"snapshots are off ({SNAPSHOT_INTERVAL_VAR}=0)")
+        aggregate = self.repository.get(
+            aggregate_id, version=version, projector_func=projector_func
+        )
+        self.snapshots.put([AggregateSnapshot.take(aggregate)])

@@ -19,12 +19,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from uuid import UUID
 
 import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crm_common.auth.gate import AccessGate
+from crm_common.eventstore import SnapshottingApplication, encode_state
 from crm_common.settings import Settings
 from crm_deploy.identity import Identity, ensure_identity
 from crm_deploy.postgres import EmbeddedPostgres, PostgresTarget, wait_for
@@ -208,3 +211,40 @@ def postgres_env(target: PostgresTarget) -> dict[str, str]:
     env = target.env("unused")
     del env["CRM_POSTGRES_SCHEMA"]
     return env
+
+
+# -- snapshots: what every service's snapshot tests check ------------------------------
+
+
+def assert_loads_from_snapshot(
+    app: SnapshottingApplication, aggregate_id: UUID, monkeypatch: Any, interval: int
+) -> Any:
+    """The aggregate loads from its latest snapshot (taken every `interval`
+    events), reading only the events after it, and equals a replay of all its
+    events field for field. `monkeypatch` is pytest's, to count the reads."""
+    assert app.snapshots is not None
+    replayed = app.replay(aggregate_id)
+    [snapshot] = app.snapshots.get(aggregate_id, desc=True, limit=1)
+    assert snapshot.originator_version == replayed.version - replayed.version % interval
+    assert snapshot.originator_version >= interval
+    reads: list[Any] = []
+    real_get = app.events.get
+
+    def counting_get(*args: Any, **kwargs: Any) -> Any:
+        events = list(real_get(*args, **kwargs))
+        reads.append((kwargs.get("gt"), len(events)))
+        return events
+
+    monkeypatch.setattr(app.events, "get", counting_get)
+    loaded: Any = app.repository.get(aggregate_id)
+    monkeypatch.undo()
+    assert reads == [(snapshot.originator_version, replayed.version - snapshot.originator_version)]
+    assert type(loaded) is type(replayed)
+    assert encode_state(vars(loaded)) == encode_state(vars(replayed))
+    return loaded
+
+
+def assert_log_holds_events_only(app: SnapshottingApplication, versions: int) -> None:
+    notifications = app.recorder.select_notifications(1, 100_000)
+    assert len(notifications) == versions
+    assert not any("Snapshot" in n.topic for n in notifications)

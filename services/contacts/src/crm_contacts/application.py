@@ -28,12 +28,12 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import AggregateNotFoundError
 
 from crm_common.auth.access import AccessPolicy, PartnerGrant
 from crm_common.commands import Caller, CommandBus, CommandContext, UnitOfWork
 from crm_common.errors import NotFound, PermissionDenied
-from crm_common.eventstore import application_env, creating_tables
+from crm_common.eventstore import SnapshottingApplication, application_env, creating_tables
 from crm_common.settings import Settings
 from crm_contacts import validation
 from crm_contacts.directory import ContactDirectory
@@ -58,10 +58,12 @@ C = TypeVar("C", bound=Contact)
 PARTNER_TAG_PREFIX = "partner:"
 
 
-class ContactsApplication(Application[UUID]):
+class ContactsApplication(SnapshottingApplication):
     """The event store of persons and companies."""
 
     name = "contacts"
+    #: A person's or company's every interaction is one of its events.
+    snapshot_kinds = (Person, Company)
 
 
 def create_application(settings: Settings) -> ContactsApplication:

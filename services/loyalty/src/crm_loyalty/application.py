@@ -20,12 +20,12 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.utils import get_topic
 
 from crm_common.commands import Caller, CommandBus, CommandContext, UnitOfWork, WriteOutcome
 from crm_common.errors import NotFound, RuleViolated, ValidationFailed
-from crm_common.eventstore import application_env, creating_tables
+from crm_common.eventstore import SnapshottingApplication, application_env, creating_tables
 from crm_common.settings import Settings
 from crm_loyalty import validation
 from crm_loyalty.domain import (
@@ -63,10 +63,12 @@ from crm_loyalty.views import (
 SERVICE = "loyalty"
 
 
-class LoyaltyApplication(Application[UUID]):
+class LoyaltyApplication(SnapshottingApplication):
     """The event store of members, earning rules and parked ERP orders."""
 
     name = "loyalty"
+    #: A member's ledger, a reward's every redemption, every parked order.
+    snapshot_kinds = (Member, Reward, ParkedOrders)
 
 
 def create_application(settings: Settings) -> LoyaltyApplication:

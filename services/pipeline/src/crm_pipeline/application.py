@@ -40,14 +40,14 @@ from datetime import UTC, date, datetime
 from typing import Any, Protocol
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import JSONTranscoder
 
 from crm_common.auth.access import AccessPolicy, PartnerGrant
 from crm_common.commands import Caller, CommandBus, CommandContext, CommandReceipt, UnitOfWork
 from crm_common.errors import NotFound, PermissionDenied, ValidationFailed, VersionConflict
-from crm_common.eventstore import application_env, creating_tables
+from crm_common.eventstore import SnapshottingApplication, application_env, creating_tables
 from crm_common.settings import Settings
 from crm_pipeline import validation
 from crm_pipeline.domain import (
@@ -96,10 +96,12 @@ from crm_pipeline.views import (
 SERVICE = "pipeline"
 
 
-class PipelineApplication(Application[UUID]):
+class PipelineApplication(SnapshottingApplication):
     """The event store of leads, pipelines, opportunities and activities."""
 
     name = "pipeline"
+    #: A deal's stage moves, amounts and line items; a pipeline's stage edits.
+    snapshot_kinds = (Opportunity, Pipeline)
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)

@@ -34,11 +34,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import AggregateNotFoundError
 
 from crm_common.commands import Caller, CommandBus, UnitOfWork
 from crm_common.errors import NotFound, ValidationFailed
-from crm_common.eventstore import application_env, creating_tables
+from crm_common.eventstore import SnapshottingApplication, application_env, creating_tables
 from crm_common.settings import Settings
 from crm_tickets import validation
 from crm_tickets.deadlines import DeadlineIndex, mean, p90
@@ -96,10 +96,12 @@ assert set(DEFAULT_TERMS["targets"][DEFAULT_TIER]) == set(PRIORITIES)
 SLA_CALLER = Caller(actor="service:tickets", client="tickets-sla")
 
 
-class TicketsApplication(Application[UUID]):
+class TicketsApplication(SnapshottingApplication):
     """The event store of cases and SLA policies."""
 
     name = "tickets"
+    #: A case's replies, notes and SLA clocks are its events.
+    snapshot_kinds = (Case,)
 
 
 def create_application(settings: Settings) -> TicketsApplication:
