@@ -56,7 +56,7 @@ asyncapi: install
 lint: install
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
-	.venv/bin/mypy common/src/crm_common services/*/src deploy/src
+	.venv/bin/mypy common/src/crm_common services/*/src deploy/src frontends/src
 	$(BUF) lint proto
 
 # buf breaking against main (AGAINST=<git ref> to compare with another branch or tag).

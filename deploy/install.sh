@@ -16,7 +16,11 @@ command -v uv >/dev/null 2>&1 && UV=uv
 services=()
 for project in services/*/pyproject.toml; do services+=(-e "$(dirname "$project")"); done
 $UV pip install --quiet --python .venv/bin/python -c constraints.txt \
-  -e common "${services[@]}" -e deploy --group dev
+  -e common "${services[@]}" -e deploy -e frontends --group dev
+# The consoles' browser tests drive the distribution's Chromium (no browser download).
+if [ ! -x /usr/bin/chromium ]; then
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
 if [ "${1:-}" = "--with-node-tools" ]; then
   # buf (protobuf lint / breaking-change checks) and the AsyncAPI specification's
   # JSON Schema (tests/test_asyncapi.py) ship as npm packages.

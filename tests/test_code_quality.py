@@ -13,6 +13,7 @@ TYPED = [
     "common/src/crm_common",
     *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("services/*/src")),
     "deploy/src",
+    "frontends/src",
 ]
 
 

@@ -764,3 +764,83 @@ def test_the_identity_providers_key_set_is_reachable_through_the_egress_policy()
     assert any(p["port"] == 443 for rule in egress for p in rule["ports"])
     without = Manifests(render()).get("NetworkPolicy", f"{FULLNAME}-contacts-egress")
     assert not any(p["port"] == 443 for rule in without["spec"]["egress"] for p in rule["ports"])
+
+
+# -- the department consoles --------------------------------------------------------------
+
+CONSOLES = ("sales", "service", "marketing", "management")
+CONSOLES_ON = [
+    "consoles.enabled=true",
+    "consoles.oidc.issuer=https://login.example.com/realms/crm",
+    "consoles.oidc.clientSecret=s3cret",
+    *(f"consoles.{c}.publicUrl=https://{c}.crm.example.com" for c in CONSOLES),
+    *(f"consoles.{c}.host={c}.crm.example.com" for c in CONSOLES),
+]
+
+
+def test_the_consoles_are_off_until_an_identity_provider_is_named(default: Manifests) -> None:
+    assert not [d for d in default.docs if "console" in d["metadata"]["name"]]
+    refused = render_fails(["consoles.enabled=true", "consoles.sales.publicUrl=https://s.example"])
+    assert "consoles.oidc.issuer" in refused
+
+
+def test_each_console_is_a_deployment_and_a_service_over_the_rest_apis() -> None:
+    docs = render([PROD_VALUES], CONSOLES_ON)
+    manifests = Manifests(docs)
+    for name in CONSOLES:
+        component = f"{name}-console"
+        deployment = manifests.deployment(component)
+        pod = deployment["spec"]["template"]["spec"]
+        container = only_container(pod)
+        assert (container["command"], container["args"]) == (["crm-consoles"], ["serve", name])
+        env = manifests.container_env(container)
+        assert env["CRM_CONSOLE_PUBLIC_URL"] == f"https://{name}.crm.example.com"
+        assert env["CRM_OIDC_ISSUER"] == "https://login.example.com/realms/crm"
+        assert env["CRM_OIDC_CLIENT_ID"] == f"crm-{name}-console"
+        assert env["CRM_OIDC_CLIENT_SECRET"] == "s3cret"
+        # Production never signs in with the development identity, and holds no key.
+        assert "CRM_CONSOLE_DEV_IDENTITY_DIR" not in env and "CRM_SERVICE_KEY_FILE" not in env
+        for service in ("contacts", "pipeline", "analytics"):
+            port = next(s.http_port for s in SERVICES if s.name == service)
+            assert env[f"CRM_{service.upper()}_URL"] == f"http://{FULLNAME}-{service}:{port}"
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert env["CRM_CONSOLE_SESSION_KEY_FILE"].startswith(tuple(mounts))
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert pod["automountServiceAccountToken"] is False
+        service = manifests.get("Service", f"{FULLNAME}-{component}")
+        assert service["spec"]["ports"][0]["targetPort"] == "http"
+        policy = manifests.get("NetworkPolicy", f"{FULLNAME}-{component}")["spec"]
+        assert [p["port"] for p in policy["ingress"][0]["ports"]] == [8080]
+    secret = manifests.get("Secret", f"{FULLNAME}-consoles")
+    assert len(base64.b64decode(secret["data"]["session-key"])) >= 32
+    assert not manifests.of_kind("Ingress")  # off unless asked
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_the_consoles_ingress_and_an_existing_secret() -> None:
+    sets = [*CONSOLES_ON, "consoles.ingress.enabled=true", "consoles.existingSecret=my-consoles"]
+    manifests = Manifests(render([], sets))
+    ingress = manifests.get("Ingress", f"{FULLNAME}-consoles")
+    routes = {
+        r["host"]: r["http"]["paths"][0]["backend"]["service"]["name"]
+        for r in ingress["spec"]["rules"]
+    }
+    assert routes == {f"{c}.crm.example.com": f"{FULLNAME}-{c}-console" for c in CONSOLES}
+    assert not manifests.has("Secret", f"{FULLNAME}-consoles")
+    env = manifests.container_env(manifests.container("sales-console"))
+    assert env["CRM_OIDC_CLIENT_SECRET"] == "<secret my-consoles/oidc-client-secret>"
+    kubernetes_validate.validate(ingress, KUBE_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("consoles.oidc.apiToken=refresh_token", "apiToken"),
+        ("consoles.oidc.issuer=http://insecure.example", "issuer"),
+        ("consoles.sales.replicas=-1", "replicas"),
+    ],
+)
+def test_the_values_schema_refuses_bad_console_settings(bad: str, message: str) -> None:
+    assert message in render_fails([*CONSOLES_ON, bad])

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from crm_common.registry import chart_document
 from crm_deploy.process import PidRecord, ProcessFailed, read_pid_file, stop_pid, tail
-from crm_deploy.stack import INFRA, SERVICE_PROCESSES, Stack, StackConfig, load_state
+from crm_deploy.stack import INFRA, STACK_PROCESSES, Stack, StackConfig, load_state
 from crm_deploy.supervisor import (
     RESTART_PENDING,
     Interrupted,
@@ -69,7 +69,7 @@ def _supervisor(run_dir: Path) -> PidRecord | None:
 
 
 def _process_names() -> list[str]:
-    return [*INFRA, *(row.name for row in SERVICE_PROCESSES)]
+    return [*INFRA, *(row.name for row in STACK_PROCESSES)]
 
 
 def _live_children(run_dir: Path) -> dict[str, PidRecord]:
@@ -125,7 +125,7 @@ def _parse_only(only: str | None) -> list[str] | None:
     if only is None:
         return None
     names = [n.strip() for n in only.split(",") if n.strip()]
-    known = {row.name for row in SERVICE_PROCESSES}
+    known = {row.name for row in STACK_PROCESSES}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(
@@ -254,7 +254,7 @@ def cmd_down() -> int:
         stop_pid(supervisor, timeout=DOWN_TIMEOUT)
     # Children left behind by a supervisor that died: stop them in the same order.
     leftovers = _live_children(run_dir)
-    order = [*(row.name for row in SERVICE_PROCESSES), "kafka", "zookeeper", "secantus"]
+    order = [*(row.name for row in STACK_PROCESSES), "kafka", "zookeeper", "secantus"]
     for name in order:
         if name in leftovers:
             print(f"stopping leftover {name} (pid {leftovers[name].pid})", flush=True)

@@ -125,11 +125,27 @@ SERVICE_PROCESSES: tuple[ServiceProcess, ...] = tuple(
 )
 
 
+#: The department consoles (`crm-consoles serve <console>`, docs/frontends.md): each
+#: on its own port, with the development sign-in; `up` starts them after the services.
+CONSOLE_PORTS: dict[str, int] = {
+    "sales": 8091,
+    "service": 8092,
+    "marketing": 8093,
+    "management": 8094,
+}
+CONSOLE_PROCESSES: tuple[ServiceProcess, ...] = tuple(
+    ServiceProcess(f"{name}-console", ("crm-consoles", "serve", name), "consoles", api=False)
+    for name in CONSOLE_PORTS
+)
+#: Everything `up` starts besides the infrastructure.
+STACK_PROCESSES: tuple[ServiceProcess, ...] = (*SERVICE_PROCESSES, *CONSOLE_PROCESSES)
+
+
 def service_process(name: str) -> ServiceProcess:
-    for row in SERVICE_PROCESSES:
+    for row in STACK_PROCESSES:
         if row.name == name:
             return row
-    known = ", ".join(r.name for r in SERVICE_PROCESSES)
+    known = ", ".join(r.name for r in STACK_PROCESSES)
     raise KeyError(f"no service process {name!r} (known: {known})")
 
 
@@ -150,8 +166,15 @@ def health_port_variable(process: str) -> str:
 def default_health_ports(env: Mapping[str, str] | None = None) -> dict[str, int]:
     env = env or {}
     return {
-        row.name: _env_int(env, health_port_variable(row.name), FIRST_HEALTH_PORT + i)
-        for i, row in enumerate(SERVICE_PROCESSES)
+        **{
+            row.name: _env_int(env, health_port_variable(row.name), FIRST_HEALTH_PORT + i)
+            for i, row in enumerate(SERVICE_PROCESSES)
+        },
+        # A console answers /healthz and /readyz on the port its pages are served on.
+        **{
+            row.name: _env_int(env, health_port_variable(row.name), port)
+            for row, port in zip(CONSOLE_PROCESSES, CONSOLE_PORTS.values(), strict=True)
+        },
     }
 
 
@@ -207,7 +230,7 @@ class StackConfig:
             zookeeper_port=free_port(),
             mongo_port=free_port(),
             service_ports={s: (free_port(), free_port()) for s in DEFAULT_PORTS},
-            health_ports={row.name: free_port() for row in SERVICE_PROCESSES},
+            health_ports={row.name: free_port() for row in STACK_PROCESSES},
         )
 
     @property
@@ -310,13 +333,18 @@ class Stack:
             "zookeeper": f"{HOST}:{self.config.zookeeper_port}",
             "document store": self.mongo_url,
         }
-        wanted = set(names) if names is not None else {r.name for r in SERVICE_PROCESSES}
+        wanted = set(names) if names is not None else {r.name for r in STACK_PROCESSES}
         for row in SERVICE_PROCESSES:
             if row.name not in wanted or not row.api:
                 continue
             grpc, http = self.config.service_ports[row.service]
             endpoints[f"{row.service} gRPC"] = f"{HOST}:{grpc}"
             endpoints[f"{row.service} REST"] = f"http://{HOST}:{http} (OpenAPI: /docs)"
+        for row in CONSOLE_PROCESSES:
+            if row.name in wanted:
+                endpoints[f"{row.command[-1]} console"] = (
+                    f"http://{HOST}:{self.config.health_ports[row.name]} (development sign-in)"
+                )
         endpoints["health, metrics"] = (
             f"http://{HOST}:<port>/healthz, /readyz, /metrics (ports: deploy/crm status)"
         )
@@ -451,6 +479,11 @@ class Stack:
             probe = worker_probe(self.health_url(row.name, "/readyz"))
         env = self.service_env(extra_env)
         env["CRM_HEALTH_PORT"] = str(self.config.health_ports[row.name])
+        if row.service == "consoles":
+            env["CRM_CONSOLE_PORT"] = env["CRM_HEALTH_PORT"]
+            env["CRM_CONSOLE_DEV_IDENTITY_DIR"] = str(self.identity.root)
+            for service, (_, http) in self.config.service_ports.items():
+                env[f"CRM_{service.upper()}_URL"] = f"http://{HOST}:{http}"
         return ManagedProcess(
             row.name,
             row.argv(),
@@ -465,7 +498,7 @@ class Stack:
         self, names: Iterable[str] | None = None, extra_env: Mapping[str, str] | None = None
     ) -> list[ManagedProcess]:
         """Starts service processes (all of the table by default) and waits until ready."""
-        rows = list(SERVICE_PROCESSES) if names is None else [service_process(n) for n in names]
+        rows = list(STACK_PROCESSES) if names is None else [service_process(n) for n in names]
         ports: dict[str, int] = {}
         for row in rows:
             ports[f"{row.name} health"] = self.config.health_ports[row.name]
