@@ -375,9 +375,9 @@ def render(r: LoyaltyRun, args: argparse.Namespace) -> str:
             "`RedeemReward` of this run takes the same reward, so all of them meet on",
             "one aggregate; the command bus decides them one after another in shared",
             "batches (group commit), one save per batch. That reward's history grows",
-            "by one event per redemption and the store keeps no snapshots, so each",
-            "batch replays all of it: the figure falls as the run goes on (a popular",
-            "reward is the case that would need snapshots). Members are spread over",
+            "by one event per redemption; a load reads its latest snapshot (every",
+            "CRM_SNAPSHOT_INTERVAL events) and the events after it, so the figure",
+            "holds as the run goes on (see Snapshots). Members are spread over",
             f"{r.customers} contacts, each history short.",
             END,
         ]
