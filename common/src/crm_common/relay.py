@@ -4,8 +4,10 @@ A relay follows its service's notification log from the position it last
 recorded, publishes each public event to the service's Kafka topic with an
 idempotent producer (`acks=all`), and records the new position only after
 the broker has acknowledged every message of the batch. Killed at any
-moment, it restarts from the recorded position: nothing is lost, and a
-suffix may be published again (consumers drop what they already applied).
+moment, it restarts from the recorded position and first reads back, from
+the end of each partition, the positions past it that the topic already
+holds: nothing is lost and nothing is published twice (consumers still drop
+what they already applied, as a defence).
 There is no dual write: command handlers never publish.
 
 An event that can never be published (larger than the broker takes, or one
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
     InvalidMessageError,
     KafkaError,
@@ -290,6 +292,10 @@ class Relay:
         #: Positions past the recorded one that the broker already acknowledged
         #: (sent after a message that failed): this process does not send them again.
         self._acked_ahead: set[int] = set()
+        #: Positions past the recorded one that the topic already holds, read from
+        #: the broker on (re)connecting: what a relay killed between the broker's
+        #: acknowledgement and its tracking write published is not sent again.
+        self._on_broker_positions: set[int] = set()
 
     def health_details(self) -> dict[str, Any]:
         """What `GET /healthz` reports besides the heartbeat."""
@@ -500,11 +506,76 @@ class Relay:
         )
         try:
             await producer.start()
+            await self._read_broker_tail(producer)
             if self.heartbeat.last_error is not None:
                 self.heartbeat.recovered()
             await self._follow(producer, stop)
         finally:
             await producer.stop()
+
+    async def _read_broker_tail(self, producer: AIOKafkaProducer) -> None:
+        """The positions past the recorded one that the topic already holds.
+
+        The relay publishes in position order, so they sit at the end of each
+        partition: reading back from the end until a record at or before the
+        recorded position shows up finds every one of them, gaps included (a
+        message that failed while later ones were taken is not among them, and
+        is published again)."""
+        partitions = sorted(await producer.partitions_for(self.topic))
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None
+        )
+        held: set[int] = set()
+        await consumer.start()
+        try:
+            parts = [TopicPartition(self.topic, p) for p in partitions]
+            consumer.assign(parts)
+            begins = await consumer.beginning_offsets(parts)
+            ends = await consumer.end_offsets(parts)
+            for tp in parts:
+                window = 2 * self.batch_size
+                while ends[tp] > begins[tp]:
+                    start = max(begins[tp], ends[tp] - window)
+                    positions = await self._positions_between(consumer, tp, start, ends[tp])
+                    held.update(p for p in positions if p > self.position)
+                    if start == begins[tp] or min(positions, default=0) <= self.position:
+                        break
+                    window *= 4
+        finally:
+            await consumer.stop()
+        self._on_broker_positions = held
+        if held:
+            log.info(
+                "relay %s: the broker holds %d events past the recorded position %d; "
+                "they are not published again",
+                self.topic,
+                len(held),
+                self.position,
+            )
+
+    @staticmethod
+    async def _positions_between(
+        consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int
+    ) -> list[int]:
+        consumer.seek(tp, start)
+        positions: list[int] = []
+        deadline = time.monotonic() + 30.0
+        while True:
+            batches = await consumer.getmany(tp, timeout_ms=500)
+            last = start - 1
+            for record in batches.get(tp, []):
+                last = record.offset
+                header = dict(record.headers or ()).get("crm_position")
+                if header is not None:
+                    positions.append(int(header))
+            if last >= end - 1 or await consumer.position(tp) >= end:
+                return positions
+            if time.monotonic() > deadline:
+                raise KafkaError(f"could not read {tp} up to offset {end}")
+
+    def _on_broker(self, message: WireMessage) -> bool:
+        """The broker already holds this message (published before a crash)."""
+        return message.position in self._on_broker_positions
 
     async def _follow(self, producer: AIOKafkaProducer, stop: asyncio.Event) -> None:
         await self._check_dead_letters(force=True)
@@ -527,7 +598,11 @@ class Relay:
                 continue
             started = time.perf_counter()
             messages, poison = self._to_messages(notifications)
-            messages = [m for m in messages if m.position not in self._acked_ahead]
+            messages = [
+                m
+                for m in messages
+                if m.position not in self._acked_ahead and not self._on_broker(m)
+            ]
             refused, failure = await self._publish(producer, messages) if messages else ([], None)
             set_aside = [(n.id, f"{n.originator_id}:{n.originator_version}", r) for n, r in poison]
             set_aside += [(m.position, m.event, r) for m, r in refused]
@@ -553,6 +628,7 @@ class Relay:
             )
             self.position = last
             self._acked_ahead = {p for p in self._acked_ahead if p > last}
+            self._on_broker_positions = {p for p in self._on_broker_positions if p > last}
             full = len(notifications) >= self.batch_size
             head = await asyncio.to_thread(self.recorder.max_notification_id) if full else last
             self.heartbeat.lag((head or last) - last)  # events not yet published (metrics)
