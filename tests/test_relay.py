@@ -246,6 +246,40 @@ async def test_a_relay_whose_recorded_position_lags_the_broker_publishes_nothing
     assert len(ids) == len(set(ids)) == first + more
 
 
+async def test_a_store_behind_a_topic_holding_other_events_publishes_all_of_its_own(
+    tmp_path, local_stack
+):
+    """Positions alone do not say an event is on the topic: a store restored or
+    wiped behind a topic that kept its records numbers its events from 1 again,
+    and each of them is published (only the same event at the same position is
+    taken as already there)."""
+    bootstrap = local_stack.kafka_bootstrap
+    topic = f"crm.relaytest{uuid.uuid4().hex[:6]}.events"
+    await create_topic(bootstrap, topic)
+    published = 0
+    for store in ("before", "after"):
+        s = settings(tmp_path / store, bootstrap)
+        app: Application[UUID] = Application(env=_env(s))
+        count = write_events(app, tickets=3, notes=27)
+        app.close()
+        relay, relay_app = build_relay(
+            s,
+            to_wire=to_wire,
+            app_factory=lambda st: Application(env=_env(st)),
+            proto_message="test.Json",
+        )
+        relay.topic, relay.tracking_name = topic, f"{topic}:relay"
+        stop = asyncio.Event()
+        task = asyncio.create_task(relay.run(stop))
+        published += count
+        records = await consume_all(bootstrap, topic, published, timeout=60)
+        stop.set()
+        await task
+        relay_app.close()
+    ids = [(json.loads(r.value)["id"], json.loads(r.value)["version"]) for r in records]
+    assert len(ids) == len(set(ids)) == published
+
+
 async def test_a_poison_event_is_set_aside_and_every_later_event_published_exactly_once(
     tmp_path, local_stack
 ):

@@ -295,7 +295,7 @@ class Relay:
         #: Positions past the recorded one that the topic already holds, read from
         #: the broker on (re)connecting: what a relay killed between the broker's
         #: acknowledgement and its tracking write published is not sent again.
-        self._on_broker_positions: set[int] = set()
+        self._on_broker_positions: dict[int, str] = {}
 
     def health_details(self) -> dict[str, Any]:
         """What `GET /healthz` reports besides the heartbeat."""
@@ -525,7 +525,7 @@ class Relay:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None
         )
-        held: set[int] = set()
+        held: dict[int, str] = {}
         await consumer.start()
         try:
             parts = [TopicPartition(self.topic, p) for p in partitions]
@@ -537,7 +537,7 @@ class Relay:
                 while ends[tp] > begins[tp]:
                     start = max(begins[tp], ends[tp] - window)
                     positions = await self._positions_between(consumer, tp, start, ends[tp])
-                    held.update(p for p in positions if p > self.position)
+                    held.update((p, e) for p, e in positions.items() if p > self.position)
                     if start == begins[tp] or min(positions, default=0) <= self.position:
                         break
                     window *= 4
@@ -556,26 +556,30 @@ class Relay:
     @staticmethod
     async def _positions_between(
         consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int
-    ) -> list[int]:
+    ) -> dict[int, str]:
+        """Position -> CloudEvents id of the records of `tp` from `start` to `end`."""
         consumer.seek(tp, start)
-        positions: list[int] = []
+        positions: dict[int, str] = {}
         deadline = time.monotonic() + 30.0
         while True:
             batches = await consumer.getmany(tp, timeout_ms=500)
             last = start - 1
             for record in batches.get(tp, []):
                 last = record.offset
-                header = dict(record.headers or ()).get("crm_position")
-                if header is not None:
-                    positions.append(int(header))
+                headers = dict(record.headers or ())
+                position, ce_id = headers.get("crm_position"), headers.get("ce_id")
+                if position is not None and ce_id is not None:
+                    positions[int(position)] = ce_id.decode()
             if last >= end - 1 or await consumer.position(tp) >= end:
                 return positions
             if time.monotonic() > deadline:
                 raise KafkaError(f"could not read {tp} up to offset {end}")
 
     def _on_broker(self, message: WireMessage) -> bool:
-        """The broker already holds this message (published before a crash)."""
-        return message.position in self._on_broker_positions
+        """The broker already holds this message (published before a crash): the same
+        event at the same position. Another event at that position (a store restored
+        from a backup, or wiped, behind a topic that kept its records) is published."""
+        return self._on_broker_positions.get(message.position) == message.event
 
     async def _follow(self, producer: AIOKafkaProducer, stop: asyncio.Event) -> None:
         await self._check_dead_letters(force=True)
@@ -628,7 +632,9 @@ class Relay:
             )
             self.position = last
             self._acked_ahead = {p for p in self._acked_ahead if p > last}
-            self._on_broker_positions = {p for p in self._on_broker_positions if p > last}
+            self._on_broker_positions = {
+                p: e for p, e in self._on_broker_positions.items() if p > last
+            }
             full = len(notifications) >= self.batch_size
             head = await asyncio.to_thread(self.recorder.max_notification_id) if full else last
             self.heartbeat.lag((head or last) - last)  # events not yet published (metrics)
