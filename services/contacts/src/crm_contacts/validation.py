@@ -34,6 +34,7 @@ from crm_contacts.domain import (
     PersonProfile,
     merge_channels,
 )
+from crm_contacts.domain.field_definitions import FieldDefinition
 from crm_contacts.inputs import (
     ChannelInput,
     CompanyChanges,
@@ -166,15 +167,81 @@ MAX_EXPONENT = 30
 
 
 def custom_field_of(errors: FieldErrors, path: str, given: CustomFieldInput) -> CustomField | None:
-    """A custom field value with canonical text; None when invalid."""
+    """A custom field value with no definition, in canonical text; None when invalid."""
     before = len(errors.errors)
     kind = enum_of(errors, f"{path}.type", FieldType, given.type, required=True)
+    if kind is FieldType.MULTI_CHOICE:
+        errors.add(f"{path}.type", "a multi_choice value needs a field definition with its options")
+        return None
+    if kind is None:
+        return None
+    value, currency = _canonical(errors, path, kind, given.value.strip(), given.currency.strip())
+    if len(errors.errors) > before:
+        return None
+    return CustomField(kind, value, currency)
+
+
+def defined_field_of(
+    errors: FieldErrors, path: str, definition: FieldDefinition, given: CustomFieldInput
+) -> CustomField | None:
+    """A value of a defined custom field, checked against its definition (its
+    type, options and currency) and in canonical text; None when invalid.
+    The value's `type` may be left empty; given, it must be the field's."""
+    before = len(errors.errors)
+    if definition.retired:
+        errors.add(path, f"custom field {definition.key!r} is retired")
+        return None
+    if given.type.strip() and given.type.strip().lower() != str(definition.type):
+        errors.add(f"{path}.type", f"{definition.key!r} is a {definition.type} field")
+        return None
     raw = given.value.strip()
-    currency = given.currency.strip()
+    if definition.type is FieldType.CHOICE:
+        if raw not in definition.options:
+            errors.add(f"{path}.value", f"{raw[:50]!r} is not one of {_options(definition)}")
+        value, currency = raw, ""
+    elif definition.type is FieldType.MULTI_CHOICE:
+        chosen = {p.strip() for p in re.split(r"[;,\n]", raw) if p.strip()}
+        unknown = sorted(chosen - set(definition.options))
+        if unknown:
+            errors.add(f"{path}.value", f"{unknown[0][:50]!r} is not one of {_options(definition)}")
+        value = ";".join(o for o in definition.options if o in chosen)
+        currency = ""
+    elif definition.type is FieldType.NUMBER:
+        value, currency = _canonical(errors, path, FieldType.NUMBER, raw, given.currency.strip())
+        if len(errors.errors) == before and "." in value:
+            errors.add(f"{path}.value", "must be a whole number")
+    else:
+        currency_given = given.currency.strip()
+        if definition.currency and not currency_given:
+            currency_given = definition.currency
+        value, currency = _canonical(errors, path, definition.type, raw, currency_given)
+        if len(errors.errors) == before and definition.currency and currency != definition.currency:
+            errors.add(f"{path}.currency", f"must be {definition.currency}")
+    if len(errors.errors) > before:
+        return None
+    return CustomField(definition.type, value, currency)
+
+
+def _options(definition: FieldDefinition) -> str:
+    shown = ", ".join(repr(o) for o in definition.options[:10])
+    more = len(definition.options) - 10
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+_TRUE = frozenset({"true", "yes", "1"})
+_FALSE = frozenset({"false", "no", "0"})
+_URL = re.compile(r"^https?://[^\s/?#]+\.[^\s/?#]+(?:[/?#]\S*)?$", re.IGNORECASE)
+
+
+def _canonical(
+    errors: FieldErrors, path: str, kind: FieldType, raw: str, currency: str
+) -> tuple[str, str]:
+    """(value, currency) of a value of type `kind` in canonical text; errors under `path`."""
     value = raw
     if len(raw) > MAX_FIELD_VALUE:
         errors.add(f"{path}.value", f"must be at most {MAX_FIELD_VALUE} characters")
-    elif kind is FieldType.NUMBER:
+        return raw, currency
+    if kind in (FieldType.NUMBER, FieldType.DECIMAL):
         number = _collected(errors, lambda: parse_decimal(raw, f"{path}.value"))
         # Bounded as a number, before it is written out: `1e999999` is nine
         # characters in and a million digits out.
@@ -185,20 +252,43 @@ def custom_field_of(errors: FieldErrors, path: str, given: CustomFieldInput) -> 
             if len(value) > MAX_FIELD_VALUE:
                 errors.add(f"{path}.value", f"has more than {MAX_FIELD_VALUE} digits")
     elif kind is FieldType.MONEY:
-        value, currency = _money(errors, path, raw, currency)
+        return _money(errors, path, raw, currency)
     elif kind is FieldType.DATE:
         day = _iso_date(raw)
         if day is None:
             errors.add(f"{path}.value", f"{raw[:50]!r} is not a date (YYYY-MM-DD)")
         else:
             value = day.isoformat()
+    elif kind is FieldType.BOOLEAN:
+        word = raw.lower()
+        if word in _TRUE:
+            value = "true"
+        elif word in _FALSE:
+            value = "false"
+        else:
+            errors.add(f"{path}.value", f"{raw[:50]!r} is not true or false")
+    elif kind is FieldType.URL:
+        if not _URL.match(raw):
+            errors.add(f"{path}.value", f"{raw[:50]!r} is not an http(s) URL")
+    elif kind is FieldType.EMAIL:
+        address = email_address(raw)
+        if address is None:
+            errors.add(f"{path}.value", f"{raw[:50]!r} is not an email address")
+        else:
+            value = address
+    elif kind is FieldType.PHONE:
+        number_ = phone_number(raw)
+        if number_ is None:
+            errors.add(
+                f"{path}.value", f"{raw[:50]!r} is not a phone number in international format"
+            )
+        else:
+            value = number_
     elif kind is FieldType.CHOICE and not raw:
         errors.add(f"{path}.value", "a choice must not be empty")
-    if kind is not None and kind is not FieldType.MONEY and currency:
+    if currency:  # money returned above
         errors.add(f"{path}.currency", "only money fields have a currency")
-    if len(errors.errors) > before or kind is None:
-        return None
-    return CustomField(kind, value, currency if kind is FieldType.MONEY else "")
+    return value, ""
 
 
 T = TypeVar("T")

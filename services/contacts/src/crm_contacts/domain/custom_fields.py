@@ -9,11 +9,24 @@ from typing import Any
 
 
 class FieldType(StrEnum):
+    """A custom field's type. A value given without a definition may be of any
+    type but the choice types; a defined field fixes its type. `number` of a
+    defined field is a whole number; an undefined `number` value, as before
+    definitions existed, is any decimal."""
+
     TEXT = "text"
     NUMBER = "number"
+    DECIMAL = "decimal"
     DATE = "date"
+    BOOLEAN = "boolean"
     MONEY = "money"
+    #: One of the definition's options (free text where no definition names them).
     CHOICE = "choice"
+    #: Some of the definition's options, kept in the definition's order, `;`-separated.
+    MULTI_CHOICE = "multi_choice"
+    URL = "url"
+    EMAIL = "email"
+    PHONE = "phone"
 
 
 @dataclass(frozen=True)
