@@ -107,3 +107,6 @@ class Company(Contact):
     @event(CompanyProfileUpdated)
     def _profile_updated(self, profile: dict[str, Any], changed_fields: list[str]) -> None:
         self.profile = CompanyProfile.from_dict(profile)
+
+    def _set_profile(self, profile: dict[str, Any]) -> None:
+        self.profile = CompanyProfile.from_dict(profile)

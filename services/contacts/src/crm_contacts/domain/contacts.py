@@ -3,8 +3,11 @@ and its interaction log."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from eventsourcing.domain import Aggregate, event
@@ -20,13 +23,75 @@ class ContactKind(StrEnum):
     COMPANY = "company"
 
 
+@dataclass(frozen=True)
+class MergeRecord:
+    """What a survivor's merge changed, kept for an undo (`domain.merging`)."""
+
+    merge_id: str
+    merged_ids: tuple[str, ...]
+    before: Mapping[str, Any]
+    after: Mapping[str, Any]
+    interactions_added: tuple[str, ...]
+    affiliations_added: tuple[str, ...]
+    at: datetime
+    undone: bool = False
+
+
 class Contact(Aggregate):
     """What persons and companies share: an interaction log and a lifecycle stage."""
 
     KIND: ClassVar[ContactKind]
 
+    if TYPE_CHECKING:  # set by the merge events only (contacts older than merging lack them)
+        _survivor_id: str | None
+        _merge_records: dict[str, MergeRecord]
+
+    @property
+    def merged_into(self) -> str | None:
+        """The survivor's id when this contact was merged into it (a tombstone)."""
+        return getattr(self, "_survivor_id", None)
+
+    @property
+    def merges(self) -> Mapping[str, MergeRecord]:
+        """The merges this contact survived, by merge id (see `domain.merging`)."""
+        return MappingProxyType(getattr(self, "_merge_records", {}))
+
     class InteractionLogged(Aggregate.Event):
         interaction: dict[str, Any]
+
+    class Absorbed(Aggregate.Event):
+        """This contact survived a merge: its profile before and after, and
+        what it took over from the others."""
+
+        merge_id: str
+        merged_ids: list[str]
+        before: dict[str, Any]
+        after: dict[str, Any]
+        interactions: list[dict[str, Any]]
+        affiliations: list[dict[str, str]]
+        at: datetime
+        actor: str
+
+    class MergedInto(Aggregate.Event):
+        merge_id: str
+        survivor_id: str
+        at: datetime
+        actor: str
+
+    class MergeUndone(Aggregate.Event):
+        """A merge this contact survived was undone: what it gave back."""
+
+        merge_id: str
+        profile: dict[str, Any]
+        interactions: list[str]
+        affiliations: list[str]
+        at: datetime
+        actor: str
+
+    class Unmerged(Aggregate.Event):
+        merge_id: str
+        at: datetime
+        actor: str
 
     if TYPE_CHECKING:  # set by each kind's registration (not an event field)
         interactions: list[Interaction]
@@ -54,6 +119,79 @@ class Contact(Aggregate):
         self, channel: Channel, address: str, status: ConsentStatus, source: str, at: datetime
     ) -> None:
         raise ValidationFailed.of("address", f"a {self.KIND} has no {channel} identities")
+
+    # -- merging (the rules are in `domain.merging`) --
+
+    def _set_profile(self, profile: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _add_affiliations(self, links: list[dict[str, str]]) -> None:
+        """Persons keep company links; companies have none."""
+
+    def _remove_affiliations(self, company_ids: list[str]) -> None:
+        """Persons keep company links; companies have none."""
+
+    def absorb(self, **fields: Any) -> None:
+        self._absorbed(**fields)
+
+    @event(Absorbed)
+    def _absorbed(
+        self,
+        merge_id: str,
+        merged_ids: list[str],
+        before: dict[str, Any],
+        after: dict[str, Any],
+        interactions: list[dict[str, Any]],
+        affiliations: list[dict[str, str]],
+        at: datetime,
+        actor: str,
+    ) -> None:
+        self._set_profile(after)
+        self.interactions.extend(Interaction.from_dict(i) for i in interactions)
+        self._add_affiliations(affiliations)
+        record = MergeRecord(
+            merge_id,
+            tuple(merged_ids),
+            before,
+            after,
+            tuple(i["interaction_id"] for i in interactions),
+            tuple(a["company_id"] for a in affiliations),
+            at,
+        )
+        self._merge_records = {**self.merges, merge_id: record}
+
+    def merge_into(self, **fields: Any) -> None:
+        self._merged_into(**fields)
+
+    @event(MergedInto)
+    def _merged_into(self, merge_id: str, survivor_id: str, at: datetime, actor: str) -> None:
+        self._survivor_id = survivor_id
+
+    def give_back(self, **fields: Any) -> None:
+        self._merge_undone(**fields)
+
+    @event(MergeUndone)
+    def _merge_undone(
+        self,
+        merge_id: str,
+        profile: dict[str, Any],
+        interactions: list[str],
+        affiliations: list[str],
+        at: datetime,
+        actor: str,
+    ) -> None:
+        self._set_profile(profile)
+        gone = set(interactions)
+        self.interactions = [i for i in self.interactions if i.interaction_id not in gone]
+        self._remove_affiliations(affiliations)
+        self._merge_records = {**self.merges, merge_id: replace(self.merges[merge_id], undone=True)}
+
+    def unmerge(self, **fields: Any) -> None:
+        self._unmerged(**fields)
+
+    @event(Unmerged)
+    def _unmerged(self, merge_id: str, at: datetime, actor: str) -> None:
+        self._survivor_id = None
 
     def become_customer(self) -> bool:
         """A deal of this contact was won: it is a customer from now on.

@@ -178,6 +178,20 @@ class Person(Contact):
             channel=str(channel), address=address, status=str(status), source=source, at=at
         )
 
+    def _set_profile(self, profile: dict[str, Any]) -> None:
+        self.profile = PersonProfile.from_dict(profile)
+
+    def _add_affiliations(self, links: list[dict[str, str]]) -> None:
+        for link in links:
+            self.affiliations.setdefault(
+                link["company_id"],
+                Affiliation(link["company_id"], link["company_name"], link["role"]),
+            )
+
+    def _remove_affiliations(self, company_ids: list[str]) -> None:
+        for company_id in company_ids:
+            self.affiliations.pop(company_id, None)
+
     @event(ConsentRecorded)
     def _consent_recorded(
         self, channel: str, address: str, status: str, source: str, at: datetime
