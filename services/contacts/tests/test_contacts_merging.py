@@ -85,8 +85,8 @@ def test_a_merge_keeps_every_channel_consent_tag_field_link_and_interaction() ->
     assert list(ada.affiliations) == [str(acme.id)]
     assert [i.interaction_id for i in ada.interactions] == ["i-1"]
     assert dup.merged_into == str(ada.id)
-    assert [type(e).__name__ for e in ada.collect_events()] == ["Absorbed"]
-    assert [type(e).__name__ for e in dup.collect_events()] == ["MergedInto"]
+    assert [type(e).__name__ for e in ada.collect_events()] == ["ContactsMerged"]
+    assert [type(e).__name__ for e in dup.collect_events()] == ["ContactMergedInto"]
 
 
 def test_undo_restores_both_and_keeps_what_happened_since() -> None:

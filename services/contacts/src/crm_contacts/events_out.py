@@ -27,12 +27,15 @@ from crm_contacts.domain import (
     Person,
     PersonProfile,
 )
+from crm_contacts.domain.field_definitions import FieldCatalogue
 
 CE_TYPE_PREFIX = "crm.contacts.v1."
 PROTO_MESSAGE = events_pb.ContactEvent.DESCRIPTOR.full_name
 
-# Events of the store that are bookkeeping, not part of a contact's history.
-INTERNAL_EVENTS: tuple[type[Any], ...] = (CommandReceipt.Event,)
+# Events of the store that are not part of a contact's history: bookkeeping
+# (command receipts) and the custom-field definitions, which the contacts API
+# serves (they are not published yet).
+INTERNAL_EVENTS: tuple[type[Any], ...] = (CommandReceipt.Event, FieldCatalogue.Event)
 
 
 class UnpublishableEvent(TypeError):
@@ -94,6 +97,43 @@ def _interaction_logged(message: events_pb.ContactEvent, data: Mapping[str, Any]
     message.interaction_logged.interaction.CopyFrom(messages.interaction_pb(interaction))
 
 
+def _profile_into(target: Any, profile: Mapping[str, Any]) -> None:
+    """A merge event's profile, by kind: persons have names, companies a name."""
+    if "given_name" in profile:
+        target.person_profile.CopyFrom(messages.person_profile_pb(PersonProfile.from_dict(profile)))
+    else:
+        target.company_profile.CopyFrom(
+            messages.company_profile_pb(CompanyProfile.from_dict(profile))
+        )
+
+
+def _absorbed(message: events_pb.ContactEvent, data: Mapping[str, Any]) -> None:
+    merged = message.contacts_merged
+    merged.merge_id = data["merge_id"]
+    merged.merged_ids.extend(data["merged_ids"])
+    _profile_into(merged, data["after"])
+    merged.interaction_ids.extend(i["interaction_id"] for i in data["interactions"])
+    merged.company_ids.extend(a["company_id"] for a in data["affiliations"])
+
+
+def _merged_into(message: events_pb.ContactEvent, data: Mapping[str, Any]) -> None:
+    message.contact_merged_into.merge_id = data["merge_id"]
+    message.contact_merged_into.survivor_id = data["survivor_id"]
+
+
+def _merge_undone(message: events_pb.ContactEvent, data: Mapping[str, Any]) -> None:
+    undone = message.contact_merge_undone
+    undone.merge_id = data["merge_id"]
+    undone.restored_ids.extend(data["restored_ids"])
+    _profile_into(undone, data["profile"])
+    undone.interaction_ids.extend(data["interactions"])
+    undone.company_ids.extend(data["affiliations"])
+
+
+def _unmerged(message: events_pb.ContactEvent, data: Mapping[str, Any]) -> None:
+    message.contact_unmerged.merge_id = data["merge_id"]
+
+
 #: Stored event type -> the name of its payload message in `ContactEvent` (also
 #: the CloudEvents type's last part) and how the payload is filled in.
 PAYLOADS: dict[type[Any], tuple[str, Fill]] = {
@@ -105,6 +145,10 @@ PAYLOADS: dict[type[Any], tuple[str, Fill]] = {
     Person.PersonUnlinkedFromCompany: ("PersonUnlinkedFromCompany", _person_unlinked),
     Person.ConsentRecorded: ("ConsentRecorded", _consent_recorded),
     Contact.InteractionLogged: ("InteractionLogged", _interaction_logged),
+    Contact.ContactsMerged: ("ContactsMerged", _absorbed),
+    Contact.ContactMergedInto: ("ContactMergedInto", _merged_into),
+    Contact.ContactMergeUndone: ("ContactMergeUndone", _merge_undone),
+    Contact.ContactUnmerged: ("ContactUnmerged", _unmerged),
 }
 
 

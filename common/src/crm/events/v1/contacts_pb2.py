@@ -26,7 +26,7 @@ from crm.contacts.v1 import contacts_pb2 as crm_dot_contacts_dot_v1_dot_contacts
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63rm/events/v1/contacts.proto\x12\rcrm.events.v1\x1a\x1e\x63rm/contacts/v1/contacts.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc6\x05\n\x0c\x43ontactEvent\x12\x12\n\ncontact_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08position\x18\x03 \x01(\x03\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x05 \x01(\t\x12\x0e\n\x06\x63lient\x18\x06 \x01(\t\x12<\n\x11person_registered\x18\n \x01(\x0b\x32\x1f.crm.events.v1.PersonRegisteredH\x00\x12\x45\n\x16person_profile_updated\x18\x0b \x01(\x0b\x32#.crm.events.v1.PersonProfileUpdatedH\x00\x12>\n\x12\x63ompany_registered\x18\x0c \x01(\x0b\x32 .crm.events.v1.CompanyRegisteredH\x00\x12G\n\x17\x63ompany_profile_updated\x18\r \x01(\x0b\x32$.crm.events.v1.CompanyProfileUpdatedH\x00\x12H\n\x18person_linked_to_company\x18\x0e \x01(\x0b\x32$.crm.events.v1.PersonLinkedToCompanyH\x00\x12P\n\x1cperson_unlinked_from_company\x18\x0f \x01(\x0b\x32(.crm.events.v1.PersonUnlinkedFromCompanyH\x00\x12:\n\x10\x63onsent_recorded\x18\x10 \x01(\x0b\x32\x1e.crm.events.v1.ConsentRecordedH\x00\x12>\n\x12interaction_logged\x18\x11 \x01(\x0b\x32 .crm.events.v1.InteractionLoggedH\x00\x42\t\n\x07payload\"\xe2\x02\n\rPersonProfile\x12\x12\n\ngiven_name\x18\x01 \x01(\t\x12\x13\n\x0b\x66\x61mily_name\x18\x02 \x01(\t\x12\x38\n\x0flifecycle_stage\x18\x03 \x01(\x0e\x32\x1f.crm.contacts.v1.LifecycleStage\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x45\n\rcustom_fields\x18\x05 \x03(\x0b\x32..crm.events.v1.PersonProfile.CustomFieldsEntry\x12\x32\n\x08\x63hannels\x18\x06 \x03(\x0b\x32 .crm.contacts.v1.ChannelIdentity\x12\r\n\x05owner\x18\x07 \x01(\t\x1aV\n\x11\x43ustomFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x30\n\x05value\x18\x02 \x01(\x0b\x32!.crm.contacts.v1.CustomFieldValue:\x02\x38\x01\"\xb7\x02\n\x0e\x43ompanyProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\x10\n\x08industry\x18\x03 \x01(\t\x12\x38\n\x0flifecycle_stage\x18\x04 \x01(\x0e\x32\x1f.crm.contacts.v1.LifecycleStage\x12\x0c\n\x04tags\x18\x05 \x03(\t\x12\x46\n\rcustom_fields\x18\x06 \x03(\x0b\x32/.crm.events.v1.CompanyProfile.CustomFieldsEntry\x12\r\n\x05owner\x18\x07 \x01(\t\x1aV\n\x11\x43ustomFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x30\n\x05value\x18\x02 \x01(\x0b\x32!.crm.contacts.v1.CustomFieldValue:\x02\x38\x01\"A\n\x10PersonRegistered\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.crm.events.v1.PersonProfile\"]\n\x14PersonProfileUpdated\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.crm.events.v1.PersonProfile\x12\x16\n\x0e\x63hanged_fields\x18\x02 \x03(\t\"C\n\x11\x43ompanyRegistered\x12.\n\x07profile\x18\x01 \x01(\x0b\x32\x1d.crm.events.v1.CompanyProfile\"_\n\x15\x43ompanyProfileUpdated\x12.\n\x07profile\x18\x01 \x01(\x0b\x32\x1d.crm.events.v1.CompanyProfile\x12\x16\n\x0e\x63hanged_fields\x18\x02 \x03(\t\"O\n\x15PersonLinkedToCompany\x12\x12\n\ncompany_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ompany_name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\"/\n\x19PersonUnlinkedFromCompany\x12\x12\n\ncompany_id\x18\x01 \x01(\t\"x\n\x0f\x43onsentRecorded\x12)\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x18.crm.contacts.v1.Channel\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12)\n\x07\x63onsent\x18\x03 \x01(\x0b\x32\x18.crm.contacts.v1.Consent\"F\n\x11InteractionLogged\x12\x31\n\x0binteraction\x18\x01 \x01(\x0b\x32\x1c.crm.contacts.v1.Interactionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63rm/events/v1/contacts.proto\x12\rcrm.events.v1\x1a\x1e\x63rm/contacts/v1/contacts.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc0\x07\n\x0c\x43ontactEvent\x12\x12\n\ncontact_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08position\x18\x03 \x01(\x03\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x05 \x01(\t\x12\x0e\n\x06\x63lient\x18\x06 \x01(\t\x12<\n\x11person_registered\x18\n \x01(\x0b\x32\x1f.crm.events.v1.PersonRegisteredH\x00\x12\x45\n\x16person_profile_updated\x18\x0b \x01(\x0b\x32#.crm.events.v1.PersonProfileUpdatedH\x00\x12>\n\x12\x63ompany_registered\x18\x0c \x01(\x0b\x32 .crm.events.v1.CompanyRegisteredH\x00\x12G\n\x17\x63ompany_profile_updated\x18\r \x01(\x0b\x32$.crm.events.v1.CompanyProfileUpdatedH\x00\x12H\n\x18person_linked_to_company\x18\x0e \x01(\x0b\x32$.crm.events.v1.PersonLinkedToCompanyH\x00\x12P\n\x1cperson_unlinked_from_company\x18\x0f \x01(\x0b\x32(.crm.events.v1.PersonUnlinkedFromCompanyH\x00\x12:\n\x10\x63onsent_recorded\x18\x10 \x01(\x0b\x32\x1e.crm.events.v1.ConsentRecordedH\x00\x12>\n\x12interaction_logged\x18\x11 \x01(\x0b\x32 .crm.events.v1.InteractionLoggedH\x00\x12\x38\n\x0f\x63ontacts_merged\x18\x12 \x01(\x0b\x32\x1d.crm.events.v1.ContactsMergedH\x00\x12?\n\x13\x63ontact_merged_into\x18\x13 \x01(\x0b\x32 .crm.events.v1.ContactMergedIntoH\x00\x12\x41\n\x14\x63ontact_merge_undone\x18\x14 \x01(\x0b\x32!.crm.events.v1.ContactMergeUndoneH\x00\x12:\n\x10\x63ontact_unmerged\x18\x15 \x01(\x0b\x32\x1e.crm.events.v1.ContactUnmergedH\x00\x42\t\n\x07payload\"\xe2\x02\n\rPersonProfile\x12\x12\n\ngiven_name\x18\x01 \x01(\t\x12\x13\n\x0b\x66\x61mily_name\x18\x02 \x01(\t\x12\x38\n\x0flifecycle_stage\x18\x03 \x01(\x0e\x32\x1f.crm.contacts.v1.LifecycleStage\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x45\n\rcustom_fields\x18\x05 \x03(\x0b\x32..crm.events.v1.PersonProfile.CustomFieldsEntry\x12\x32\n\x08\x63hannels\x18\x06 \x03(\x0b\x32 .crm.contacts.v1.ChannelIdentity\x12\r\n\x05owner\x18\x07 \x01(\t\x1aV\n\x11\x43ustomFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x30\n\x05value\x18\x02 \x01(\x0b\x32!.crm.contacts.v1.CustomFieldValue:\x02\x38\x01\"\xb7\x02\n\x0e\x43ompanyProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\x10\n\x08industry\x18\x03 \x01(\t\x12\x38\n\x0flifecycle_stage\x18\x04 \x01(\x0e\x32\x1f.crm.contacts.v1.LifecycleStage\x12\x0c\n\x04tags\x18\x05 \x03(\t\x12\x46\n\rcustom_fields\x18\x06 \x03(\x0b\x32/.crm.events.v1.CompanyProfile.CustomFieldsEntry\x12\r\n\x05owner\x18\x07 \x01(\t\x1aV\n\x11\x43ustomFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x30\n\x05value\x18\x02 \x01(\x0b\x32!.crm.contacts.v1.CustomFieldValue:\x02\x38\x01\"A\n\x10PersonRegistered\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.crm.events.v1.PersonProfile\"]\n\x14PersonProfileUpdated\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.crm.events.v1.PersonProfile\x12\x16\n\x0e\x63hanged_fields\x18\x02 \x03(\t\"C\n\x11\x43ompanyRegistered\x12.\n\x07profile\x18\x01 \x01(\x0b\x32\x1d.crm.events.v1.CompanyProfile\"_\n\x15\x43ompanyProfileUpdated\x12.\n\x07profile\x18\x01 \x01(\x0b\x32\x1d.crm.events.v1.CompanyProfile\x12\x16\n\x0e\x63hanged_fields\x18\x02 \x03(\t\"O\n\x15PersonLinkedToCompany\x12\x12\n\ncompany_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ompany_name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\"/\n\x19PersonUnlinkedFromCompany\x12\x12\n\ncompany_id\x18\x01 \x01(\t\"x\n\x0f\x43onsentRecorded\x12)\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x18.crm.contacts.v1.Channel\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12)\n\x07\x63onsent\x18\x03 \x01(\x0b\x32\x18.crm.contacts.v1.Consent\"F\n\x11InteractionLogged\x12\x31\n\x0binteraction\x18\x01 \x01(\x0b\x32\x1c.crm.contacts.v1.Interaction\"\xd2\x01\n\x0e\x43ontactsMerged\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x12\n\nmerged_ids\x18\x02 \x03(\t\x12\x34\n\x0eperson_profile\x18\x03 \x01(\x0b\x32\x1c.crm.events.v1.PersonProfile\x12\x36\n\x0f\x63ompany_profile\x18\x04 \x01(\x0b\x32\x1d.crm.events.v1.CompanyProfile\x12\x17\n\x0finteraction_ids\x18\x05 \x03(\t\x12\x13\n\x0b\x63ompany_ids\x18\x06 \x03(\t\":\n\x11\x43ontactMergedInto\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x13\n\x0bsurvivor_id\x18\x02 \x01(\t\"\xd8\x01\n\x12\x43ontactMergeUndone\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x14\n\x0crestored_ids\x18\x02 \x03(\t\x12\x34\n\x0eperson_profile\x18\x03 \x01(\x0b\x32\x1c.crm.events.v1.PersonProfile\x12\x36\n\x0f\x63ompany_profile\x18\x04 \x01(\x0b\x32\x1d.crm.events.v1.CompanyProfile\x12\x17\n\x0finteraction_ids\x18\x05 \x03(\t\x12\x13\n\x0b\x63ompany_ids\x18\x06 \x03(\t\"#\n\x0f\x43ontactUnmerged\x12\x10\n\x08merge_id\x18\x01 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,29 +38,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPANYPROFILE_CUSTOMFIELDSENTRY']._loaded_options = None
   _globals['_COMPANYPROFILE_CUSTOMFIELDSENTRY']._serialized_options = b'8\001'
   _globals['_CONTACTEVENT']._serialized_start=113
-  _globals['_CONTACTEVENT']._serialized_end=823
-  _globals['_PERSONPROFILE']._serialized_start=826
-  _globals['_PERSONPROFILE']._serialized_end=1180
-  _globals['_PERSONPROFILE_CUSTOMFIELDSENTRY']._serialized_start=1094
-  _globals['_PERSONPROFILE_CUSTOMFIELDSENTRY']._serialized_end=1180
-  _globals['_COMPANYPROFILE']._serialized_start=1183
-  _globals['_COMPANYPROFILE']._serialized_end=1494
-  _globals['_COMPANYPROFILE_CUSTOMFIELDSENTRY']._serialized_start=1094
-  _globals['_COMPANYPROFILE_CUSTOMFIELDSENTRY']._serialized_end=1180
-  _globals['_PERSONREGISTERED']._serialized_start=1496
-  _globals['_PERSONREGISTERED']._serialized_end=1561
-  _globals['_PERSONPROFILEUPDATED']._serialized_start=1563
-  _globals['_PERSONPROFILEUPDATED']._serialized_end=1656
-  _globals['_COMPANYREGISTERED']._serialized_start=1658
-  _globals['_COMPANYREGISTERED']._serialized_end=1725
-  _globals['_COMPANYPROFILEUPDATED']._serialized_start=1727
-  _globals['_COMPANYPROFILEUPDATED']._serialized_end=1822
-  _globals['_PERSONLINKEDTOCOMPANY']._serialized_start=1824
-  _globals['_PERSONLINKEDTOCOMPANY']._serialized_end=1903
-  _globals['_PERSONUNLINKEDFROMCOMPANY']._serialized_start=1905
-  _globals['_PERSONUNLINKEDFROMCOMPANY']._serialized_end=1952
-  _globals['_CONSENTRECORDED']._serialized_start=1954
-  _globals['_CONSENTRECORDED']._serialized_end=2074
-  _globals['_INTERACTIONLOGGED']._serialized_start=2076
-  _globals['_INTERACTIONLOGGED']._serialized_end=2146
+  _globals['_CONTACTEVENT']._serialized_end=1073
+  _globals['_PERSONPROFILE']._serialized_start=1076
+  _globals['_PERSONPROFILE']._serialized_end=1430
+  _globals['_PERSONPROFILE_CUSTOMFIELDSENTRY']._serialized_start=1344
+  _globals['_PERSONPROFILE_CUSTOMFIELDSENTRY']._serialized_end=1430
+  _globals['_COMPANYPROFILE']._serialized_start=1433
+  _globals['_COMPANYPROFILE']._serialized_end=1744
+  _globals['_COMPANYPROFILE_CUSTOMFIELDSENTRY']._serialized_start=1344
+  _globals['_COMPANYPROFILE_CUSTOMFIELDSENTRY']._serialized_end=1430
+  _globals['_PERSONREGISTERED']._serialized_start=1746
+  _globals['_PERSONREGISTERED']._serialized_end=1811
+  _globals['_PERSONPROFILEUPDATED']._serialized_start=1813
+  _globals['_PERSONPROFILEUPDATED']._serialized_end=1906
+  _globals['_COMPANYREGISTERED']._serialized_start=1908
+  _globals['_COMPANYREGISTERED']._serialized_end=1975
+  _globals['_COMPANYPROFILEUPDATED']._serialized_start=1977
+  _globals['_COMPANYPROFILEUPDATED']._serialized_end=2072
+  _globals['_PERSONLINKEDTOCOMPANY']._serialized_start=2074
+  _globals['_PERSONLINKEDTOCOMPANY']._serialized_end=2153
+  _globals['_PERSONUNLINKEDFROMCOMPANY']._serialized_start=2155
+  _globals['_PERSONUNLINKEDFROMCOMPANY']._serialized_end=2202
+  _globals['_CONSENTRECORDED']._serialized_start=2204
+  _globals['_CONSENTRECORDED']._serialized_end=2324
+  _globals['_INTERACTIONLOGGED']._serialized_start=2326
+  _globals['_INTERACTIONLOGGED']._serialized_end=2396
+  _globals['_CONTACTSMERGED']._serialized_start=2399
+  _globals['_CONTACTSMERGED']._serialized_end=2609
+  _globals['_CONTACTMERGEDINTO']._serialized_start=2611
+  _globals['_CONTACTMERGEDINTO']._serialized_end=2669
+  _globals['_CONTACTMERGEUNDONE']._serialized_start=2672
+  _globals['_CONTACTMERGEUNDONE']._serialized_end=2888
+  _globals['_CONTACTUNMERGED']._serialized_start=2890
+  _globals['_CONTACTUNMERGED']._serialized_end=2925
 # @@protoc_insertion_point(module_scope)

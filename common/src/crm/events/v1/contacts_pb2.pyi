@@ -53,6 +53,10 @@ class ContactEvent(_message.Message):
     PERSON_UNLINKED_FROM_COMPANY_FIELD_NUMBER: _builtins.int
     CONSENT_RECORDED_FIELD_NUMBER: _builtins.int
     INTERACTION_LOGGED_FIELD_NUMBER: _builtins.int
+    CONTACTS_MERGED_FIELD_NUMBER: _builtins.int
+    CONTACT_MERGED_INTO_FIELD_NUMBER: _builtins.int
+    CONTACT_MERGE_UNDONE_FIELD_NUMBER: _builtins.int
+    CONTACT_UNMERGED_FIELD_NUMBER: _builtins.int
     contact_id: _builtins.str
     version: _builtins.int
     """Version of the contact aggregate after this event (1 for the first)."""
@@ -79,6 +83,14 @@ class ContactEvent(_message.Message):
     def consent_recorded(self) -> Global___ConsentRecorded: ...
     @_builtins.property
     def interaction_logged(self) -> Global___InteractionLogged: ...
+    @_builtins.property
+    def contacts_merged(self) -> Global___ContactsMerged: ...
+    @_builtins.property
+    def contact_merged_into(self) -> Global___ContactMergedInto: ...
+    @_builtins.property
+    def contact_merge_undone(self) -> Global___ContactMergeUndone: ...
+    @_builtins.property
+    def contact_unmerged(self) -> Global___ContactUnmerged: ...
     def __init__(
         self,
         *,
@@ -96,12 +108,16 @@ class ContactEvent(_message.Message):
         person_unlinked_from_company: Global___PersonUnlinkedFromCompany | None = ...,
         consent_recorded: Global___ConsentRecorded | None = ...,
         interaction_logged: Global___InteractionLogged | None = ...,
+        contacts_merged: Global___ContactsMerged | None = ...,
+        contact_merged_into: Global___ContactMergedInto | None = ...,
+        contact_merge_undone: Global___ContactMergeUndone | None = ...,
+        contact_unmerged: Global___ContactUnmerged | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["company_profile_updated", b"company_profile_updated", "company_registered", b"company_registered", "consent_recorded", b"consent_recorded", "interaction_logged", b"interaction_logged", "occurred_at", b"occurred_at", "payload", b"payload", "person_linked_to_company", b"person_linked_to_company", "person_profile_updated", b"person_profile_updated", "person_registered", b"person_registered", "person_unlinked_from_company", b"person_unlinked_from_company"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["company_profile_updated", b"company_profile_updated", "company_registered", b"company_registered", "consent_recorded", b"consent_recorded", "contact_merge_undone", b"contact_merge_undone", "contact_merged_into", b"contact_merged_into", "contact_unmerged", b"contact_unmerged", "contacts_merged", b"contacts_merged", "interaction_logged", b"interaction_logged", "occurred_at", b"occurred_at", "payload", b"payload", "person_linked_to_company", b"person_linked_to_company", "person_profile_updated", b"person_profile_updated", "person_registered", b"person_registered", "person_unlinked_from_company", b"person_unlinked_from_company"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "client", b"client", "company_profile_updated", b"company_profile_updated", "company_registered", b"company_registered", "consent_recorded", b"consent_recorded", "contact_id", b"contact_id", "interaction_logged", b"interaction_logged", "occurred_at", b"occurred_at", "payload", b"payload", "person_linked_to_company", b"person_linked_to_company", "person_profile_updated", b"person_profile_updated", "person_registered", b"person_registered", "person_unlinked_from_company", b"person_unlinked_from_company", "position", b"position", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "client", b"client", "company_profile_updated", b"company_profile_updated", "company_registered", b"company_registered", "consent_recorded", b"consent_recorded", "contact_id", b"contact_id", "contact_merge_undone", b"contact_merge_undone", "contact_merged_into", b"contact_merged_into", "contact_unmerged", b"contact_unmerged", "contacts_merged", b"contacts_merged", "interaction_logged", b"interaction_logged", "occurred_at", b"occurred_at", "payload", b"payload", "person_linked_to_company", b"person_linked_to_company", "person_profile_updated", b"person_profile_updated", "person_registered", b"person_registered", "person_unlinked_from_company", b"person_unlinked_from_company", "position", b"position", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["person_registered", "person_profile_updated", "company_registered", "company_profile_updated", "person_linked_to_company", "person_unlinked_from_company", "consent_recorded", "interaction_logged"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["person_registered", "person_profile_updated", "company_registered", "company_profile_updated", "person_linked_to_company", "person_unlinked_from_company", "consent_recorded", "interaction_logged", "contacts_merged", "contact_merged_into", "contact_merge_undone", "contact_unmerged"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -412,3 +428,142 @@ class InteractionLogged(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InteractionLogged: _TypeAlias = InteractionLogged  # noqa: Y015
+
+@_typing.final
+class ContactsMerged(_message.Message):
+    """On the survivor of a merge: it took over the contacts in `merged_ids`
+    (each gets a ContactMergedInto). Consumers move what they hold of the
+    merged contacts to this one (deals, cases, members, read models).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERGE_ID_FIELD_NUMBER: _builtins.int
+    MERGED_IDS_FIELD_NUMBER: _builtins.int
+    PERSON_PROFILE_FIELD_NUMBER: _builtins.int
+    COMPANY_PROFILE_FIELD_NUMBER: _builtins.int
+    INTERACTION_IDS_FIELD_NUMBER: _builtins.int
+    COMPANY_IDS_FIELD_NUMBER: _builtins.int
+    merge_id: _builtins.str
+    @_builtins.property
+    def merged_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def person_profile(self) -> Global___PersonProfile:
+        """The survivor's full profile after the merge (one of them, by kind)."""
+
+    @_builtins.property
+    def company_profile(self) -> Global___CompanyProfile: ...
+    @_builtins.property
+    def interaction_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What came over from the merged contacts."""
+
+    @_builtins.property
+    def company_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        merge_id: _builtins.str = ...,
+        merged_ids: _abc.Iterable[_builtins.str] | None = ...,
+        person_profile: Global___PersonProfile | None = ...,
+        company_profile: Global___CompanyProfile | None = ...,
+        interaction_ids: _abc.Iterable[_builtins.str] | None = ...,
+        company_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["company_profile", b"company_profile", "person_profile", b"person_profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["company_ids", b"company_ids", "company_profile", b"company_profile", "interaction_ids", b"interaction_ids", "merge_id", b"merge_id", "merged_ids", b"merged_ids", "person_profile", b"person_profile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContactsMerged: _TypeAlias = ContactsMerged  # noqa: Y015
+
+@_typing.final
+class ContactMergedInto(_message.Message):
+    """On each contact merged into another: from now on a tombstone; reads of its
+    id answer with the survivor.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERGE_ID_FIELD_NUMBER: _builtins.int
+    SURVIVOR_ID_FIELD_NUMBER: _builtins.int
+    merge_id: _builtins.str
+    survivor_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        merge_id: _builtins.str = ...,
+        survivor_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["merge_id", b"merge_id", "survivor_id", b"survivor_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContactMergedInto: _TypeAlias = ContactMergedInto  # noqa: Y015
+
+@_typing.final
+class ContactMergeUndone(_message.Message):
+    """On the survivor when a merge is undone: the contacts in `restored_ids` are
+    themselves again (each gets a ContactUnmerged); consumers give back what
+    they moved for `merge_id`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERGE_ID_FIELD_NUMBER: _builtins.int
+    RESTORED_IDS_FIELD_NUMBER: _builtins.int
+    PERSON_PROFILE_FIELD_NUMBER: _builtins.int
+    COMPANY_PROFILE_FIELD_NUMBER: _builtins.int
+    INTERACTION_IDS_FIELD_NUMBER: _builtins.int
+    COMPANY_IDS_FIELD_NUMBER: _builtins.int
+    merge_id: _builtins.str
+    @_builtins.property
+    def restored_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def person_profile(self) -> Global___PersonProfile: ...
+    @_builtins.property
+    def company_profile(self) -> Global___CompanyProfile: ...
+    @_builtins.property
+    def interaction_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What went back to the restored contacts."""
+
+    @_builtins.property
+    def company_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        merge_id: _builtins.str = ...,
+        restored_ids: _abc.Iterable[_builtins.str] | None = ...,
+        person_profile: Global___PersonProfile | None = ...,
+        company_profile: Global___CompanyProfile | None = ...,
+        interaction_ids: _abc.Iterable[_builtins.str] | None = ...,
+        company_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["company_profile", b"company_profile", "person_profile", b"person_profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["company_ids", b"company_ids", "company_profile", b"company_profile", "interaction_ids", b"interaction_ids", "merge_id", b"merge_id", "person_profile", b"person_profile", "restored_ids", b"restored_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContactMergeUndone: _TypeAlias = ContactMergeUndone  # noqa: Y015
+
+@_typing.final
+class ContactUnmerged(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERGE_ID_FIELD_NUMBER: _builtins.int
+    merge_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        merge_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["merge_id", b"merge_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContactUnmerged: _TypeAlias = ContactUnmerged  # noqa: Y015

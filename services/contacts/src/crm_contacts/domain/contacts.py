@@ -59,7 +59,7 @@ class Contact(Aggregate):
     class InteractionLogged(Aggregate.Event):
         interaction: dict[str, Any]
 
-    class Absorbed(Aggregate.Event):
+    class ContactsMerged(Aggregate.Event):
         """This contact survived a merge: its profile before and after, and
         what it took over from the others."""
 
@@ -72,23 +72,24 @@ class Contact(Aggregate):
         at: datetime
         actor: str
 
-    class MergedInto(Aggregate.Event):
+    class ContactMergedInto(Aggregate.Event):
         merge_id: str
         survivor_id: str
         at: datetime
         actor: str
 
-    class MergeUndone(Aggregate.Event):
+    class ContactMergeUndone(Aggregate.Event):
         """A merge this contact survived was undone: what it gave back."""
 
         merge_id: str
+        restored_ids: list[str]
         profile: dict[str, Any]
         interactions: list[str]
         affiliations: list[str]
         at: datetime
         actor: str
 
-    class Unmerged(Aggregate.Event):
+    class ContactUnmerged(Aggregate.Event):
         merge_id: str
         at: datetime
         actor: str
@@ -134,7 +135,7 @@ class Contact(Aggregate):
     def absorb(self, **fields: Any) -> None:
         self._absorbed(**fields)
 
-    @event(Absorbed)
+    @event(ContactsMerged)
     def _absorbed(
         self,
         merge_id: str,
@@ -163,17 +164,18 @@ class Contact(Aggregate):
     def merge_into(self, **fields: Any) -> None:
         self._merged_into(**fields)
 
-    @event(MergedInto)
+    @event(ContactMergedInto)
     def _merged_into(self, merge_id: str, survivor_id: str, at: datetime, actor: str) -> None:
         self._survivor_id = survivor_id
 
     def give_back(self, **fields: Any) -> None:
         self._merge_undone(**fields)
 
-    @event(MergeUndone)
+    @event(ContactMergeUndone)
     def _merge_undone(
         self,
         merge_id: str,
+        restored_ids: list[str],
         profile: dict[str, Any],
         interactions: list[str],
         affiliations: list[str],
@@ -189,7 +191,7 @@ class Contact(Aggregate):
     def unmerge(self, **fields: Any) -> None:
         self._unmerged(**fields)
 
-    @event(Unmerged)
+    @event(ContactUnmerged)
     def _unmerged(self, merge_id: str, at: datetime, actor: str) -> None:
         self._survivor_id = None
 

@@ -1,9 +1,9 @@
 """Merging duplicate contacts into a survivor, and undoing a merge.
 
 A merge folds two or three contacts of one kind into the one chosen to
-survive. The survivor records `Absorbed`: its profile before and after, and
+survive. The survivor records `ContactsMerged`: its profile before and after, and
 what it took over (interactions, company links), so that the merge can be
-undone; each of the others records `MergedInto` and becomes a tombstone that
+undone; each of the others records `ContactMergedInto` and becomes a tombstone that
 names the survivor (reads of its id answer with the survivor; it takes no
 commands). Nothing is dropped: every channel identity with its consent (the
 most recent consent of an identity held by several), every company link, tag,
@@ -236,6 +236,7 @@ def undo_merge(
     restored = _restored_profile(record.before, record.after, current)
     survivor.give_back(
         merge_id=merge_id,
+        restored_ids=list(record.merged_ids),
         profile=restored,
         interactions=list(record.interactions_added),
         affiliations=list(record.affiliations_added),
