@@ -207,7 +207,7 @@ def stored_events(service: ContactsService, contact_id: str) -> list[Any]:
 # -- the tests -----------------------------------------------------------------------------
 
 
-async def test_a_won_deal_makes_its_person_and_company_customers_once(
+async def test_an_opened_deal_makes_leads_opportunities_and_a_won_one_customers_once(
     service: ContactsService, follow: Callable[..., Running], local_stack: Stack
 ) -> None:
     person = await person_at(service, "opportunity")
@@ -223,8 +223,14 @@ async def test_a_won_deal_makes_its_person_and_company_customers_once(
     running = follow(topic, "contacts-follower-a")
     await running.handled(2)
 
+    # The person was an opportunity already: only the won deal moved it. The
+    # company was a lead: the opened deal made it an opportunity, then a customer.
     assert await stage_and_version(service, person) == ("customer", 2)
-    assert await stage_and_version(service, company) == ("customer", 2)
+    assert await stage_and_version(service, company) == ("customer", 3)
+    opened_change, won_change = stored_events(service, company)[-2:]
+    assert opened_change.profile["lifecycle_stage"] == "opportunity"
+    assert opened_change.cause == f"deal_opened: deal {deal}"
+    assert won_change.cause == f"deal_won: deal {deal}"
     change = stored_events(service, person)[-1]
     assert type(change).__name__ == "PersonProfileUpdated"
     assert change.changed_fields == ["lifecycle_stage"]
@@ -232,7 +238,7 @@ async def test_a_won_deal_makes_its_person_and_company_customers_once(
     assert change._meta["actor"] == "ann"
     assert change._meta["client"] == "crm-contacts-follower"
     assert change._meta["request_id"] == f"opportunity-won:{deal}:4:{person}"
-    assert running.follower.stats.promoted == 2
+    assert running.follower.stats.promoted == 3
 
     # The same event delivered again (a relay that published a suffix twice).
     length = log_length(service.app)

@@ -55,6 +55,7 @@ def _person_profile_updated(message: events_pb.ContactEvent, data: Mapping[str, 
     update = message.person_profile_updated
     update.profile.CopyFrom(messages.person_profile_pb(profile))
     update.changed_fields.extend(data["changed_fields"])
+    update.cause = data.get("cause", "")
 
 
 def _company_registered(message: events_pb.ContactEvent, data: Mapping[str, Any]) -> None:
@@ -67,6 +68,7 @@ def _company_profile_updated(message: events_pb.ContactEvent, data: Mapping[str,
     update = message.company_profile_updated
     update.profile.CopyFrom(messages.company_profile_pb(profile))
     update.changed_fields.extend(data["changed_fields"])
+    update.cause = data.get("cause", "")
 
 
 def _person_linked(message: events_pb.ContactEvent, data: Mapping[str, Any]) -> None:

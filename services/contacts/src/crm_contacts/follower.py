@@ -1,13 +1,17 @@
-"""Contacts follow the pipeline: a won deal makes its contacts customers.
+"""Contacts follow the pipeline: the lifecycle rules of `domain.lifecycle`.
 
 `OpportunityFollower` consumes `crm.pipeline.events` as a member of a Kafka
-consumer group. For each `OpportunityWon` it runs one `BecomeCustomer`
-command per contact of the deal (the person, the company, and the customer
-id the deal was opened for, each once) through the contacts command bus.
+consumer group. For each `OpportunityOpened` it runs one
+`FollowLifecycleRule` command (rule `deal_opened`: a subscriber, lead, lost
+or churned contact becomes an opportunity) per contact of the deal (the
+person, the company, and the customer id the deal was opened for, each
+once); for each `OpportunityWon` one `BecomeCustomer` command (rule
+`deal_won`). Each stage change records its cause: the rule and the deal.
 
 - **Idempotent.** Each command carries a request id derived from the event
-  (`opportunity-won:<aggregate id>:<version>:<contact id>`), so a redelivered
-  event is answered from the command's receipt and writes nothing new.
+  (`opportunity-won:<aggregate id>:<version>:<contact id>`, or
+  `opportunity-opened:...`), so a redelivered event is answered from the
+  command's receipt and writes nothing new.
 - **At least once.** A partition's offset is committed only after every
   command of the records before it succeeded. A crash, a kill or a
   rebalance hands the uncommitted records to the next member, which
@@ -28,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
@@ -40,11 +45,13 @@ from crm_common.health import Heartbeat
 from crm_common.records import Record, consuming_span, header, where
 from crm_common.settings import topic_of
 from crm_contacts.application import ContactsService
+from crm_contacts.domain.lifecycle import LifecycleRule
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("crm_contacts.follower")
 
 WON_TYPE = "crm.pipeline.v1.OpportunityWon"
+OPENED_TYPE = "crm.pipeline.v1.OpportunityOpened"
 CLIENT = "crm-contacts-follower"
 # Errors that say the record itself can never succeed: logged and passed over.
 PERMANENT: tuple[type[CrmError], ...] = (NotFound, ValidationFailed, RuleViolated)
@@ -63,27 +70,39 @@ class Promotion:
     contact_id: str
     request_id: str
     actor: str
+    rule: LifecycleRule = LifecycleRule.DEAL_WON
+    #: The deal that fired the rule, recorded as the change's cause.
+    cause: str = ""
 
 
 def promotions_of(record: Record) -> list[Promotion]:
-    """What a pipeline event asks of contacts: nothing, unless a deal was won.
+    """What a pipeline event asks of contacts: nothing, unless a deal was
+    opened or won.
 
     Raises `DecodeError` for a value that is not a `PipelineEvent`.
     """
     ce_type = header(record, "ce_type")
-    if ce_type is not None and ce_type != WON_TYPE:
+    if ce_type is not None and ce_type not in (WON_TYPE, OPENED_TYPE):
         return []
     message = events_pb.PipelineEvent.FromString(record.value or b"")
-    if message.WhichOneof("payload") != "opportunity_won":
+    payload = message.WhichOneof("payload")
+    if payload == "opportunity_won":
+        deal: Any = message.opportunity_won
+        rule, prefix = LifecycleRule.DEAL_WON, "opportunity-won"
+    elif payload == "opportunity_opened":
+        deal = message.opportunity_opened
+        rule, prefix = LifecycleRule.DEAL_OPENED, "opportunity-opened"
+    else:
         return []
-    won = message.opportunity_won
     event_id = f"{message.aggregate_id}:{message.version}"
-    contacts = dict.fromkeys(i for i in (won.person_id, won.company_id, message.customer_id) if i)
+    contacts = dict.fromkeys(i for i in (deal.person_id, deal.company_id, message.customer_id) if i)
     return [
         Promotion(
             contact_id=contact_id,
-            request_id=f"opportunity-won:{event_id}:{contact_id}",
+            request_id=f"{prefix}:{event_id}:{contact_id}",
             actor=message.actor or "pipeline",
+            rule=rule,
+            cause=f"deal {message.aggregate_id}",
         )
         for contact_id in contacts
     ]
@@ -143,19 +162,27 @@ class OpportunityFollower(GroupMember):
             return
         if not wanted:
             return
-        with consuming_span(record, "follow OpportunityWon", tracer):
+        with consuming_span(record, f"follow {wanted[0].rule}", tracer):
             for promotion in wanted:
                 await self._promote(promotion, at)
 
     async def _promote(self, promotion: Promotion, at: str) -> None:
         caller = Caller(actor=promotion.actor, client=CLIENT, request_id=promotion.request_id)
         try:
-            written = await self.service.become_customer(caller, promotion.contact_id)
+            if promotion.rule is LifecycleRule.DEAL_WON:
+                written = await self.service.become_customer(
+                    caller, promotion.contact_id, promotion.cause
+                )
+            else:
+                written = await self.service.follow_lifecycle_rule(
+                    caller, promotion.contact_id, promotion.rule, promotion.cause
+                )
         except PERMANENT as error:
             log.warning(
-                "follower: %s: contact %s not made a customer: %s; passed over",
+                "follower: %s: contact %s not moved by %s: %s; passed over",
                 at,
                 promotion.contact_id,
+                promotion.rule,
                 error.message,
             )
             self.stats.skipped += 1
@@ -177,6 +204,6 @@ class OpportunityFollower(GroupMember):
             self.stats.replayed += 1
         elif outcome.extra.get("promoted") == "true":
             self.stats.promoted += 1
-            log.info("contact %s is a customer now (a deal was won, %s)", promotion.contact_id, at)
+            log.info("contact %s moved by %s (%s)", promotion.contact_id, promotion.rule, at)
         else:
             self.stats.unchanged += 1

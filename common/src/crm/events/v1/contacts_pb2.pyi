@@ -274,6 +274,11 @@ class PersonProfileUpdated(_message.Message):
 
     PROFILE_FIELD_NUMBER: _builtins.int
     CHANGED_FIELDS_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
+    cause: _builtins.str
+    """Why, when the change is not a caller's edit: the lifecycle rule and what
+    fired it ("deal_won: <deal id>"); empty for edits.
+    """
     @_builtins.property
     def profile(self) -> Global___PersonProfile: ...
     @_builtins.property
@@ -285,10 +290,11 @@ class PersonProfileUpdated(_message.Message):
         *,
         profile: Global___PersonProfile | None = ...,
         changed_fields: _abc.Iterable[_builtins.str] | None = ...,
+        cause: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_fields", b"changed_fields", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "changed_fields", b"changed_fields", "profile", b"profile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -320,6 +326,9 @@ class CompanyProfileUpdated(_message.Message):
 
     PROFILE_FIELD_NUMBER: _builtins.int
     CHANGED_FIELDS_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
+    cause: _builtins.str
+    """As in PersonProfileUpdated."""
     @_builtins.property
     def profile(self) -> Global___CompanyProfile: ...
     @_builtins.property
@@ -329,10 +338,11 @@ class CompanyProfileUpdated(_message.Message):
         *,
         profile: Global___CompanyProfile | None = ...,
         changed_fields: _abc.Iterable[_builtins.str] | None = ...,
+        cause: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_fields", b"changed_fields", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "changed_fields", b"changed_fields", "profile", b"profile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

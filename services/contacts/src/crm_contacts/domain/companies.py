@@ -75,6 +75,9 @@ class Company(Contact):
     class CompanyProfileUpdated(Contact.Event):
         profile: dict[str, Any]
         changed_fields: list[str]
+        #: Why, when not a caller's edit: a lifecycle rule and what fired it
+        #: (events recorded before causes existed have none).
+        cause: str
 
     @event(CompanyRegistered)
     def __init__(self, profile: dict[str, Any]) -> None:
@@ -93,19 +96,21 @@ class Company(Contact):
     def register(cls, profile: CompanyProfile) -> Company:
         return cls(profile=profile.to_dict())
 
-    def change_profile(self, profile: CompanyProfile) -> list[str]:
+    def change_profile(self, profile: CompanyProfile, cause: str = "") -> list[str]:
         """Records the new profile if anything changed; returns what changed."""
         check_stage_change(self.profile.lifecycle_stage, profile.lifecycle_stage)
         changed = self.profile.changed_fields(profile)
         if changed:
-            self._profile_updated(profile=profile.to_dict(), changed_fields=changed)
+            self._profile_updated(profile=profile.to_dict(), changed_fields=changed, cause=cause)
         return changed
 
-    def change_stage(self, stage: LifecycleStage) -> list[str]:
-        return self.change_profile(replace(self.profile, lifecycle_stage=stage))
+    def change_stage(self, stage: LifecycleStage, cause: str = "") -> list[str]:
+        return self.change_profile(replace(self.profile, lifecycle_stage=stage), cause)
 
     @event(CompanyProfileUpdated)
-    def _profile_updated(self, profile: dict[str, Any], changed_fields: list[str]) -> None:
+    def _profile_updated(
+        self, profile: dict[str, Any], changed_fields: list[str], cause: str = ""
+    ) -> None:
         self.profile = CompanyProfile.from_dict(profile)
 
     def _set_profile(self, profile: dict[str, Any]) -> None:

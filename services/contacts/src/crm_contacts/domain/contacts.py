@@ -15,7 +15,11 @@ from eventsourcing.domain import Aggregate, event
 from crm_common.errors import ValidationFailed
 from crm_contacts.domain.channels import Channel, ConsentStatus
 from crm_contacts.domain.interactions import Interaction, most_recent
-from crm_contacts.domain.lifecycle import CUSTOMER_ALREADY, LifecycleStage
+from crm_contacts.domain.lifecycle import (
+    LifecycleRule,
+    LifecycleStage,
+    stage_after_rule,
+)
 
 
 class ContactKind(StrEnum):
@@ -105,8 +109,9 @@ class Contact(Aggregate):
     def lifecycle_stage(self) -> LifecycleStage:
         raise NotImplementedError
 
-    def change_stage(self, stage: LifecycleStage) -> list[str]:
-        """Moves the contact to `stage` (funnel rules apply); returns what changed."""
+    def change_stage(self, stage: LifecycleStage, cause: str = "") -> list[str]:
+        """Moves the contact to `stage` (funnel rules apply); returns what changed.
+        `cause` is recorded with the change (a lifecycle rule and what fired it)."""
         raise NotImplementedError
 
     def log_interaction(self, interaction: Interaction) -> None:
@@ -195,7 +200,15 @@ class Contact(Aggregate):
     def _unmerged(self, merge_id: str, at: datetime, actor: str) -> None:
         self._survivor_id = None
 
-    def become_customer(self) -> bool:
+    def follow_rule(self, rule: LifecycleRule, cause: str) -> bool:
+        """Moves the stage as the lifecycle `rule` says, recording `cause`;
+        False (and no event) when the rule leaves this contact where it is."""
+        target = stage_after_rule(rule, self.lifecycle_stage)
+        if target is None:
+            return False
+        return bool(self.change_stage(target, cause=f"{rule}: {cause}" if cause else str(rule)))
+
+    def become_customer(self, cause: str = "") -> bool:
         """A deal of this contact was won: it is a customer from now on.
 
         A customer or advocate stays as it is (nothing is recorded), so a won
@@ -203,9 +216,7 @@ class Contact(Aggregate):
         churned and lost included, moves forward to customer. Returns whether
         the stage changed.
         """
-        if self.lifecycle_stage in CUSTOMER_ALREADY:
-            return False
-        return bool(self.change_stage(LifecycleStage.CUSTOMER))
+        return self.follow_rule(LifecycleRule.DEAL_WON, cause)
 
     def recent_interactions(self, limit: int) -> list[Interaction]:
         """Newest first by occurrence; equal times in the order they were logged."""

@@ -55,3 +55,41 @@ def check_stage_change(current: LifecycleStage, wanted: LifecycleStage) -> None:
         allowed = FUNNEL.index(wanted) > FUNNEL.index(current)
     if not allowed:
         raise RuleViolated(f"lifecycle_stage cannot change from {current} to {wanted}")
+
+
+# -- lifecycle rules: stages moved by what happens elsewhere ----------------------------
+#
+# Each rule names the stage it moves a contact to and the stages it moves it
+# from; a contact at any other stage is left as it is (no event), so a rule
+# never moves anyone backwards in the funnel and never fails. Every move a
+# rule makes is recorded with its cause (the rule and the event that fired it).
+
+
+class LifecycleRule(StrEnum):
+    #: A deal opened for the contact: a subscriber or lead (or one who was lost
+    #: or churned and comes back) becomes an opportunity.
+    DEAL_OPENED = "deal_opened"
+    #: A deal of the contact was won: anyone not yet a customer becomes one.
+    DEAL_WON = "deal_won"
+
+
+RULE_TARGET: dict[LifecycleRule, LifecycleStage] = {
+    LifecycleRule.DEAL_OPENED: LifecycleStage.OPPORTUNITY,
+    LifecycleRule.DEAL_WON: LifecycleStage.CUSTOMER,
+}
+RULE_MOVES_FROM: dict[LifecycleRule, frozenset[LifecycleStage]] = {
+    LifecycleRule.DEAL_OPENED: frozenset(
+        {
+            LifecycleStage.SUBSCRIBER,
+            LifecycleStage.LEAD,
+            LifecycleStage.LOST,
+            LifecycleStage.CHURNED,
+        }
+    ),
+    LifecycleRule.DEAL_WON: frozenset(LifecycleStage) - CUSTOMER_ALREADY,
+}
+
+
+def stage_after_rule(rule: LifecycleRule, current: LifecycleStage) -> LifecycleStage | None:
+    """The stage `rule` moves a contact at `current` to; None: it stays."""
+    return RULE_TARGET[rule] if current in RULE_MOVES_FROM[rule] else None

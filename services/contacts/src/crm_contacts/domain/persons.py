@@ -97,6 +97,9 @@ class Person(Contact):
     class PersonProfileUpdated(Contact.Event):
         profile: dict[str, Any]
         changed_fields: list[str]
+        #: Why, when not a caller's edit: a lifecycle rule and what fired it
+        #: (events recorded before causes existed have none).
+        cause: str
 
     class PersonLinkedToCompany(Contact.Event):
         company_id: str
@@ -131,19 +134,21 @@ class Person(Contact):
     def register(cls, profile: PersonProfile) -> Person:
         return cls(profile=profile.to_dict())
 
-    def change_profile(self, profile: PersonProfile) -> list[str]:
+    def change_profile(self, profile: PersonProfile, cause: str = "") -> list[str]:
         """Records the new profile if anything changed; returns what changed."""
         check_stage_change(self.profile.lifecycle_stage, profile.lifecycle_stage)
         changed = self.profile.changed_fields(profile)
         if changed:
-            self._profile_updated(profile=profile.to_dict(), changed_fields=changed)
+            self._profile_updated(profile=profile.to_dict(), changed_fields=changed, cause=cause)
         return changed
 
-    def change_stage(self, stage: LifecycleStage) -> list[str]:
-        return self.change_profile(replace(self.profile, lifecycle_stage=stage))
+    def change_stage(self, stage: LifecycleStage, cause: str = "") -> list[str]:
+        return self.change_profile(replace(self.profile, lifecycle_stage=stage), cause)
 
     @event(PersonProfileUpdated)
-    def _profile_updated(self, profile: dict[str, Any], changed_fields: list[str]) -> None:
+    def _profile_updated(
+        self, profile: dict[str, Any], changed_fields: list[str], cause: str = ""
+    ) -> None:
         self.profile = PersonProfile.from_dict(profile)
 
     def link_to_company(self, company: Company, role: str) -> None:
