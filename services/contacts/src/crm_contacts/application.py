@@ -38,6 +38,7 @@ from crm_common.settings import Settings
 from crm_contacts import validation
 from crm_contacts.directory import ContactDirectory
 from crm_contacts.domain import Company, Contact, Person
+from crm_contacts.domain.lifecycle import LifecycleRule
 from crm_contacts.inputs import (
     CompanyChanges,
     CompanyLink,
@@ -268,21 +269,42 @@ class ContactsService:
             caller, caller.command("LogInteraction", interaction.contact_id, interaction), decide
         )
 
-    async def become_customer(self, caller: Caller, contact_id: str) -> ContactWrite:
+    async def become_customer(
+        self, caller: Caller, contact_id: str, cause: str = ""
+    ) -> ContactWrite:
         """A deal of the contact was won: makes it a customer unless it is one already.
 
         Never refused by the lifecycle rule: a customer or advocate is left as
         it is (no event). `outcome.extra["promoted"]` says whether the stage
         changed ("true") or not ("false"), for replays too.
         """
+        return await self.follow_lifecycle_rule(
+            caller, contact_id, LifecycleRule.DEAL_WON, cause, command="BecomeCustomer"
+        )
+
+    async def follow_lifecycle_rule(
+        self,
+        caller: Caller,
+        contact_id: str,
+        rule: LifecycleRule,
+        cause: str = "",
+        *,
+        command: str = "FollowLifecycleRule",
+    ) -> ContactWrite:
+        """Moves the contact's stage as `rule` says (`domain.lifecycle`), recording
+        `cause` on the change; a contact the rule does not apply to is left as
+        it is. `outcome.extra["promoted"]` says whether the stage changed."""
         grant = self.grant_of(caller)
 
         def decide(uow: UnitOfWork) -> tuple[Contact, dict[str, str]]:
             contact = self._subject(uow, grant, contact_id, Contact)
-            promoted = contact.become_customer()
+            promoted = contact.follow_rule(rule, cause)
             return contact, {"promoted": "true" if promoted else "false"}
 
-        return await self._write(caller, caller.command("BecomeCustomer", contact_id), decide)
+        # BecomeCustomer keeps the fingerprint it always had (receipts stored
+        # before lifecycle rules existed still answer their replays).
+        args = (contact_id,) if rule is LifecycleRule.DEAL_WON else (contact_id, str(rule))
+        return await self._write(caller, caller.command(command, *args), decide)
 
     async def get_contact(self, contact_id: str, caller: Caller | None = None) -> ContactView:
         """One contact as `caller` may see it (None: the platform itself, in process)."""
