@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from crm.loyalty.v1 import loyalty_pb2 as pb
 from crm.loyalty.v1 import loyalty_pb2_grpc
@@ -140,6 +141,7 @@ async def test_rest_writes_and_reads_with_the_audit_of_the_token(
     assert operations == {
         "EnrolMember",
         "GetMember",
+        "ListMembers",
         "GetTier",
         "EarnPoints",
         "RedeemPoints",
@@ -244,3 +246,142 @@ async def test_parked_orders_are_listed_for_the_erp_team_and_redriven_by_an_admi
     assert [(o.key, o.payload, o.source_offset) for o in reply.orders] == [
         ("o-7:placed", b"raw", -1)
     ]
+
+
+def bad_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    """The fields a gRPC INVALID_ARGUMENT names in its google.rpc.BadRequest details."""
+    details = dict(error.trailing_metadata() or ())["grpc-status-details-bin"]
+    status = status_pb2.Status.FromString(details)
+    fields: list[str] = []
+    for detail in status.details:
+        request = error_details_pb2.BadRequest()
+        if detail.Unpack(request):
+            fields += [v.field for v in request.field_violations]
+    return fields
+
+
+async def test_members_are_listed_for_marketing_and_analysts_over_rest(
+    http: httpx.AsyncClient, identity: Identity
+) -> None:
+    admin = bearer(identity.mint("admin", subject="ada"))
+    for contact, points in (("c-1", 40), ("c-2", 90)):
+        await http.post("/members", json={"contact_id": contact, "channel": "app"}, headers=admin)
+        await http.post(
+            f"/members/{contact}/adjustments",
+            json={"points": points, "reason": "welcome"},
+            headers=admin,
+        )
+    assert (await http.get("/members")).status_code == 401
+    for role in ("service", "sales", "partner", "erp-integration"):
+        refused = await http.get("/members", headers=bearer(identity.mint(role)))
+        assert refused.status_code == 403, role
+    marketing = bearer(identity.mint("marketing", subject="mia"))
+    listed = await http.get("/members", params={"order_by": "available_desc"}, headers=marketing)
+    assert listed.status_code == 200, listed.text
+    body = listed.json()
+    assert body["next_page_token"] == ""
+    assert [(m["contact_id"], m["tier"], m["balance"]["active"]) for m in body["members"]] == [
+        ("c-2", "basic", 90),
+        ("c-1", "basic", 40),
+    ]
+    row = body["members"][0]
+    member = (await http.get("/members/c-2", headers=marketing)).json()
+    assert row["earned"] == 90 and row["version"] == member["version"]
+    assert row["next_expiry_at"] == member["lots"][0]["expires_at"]
+    assert row["next_expiry_points"] == 90
+    # Analysts see the same rows: ids and figures, as GetMember shows them.
+    analyst = await http.get(
+        "/members", params={"order_by": "available_desc"}, headers=bearer(identity.mint("analyst"))
+    )
+    assert analyst.status_code == 200 and analyst.json() == body
+
+    seen, token = [], ""
+    while True:
+        params = {"page_size": 1, **({"page_token": token} if token else {})}
+        page = (await http.get("/members", params=params, headers=marketing)).json()
+        seen += [m["contact_id"] for m in page["members"]]
+        token = page["next_page_token"]
+        if not token:
+            break
+    assert seen == ["c-1", "c-2"]
+    rich = await http.get("/members", params={"min_available": 50}, headers=marketing)
+    assert [m["contact_id"] for m in rich.json()["members"]] == ["c-2"]
+    later = await http.get(
+        "/members", params={"expiring_before": "2099-01-01T00:00:00Z"}, headers=marketing
+    )
+    assert len(later.json()["members"]) == 2
+
+    for params, field in (
+        ({"page_token": "not-a-token"}, "page_token"),
+        ({"page_size": 0, "page_token": "W10"}, "page_token"),
+        ({"page_size": 201}, "page_size"),
+        ({"page_size": "many"}, "page_size"),
+        ({"tier": "platinum"}, "tier"),
+        ({"order_by": "name"}, "order_by"),
+        ({"expiring_before": "2026-01-01T00:00:00"}, "expiring_before"),
+        ({"expiring_before": "soon"}, "expiring_before"),
+        ({"min_available": -5}, "min_available"),
+    ):
+        bad = await http.get("/members", params=params, headers=marketing)
+        assert bad.status_code == 422, (params, bad.text)
+        assert bad.json()["error"] == "ValidationFailed"
+        assert [d["field"] for d in bad.json()["detail"]] == [field], params
+    # A token of one listing is refused by another.
+    first = await http.get("/members", params={"page_size": 1}, headers=marketing)
+    other = await http.get(
+        "/members",
+        params={
+            "page_size": 1,
+            "order_by": "available_desc",
+            "page_token": first.json()["next_page_token"],
+        },
+        headers=marketing,
+    )
+    assert other.status_code == 422 and other.json()["detail"][0]["field"] == "page_token"
+
+
+async def test_members_are_listed_over_grpc_with_the_roles_of_the_policy(
+    stub: Any, identity: Identity, sqlite_service: LoyaltyService
+) -> None:
+    from crm_common.commands import Caller
+
+    admin = Caller(actor="ada", client="console")
+    for contact, points in (("c-1", 40), ("c-2", 90)):
+        await sqlite_service.enrol(admin, contact, "web")
+        await sqlite_service.adjust(admin, contact, points, "welcome")
+    marketing = grpc_auth(identity.mint("marketing", subject="mia"))
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await stub.ListMembers(
+            pb.ListMembersRequest(), metadata=grpc_auth(identity.mint("service"))
+        )
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    ranked = await stub.ListMembers(
+        pb.ListMembersRequest(order_by=pb.MEMBER_ORDER_AVAILABLE_DESC, page_size=1),
+        metadata=marketing,
+    )
+    assert [(m.contact_id, m.balance.active) for m in ranked.members] == [("c-2", 90)]
+    assert ranked.members[0].next_expiry_points == 90
+    assert ranked.members[0].next_expiry_at.seconds > 0
+    rest = await stub.ListMembers(
+        pb.ListMembersRequest(
+            order_by=pb.MEMBER_ORDER_AVAILABLE_DESC,
+            page_size=1,
+            page_token=ranked.next_page_token,
+        ),
+        metadata=marketing,
+    )
+    assert [m.contact_id for m in rest.members] == ["c-1"] and rest.next_page_token == ""
+    analyst = await stub.ListMembers(
+        pb.ListMembersRequest(min_available=50), metadata=grpc_auth(identity.mint("analyst"))
+    )
+    assert [m.contact_id for m in analyst.members] == ["c-2"]
+    for request, fields in (
+        (pb.ListMembersRequest(page_token="garbage"), ["page_token"]),
+        (pb.ListMembersRequest(page_token=ranked.next_page_token), ["page_token"]),
+        (pb.ListMembersRequest(page_size=500, tier="gold-ish"), ["tier", "page_size"]),
+        (pb.ListMembersRequest(order_by=7), ["order_by"]),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as invalid:
+            await stub.ListMembers(request, metadata=marketing)
+        assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_fields(invalid.value) == fields

@@ -7,6 +7,8 @@ enrolling checks the contact over the contacts service (`ContactsPort`).
 ERP orders are idempotent twice over: their request ids derive from the
 order (`erp:<order>:placed`), and the member aggregate itself applies an
 order's placement and each return once, whatever the receipts' retention.
+Lists (members, the rewards catalogue, the schedule's walk over every member)
+read the query tables (`crm_loyalty.query_tables`), never the whole log.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError
-from eventsourcing.utils import get_topic
 
 from crm_common.commands import Caller, CommandBus, CommandContext, UnitOfWork, WriteOutcome
 from crm_common.errors import NotFound, RuleViolated, ValidationFailed
@@ -43,13 +44,16 @@ from crm_loyalty.domain.parking import DEAD_LETTERED, PARKED, PARKING_ID, Parked
 from crm_loyalty.domain.rewards import Reward, reward_id
 from crm_loyalty.inputs import (
     ErpSource,
+    MemberQuery,
     PlacedOrder,
     Purchase,
     ReturnedOrder,
     RewardInput,
     RulesInput,
 )
+from crm_loyalty.query_tables import LoyaltyQueries
 from crm_loyalty.views import (
+    MemberPage,
     MemberView,
     ParkedView,
     RewardView,
@@ -69,11 +73,15 @@ class LoyaltyApplication(SnapshottingApplication):
     name = "loyalty"
     #: A member's ledger, a reward's every redemption, every parked order.
     snapshot_kinds = (Member, Reward, ParkedOrders)
+    #: Where the store is: the query tables live in the same database.
+    settings: Settings | None = None
 
 
 def create_application(settings: Settings) -> LoyaltyApplication:
     with creating_tables(settings):
-        return LoyaltyApplication(env=application_env(settings))
+        app = LoyaltyApplication(env=application_env(settings))
+    app.settings = settings
+    return app
 
 
 #: Attributes of stored member events written because of an ERP order record
@@ -135,18 +143,23 @@ class LoyaltyService:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         tiers: TierPolicy = DEFAULT_TIERS,
+        queries: LoyaltyQueries | None = None,
     ) -> None:
+        """`queries`: the query side; by default one over the application's own
+        database (its tables are created if missing, nothing is read from the log)."""
         self.app = app
         self.contacts = contacts
         self.clock = clock
         self.tiers = tiers
         self.bus = CommandBus(app, SERVICE)
-        self._members_position = 0
-        self._contact_ids: list[str] = []
-        self._rewards_position = 0
-        self._reward_codes: list[str] = []
+        if queries is None:
+            if app.settings is None:
+                raise RuntimeError("the application was not made by create_application")
+            queries = LoyaltyQueries(app, app.settings, tiers)
+        self.queries = queries
 
     def close(self) -> None:
+        self.queries.close()
         self.bus.close()
         self.app.close()
 
@@ -359,28 +372,25 @@ class LoyaltyService:
 
         return await self._write(caller.command("SettleLedger", contact_id), decide)
 
-    def contact_ids(self) -> list[str]:
-        """Every member's contact id, from the event log (followed incrementally)."""
-        topic = get_topic(Member.Created)
-        while True:
-            batch = self.app.recorder.select_notifications(
-                self._members_position + 1, 500, topics=[topic]
-            )
-            for n in batch:
-                created = self.app.mapper.to_domain_event(n)
-                self._contact_ids.append(str(getattr(created, "customer_id", "")))
-                self._members_position = n.id
-            if len(batch) < 500:
-                return list(self._contact_ids)
-
     async def settle_all(self, caller: Caller) -> tuple[int, int]:
-        """`settle` for every member; returns (points released, points expired)."""
+        """`settle` for every member, walking the members table a page at a time
+        in contact id order; returns (points released, points expired)."""
         released = expired = 0
-        for contact_id in await asyncio.to_thread(self.contact_ids):
-            written = await self.settle(caller, contact_id)
-            released += int(written.outcome.extra.get("released", "0"))
-            expired += int(written.outcome.extra.get("expired", "0"))
-        return released, expired
+        after = ""
+        while True:
+            page = await asyncio.to_thread(self.queries.contact_ids, after)
+            for contact_id in page:
+                written = await self.settle(caller, contact_id)
+                released += int(written.outcome.extra.get("released", "0"))
+                expired += int(written.outcome.extra.get("expired", "0"))
+            if not page:
+                return released, expired
+            after = page[-1]
+
+    async def list_members(self, query: MemberQuery) -> MemberPage:
+        """A page of members (tier, balance, next expiry) from the members table."""
+        checked = validation.member_query(query, tuple(t.name for t in self.tiers.tiers))
+        return await asyncio.to_thread(self.queries.members, checked)
 
     # -- the rewards catalogue --------------------------------------------------
 
@@ -432,30 +442,9 @@ class LoyaltyService:
             raise NotFound("Reward", code)
         return reward_view(reward)
 
-    def reward_codes(self) -> list[str]:
-        """Every reward's code, from the event log (followed incrementally)."""
-        topic = get_topic(Reward.Defined)
-        while True:
-            batch = self.app.recorder.select_notifications(
-                self._rewards_position + 1, 500, topics=[topic]
-            )
-            for n in batch:
-                defined = self.app.mapper.to_domain_event(n)
-                self._reward_codes.append(str(getattr(defined, "code", "")))
-                self._rewards_position = n.id
-            if len(batch) < 500:
-                return list(self._reward_codes)
-
     async def list_rewards(self, *, include_retired: bool = False) -> list[RewardView]:
-        def load() -> list[RewardView]:
-            found = []
-            for code in self.reward_codes():
-                reward = self._load(reward_id(code))
-                if isinstance(reward, Reward) and (include_retired or not reward.retired):
-                    found.append(reward_view(reward))
-            return sorted(found, key=lambda r: r.code)
-
-        return await asyncio.to_thread(load)
+        """The catalogue in code order, from the rewards table."""
+        return await asyncio.to_thread(self.queries.rewards, include_retired=include_retired)
 
     async def redeem_reward(self, caller: Caller, contact_id: str, code: str) -> Written:
         """One unit of the reward's stock and its price in points, in one decision:

@@ -18,6 +18,7 @@ from crm_loyalty.application import LoyaltyService
 from crm_loyalty.domain import Rules
 from crm_loyalty.inputs import (
     CampaignInput,
+    MemberQuery,
     Purchase,
     PurchaseLineInput,
     RewardInput,
@@ -26,6 +27,7 @@ from crm_loyalty.inputs import (
 from crm_loyalty.messages import (
     from_timestamp,
     member_pb,
+    member_summary_pb,
     parked_pb,
     reward_pb,
     rules_pb,
@@ -164,6 +166,24 @@ class LoyaltyServicer(loyalty_pb2_grpc.LoyaltyServiceServicer):
 
     async def GetTier(self, request: pb.GetTierRequest, context: Context) -> pb.GetTierResponse:
         return tier_pb(await self.service.get_tier(request.contact_id))
+
+    async def ListMembers(
+        self, request: pb.ListMembersRequest, context: Context
+    ) -> pb.ListMembersResponse:
+        page = await self.service.list_members(
+            MemberQuery(
+                tier=request.tier,
+                min_available=request.min_available,
+                expiring_before=from_timestamp(request.expiring_before, "expiring_before"),
+                order_by=enum_word(pb.MemberOrder, request.order_by),
+                page_size=request.page_size,
+                page_token=request.page_token,
+            )
+        )
+        return pb.ListMembersResponse(
+            members=[member_summary_pb(m) for m in page.members],
+            next_page_token=page.next_page_token,
+        )
 
     async def DefineReward(
         self, request: pb.DefineRewardRequest, context: Context

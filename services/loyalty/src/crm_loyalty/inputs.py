@@ -93,3 +93,20 @@ class RewardInput:
     stock: int
     valid_from: datetime | None = None
     valid_until: datetime | None = None
+
+
+@dataclass(frozen=True)
+class MemberQuery:
+    """A listing of members (`ListMembers`): filters, order and page."""
+
+    #: A tier name; "" for every tier.
+    tier: str = ""
+    #: Only members whose available balance is at least this; 0: any.
+    min_available: int = 0
+    #: Only members with points expiring before this time; None: any.
+    expiring_before: datetime | None = None
+    #: contact_id (None: the default) or available_desc.
+    order_by: str | None = None
+    #: 1..200; 0: the default (50).
+    page_size: int = 0
+    page_token: str = ""

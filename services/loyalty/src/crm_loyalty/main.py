@@ -12,12 +12,18 @@ file `CRM_LOYALTY_TIERS_FILE` names, default the packaged `tiers.yaml`;
 `crm_loyalty.tier_config`) and exit with status 2,
 naming every mistake, when it is not valid.
 
+`serve` answers lists from the query tables in the service's own database
+(`crm_loyalty.query_tables`): at start it applies only what was stored since
+they were last written (nothing is read from the start of the log), then
+follows the log in the background so that a query rarely has anything to apply.
+
 `crm-loyalty simulate-erp ...` publishes a simulated ERP order stream
 (`crm_loyalty.simulator`; `crm-loyalty simulate-erp --help`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -71,6 +77,14 @@ async def run_serve(settings: Settings) -> int | None:
     gate = access_gate(settings)
     contacts = GrpcContacts(settings)
     service = LoyaltyService(create_application(settings), contacts, tiers=tiers)
+    try:
+        # Only what is missing from the query tables: ready in seconds at any size.
+        await asyncio.to_thread(service.queries.side.catch_up)
+    except BaseException:
+        service.close()
+        await contacts.close()
+        raise
+    service.queries.side.follow()
     try:
         await serve(
             settings,

@@ -12,7 +12,7 @@ from crm_common.commands import WriteOutcome
 from crm_common.enums import enum_number
 from crm_common.timestamps import datetime_of
 from crm_loyalty.domain import Balance, Rules
-from crm_loyalty.views import MemberView, ParkedView, RewardView, TierView
+from crm_loyalty.views import MemberSummaryView, MemberView, ParkedView, RewardView, TierView
 
 
 def timestamp(at: datetime | None) -> Timestamp | None:
@@ -76,6 +76,20 @@ def member_pb(view: MemberView) -> pb.Member:
         version=view.version,
         birthday=view.birthday,
         referred_by=view.referred_by,
+    )
+
+
+def member_summary_pb(view: MemberSummaryView) -> pb.MemberSummary:
+    return pb.MemberSummary(
+        contact_id=view.contact_id,
+        tier=view.tier,
+        balance=balance_pb(view.balance),
+        earned=view.earned,
+        next_expiry_at=timestamp(view.next_expiry_at),
+        next_expiry_points=view.next_expiry_points,
+        last_activity_at=timestamp(view.last_activity_at),
+        enrolled_at=timestamp(view.enrolled_at),
+        version=view.version,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from crm_common.auth.gate import AccessGate
@@ -18,12 +18,22 @@ from crm_loyalty.application import LoyaltyService
 from crm_loyalty.domain import Rules
 from crm_loyalty.inputs import (
     CampaignInput,
+    MemberQuery,
     Purchase,
     PurchaseLineInput,
     RewardInput,
     RulesInput,
 )
-from crm_loyalty.views import MemberView, ParkedView, RewardView, TierView, Written
+from crm_loyalty.validation import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MEMBER_ORDERS
+from crm_loyalty.views import (
+    MemberPage,
+    MemberSummaryView,
+    MemberView,
+    ParkedView,
+    RewardView,
+    TierView,
+    Written,
+)
 
 DESCRIPTION = """Loyalty members (one per contact), their points on a ledger by lot, the
 earning rules and tiers.
@@ -122,6 +132,46 @@ class MemberWrite(BaseModel):
             replayed=outcome.replayed,
             points=int(points) if points is not None else None,
             member=MemberModel.of(written.subject),
+        )
+
+
+class MemberSummaryModel(BaseModel):
+    contact_id: str
+    tier: str
+    balance: BalanceModel = Field(description="`active` is the available balance")
+    earned: int = Field(description="every point ever earned")
+    next_expiry_at: datetime | None = Field(
+        description="the soonest expiry of unlocked points; null when there are none"
+    )
+    next_expiry_points: int = Field(description="points expiring at next_expiry_at")
+    last_activity_at: datetime = Field(description="when the account last changed")
+    enrolled_at: datetime
+    version: int
+
+    @classmethod
+    def of(cls, view: MemberSummaryView) -> MemberSummaryModel:
+        return cls(
+            contact_id=view.contact_id,
+            tier=view.tier,
+            balance=BalanceModel(**vars(view.balance)),
+            earned=view.earned,
+            next_expiry_at=view.next_expiry_at,
+            next_expiry_points=view.next_expiry_points,
+            last_activity_at=view.last_activity_at,
+            enrolled_at=view.enrolled_at,
+            version=view.version,
+        )
+
+
+class MemberList(BaseModel):
+    members: list[MemberSummaryModel]
+    next_page_token: str = Field(description="Pass as page_token for the next page; empty at end.")
+
+    @classmethod
+    def of(cls, page: MemberPage) -> MemberList:
+        return cls(
+            members=[MemberSummaryModel.of(m) for m in page.members],
+            next_page_token=page.next_page_token,
         )
 
 
@@ -345,6 +395,50 @@ def create_app(service: LoyaltyService, gate: AccessGate) -> FastAPI:
             referred_by=body.referred_by,
         )
         return MemberWrite.of(written, response)
+
+    @app.get(
+        "/members",
+        response_model=MemberList,
+        responses=ERRORS,
+        summary="Members with tier, balance and next expiry, filtered, in keyset pages",
+        operation_id="ListMembers",
+        tags=["members"],
+    )
+    async def list_members(
+        service: Service,
+        tier: Annotated[str, Query(description="A tier name; empty: every tier.")] = "",
+        min_available: Annotated[
+            int, Query(description="Only members with at least this available balance.")
+        ] = 0,
+        expiring_before: Annotated[
+            datetime | None,
+            Query(description="Only members with points expiring before this time (with zone)."),
+        ] = None,
+        order_by: Annotated[
+            str,
+            Query(
+                description="`contact_id` (default) or `available_desc` (highest first).",
+                json_schema_extra={"enum": ["", *MEMBER_ORDERS]},
+            ),
+        ] = "",
+        page_size: Annotated[
+            int, Query(description=f"1..{MAX_PAGE_SIZE}; default {DEFAULT_PAGE_SIZE}.")
+        ] = 0,
+        page_token: Annotated[
+            str, Query(description="The next_page_token of the previous page.")
+        ] = "",
+    ) -> MemberList:
+        page = await service.list_members(
+            MemberQuery(
+                tier=tier,
+                min_available=min_available,
+                expiring_before=expiring_before,
+                order_by=order_by or None,
+                page_size=page_size,
+                page_token=page_token,
+            )
+        )
+        return MemberList.of(page)
 
     @app.get(
         "/members/{contact_id}",

@@ -15,7 +15,14 @@ from typing import TypeVar
 from crm_common.errors import FieldErrors, ValidationFailed
 from crm_common.money import canonical_currency, decimal_places, parse_amount, parse_decimal
 from crm_loyalty.domain import CHANNELS, Campaign, Rules
-from crm_loyalty.inputs import PlacedOrder, Purchase, ReturnedOrder, RewardInput, RulesInput
+from crm_loyalty.inputs import (
+    MemberQuery,
+    PlacedOrder,
+    Purchase,
+    ReturnedOrder,
+    RewardInput,
+    RulesInput,
+)
 
 MAX_ID = 100
 MAX_TEXT = 500
@@ -286,3 +293,61 @@ def bonus(value: int, field: str, errors: FieldErrors) -> int:
         errors.add(field, f"must be from 0 to {MAX_BONUS} points")
         return 0
     return value
+
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+#: How `ListMembers` sorts: by contact id, or by available balance, highest first.
+BY_CONTACT = "contact_id"
+BY_AVAILABLE = "available_desc"
+MEMBER_ORDERS = (BY_CONTACT, BY_AVAILABLE)
+
+
+@dataclass(frozen=True)
+class MemberFilter:
+    """A checked `MemberQuery` (the page token is read by the query tables,
+    which know what a position in each order is)."""
+
+    tier: str
+    min_available: int
+    expiring_before: datetime | None
+    order_by: str
+    page_size: int
+    page_token: str
+
+
+def member_query(value: MemberQuery, tiers: tuple[str, ...]) -> MemberFilter:
+    """Every mistake of the listing at once, each naming its field."""
+    errors = FieldErrors()
+    tier = value.tier.strip()
+    if tier and tier not in tiers:
+        errors.add("tier", f"must be one of {', '.join(tiers)} (or empty)")
+    if not 0 <= value.min_available <= MAX_POINTS:
+        errors.add("min_available", f"must be from 0 to {MAX_POINTS}")
+    before = value.expiring_before
+    if before is not None and before.tzinfo is None:
+        errors.add("expiring_before", "needs a time zone")
+        before = None
+    elif before is not None:
+        try:
+            before = before.astimezone(UTC)
+        except OverflowError:
+            errors.add("expiring_before", "is not a time any calendar holds")
+            before = None
+    order = value.order_by or BY_CONTACT
+    if order not in MEMBER_ORDERS:
+        errors.add("order_by", f"must be one of {', '.join(MEMBER_ORDERS)}")
+    size = value.page_size or DEFAULT_PAGE_SIZE
+    if not 1 <= size <= MAX_PAGE_SIZE:
+        errors.add("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")
+    if len(value.page_token) > MAX_TEXT:
+        errors.add("page_token", "is not a page token of this listing")
+    errors.raise_if_any()
+    return MemberFilter(
+        tier,
+        value.min_available,
+        before,
+        order,
+        size,
+        value.page_token.strip(),
+    )

@@ -87,6 +87,32 @@ class RewardView:
 
 
 @dataclass(frozen=True)
+class MemberSummaryView:
+    """A member as a listing shows it (a row of the members table)."""
+
+    contact_id: str
+    tier: str
+    #: `active` is the available balance.
+    balance: Balance
+    #: Every point ever earned.
+    earned: int
+    #: The soonest expiry of the member's unlocked points and how many expire
+    #: then; None and 0 when it holds none.
+    next_expiry_at: datetime | None
+    next_expiry_points: int
+    last_activity_at: datetime
+    enrolled_at: datetime
+    version: int
+
+
+@dataclass(frozen=True)
+class MemberPage:
+    members: list[MemberSummaryView]
+    #: "" after the last page.
+    next_page_token: str
+
+
+@dataclass(frozen=True)
 class Written:
     outcome: WriteOutcome
     subject: MemberView | Rules | RewardView

@@ -43,6 +43,26 @@ ENROLMENT_CHANNEL_CALL_CENTER: EnrolmentChannel.ValueType  # 4
 ENROLMENT_CHANNEL_ERP: EnrolmentChannel.ValueType  # 5
 Global___EnrolmentChannel: _TypeAlias = EnrolmentChannel  # noqa: Y015
 
+class _MemberOrder:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MemberOrderEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MemberOrder.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MEMBER_ORDER_UNSPECIFIED: _MemberOrder.ValueType  # 0
+    MEMBER_ORDER_CONTACT_ID: _MemberOrder.ValueType  # 1
+    MEMBER_ORDER_AVAILABLE_DESC: _MemberOrder.ValueType  # 2
+    """Available balance (Balance.active), highest first; ties by contact id."""
+
+class MemberOrder(_MemberOrder, metaclass=_MemberOrderEnumTypeWrapper):
+    """How ListMembers sorts; unset: by contact id."""
+
+MEMBER_ORDER_UNSPECIFIED: MemberOrder.ValueType  # 0
+MEMBER_ORDER_CONTACT_ID: MemberOrder.ValueType  # 1
+MEMBER_ORDER_AVAILABLE_DESC: MemberOrder.ValueType  # 2
+"""Available balance (Balance.active), highest first; ties by contact id."""
+Global___MemberOrder: _TypeAlias = MemberOrder  # noqa: Y015
+
 @_typing.final
 class Money(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -826,6 +846,129 @@ class GetTierResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTierResponse: _TypeAlias = GetTierResponse  # noqa: Y015
+
+@_typing.final
+class ListMembersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIER_FIELD_NUMBER: _builtins.int
+    MIN_AVAILABLE_FIELD_NUMBER: _builtins.int
+    EXPIRING_BEFORE_FIELD_NUMBER: _builtins.int
+    ORDER_BY_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    tier: _builtins.str
+    """A tier name of the deployment's tier configuration; empty: every tier."""
+    min_available: _builtins.int
+    """Only members whose available balance (Balance.active) is at least this; 0: any."""
+    order_by: Global___MemberOrder.ValueType
+    page_size: _builtins.int
+    """1..200, default 50."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page, with the same filters and order."""
+    @_builtins.property
+    def expiring_before(self) -> _timestamp_pb2.Timestamp:
+        """Only members with points expiring before this time; unset: any."""
+
+    def __init__(
+        self,
+        *,
+        tier: _builtins.str = ...,
+        min_available: _builtins.int = ...,
+        expiring_before: _timestamp_pb2.Timestamp | None = ...,
+        order_by: Global___MemberOrder.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expiring_before", b"expiring_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expiring_before", b"expiring_before", "min_available", b"min_available", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMembersRequest: _TypeAlias = ListMembersRequest  # noqa: Y015
+
+@_typing.final
+class MemberSummary(_message.Message):
+    """One member of a listing: what the marketing console shows in a row."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTACT_ID_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    EARNED_FIELD_NUMBER: _builtins.int
+    NEXT_EXPIRY_AT_FIELD_NUMBER: _builtins.int
+    NEXT_EXPIRY_POINTS_FIELD_NUMBER: _builtins.int
+    LAST_ACTIVITY_AT_FIELD_NUMBER: _builtins.int
+    ENROLLED_AT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    contact_id: _builtins.str
+    tier: _builtins.str
+    earned: _builtins.int
+    """Every point ever earned (active + locked + expired + spent + cancelled)."""
+    next_expiry_points: _builtins.int
+    version: _builtins.int
+    @_builtins.property
+    def balance(self) -> Global___Balance:
+        """active is the available balance."""
+
+    @_builtins.property
+    def next_expiry_at(self) -> _timestamp_pb2.Timestamp:
+        """The soonest expiry of the member's unlocked points, and how many points
+        expire then; unset and 0 when it holds none.
+        """
+
+    @_builtins.property
+    def last_activity_at(self) -> _timestamp_pb2.Timestamp:
+        """When the member's account last changed."""
+
+    @_builtins.property
+    def enrolled_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        contact_id: _builtins.str = ...,
+        tier: _builtins.str = ...,
+        balance: Global___Balance | None = ...,
+        earned: _builtins.int = ...,
+        next_expiry_at: _timestamp_pb2.Timestamp | None = ...,
+        next_expiry_points: _builtins.int = ...,
+        last_activity_at: _timestamp_pb2.Timestamp | None = ...,
+        enrolled_at: _timestamp_pb2.Timestamp | None = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "enrolled_at", b"enrolled_at", "last_activity_at", b"last_activity_at", "next_expiry_at", b"next_expiry_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "contact_id", b"contact_id", "earned", b"earned", "enrolled_at", b"enrolled_at", "last_activity_at", b"last_activity_at", "next_expiry_at", b"next_expiry_at", "next_expiry_points", b"next_expiry_points", "tier", b"tier", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemberSummary: _TypeAlias = MemberSummary  # noqa: Y015
+
+@_typing.final
+class ListMembersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty after the last page."""
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemberSummary]: ...
+    def __init__(
+        self,
+        *,
+        members: _abc.Iterable[Global___MemberSummary] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["members", b"members", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMembersResponse: _TypeAlias = ListMembersResponse  # noqa: Y015
 
 @_typing.final
 class Reward(_message.Message):

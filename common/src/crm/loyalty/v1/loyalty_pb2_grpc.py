@@ -81,6 +81,11 @@ class LoyaltyServiceStub:
                 request_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.GetTierRequest.SerializeToString,
                 response_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.GetTierResponse.FromString,
                 _registered_method=True)
+        self.ListMembers = channel.unary_unary(
+                '/crm.loyalty.v1.LoyaltyService/ListMembers',
+                request_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.ListMembersRequest.SerializeToString,
+                response_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.ListMembersResponse.FromString,
+                _registered_method=True)
         self.DefineReward = channel.unary_unary(
                 '/crm.loyalty.v1.LoyaltyService/DefineReward',
                 request_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.DefineRewardRequest.SerializeToString,
@@ -176,6 +181,18 @@ class LoyaltyServiceServicer:
 
     def GetTier(self, request, context):
         """A member's tier: cheap, for callers with a short deadline (tickets).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMembers(self, request, context):
+        """Members with their tier, balance and next expiry, for the marketing
+        console: filtered by tier, by a minimum available balance and by points
+        expiring before a time; sorted by contact id (default) or by available
+        balance, highest first; in pages (keyset: a page never repeats or skips a
+        member because others changed meanwhile). INVALID_ARGUMENT (BadRequest
+        naming the field) for a page_token that is not one of this listing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -278,6 +295,11 @@ def add_LoyaltyServiceServicer_to_server(servicer, server):
                     servicer.GetTier,
                     request_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.GetTierRequest.FromString,
                     response_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.GetTierResponse.SerializeToString,
+            ),
+            'ListMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMembers,
+                    request_deserializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.ListMembersRequest.FromString,
+                    response_serializer=crm_dot_loyalty_dot_v1_dot_loyalty__pb2.ListMembersResponse.SerializeToString,
             ),
             'DefineReward': grpc.unary_unary_rpc_method_handler(
                     servicer.DefineReward,
@@ -538,6 +560,33 @@ class LoyaltyService:
             '/crm.loyalty.v1.LoyaltyService/GetTier',
             crm_dot_loyalty_dot_v1_dot_loyalty__pb2.GetTierRequest.SerializeToString,
             crm_dot_loyalty_dot_v1_dot_loyalty__pb2.GetTierResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.loyalty.v1.LoyaltyService/ListMembers',
+            crm_dot_loyalty_dot_v1_dot_loyalty__pb2.ListMembersRequest.SerializeToString,
+            crm_dot_loyalty_dot_v1_dot_loyalty__pb2.ListMembersResponse.FromString,
             options,
             channel_credentials,
             insecure,
