@@ -430,6 +430,7 @@ async def main_async(args: argparse.Namespace) -> None:
     out.write_text(text + kept_notes(out))
     subprocess.run([psutil.Process().exe(), "-m", "bench.tickets", "--out", str(out)], check=True)
     subprocess.run([psutil.Process().exe(), "-m", "bench.loyalty", "--out", str(out)], check=True)
+    subprocess.run([psutil.Process().exe(), "-m", "bench.consoles", "--out", str(out)], check=True)
 
 
 #: Everything after this line in the output file is written by people (notes

@@ -2,8 +2,9 @@
 (on the session's `local_stack`), console processes as `crm-consoles serve`
 runs them, and headless Chromium from the distribution driven by Playwright.
 
-Set CRM_CONSOLE_SCREENSHOTS to a directory to keep a screenshot of every page
-the tests visit (for a person to look at; they are not part of the tree).
+Every run keeps one screenshot per console in docs/screens/ (the README shows
+them; 1280x800, the visible part of the page). Set CRM_CONSOLE_SCREENSHOTS to a
+directory to also keep a full-page screenshot of every page the tests visit.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ API_PROCESSES = [
     "tickets-relay",
     "loyalty-api",
     "loyalty-relay",
+    "loyalty-follower",
     "analytics-api",
     "analytics-projector",
 ]
@@ -97,7 +99,9 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             executable_path=CHROMIUM,
             args=CHROMIUM_ARGS,
             headless=True,
-            viewport={"width": 1440, "height": 900},
+            viewport={"width": 1280, "height": 800},
+            # Charts drawn at once (no animation), so screenshots show them whole.
+            reduced_motion="reduce",
         )
         context.set_default_timeout(15_000)
         yield context
@@ -113,12 +117,30 @@ def page(browser: Any) -> Iterator[Any]:
     tab.close()
 
 
+#: The screenshots the README shows, rewritten by every run under docs/screens/.
+README_SCREENS = frozenset(
+    {
+        "sales-board",
+        "sales-customer-360",
+        "service-queue",
+        "marketing-member",
+        "management-dashboard",
+    }
+)
+SCREENS = Path(__file__).resolve().parents[2] / "docs" / "screens"
+
+
 @pytest.fixture(scope="session")
 def screenshot() -> Callable[[Any, str], None]:
-    """Keeps a full-page screenshot in CRM_CONSOLE_SCREENSHOTS, when set."""
+    """`screenshot(page, name)`: the README's screens go to docs/screens/<name>.png (the
+    viewport, to keep them small); every page also to CRM_CONSOLE_SCREENSHOTS when set."""
     folder = os.environ.get("CRM_CONSOLE_SCREENSHOTS")
 
     def take(page: Any, name: str) -> None:
+        if name in README_SCREENS:
+            SCREENS.mkdir(parents=True, exist_ok=True)
+            page.evaluate("window.scrollTo(0, 0)")
+            page.screenshot(path=str(SCREENS / f"{name}.png"), animations="disabled")
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=True)

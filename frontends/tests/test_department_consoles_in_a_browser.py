@@ -164,6 +164,11 @@ def test_a_marketer_sees_members_and_rewards(
 ) -> None:
     url, tag = consoles("marketing"), service_world["tag"]
     sign_in(page, url, "marketing", "e2e-marketer")
+    # Every member, most points first (ListMembers): this test's member is among them.
+    page.goto(f"{url}/#/members?min=250")
+    expect(
+        page.get_by_role("table", name="Members").get_by_role("row", name=re.compile(tag))
+    ).to_contain_text("250")
     page.goto(f"{url}/#/members?q=Hopper{tag}")
     page.get_by_role("row", name=re.compile(f"Grace Hopper{tag}")).get_by_role(
         "link", name="open"
@@ -185,6 +190,10 @@ def test_a_manager_sees_the_dashboards(
     expect(page.get_by_role("heading", level=1)).to_have_text("Sales dashboard")
     expect(page.get_by_role("table", name="Funnel")).to_contain_text("Qualify")
     expect(page.locator(".kpi-box").first).to_contain_text("Win rate")
+    # The charts are drawn by the charting library (loaded on demand, under the CSP).
+    funnel = page.get_by_role("img", name=re.compile("Deals that entered each stage"))
+    expect(funnel).to_be_visible()
+    expect(page.locator("figure.chart-figure", has=funnel)).to_have_attribute("data-drawn", "true")
     screenshot(page, "management-dashboard")
     page.goto(f"{url}/#/service-levels?teams={service_world['team']}")
     expect(page.get_by_role("table", name="SLA compliance")).to_contain_text(service_world["team"])

@@ -7,6 +7,7 @@
     POST /auth/dev               development sign-in (only with CRM_CONSOLE_DEV_IDENTITY_DIR)
     POST /auth/signout           ends the session
     ANY  /api/<service>/<path>   forwarded to the service's public REST API with the user's token
+    GET  /live/<view>/<key>      server-sent events: the page's data changed (crm_consoles.live)
     GET  /healthz, /readyz       liveness and readiness
 
 Nothing here reads a database: every datum comes from a public API, called
@@ -29,15 +30,23 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.background import BackgroundTask
 
 from crm_common.auth.access import DEFAULT_POLICY, AccessPolicy
 from crm_common.auth.issuer import TokenIssuer
 from crm_common.auth.principal import ROLES
 from crm_consoles.config import API_SERVICES, ConsoleSettings
 from crm_consoles.consoles import CONSOLES, Console
+from crm_consoles.live import VIEWS, StreamLimits, follow
 from crm_consoles.oidc import SIGNIN_TTL, OidcClient, SignInError, SignInState
 from crm_consoles.sessions import Session, SessionCodec, same_secret
 
@@ -87,6 +96,7 @@ def create_app(
     oidc = OidcClient(settings.oidc, http) if settings.oidc else None
     redirect_uri = f"{settings.public_url}/auth/callback"
     origin = "{0.scheme}://{0.netloc}".format(urlsplit(settings.public_url))
+    streams = StreamLimits()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -387,6 +397,51 @@ def create_app(
             return refusal(502, "ServiceUnavailable", f"The {service} service cannot be reached.")
         out = {h: reply.headers[h] for h in FORWARDED_REPLY_HEADERS if h in reply.headers}
         return Response(reply.content, status_code=reply.status_code, headers=out)
+
+    # -- live updates ----------------------------------------------------------------
+
+    @app.get("/live/{view}/{key:path}")
+    async def live(view: str, key: str, request: Request) -> Response:
+        session = current(request)
+        if session is None:
+            return refusal(401, "SignedOut", "Your session has ended; sign in again.")
+        if view not in VIEWS or not key or len(key) > 200:
+            return refusal(404, "NotFound", f"There are no live updates for {view!r}.")
+        watch = VIEWS[view](key)
+        if watch.service not in settings.api_urls:
+            return refusal(404, "NotFound", f"There is no service {watch.service!r}.")
+        slot = session.csrf
+        if not streams.acquire(slot):
+            return refusal(
+                429,
+                "TooManyStreams",
+                "Too many pages with live updates are open; close some and reload this one.",
+            )
+        released = False
+
+        def release() -> None:
+            # Once, whether the stream ended itself or the browser left before it began.
+            nonlocal released
+            if not released:
+                released = True
+                streams.release(slot)
+
+        stream = follow(
+            http,
+            f"{settings.api_urls[watch.service]}/{watch.path}",
+            watch,
+            session.token,
+            interval=settings.live_interval,
+            expires_at=session.expires_at,
+            gone=request.is_disconnected,
+            release=release,
+        )
+        return StreamingResponse(
+            stream,
+            media_type="text/event-stream",
+            headers={"x-accel-buffering": "no", "cache-control": "no-store"},
+            background=BackgroundTask(release),
+        )
 
     return app
 

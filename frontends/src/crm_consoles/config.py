@@ -12,6 +12,8 @@
   tokens the APIs get (`access_token`, the default, or `id_token`).
 - `CRM_CONSOLE_DEV_IDENTITY_DIR`: development sign-in with the local stack's
   identity; production values never set it.
+- `CRM_CONSOLE_LIVE_INTERVAL_SECONDS`: how often an open page's live stream reads
+  its API (default 2; 0.5 to 60).
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class ConsoleSettings:
     dev_identity_dir: Path | None = None
     dev_issuer: str = "crm-local"
     dev_audience: str = "crm-platform"
+    #: Seconds between two reads of a page's live stream (crm_consoles.live).
+    live_interval: float = 2.0
 
     @property
     def secure_cookies(self) -> bool:
@@ -104,6 +108,12 @@ class ConsoleSettings:
                 "no sign-in configured: set CRM_OIDC_ISSUER (production) or "
                 "CRM_CONSOLE_DEV_IDENTITY_DIR (local development)"
             )
+        try:
+            live_interval = float(get("CRM_CONSOLE_LIVE_INTERVAL_SECONDS", "2"))
+        except ValueError:
+            live_interval = -1.0
+        if not 0.5 <= live_interval <= 60:
+            raise ConfigError("CRM_CONSOLE_LIVE_INTERVAL_SECONDS must be a number from 0.5 to 60")
         key_file = get("CRM_CONSOLE_SESSION_KEY_FILE")
         if key_file:
             session_key = Path(key_file).read_bytes().strip()
@@ -125,4 +135,5 @@ class ConsoleSettings:
             dev_identity_dir=Path(dev_dir) if dev_dir else None,
             dev_issuer=get("CRM_AUTH_ISSUER", "crm-local"),
             dev_audience=get("CRM_AUTH_AUDIENCE", "crm-platform"),
+            live_interval=live_interval,
         )

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         log_level="warning",
         proxy_headers=True,
         server_header=False,
+        # Live streams stay open until the browser leaves: do not wait for them on shutdown.
+        timeout_graceful_shutdown=3,
     )
     return 0
 

@@ -54,6 +54,9 @@ async function render() {
     if (mine !== generation) { if (typeof stop === "function") stop(); return; }
     stopPage = typeof stop === "function" ? stop : null;
     clear(main).append(page);
+    // The first page drawn with its data: the moment the console is usable
+    // (bench/consoles.py reads it with the navigation timings).
+    if (!performance.getEntriesByName("crm:interactive").length) performance.mark("crm:interactive", { detail: { page: name } });
   } catch (error) {
     if (mine !== generation) return;
     clear(main).append(h("div", { class: "page-header" }, h("h1", {}, "This page cannot be shown")), problem(error));

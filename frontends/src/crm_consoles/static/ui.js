@@ -229,3 +229,60 @@ export function may(operation) {
   const roles = boot.operations[operation] || [];
   return boot.user.roles.some((r) => roles.includes(r));
 }
+
+/**
+ * Follows a page's data through the console's server-sent events (`/live/<view>/<key>`):
+ * `onChange` runs when the console says the data changed. Gives the page a badge that
+ * says whether updates are live, and `stop` to close the stream when the page goes.
+ */
+export function live(view, key, onChange) {
+  const badge = h("span", { class: "live", role: "status", dataset: { live: "connecting" } }, "Connecting live updates…");
+  const set = (state, text) => { badge.dataset.live = state; badge.textContent = text; };
+  const source = new EventSource(`/live/${view}/${encodeURIComponent(key)}`);
+  let connectedBefore = false;
+  source.addEventListener("ready", () => {
+    set("on", "Live");
+    // After a reconnect, something may have changed while the stream was away.
+    if (connectedBefore) onChange();
+    connectedBefore = true;
+  });
+  source.addEventListener("changed", () => { set("on", "Live"); onChange(); });
+  source.addEventListener("unavailable", () => set("paused", "Live updates paused: the service does not answer"));
+  source.addEventListener("refused", (event) => {
+    source.close();
+    let message = "";
+    try { message = JSON.parse(event.data).message || ""; } catch { /* no details */ }
+    set("off", `No live updates: ${message || "the service refused them"}`);
+  });
+  source.onerror = () => {
+    if (source.readyState === EventSource.CLOSED) set("off", "No live updates: reload the page to see changes");
+    else set("paused", "Reconnecting live updates…");
+  };
+  return { badge, stop: () => source.close() };
+}
+
+/**
+ * `live` for a page that draws itself again with `refresh`: a change waits while
+ * `busy()` (the user is typing or moving something) or the tab is hidden, and two
+ * changes close together give one refresh.
+ */
+export function liveRefresh(view, key, refresh, busy = () => false) {
+  let pending = false;
+  let running = false;
+  const attempt = async () => {
+    if (!pending || running || document.hidden || busy()) return;
+    pending = false;
+    running = true;
+    try { await refresh(); } catch { /* the next change tries again */ } finally { running = false; }
+  };
+  const { badge, stop } = live(view, key, () => { pending = true; attempt(); });
+  const timer = setInterval(attempt, 1000);
+  return { badge, stop: () => { stop(); clearInterval(timer); } };
+}
+
+/** Is the user in the middle of typing into `root` (focus in a field, or text not yet sent)? */
+export function typing(root) {
+  const active = document.activeElement;
+  if (active && root.contains(active) && /INPUT|TEXTAREA|SELECT/.test(active.tagName)) return true;
+  return [...root.querySelectorAll("input:not([type=hidden]), textarea")].some((el) => el.value !== el.defaultValue);
+}

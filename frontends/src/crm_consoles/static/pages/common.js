@@ -1,4 +1,4 @@
-// Helpers several consoles share: contact names for ids, a reason dialog, an SVG bar chart.
+// Helpers several consoles share: contact names for ids, a reason dialog, a bar chart (Chart.js).
 import { api, h, clear } from "../ui.js";
 
 const names = new Map();
@@ -32,51 +32,64 @@ export function ask(title, fieldLabel, { placeholder = "", required = true } = {
   });
 }
 
-const SVG = "http://www.w3.org/2000/svg";
-function s(tag, attrs, ...children) {
-  const el = document.createElementNS(SVG, tag);
-  for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, v);
-  for (const c of children) el.append(c instanceof Node ? c : document.createTextNode(String(c)));
-  return el;
-}
-
 export const SERIES_COLOURS = ["#1d4ed8", "#0f766e", "#b45309", "#7c3aed", "#be123c", "#4b5563"];
 
-/**
- * A stacked bar chart: `groups` are the x labels, `series` [{name, values: [..per group]}].
- * Drawn as SVG with a title, axis ticks, a legend and a text alternative.
- */
-export function barChart({ title, groups, series, format = (v) => String(v), height = 260 }) {
-  const width = Math.max(720, 80 + groups.length * 70);
-  const pad = { l: 70, r: 16, t: 16, b: 40 };
-  const totals = groups.map((_, i) => series.reduce((sum, se) => sum + (se.values[i] || 0), 0));
-  const max = Math.max(1, ...totals);
-  const y = (v) => pad.t + (height - pad.t - pad.b) * (1 - v / max);
-  const band = (width - pad.l - pad.r) / Math.max(1, groups.length);
-  const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, class: "chart", role: "img", "aria-label": title });
-  svg.append(s("title", {}, title));
-  for (let k = 0; k <= 4; k++) {
-    const v = (max * k) / 4;
-    svg.append(s("line", { x1: pad.l, x2: width - pad.r, y1: y(v), y2: y(v), class: "grid-line" }),
-      s("text", { x: pad.l - 6, y: y(v) + 4, "text-anchor": "end", class: "axis" }, format(v)));
-  }
-  groups.forEach((g, i) => {
-    let base = 0;
-    const barWidth = Math.min(band * 0.7, 90);
-    const x = pad.l + i * band + (band - barWidth) / 2;
-    series.forEach((se, j) => {
-      const v = se.values[i] || 0;
-      if (v > 0) {
-        const rect = s("rect", { x, width: barWidth, y: y(base + v), height: y(base) - y(base + v), fill: SERIES_COLOURS[j % SERIES_COLOURS.length] });
-        rect.append(s("title", {}, `${g} · ${se.name}: ${format(v)}`));
-        svg.append(rect);
-      }
-      base += v;
-    });
-    svg.append(s("text", { x: x + barWidth / 2, y: height - pad.b + 16, "text-anchor": "middle", class: "axis" }, g));
+let library = null;
+
+/** Chart.js (vendored under /static/vendor, MIT), loaded the first time a page draws a chart. */
+function chartJs() {
+  if (window.Chart) return Promise.resolve(window.Chart);
+  library ||= new Promise((resolve, reject) => {
+    const script = document.createElement("script");
+    script.src = "/static/vendor/chart.umd.min.js";
+    script.onload = () => resolve(window.Chart);
+    script.onerror = () => { library = null; reject(new Error("The charting library could not be loaded.")); };
+    document.head.append(script);
   });
-  const legend = h("ul", { class: "legend" }, series.map((se, j) => h("li", {}, h("span", { class: `swatch swatch-${j % SERIES_COLOURS.length}`, "aria-hidden": "true" }), se.name)));
-  return h("figure", { class: "chart-figure" }, svg, legend);
+  return library;
+}
+
+/**
+ * A stacked bar chart drawn by Chart.js: `groups` are the x labels, `series`
+ * [{name, values: [..per group]}]. The canvas is an image named by `title`, with the
+ * figures as its fallback text (each page also shows them in a table).
+ */
+export function barChart({ title, groups, series, format = (v) => String(v), height = 280 }) {
+  const summary = series.map((se) => `${se.name}: ${groups.map((g, i) => `${g} ${format(se.values[i] || 0)}`).join(", ")}`).join("; ");
+  const canvas = h("canvas", { role: "img", "aria-label": title }, summary);
+  const box = h("div", { class: "chart-box" }, canvas);
+  box.style.height = `${height}px`;
+  const figure = h("figure", { class: "chart-figure" }, box);
+  chartJs().then((Chart) => {
+    const quiet = window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+    const chart = new Chart(canvas, {
+      type: "bar",
+      data: {
+        labels: groups,
+        datasets: series.map((se, j) => ({
+          label: se.name, data: groups.map((_, i) => se.values[i] || 0),
+          backgroundColor: SERIES_COLOURS[j % SERIES_COLOURS.length], maxBarThickness: 90,
+        })),
+      },
+      options: {
+        responsive: true, maintainAspectRatio: false, animation: quiet ? false : { duration: 300 },
+        plugins: {
+          title: { display: true, text: title, color: "#1a1f2b", font: { size: 13, weight: "600" } },
+          legend: { display: series.length > 1, position: "bottom" },
+          tooltip: { callbacks: { label: (item) => `${item.dataset.label}: ${format(item.parsed.y)}` } },
+        },
+        scales: {
+          x: { stacked: true, grid: { display: false }, ticks: { color: "#4e5666" } },
+          y: { stacked: true, beginAtZero: true, ticks: { color: "#4e5666", precision: 0, callback: (v) => format(v) } },
+        },
+      },
+    });
+    figure.dataset.drawn = "true";
+    figure.chart = chart;
+  }).catch((error) => {
+    box.replaceWith(h("p", { class: "alert alert-error alert-compact", role: "alert" }, error.message));
+  });
+  return figure;
 }
 
 export function remember(key, value) { if (value) localStorage.setItem(key, value); return value; }

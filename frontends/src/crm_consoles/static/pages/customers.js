@@ -2,7 +2,7 @@
 import {
   api, boot, h, clear, empty, section, wideSection, table, field, submitter, toast,
   customerLink, money, when, label, statusBadge, pageHeader, requestId, rememberWrite,
-  pendingWrites, forgetWrites, may,
+  pendingWrites, forgetWrites, may, liveRefresh, typing,
 } from "../ui.js";
 
 const LIFECYCLE = ["subscriber", "lead", "opportunity", "customer", "advocate", "churned", "lost"];
@@ -65,13 +65,17 @@ export async function customer360(page, id) {
     query: waitFor.length ? { wait_for: waitFor, timeout_ms: 5000 } : {},
   });
   forgetWrites(id);
-  render360(page, id, doc);
-  // Live: the page follows changes made elsewhere every 30 s, unless the user is typing.
-  const timer = setInterval(() => {
-    const typing = page.contains(document.activeElement) && /INPUT|TEXTAREA|SELECT/.test(document.activeElement.tagName);
-    if (!document.hidden && !typing) reload(page, id).catch(() => {});
-  }, 30000);
-  return () => clearInterval(timer);
+  // Live: the console says when the 360 view of this customer changed (server-sent
+  // events); the page draws it again unless the user is typing.
+  const updates = liveRefresh("customer", id, () => reload(page, id), () => typing(page));
+  page.liveBadge = updates.badge;
+  try {
+    render360(page, id, doc);
+  } catch (error) {
+    updates.stop();
+    throw error;
+  }
+  return updates.stop;
 }
 
 function render360(page, id, reply) {
@@ -80,7 +84,7 @@ function render360(page, id, reply) {
   clear(page);
   page.append(pageHeader(c.display_name || "Unnamed customer",
     h("div", { class: "header-meta" }, statusBadge(c.lifecycle_stage), " ", label(c.kind), c.owner ? ` · owner ${c.owner}` : "",
-      (c.tags || []).map((t) => h("span", { class: "tag" }, t)))));
+      (c.tags || []).map((t) => h("span", { class: "tag" }, t))), page.liveBadge));
   const grid = h("div", { class: "grid" });
   page.append(grid);
 

@@ -1,17 +1,52 @@
 // The marketing console: loyalty members (tier, balance, lots), rewards and earning rules.
 import {
   api, h, empty, section, table, field, submitter, toast, customerLink, when, label, statusBadge,
-  pageHeader, requestId, rememberWrite, may, problem,
+  pageHeader, requestId, rememberWrite, may, problem, clear, liveRefresh, typing,
 } from "../ui.js";
 import { contactNames } from "./common.js";
+
+const ORDERS = [["available_desc", "Most points available first"], ["contact_id", "By customer id"]];
 
 export async function members(page, _arg, params) {
   const q = (params.get("q") || "").trim();
   const input = h("input", { name: "q", type: "search", value: q, placeholder: "Customer name, email or phone" });
   const form = h("form", { class: "toolbar", role: "search" }, field("Find a member", input), h("button", { class: "button button-primary", type: "submit" }, "Search"));
   form.addEventListener("submit", (e) => { e.preventDefault(); location.hash = `#/members?q=${encodeURIComponent(input.value.trim())}`; });
-  page.append(pageHeader("Members"), form, h("p", { class: "note" }, "The loyalty API answers per customer (there is no member listing yet): find the customer, then open the membership."));
-  if (!q) return;
+  page.append(pageHeader("Members"), form);
+  if (q) { await memberSearch(page, q); return; }
+  if (!may("loyalty.ListMembers")) { page.append(empty("Find a customer to see their membership.")); return; }
+  await memberList(page, params);
+}
+
+/** Every member (ListMembers), filtered by tier and balance, a page at a time. */
+async function memberList(page, params) {
+  const tier = params.get("tier") || "";
+  const order = params.get("order") || "available_desc";
+  const least = params.get("min") || "";
+  const filters = h("form", { class: "toolbar" },
+    field("Tier", h("input", { name: "tier", value: tier, placeholder: "every tier" })),
+    field("At least (points available)", h("input", { name: "min", type: "number", min: "0", value: least })),
+    field("Order", h("select", { name: "order" }, ORDERS.map(([v, t]) => h("option", { value: v, selected: v === order }, t)))),
+    h("button", { class: "button", type: "submit" }, "Show"));
+  filters.addEventListener("submit", (e) => { e.preventDefault(); location.hash = `#/members?${new URLSearchParams(new FormData(filters))}`; });
+  page.append(filters);
+  const reply = await api("loyalty", "members", { query: { tier, min_available: least, order_by: order, page_size: 50, page_token: params.get("page") || "" } });
+  if (!reply.members.length) { page.append(empty(tier || least ? "No member matches these filters." : "No members yet.")); return; }
+  const nameOf = await contactNames(reply.members.map((m) => m.contact_id));
+  page.append(table(["Member", "Tier", "Available", "Locked", "Earned", "Next expiry", "Last activity"], reply.members.map((m) => [
+    h("a", { href: `#/member/${encodeURIComponent(m.contact_id)}` }, nameOf(m.contact_id) || m.contact_id),
+    statusBadge(m.tier), m.balance.active, m.balance.locked, m.earned,
+    m.next_expiry_at ? `${m.next_expiry_points} on ${when(m.next_expiry_at, { time: false })}` : "—",
+    when(m.last_activity_at),
+  ]), { caption: "Members" }));
+  if (reply.next_page_token) {
+    const next = new URLSearchParams({ tier, min: least, order, page: reply.next_page_token });
+    page.append(h("p", {}, h("a", { href: `#/members?${next}` }, "Next members")));
+  }
+}
+
+/** Members among the customers a search finds (GetMemberTier per customer). */
+async function memberSearch(page, q) {
   const query = q.includes("@") ? { email: q } : { query: q };
   const list = await api("contacts", "contacts", { query: { ...query, kind: "person", page_size: 25 } });
   if (!list.contacts.length) { page.append(empty(`No customer matches “${q}”.`)); return; }
@@ -26,6 +61,24 @@ export async function members(page, _arg, params) {
 }
 
 export async function member(page, contactId) {
+  // Live: the console says when the membership changed (an ERP order earned points,
+  // the tier moved, someone adjusted the balance); the page draws it again unless
+  // the user is filling in a form.
+  const updates = liveRefresh("member", contactId, async () => {
+    const fresh = h("div");
+    await drawMember(fresh, contactId, updates.badge);
+    clear(page).append(...fresh.childNodes);
+  }, () => typing(page));
+  try {
+    await drawMember(page, contactId, updates.badge);
+  } catch (error) {
+    updates.stop();
+    throw error;
+  }
+  return updates.stop;
+}
+
+async function drawMember(page, contactId, badge) {
   const nameOf = await contactNames([contactId]);
   const reload = () => window.dispatchEvent(new HashChangeEvent("hashchange"));
   let m;
@@ -33,7 +86,7 @@ export async function member(page, contactId) {
     m = await api("loyalty", `members/${encodeURIComponent(contactId)}`);
   } catch (error) {
     if (error.status !== 404) throw error;
-    page.append(pageHeader(nameOf(contactId) || "Not a member"), h("p", {}, customerLink(contactId, nameOf(contactId) || contactId), " is not a loyalty member."));
+    page.append(pageHeader(nameOf(contactId) || "Not a member", h("div", { class: "header-meta" }, badge)), h("p", {}, customerLink(contactId, nameOf(contactId) || contactId), " is not a loyalty member."));
     if (may("loyalty.EnrolMember")) {
       const enrol = h("form", { class: "inline-form" }, field("Channel", h("select", { name: "channel" }, ["web", "store", "app", "phone", "email"].map((c) => h("option", { value: c }, c)))), h("button", { class: "button button-primary", type: "submit" }, "Enrol"));
       submitter(enrol, async (data) => {
@@ -47,7 +100,7 @@ export async function member(page, contactId) {
     return;
   }
   const tier = await api("loyalty", `members/${encodeURIComponent(contactId)}/tier`).catch(() => null);
-  page.append(pageHeader(nameOf(contactId) || m.member_number, h("div", { class: "header-meta" }, statusBadge(m.tier), ` · member ${m.member_number}`)));
+  page.append(pageHeader(nameOf(contactId) || m.member_number, h("div", { class: "header-meta" }, statusBadge(m.tier), ` · member ${m.member_number} `, badge)));
   page.append(h("div", { class: "grid" },
     section("Membership", h("dl", { class: "facts" }, [
       ["Customer", customerLink(contactId, nameOf(contactId))], ["Tier", statusBadge(m.tier)],

@@ -2,6 +2,7 @@
 import {
   api, boot, h, clear, problem, empty, section, table, field, submitter, toast, customerLink,
   money, when, label, statusBadge, pageHeader, requestId, rememberWrite, today, duration, may,
+  liveRefresh,
 } from "../ui.js";
 import { contactNames, ask, barChart, remember, recall } from "./common.js";
 
@@ -48,7 +49,7 @@ export async function board(page, _arg, params) {
   const picker = pipelinePicker(pipelines, chosen, "board");
   if (picker) page.append(picker);
   const deals = await allDeals(chosen.id);
-  const nameOf = await contactNames(deals.map((d) => d.customer_id));
+  let nameOf = await contactNames(deals.map((d) => d.customer_id));
   const stages = chosen.stages.filter((s) => !s.retired);
   const columns = new Map();
   const boardEl = h("div", { class: "board", role: "group", "aria-label": `Stages of ${chosen.name}` });
@@ -98,11 +99,19 @@ export async function board(page, _arg, params) {
     columns.set(stage.stage_id, { col, list, stage });
     boardEl.append(col);
   }
-  for (const deal of deals) {
-    const target = columns.get(deal.stage_id);
-    if (target) target.list.append(card(deal));
+  /** Puts every deal's card in its column (again, after a change made elsewhere). */
+  function fill() {
+    for (const { col, list, stage } of columns.values()) {
+      clear(list);
+      col.querySelector(".column-head").replaceWith(header(stage));
+    }
+    for (const deal of deals) {
+      const target = columns.get(deal.stage_id);
+      if (target) target.list.append(card(deal));
+    }
+    for (const { list } of columns.values()) if (!list.children.length) list.append(h("p", { class: "empty" }, "No deals"));
   }
-  for (const { list } of columns.values()) if (!list.children.length) list.append(h("p", { class: "empty" }, "No deals"));
+  fill();
 
   async function move(deal, stage) {
     const from = columns.get(currentStage(deal));
@@ -155,13 +164,24 @@ export async function board(page, _arg, params) {
       el.removeAttribute("aria-busy");
     }
   }
-  // Live: the board reloads every 30 s while nobody is moving a card.
-  const timer = setInterval(() => {
-    if (!document.hidden && !boardEl.querySelector(".moving, .dragging") && !boardEl.querySelector(".alert") && !document.querySelector("dialog")) {
-      window.dispatchEvent(new HashChangeEvent("hashchange"));
-    }
-  }, 30000);
-  return () => clearInterval(timer);
+  // Live: when the console says deals of this pipeline changed, the board reads
+  // them again and redraws the cards, unless nobody else's change is among them
+  // (this board's own moves are already drawn) or someone is moving a card.
+  async function refresh() {
+    const fresh = await allDeals(chosen.id);
+    const shown = new Map(deals.map((d) => [d.id, d.version]));
+    if (fresh.length === shown.size && fresh.every((d) => shown.get(d.id) === d.version)) return;
+    nameOf = await contactNames(fresh.map((d) => d.customer_id));
+    const focused = document.activeElement && document.activeElement.closest && document.activeElement.closest(".deal-card");
+    deals.splice(0, deals.length, ...fresh);
+    placed.clear();
+    fill();
+    if (focused) boardEl.querySelector(`[data-id="${CSS.escape(focused.dataset.id)}"]`)?.focus();
+  }
+  const busy = () => Boolean(boardEl.querySelector(".moving, .dragging") || document.querySelector("dialog"));
+  const updates = liveRefresh("board", chosen.id, refresh, busy);
+  page.querySelector(".page-header").append(h("div", { class: "header-meta" }, updates.badge));
+  return updates.stop;
 }
 
 // -- leads -----------------------------------------------------------------------------

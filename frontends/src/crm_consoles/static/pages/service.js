@@ -1,7 +1,7 @@
 // The service console: the team queue by SLA urgency with live countdowns, cases at risk, the case page.
 import {
   api, boot, h, clear, empty, section, table, field, submitter, toast, customerLink, when, label,
-  statusBadge, pageHeader, requestId, rememberWrite, duration, may,
+  statusBadge, pageHeader, requestId, rememberWrite, duration, may, liveRefresh,
 } from "../ui.js";
 import { contactNames, remember, recall } from "./common.js";
 
@@ -50,8 +50,10 @@ export async function queue(page, _arg, params) {
   const input = h("input", { name: "team", value: team, required: true, placeholder: "e.g. support" });
   const form = h("form", { class: "toolbar" }, field("Team", input), h("button", { class: "button", type: "submit" }, "Show queue"));
   form.addEventListener("submit", (e) => { e.preventDefault(); location.hash = `#/queue?team=${encodeURIComponent(input.value.trim())}`; });
-  page.append(pageHeader("Team queue"), form);
-  if (!team) { page.append(empty("Choose your team to see its queue.")); return; }
+  if (!team) { page.append(pageHeader("Team queue"), form, empty("Choose your team to see its queue.")); return; }
+  // Live: the console says when a case joins, leaves or changes in the queue.
+  const updates = liveRefresh("queue", team, () => load());
+  page.append(pageHeader("Team queue", h("div", { class: "header-meta" }, updates.badge)), form);
   remember("crm.team", team);
   const body = h("div");
   page.append(body);
@@ -66,11 +68,14 @@ export async function queue(page, _arg, params) {
     markBreaches(t, reply.cases);
     body.append(t);
   };
-  await load();
+  try {
+    await load();
+  } catch (error) {
+    updates.stop();
+    throw error;
+  }
   const stopTicks = ticking(page);
-  // Live: reload every 20 s.
-  const refresh = setInterval(() => { if (!document.hidden) load().catch(() => {}); }, 20000);
-  return () => { stopTicks(); clearInterval(refresh); };
+  return () => { stopTicks(); updates.stop(); };
 }
 
 export async function atRisk(page, _arg, params) {
