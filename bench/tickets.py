@@ -10,12 +10,16 @@
   pending, customer reply, solved;
 - the SLA deadlines among 100,000 open cases: a store seeded with that many
   cases (written in batches through the service's own command bus, every
-  priority, twelve teams, the default business hours), then the query model
-  the scanner uses: catching up from the empty store (what `serve` does at
-  start), finding the deadlines due at noon (the cases were opened over the
-  morning; the urgent ones are due), and, for comparison, the same answer
-  from every case's clocks; plus the team queue, cases at risk and
-  compliance over the same cases.
+  priority, twelve teams, the default business hours), then the query tables
+  (`crm_tickets.deadlines`): building them from the whole log once (a new
+  store, or a new version of the tables), reading the deadlines due at noon
+  (the cases were opened over the morning; the urgent ones are due) the way
+  the scanner does, a page of the team queue, of the cases at risk, and a
+  team's compliance;
+- a `crm-tickets serve` process started over that store: the time until it is
+  ready (gRPC health SERVING and `/healthz`), its first queue page over gRPC,
+  and its memory (RSS), against the same process started over an empty store
+  in the same run (the baseline of these figures).
 
 The section between the tickets markers of docs/benchmarks.md is rewritten;
 numbers are recorded, never asserted.
@@ -49,6 +53,7 @@ from crm.tickets.v1 import tickets_pb2 as pb
 from crm.tickets.v1 import tickets_pb2_grpc
 from crm_common.clients import service_channel
 from crm_common.commands import CommandBus, CommandContext, UnitOfWork
+from crm_common.querystore import QueryDatabase
 from crm_common.settings import Settings
 from crm_deploy.identity import ensure_identity
 from crm_deploy.process import free_port
@@ -62,7 +67,7 @@ from crm_deploy.testing import (
 )
 from crm_tickets.application import DEFAULT_REOPEN_WINDOW_SECONDS, DEFAULT_TERMS
 from crm_tickets.application import create_application as tickets_application
-from crm_tickets.deadlines import DeadlineIndex
+from crm_tickets.deadlines import DUE_PAGE, TicketsQuery, micros
 from crm_tickets.domain import CHANNELS, DEFAULT_TIER, Case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,14 +91,17 @@ class TicketsRun:
     sixteen: Throughput | None = None
     by_command: dict[str, list[float]] = field(default_factory=dict)
     seed_seconds: float = 0.0
-    catch_up_seconds: float = 0.0
-    index_mib: float = 0.0
+    build_seconds: float = 0.0
+    build_mib: float = 0.0
     due_found: int = 0
     due_ms: list[float] = field(default_factory=list)
-    scan_all_ms: list[float] = field(default_factory=list)
     queue_ms: list[float] = field(default_factory=list)
     at_risk_ms: list[float] = field(default_factory=list)
     compliance_ms: list[float] = field(default_factory=list)
+    #: `serve` started over an empty store, then over the seeded one: seconds to ready,
+    #: the first queue page over gRPC (ms), RSS after it (MiB).
+    start_empty: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    start_seeded: tuple[float, float, float] = (0.0, 0.0, 0.0)
     #: The machine's 1-minute load average at the start and the end of the run.
     load: list[float] = field(default_factory=list)
 
@@ -175,37 +183,112 @@ def timed_ms(call: Callable[[], Any], into: list[float], rounds: int) -> Any:
     return result
 
 
+def all_due(query: TicketsQuery, now: datetime) -> list[Any]:
+    """Every deadline due at `now`, read a page at a time as the scanner reads them."""
+    found: list[Any] = []
+    after = None
+    while True:
+        page = query.due(now, after, DUE_PAGE)
+        found += page
+        if len(page) < DUE_PAGE:
+            return found
+        last = page[-1]
+        after = (micros(last.at), last.case_id, last.kind, last.what)
+
+
 def measure_deadlines(run: TicketsRun, data_dir: Path, now: datetime) -> None:
     settings = _settings(data_dir)
     run.seed_seconds = seed(settings, run.cases, now)
     print(f"[tickets] {run.cases:,} open cases seeded in {run.seed_seconds:.1f} s", flush=True)
     app = tickets_application(settings)
+    query = TicketsQuery(app, QueryDatabase(settings))
     try:
         rss_before = psutil.Process().memory_info().rss
-        index = DeadlineIndex(app)
         started = time.perf_counter()
-        index.catch_up()
-        run.catch_up_seconds = time.perf_counter() - started
-        run.index_mib = (psutil.Process().memory_info().rss - rss_before) / 1024**2
-        due = timed_ms(lambda: index.due(now), run.due_ms, 20)
+        query.catch_up()
+        run.build_seconds = time.perf_counter() - started
+        run.build_mib = (psutil.Process().memory_info().rss - rss_before) / 1024**2
+        due = timed_ms(lambda: all_due(query, now), run.due_ms, 20)
         run.due_found = len(due)
-        cases = list(index._cases.values())
+        timed_ms(lambda: query.queue("team-03", None, 51), run.queue_ms, 20)
         timed_ms(
-            lambda: [d for c in cases for d in c.deadlines() if d.at <= now], run.scan_all_ms, 3
+            lambda: query.at_risk(now + timedelta(minutes=60), "", None, 51), run.at_risk_ms, 20
         )
-        timed_ms(lambda: index.queue("team-03"), run.queue_ms, 20)
-        timed_ms(lambda: index.at_risk(now + timedelta(minutes=60)), run.at_risk_ms, 20)
         timed_ms(
-            lambda: index.compliance("team-03", now - timedelta(days=30), now),
+            lambda: query.compliance("team-03", now - timedelta(days=30), now),
             run.compliance_ms,
             20,
         )
     finally:
+        query.close()
         app.close()
     print(
-        f"[tickets] catch-up {run.catch_up_seconds:.1f} s; due(now) p50 "
-        f"{percentile(run.due_ms, 50):.2f} ms ({run.due_found:,} due); every case's clocks "
-        f"{percentile(run.scan_all_ms, 50):.0f} ms",
+        f"[tickets] tables built in {run.build_seconds:.1f} s; due(now) p50 "
+        f"{percentile(run.due_ms, 50):.2f} ms ({run.due_found:,} due)",
+        flush=True,
+    )
+
+
+async def start_serve(data_dir: Path, scratch: Path, clock: datetime) -> tuple[float, float, float]:
+    """Starts `crm-tickets serve` over the store under `data_dir`: seconds until ready,
+    the first page of a team queue over gRPC (ms), and the process's RSS then (MiB)."""
+    identity = ensure_identity(scratch / "identity")
+    ports = {name: free_port() for name in ("tg", "th")}
+    clock_file = scratch / "now.txt"
+    clock_file.write_text(clock.isoformat())
+    env = clean_environment(
+        data_dir,
+        identity,
+        CRM_TICKETS_GRPC_PORT=str(ports["tg"]),
+        CRM_TICKETS_HTTP_PORT=str(ports["th"]),
+        CRM_CONTACTS_GRPC_TARGET=f"127.0.0.1:{free_port()}",
+        CRM_LOYALTY_GRPC_TARGET=f"127.0.0.1:{free_port()}",
+        CRM_TICKETS_CLOCK_FILE=str(clock_file),
+    )
+    log = scratch / "serve.log"
+    started: list[subprocess.Popen[bytes]] = []
+    begun = time.perf_counter()
+    process = start_process("tickets", "serve", env, log, started)
+    target = f"127.0.0.1:{ports['tg']}"
+    try:
+        await wait_serving(target, f"http://127.0.0.1:{ports['th']}", process, log, timeout=600)
+        ready = time.perf_counter() - begun
+        metadata = grpc_auth(identity.mint("service", subject="bench-agent", lifetime=3600))
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = tickets_pb2_grpc.TicketsServiceStub(channel)  # type: ignore[no-untyped-call]
+            begun = time.perf_counter()
+            await stub.ListTeamQueue(pb.ListTeamQueueRequest(team="team-03"), metadata=metadata)
+            first_page = (time.perf_counter() - begun) * 1000
+        rss = psutil.Process(process.pid).memory_info().rss / 1024**2
+        await stop_gracefully(process, log)
+        return ready, first_page, rss
+    finally:
+        kill_leftovers(started)
+
+
+def median_start(starts: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    return (
+        statistics.median(s[0] for s in starts),
+        statistics.median(s[1] for s in starts),
+        statistics.median(s[2] for s in starts),
+    )
+
+
+async def measure_starts(run: TicketsRun, seeded: Path, scratch: Path, rounds: int = 3) -> None:
+    """`serve` over an empty store (the baseline), then over the seeded one, `rounds`
+    times in turn (medians: a process's start varies with the machine's load); the
+    clock is the morning before the cases opened, so the scanner has nothing to do."""
+    morning = NOW - timedelta(hours=4)
+    empty: list[tuple[float, float, float]] = []
+    full: list[tuple[float, float, float]] = []
+    for i in range(rounds):
+        empty.append(await start_serve(scratch / "empty", scratch / f"empty-{i}", morning))
+        full.append(await start_serve(seeded, scratch / f"seeded-{i}", morning))
+    run.start_empty, run.start_seeded = median_start(empty), median_start(full)
+    print(f"[tickets] serve over an empty store: ready in {run.start_empty[0]:.1f} s", flush=True)
+    print(
+        f"[tickets] serve over {run.cases:,} cases: ready in {run.start_seeded[0]:.1f} s, "
+        f"{run.start_seeded[2]:.0f} MiB",
         flush=True,
     )
 
@@ -382,7 +465,10 @@ def render(run: TicketsRun) -> str:
     assert run.single and run.sixteen
     b = run.baseline
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    p50 = lambda values: percentile(values, 50)  # noqa: E731
+
+    def p50(values: list[float]) -> float:
+        return percentile(values, 50)
+
     lines = [
         BEGIN,
         "## Tickets",
@@ -415,29 +501,42 @@ def render(run: TicketsRun) -> str:
             f"| {kind} | {len(values)} | {percentile(values, 50):.1f} ms | "
             f"{percentile(values, 99):.1f} ms |"
         )
+    empty, seeded = run.start_empty, run.start_seeded
     lines += [
         "",
-        f"### SLA deadlines among {run.cases:,} open cases (in process)",
+        f"### SLA deadlines among {run.cases:,} open cases (query tables, in process)",
         "",
         "| what | time |",
         "|---|---|",
         f"| seeding the store ({run.cases:,} cases, 1,000 per command) | "
         f"{run.seed_seconds:.1f} s |",
-        f"| the query model catching up from an empty index (`serve` at start) | "
-        f"{run.catch_up_seconds:.1f} s, {run.index_mib:.0f} MiB |",
-        f"| **finding the deadlines due now** (`DeadlineIndex.due`, {run.due_found:,} due), "
-        f"p50 of 20 | **{p50(run.due_ms):.2f} ms** |",
-        f"| the same answer from every case's clocks (no heap), p50 of 3 | "
-        f"{p50(run.scan_all_ms):.0f} ms |",
-        f"| a team's queue (1 of 12 teams), p50 | {p50(run.queue_ms):.1f} ms |",
-        f"| cases at risk within 60 minutes, p50 | {p50(run.at_risk_ms):.1f} ms |",
+        f"| building the query tables from the whole log (once: a new store or a new "
+        f"version of the tables) | {run.build_seconds:.1f} s, {run.build_mib:.0f} MiB |",
+        f"| **reading the deadlines due now** (`TicketsQuery.due`, {run.due_found:,} due, "
+        f"pages of {DUE_PAGE}), p50 of 20 | **{p50(run.due_ms):.2f} ms** |",
+        f"| a page of a team's queue (50 of about {run.cases // 12:,}), p50 | "
+        f"{p50(run.queue_ms):.1f} ms |",
+        f"| a page of the cases at risk within 60 minutes, p50 | {p50(run.at_risk_ms):.1f} ms |",
         f"| a team's SLA compliance over 30 days, p50 | {p50(run.compliance_ms):.1f} ms |",
         "",
-        "The scanner asks the query model every few seconds; it keeps the deadlines",
-        "in a heap by due time, so a scan costs the deadlines that are due, not the",
-        "open cases. The queue, at-risk and compliance figures are the in-memory",
-        "part; over gRPC each page then loads its cases (50 by default) from the",
-        "event store.",
+        "### `crm-tickets serve` started over the store",
+        "",
+        "Medians of three starts over each store, in turn.",
+        "",
+        "| store | ready in | first team queue page over gRPC | RSS after it |",
+        "|---|---|---|---|",
+        f"| empty (baseline) | {empty[0]:.1f} s | {empty[1]:.0f} ms (no case) | "
+        f"{empty[2]:.0f} MiB |",
+        f"| **{run.cases:,} open cases** | **{seeded[0]:.1f} s "
+        f"({seeded[0] / empty[0]:.2f}x)** | {seeded[1]:.0f} ms (50 cases loaded) | "
+        f"**{seeded[2]:.0f} MiB ({seeded[2] / empty[2]:.2f}x)** |",
+        "",
+        "The query tables live in the service's own database and follow its event",
+        "log; a process opens them where the last one left them and applies only",
+        "what was stored since, so it is ready as fast over 100,000 cases as over",
+        "none, and holds no case beyond a bounded cache. The scanner reads the due",
+        "deadlines by an index on due time; the lists read one page by the key of",
+        "the page before; compliance is summed in SQL.",
         END,
     ]
     return "\n".join(lines)
@@ -468,6 +567,7 @@ def run(args: argparse.Namespace) -> TicketsRun:
         print(f"[tickets]   baseline after: {result.baseline_after:,.0f} saves/s", flush=True)
         if args.cases > 0:
             measure_deadlines(result, scratch / "deadlines", NOW)
+            asyncio.run(measure_starts(result, scratch / "deadlines", scratch / "starts"))
     result.load.append(os.getloadavg()[0])
     return result
 

@@ -3,8 +3,9 @@ SLA scanner.
 
 Writes go through the shared command bus (optimistic concurrency, request-id
 replay, audit metadata, group commit); single aggregates are read from the
-event store; the team queue and the due deadlines come from `DeadlineIndex`,
-which follows the event store's notification log.
+event store; the team queue, the due deadlines, each customer's cases and SLA
+compliance come from the query tables of `crm_tickets.deadlines`, in the
+service's own database, which follow the event store's notification log.
 
 Opening a case checks its contact with the contacts service first, through
 `ContactsPort`, so the transport (gRPC in production) stays out of this layer.
@@ -39,9 +40,10 @@ from eventsourcing.application import AggregateNotFoundError
 from crm_common.commands import Caller, CommandBus, UnitOfWork
 from crm_common.errors import NotFound, ValidationFailed
 from crm_common.eventstore import SnapshottingApplication, application_env, creating_tables
+from crm_common.querystore import QueryDatabase
 from crm_common.settings import Settings
 from crm_tickets import validation
-from crm_tickets.deadlines import DeadlineIndex, mean, p90
+from crm_tickets.deadlines import DUE_PAGE, QueueEntry, TicketsQuery, micros
 from crm_tickets.domain import (
     DEFAULT_TIER,
     PRIORITIES,
@@ -102,12 +104,16 @@ class TicketsApplication(SnapshottingApplication):
     name = "tickets"
     #: A case's replies, notes and SLA clocks are its events.
     snapshot_kinds = (Case,)
+    #: The settings it was made with: the query tables live in the same database.
+    settings: Settings
 
 
 def create_application(settings: Settings) -> TicketsApplication:
     """The application on the configured event store (SQLite or PostgreSQL)."""
     with creating_tables(settings):
-        return TicketsApplication(env=application_env(settings))
+        app = TicketsApplication(env=application_env(settings))
+    app.settings = settings
+    return app
 
 
 class ContactsPort(Protocol):
@@ -147,18 +153,22 @@ class TicketsService:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         reopen_window_seconds: int = DEFAULT_REOPEN_WINDOW_SECONDS,
         tiers: TierPort | None = None,
+        query: TicketsQuery | None = None,
     ) -> None:
         self.app = app
         self.contacts = contacts
         self.tiers = tiers
         self.bus = CommandBus(app, SERVICE)
-        self.deadlines = DeadlineIndex(app)
+        #: The query tables (opening them reads no log: they are where they were left).
+        self.query = query or TicketsQuery(app, QueryDatabase(app.settings))
         self.clock = clock
         self.reopen_window_seconds = reopen_window_seconds
 
     def close(self) -> None:
-        """Stops the command bus (after pending commands) and closes the store."""
+        """Stops the command bus (after pending commands), the query tables' follower
+        and closes the store."""
         self.bus.close()
+        self.query.close()
         self.app.close()
 
     async def _write(
@@ -309,18 +319,27 @@ class TicketsService:
             raise NotFound("Case", case_id)
         return case_view(case, self.clock())
 
-    async def _page(self, ids: list[str], page: validation.Page) -> CasePage:
-        chosen = ids[page.start : page.start + page.size]
-        cases = [await self.get_case(ident) for ident in chosen]
-        more = page.start + page.size < len(ids)
-        return CasePage(cases, str(page.start + page.size) if more else "")
+    async def _page(
+        self, rows: list[Any], page: validation.Page, key: Callable[[Any], Any]
+    ) -> CasePage:
+        """The page's cases, loaded from the store; `rows` is one more than the page
+        when there are more (the token is then the key of the page's last row)."""
+        chosen = rows[: page.size]
+        cases = [await self.get_case(ident) for ident in (self._case_id(r) for r in chosen)]
+        more = len(rows) > page.size
+        return CasePage(cases, validation.page_token(key(chosen[-1])) if more else "")
+
+    @staticmethod
+    def _case_id(row: Any) -> str:
+        return row.case_id if isinstance(row, QueueEntry) else str(row[1])
 
     async def team_queue(self, team: str, page_size: int = 0, page_token: str = "") -> CasePage:
-        """A team's unsolved cases by SLA urgency (`DeadlineIndex.queue`)."""
+        """A team's unsolved cases by SLA urgency (`TicketsQuery.queue`)."""
         checked = validation.team("team", team)
         page = validation.page(page_size, page_token)
-        entries = await asyncio.to_thread(self.deadlines.queue, checked)
-        return await self._page([e.case_id for e in entries], page)
+        after = page.key(int, int, int, str)
+        rows = await asyncio.to_thread(self.query.queue, checked, after, page.size + 1)
+        return await self._page(rows, page, lambda e: e.key)
 
     async def cases_at_risk(
         self, within_minutes: int, team: str = "", page_size: int = 0, page_token: str = ""
@@ -329,9 +348,10 @@ class TicketsService:
         minutes = validation.within_minutes(within_minutes)
         checked = validation.team("team", team, required=False)
         page = validation.page(page_size, page_token)
+        after = page.key(int, int, int, str)
         until = self.clock() + timedelta(minutes=minutes)
-        entries = await asyncio.to_thread(self.deadlines.at_risk, until, checked)
-        return await self._page([e.case_id for e in entries], page)
+        rows = await asyncio.to_thread(self.query.at_risk, until, checked, after, page.size + 1)
+        return await self._page(rows, page, lambda e: e.key)
 
     async def customer_cases(
         self, customer_id: str, page_size: int = 0, page_token: str = ""
@@ -339,8 +359,9 @@ class TicketsService:
         """A customer's cases, the newest first (closed ones too)."""
         customer = validation.required("customer_id", customer_id)
         page = validation.page(page_size, page_token)
-        ids = await asyncio.to_thread(self.deadlines.customer_cases, customer)
-        return await self._page(ids, page)
+        after = page.key(int, str)
+        rows = await asyncio.to_thread(self.query.customer_cases, customer, after, page.size + 1)
+        return await self._page(rows, page, lambda row: row)
 
     async def sla_compliance(
         self, team: str, period_start: datetime | None, period_end: datetime | None
@@ -349,7 +370,7 @@ class TicketsService:
         reply and to resolution, over the team's cases opened in the period."""
         checked = validation.team("team", team)
         start, end = validation.period(period_start, period_end)
-        found = await asyncio.to_thread(self.deadlines.compliance, checked, start, end)
+        found = await asyncio.to_thread(self.query.compliance, checked, start, end)
         return ComplianceView(
             team=checked,
             period_start=start,
@@ -365,12 +386,12 @@ class TicketsService:
                 )
                 for kind, (met, breached, still_open) in found.targets.items()
             ],
-            first_reply_count=len(found.first_reply),
-            first_reply_mean_seconds=round(mean(found.first_reply), 3),
-            first_reply_p90_seconds=round(p90(found.first_reply), 3),
-            resolution_count=len(found.resolution),
-            resolution_mean_seconds=round(mean(found.resolution), 3),
-            resolution_p90_seconds=round(p90(found.resolution), 3),
+            first_reply_count=found.first_reply.count,
+            first_reply_mean_seconds=round(found.first_reply.mean, 3),
+            first_reply_p90_seconds=round(found.first_reply.p90, 3),
+            resolution_count=found.resolution.count,
+            resolution_mean_seconds=round(found.resolution.mean, 3),
+            resolution_p90_seconds=round(found.resolution.p90, 3),
         )
 
     # -- SLA policies
@@ -435,16 +456,23 @@ class TicketsService:
         return raised and not outcome.replayed
 
     async def raise_due_deadlines(self) -> int:
-        """Raises every deadline due now; the number raised by this call."""
-        due = await asyncio.to_thread(self.deadlines.due, self.clock())
+        """Raises every deadline due now, reading them from the query tables a page at a
+        time (earliest first); the number raised by this call."""
+        now = self.clock()
         count = 0
-        for deadline in due:
-            if await self.raise_deadline(deadline):
-                count += 1
-                log.info(
-                    "SLA %s of %s raised for case %s",
-                    deadline.what,
-                    deadline.kind,
-                    deadline.case_id,
-                )
-        return count
+        after: tuple[int, str, str, str] | None = None
+        while True:
+            due = await asyncio.to_thread(self.query.due, now, after, DUE_PAGE)
+            for deadline in due:
+                if await self.raise_deadline(deadline):
+                    count += 1
+                    log.info(
+                        "SLA %s of %s raised for case %s",
+                        deadline.what,
+                        deadline.kind,
+                        deadline.case_id,
+                    )
+            if len(due) < DUE_PAGE:
+                return count
+            last = due[-1]
+            after = (micros(last.at), last.case_id, last.kind, last.what)

@@ -1,41 +1,68 @@
 """The tickets query model: open cases and their SLA deadlines, each customer's
-cases, and the SLA outcome of every case, followed from the event log.
+cases, and the SLA record of every case, in tables of the service's own database.
 
-`DeadlineIndex` reads the notification log from the last position it applied
-(whichever process wrote the events) and keeps:
+`CaseTables` projects every case the event log touches (its state after each
+batch, folded by the case's own events: `crm_common.querystore`) into:
 
-- per unsolved case, its team, its queue rank (a target breached and still
-  owed, a deadline running, or nothing running) and the warnings and breaches
-  still to raise, in a heap by due time: the SLA scanner asks what is
-  `due(now)` without looking at the cases that are not;
-- per customer, their cases (closed ones too) by opening time;
-- per case, its SLA record (team, opening time, how each clock instance ended,
-  the business time to the first reply and to resolution) for `compliance`.
+- `ticket_queue`: each unsolved case's team, status, queue rank (a target
+  breached and still owed, a deadline running, or nothing running) and urgency;
+  the queue order is an index, so a page of a team's queue reads that page;
+- `ticket_deadlines`: the warnings and breaches still to raise, indexed by due
+  time: the SLA scanner's `due(now)` is a range read of the deadlines that are
+  due, whatever the number of open cases;
+- `ticket_cases`: every case (closed ones too) with its customer, team and
+  opening time (each customer's cases, the newest first) and its SLA record
+  (how each clock instance ended, the business seconds to the first reply and
+  to resolution), which `compliance` sums in SQL.
 
-Only the open cases are kept as aggregates; a closed case leaves a small
-record. A per-process cache rebuilt from the event store on start: after a
-restart it finds the deadlines that fell due while the process was down.
+`TicketsQuery` keeps the tables up to date (`QuerySide`: each event applied
+exactly once whichever process stored it, shared by every replica) and answers
+the queries; each query first applies what was stored since (usually nothing:
+`follow` keeps the tables fresh), so a caller always sees its own writes. A
+process starts without reading the log and holds no record in memory: a few
+recently touched cases in a bounded cache. The tables only say what is due;
+whether a warning or breach is raised is the case's decision (exactly once).
+
+Instants are stored as epoch microseconds (UTC): they sort as the instants do
+whatever offset they were written with. Lists page by the key of the last row
+a page answered (keyset), never by an offset.
 """
 
 from __future__ import annotations
 
-import heapq
-import json
-import math
-import threading
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.application import Application
-from eventsourcing.domain import CanInitAggregate
 
+from crm_common.querystore import AggregateProjection, QueryDatabase, QuerySide, Tx
 from crm_tickets.domain import TARGET_KINDS, Case, Deadline
 
-FAR = datetime.max.replace(tzinfo=UTC)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: The urgency of a case with no clock running: after every instant.
+FAR = 253_402_300_799_999_999
 #: Queue ranks: a target breached and still owed, a deadline running, nothing running.
 BREACHED, RUNNING, WAITING = 0, 1, 2
+#: How each clock instance ended, as `ticket_cases` counts them.
+OUTCOMES = ("met", "breached", "open")
+#: Cases the projection keeps between batches (the rest are loaded when touched).
+CASE_CACHE = 1_000
+#: Deadlines the scanner reads at a time.
+DUE_PAGE = 500
+
+OUTCOME_COLUMNS = [f"{kind}_{state}" for kind in TARGET_KINDS for state in OUTCOMES]
+
+
+def micros(at: datetime) -> int:
+    """An aware instant as integer microseconds since the epoch."""
+    delta = at - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def instant(value: int) -> datetime:
+    return EPOCH + timedelta(microseconds=value)
 
 
 @dataclass(frozen=True)
@@ -44,242 +71,318 @@ class QueueEntry:
     team: str
     status: str
     rank: int
-    #: BREACHED: when the oldest owed breach fell due; RUNNING: the next breach.
-    urgent_at: datetime | None
-    opened_at: datetime
+    #: BREACHED: when the oldest owed breach fell due; RUNNING: the next breach;
+    #: WAITING: `FAR`.
+    urgent_at: int
+    opened_at: int
 
     @property
-    def key(self) -> tuple[int, datetime, datetime, str]:
-        return (self.rank, self.urgent_at or FAR, self.opened_at, self.case_id)
+    def key(self) -> tuple[int, int, int, str]:
+        """The queue order, and the page token's content."""
+        return (self.rank, self.urgent_at, self.opened_at, self.case_id)
 
 
-@dataclass
+@dataclass(frozen=True)
+class Durations:
+    """Business seconds to a target over a set of cases: how many, mean and p90."""
+
+    count: int
+    mean: float
+    p90: float
+
+
+@dataclass(frozen=True)
+class Compliance:
+    cases: int
+    #: kind -> (met, breached, open), in `TARGET_KINDS` order, kinds with none left out.
+    targets: dict[str, tuple[int, int, int]]
+    first_reply: Durations
+    resolution: Durations
+
+
+@dataclass(frozen=True)
 class CaseRecord:
     """What compliance needs of one case, kept after it is closed."""
 
     team: str
     customer_id: str
     opened_at: datetime
-    #: (kind, state) of every clock instance: met, breached, or open (running / paused).
-    outcomes: list[tuple[str, str]] = field(default_factory=list)
-    first_reply_seconds: float | None = None
-    resolution_seconds: float | None = None
-
-
-@dataclass(frozen=True)
-class Compliance:
-    cases: int
-    #: kind -> (met, breached, open)
-    targets: dict[str, tuple[int, int, int]]
-    first_reply: list[float]
-    resolution: list[float]
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
-
-
-def p90(values: list[float]) -> float:
-    """The 90th percentile by the nearest-rank method (0 when empty)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[max(math.ceil(0.9 * len(ordered)) - 1, 0)]
+    #: kind -> [met, breached, open] clock instances.
+    outcomes: dict[str, list[int]]
+    first_reply_seconds: float | None
+    resolution_seconds: float | None
 
 
 def record_of(case: Case) -> CaseRecord:
-    record = CaseRecord(case.team, case.customer_id, case.opened_at)
+    outcomes = {kind: [0, 0, 0] for kind in TARGET_KINDS}
+    first_reply: float | None = None
+    resolution: float | None = None
     for finished in case.finished_clocks:
-        record.outcomes.append((finished["kind"], finished["state"]))
+        outcomes[finished["kind"]][OUTCOMES.index(finished["state"])] += 1
     for kind in TARGET_KINDS:
         clock = case.clocks.get(kind)
         if clock is None:
             continue
         state = case.clock_state(kind)
-        record.outcomes.append((kind, state if state in ("met", "breached") else "open"))
+        outcomes[kind][OUTCOMES.index(state if state in ("met", "breached") else "open")] += 1
         if clock["met_at"] is not None and kind == "first_response":
-            record.first_reply_seconds = float(clock["consumed"])
+            first_reply = float(clock["consumed"])
         if clock["met_at"] is not None and kind == "resolution":
-            record.resolution_seconds = float(clock["consumed"])
-    return record
+            resolution = float(clock["consumed"])
+    return CaseRecord(
+        case.team, case.customer_id, case.opened_at, outcomes, first_reply, resolution
+    )
 
 
-class DeadlineIndex:
-    def __init__(self, app: Application[UUID], batch: int = 1000) -> None:
-        self.app = app
-        self.batch = batch
-        self.position = 0
-        self._cases: dict[UUID, Case] = {}
-        #: case id -> its deadlines still to raise (the heap holds them too, lazily).
-        self._deadlines: dict[str, list[Deadline]] = {}
-        self._heap: list[tuple[datetime, int, Deadline]] = []
-        self._pushed = 0
-        self._queue: dict[str, QueueEntry] = {}
-        #: team -> case id -> its queue entry (the same entries as `_queue`).
-        self._teams: dict[str, dict[str, QueueEntry]] = {}
-        self._by_customer: dict[str, list[tuple[datetime, str]]] = {}
-        self._records: dict[str, CaseRecord] = {}
-        self._records_by_team: dict[str, dict[str, CaseRecord]] = {}
-        #: One copy of each distinct set of terms the open cases hold (most cases of a
-        #: policy version share them), so that memory grows with cases, not with terms.
-        self._terms: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
+def queue_rank(case: Case, deadlines: list[Deadline]) -> tuple[int, int]:
+    """The case's rank and urgency in its team's queue."""
+    owed = [
+        datetime.fromisoformat(c["breached_due_at"])
+        for c in case.clocks.values()
+        if c["breached"] and c["met_at"] is None and c.get("breached_due_at")
+    ]
+    if owed:
+        return BREACHED, micros(min(owed))
+    breaches = [d.at for d in deadlines if d.what == "breach"]
+    if breaches:
+        return RUNNING, micros(min(breaches))
+    return WAITING, FAR
 
-    def catch_up(self) -> int:
-        """Applies every event stored after the last applied position."""
-        with self._lock:
-            recorder: Any = self.app.recorder
-            while True:
-                notifications = recorder.select_notifications(self.position + 1, self.batch)
-                if not notifications:
-                    return self.position
-                changed: set[UUID] = set()
-                for n in notifications:
-                    event: Any = self.app.mapper.to_domain_event(n)
-                    if isinstance(event, CanInitAggregate):
-                        aggregate = event.mutate(None)
-                        if isinstance(aggregate, Case):
-                            key = json.dumps(aggregate.terms, sort_keys=True)
-                            aggregate.terms = self._terms.setdefault(key, aggregate.terms)
-                            self._cases[aggregate.id] = aggregate
-                            self._by_customer.setdefault(aggregate.customer_id, []).append(
-                                (aggregate.opened_at, str(aggregate.id))
-                            )
-                            changed.add(aggregate.id)
-                    elif event.originator_id in self._cases:
-                        case = self._cases[event.originator_id]
-                        event.mutate(case)
-                        changed.add(case.id)
-                    self.position = n.id
-                for ident in changed:
-                    self._index(self._cases[ident])
 
-    def _index(self, case: Case) -> None:
-        key = str(case.id)
-        record = record_of(case)
-        before = self._records.get(key)
-        if before is not None and before.team != record.team:
-            self._records_by_team.get(before.team, {}).pop(key, None)
-        self._records[key] = record
-        self._records_by_team.setdefault(record.team, {})[key] = record
-        if case.status == "closed":
-            # Closed cases leave the open set for good (their history is in the store).
-            self._cases.pop(case.id, None)
-            self._deadlines.pop(key, None)
-            self._unqueue(key)
+class CaseTables(AggregateProjection):
+    """The rows of each case, rewritten after every batch that changed it."""
+
+    name = "tickets_cases"
+    version = 1
+    tables = ("ticket_queue", "ticket_deadlines", "ticket_cases")
+    kinds = (Case,)
+
+    def __init__(self, app: Application[UUID], cache_size: int = CASE_CACHE) -> None:
+        super().__init__(app, cache_size)
+
+    @property
+    def cached(self) -> int:
+        """Cases held in memory (at most `cache_size`)."""
+        return len(self._cache)
+
+    def create(self, tx: Tx) -> None:
+        tx.execute(
+            "CREATE TABLE IF NOT EXISTS ticket_queue ("
+            " case_id TEXT PRIMARY KEY, team TEXT NOT NULL, status TEXT NOT NULL,"
+            " rank INTEGER NOT NULL, urgent_at BIGINT NOT NULL, opened_at BIGINT NOT NULL)"
+        )
+        tx.execute(
+            "CREATE INDEX IF NOT EXISTS ticket_queue_by_team"
+            " ON ticket_queue (team, rank, urgent_at, opened_at, case_id)"
+        )
+        tx.execute(
+            "CREATE INDEX IF NOT EXISTS ticket_queue_by_urgency"
+            " ON ticket_queue (rank, urgent_at, opened_at, case_id)"
+        )
+        tx.execute(
+            "CREATE TABLE IF NOT EXISTS ticket_deadlines ("
+            " case_id TEXT NOT NULL, kind TEXT NOT NULL, what TEXT NOT NULL,"
+            " due_at BIGINT NOT NULL, deadline_version INTEGER NOT NULL,"
+            " cycle INTEGER NOT NULL, PRIMARY KEY (case_id, kind, what))"
+        )
+        tx.execute(
+            "CREATE INDEX IF NOT EXISTS ticket_deadlines_by_due"
+            " ON ticket_deadlines (due_at, case_id, kind, what)"
+        )
+        outcomes = "".join(f" {column} INTEGER NOT NULL," for column in OUTCOME_COLUMNS)
+        tx.execute(
+            "CREATE TABLE IF NOT EXISTS ticket_cases ("
+            " case_id TEXT PRIMARY KEY, customer_id TEXT NOT NULL, team TEXT NOT NULL,"
+            f" opened_at BIGINT NOT NULL,{outcomes}"
+            " first_reply_seconds DOUBLE PRECISION, resolution_seconds DOUBLE PRECISION)"
+        )
+        tx.execute(
+            "CREATE INDEX IF NOT EXISTS ticket_cases_by_customer"
+            " ON ticket_cases (customer_id, opened_at, case_id)"
+        )
+        tx.execute(
+            "CREATE INDEX IF NOT EXISTS ticket_cases_by_team ON ticket_cases (team, opened_at)"
+        )
+
+    def project(self, tx: Tx, aggregate: Any) -> None:
+        if not isinstance(aggregate, Case):
             return
-        deadlines = case.deadlines()
-        if deadlines:
-            if deadlines != self._deadlines.get(key):
-                for d in deadlines:
-                    self._pushed += 1
-                    heapq.heappush(self._heap, (d.at, self._pushed, d))
-            self._deadlines[key] = deadlines
-        else:
-            self._deadlines.pop(key, None)
-        if case.status == "solved":
-            self._unqueue(key)
+        key = str(aggregate.id)
+        self._record(tx, key, record_of(aggregate))
+        tx.execute("DELETE FROM ticket_deadlines WHERE case_id = ?", (key,))
+        if aggregate.status == "closed":
+            tx.execute("DELETE FROM ticket_queue WHERE case_id = ?", (key,))
             return
-        owed = [
-            datetime.fromisoformat(c["breached_due_at"])
-            for c in case.clocks.values()
-            if c["breached"] and c["met_at"] is None and c.get("breached_due_at")
-        ]
-        next_due = min((d.at for d in deadlines if d.what == "breach"), default=None)
-        if owed:
-            rank, urgent_at = BREACHED, min(owed)
-        elif next_due is not None:
-            rank, urgent_at = RUNNING, next_due
-        else:
-            rank, urgent_at = WAITING, None
-        self._unqueue(key)
-        entry = QueueEntry(key, case.team, case.status, rank, urgent_at, case.opened_at)
-        self._queue[key] = entry
-        self._teams.setdefault(case.team, {})[key] = entry
+        deadlines = aggregate.deadlines()
+        tx.executemany(
+            "INSERT INTO ticket_deadlines (case_id, kind, what, due_at, deadline_version, cycle)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(key, d.kind, d.what, micros(d.at), d.deadline_version, d.cycle) for d in deadlines],
+        )
+        if aggregate.status == "solved":
+            tx.execute("DELETE FROM ticket_queue WHERE case_id = ?", (key,))
+            return
+        rank, urgent_at = queue_rank(aggregate, deadlines)
+        tx.execute(
+            "INSERT INTO ticket_queue (case_id, team, status, rank, urgent_at, opened_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (case_id) DO UPDATE SET"
+            " team = excluded.team, status = excluded.status, rank = excluded.rank,"
+            " urgent_at = excluded.urgent_at",
+            (key, aggregate.team, aggregate.status, rank, urgent_at, micros(aggregate.opened_at)),
+        )
 
-    def _unqueue(self, key: str) -> None:
-        entry = self._queue.pop(key, None)
-        if entry is not None:
-            self._teams.get(entry.team, {}).pop(key, None)
-
-    def due(self, now: datetime) -> list[Deadline]:
-        """The warnings and breaches due at `now`, earliest first. Looks only at the
-        deadlines that are due (a heap by due time); entries a case no longer has are
-        dropped as they come up."""
-        self.catch_up()
-        found: list[Deadline] = []
-        with self._lock:
-            kept: list[tuple[datetime, int, Deadline]] = []
-            while self._heap and self._heap[0][0] <= now:
-                entry = heapq.heappop(self._heap)
-                deadline = entry[2]
-                if deadline in self._deadlines.get(deadline.case_id, ()):
-                    found.append(deadline)
-                    kept.append(entry)  # until the case says it was raised
-            for entry in kept:
-                heapq.heappush(self._heap, entry)
-            if len(self._heap) > 8 * len(self._deadlines) + 1000:
-                self._compact()
-        return sorted(set(found), key=lambda d: (d.at, d.case_id, d.kind, d.what))
-
-    def _compact(self) -> None:
-        self._heap = [
-            (d.at, i, d) for i, d in enumerate(d for ds in self._deadlines.values() for d in ds)
-        ]
-        heapq.heapify(self._heap)
-        self._pushed = len(self._heap)
-
-    def queue(self, team: str) -> list[QueueEntry]:
-        """A team's unsolved cases by SLA urgency: a target breached and still owed
-        first (the oldest breach first), then the nearest deadline, then the cases with
-        no clock running (paused, or every target met); ties by opening time."""
-        self.catch_up()
-        with self._lock:
-            entries = list(self._teams.get(team, {}).values())
-        return sorted(entries, key=lambda e: e.key)
-
-    def at_risk(self, until: datetime, team: str = "") -> list[QueueEntry]:
-        """Unsolved cases with a breach still to raise that falls due before `until`
-        (overdue ones too), the nearest first."""
-        self.catch_up()
-        with self._lock:
-            entries = [
-                e
-                for e in (self._teams.get(team, {}) if team else self._queue).values()
-                if e.rank == RUNNING and e.urgent_at is not None and e.urgent_at <= until
-            ]
-        return sorted(entries, key=lambda e: e.key)
-
-    def customer_cases(self, customer_id: str) -> list[str]:
-        """A customer's case ids, the newest first."""
-        self.catch_up()
-        with self._lock:
-            cases = list(self._by_customer.get(customer_id, ()))
-        return [ident for _, ident in sorted(cases, reverse=True)]
-
-    def compliance(self, team: str, start: datetime, end: datetime) -> Compliance:
-        """The SLA outcomes of the team's cases opened in [start, end)."""
-        self.catch_up()
-        with self._lock:
-            records = [
-                r
-                for r in self._records_by_team.get(team, {}).values()
-                if start <= r.opened_at < end
-            ]
-        counts: dict[str, list[int]] = {}
-        for record in records:
-            for kind, state in record.outcomes:
-                met_breached_open = counts.setdefault(kind, [0, 0, 0])
-                met_breached_open[("met", "breached", "open").index(state)] += 1
-        return Compliance(
-            cases=len(records),
-            targets={k: (v[0], v[1], v[2]) for k, v in sorted(counts.items(), key=_kind_order)},
-            first_reply=[
-                r.first_reply_seconds for r in records if r.first_reply_seconds is not None
-            ],
-            resolution=[r.resolution_seconds for r in records if r.resolution_seconds is not None],
+    def _record(self, tx: Tx, key: str, record: CaseRecord) -> None:
+        counts = [n for kind in TARGET_KINDS for n in record.outcomes[kind]]
+        columns = ", ".join(OUTCOME_COLUMNS)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in OUTCOME_COLUMNS)
+        tx.execute(
+            f"INSERT INTO ticket_cases (case_id, customer_id, team, opened_at, {columns},"
+            " first_reply_seconds, resolution_seconds)"
+            f" VALUES ({tx.placeholders(6 + len(OUTCOME_COLUMNS))})"
+            f" ON CONFLICT (case_id) DO UPDATE SET team = excluded.team, {updates},"
+            " first_reply_seconds = excluded.first_reply_seconds,"
+            " resolution_seconds = excluded.resolution_seconds",
+            (
+                key,
+                record.customer_id,
+                record.team,
+                micros(record.opened_at),
+                *counts,
+                record.first_reply_seconds,
+                record.resolution_seconds,
+            ),
         )
 
 
-def _kind_order(item: tuple[str, Any]) -> int:
-    return TARGET_KINDS.index(item[0]) if item[0] in TARGET_KINDS else len(TARGET_KINDS)
+QUEUE_COLUMNS = "case_id, team, status, rank, urgent_at, opened_at"
+
+
+def _entry(row: tuple[Any, ...]) -> QueueEntry:
+    case_id, team, status, rank, urgent_at, opened_at = row
+    return QueueEntry(str(case_id), team, status, int(rank), int(urgent_at), int(opened_at))
+
+
+class TicketsQuery:
+    """The query tables of the service, followed from its event log."""
+
+    def __init__(
+        self, app: Application[UUID], database: QueryDatabase, cache_size: int = CASE_CACHE
+    ) -> None:
+        self.database = database
+        self.tables = CaseTables(app, cache_size)
+        self.side = QuerySide(app, database, [self.tables])
+
+    def catch_up(self) -> int:
+        """Applies what was stored since the tables' position; the position reached."""
+        return self.side.catch_up()
+
+    def follow(self, interval: float = 0.2) -> None:
+        self.side.follow(interval)
+
+    def close(self) -> None:
+        self.side.close()
+
+    def due(
+        self, now: datetime, after: tuple[int, str, str, str] | None = None, limit: int = DUE_PAGE
+    ) -> list[Deadline]:
+        """Up to `limit` warnings and breaches due at `now` (after the deadline whose
+        `due_key` is `after`), earliest first: an index range, never the open cases."""
+        self.catch_up()
+        sql = (
+            "SELECT case_id, kind, what, due_at, deadline_version, cycle FROM ticket_deadlines"
+            " WHERE due_at <= ?"
+        )
+        params: list[Any] = [micros(now)]
+        if after is not None:
+            sql += " AND (due_at, case_id, kind, what) > (?, ?, ?, ?)"
+            params += after
+        sql += " ORDER BY due_at, case_id, kind, what LIMIT ?"
+        with self.database.read() as tx:
+            rows = tx.all(sql, [*params, limit])
+        return [
+            Deadline(str(case_id), kind, what, instant(int(due)), int(version), int(cycle))
+            for case_id, kind, what, due, version, cycle in rows
+        ]
+
+    def queue(
+        self, team: str, after: tuple[int, int, int, str] | None, limit: int
+    ) -> list[QueueEntry]:
+        """A page of a team's unsolved cases by SLA urgency: a target breached and still
+        owed first (the oldest breach first), then the nearest deadline, then the cases
+        with no clock running (paused, or every target met); ties by opening time."""
+        self.catch_up()
+        sql = f"SELECT {QUEUE_COLUMNS} FROM ticket_queue WHERE team = ?"
+        params: list[Any] = [team]
+        if after is not None:
+            sql += " AND (rank, urgent_at, opened_at, case_id) > (?, ?, ?, ?)"
+            params += after
+        sql += " ORDER BY rank, urgent_at, opened_at, case_id LIMIT ?"
+        with self.database.read() as tx:
+            return [_entry(row) for row in tx.all(sql, [*params, limit])]
+
+    def at_risk(
+        self, until: datetime, team: str, after: tuple[int, int, int, str] | None, limit: int
+    ) -> list[QueueEntry]:
+        """A page of the unsolved cases with a breach still to raise that falls due
+        before `until` (overdue ones too), the nearest first."""
+        self.catch_up()
+        sql = f"SELECT {QUEUE_COLUMNS} FROM ticket_queue WHERE rank = ? AND urgent_at <= ?"
+        params: list[Any] = [RUNNING, micros(until)]
+        if team:
+            sql += " AND team = ?"
+            params.append(team)
+        if after is not None:
+            sql += " AND (rank, urgent_at, opened_at, case_id) > (?, ?, ?, ?)"
+            params += after
+        sql += " ORDER BY rank, urgent_at, opened_at, case_id LIMIT ?"
+        with self.database.read() as tx:
+            return [_entry(row) for row in tx.all(sql, [*params, limit])]
+
+    def customer_cases(
+        self, customer_id: str, after: tuple[int, str] | None, limit: int
+    ) -> list[tuple[int, str]]:
+        """A page of a customer's cases as (opening time, case id), the newest first."""
+        self.catch_up()
+        sql = "SELECT opened_at, case_id FROM ticket_cases WHERE customer_id = ?"
+        params: list[Any] = [customer_id]
+        if after is not None:
+            sql += " AND (opened_at, case_id) < (?, ?)"
+            params += after
+        sql += " ORDER BY opened_at DESC, case_id DESC LIMIT ?"
+        with self.database.read() as tx:
+            return [(int(at), str(ident)) for at, ident in tx.all(sql, [*params, limit])]
+
+    def compliance(self, team: str, start: datetime, end: datetime) -> Compliance:
+        """The SLA outcomes of the team's cases opened in [start, end), summed in SQL;
+        the p90s read one row each from the period's durations in order."""
+        self.catch_up()
+        where = "WHERE team = ? AND opened_at >= ? AND opened_at < ?"
+        period = (team, micros(start), micros(end))
+        sums = ", ".join(f"SUM({c})" for c in OUTCOME_COLUMNS)
+        with self.database.read() as tx:
+            row = tx.one(f"SELECT COUNT(*), {sums} FROM ticket_cases {where}", period)
+            assert row is not None
+            first_reply = self._durations(tx, "first_reply_seconds", where, period)
+            resolution = self._durations(tx, "resolution_seconds", where, period)
+        counts = [int(n or 0) for n in row[1:]]
+        targets: dict[str, tuple[int, int, int]] = {}
+        for i, kind in enumerate(TARGET_KINDS):
+            met, breached, still_open = counts[3 * i : 3 * i + 3]
+            if met + breached + still_open:
+                targets[kind] = (met, breached, still_open)
+        return Compliance(int(row[0]), targets, first_reply, resolution)
+
+    @staticmethod
+    def _durations(tx: Tx, column: str, where: str, period: tuple[Any, ...]) -> Durations:
+        """Count, mean and p90 (nearest rank) of a duration column over the period."""
+        filtered = f"FROM ticket_cases {where} AND {column} IS NOT NULL"
+        row = tx.one(f"SELECT COUNT(*), SUM({column}) {filtered}", period)
+        if row is None or not row[0]:
+            return Durations(0, 0.0, 0.0)
+        count = int(row[0])
+        rank = max(-(-9 * count // 10) - 1, 0)  # ceil(0.9 n) - 1, in integers
+        p90 = tx.one(
+            f"SELECT {column} {filtered} ORDER BY {column} LIMIT 1 OFFSET ?", [*period, rank]
+        )
+        assert p90 is not None
+        return Durations(count, float(row[1]) / count, float(p90[0]))

@@ -5,6 +5,11 @@ replica raises the deadlines that fall due, and each is raised exactly once
 whatever the number of replicas (see `crm_tickets.application`). `sla` runs
 the scanner alone, for a deployment that wants it apart from the API.
 
+Both read the query tables of `crm_tickets.deadlines` in the service's own
+database: a process starts without reading the event log, applying only what
+was stored since the tables' position (`serve` then follows the log in the
+background; the scanner reads the due deadlines from the tables).
+
 `CRM_TICKETS_SLA_INTERVAL` (seconds, default 5) is how often the scanner
 looks; `CRM_TICKETS_REOPEN_WINDOW` (seconds, default 7 days) how long a solved
 case may be reopened; `CRM_TICKETS_LOYALTY_DEADLINE_MS` (default 300) how long
@@ -87,6 +92,17 @@ def _service(
     )
 
 
+def start_query(service: TicketsService) -> None:
+    """Brings the query tables up to the log's end (what was stored while no process
+    followed it: nothing to read otherwise) and follows it from then on, so a query
+    rarely has anything to apply first."""
+    lag = service.query.side.lag()
+    if lag:
+        log.info("query tables: applying %d events stored since they were last followed", lag)
+    service.query.catch_up()
+    service.query.follow()
+
+
 async def scan_until(service: TicketsService, stop: asyncio.Event, heartbeat: Heartbeat) -> None:
     """Raises due SLA deadlines every interval until `stop` is set."""
     interval = _interval()
@@ -108,7 +124,7 @@ async def run_serve(settings: Settings) -> None:
     service = _service(settings, contacts, tiers)
     stop = asyncio.Event()
     try:
-        await asyncio.to_thread(service.deadlines.catch_up)
+        await asyncio.to_thread(start_query, service)
         scanner = asyncio.create_task(scan_until(service, stop, Heartbeat("tickets-sla")))
         try:
             await serve(

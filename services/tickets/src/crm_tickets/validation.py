@@ -5,7 +5,11 @@ Refusals are `ValidationFailed` with field paths (`terms.targets[2].priority`).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -173,22 +177,63 @@ MAX_WITHIN_MINUTES = 7 * 24 * 60
 MAX_PERIOD = timedelta(days=366)
 
 
+#: The longest page token a list gives out (a row's sort key, encoded).
+MAX_TOKEN = 400
+
+
 @dataclass(frozen=True)
 class Page:
-    start: int
+    """A page of a list: its size, and the sort key of the row the page before ended
+    on (None: the first page)."""
+
+    after: tuple[int | str, ...] | None
     size: int
+
+    def key(self, *shape: type) -> Any:
+        """`after` checked against the list's key (the types of its parts): a token of
+        another list, or made up, is refused."""
+        if self.after is None:
+            return None
+        if len(self.after) != len(shape) or not all(
+            type(part) is kind for part, kind in zip(self.after, shape, strict=True)
+        ):
+            raise ValidationFailed.of("page_token", "is not a token this service gave out")
+        return self.after
+
+
+def page_token(key: Sequence[int | str]) -> str:
+    """The token of the page after the row whose sort key is `key`."""
+    text = json.dumps(list(key), separators=(",", ":"))
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _token_key(token: str) -> tuple[int | str, ...] | None:
+    """The sort key a token holds; None when it is not one this service gave out."""
+    if len(token) > MAX_TOKEN or not token.isascii():
+        return None
+    try:
+        key = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    if not isinstance(key, list) or not key:
+        return None
+    if not all(type(part) in (int, str) for part in key):
+        return None
+    return tuple(key)
 
 
 def page(page_size: int, page_token: str) -> Page:
-    """0 means the default size; a token is the offset a previous page answered."""
+    """0 means the default size; a token is what a previous page answered as its
+    `next_page_token` (the sort key of its last row)."""
     errors = FieldErrors()
     if not 0 <= page_size <= MAX_PAGE_SIZE:
         errors.add("page_size", f"must be between 1 and {MAX_PAGE_SIZE} (0: {DEFAULT_PAGE_SIZE})")
     token = page_token.strip()
-    if token and not (token.isascii() and token.isdigit() and len(token) <= 9):
+    after = _token_key(token) if token else None
+    if token and after is None:
         errors.add("page_token", "is not a token this service gave out")
     errors.raise_if_any()
-    return Page(int(token or 0), page_size or DEFAULT_PAGE_SIZE)
+    return Page(after, page_size or DEFAULT_PAGE_SIZE)
 
 
 def required(field: str, value: str) -> str:
