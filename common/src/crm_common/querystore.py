@@ -274,6 +274,11 @@ class AggregateProjection(QueryProjection):
     def reset(self) -> None:
         self._cache.clear()
 
+    @property
+    def cached(self) -> int:
+        """How many aggregates the projection holds between batches (bounded by `cache_size`)."""
+        return len(self._cache)
+
 
 @dataclass
 class ProjectionState:
@@ -374,8 +379,21 @@ class QuerySide:
         return end
 
     def _step(self, projection: QueryProjection, end: int) -> bool:
-        """Applies one batch up to `end`; False when the projection has reached it."""
+        """Applies one batch up to `end`; False when the projection has reached it.
+
+        The batch is read and decoded before the write transaction begins (on
+        SQLite a write transaction holds the lock commands need too); inside
+        it the position is checked again, and a batch another process applied
+        meanwhile is dropped and read anew."""
         recorder: Any = self.app.recorder
+        start = self._position_of(projection)
+        if start >= end:
+            return False
+        notifications = recorder.select_notifications(start + 1, self.batch, stop=end)
+        if not notifications:
+            return False
+        events = [self.app.mapper.to_domain_event(n) for n in notifications]
+        last = int(notifications[-1].id)
         try:
             with self.database.write() as tx:
                 row = tx.one(
@@ -384,14 +402,9 @@ class QuerySide:
                     (projection.name,),
                 )
                 position = int(row[0]) if row is not None else 0
-                if position >= end:
-                    return False
-                notifications = recorder.select_notifications(position + 1, self.batch, stop=end)
-                if not notifications:
-                    return False
-                events = [self.app.mapper.to_domain_event(n) for n in notifications]
+                if position != start:
+                    return position < end  # another process moved it: read again
                 projection.apply(tx, events)
-                last = int(notifications[-1].id)
                 tx.execute(
                     f"UPDATE {TRACKING_TABLE} SET position = ? WHERE projection = ?",
                     (last, projection.name),
@@ -401,6 +414,13 @@ class QuerySide:
             raise
         self.applied += len(notifications)
         return last < end
+
+    def _position_of(self, projection: QueryProjection) -> int:
+        with self.database.read() as tx:
+            row = tx.one(
+                f"SELECT position FROM {TRACKING_TABLE} WHERE projection = ?", (projection.name,)
+            )
+        return int(row[0]) if row is not None else 0
 
     # -- following in the background --
 
