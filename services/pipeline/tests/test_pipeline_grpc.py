@@ -349,3 +349,57 @@ async def test_forecast_funnel_win_rate_and_follow_ups_over_grpc(servers: Server
             ),
         )
     assert bad_fields(no_due.value) == ["due_at"]
+
+
+async def test_leads_and_activities_due_in_a_range_are_listed_over_grpc(
+    servers: Servers,
+) -> None:
+    stub, clock = servers.pipeline, servers.clock
+    leads = []
+    for n, owner in enumerate(["ann", "bob", "ann"]):
+        clock.advance(minutes=1)
+        reply = await stub.CreateLead(
+            pb.CreateLeadRequest(
+                family_name=f"Lead {n}", email=f"{n}@x.org", source=pb.LEAD_SOURCE_WEB, owner=owner
+            )
+        )
+        leads.append(reply.lead.id)
+    await stub.QualifyLead(pb.QualifyLeadRequest(lead_id=leads[2], score=80))
+    first = await stub.ListLeads(pb.ListLeadsRequest(owner="ann", page_size=1))
+    assert ([lead.id for lead in first.leads], first.total_size) == ([leads[0]], 2)
+    rest = await stub.ListLeads(
+        pb.ListLeadsRequest(owner="ann", page_size=1, page_token=first.next_page_token)
+    )
+    assert ([lead.id for lead in rest.leads], rest.next_page_token) == ([leads[2]], "")
+    qualified = await stub.ListLeads(pb.ListLeadsRequest(status=pb.LEAD_STATUS_QUALIFIED))
+    assert [lead.id for lead in qualified.leads] == [leads[2]]
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await stub.ListLeads(pb.ListLeadsRequest(page_size=500))
+    assert (bad.value.code(), bad_fields(bad.value)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["page_size"],
+    )
+
+    start = clock.now
+    for hours, title in ((30, "later"), (2, "soon"), (200, "next month")):
+        await stub.ScheduleActivity(
+            pb.ScheduleActivityRequest(
+                subject_kind=pb.SUBJECT_KIND_LEAD,
+                subject_id=leads[0],
+                kind=pb.ACTIVITY_KIND_TASK,
+                title=title,
+                owner="ann",
+                due_at=Timestamp(seconds=int((start + timedelta(hours=hours)).timestamp())),
+            )
+        )
+    window = pb.ListActivitiesRequest(
+        due_from=Timestamp(seconds=int(start.timestamp())),
+        due_before=Timestamp(seconds=int((start + timedelta(days=7)).timestamp())),
+        status=pb.ACTIVITY_STATUS_OPEN,
+    )
+    listed = await stub.ListActivities(window)
+    assert ([a.title for a in listed.activities], listed.total_size) == (["soon", "later"], 2)
+    backwards = pb.ListActivitiesRequest(due_from=window.due_before, due_before=window.due_from)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.ListActivities(backwards)
+    assert bad_fields(refused.value) == ["due_before"]

@@ -224,7 +224,7 @@ async def test_every_route_is_named_by_its_grpc_method_and_needs_a_token(http: A
     operations = [op for methods in document["paths"].values() for op in methods.values()]
     grpc_methods = set(pb.DESCRIPTOR.services_by_name["PipelineService"].methods_by_name)
     assert {op["operationId"] for op in operations} == grpc_methods
-    assert len(operations) == len(grpc_methods) == 33
+    assert len(operations) == len(grpc_methods) == 35
     for operation in operations:
         assert operation["security"] == [{"bearer": []}]
         assert {"401", "403", "429"} <= set(operation["responses"])
@@ -234,3 +234,57 @@ async def test_every_route_is_named_by_its_grpc_method_and_needs_a_token(http: A
     refused = await http.post("/pipelines", json={"name": "Sales", "stages": STAGES})
     assert (refused.status_code, refused.json()["error"]) == (403, "PermissionDenied")
     assert (await http.get("/pipelines")).json()["pipelines"] == []
+
+
+async def test_leads_and_activities_due_in_a_range_are_listed_as_json(http: Api) -> None:
+    ids = []
+    for n, owner in enumerate(["bob", "ann", "bob"]):
+        created = await http.post(
+            "/leads",
+            json={
+                "family_name": f"Lead {n}",
+                "email": f"{n}@x.org",
+                "source": "web",
+                "owner": owner,
+            },
+        )
+        assert created.status_code == 201, created.text
+        ids.append(created.json()["id"])
+    # Created at the same time (the test's clock stands still): by id.
+    page = await http.get("/leads", params={"owner": "bob", "page_size": 1})
+    assert page.status_code == 200, page.text
+    rest = await http.get(
+        "/leads", params={"owner": "bob", "page_token": page.json()["next_page_token"]}
+    )
+    listed = [lead["id"] for reply in (page, rest) for lead in reply.json()["leads"]]
+    assert listed == sorted([ids[0], ids[2]])
+    assert (page.json()["total_size"], rest.json()["next_page_token"]) == (2, "")
+    bad = await http.get("/leads", params={"status": "hot"})
+    assert (bad.status_code, fields(bad)) == (422, ["status"])
+
+    for title, due in (("Tue", "2026-02-10T10:00:00+01:00"), ("Mon", "2026-02-09T08:00:00Z")):
+        task = await http.post(
+            "/activities",
+            json={
+                "subject_kind": "lead",
+                "subject_id": ids[1],
+                "kind": "task",
+                "title": title,
+                "owner": "ann",
+                "due_at": due,
+            },
+        )
+        assert task.status_code == 201, task.text
+    week = await http.get(
+        "/activities",
+        params={"due_from": "2026-02-09T00:00:00Z", "due_before": "2026-02-16T00:00:00Z"},
+    )
+    assert week.status_code == 200, week.text
+    assert [a["title"] for a in week.json()["activities"]] == ["Mon", "Tue"]
+    monday = await http.get(
+        "/activities",
+        params={"due_from": "2026-02-09T00:00:00Z", "due_before": "2026-02-10T00:00:00Z"},
+    )
+    assert [a["title"] for a in monday.json()["activities"]] == ["Mon"]
+    naive = await http.get("/activities", params={"due_from": "2026-02-09T00:00:00"})
+    assert (naive.status_code, fields(naive)) == (422, ["due_from"])

@@ -3,8 +3,9 @@
 Writes go through the shared command bus (optimistic concurrency, request-id
 replay, audit metadata, group commit); single aggregates are read from the
 event store; lists, forecasts, funnels and overdue follow-ups come from
-`LocalReadModel`, which follows the event store's notification log, so they
-include every write committed before the query, whichever process made it.
+the query tables of `ReadModel` (SQL over the service's own database), which
+apply the event store's notification log before each query, so they include
+every write committed before the query, whichever process made it.
 
 Converting a lead needs the contacts service (an existing person and company
 are checked, new ones are registered there): the application talks to it
@@ -33,7 +34,6 @@ keep it.
 from __future__ import annotations
 
 import asyncio
-import copy
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -48,6 +48,7 @@ from crm_common.auth.access import AccessPolicy, PartnerGrant
 from crm_common.commands import Caller, CommandBus, CommandContext, CommandReceipt, UnitOfWork
 from crm_common.errors import NotFound, PermissionDenied, ValidationFailed, VersionConflict
 from crm_common.eventstore import SnapshottingApplication, application_env, creating_tables
+from crm_common.querystore import DEFAULT_AGGREGATE_CACHE
 from crm_common.settings import Settings
 from crm_pipeline import validation
 from crm_pipeline.domain import (
@@ -58,17 +59,12 @@ from crm_pipeline.domain import (
     Pipeline,
     check_close_date,
 )
-from crm_pipeline.forecast import (
-    ActivityInfo,
-    ForecastRow,
-    Funnel,
-    WinRate,
-    overdue_follow_ups,
-    win_rate,
-)
+from crm_pipeline.forecast import ActivityInfo, ForecastRow, Funnel, WinRate
 from crm_pipeline.inputs import (
+    ActivityQuery,
     ForecastQuery,
     LeadConversion,
+    LeadQuery,
     LineItemInput,
     NewActivity,
     NewLead,
@@ -78,13 +74,16 @@ from crm_pipeline.inputs import (
     StageInput,
     WinRateQuery,
 )
-from crm_pipeline.read_model import LocalReadModel
+from crm_pipeline.read_model import ReadModel
 from crm_pipeline.views import (
+    ActivityPage,
     ActivityView,
+    LeadPage,
     LeadView,
     OpportunityPage,
     OpportunityView,
     PipelineView,
+    StageView,
     Written,
     activity_view,
     lead_view,
@@ -102,6 +101,8 @@ class PipelineApplication(SnapshottingApplication):
     name = "pipeline"
     #: A deal's stage moves, amounts and line items; a pipeline's stage edits.
     snapshot_kinds = (Opportunity, Pipeline)
+    #: Where the store is, for the query tables kept beside it (`create_application`).
+    settings: Settings | None = None
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)
@@ -112,7 +113,9 @@ class PipelineApplication(SnapshottingApplication):
 def create_application(settings: Settings) -> PipelineApplication:
     """The application on the configured event store (SQLite or PostgreSQL)."""
     with creating_tables(settings):
-        return PipelineApplication(env=application_env(settings))
+        app = PipelineApplication(env=application_env(settings))
+    app.settings = settings
+    return app
 
 
 # -- the contacts service, as this service needs it ----------------------------------------
@@ -174,11 +177,16 @@ class PipelineService:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         policy: AccessPolicy | None = None,
+        query_cache: int = DEFAULT_AGGREGATE_CACHE,
     ) -> None:
+        if app.settings is None:
+            raise ValueError("the application names no settings: make it with create_application")
         self.app = app
         self.contacts = contacts
         self.bus = CommandBus(app, SERVICE)
-        self.read_model = LocalReadModel(app)
+        #: The query tables, in the application's own database; `query_cache`
+        #: bounds the aggregates they keep between batches of events.
+        self.read_model = ReadModel(app, app.settings, cache_size=query_cache)
         self.clock = clock
         #: Whose grants partners work under (the API's gate's policy; by default the
         #: policy shipped with crm_common).
@@ -193,8 +201,9 @@ class PipelineService:
         return self.policy.grant(caller.principal)
 
     def close(self) -> None:
-        """Stops the command bus (after pending commands) and closes the store."""
+        """Stops the command bus (after pending commands), the query tables and the store."""
         self.bus.close()
+        self.read_model.close()
         self.app.close()
 
     async def _write(self, ctx: CommandContext, decide: Callable[[UnitOfWork], Any]) -> Written:
@@ -662,37 +671,87 @@ class PipelineService:
 
     # -- queries over every deal
 
-    async def list_pipelines(self) -> list[PipelineView]:
-        pipelines = [pipeline_view(p) for p in await asyncio.to_thread(self.read_model.pipelines)]
+    def _list_pipelines(self) -> list[PipelineView]:
+        pipelines = [
+            PipelineView(
+                id=info.pipeline_id,
+                version=version,
+                name=info.name,
+                stages=tuple(
+                    StageView(s.stage_id, s.name, s.probability, s.category, s.retired)
+                    for s in info.stages
+                ),
+            )
+            for info, version in self.read_model.pipelines()
+        ]
         return sorted(pipelines, key=lambda p: (p.name.casefold(), p.id))
+
+    async def list_pipelines(self) -> list[PipelineView]:
+        return await asyncio.to_thread(self._list_pipelines)
 
     def _list_opportunities(self, query: OpportunityQuery) -> OpportunityPage:
         page = validation.opportunity_page(query)
-
-        def wanted(deal: Opportunity) -> bool:
-            return (
-                (not query.pipeline_id or deal.pipeline_id == query.pipeline_id)
-                and (not query.owner or deal.owner == query.owner)
-                and (not query.customer_id or deal.customer_id == query.customer_id)
-                and (page.status is None or deal.status == page.status)
-            )
-
-        with self.read_model.locked() as aggregates:
-            deals = sorted(
-                (a for a in aggregates if isinstance(a, Opportunity) and wanted(a)),
-                key=lambda d: (d.opened_at, str(d.id)),
-            )
-            # Views copy what they keep: the read model goes on changing after the lock.
-            views = [
-                opportunity_view(copy.deepcopy(d))
-                for d in deals[page.offset : page.offset + page.size]
-            ]
-        end = page.offset + page.size
-        token = validation.page_token(end) if end < len(deals) else ""
-        return OpportunityPage(views, token, len(deals))
+        listed = self.read_model.deals(
+            pipeline_id=query.pipeline_id,
+            owner=query.owner,
+            customer_id=query.customer_id,
+            status=page.status,
+            size=page.size,
+            offset=page.offset,
+            after=page.after,
+        )
+        # Each deal as its row was when listed: a page shows one moment.
+        views = [
+            opportunity_view(self.app.repository.get(UUID(i), version=v)) for i, v in listed.items
+        ]
+        end = page.offset + len(views)
+        token = validation.page_token(end, listed.after) if listed.after else ""
+        return OpportunityPage(views, token, listed.total)
 
     async def list_opportunities(self, query: OpportunityQuery) -> OpportunityPage:
         return await asyncio.to_thread(self._list_opportunities, query)
+
+    def _list_leads(self, query: LeadQuery, tag: str) -> LeadPage:
+        page = validation.lead_page(query)
+        listed = self.read_model.leads(
+            status=page.status,
+            owner=query.owner,
+            partner_tag=tag,
+            size=page.size,
+            offset=page.offset,
+            after=page.after,
+        )
+        views = [lead_view(self.app.repository.get(UUID(i), version=v)) for i, v in listed.items]
+        end = page.offset + len(views)
+        token = validation.page_token(end, listed.after) if listed.after else ""
+        return LeadPage(views, token, listed.total)
+
+    async def list_leads(self, query: LeadQuery, caller: Caller | None = None) -> LeadPage:
+        """Leads by creation time; a partner (`caller`) lists only the leads it brought."""
+        grant = self.grant_of(caller)
+        return await asyncio.to_thread(self._list_leads, query, grant.tag if grant else "")
+
+    def _list_activities(self, query: ActivityQuery) -> ActivityPage:
+        page = validation.activity_page(query)
+        listed = self.read_model.activities(
+            due_from=query.due_from,
+            due_before=query.due_before,
+            owner=query.owner,
+            status=page.status,
+            size=page.size,
+            offset=page.offset,
+            after=page.after,
+        )
+        views = [
+            activity_view(self.app.repository.get(UUID(i), version=v)) for i, v in listed.items
+        ]
+        end = page.offset + len(views)
+        token = validation.page_token(end, listed.after) if listed.after else ""
+        return ActivityPage(views, token, listed.total)
+
+    async def list_activities(self, query: ActivityQuery) -> ActivityPage:
+        """Activities due in a time range (of any status, or one), by due time."""
+        return await asyncio.to_thread(self._list_activities, query)
 
     def _forecast(self, query: ForecastQuery) -> list[ForecastRow]:
         return self.read_model.forecast(
@@ -716,9 +775,7 @@ class PipelineService:
         return await asyncio.to_thread(self._funnel, pipeline_id)
 
     def _win_rate(self, query: WinRateQuery) -> WinRate:
-        deals, _, _ = self.read_model.snapshot()
-        return win_rate(
-            deals,
+        return self.read_model.win_rate(
             pipeline_id=query.pipeline_id or None,
             owner=query.owner or None,
             start=validation.optional_date(query.start, "start"),
@@ -729,8 +786,7 @@ class PipelineService:
         return await asyncio.to_thread(self._win_rate, query)
 
     def _overdue(self, owner: str) -> dict[str, list[ActivityInfo]]:
-        _, _, activities = self.read_model.snapshot()
-        return overdue_follow_ups(activities, self.clock(), owner or None)
+        return self.read_model.overdue(self.clock(), owner or None)
 
     async def overdue_follow_ups(self, owner: str = "") -> dict[str, list[ActivityInfo]]:
         return await asyncio.to_thread(self._overdue, owner)

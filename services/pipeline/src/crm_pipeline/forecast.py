@@ -3,7 +3,9 @@
 They work on a plain read-side representation of deals, pipelines and
 activities (the dataclasses below), not on aggregates, so that the same
 figures can be computed from the service's own event store, from a read model
-in a document store, or from a hand-written data set in a test.
+in a document store, or from a hand-written data set in a test. They are the
+definition: the service answers from its query tables (`read_model.py`, sums
+kept in SQL), and the tests hold those answers to these functions.
 
 Definitions:
 
@@ -203,7 +205,7 @@ class Funnel:
     stages: tuple[FunnelStage, ...]
 
 
-def _ratio(part: int, whole: int) -> Decimal | None:
+def ratio(part: int, whole: int) -> Decimal | None:
     if whole == 0:
         return None
     return (Decimal(part) / Decimal(whole)).quantize(Decimal("0.0001"))
@@ -231,7 +233,7 @@ def funnel(deals: Iterable[DealInfo], pipeline: PipelineInfo) -> Funnel:
             stays.extend(v.left_at - v.entered_at for _, v in visits if v.left_at is not None)
             first = visits[0][0]
             if stage.is_open and any(
-                _is_further(pipeline, here, later.stage_id) for later in deal.history[first + 1 :]
+                is_further(pipeline, here, later.stage_id) for later in deal.history[first + 1 :]
             ):
                 advanced += 1
         average = sum(stays, timedelta()) / len(stays) if stays else None
@@ -245,7 +247,7 @@ def funnel(deals: Iterable[DealInfo], pipeline: PipelineInfo) -> Funnel:
                 entries=entries,
                 regressions=regressions,
                 advanced=advanced if stage.is_open else None,
-                conversion=_ratio(advanced, entered) if stage.is_open else None,
+                conversion=ratio(advanced, entered) if stage.is_open else None,
                 amounts=dict(sorted(amounts.items())),
                 average_time_in_stage=average,
             )
@@ -253,7 +255,7 @@ def funnel(deals: Iterable[DealInfo], pipeline: PipelineInfo) -> Funnel:
     return Funnel(pipeline.pipeline_id, len(mine), tuple(rows))
 
 
-def _is_further(pipeline: PipelineInfo, here: int | None, stage_id: str) -> bool:
+def is_further(pipeline: PipelineInfo, here: int | None, stage_id: str) -> bool:
     target = pipeline.stage(stage_id)
     if target.category == "closed_won":
         return True
@@ -303,7 +305,7 @@ def win_rate(
         else:
             lost += 1
     average = sum(cycles, timedelta()) / len(cycles) if cycles else None
-    return WinRate(won, lost, _ratio(won, won + lost), dict(sorted(amounts.items())), average)
+    return WinRate(won, lost, ratio(won, won + lost), dict(sorted(amounts.items())), average)
 
 
 # -- overdue follow-ups -------------------------------------------------------------------
@@ -326,139 +328,7 @@ def overdue_follow_ups(
     }
 
 
-# -- the same figures, kept up to date deal by deal ------------------------------------------
-
-
-class ForecastEntry(NamedTuple):
-    """What the forecast needs of one deal: where it falls and how much it is."""
-
-    pipeline_id: str
-    stage_id: str
-    owner: str
-    currency: str
-    day: date
-    amount: Decimal
-
-
-def forecast_entry(deal: DealInfo) -> ForecastEntry:
-    day = deal.closed_on if deal.status != "open" and deal.closed_on else deal.expected_close_date
-    return ForecastEntry(
-        deal.pipeline_id, deal.stage_id, deal.owner, deal.currency, day, deal.amount
-    )
-
-
-# owner -> (pipeline id, stage id, currency) -> [deals, amount]
-_Cells = dict[str, dict[tuple[str, str, str], list[Any]]]
-
-
-class ForecastIndex:
-    """Deal counts and amount sums by close month and by close day, owner,
-    pipeline, stage and currency, updated whenever a deal changes.
-
-    A query adds up these sums instead of visiting every deal: whole months
-    inside the requested range come from the month sums, the months the range
-    cuts through from the day sums of the days inside it. Categories and
-    probabilities are looked up in the pipelines at query time (so re-weighting
-    a stage re-weights the forecast, as in `forecast()`), and since a stage's
-    probability applies to each of its deals alike, weighting a sum gives the
-    exact sum of the weighted amounts: the rows equal `forecast()`'s.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[str, ForecastEntry] = {}
-        self._months: dict[tuple[int, int], _Cells] = {}
-        self._days: dict[tuple[int, int], dict[date, _Cells]] = {}
-
-    def put(self, deal_id: str, entry: ForecastEntry) -> None:
-        """Records the deal as it stands now (replacing what was recorded before)."""
-        old = self._entries.get(deal_id)
-        if old == entry:
-            return
-        if old is not None:
-            self._add(old, -1)
-        self._entries[deal_id] = entry
-        self._add(entry, 1)
-
-    def _add(self, entry: ForecastEntry, sign: int) -> None:
-        month = (entry.day.year, entry.day.month)
-        key = (entry.pipeline_id, entry.stage_id, entry.currency)
-        by_month = self._months.setdefault(month, {})
-        by_day = self._days.setdefault(month, {}).setdefault(entry.day, {})
-        for cells in (by_month, by_day):
-            mine = cells.setdefault(entry.owner, {})
-            sums = mine.get(key)
-            if sums is None:
-                sums = mine[key] = [0, Decimal(0)]
-            sums[0] += sign
-            sums[1] += entry.amount if sign > 0 else -entry.amount
-            if sums[0] == 0:
-                del mine[key]
-                if not mine:
-                    del cells[entry.owner]
-        if not by_day:
-            del self._days[month][entry.day]
-        if not by_month:
-            del self._months[month]
-            del self._days[month]
-
-    def rows(
-        self,
-        pipelines: dict[str, PipelineInfo],
-        *,
-        period: str = "month",
-        start: date | None = None,
-        end: date | None = None,
-        owner: str | None = None,
-        pipeline_id: str | None = None,
-    ) -> list[ForecastRow]:
-        """The rows `forecast()` gives for the recorded deals, with the same arguments."""
-        if period not in PERIODS:
-            raise ValidationFailed.of("period", f"must be one of {', '.join(PERIODS)}")
-        if start and end and end < start:
-            raise ValidationFailed.of("end", "is before start")
-        stages = {
-            (pid, s.stage_id): (s.category, s.probability)
-            for pid, p in pipelines.items()
-            for s in p.stages
-        }
-        groups: dict[tuple[str, str, str, str], list[Any]] = defaultdict(
-            lambda: [0, Decimal(0), Decimal(0)]
-        )
-        for (year, month), by_owner in self._months.items():
-            first = date(year, month, 1)
-            last = date(year + month // 12, month % 12 + 1, 1) - timedelta(days=1)
-            if (start and last < start) or (end and first > end):
-                continue
-            if (start and first < start) or (end and last > end):
-                sources = [
-                    cells
-                    for day, cells in self._days[(year, month)].items()
-                    if not ((start and day < start) or (end and day > end))
-                ]
-            else:
-                sources = [by_owner]
-            label = period_of(first, period)
-            for cells in sources:
-                owners: Iterable[tuple[str, dict[tuple[str, str, str], list[Any]]]] = (
-                    cells.items()
-                    if owner is None
-                    else ([(owner, cells[owner])] if owner in cells else [])
-                )
-                for who, mine in owners:
-                    for (pid, stage_id, currency), (count, amount) in mine.items():
-                        if pipeline_id is not None and pid != pipeline_id:
-                            continue
-                        category, probability = stages[(pid, stage_id)]
-                        row = groups[(label, who, category, currency)]
-                        row[0] += count
-                        row[1] += amount
-                        # In percent points; divided once per row below (exact:
-                        # a division by 100 only moves the decimal point).
-                        row[2] += amount * probability
-        return [
-            ForecastRow(p, o, c, cur, int(v[0]), v[1], round_money(v[2] / 100, cur))
-            for (p, o, c, cur), v in sorted(groups.items())
-        ]
+# -- what one deal adds to a funnel, whatever the pipeline's order ----------------------------
 
 
 class Visit(Protocol):
@@ -477,20 +347,7 @@ class Visit(Protocol):
     def regression(self) -> bool: ...
 
 
-class FunnelEntry(NamedTuple):
-    """What the funnel needs of one deal: its pipeline, amount and stage history."""
-
-    pipeline_id: str
-    currency: str
-    amount: Decimal
-    history: Sequence[Visit]
-
-
-def funnel_entry(deal: DealInfo) -> FunnelEntry:
-    return FunnelEntry(deal.pipeline_id, deal.currency, deal.amount, deal.history)
-
-
-class _StageShare(NamedTuple):
+class StageShare(NamedTuple):
     """One deal's part in one stage's row."""
 
     stage_id: str
@@ -503,7 +360,7 @@ class _StageShare(NamedTuple):
     later: frozenset[str]
 
 
-def _shares(history: Sequence[Visit]) -> tuple[_StageShare, ...]:
+def stage_shares(history: Sequence[Visit]) -> tuple[StageShare, ...]:
     ids = [v.stage_id for v in history]
     # stage id -> [first visit, entries, regressions, completed stays' time, completed stays]
     parts: dict[str, list[Any]] = {}
@@ -518,115 +375,6 @@ def _shares(history: Sequence[Visit]) -> tuple[_StageShare, ...]:
             part[3] += visit.left_at - visit.entered_at
             part[4] += 1
     return tuple(
-        _StageShare(s, entries, regressions, stays, completed, frozenset(ids[first + 1 :]))
+        StageShare(s, entries, regressions, stays, completed, frozenset(ids[first + 1 :]))
         for s, (first, entries, regressions, stays, completed) in parts.items()
     )
-
-
-@dataclass
-class _StageSums:
-    entered: int = 0
-    entries: int = 0
-    regressions: int = 0
-    stays: timedelta = timedelta()
-    completed: int = 0
-    # currency -> [deals, amount]
-    amounts: dict[str, list[Any]] = field(default_factory=dict)
-    # stages entered later -> deals
-    later: dict[frozenset[str], int] = field(default_factory=dict)
-
-
-class FunnelIndex:
-    """Each pipeline's funnel sums, updated whenever a deal changes.
-
-    Everything in a funnel row but `advanced` is a sum over the deals that
-    entered the stage, kept here as such. Whether a deal advanced from a stage
-    depends on the stages' current order and categories, so for each stage the
-    index counts deals by the set of stages they entered afterwards; a query
-    judges each such set against the pipeline as it is now. The rows equal
-    `funnel()`'s.
-    """
-
-    def __init__(self) -> None:
-        # deal id -> (pipeline id, currency, amount, its part in each stage it entered)
-        self._entries: dict[str, tuple[str, str, Decimal, tuple[_StageShare, ...]]] = {}
-        self._deals: dict[str, int] = defaultdict(int)
-        self._stages: dict[str, dict[str, _StageSums]] = defaultdict(dict)
-        # Deals share the few distinct sets of later stages.
-        self._sets: dict[frozenset[str], frozenset[str]] = {}
-
-    def put(self, deal_id: str, entry: FunnelEntry) -> None:
-        """Records the deal as it stands now (replacing what was recorded before)."""
-        shares = tuple(
-            s._replace(later=self._sets.setdefault(s.later, s.later))
-            for s in _shares(entry.history)
-        )
-        new = (entry.pipeline_id, entry.currency, entry.amount, shares)
-        old = self._entries.get(deal_id)
-        if old == new:
-            return
-        if old is not None:
-            self._add(*old, -1)
-        self._entries[deal_id] = new
-        self._add(*new, 1)
-
-    def _add(
-        self,
-        pipeline_id: str,
-        currency: str,
-        amount: Decimal,
-        shares: tuple[_StageShare, ...],
-        sign: int,
-    ) -> None:
-        self._deals[pipeline_id] += sign
-        stages = self._stages[pipeline_id]
-        for share in shares:
-            sums = stages.get(share.stage_id)
-            if sums is None:
-                sums = stages[share.stage_id] = _StageSums()
-            sums.entered += sign
-            sums.entries += sign * share.entries
-            sums.regressions += sign * share.regressions
-            sums.stays += share.stays if sign > 0 else -share.stays
-            sums.completed += sign * share.completed
-            money = sums.amounts.get(currency)
-            if money is None:
-                money = sums.amounts[currency] = [0, Decimal(0)]
-            money[0] += sign
-            money[1] += amount if sign > 0 else -amount
-            if money[0] == 0:
-                del sums.amounts[currency]
-            sums.later[share.later] = sums.later.get(share.later, 0) + sign
-            if sums.later[share.later] == 0:
-                del sums.later[share.later]
-
-    def funnel(self, pipeline: PipelineInfo) -> Funnel:
-        """The funnel `funnel()` gives for the recorded deals of `pipeline`."""
-        stages = self._stages.get(pipeline.pipeline_id, {})
-        rows = []
-        for stage in pipeline.stages:
-            sums = stages.get(stage.stage_id) or _StageSums()
-            advanced = 0
-            if stage.is_open:
-                here = pipeline.active_position(stage.stage_id)
-                advanced = sum(
-                    count
-                    for later, count in sums.later.items()
-                    if any(_is_further(pipeline, here, s) for s in later)
-                )
-            rows.append(
-                FunnelStage(
-                    stage_id=stage.stage_id,
-                    name=stage.name,
-                    category=stage.category,
-                    retired=stage.retired,
-                    entered=sums.entered,
-                    entries=sums.entries,
-                    regressions=sums.regressions,
-                    advanced=advanced if stage.is_open else None,
-                    conversion=_ratio(advanced, sums.entered) if stage.is_open else None,
-                    amounts={c: v[1] for c, v in sorted(sums.amounts.items())},
-                    average_time_in_stage=(sums.stays / sums.completed if sums.completed else None),
-                )
-            )
-        return Funnel(pipeline.pipeline_id, self._deals.get(pipeline.pipeline_id, 0), tuple(rows))

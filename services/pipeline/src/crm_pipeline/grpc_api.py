@@ -24,8 +24,10 @@ from crm_common.timestamps import datetime_of
 from crm_pipeline.application import PipelineService
 from crm_pipeline.forecast import Funnel, WinRate
 from crm_pipeline.inputs import (
+    ActivityQuery,
     ForecastQuery,
     LeadConversion,
+    LeadQuery,
     LineItemInput,
     NewActivity,
     NewLead,
@@ -88,6 +90,14 @@ def _due(request: Any) -> datetime | None:
         return None
     due: datetime = datetime_of(request.due_at, "due_at")
     return due
+
+
+def _time(request: Any, field: str) -> datetime | None:
+    """An optional timestamp field of the request; None when unset."""
+    if not request.HasField(field):
+        return None
+    value: datetime = datetime_of(getattr(request, field), field)
+    return value
 
 
 def funnel_pb(result: Funnel) -> pb.GetFunnelResponse:
@@ -194,6 +204,22 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
     async def GetLead(self, request: pb.GetLeadRequest, context: Context) -> Any:
         lead = await self.service.get_lead(request.id, grpc_caller(context))
         return pb.GetLeadResponse(lead=lead_pb(lead))
+
+    async def ListLeads(self, request: pb.ListLeadsRequest, context: Context) -> Any:
+        page = await self.service.list_leads(
+            LeadQuery(
+                status=enum_word(pb.LeadStatus, request.status),
+                owner=request.owner,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            ),
+            grpc_caller(context),
+        )
+        return pb.ListLeadsResponse(
+            leads=[lead_pb(lead) for lead in page.leads],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
+        )
 
     # -- pipelines
 
@@ -438,6 +464,23 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
     async def GetActivity(self, request: pb.GetActivityRequest, context: Context) -> Any:
         activity = await self.service.get_activity(request.id)
         return pb.GetActivityResponse(activity=activity_pb(activity))
+
+    async def ListActivities(self, request: pb.ListActivitiesRequest, context: Context) -> Any:
+        page = await self.service.list_activities(
+            ActivityQuery(
+                due_from=_time(request, "due_from"),
+                due_before=_time(request, "due_before"),
+                owner=request.owner,
+                status=enum_word(pb.ActivityStatus, request.status),
+                page_size=request.page_size,
+                page_token=request.page_token,
+            )
+        )
+        return pb.ListActivitiesResponse(
+            activities=[activity_pb(a) for a in page.activities],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
+        )
 
     async def ListOverdueFollowUps(
         self, request: pb.ListOverdueFollowUpsRequest, context: Context

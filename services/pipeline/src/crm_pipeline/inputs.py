@@ -119,3 +119,24 @@ class WinRateQuery:
     owner: str = ""
     start: str | date | None = None
     end: str | date | None = None
+
+
+@dataclass(frozen=True)
+class LeadQuery:
+    # None: leads of every status.
+    status: str | None = None
+    owner: str = ""
+    page_size: int = 0
+    page_token: str = ""
+
+
+@dataclass(frozen=True)
+class ActivityQuery:
+    # Due times from `due_from` (inclusive) to `due_before` (exclusive); None: unbounded.
+    due_from: datetime | None = None
+    due_before: datetime | None = None
+    owner: str = ""
+    # None: activities of every status.
+    status: str | None = None
+    page_size: int = 0
+    page_token: str = ""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 
 from crm_common.cli import Process, run_cli
@@ -26,12 +25,12 @@ async def run_serve(settings: Settings) -> None:
     contacts = GrpcContacts.configured(settings, policy=gate.policy)
     service = PipelineService(create_application(settings), contacts, policy=gate.policy)
     try:
-        # Load every deal before taking traffic, not in the first query.
+        # The query tables are in the store: apply only what was stored since they
+        # were last brought up to date (nothing, usually), then keep them fresh in
+        # the background so that a query rarely has anything to apply.
         position = await asyncio.to_thread(service.read_model.catch_up)
-        log.info("pipeline read model ready at position %d", position)
-        # The loaded read model is millions of long-lived objects: keep them out
-        # of the collector's full passes, which otherwise stall queries.
-        gc.freeze()
+        log.info("pipeline query tables ready at position %d", position)
+        service.read_model.follow()
         await serve(
             settings,
             gate=gate,

@@ -34,7 +34,9 @@ from crm_pipeline.domain import (
     check_aware,
 )
 from crm_pipeline.inputs import (
+    ActivityQuery,
     LeadConversion,
+    LeadQuery,
     LineItemInput,
     NewActivity,
     NewLead,
@@ -279,39 +281,88 @@ def line_items(specs: Sequence[LineItemInput], currency: str) -> list[LineItem]:
 
 @dataclass(frozen=True)
 class Page:
-    """Which deals of a listing a query asks for."""
+    """Which records of a listing a query asks for."""
 
     offset: int
     size: int
     status: str | None
+    #: The sort key of the last record of the previous page: the page starts
+    #: after it (keyset paging; a token without one pages by offset).
+    after: tuple[int, str] | None = None
 
 
-def page_token(offset: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"offset": offset}).encode()).decode().rstrip("=")
+def page_token(offset: int, after: tuple[int, str] | None = None) -> str:
+    """An opaque token of the next page: its offset and the last record's sort key."""
+    content: dict[str, object] = {"offset": offset}
+    if after is not None:
+        content["after"] = [after[0], after[1]]
+    return base64.urlsafe_b64encode(json.dumps(content).encode()).decode().rstrip("=")
 
 
-def _offset_of(token: str) -> int:
+def _bounded(number: object) -> bool:
+    """An integer the stores keep (a sort key or an offset of 64 bits)."""
+    return isinstance(number, int) and not isinstance(number, bool) and abs(number) < 2**62
+
+
+def _position_of(token: str) -> tuple[int, tuple[int, str] | None]:
     try:
         padded = token + "=" * (-len(token) % 4)
-        offset = json.loads(base64.urlsafe_b64decode(padded.encode()))["offset"]
-        if not isinstance(offset, int) or offset < 0:
+        content = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        offset = content["offset"]
+        if not _bounded(offset) or offset < 0:
             raise ValueError(token)
-    except (ValueError, TypeError, KeyError, binascii.Error):
+        after = content.get("after")
+        if after is None:
+            return offset, None
+        key, ident = after
+        if not _bounded(key) or not isinstance(ident, str) or "\x00" in ident:
+            raise ValueError(token)
+    except (ValueError, TypeError, KeyError, AttributeError, binascii.Error):
         raise ValidationFailed.of("page_token", "is not a page token of this listing") from None
-    return offset
+    return offset, (key, ident)
 
 
 def opportunity_page(query: OpportunityQuery) -> Page:
+    return _page(query.page_size, query.page_token, query.status, OPPORTUNITY_STATUSES)
+
+
+LEAD_STATUSES = ("new", "qualified", "disqualified", "converted")
+ACTIVITY_STATUSES = ("open", "completed", "cancelled")
+
+
+def lead_page(query: LeadQuery) -> Page:
+    return _page(query.page_size, query.page_token, query.status, LEAD_STATUSES)
+
+
+def activity_page(query: ActivityQuery) -> Page:
+    """The page asked for; the due range must be aware times, in order."""
     errors = FieldErrors()
-    size = query.page_size or DEFAULT_PAGE_SIZE
+    for field in ("due_from", "due_before"):
+        value = getattr(query, field)
+        if value is not None and (value.tzinfo is None or value.utcoffset() is None):
+            errors.add(field, "must carry a time zone")
+    if (
+        not errors.errors
+        and query.due_from is not None
+        and query.due_before is not None
+        and query.due_before <= query.due_from
+    ):
+        errors.add("due_before", "must be after due_from")
+    errors.raise_if_any()
+    return _page(query.page_size, query.page_token, query.status, ACTIVITY_STATUSES)
+
+
+def _page(size: int, token: str, status: str | None, statuses: Sequence[str]) -> Page:
+    errors = FieldErrors()
+    size = size or DEFAULT_PAGE_SIZE
     if not 1 <= size <= MAX_PAGE_SIZE:
         errors.add("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")
-    status = query.status or None
-    if status is not None and status not in OPPORTUNITY_STATUSES:
-        errors.add("status", f"must be one of {', '.join(OPPORTUNITY_STATUSES)}")
+    status = status or None
+    if status is not None and status not in statuses:
+        errors.add("status", f"must be one of {', '.join(statuses)}")
     errors.raise_if_any()
-    offset = _offset_of(query.page_token) if query.page_token else 0
-    return Page(offset, size, status)
+    offset, after = _position_of(token) if token else (0, None)
+    return Page(offset, size, status, after)
 
 
 # -- activities --------------------------------------------------------------------------------

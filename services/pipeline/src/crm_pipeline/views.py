@@ -116,6 +116,20 @@ class OpportunityPage:
     total_size: int
 
 
+@dataclass(frozen=True)
+class LeadPage:
+    leads: list[LeadView]
+    next_page_token: str
+    total_size: int
+
+
+@dataclass(frozen=True)
+class ActivityPage:
+    activities: list[ActivityView]
+    next_page_token: str
+    total_size: int
+
+
 def lead_view(lead: Lead) -> LeadView:
     return LeadView(
         id=str(lead.id),

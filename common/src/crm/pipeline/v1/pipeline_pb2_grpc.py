@@ -78,6 +78,11 @@ class PipelineServiceStub:
                 request_serializer=crm_dot_pipeline_dot_v1_dot_pipeline__pb2.GetLeadRequest.SerializeToString,
                 response_deserializer=crm_dot_pipeline_dot_v1_dot_pipeline__pb2.GetLeadResponse.FromString,
                 _registered_method=True)
+        self.ListLeads = channel.unary_unary(
+                '/crm.pipeline.v1.PipelineService/ListLeads',
+                request_serializer=crm_dot_pipeline_dot_v1_dot_pipeline__pb2.ListLeadsRequest.SerializeToString,
+                response_deserializer=crm_dot_pipeline_dot_v1_dot_pipeline__pb2.ListLeadsResponse.FromString,
+                _registered_method=True)
         self.DefinePipeline = channel.unary_unary(
                 '/crm.pipeline.v1.PipelineService/DefinePipeline',
                 request_serializer=crm_dot_pipeline_dot_v1_dot_pipeline__pb2.DefinePipelineRequest.SerializeToString,
@@ -198,6 +203,11 @@ class PipelineServiceStub:
                 request_serializer=crm_dot_pipeline_dot_v1_dot_pipeline__pb2.GetActivityRequest.SerializeToString,
                 response_deserializer=crm_dot_pipeline_dot_v1_dot_pipeline__pb2.GetActivityResponse.FromString,
                 _registered_method=True)
+        self.ListActivities = channel.unary_unary(
+                '/crm.pipeline.v1.PipelineService/ListActivities',
+                request_serializer=crm_dot_pipeline_dot_v1_dot_pipeline__pb2.ListActivitiesRequest.SerializeToString,
+                response_deserializer=crm_dot_pipeline_dot_v1_dot_pipeline__pb2.ListActivitiesResponse.FromString,
+                _registered_method=True)
         self.ListOverdueFollowUps = channel.unary_unary(
                 '/crm.pipeline.v1.PipelineService/ListOverdueFollowUps',
                 request_serializer=crm_dot_pipeline_dot_v1_dot_pipeline__pb2.ListOverdueFollowUpsRequest.SerializeToString,
@@ -270,6 +280,14 @@ class PipelineServiceServicer:
 
     def GetLead(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLeads(self, request, context):
+        """Leads by creation time, filtered by status and owner, paged; a partner
+        lists only the leads it brought.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -422,6 +440,14 @@ class PipelineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListActivities(self, request, context):
+        """Activities due in a time range, by due time, filtered by owner and
+        status, paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListOverdueFollowUps(self, request, context):
         """Open activities due before now, per owner, most overdue first.
         """
@@ -474,6 +500,11 @@ def add_PipelineServiceServicer_to_server(servicer, server):
                     servicer.GetLead,
                     request_deserializer=crm_dot_pipeline_dot_v1_dot_pipeline__pb2.GetLeadRequest.FromString,
                     response_serializer=crm_dot_pipeline_dot_v1_dot_pipeline__pb2.GetLeadResponse.SerializeToString,
+            ),
+            'ListLeads': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLeads,
+                    request_deserializer=crm_dot_pipeline_dot_v1_dot_pipeline__pb2.ListLeadsRequest.FromString,
+                    response_serializer=crm_dot_pipeline_dot_v1_dot_pipeline__pb2.ListLeadsResponse.SerializeToString,
             ),
             'DefinePipeline': grpc.unary_unary_rpc_method_handler(
                     servicer.DefinePipeline,
@@ -594,6 +625,11 @@ def add_PipelineServiceServicer_to_server(servicer, server):
                     servicer.GetActivity,
                     request_deserializer=crm_dot_pipeline_dot_v1_dot_pipeline__pb2.GetActivityRequest.FromString,
                     response_serializer=crm_dot_pipeline_dot_v1_dot_pipeline__pb2.GetActivityResponse.SerializeToString,
+            ),
+            'ListActivities': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListActivities,
+                    request_deserializer=crm_dot_pipeline_dot_v1_dot_pipeline__pb2.ListActivitiesRequest.FromString,
+                    response_serializer=crm_dot_pipeline_dot_v1_dot_pipeline__pb2.ListActivitiesResponse.SerializeToString,
             ),
             'ListOverdueFollowUps': grpc.unary_unary_rpc_method_handler(
                     servicer.ListOverdueFollowUps,
@@ -770,6 +806,33 @@ class PipelineService:
             '/crm.pipeline.v1.PipelineService/GetLead',
             crm_dot_pipeline_dot_v1_dot_pipeline__pb2.GetLeadRequest.SerializeToString,
             crm_dot_pipeline_dot_v1_dot_pipeline__pb2.GetLeadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLeads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.pipeline.v1.PipelineService/ListLeads',
+            crm_dot_pipeline_dot_v1_dot_pipeline__pb2.ListLeadsRequest.SerializeToString,
+            crm_dot_pipeline_dot_v1_dot_pipeline__pb2.ListLeadsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1418,6 +1481,33 @@ class PipelineService:
             '/crm.pipeline.v1.PipelineService/GetActivity',
             crm_dot_pipeline_dot_v1_dot_pipeline__pb2.GetActivityRequest.SerializeToString,
             crm_dot_pipeline_dot_v1_dot_pipeline__pb2.GetActivityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListActivities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.pipeline.v1.PipelineService/ListActivities',
+            crm_dot_pipeline_dot_v1_dot_pipeline__pb2.ListActivitiesRequest.SerializeToString,
+            crm_dot_pipeline_dot_v1_dot_pipeline__pb2.ListActivitiesResponse.FromString,
             options,
             channel_credentials,
             insecure,

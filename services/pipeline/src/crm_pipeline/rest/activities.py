@@ -1,17 +1,22 @@
 """Activities on leads and deals: schedule, read, reschedule, complete, cancel;
-overdue follow-ups per owner."""
+activities due in a time range; overdue follow-ups per owner."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
 
 from crm_common.server import IdempotencyKey, IfMatch, expected_version, http_caller
-from crm_pipeline.inputs import NewActivity
+from crm_pipeline.inputs import ActivityQuery, NewActivity
 from crm_pipeline.rest.models import (
     CHANGE,
     CREATE,
+    QUERY,
     READ,
     ActivityCreate,
+    ActivityList,
     ActivityModel,
     ActivityWrite,
     Cancellation,
@@ -113,6 +118,38 @@ async def cancel_activity(
 ) -> ActivityWrite:
     caller = http_caller(request, idempotency_key, expected_version(if_match))
     return ActivityWrite.of(await service.cancel_activity(caller, activity_id, body.reason))
+
+
+@router.get(
+    "/activities",
+    response_model=ActivityList,
+    responses=QUERY,
+    summary="Activities due in a time range, soonest first, filtered and paged",
+    operation_id="ListActivities",
+)
+async def list_activities(
+    service: Service,
+    due_from: Annotated[
+        datetime | None, Query(description="ISO time with its zone, inclusive; empty: unbounded")
+    ] = None,
+    due_before: Annotated[
+        datetime | None, Query(description="ISO time with its zone, exclusive; empty: unbounded")
+    ] = None,
+    owner: str = "",
+    status: Annotated[
+        str, Query(description="open, completed or cancelled; empty: every activity")
+    ] = "",
+    page_size: Annotated[int, Query(description="1..200, default 50")] = 0,
+    page_token: str = "",
+) -> ActivityList:
+    page = await service.list_activities(
+        ActivityQuery(due_from, due_before, owner, status or None, page_size, page_token)
+    )
+    return ActivityList(
+        activities=[ActivityModel.of(a) for a in page.activities],
+        next_page_token=page.next_page_token,
+        total_size=page.total_size,
+    )
 
 
 @router.get(

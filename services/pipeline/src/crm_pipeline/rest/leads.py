@@ -1,18 +1,22 @@
-"""Leads: create, read, qualify, disqualify, convert into a deal."""
+"""Leads: create, read, list, qualify, disqualify, convert into a deal."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
 
 from crm_common.server import IdempotencyKey, IfMatch, expected_version, http_caller
-from crm_pipeline.inputs import LeadConversion, NewLead
+from crm_pipeline.inputs import LeadConversion, LeadQuery, NewLead
 from crm_pipeline.rest.models import (
     CHANGE,
     CREATE,
+    QUERY,
     READ,
     Conversion,
     ConversionWrite,
     LeadCreate,
+    LeadList,
     LeadModel,
     LeadWrite,
     Qualification,
@@ -42,6 +46,33 @@ async def create_lead(
         http_caller(request, idempotency_key), NewLead(**body.model_dump())
     )
     return LeadWrite.of(written, response)
+
+
+@router.get(
+    "",
+    response_model=LeadList,
+    responses=QUERY,
+    summary="Leads, filtered and paged (a partner lists only the leads it brought)",
+    operation_id="ListLeads",
+)
+async def list_leads(
+    request: Request,
+    service: Service,
+    status: Annotated[
+        str, Query(description="new, qualified, disqualified or converted; empty: every lead")
+    ] = "",
+    owner: str = "",
+    page_size: Annotated[int, Query(description="1..200, default 50")] = 0,
+    page_token: str = "",
+) -> LeadList:
+    page = await service.list_leads(
+        LeadQuery(status or None, owner, page_size, page_token), http_caller(request)
+    )
+    return LeadList(
+        leads=[LeadModel.of(lead) for lead in page.leads],
+        next_page_token=page.next_page_token,
+        total_size=page.total_size,
+    )
 
 
 @router.get(

@@ -335,6 +335,18 @@ class OpportunityList(BaseModel):
     total_size: int
 
 
+class LeadList(BaseModel):
+    leads: list[LeadModel] = Field(description="Oldest first.")
+    next_page_token: str = Field(description="Empty on the last page.")
+    total_size: int
+
+
+class ActivityList(BaseModel):
+    activities: list[ActivityModel] = Field(description="Soonest due first.")
+    next_page_token: str = Field(description="Empty on the last page.")
+    total_size: int
+
+
 class FollowUpModel(BaseModel):
     id: str
     subject_kind: str
