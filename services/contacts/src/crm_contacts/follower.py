@@ -162,7 +162,8 @@ class OpportunityFollower(GroupMember):
             return
         if not wanted:
             return
-        with consuming_span(record, f"follow {wanted[0].rule}", tracer):
+        what = "OpportunityWon" if wanted[0].rule is LifecycleRule.DEAL_WON else "OpportunityOpened"
+        with consuming_span(record, f"follow {what}", tracer):
             for promotion in wanted:
                 await self._promote(promotion, at)
 
