@@ -8,6 +8,12 @@ And snapshots of long-lived aggregates (`SnapshottingApplication`): every
 application names, the aggregate's state is stored in the library's snapshot
 table (beside the events, not in the notification log, so never relayed), and
 a load starts from the latest snapshot and replays only the events after it.
+
+And personal data encrypted at rest (`crm_common.privacy`, docs/security.md
+"Privacy"): with master keys configured, the applications' mapper seals the
+fields an event class declares personal under the subject's data key, and
+snapshots of aggregates with such events whole; `CRM_EVENT_CIPHER_KEYS`
+adds the library's whole-event cipher on top.
 """
 
 from __future__ import annotations
@@ -33,12 +39,17 @@ from eventsourcing.application import (
     project_aggregate,
 )
 from eventsourcing.domain import Aggregate, DomainEventProtocol, Snapshot
-from eventsourcing.persistence import IntegrityError, Recording
+from eventsourcing.persistence import IntegrityError, Mapper, Recording
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from eventsourcing.utils import Environment, EnvType, get_topic, resolve_topic, strtobool
 from psycopg.sql import SQL, Identifier
 
+from crm_common.privacy.cipher import KEYS_FILE_VAR as EVENT_CIPHER_KEYS_FILE_VAR
+from crm_common.privacy.cipher import KEYS_VAR as EVENT_CIPHER_KEYS_VAR
+from crm_common.privacy.client import KeyClient, SubjectErased
+from crm_common.privacy.config import key_client_from_env, privacy_env
+from crm_common.privacy.mapper import ErasedSnapshot, PersonalDataMapper, may_snapshot
 from crm_common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -167,6 +178,11 @@ def application_env(settings: Settings, **extra: str) -> dict[str, str]:
             "SQLITE_DBNAME": str(settings.service_dir / "events.sqlite"),
             "SQLITE_LOCK_TIMEOUT": "30",
         }
+    env.update(privacy_env(settings))
+    if settings.event_cipher_keys or settings.event_cipher_keys_file:
+        env["CIPHER_TOPIC"] = "crm_common.privacy.cipher:StoreCipher"
+        env[EVENT_CIPHER_KEYS_VAR] = settings.event_cipher_keys
+        env[EVENT_CIPHER_KEYS_FILE_VAR] = settings.event_cipher_keys_file
     env.update(extra)
     return env
 
@@ -335,6 +351,9 @@ class SnapshotTolerantRepository(Repository[UUID]):
             return super()._reconstruct_aggregate(aggregate_id, version, projector_func)
         except AggregateNotFoundError:
             raise
+        except ErasedSnapshot:
+            # The subject was erased: its events read redacted, its snapshot not at all.
+            log.debug("snapshot of erased aggregate %s skipped", aggregate_id)
         except Exception:
             if self.snapshot_store is None:
                 raise
@@ -367,6 +386,8 @@ class SnapshottingApplication(Application[UUID]):
     failure is logged, never raised: the command has succeeded either way."""
 
     snapshot_kinds: ClassVar[tuple[type[Aggregate], ...]] = ()
+    #: The data keys of this service's subjects; None without master keys.
+    personal_data_keys: KeyClient | None = None
 
     def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
         environment = super().construct_env(name, env)
@@ -374,6 +395,23 @@ class SnapshottingApplication(Application[UUID]):
         enabled = bool(self.snapshot_interval and self.snapshot_kinds)
         environment["IS_SNAPSHOTTING_ENABLED"] = "y" if enabled else "n"
         return environment
+
+    def construct_mapper(self) -> Mapper[UUID]:
+        """The library's mapper (transcoder, optional whole-event cipher and
+        compressor) that also seals declared personal data when master keys
+        are configured (`crm_common.privacy.mapper`)."""
+        self.personal_data_keys = key_client_from_env(self.env)
+        return PersonalDataMapper(
+            transcoder=self.construct_transcoder(),
+            compressor=self.factory.compressor(),
+            cipher=self.factory.cipher(),
+            keys=self.personal_data_keys,
+        )
+
+    def close(self) -> None:
+        super().close()
+        if self.personal_data_keys is not None:
+            self.personal_data_keys.close()
 
     def construct_repository(self) -> Repository[UUID]:
         maxsize = self.env.get(self.AGGREGATE_CACHE_MAXSIZE)
@@ -398,6 +436,15 @@ class SnapshottingApplication(Application[UUID]):
                     return kind
         return None
 
+    def may_snapshot(self, event: DomainEventProtocol[UUID]) -> bool:
+        """Whether `event` belongs to a snapshotted kind that may be snapshotted:
+        with personal data encrypted, not a kind holding other subjects'
+        personal data (erasing them could not reach the snapshot's copy)."""
+        kind = self.snapshot_kind_of(event)
+        if kind is None:
+            return False
+        return self.personal_data_keys is None or may_snapshot(kind)
+
     def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
         recordings = super().save(*objs, **kwargs)
         interval = self.snapshot_interval
@@ -408,13 +455,15 @@ class SnapshottingApplication(Application[UUID]):
         for recording in recordings:
             event = recording.domain_event
             version = event.originator_version
-            if version % interval == 0 and self.snapshot_kind_of(event) is not None:
+            if version % interval == 0 and self.may_snapshot(event):
                 due[event.originator_id] = max(version, due.get(event.originator_id, 0))
         for aggregate_id, version in due.items():
             try:
                 self.take_snapshot(aggregate_id, version)
             except IntegrityError:
                 pass  # another process of the service took this one
+            except SubjectErased:
+                pass  # an erased subject's aggregate is replayed, never snapshotted
             except Exception:
                 log.warning(
                     "no snapshot of aggregate %s at version %s",

@@ -65,6 +65,24 @@ class Settings:
     grpc_tls_ca: str = ""
     grpc_client_cert: str = ""
     grpc_client_key: str = ""
+    #: Privacy (docs/security.md, "Privacy"). The master keys that wrap every
+    #: person's data key: `id:base64key` entries, current first (the variable's
+    #: text, or a file such as a mounted Secret). Neither set: personal data is
+    #: stored as the events carry it.
+    master_keys: str = field(default="", repr=False)
+    master_keys_file: str = ""
+    #: Where the data keys live: empty (beside the events: SQLite
+    #: `keys.sqlite` in the service's directory, or the service's PostgreSQL
+    #: schema), `postgresql://...` (another database) or `sqlite:<directory>`.
+    key_store_url: str = field(default="", repr=False)
+    #: The key client's cache: at most this many data keys, each for at most
+    #: this many seconds (how long another process may still use a destroyed key).
+    key_cache_size: int = 10_000
+    key_cache_ttl: float = 60.0
+    #: Whole-event encryption (defence in depth, beside the personal fields):
+    #: `id:base64key` entries as for master keys, current first; empty: off.
+    event_cipher_keys: str = field(default="", repr=False)
+    event_cipher_keys_file: str = ""
 
     @classmethod
     def from_env(cls, service: str) -> Settings:
@@ -81,6 +99,12 @@ class Settings:
         data_dir = Path(_env("CRM_DATA_DIR", "./var")).resolve()
         identity = data_dir / "identity"
         stale_after = float(_env("CRM_HEALTH_STALE_SECONDS", "120"))
+        key_cache_size = int(_env("CRM_KEY_CACHE_SIZE", "10000"))
+        key_cache_ttl = float(_env("CRM_KEY_CACHE_TTL_SECONDS", "60"))
+        if key_cache_size < 1 or key_cache_ttl <= 0:
+            raise ValueError(
+                "CRM_KEY_CACHE_SIZE must be at least 1 and CRM_KEY_CACHE_TTL_SECONDS positive"
+            )
         if stale_after <= 0:
             raise ValueError(f"CRM_HEALTH_STALE_SECONDS must be positive, not {stale_after}")
         return cls(
@@ -120,6 +144,13 @@ class Settings:
             grpc_tls_ca=_env("CRM_GRPC_TLS_CA", ""),
             grpc_client_cert=_env("CRM_GRPC_CLIENT_CERT", ""),
             grpc_client_key=_env("CRM_GRPC_CLIENT_KEY", ""),
+            master_keys=_env("CRM_MASTER_KEYS", ""),
+            master_keys_file=_env("CRM_MASTER_KEYS_FILE", ""),
+            key_store_url=_env("CRM_KEY_STORE_URL", ""),
+            key_cache_size=key_cache_size,
+            key_cache_ttl=key_cache_ttl,
+            event_cipher_keys=_env("CRM_EVENT_CIPHER_KEYS", ""),
+            event_cipher_keys_file=_env("CRM_EVENT_CIPHER_KEYS_FILE", ""),
         )
 
     def pseudonym_key(self) -> bytes:
