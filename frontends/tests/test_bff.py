@@ -421,3 +421,23 @@ def test_the_sealed_session_expires_with_its_token() -> None:
 
     token = jwt.encode({"sub": "ada", "roles": ["sales"], "exp": int(time.time()) - 1}, "x" * 32)
     assert codec.open_session(codec.seal_session(Session.for_token(token, "development"))) is None
+
+
+def test_every_page_is_offered_to_the_roles_its_api_operation_allows() -> None:
+    """A page needs an operation the access policy lists: a misspelt one would hide the
+    page from everyone. The lead inbox follows `ListLeads`, the service levels page (SLA
+    compliance and the satisfaction trend) the tickets reports' roles."""
+    from crm_common.auth.access import AccessPolicy
+    from crm_consoles.consoles import CONSOLES
+
+    policy = AccessPolicy.load()
+    for console in CONSOLES.values():
+        for page in console.pages:
+            assert policy.roles_for(page.service, page.operation), (console.name, page.route)
+    sales = {p.route: p for p in CONSOLES["sales"].pages}
+    assert sales["leads"].operation == "ListLeads"
+    levels = {p.route: p for p in CONSOLES["management"].pages}["service-levels"]
+    assert policy.roles_for("tickets", levels.operation) == policy.roles_for(
+        "tickets", "GetSatisfactionTrend"
+    )
+    assert "marketing" not in policy.roles_for("tickets", "GetSatisfactionTrend")

@@ -1,12 +1,14 @@
 """The service, marketing and management consoles in headless Chromium over the
 real platform: an agent works a case from the team queue to solved; a marketer
-sees a member's tier, balance and rewards; a manager's dashboards draw from the
-pipeline and tickets reports."""
+sees a member's tier, balance and rewards (and the tickets reports' refusal); a
+manager's dashboards draw from the pipeline and tickets reports, the satisfaction
+trend included."""
 
 from __future__ import annotations
 
 import re
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -68,6 +70,22 @@ def service_world(apis: Apis) -> dict[str, Any]:
             "policy_id": policy,
         },
     )["id"]
+    # A second case of the team, solved and answered: the satisfaction trend has it.
+    answered = apis.call(
+        "service",
+        "POST",
+        "tickets",
+        "/cases",
+        json={"customer_id": person, "channel": "web", "subject": f"Thanks {tag}", "team": team},
+    )["id"]
+    apis.call("service", "POST", "tickets", f"/cases/{answered}/status", json={"status": "solved"})
+    apis.call(
+        "service",
+        "POST",
+        "tickets",
+        f"/cases/{answered}/satisfaction",
+        json={"csat": 5, "ces": 2, "nps": 10},
+    )
     apis.call(
         "marketing", "POST", "loyalty", "/members", json={"contact_id": person, "channel": "web"}
     )
@@ -179,6 +197,12 @@ def test_a_marketer_sees_members_and_rewards(
     page.goto(f"{url}/#/rewards")
     expect(page.get_by_role("table", name="Rewards")).to_contain_text(f"Coffee mug {tag}")
     screenshot(page, "marketing-rewards")
+    # The service reports are not for marketing: each section shows the API's refusal.
+    page.goto(f"{url}/#/service-levels?teams={service_world['team']}")
+    trend = page.locator(
+        "section", has=page.get_by_role("heading", name="Satisfaction (CSAT / NPS)")
+    )
+    expect(trend.get_by_role("alert")).to_contain_text("Not allowed for your role")
 
 
 def test_a_manager_sees_the_dashboards(
@@ -195,6 +219,12 @@ def test_a_manager_sees_the_dashboards(
     expect(funnel).to_be_visible()
     expect(page.locator("figure.chart-figure", has=funnel)).to_have_attribute("data-drawn", "true")
     screenshot(page, "management-dashboard")
-    page.goto(f"{url}/#/service-levels?teams={service_world['team']}")
+    page.goto(f"{url}/#/service-levels?teams={service_world['team']}&interval=month")
     expect(page.get_by_role("table", name="SLA compliance")).to_contain_text(service_world["team"])
+    # The satisfaction trend of every team, by month: this month has this test's answer.
+    month = datetime.now(UTC).strftime("%Y-%m")
+    row = page.get_by_role("table", name="Satisfaction by period").get_by_role("row", name=month)
+    expect(row.locator("td").nth(1)).not_to_have_text("0")
+    trend = page.get_by_role("img", name="Mean CSAT and NPS by month, every team")
+    expect(page.locator("figure.chart-figure", has=trend)).to_have_attribute("data-drawn", "true")
     screenshot(page, "management-service-levels")

@@ -1,12 +1,14 @@
 """The sales console in headless Chromium over the real platform: sign in, find
 a customer, open the 360 page, work the pipeline board (drag, keyboard, a
-refusal shown in place), convert a lead, and a user whose role has no access
-to the pipeline sees the refusal."""
+refusal shown in place), pick a lead from the inbox and convert it, see follow-ups
+overdue and due later, and a user whose role has no access to the pipeline sees
+the refusal."""
 
 from __future__ import annotations
 
 import re
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -16,7 +18,8 @@ from playwright.sync_api import expect
 
 @pytest.fixture(scope="module")
 def world(apis: Apis) -> dict[str, Any]:
-    """A pipeline, a customer with an open and a won deal, and a new lead."""
+    """A pipeline, a customer with an open and a won deal, a follow-up of the open deal
+    overdue and one due later, and a new lead."""
     tag = uuid.uuid4().hex[:6]
     pipeline = apis.call(
         "admin",
@@ -77,6 +80,22 @@ def world(apis: Apis) -> dict[str, Any]:
         json={},
         headers={"if-match": str(closed["version"])},
     )
+    now = datetime.now(UTC)
+    for title, due in ((f"Send the contract {tag}", -1), (f"Call about the engine {tag}", 3)):
+        apis.call(
+            "sales",
+            "POST",
+            "pipeline",
+            "/activities",
+            json={
+                "subject_kind": "opportunity",
+                "subject_id": open_deal["id"],
+                "kind": "follow_up",
+                "title": title,
+                "owner": "e2e-seller",
+                "due_at": (now + timedelta(days=due)).isoformat(),
+            },
+        )
     lead = apis.call(
         "marketing",
         "POST",
@@ -172,8 +191,11 @@ def test_a_salesperson_works_customers_deals_and_leads(
     expect(page.get_by_role("table", name="Stage history")).to_contain_text("Negotiate")
     screenshot(page, "sales-deal")
 
-    # The lead: qualify, then convert to a deal in the pipeline.
-    page.goto(f"{url}/#/lead/{world['lead']}")
+    # The lead, picked from the inbox of new leads: qualify, then convert to a deal.
+    page.goto(f"{url}/#/leads")
+    page.get_by_role("table", name="Leads, oldest first").get_by_role(
+        "link", name=f"Katherine Johnson{world['tag']}"
+    ).click()
     expect(page.get_by_role("heading", level=1)).to_have_text(f"Katherine Johnson{world['tag']}")
     page.get_by_label(re.compile(r"^Score")).fill("80")
     page.get_by_role("button", name="Qualify", exact=True).click()
@@ -187,8 +209,10 @@ def test_a_salesperson_works_customers_deals_and_leads(
     lead = apis.call("sales", "GET", "pipeline", f"/leads/{world['lead']}")
     assert lead["status"] == "converted" and lead["opportunity_id"] in page.url
 
-    page.goto(f"{url}/#/leads")
-    expect(page.get_by_role("table", name="Leads")).to_contain_text("converted")
+    page.goto(f"{url}/#/leads?status=converted")
+    expect(
+        page.get_by_role("row", name=re.compile(f"Katherine Johnson{world['tag']}"))
+    ).to_contain_text("converted")
     screenshot(page, "sales-leads")
     page.goto(f"{url}/#/forecast")
     # One chart per currency; this test's deals are in EUR (others of the
@@ -197,6 +221,11 @@ def test_a_salesperson_works_customers_deals_and_leads(
     screenshot(page, "sales-forecast")
     page.goto(f"{url}/#/tasks")
     expect(page.get_by_role("heading", level=1)).to_have_text("Tasks")
+    overdue = page.locator("section", has=page.get_by_role("heading", name=re.compile("^Overdue")))
+    expect(overdue).to_contain_text(f"Send the contract {world['tag']}")
+    later = page.locator("section", has=page.get_by_role("heading", name=re.compile("^Due later")))
+    expect(later).to_contain_text(f"Call about the engine {world['tag']}")
+    expect(later).not_to_contain_text(f"Send the contract {world['tag']}")
     screenshot(page, "sales-tasks")
 
 

@@ -39,7 +39,7 @@ CONSOLES: dict[str, Console] = {
         "Pipeline, leads, deals, forecast and follow-ups",
         (
             Page("board", "Pipeline board", "pipeline", "ListOpportunities"),
-            Page("leads", "Lead inbox", "pipeline", "GetLead"),
+            Page("leads", "Lead inbox", "pipeline", "ListLeads"),
             Page("forecast", "Forecast", "pipeline", "GetForecast"),
             Page("tasks", "Tasks", "pipeline", "ListOverdueFollowUps"),
             SEARCH,

@@ -82,7 +82,51 @@ async def test_queries_and_invalid_arguments(
     assert (compliance.cases, compliance.first_reply_count) == (1, 1)
     first = next(t for t in compliance.targets if t.kind == "first_response")
     assert (first.met, first.breached, first.share_met) == (1, 0, 1.0)
+    await stub.ChangeCaseStatus(
+        pb.ChangeCaseStatusRequest(case_id=opened.result.id, status=pb.CASE_STATUS_SOLVED),
+        metadata=agent,
+    )
+    await stub.RecordSatisfaction(
+        pb.RecordSatisfactionRequest(case_id=opened.result.id, csat=2, nps=5), metadata=agent
+    )
+    analyst = grpc_auth(identity.mint("analyst"))
+    trend = (
+        await stub.GetSatisfactionTrend(
+            pb.GetSatisfactionTrendRequest(
+                period_start=stamp("2026-01-01T00:00:00Z"),
+                period_end=stamp("2026-03-01T00:00:00Z"),
+            ),
+            metadata=analyst,
+        )
+    ).trend
+    assert trend.interval == "month"
+    assert [(p.start.ToJsonString()[:10], p.responses) for p in trend.periods] == [
+        ("2026-01-01", 0),
+        ("2026-02-01", 1),
+    ]
+    february = trend.periods[1]
+    assert (february.csat_mean, february.nps_responses, february.detractors) == (2.0, 1, 1)
+    assert (february.ces_responses, february.nps) == (0, -100.0)
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await stub.GetSatisfactionTrend(
+            pb.GetSatisfactionTrendRequest(), metadata=grpc_auth(identity.mint("marketing"))
+        )
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    january = {
+        "period_start": stamp("2026-01-01T00:00:00Z"),
+        "period_end": stamp("2026-02-01T00:00:00Z"),
+    }
     refusals = [
+        (
+            stub.GetSatisfactionTrend,
+            pb.GetSatisfactionTrendRequest(interval="quarter", **january),
+            "interval",
+        ),
+        (
+            stub.GetSatisfactionTrend,
+            pb.GetSatisfactionTrendRequest(period_end=january["period_start"]),
+            "period_start",
+        ),
         (stub.ListCasesAtRisk, pb.ListCasesAtRiskRequest(within_minutes=-5), "within_minutes"),
         (stub.ListCustomerCases, pb.ListCustomerCasesRequest(), "customer_id"),
         (stub.ListTeamQueue, pb.ListTeamQueueRequest(team="desk", page_size=-1), "page_size"),

@@ -92,7 +92,32 @@ async def test_the_queries_over_rest_and_their_refusals(
         "first_response": 1,
         "resolution": 1,
     }
+    solved = await http.post(
+        f"/cases/{opened['id']}/status", json={"status": "solved"}, headers=agent
+    )
+    assert solved.status_code == 200, solved.text
+    survey = {"csat": 4, "ces": 3, "nps": 9}
+    answered = await http.post(f"/cases/{opened['id']}/satisfaction", json=survey, headers=agent)
+    assert answered.status_code == 200, answered.text
+    february = {"period_start": "2026-02-01T00:00:00Z", "period_end": "2026-03-01T00:00:00Z"}
+    analyst = bearer(identity.mint("analyst"))
+    trend = await http.get(
+        "/satisfaction", params={**february, "team": "desk", "interval": "week"}, headers=analyst
+    )
+    assert trend.status_code == 200, trend.text
+    weeks = trend.json()["periods"]
+    assert [(w["start"][:10], w["responses"]) for w in weeks] == [
+        ("2026-02-01", 0),
+        ("2026-02-02", 1),
+        ("2026-02-09", 0),
+        ("2026-02-16", 0),
+        ("2026-02-23", 0),
+    ]
+    assert (weeks[1]["csat_mean"], weeks[1]["ces_mean"], weeks[1]["nps"]) == (4.0, 3.0, 100.0)
     for path, params, field in [
+        ("/satisfaction", {**february, "interval": "day"}, "interval"),
+        ("/satisfaction", {**february, "period_start": "2026-02-01T00:00:00"}, "period_start"),
+        ("/satisfaction", {"period_start": "2026-02-01T00:00:00Z"}, "period_end"),
         ("/cases/at-risk", {"within_minutes": 0}, "within_minutes"),
         ("/teams/desk/queue", {"page_size": 501}, "page_size"),
         ("/customers/contact-1/cases", {"page_token": "x"}, "page_token"),
@@ -103,3 +128,5 @@ async def test_the_queries_over_rest_and_their_refusals(
         assert field in [d["field"] for d in refused.json()["detail"]], refused.text
     marketing = bearer(identity.mint("marketing"))
     assert (await http.get("/cases/at-risk", headers=marketing)).status_code == 403
+    refused = await http.get("/satisfaction", params=february, headers=marketing)
+    assert refused.status_code == 403, refused.text

@@ -43,7 +43,15 @@ from crm_common.eventstore import SnapshottingApplication, application_env, crea
 from crm_common.querystore import QueryDatabase
 from crm_common.settings import Settings
 from crm_tickets import validation
-from crm_tickets.deadlines import DUE_PAGE, QueueEntry, TicketsQuery, micros
+from crm_tickets.deadlines import (
+    DUE_PAGE,
+    QueueEntry,
+    SurveyRow,
+    TicketsQuery,
+    micros,
+    month_start,
+    week_start,
+)
 from crm_tickets.domain import (
     DEFAULT_TIER,
     PRIORITIES,
@@ -60,6 +68,8 @@ from crm_tickets.views import (
     CaseView,
     ComplianceView,
     PolicyView,
+    SatisfactionPeriodView,
+    SatisfactionTrendView,
     TargetComplianceView,
     Written,
     case_view,
@@ -394,6 +404,33 @@ class TicketsService:
             resolution_p90_seconds=round(found.resolution.p90, 3),
         )
 
+    async def satisfaction_trend(
+        self,
+        team: str,
+        period_start: datetime | None,
+        period_end: datetime | None,
+        interval: str = "",
+    ) -> SatisfactionTrendView:
+        """Survey responses recorded in the period (of one team, or every team) per UTC
+        month or week: responses, mean CSAT and CES, and NPS, summed in SQL."""
+        checked_team = validation.team("team", team, required=False)
+        checked_interval = validation.interval(interval)
+        start, end = validation.period(period_start, period_end)
+        rows = await asyncio.to_thread(
+            self.query.satisfaction, checked_team, start, end, checked_interval
+        )
+        found = {row.start: row for row in rows}
+        return SatisfactionTrendView(
+            team=checked_team,
+            period_start=start,
+            period_end=end,
+            interval=checked_interval,
+            periods=[
+                satisfaction_period(bucket, cut_start, cut_end, found.get(bucket))
+                for bucket, cut_start, cut_end in buckets(start, end, checked_interval)
+            ],
+        )
+
     # -- SLA policies
 
     async def define_sla_policy(self, caller: Caller, name: str, terms: SlaTermsInput) -> Written:
@@ -476,3 +513,42 @@ class TicketsService:
                 return count
             last = due[-1]
             after = (micros(last.at), last.case_id, last.kind, last.what)
+
+
+def buckets(
+    start: datetime, end: datetime, interval: str
+) -> list[tuple[datetime, datetime, datetime]]:
+    """The UTC months or weeks [start, end) touches: (the bucket's own start, and the
+    bucket cut to the period), in order."""
+    first = month_start if interval == "month" else week_start
+    found = []
+    bucket = first(start)
+    while bucket < end:
+        following = (
+            first(bucket + timedelta(days=32)) if interval == "month" else bucket + timedelta(7)
+        )
+        found.append((bucket, max(bucket, start), min(following, end)))
+        bucket = following
+    return found
+
+
+def satisfaction_period(
+    bucket: datetime, start: datetime, end: datetime, row: SurveyRow | None
+) -> SatisfactionPeriodView:
+    """A bucket's figures; NPS is promoters% - detractors% of the NPS answers."""
+    if row is None:
+        return SatisfactionPeriodView(start, end, 0, 0.0, 0, 0.0, 0, 0, 0, 0, 0.0)
+    nps = 100.0 * (row.promoters - row.detractors) / row.nps_responses if row.nps_responses else 0.0
+    return SatisfactionPeriodView(
+        start=start,
+        end=end,
+        responses=row.responses,
+        csat_mean=round(row.csat_mean, 3),
+        ces_responses=row.ces_responses,
+        ces_mean=round(row.ces_mean, 3),
+        nps_responses=row.nps_responses,
+        promoters=row.promoters,
+        passives=row.nps_responses - row.promoters - row.detractors,
+        detractors=row.detractors,
+        nps=round(nps, 1),
+    )

@@ -13,7 +13,10 @@ batch, folded by the case's own events: `crm_common.querystore`) into:
 - `ticket_cases`: every case (closed ones too) with its customer, team and
   opening time (each customer's cases, the newest first) and its SLA record
   (how each clock instance ended, the business seconds to the first reply and
-  to resolution), which `compliance` sums in SQL.
+  to resolution), which `compliance` sums in SQL;
+- `ticket_surveys`: each survey response (CSAT, CES, NPS) with its case's team,
+  when it was recorded and the UTC month and week that instant falls in, which
+  `satisfaction` groups and averages in SQL.
 
 `TicketsQuery` keeps the tables up to date (`QuerySide`: each event applied
 exactly once whichever process stored it, shared by every replica) and answers
@@ -51,6 +54,10 @@ OUTCOMES = ("met", "breached", "open")
 CASE_CACHE = 1_000
 #: Deadlines the scanner reads at a time.
 DUE_PAGE = 500
+#: The trend's buckets: the column of `ticket_surveys` holding each response's.
+INTERVALS = {"month": "month_start", "week": "week_start"}
+#: NPS answers from this score are promoters, up to `DETRACTOR_MAX` detractors.
+PROMOTER_MIN, DETRACTOR_MAX = 9, 6
 
 OUTCOME_COLUMNS = [f"{kind}_{state}" for kind in TARGET_KINDS for state in OUTCOMES]
 
@@ -134,6 +141,32 @@ def record_of(case: Case) -> CaseRecord:
     )
 
 
+def month_start(at: datetime) -> datetime:
+    """The first instant (UTC) of the calendar month `at` falls in."""
+    utc = at.astimezone(UTC)
+    return datetime(utc.year, utc.month, 1, tzinfo=UTC)
+
+
+def week_start(at: datetime) -> datetime:
+    """The first instant (UTC) of the Monday-to-Sunday week `at` falls in."""
+    utc = at.astimezone(UTC)
+    return datetime(utc.year, utc.month, utc.day, tzinfo=UTC) - timedelta(days=utc.weekday())
+
+
+@dataclass(frozen=True)
+class SurveyRow:
+    """One bucket of survey responses, as `satisfaction` sums them."""
+
+    start: datetime
+    responses: int
+    csat_mean: float
+    ces_responses: int
+    ces_mean: float
+    nps_responses: int
+    promoters: int
+    detractors: int
+
+
 def queue_rank(case: Case, deadlines: list[Deadline]) -> tuple[int, int]:
     """The case's rank and urgency in its team's queue."""
     owed = [
@@ -153,8 +186,9 @@ class CaseTables(AggregateProjection):
     """The rows of each case, rewritten after every batch that changed it."""
 
     name = "tickets_cases"
-    version = 1
-    tables = ("ticket_queue", "ticket_deadlines", "ticket_cases")
+    #: 2: `ticket_surveys`.
+    version = 2
+    tables = ("ticket_queue", "ticket_deadlines", "ticket_cases", "ticket_surveys")
     kinds = (Case,)
 
     def __init__(self, app: Application[UUID], cache_size: int = CASE_CACHE) -> None:
@@ -203,12 +237,27 @@ class CaseTables(AggregateProjection):
         tx.execute(
             "CREATE INDEX IF NOT EXISTS ticket_cases_by_team ON ticket_cases (team, opened_at)"
         )
+        tx.execute(
+            "CREATE TABLE IF NOT EXISTS ticket_surveys ("
+            " case_id TEXT PRIMARY KEY, team TEXT NOT NULL, answered_at BIGINT NOT NULL,"
+            " month_start BIGINT NOT NULL, week_start BIGINT NOT NULL,"
+            " csat INTEGER NOT NULL, ces INTEGER, nps INTEGER)"
+        )
+        tx.execute(
+            "CREATE INDEX IF NOT EXISTS ticket_surveys_by_team"
+            " ON ticket_surveys (team, answered_at)"
+        )
+        tx.execute(
+            "CREATE INDEX IF NOT EXISTS ticket_surveys_by_time ON ticket_surveys (answered_at)"
+        )
 
     def project(self, tx: Tx, aggregate: Any) -> None:
         if not isinstance(aggregate, Case):
             return
         key = str(aggregate.id)
         self._record(tx, key, record_of(aggregate))
+        if aggregate.satisfaction is not None:
+            self._survey(tx, key, aggregate.team, aggregate.satisfaction)
         tx.execute("DELETE FROM ticket_deadlines WHERE case_id = ?", (key,))
         if aggregate.status == "closed":
             tx.execute("DELETE FROM ticket_queue WHERE case_id = ?", (key,))
@@ -250,6 +299,26 @@ class CaseTables(AggregateProjection):
                 *counts,
                 record.first_reply_seconds,
                 record.resolution_seconds,
+            ),
+        )
+
+    @staticmethod
+    def _survey(tx: Tx, key: str, team: str, survey: dict[str, Any]) -> None:
+        """The case's survey response; its team follows the case's (as compliance's)."""
+        at = datetime.fromisoformat(survey["at"])
+        tx.execute(
+            "INSERT INTO ticket_surveys (case_id, team, answered_at, month_start, week_start,"
+            " csat, ces, nps) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (case_id) DO UPDATE SET team = excluded.team",
+            (
+                key,
+                team,
+                micros(at),
+                micros(month_start(at)),
+                micros(week_start(at)),
+                survey["csat"],
+                survey["ces"],
+                survey["nps"],
             ),
         )
 
@@ -386,3 +455,39 @@ class TicketsQuery:
         )
         assert p90 is not None
         return Durations(count, float(row[1]) / count, float(p90[0]))
+
+    def satisfaction(
+        self, team: str, start: datetime, end: datetime, interval: str
+    ) -> list[SurveyRow]:
+        """The survey responses recorded in [start, end) (of `team`, or of every team
+        when empty), grouped by UTC month or week and summed in SQL; buckets without
+        responses are left out."""
+        self.catch_up()
+        bucket = INTERVALS[interval]
+        where = "WHERE answered_at >= ? AND answered_at < ?"
+        params: list[Any] = [micros(start), micros(end)]
+        if team:
+            where += " AND team = ?"
+            params.append(team)
+        sql = (
+            f"SELECT {bucket}, COUNT(*), AVG(CAST(csat AS DOUBLE PRECISION)), COUNT(ces),"
+            " AVG(CAST(ces AS DOUBLE PRECISION)), COUNT(nps),"
+            " SUM(CASE WHEN nps >= ? THEN 1 ELSE 0 END),"
+            " SUM(CASE WHEN nps <= ? THEN 1 ELSE 0 END)"
+            f" FROM ticket_surveys {where} GROUP BY {bucket} ORDER BY {bucket}"
+        )
+        with self.database.read() as tx:
+            rows = tx.all(sql, [PROMOTER_MIN, DETRACTOR_MAX, *params])
+        return [
+            SurveyRow(
+                instant(int(at)),
+                int(count),
+                float(csat or 0),
+                int(ces_count),
+                float(ces or 0),
+                int(nps_count),
+                int(promoters or 0),
+                int(detractors or 0),
+            )
+            for at, count, csat, ces_count, ces, nps_count, promoters, detractors in rows
+        ]

@@ -27,7 +27,7 @@ from crm_tickets.inputs import (
     Triage,
     WeekdayInput,
 )
-from crm_tickets.messages import case_pb, compliance_pb, policy_pb
+from crm_tickets.messages import case_pb, compliance_pb, policy_pb, trend_pb
 from crm_tickets.views import CaseView, PolicyView, Written
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TicketsService"].full_name
@@ -214,6 +214,22 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         )
         view = await self.service.sla_compliance(request.team, start, end)
         return pb.GetSlaComplianceResponse(compliance=compliance_pb(view))
+
+    async def GetSatisfactionTrend(
+        self, request: pb.GetSatisfactionTrendRequest, context: Context
+    ) -> pb.GetSatisfactionTrendResponse:
+        start = (
+            datetime_of(request.period_start, "period_start")
+            if request.HasField("period_start")
+            else None
+        )
+        end = (
+            datetime_of(request.period_end, "period_end")
+            if request.HasField("period_end")
+            else None
+        )
+        view = await self.service.satisfaction_trend(request.team, start, end, request.interval)
+        return pb.GetSatisfactionTrendResponse(trend=trend_pb(view))
 
     async def DefineSlaPolicy(
         self, request: pb.DefineSlaPolicyRequest, context: Context

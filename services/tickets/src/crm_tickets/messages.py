@@ -9,7 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from crm.tickets.v1 import tickets_pb2 as pb
 from crm_common.enums import enum_number
-from crm_tickets.views import CaseView, ComplianceView, PolicyView
+from crm_tickets.views import CaseView, ComplianceView, PolicyView, SatisfactionTrendView
 
 
 def timestamp(at: datetime | None) -> Timestamp | None:
@@ -132,4 +132,29 @@ def compliance_pb(view: ComplianceView) -> pb.SlaCompliance:
         resolution_count=view.resolution_count,
         resolution_mean_seconds=view.resolution_mean_seconds,
         resolution_p90_seconds=view.resolution_p90_seconds,
+    )
+
+
+def trend_pb(view: SatisfactionTrendView) -> pb.SatisfactionTrend:
+    return pb.SatisfactionTrend(
+        team=view.team,
+        period_start=timestamp(view.period_start),
+        period_end=timestamp(view.period_end),
+        interval=view.interval,
+        periods=[
+            pb.SatisfactionPeriod(
+                start=timestamp(p.start),
+                end=timestamp(p.end),
+                responses=p.responses,
+                csat_mean=p.csat_mean,
+                ces_responses=p.ces_responses,
+                ces_mean=p.ces_mean,
+                nps_responses=p.nps_responses,
+                promoters=p.promoters,
+                passives=p.passives,
+                detractors=p.detractors,
+                nps=p.nps,
+            )
+            for p in view.periods
+        ],
     )

@@ -162,6 +162,30 @@ class ComplianceModel(Model):
     resolution_p90_seconds: float
 
 
+class SatisfactionPeriodModel(Model):
+    start: datetime = Field(description="The UTC month or week cut to the period: from")
+    end: datetime = Field(description="... to (exclusive)")
+    responses: int
+    csat_mean: float = Field(description="1-5; 0 when there are no responses")
+    ces_responses: int
+    ces_mean: float = Field(description="1-7; 0 when no response has a CES")
+    nps_responses: int
+    promoters: int = Field(description="NPS 9-10")
+    passives: int = Field(description="NPS 7-8")
+    detractors: int = Field(description="NPS 0-6")
+    nps: float = Field(description="promoters% - detractors%, -100 to 100; 0 when none")
+
+
+class SatisfactionTrendModel(Model):
+    team: str = Field(description="Empty: every team")
+    period_start: datetime
+    period_end: datetime
+    interval: str = Field(description="month or week")
+    periods: list[SatisfactionPeriodModel] = Field(
+        description="Every month or week of the period in order, those without responses too"
+    )
+
+
 class CaseCreate(BaseModel):
     customer_id: str = Field(description="The contact (person or company) the case is about")
     channel: Channel
@@ -446,6 +470,31 @@ async def sla_compliance(
     )
 
 
+satisfaction = APIRouter(prefix="/satisfaction", tags=["cases"])
+
+
+@satisfaction.get(
+    "",
+    response_model=SatisfactionTrendModel,
+    responses=ERRORS,
+    operation_id="GetSatisfactionTrend",
+)
+async def satisfaction_trend(
+    service: Service,
+    team: Annotated[str, Query(description="One team's cases; empty: every team")] = "",
+    period_start: Annotated[
+        datetime | None, Query(description="Responses recorded from (inclusive)")
+    ] = None,
+    period_end: Annotated[datetime | None, Query(description="Responses recorded before")] = None,
+    interval: Annotated[
+        str, Query(description="month (default) or week; UTC, weeks from Monday")
+    ] = "",
+) -> SatisfactionTrendModel:
+    return SatisfactionTrendModel.model_validate(
+        await service.satisfaction_trend(team, period_start, period_end, interval)
+    )
+
+
 # Before `cases`, so that `/cases/at-risk` is not taken for a case id.
 at_risk = APIRouter(prefix="/cases", tags=["cases"])
 
@@ -551,6 +600,6 @@ async def retire_sla_policy(
 def create_app(service: TicketsService, gate: AccessGate) -> FastAPI:
     app = service_app(gate, title="CRM tickets", description=DESCRIPTION)
     app.state.service = service
-    for router in (at_risk, cases, teams, customers, policies):
+    for router in (at_risk, cases, teams, customers, satisfaction, policies):
         app.include_router(router)
     return app

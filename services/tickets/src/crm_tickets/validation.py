@@ -270,3 +270,15 @@ def period(start: datetime | None, end: datetime | None) -> tuple[datetime, date
     if end - start > MAX_PERIOD:
         raise ValidationFailed.of("period_end", "the period may span at most 366 days")
     return start, end
+
+
+#: How the satisfaction trend groups its responses.
+INTERVALS = ("month", "week")
+
+
+def interval(value: str) -> str:
+    """month or week (empty: month)."""
+    checked = value.strip().lower() or INTERVALS[0]
+    if checked not in INTERVALS:
+        raise ValidationFailed.of("interval", f"must be one of {', '.join(INTERVALS)}")
+    return checked

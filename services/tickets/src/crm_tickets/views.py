@@ -126,6 +126,36 @@ class ComplianceView:
     resolution_p90_seconds: float
 
 
+@dataclass(frozen=True)
+class SatisfactionPeriodView:
+    """The survey responses recorded in [start, end): a UTC month or week cut to the
+    requested period. Means and NPS are 0 when nothing was answered."""
+
+    start: datetime
+    end: datetime
+    responses: int
+    csat_mean: float
+    ces_responses: int
+    ces_mean: float
+    nps_responses: int
+    promoters: int
+    passives: int
+    detractors: int
+    #: promoters% - detractors% of `nps_responses`, -100 to 100.
+    nps: float
+
+
+@dataclass(frozen=True)
+class SatisfactionTrendView:
+    """Every month or week of [period_start, period_end) in order, empty ones too."""
+
+    team: str
+    period_start: datetime
+    period_end: datetime
+    interval: str
+    periods: list[SatisfactionPeriodView]
+
+
 def case_view(case: Case, now: datetime) -> CaseView:
     due = {d.kind: d.at for d in case.deadlines() if d.what == "breach"}
     return CaseView(

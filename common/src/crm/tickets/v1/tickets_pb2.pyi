@@ -963,6 +963,160 @@ class GetSlaComplianceResponse(_message.Message):
 Global___GetSlaComplianceResponse: _TypeAlias = GetSlaComplianceResponse  # noqa: Y015
 
 @_typing.final
+class GetSatisfactionTrendRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEAM_FIELD_NUMBER: _builtins.int
+    PERIOD_START_FIELD_NUMBER: _builtins.int
+    PERIOD_END_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    team: _builtins.str
+    """The cases of one team (the team a case is in now); empty: every team."""
+    interval: _builtins.str
+    """month or week; empty: month."""
+    @_builtins.property
+    def period_start(self) -> _timestamp_pb2.Timestamp:
+        """The responses recorded at or after `period_start` and before `period_end`."""
+
+    @_builtins.property
+    def period_end(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        team: _builtins.str = ...,
+        period_start: _timestamp_pb2.Timestamp | None = ...,
+        period_end: _timestamp_pb2.Timestamp | None = ...,
+        interval: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_end", b"period_end", "period_start", b"period_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "period_end", b"period_end", "period_start", b"period_start", "team", b"team"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSatisfactionTrendRequest: _TypeAlias = GetSatisfactionTrendRequest  # noqa: Y015
+
+@_typing.final
+class SatisfactionPeriod(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    RESPONSES_FIELD_NUMBER: _builtins.int
+    CSAT_MEAN_FIELD_NUMBER: _builtins.int
+    CES_RESPONSES_FIELD_NUMBER: _builtins.int
+    CES_MEAN_FIELD_NUMBER: _builtins.int
+    NPS_RESPONSES_FIELD_NUMBER: _builtins.int
+    PROMOTERS_FIELD_NUMBER: _builtins.int
+    PASSIVES_FIELD_NUMBER: _builtins.int
+    DETRACTORS_FIELD_NUMBER: _builtins.int
+    NPS_FIELD_NUMBER: _builtins.int
+    responses: _builtins.int
+    """Survey responses; every one has a CSAT (1-5)."""
+    csat_mean: _builtins.float
+    """0 when there are no responses."""
+    ces_responses: _builtins.int
+    """The responses with a CES (1-7), and their mean (0 when none)."""
+    ces_mean: _builtins.float
+    nps_responses: _builtins.int
+    """The responses with an NPS answer (0-10): promoters (9-10), passives (7-8)
+    and detractors (0-6).
+    """
+    promoters: _builtins.int
+    passives: _builtins.int
+    detractors: _builtins.int
+    nps: _builtins.float
+    """Promoters% - detractors% of `nps_responses`, -100 to 100; 0 when none."""
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp:
+        """The calendar month or week (UTC) cut to the requested period: the responses
+        recorded at or after `start` and before `end`.
+        """
+
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+        responses: _builtins.int = ...,
+        csat_mean: _builtins.float = ...,
+        ces_responses: _builtins.int = ...,
+        ces_mean: _builtins.float = ...,
+        nps_responses: _builtins.int = ...,
+        promoters: _builtins.int = ...,
+        passives: _builtins.int = ...,
+        detractors: _builtins.int = ...,
+        nps: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ces_mean", b"ces_mean", "ces_responses", b"ces_responses", "csat_mean", b"csat_mean", "detractors", b"detractors", "end", b"end", "nps", b"nps", "nps_responses", b"nps_responses", "passives", b"passives", "promoters", b"promoters", "responses", b"responses", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SatisfactionPeriod: _TypeAlias = SatisfactionPeriod  # noqa: Y015
+
+@_typing.final
+class SatisfactionTrend(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEAM_FIELD_NUMBER: _builtins.int
+    PERIOD_START_FIELD_NUMBER: _builtins.int
+    PERIOD_END_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    PERIODS_FIELD_NUMBER: _builtins.int
+    team: _builtins.str
+    """Empty: every team."""
+    interval: _builtins.str
+    """month or week."""
+    @_builtins.property
+    def period_start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def period_end(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def periods(self) -> _containers.RepeatedCompositeFieldContainer[Global___SatisfactionPeriod]:
+        """Every month or week of the period in order, those without responses too."""
+
+    def __init__(
+        self,
+        *,
+        team: _builtins.str = ...,
+        period_start: _timestamp_pb2.Timestamp | None = ...,
+        period_end: _timestamp_pb2.Timestamp | None = ...,
+        interval: _builtins.str = ...,
+        periods: _abc.Iterable[Global___SatisfactionPeriod] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_end", b"period_end", "period_start", b"period_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "period_end", b"period_end", "period_start", b"period_start", "periods", b"periods", "team", b"team"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SatisfactionTrend: _TypeAlias = SatisfactionTrend  # noqa: Y015
+
+@_typing.final
+class GetSatisfactionTrendResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TREND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def trend(self) -> Global___SatisfactionTrend: ...
+    def __init__(
+        self,
+        *,
+        trend: Global___SatisfactionTrend | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["trend", b"trend"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["trend", b"trend"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSatisfactionTrendResponse: _TypeAlias = GetSatisfactionTrendResponse  # noqa: Y015
+
+@_typing.final
 class Weekday(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

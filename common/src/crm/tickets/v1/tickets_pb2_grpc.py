@@ -99,6 +99,11 @@ class TicketsServiceStub:
                 request_serializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.GetSlaComplianceRequest.SerializeToString,
                 response_deserializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.GetSlaComplianceResponse.FromString,
                 _registered_method=True)
+        self.GetSatisfactionTrend = channel.unary_unary(
+                '/crm.tickets.v1.TicketsService/GetSatisfactionTrend',
+                request_serializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.GetSatisfactionTrendRequest.SerializeToString,
+                response_deserializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.GetSatisfactionTrendResponse.FromString,
+                _registered_method=True)
         self.DefineSlaPolicy = channel.unary_unary(
                 '/crm.tickets.v1.TicketsService/DefineSlaPolicy',
                 request_serializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.DefineSlaPolicyRequest.SerializeToString,
@@ -216,6 +221,14 @@ class TicketsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSatisfactionTrend(self, request, context):
+        """Survey results answered in [period_start, period_end) per calendar month or
+        week (UTC; weeks start on Monday): responses, mean CSAT and CES, and NPS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DefineSlaPolicy(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -302,6 +315,11 @@ def add_TicketsServiceServicer_to_server(servicer, server):
                     servicer.GetSlaCompliance,
                     request_deserializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.GetSlaComplianceRequest.FromString,
                     response_serializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.GetSlaComplianceResponse.SerializeToString,
+            ),
+            'GetSatisfactionTrend': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSatisfactionTrend,
+                    request_deserializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.GetSatisfactionTrendRequest.FromString,
+                    response_serializer=crm_dot_tickets_dot_v1_dot_tickets__pb2.GetSatisfactionTrendResponse.SerializeToString,
             ),
             'DefineSlaPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.DefineSlaPolicy,
@@ -653,6 +671,33 @@ class TicketsService:
             '/crm.tickets.v1.TicketsService/GetSlaCompliance',
             crm_dot_tickets_dot_v1_dot_tickets__pb2.GetSlaComplianceRequest.SerializeToString,
             crm_dot_tickets_dot_v1_dot_tickets__pb2.GetSlaComplianceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSatisfactionTrend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.tickets.v1.TicketsService/GetSatisfactionTrend',
+            crm_dot_tickets_dot_v1_dot_tickets__pb2.GetSatisfactionTrendRequest.SerializeToString,
+            crm_dot_tickets_dot_v1_dot_tickets__pb2.GetSatisfactionTrendResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,4 @@
-// Helpers several consoles share: contact names for ids, a reason dialog, a bar chart (Chart.js).
+// Helpers several consoles share: contact names for ids, a reason dialog, bar and line charts (Chart.js).
 import { api, h, clear } from "../ui.js";
 
 const names = new Map();
@@ -56,36 +56,76 @@ function chartJs() {
  */
 export function barChart({ title, groups, series, format = (v) => String(v), height = 280 }) {
   const summary = series.map((se) => `${se.name}: ${groups.map((g, i) => `${g} ${format(se.values[i] || 0)}`).join(", ")}`).join("; ");
+  return chartFigure(title, summary, height, (quiet) => ({
+    type: "bar",
+    data: {
+      labels: groups,
+      datasets: series.map((se, j) => ({
+        label: se.name, data: groups.map((_, i) => se.values[i] || 0),
+        backgroundColor: SERIES_COLOURS[j % SERIES_COLOURS.length], maxBarThickness: 90,
+      })),
+    },
+    options: {
+      ...chartOptions(title, series.length > 1, quiet, format),
+      scales: {
+        x: { stacked: true, grid: { display: false }, ticks: { color: "#4e5666" } },
+        y: { stacked: true, beginAtZero: true, ticks: { color: "#4e5666", precision: 0, callback: (v) => format(v) } },
+      },
+    },
+  }));
+}
+
+/**
+ * A line chart drawn by Chart.js for figures over time: `groups` are the x labels,
+ * `series` [{name, values: [..per group, null where there is no figure], axis}] and
+ * `axes` {id: {title, min, max, format}}, one scale per id (the first on the left, the
+ * second on the right), so figures of different ranges share a chart. A null value
+ * leaves a gap. Named and described like `barChart`.
+ */
+export function lineChart({ title, groups, series, axes, height = 280 }) {
+  const shown = (se, v) => (v === null || v === undefined ? "none" : axes[se.axis].format(v));
+  const summary = series.map((se) => `${se.name}: ${groups.map((g, i) => `${g} ${shown(se, se.values[i])}`).join(", ")}`).join("; ");
+  const scales = { x: { offset: true, grid: { display: false }, ticks: { color: "#4e5666" } } };
+  Object.entries(axes).forEach(([id, axis], i) => {
+    scales[id] = {
+      position: i ? "right" : "left", min: axis.min, max: axis.max, grid: { drawOnChartArea: !i },
+      title: { display: true, text: axis.title, color: "#4e5666" }, ticks: { color: "#4e5666", callback: (v) => axis.format(v) },
+    };
+  });
+  return chartFigure(title, summary, height, (quiet) => ({
+    type: "line",
+    data: {
+      labels: groups,
+      datasets: series.map((se, j) => ({
+        label: se.name, data: se.values, yAxisID: se.axis, spanGaps: false, pointRadius: 4, clip: false,
+        borderColor: SERIES_COLOURS[j % SERIES_COLOURS.length], backgroundColor: SERIES_COLOURS[j % SERIES_COLOURS.length],
+      })),
+    },
+    options: { ...chartOptions(title, series.length > 1, quiet, (v, item) => shown(series[item.datasetIndex], v)), scales },
+  }));
+}
+
+function chartOptions(title, legend, quiet, format) {
+  return {
+    responsive: true, maintainAspectRatio: false, animation: quiet ? false : { duration: 300 },
+    plugins: {
+      title: { display: true, text: title, color: "#1a1f2b", font: { size: 13, weight: "600" } },
+      legend: { display: legend, position: "bottom" },
+      tooltip: { callbacks: { label: (item) => `${item.dataset.label}: ${format(item.parsed.y, item)}` } },
+    },
+  };
+}
+
+/** The figure holding a chart's canvas; Chart.js draws `config(quiet)` into it once loaded. */
+function chartFigure(title, summary, height, config) {
   const canvas = h("canvas", { role: "img", "aria-label": title }, summary);
   const box = h("div", { class: "chart-box" }, canvas);
   box.style.height = `${height}px`;
   const figure = h("figure", { class: "chart-figure" }, box);
   chartJs().then((Chart) => {
     const quiet = window.matchMedia("(prefers-reduced-motion: reduce)").matches;
-    const chart = new Chart(canvas, {
-      type: "bar",
-      data: {
-        labels: groups,
-        datasets: series.map((se, j) => ({
-          label: se.name, data: groups.map((_, i) => se.values[i] || 0),
-          backgroundColor: SERIES_COLOURS[j % SERIES_COLOURS.length], maxBarThickness: 90,
-        })),
-      },
-      options: {
-        responsive: true, maintainAspectRatio: false, animation: quiet ? false : { duration: 300 },
-        plugins: {
-          title: { display: true, text: title, color: "#1a1f2b", font: { size: 13, weight: "600" } },
-          legend: { display: series.length > 1, position: "bottom" },
-          tooltip: { callbacks: { label: (item) => `${item.dataset.label}: ${format(item.parsed.y)}` } },
-        },
-        scales: {
-          x: { stacked: true, grid: { display: false }, ticks: { color: "#4e5666" } },
-          y: { stacked: true, beginAtZero: true, ticks: { color: "#4e5666", precision: 0, callback: (v) => format(v) } },
-        },
-      },
-    });
+    figure.chart = new Chart(canvas, config(quiet));
     figure.dataset.drawn = "true";
-    figure.chart = chart;
   }).catch((error) => {
     box.replaceWith(h("p", { class: "alert alert-error alert-compact", role: "alert" }, error.message));
   });

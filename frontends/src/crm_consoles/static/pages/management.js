@@ -1,6 +1,7 @@
-// The management console: pipeline funnel, win rate and revenue by period; SLA compliance.
+// The management console: pipeline funnel, win rate and revenue by period; SLA compliance
+// and the satisfaction (CSAT / NPS) trend.
 import { api, h, empty, section, table, field, money, label, pageHeader, today, duration, problem } from "../ui.js";
-import { barChart, remember, recall } from "./common.js";
+import { barChart, lineChart, remember, recall } from "./common.js";
 
 const compact = (v) => new Intl.NumberFormat(undefined, { notation: "compact", maximumFractionDigits: 1 }).format(v);
 
@@ -50,23 +51,60 @@ export async function serviceLevels(page, _arg, params) {
   const teams = (params.get("teams") || recall("crm.teams") || "").split(",").map((t) => t.trim()).filter(Boolean);
   const start = params.get("start") || today(-30);
   const end = params.get("end") || today(1);
-  const form = h("form", { class: "toolbar" }, field("Teams (comma separated)", h("input", { name: "teams", value: teams.join(", "), required: true })),
-    field("From", h("input", { type: "date", name: "start", value: start })), field("To", h("input", { type: "date", name: "end", value: end })), h("button", { class: "button", type: "submit" }, "Show"));
+  const interval = params.get("interval") === "month" ? "month" : "week";
+  const form = h("form", { class: "toolbar" }, field("Teams (comma separated)", h("input", { name: "teams", value: teams.join(", ") })),
+    field("From", h("input", { type: "date", name: "start", value: start })), field("To", h("input", { type: "date", name: "end", value: end })),
+    field("Satisfaction by", h("select", { name: "interval" }, ["week", "month"].map((i) => h("option", { value: i, selected: i === interval }, i)))),
+    h("button", { class: "button", type: "submit" }, "Show"));
   form.addEventListener("submit", (e) => { e.preventDefault(); location.hash = `#/service-levels?${new URLSearchParams(new FormData(form))}`; });
-  page.append(pageHeader("Service levels"), form,
-    h("p", { class: "note" }, "SLA compliance per team from the tickets API. A satisfaction (CSAT/NPS) trend needs a report the platform does not offer yet; each customer's average shows on the 360 page."));
-  if (!teams.length) { page.append(empty("Name the teams to compare.")); return; }
-  remember("crm.teams", teams.join(","));
-  const replies = await Promise.all(teams.map((t) => api("tickets", `teams/${encodeURIComponent(t)}/sla-compliance`, { query: { period_start: `${start}T00:00:00Z`, period_end: `${end}T00:00:00Z` } }).catch((e) => e)));
+  page.append(pageHeader("Service levels"), form);
+  const period = { period_start: `${start}T00:00:00Z`, period_end: `${end}T00:00:00Z` };
+  const [trend, ...replies] = await Promise.all([
+    api("tickets", "satisfaction", { query: { ...period, interval } }).catch((e) => e),
+    ...teams.map((t) => api("tickets", `teams/${encodeURIComponent(t)}/sla-compliance`, { query: period }).catch((e) => e)),
+  ]);
+  if (teams.length) {
+    remember("crm.teams", teams.join(","));
+    page.append(compliance(replies));
+  } else {
+    page.append(section("SLA compliance", empty("Name the teams to compare.")));
+  }
+  page.append(satisfaction(trend));
+}
+
+function compliance(replies) {
   const ok = replies.filter((r) => !(r instanceof Error));
-  for (const r of replies) if (r instanceof Error) page.append(problem(r));
-  if (!ok.length) return;
+  const box = section("Share of targets met", ...replies.filter((r) => r instanceof Error).map((r) => problem(r)));
+  if (!ok.length) return box;
   const kinds = [...new Set(ok.flatMap((r) => r.targets.map((t) => t.kind)))];
   const bars = ok.flatMap((r) => r.targets.map((t) => ({ name: `${r.team} · ${label(t.kind)}`, value: t.share_met * 100 })));
-  page.append(section("Share of targets met", barChart({ title: "Share of SLA targets met (percent)", groups: bars.map((b) => b.name),
+  box.append(barChart({ title: "Share of SLA targets met (percent)", groups: bars.map((b) => b.name),
     series: [{ name: "Targets met, %", values: bars.map((b) => b.value) }], format: (v) => `${Math.round(v)}` }),
   table(["Team", "Cases", ...kinds.map(label), "First reply (mean / p90)", "Resolution (mean / p90)"], ok.map((r) => [r.team, r.cases,
     ...kinds.map((k) => { const t = r.targets.find((x) => x.kind === k); return t ? `${(t.share_met * 100).toFixed(0)} % (${t.met} met, ${t.breached} breached, ${t.open} open)` : "—"; }),
     r.first_reply_count ? `${duration(r.first_reply_mean_seconds)} / ${duration(r.first_reply_p90_seconds)}` : "—",
-    r.resolution_count ? `${duration(r.resolution_mean_seconds)} / ${duration(r.resolution_p90_seconds)}` : "—"]), { caption: "SLA compliance" })));
+    r.resolution_count ? `${duration(r.resolution_mean_seconds)} / ${duration(r.resolution_p90_seconds)}` : "—"]), { caption: "SLA compliance" }));
+  return box;
+}
+
+/** The CSAT / NPS trend of every team's survey responses (tickets' GetSatisfactionTrend). */
+function satisfaction(trend) {
+  const title = "Satisfaction (CSAT / NPS)";
+  if (trend instanceof Error) return section(title, problem(trend));
+  const periods = trend.periods;
+  if (!periods.some((p) => p.responses)) return section(title, empty("No survey was answered in this time."));
+  const name = (p) => (trend.interval === "month" ? p.start.slice(0, 7) : `week of ${p.start.slice(0, 10)}`);
+  const groups = periods.map(name);
+  const csat = (v) => Number(v).toFixed(1);
+  const nps = (v) => `${Math.round(v)}`;
+  return section(title,
+    lineChart({ title: `Mean CSAT and NPS by ${trend.interval}, every team`, groups,
+      series: [
+        { name: "Mean CSAT (1–5)", axis: "csat", values: periods.map((p) => (p.responses ? p.csat_mean : null)) },
+        { name: "NPS (−100 to 100)", axis: "nps", values: periods.map((p) => (p.nps_responses ? p.nps : null)) },
+      ],
+      axes: { csat: { title: "CSAT", min: 1, max: 5, format: csat }, nps: { title: "NPS", min: -100, max: 100, format: nps } } }),
+    table(["Period", "Responses", "Mean CSAT", "Mean CES", "NPS", "Promoters / passives / detractors"], periods.map((p) => [name(p), p.responses,
+      p.responses ? csat(p.csat_mean) : "—", p.ces_responses ? `${csat(p.ces_mean)} (${p.ces_responses})` : "—",
+      p.nps_responses ? nps(p.nps) : "—", p.nps_responses ? `${p.promoters} / ${p.passives} / ${p.detractors}` : "—"]), { caption: "Satisfaction by period" }));
 }

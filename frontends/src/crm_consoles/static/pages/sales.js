@@ -187,28 +187,32 @@ export async function board(page, _arg, params) {
 // -- leads -----------------------------------------------------------------------------
 
 const LEAD_SOURCES = ["web", "email", "phone", "referral", "event", "partner", "advertising", "social", "other"];
-const recentKey = () => `crm.leads.${boot.user.subject}`;
-function rememberLead(id) {
-  const ids = JSON.parse(localStorage.getItem(recentKey()) || "[]").filter((x) => x !== id);
-  ids.unshift(id);
-  localStorage.setItem(recentKey(), JSON.stringify(ids.slice(0, 50)));
-}
+const LEAD_STATUSES = ["new", "qualified", "disqualified", "converted"];
+const LEADS_PAGE = 25;
 
-export async function leads(page) {
+export async function leads(page, _arg, params) {
+  const status = params.has("status") ? params.get("status") : "new";
+  const token = params.get("page") || "";
   page.append(pageHeader("Lead inbox"));
-  page.append(h("p", { class: "note" }, "The pipeline API offers no list of leads yet, so the inbox holds the leads created or opened in this browser; open any other lead by its id."));
-  const ids = JSON.parse(localStorage.getItem(recentKey()) || "[]");
-  const rows = await Promise.all(ids.map(async (id) => {
-    try { return await api("pipeline", `leads/${encodeURIComponent(id)}`); } catch (error) { return { id, failed: error }; }
-  }));
+  const filter = h("form", { class: "toolbar" },
+    field("Status", h("select", { name: "status" }, h("option", { value: "", selected: !status }, "every lead"),
+      LEAD_STATUSES.map((s) => h("option", { value: s, selected: s === status }, label(s))))),
+    h("button", { class: "button", type: "submit" }, "Show"));
+  filter.addEventListener("submit", (e) => { e.preventDefault(); location.hash = `#/leads?${new URLSearchParams(new FormData(filter))}`; });
   const openId = h("input", { name: "id", required: true, placeholder: "lead id" });
   const opener = h("form", { class: "inline-form" }, field("Open a lead", openId), h("button", { class: "button", type: "submit" }, "Open"));
   opener.addEventListener("submit", (e) => { e.preventDefault(); location.hash = `#/lead/${encodeURIComponent(openId.value.trim())}`; });
-  const order = { new: 0, qualified: 1, converted: 2, disqualified: 3 };
-  rows.sort((a, b) => (order[a.status] ?? 9) - (order[b.status] ?? 9));
-  page.append(section("Leads", opener, rows.length ? table(["Lead", "Company", "Source", "Status", "Score", "Owner", "Created"], rows.map((l) => l.failed
-    ? [l.id, problem(l.failed, { compact: true }), "", "", "", "", ""]
-    : [h("a", { href: `#/lead/${encodeURIComponent(l.id)}` }, `${l.given_name} ${l.family_name}`.trim()), l.company_name || "—", label(l.source), statusBadge(l.status), l.score ?? "—", l.owner, when(l.created_at)]), { caption: "Leads" }) : empty("No leads here yet.")));
+  const reply = await api("pipeline", "leads", { query: { status, page_size: LEADS_PAGE, page_token: token } });
+  const more = new URLSearchParams({ status, page: reply.next_page_token });
+  const paging = h("p", { class: "buttons" },
+    token ? h("a", { class: "button button-quiet", href: `#/leads?${new URLSearchParams({ status })}` }, "First page") : null,
+    reply.next_page_token ? h("a", { class: "button", href: `#/leads?${more}` }, "Next page") : null);
+  const title = `${status ? label(status).replace(/^./, (c) => c.toUpperCase()) : "All"} leads (${reply.total_size})`;
+  page.append(section(title, filter, opener, reply.leads.length
+    ? table(["Lead", "Company", "Source", "Status", "Score", "Owner", "Created"], reply.leads.map((l) => [
+      h("a", { href: `#/lead/${encodeURIComponent(l.id)}` }, `${l.given_name} ${l.family_name}`.trim()), l.company_name || "—", label(l.source),
+      statusBadge(l.status), l.score ?? "—", l.owner, when(l.created_at)]), { caption: "Leads, oldest first" })
+    : empty(status ? `No ${label(status)} leads.` : "No leads yet."), paging));
   if (may("pipeline.CreateLead")) page.append(section("New lead", newLeadForm()));
 }
 
@@ -223,7 +227,6 @@ function newLeadForm() {
   return submitter(form, async (data) => {
     const body = Object.fromEntries([...data.entries()].filter(([, v]) => v !== ""));
     const reply = await api("pipeline", "leads", { method: "POST", headers: { "idempotency-key": requestId() }, body });
-    rememberLead(reply.id);
     toast("Lead created");
     location.hash = `#/lead/${encodeURIComponent(reply.id)}`;
   });
@@ -231,7 +234,6 @@ function newLeadForm() {
 
 export async function lead(page, id) {
   const l = await api("pipeline", `leads/${encodeURIComponent(id)}`);
-  rememberLead(l.id);
   page.append(pageHeader(`${l.given_name} ${l.family_name}`.trim(), h("div", { class: "header-meta" }, statusBadge(l.status), l.company_name ? ` · ${l.company_name}` : "")));
   page.append(section("Lead", h("dl", { class: "facts" },
     [["Email", l.email], ["Phone", l.phone], ["Source", label(l.source)], ["Campaign", l.campaign], ["Owner", l.owner], ["Score", l.score ?? "not qualified"], ["Created", when(l.created_at)],
@@ -420,32 +422,48 @@ export async function forecast(page, _arg, params) {
 
 // -- tasks ------------------------------------------------------------------------------
 
+/** How many open activities due later the tasks page lists at a time. */
+const LATER_PAGE = 50;
+
 export async function tasks(page, _arg, params) {
   const everyone = params.get("all") === "1";
+  const laterToken = params.get("later") || "";
   const toggle = h("a", { href: everyone ? "#/tasks" : "#/tasks?all=1", class: "button button-quiet" }, everyone ? "Only mine" : "Everyone's");
   page.append(pageHeader("Tasks", toggle));
-  page.append(h("p", { class: "note" }, "Overdue follow-ups from the pipeline API; it offers no list of tasks due later yet."));
-  const reply = await api("pipeline", "follow-ups/overdue", { query: everyone ? {} : { owner: boot.user.subject } });
-  const all = reply.owners.flatMap((o) => o.activities);
-  if (!all.length) { page.append(empty(everyone ? "Nobody has overdue follow-ups." : "You have no overdue follow-ups.")); return; }
-  const now = Date.now();
-  const list = h("div", { class: "stack" });
-  page.append(section(`Overdue (${all.length})`, list));
-  for (const a of all) {
-    const subject = a.subject_kind === "opportunity" ? h("a", { href: `#/deal/${encodeURIComponent(a.subject_id)}` }, "deal") : h("a", { href: `#/lead/${encodeURIComponent(a.subject_id)}` }, "lead");
-    const complete = h("form", { class: "inline-form" }, h("button", { class: "button button-primary", type: "submit" }, "Done"));
-    const when_ = h("input", { type: "date", name: "due", required: true, value: today(1), "aria-label": "New due date" });
-    const resched = h("form", { class: "inline-form" }, when_, h("button", { class: "button", type: "submit" }, "Reschedule"));
-    const act = async (path, body) => {
-      const current = await api("pipeline", `activities/${encodeURIComponent(a.id)}`);
-      await api("pipeline", `activities/${encodeURIComponent(a.id)}/${path}`, { method: "POST", headers: { "if-match": String(current.version), "idempotency-key": requestId() }, body });
-      window.dispatchEvent(new HashChangeEvent("hashchange"));
-    };
-    submitter(complete, () => act("complete", { outcome: "done" }));
-    submitter(resched, (data) => act("reschedule", { due_at: new Date(`${data.get("due")}T09:00:00`).toISOString() }));
-    list.append(h("article", { class: "task overdue" },
-      h("div", {}, h("strong", {}, a.title), " ", h("span", { class: "badge" }, label(a.kind)), " on the ", subject),
-      h("div", { class: "muted" }, `due ${when(a.due_at)} · overdue by ${duration((now - new Date(a.due_at)) / 1000)} · ${a.owner}`),
-      h("div", { class: "buttons" }, complete, resched)));
-  }
+  const owner = everyone ? {} : { owner: boot.user.subject };
+  const now = new Date();
+  const [overdue, later] = await Promise.all([
+    api("pipeline", "follow-ups/overdue", { query: owner }),
+    api("pipeline", "activities", { query: { ...owner, status: "open", due_from: now.toISOString(), page_size: LATER_PAGE, page_token: laterToken } }),
+  ]);
+  const late = overdue.owners.flatMap((o) => o.activities);
+  const overdueList = h("div", { class: "stack" });
+  page.append(section(`Overdue (${late.length})`, late.length ? overdueList : empty(everyone ? "Nobody has overdue follow-ups." : "You have no overdue follow-ups.")));
+  for (const a of late) overdueList.append(taskCard(a, `overdue by ${duration((now - new Date(a.due_at)) / 1000)}`, "task overdue"));
+  const laterList = h("div", { class: "stack" });
+  const laterPage = new URLSearchParams({ ...(everyone ? { all: "1" } : {}), later: later.next_page_token });
+  const paging = h("p", { class: "buttons" },
+    laterToken ? h("a", { class: "button button-quiet", href: everyone ? "#/tasks?all=1" : "#/tasks" }, "Soonest first") : null,
+    later.next_page_token ? h("a", { class: "button", href: `#/tasks?${laterPage}` }, "Later ones") : null);
+  page.append(section(`Due later (${later.total_size})`, later.activities.length ? laterList : empty(everyone ? "Nothing else is due." : "Nothing else is due for you."), paging));
+  for (const a of later.activities) laterList.append(taskCard(a, `in ${duration((new Date(a.due_at) - now) / 1000)}`, "task"));
+}
+
+/** One open activity with done and reschedule: `timing` says how overdue or how soon. */
+function taskCard(a, timing, className) {
+  const subject = a.subject_kind === "opportunity" ? h("a", { href: `#/deal/${encodeURIComponent(a.subject_id)}` }, "deal") : h("a", { href: `#/lead/${encodeURIComponent(a.subject_id)}` }, "lead");
+  const complete = h("form", { class: "inline-form" }, h("button", { class: "button button-primary", type: "submit" }, "Done"));
+  const when_ = h("input", { type: "date", name: "due", required: true, value: today(1), "aria-label": `New due date of ${a.title}` });
+  const resched = h("form", { class: "inline-form" }, when_, h("button", { class: "button", type: "submit" }, "Reschedule"));
+  const act = async (path, body) => {
+    const current = await api("pipeline", `activities/${encodeURIComponent(a.id)}`);
+    await api("pipeline", `activities/${encodeURIComponent(a.id)}/${path}`, { method: "POST", headers: { "if-match": String(current.version), "idempotency-key": requestId() }, body });
+    window.dispatchEvent(new HashChangeEvent("hashchange"));
+  };
+  submitter(complete, () => act("complete", { outcome: "done" }));
+  submitter(resched, (data) => act("reschedule", { due_at: new Date(`${data.get("due")}T09:00:00`).toISOString() }));
+  return h("article", { class: className },
+    h("div", {}, h("strong", {}, a.title), " ", h("span", { class: "badge" }, label(a.kind)), " on the ", subject),
+    h("div", { class: "muted" }, `due ${when(a.due_at)} · ${timing} · ${a.owner}`),
+    h("div", { class: "buttons" }, complete, resched));
 }

@@ -31,6 +31,7 @@ from typing import Any
 from eventsourcing.domain import Aggregate
 
 from crm_common.errors import RuleViolated
+from crm_common.privacy.declaration import PersonalData
 from crm_tickets.domain.calendar import BusinessCalendar
 from crm_tickets.domain.values import DEFAULT_TIER, PRIORITIES, TARGET_KINDS, TRANSITIONS
 
@@ -104,6 +105,8 @@ class Case(Aggregate):
         terms: dict[str, Any]
         reopen_window_seconds: int
         at: datetime
+        # The customer's words about their problem; channel, category, team and SLA are not.
+        personal_data = PersonalData("subject", "description", subject="customer_id")
 
     class Event(Aggregate.Event):
         customer_id: str
@@ -140,6 +143,8 @@ class Case(Aggregate):
         author: str
         author_kind: str  # "agent" | "customer"
         body: str
+        # Either side's text is about the customer (the author is a user of the platform).
+        personal_data = PersonalData("body", subject="customer_id")
 
         def change(self, aggregate: Any) -> None:
             aggregate.history[-1].update(author=self.author, author_kind=self.author_kind)
@@ -164,6 +169,8 @@ class Case(Aggregate):
     class NoteAdded(Event):
         author: str
         body: str
+        # An internal note about the customer's case.
+        personal_data = PersonalData("body", subject="customer_id")
 
         def change(self, aggregate: Any) -> None:
             aggregate.messages.append(
@@ -222,6 +229,8 @@ class Case(Aggregate):
         ces: int | None
         nps: int | None
         comment: str
+        # The customer's own words; the scores are anonymous facts (compliance, trends).
+        personal_data = PersonalData("comment", subject="customer_id")
 
         def change(self, aggregate: Any) -> None:
             aggregate.satisfaction = {
