@@ -11,8 +11,10 @@ concurrent clients share a transaction instead of each paying for one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -131,7 +133,8 @@ class Caller:
 
     def command(self, name: str, *request: Any) -> CommandContext:
         """The context of command `name` run for this caller; `request` (the subject id,
-        the inputs) goes into the fingerprint a reused request id is checked against."""
+        the inputs) goes into the fingerprint a reused request id is checked against
+        (made only when there is a request id: nothing else reads it)."""
         return CommandContext(
             command=name,
             request_id=self.request_id or None,
@@ -139,7 +142,9 @@ class Caller:
             actor=self.actor,
             client=self.client,
             scope=self.scope,
-            fingerprint=fingerprint(name, self.expected_version, *request),
+            fingerprint=fingerprint(name, self.expected_version, *request)
+            if self.request_id
+            else "",
         )
 
 
@@ -293,7 +298,11 @@ class _Job:
     decide: Decide
     future: Future[WriteOutcome]
     otel: otel_context.Context
-    traceparent: str | None
+    #: The caller's event loop and the future it awaits (`execute_async`): settled
+    #: from the writer thread together with the rest of its batch, one wake-up of
+    #: the loop per batch instead of one per command.
+    loop: asyncio.AbstractEventLoop | None = None
+    waiter: asyncio.Future[WriteOutcome] | None = None
 
 
 @dataclass
@@ -347,19 +356,22 @@ class CommandBus:
     # -- public API ---------------------------------------------------------
 
     def submit(self, ctx: CommandContext, decide: Decide) -> Future[WriteOutcome]:
+        return self._submit(_Job(ctx, decide, Future(), otel_context.get_current()))
+
+    def _submit(self, job: _Job) -> Future[WriteOutcome]:
         if self._closed:
             raise RuntimeError("command bus is closed")
-        future: Future[WriteOutcome] = Future()
-        self._queue.put(
-            _Job(ctx, decide, future, otel_context.get_current(), current_traceparent())
-        )
-        return future
+        self._queue.put(job)
+        return job.future
 
     def execute(self, ctx: CommandContext, decide: Decide) -> WriteOutcome:
         return self.submit(ctx, decide).result()
 
     async def execute_async(self, ctx: CommandContext, decide: Decide) -> WriteOutcome:
-        return await asyncio.wrap_future(self.submit(ctx, decide))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[WriteOutcome] = loop.create_future()
+        self._submit(_Job(ctx, decide, Future(), otel_context.get_current(), loop, waiter))
+        return await waiter
 
     def close(self) -> None:
         if not self._closed:
@@ -392,6 +404,7 @@ class CommandBus:
                 for j in batch:
                     if not j.future.done():
                         j.future.set_exception(exc)
+            _wake_waiters(batch)
             if stop:
                 return
 
@@ -523,7 +536,9 @@ class CommandBus:
             context=job.otel,
             attributes={"crm.actor": ctx.actor, "crm.client": ctx.client},
         ):
-            traceparent = current_traceparent() or job.traceparent
+            # The command's span, a child of the caller's (or, without a tracer
+            # provider, the caller's own span context).
+            traceparent = current_traceparent()
             uow = UnitOfWork(self, ctx, view)
             try:
                 decision = job.decide(uow)
@@ -618,6 +633,45 @@ class CommandBus:
             receipt.subject_id, receipt.subject_version, position, True, dict(receipt.extra)
         )
         return outcome, None
+
+
+def _wake_waiters(batch: list[_Job]) -> None:
+    """Hands the outcomes of a batch to the event loops that await them: one
+    `call_soon_threadsafe` per loop (each one writes to the loop's wake-up pipe),
+    not one per command."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+    for job in batch:
+        if job.loop is None:
+            continue
+        if job.future.done():
+            by_loop.setdefault(job.loop, []).append(job)
+        else:  # settled later: handed over on its own then
+            job.future.add_done_callback(functools.partial(_wake_one, job))
+    for loop, jobs in by_loop.items():
+        _hand_over(loop, jobs)
+
+
+def _wake_one(job: _Job, _: Future[WriteOutcome]) -> None:
+    if job.loop is not None:
+        _hand_over(job.loop, [job])
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody awaits these
+        loop.call_soon_threadsafe(_settle, jobs)
+
+
+def _settle(jobs: list[_Job]) -> None:
+    """On the caller's loop: each waiter gets its job's outcome (unless it was cancelled)."""
+    for job in jobs:
+        waiter = job.waiter
+        if waiter is None or waiter.done():
+            continue
+        error = job.future.exception()
+        if error is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(job.future.result())
 
 
 def _reused(ctx: CommandContext) -> IdempotencyKeyReused:

@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any, Protocol
 from weakref import WeakSet
 
@@ -231,102 +230,43 @@ def prometheus_text() -> bytes:
 # -- instrumentation of the APIs ----------------------------------------------------
 
 
-def record_rpc(method: str, code: str, seconds: float) -> None:
-    rpc_duration.record(seconds, {"rpc.method": method, "rpc.grpc.status_code": code})
+def record_http(route: str, method: str, status: int, seconds: float) -> None:
+    """Records `crm.http.server.duration` of one REST request (`crm_common.server`):
+    `route` is the template FastAPI matched (`/persons/{person_id}`), so ids never
+    become labels, or `unmatched`. The attribute sets are made once each."""
+    key = (route, method, status)
+    attributes = _http_attributes.get(key)
+    if attributes is None:
+        if len(_http_attributes) > 10_000:  # methods are the client's words: bounded
+            _http_attributes.clear()
+        attributes = _http_attributes[key] = {
+            "http.route": route,
+            "http.request.method": method,
+            "http.response.status_code": status,
+        }
+    http_duration.record(seconds, attributes)
 
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+_http_attributes: dict[tuple[str, str, int], dict[str, Any]] = {}
 
 
-class HttpMetrics:
-    """ASGI middleware: each request's duration by route template, method and status.
+def rpc_recorder(method: str) -> Callable[[str, float], None]:
+    """Records `crm.rpc.server.duration` of one gRPC method: `record(code, seconds)`.
 
-    The route is the template FastAPI matched (`/persons/{person_id}`), so ids
-    never become labels; a path no route matched counts as `unmatched`.
-    """
+    Made once per method when the server registers it (`crm_common.server`); the
+    attribute sets are made once per status code, not on every call."""
+    by_code: dict[str, dict[str, str]] = {}
 
-    def __init__(self, app: ASGIApp, *, skip: frozenset[str] = frozenset({"/healthz"})) -> None:
-        self.app = app
-        self.skip = skip
+    def record(code: str, seconds: float) -> None:
+        attributes = by_code.get(code)
+        if attributes is None:
+            attributes = by_code[code] = {"rpc.method": method, "rpc.grpc.status_code": code}
+        rpc_duration.record(seconds, attributes)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in self.skip:
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_and_note(message: MutableMapping[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            http_duration.record(
-                time.perf_counter() - started,
-                {
-                    "http.route": str(template),
-                    "http.request.method": str(scope.get("method", "")),
-                    "http.response.status_code": status,
-                },
-            )
+    return record
 
 
-def rpc_metrics_interceptor() -> Any:
-    """A gRPC aio server interceptor recording `crm.rpc.server.duration` of unary calls."""
-    import asyncio
-
-    import grpc
-
-    # grpcio ships no type information, so its base classes are Any to mypy.
-    class RpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-        async def intercept_service(
-            self,
-            continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-            details: grpc.HandlerCallDetails,
-        ) -> grpc.RpcMethodHandler:
-            handler = await continuation(details)
-            if handler is None or handler.unary_unary is None:
-                return handler
-            method: str = details.method
-            if method.startswith("/grpc.health.v1.Health/"):
-                return handler
-            inner = handler.unary_unary
-
-            async def measured(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                started = time.perf_counter()
-                code = "UNKNOWN"
-                try:
-                    response = await inner(request, context)
-                    code = _code_name(context.code(), "OK")
-                    return response
-                except grpc.aio.AbortError:
-                    code = _code_name(context.code(), "UNKNOWN")
-                    raise
-                except asyncio.CancelledError:
-                    code = "CANCELLED"
-                    raise
-                finally:
-                    record_rpc(method, code, time.perf_counter() - started)
-
-            return grpc.unary_unary_rpc_method_handler(
-                measured,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-
-    return RpcMetrics()
-
-
-def _code_name(code: object, default: str) -> str:
+def status_name(code: object, default: str) -> str:
     """The name of a gRPC status code as the aio context reports it (enum, int or None)."""
     if code is None:
         return default

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
 import uuid
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
@@ -33,9 +38,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from opentelemetry import trace
-from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry import propagate, trace
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -60,7 +63,7 @@ from crm_common.errors import (
     WaitTimedOut,
 )
 from crm_common.health import Dependencies, Dependency, Heartbeat, serve_health
-from crm_common.metrics import HttpMetrics, rpc_metrics_interceptor
+from crm_common.metrics import record_http, rpc_recorder, status_name
 from crm_common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -201,14 +204,20 @@ def _certificate_name(context: grpc.aio.ServicerContext[Any, Any]) -> str | None
     return names[0].decode("utf-8", "replace") if names else None
 
 
+def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
+    """The call's text metadata by key (binary values left out)."""
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
 def _admit_grpc(
-    gate: AccessGate, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    gate: AccessGate,
+    operation: str,
+    metadata: Mapping[str, str],
+    context: grpc.aio.ServicerContext[Any, Any],
+    certificates: bool = True,
 ) -> Principal:
-    metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-    principal = gate.admit(
-        method.rsplit("/", 1)[-1], metadata.get("authorization"), metadata.get(ACTING_USER_KEY)
-    )
-    certificate = _certificate_name(context)
+    principal = gate.admit(operation, metadata.get("authorization"), metadata.get(ACTING_USER_KEY))
+    certificate = _certificate_name(context) if certificates else None
     if certificate is not None:
         # A partner's identity is the same whether read from its certificate or its token.
         if "partner" in principal.roles and principal.client != certificate:
@@ -243,13 +252,83 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
+UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+async def _abort_with(error: CrmError, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Ends the call with the status of `error` and its google.rpc details."""
+    code, status = grpc_status_of(error)
+    trailers: list[tuple[str, str | bytes]] = [
+        ("grpc-status-details-bin", status.SerializeToString())
+    ]
+    if isinstance(error, RateLimited):
+        trailers.append(("retry-after", str(max(1, round(error.retry_after)))))
+    await context.abort(code, error.message, trailing_metadata=tuple(trailers))
+
+
+def _guarded(
+    gate: AccessGate,
+    method: str,
+    inner: UnaryBehavior,
+    *,
+    certificates: bool = True,
+) -> Callable[..., Awaitable[Any]]:
+    """`inner` behind the gate (health and reflection excepted), its `CrmError`s as rich
+    statuses, a request that is not a message of the method's type INVALID_ARGUMENT,
+    anything else INTERNAL naming an incident. Built once per method, not per call.
+
+    `certificates=False` skips reading a client certificate (a server that asks for
+    none); `metadata`, when given, is the call's metadata already read (`_served`
+    reads it once for the trace context and the gate)."""
+    open_method = method.startswith(OPEN_GRPC_PREFIXES)
+    operation = method.rsplit("/", 1)[-1]
+
+    async def guarded(
+        request: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+        metadata: Mapping[str, str] | None = None,
+    ) -> Any:
+        try:
+            if not open_method:
+                if metadata is None:
+                    metadata = _metadata(context)
+                principal = _admit_grpc(gate, operation, metadata, context, certificates)
+                current_principal.set(principal)
+            if isinstance(request, _Malformed):
+                raise MalformedRequest(
+                    f"the request is not a {operation} request message: "
+                    f"{request.error or 'malformed protobuf'}"
+                )
+            return await inner(request, context)
+        except CrmError as error:
+            await _abort_with(error, context)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            if isinstance(error, grpc.aio.AbortError):
+                raise
+            # Never the exception's text or class on the wire: it may name internals
+            # or another customer's data. The log has it, under the trace id.
+            incident = _incident_id()
+            log.exception("%s failed (incident %s)", method, incident)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
+
+    return guarded
+
+
 class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Admits every call through the gate (health and reflection excepted) and turns
     `CrmError`s raised by unary handlers into rich gRPC statuses (a request that is
-    not a message of the method's type too: INVALID_ARGUMENT)."""
+    not a message of the method's type too: INVALID_ARGUMENT).
+
+    For a server built by hand (the adapters' tests); `serve()` wraps each method once
+    when it is registered instead (`_ServedMethods`), which costs no interceptor per
+    call. The guarded handler of each method is made once and kept here too."""
 
     def __init__(self, gate: AccessGate) -> None:
         self.gate = gate
+        #: Method -> (the behaviour it wrapped, the guarded handler).
+        self._handlers: dict[str, tuple[Any, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -260,45 +339,115 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or handler.unary_unary is None:
             return handler
         method: str = handler_call_details.method
-        open_method = method.startswith(OPEN_GRPC_PREFIXES)
-        inner = handler.unary_unary
-        gate = self.gate
-
-        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            try:
-                if not open_method:
-                    current_principal.set(_admit_grpc(gate, method, context))
-                if isinstance(request, _Malformed):
-                    raise MalformedRequest(
-                        f"the request is not a {method.rsplit('/', 1)[-1]} request message: "
-                        f"{request.error or 'malformed protobuf'}"
-                    )
-                return await inner(request, context)
-            except CrmError as error:
-                code, status = grpc_status_of(error)
-                trailers: list[tuple[str, str | bytes]] = [
-                    ("grpc-status-details-bin", status.SerializeToString())
-                ]
-                if isinstance(error, RateLimited):
-                    trailers.append(("retry-after", str(max(1, round(error.retry_after)))))
-                await context.abort(code, error.message, trailing_metadata=tuple(trailers))
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                if isinstance(error, grpc.aio.AbortError):
-                    raise
-                # Never the exception's text or class on the wire: it may name internals
-                # or another customer's data. The log has it, under the trace id.
-                incident = _incident_id()
-                log.exception("%s failed (incident %s)", method, incident)
-                await context.abort(
-                    grpc.StatusCode.INTERNAL, f"internal error (incident {incident})"
-                )
-
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
+        cached = self._handlers.get(method)
+        if cached is not None and cached[0] is handler.unary_unary:
+            return cached[1]
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            _guarded(self.gate, method, handler.unary_unary),
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
+        )
+        self._handlers[method] = (handler.unary_unary, wrapped)
+        return wrapped
+
+
+# -- every method of serve(), wrapped once ------------------------------------------
+
+_tracer = trace.get_tracer("crm_common.server")
+#: Status codes that are the server's failure, not the caller's (OpenTelemetry's
+#: semantic conventions for gRPC servers): their spans are marked as errors.
+_SERVER_ERRORS = frozenset(
+    {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
+)
+
+
+def _served(
+    gate: AccessGate, method: str, handler: grpc.RpcMethodHandler, *, certificates: bool
+) -> grpc.RpcMethodHandler:
+    """One unary method as `serve()` registers it, built once at start: a server span
+    (continuing the caller's `traceparent`), the duration metric by status, the gate
+    and the error mapping, all in one coroutine per call.
+
+    This is what the OpenTelemetry gRPC interceptor, the metrics interceptor and
+    `AccessInterceptor` did as three interceptors; an interceptor costs the gRPC
+    server a coroutine and a new method handler on every call."""
+    if handler is None or handler.unary_unary is None:
+        return handler
+    service, _, operation = method[1:].rpartition("/")
+    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": operation}
+    record = rpc_recorder(method)
+    guarded = _guarded(gate, method, handler.unary_unary, certificates=certificates)
+
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        started = time.perf_counter()
+        metadata = _metadata(context)
+        parent = propagate.extract(metadata) if "traceparent" in metadata else None
+        code = "UNKNOWN"
+        with _tracer.start_as_current_span(
+            method,
+            context=parent,
+            kind=trace.SpanKind.SERVER,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                response = await guarded(request, context, metadata)
+                code = status_name(context.code(), "OK")
+                return response
+            except grpc.aio.AbortError:
+                code = status_name(context.code(), "UNKNOWN")
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            finally:
+                record(code, time.perf_counter() - started)
+                if span.is_recording():
+                    span.set_attributes(attributes)
+                    span.set_attribute("rpc.grpc.status_code", code)
+                    if code in _SERVER_ERRORS:
+                        span.set_status(trace.StatusCode.ERROR, code)
+
+    return grpc.unary_unary_rpc_method_handler(
+        call,
+        request_deserializer=_tolerant(handler.request_deserializer),
+        response_serializer=handler.response_serializer,
+    )
+
+
+class _ServedGeneric(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """A generic handler whose methods are wrapped by `_served` (once per method)."""
+
+    def __init__(self, inner: Any, wrap: Callable[[str, Any], Any]) -> None:
+        self.inner = inner
+        self.wrap = wrap
+        self._handlers: dict[str, Any] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        method: str = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            found = self.inner.service(handler_call_details)
+            if found is None:
+                return None
+            handler = self._handlers[method] = self.wrap(method, found)
+        return handler
+
+
+class _ServedMethods:
+    """The server as a service's generated `add_..._to_server` sees it: each method
+    it registers is wrapped once by `_served` before the real server gets it."""
+
+    def __init__(self, server: grpc.aio.Server, wrap: Callable[[str, Any], Any]) -> None:
+        self.server = server
+        self.wrap = wrap
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[Any]) -> None:
+        self.server.add_generic_rpc_handlers(tuple(_ServedGeneric(h, self.wrap) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.server.add_registered_method_handlers(
+            service, {name: self.wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
         )
 
 
@@ -671,6 +820,8 @@ def service_app(gate: AccessGate, *, title: str, description: str, version: str 
         version=version,
         description=description,
         dependencies=[Depends(admission(gate)), Depends(refuse_unknown_query)],
+        # `serve()` traces and measures every request itself (`HttpTelemetry`).
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=max_request_bytes())
@@ -714,6 +865,97 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+#: Allocations between two collections of the youngest generation (Python's default
+#: is 700): a command allocates thousands of short-lived objects, most freed by
+#: reference counting, so the default collects several times per command.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def settle_heap() -> None:
+    """Before serving: what the process built at start (the store's connections, a
+    service's in-memory indexes, the imported modules) is moved out of the garbage
+    collector's sight (`gc.freeze`), and young collections run less often. A full
+    collection otherwise walks every long-lived object again, time and again,
+    under load."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
+class HttpTelemetry:
+    """ASGI middleware around a service's whole REST app: a server span per request
+    (continuing the caller's `traceparent`, named by the route's template once it is
+    known) and `crm.http.server.duration` by route template, method and status.
+
+    `serve()` puts it outside the app's error handling, so that the 500 reply's
+    incident id is the request's trace id. It replaces the OpenTelemetry FastAPI
+    instrumentation (a span for the request and two more for its body and reply)
+    and FastAPI's own, which the apps of `service_app` turn off.
+    """
+
+    def __init__(self, app: ASGIApp, *, skip: frozenset[str] = frozenset({"/healthz"})) -> None:
+        self.app = app
+        self.skip = skip
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.skip:
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        method = str(scope.get("method", ""))
+        status = 500
+
+        async def noted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        with _tracer.start_as_current_span(
+            method, context=_http_parent(scope), kind=trace.SpanKind.SERVER
+        ) as span:
+            try:
+                await self.app(scope, receive, noted)
+            finally:
+                template = getattr(scope.get("route"), "path", None)
+                record_http(
+                    str(template or "unmatched"), method, status, time.perf_counter() - started
+                )
+                if span.is_recording():
+                    if template:
+                        span.update_name(f"{method} {template}")
+                        span.set_attribute("http.route", str(template))
+                    span.set_attribute("http.request.method", method)
+                    span.set_attribute("http.response.status_code", status)
+                    if status >= 500:
+                        span.set_status(trace.StatusCode.ERROR)
+
+
+_TRACE_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
+
+
+def _http_parent(scope: Scope) -> Any:
+    """The caller's trace context from the request's headers; None without one."""
+    carrier = {
+        k.decode("latin-1"): v.decode("latin-1")
+        for k, v in scope.get("headers") or ()
+        if k in _TRACE_HEADERS
+    }
+    return propagate.extract(carrier) if "traceparent" in carrier else None
+
+
+def _instrument(app: FastAPI) -> None:
+    """Wraps the app's whole middleware stack (error handling included) in `HttpTelemetry`."""
+    build = app.build_middleware_stack
+
+    def build_with_telemetry() -> ASGIApp:
+        return HttpTelemetry(build())
+
+    app.build_middleware_stack = build_with_telemetry  # type: ignore[method-assign]
+    app.middleware_stack = None
+
+
 class _HttpServer(uvicorn.Server):
     """uvicorn without its own signal handling.
 
@@ -726,6 +968,86 @@ class _HttpServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+
+# -- worker processes ---------------------------------------------------------------
+
+#: `CRM_API_WORKERS`: how many processes serve one API instance (one pod), all
+#: on the same gRPC and REST ports (SO_REUSEPORT: the kernel spreads connections).
+WORKERS_VAR = "CRM_API_WORKERS"
+#: Set in the extra processes the first one starts: their number (1, 2, ...).
+WORKER_INDEX_VAR = "CRM_API_WORKER_INDEX"
+MAX_WORKERS = 32
+
+
+def api_workers() -> int:
+    """`CRM_API_WORKERS`, 1 by default (one process)."""
+    value = os.environ.get(WORKERS_VAR, "").strip()
+    if not value:
+        return 1
+    if not value.isdigit() or not 1 <= int(value) <= MAX_WORKERS:
+        raise RuntimeError(
+            f"{WORKERS_VAR}={value!r}: a number of processes from 1 to {MAX_WORKERS}"
+        )
+    return int(value)
+
+
+def _start_workers(count: int) -> list[subprocess.Popen[bytes]]:
+    """The extra worker processes of this API: the same command line, run again.
+
+    Each builds its own application (its own store connections, its own command
+    bus and group commit) and binds the same ports. Only the first process serves
+    the health port (`CRM_HEALTH_PORT`): the probes and `/metrics` are its own."""
+    workers = []
+    for index in range(1, count):
+        env = dict(os.environ)
+        env[WORKER_INDEX_VAR] = str(index)
+        env.pop("CRM_HEALTH_PORT", None)
+        workers.append(subprocess.Popen([sys.executable, *sys.orig_argv[1:]], env=env))
+    return workers
+
+
+async def _stop_workers(workers: list[subprocess.Popen[bytes]], timeout: float = 60) -> None:
+    """SIGTERM to every worker, then wait for each to drain and exit (or kill it)."""
+    for worker in workers:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+    for worker in workers:
+        try:
+            await asyncio.to_thread(worker.wait, timeout)
+        except subprocess.TimeoutExpired:
+            log.error("API worker %d did not stop in %.0f s: killed", worker.pid, timeout)
+            worker.kill()
+
+
+async def _watch_workers(
+    workers: list[subprocess.Popen[bytes]], stop: Callable[[str], None]
+) -> None:
+    """Stops the first process when a worker exits on its own (the pod restarts
+    whole, rather than serving on fewer processes than configured); in a worker,
+    stops it when the first process is gone."""
+    parent = os.getppid()
+    while True:
+        await asyncio.sleep(1.0)
+        for worker in workers:
+            if worker.poll() is not None:
+                stop(f"API worker {worker.pid} exited with status {worker.returncode}")
+                return
+        if not workers and os.environ.get(WORKER_INDEX_VAR) and os.getppid() != parent:
+            stop("the first API process is gone")
+            return
+
+
+def _shared_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket that other processes may bind too (SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
 
 
 async def serve(
@@ -744,25 +1066,23 @@ async def serve(
     `/healthz` 503; `settings.health_port`, when set, serves `/healthz`,
     `/readyz` and `/metrics` (crm_common.health).
     """
-    FastAPIInstrumentor.instrument_app(http_app, excluded_urls="healthz")
-    http_app.add_middleware(HttpMetrics)
+    workers = api_workers()
+    first = not os.environ.get(WORKER_INDEX_VAR)
+    settle_heap()
+    _instrument(http_app)
     watch = Dependencies(
         Heartbeat(f"{settings.service} api", stale_after=settings.health_stale_after),
         dependencies,
     )
     http_app.state.dependencies = watch
 
+    # No interceptors: each method is wrapped once as it is registered (`_served`).
     server = grpc.aio.server(
-        # The OpenTelemetry gRPC instrumentation is untyped.
-        interceptors=[
-            rpc_metrics_interceptor(),
-            aio_server_interceptor(),  # type: ignore[no-untyped-call]
-            AccessInterceptor(gate),
-        ],
         options=[
             # Larger messages are refused with RESOURCE_EXHAUSTED, unread.
             ("grpc.max_receive_message_length", max_request_bytes()),
-            ("grpc.so_reuseport", 0),
+            # One process per port, unless several workers share it on purpose.
+            ("grpc.so_reuseport", 1 if workers > 1 else 0),
             # Clients reconnect (and resolve the replicas again) every few
             # minutes, so replicas added since get their share of long-lived
             # channels; calls in flight get a minute to finish, more than the
@@ -774,8 +1094,12 @@ async def serve(
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = [s.full_name for s in grpc_services]
+    certificates = settings.grpc_client_auth != "none"
+    methods = _ServedMethods(
+        server, lambda method, h: _served(gate, method, h, certificates=certificates)
+    )
     for service in grpc_services:
-        service.add_to_server(service.servicer, server)
+        service.add_to_server(service.servicer, methods)
     reflection.enable_server_reflection(
         [
             *names,
@@ -817,26 +1141,39 @@ async def serve(
         lifespan="on",
     )
     http_server = _HttpServer(config)
+    sockets = [_shared_socket(settings.bind_host, settings.http_port)] if workers > 1 else None
     loop = asyncio.get_running_loop()
+    failure: list[str] = []
 
     def request_stop() -> None:
         http_server.should_exit = True
 
+    def fail(reason: str) -> None:
+        log.error("%s: stopping", reason)
+        failure.append(reason)
+        request_stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, request_stop)
+    extra = _start_workers(workers) if first and workers > 1 else []
+    supervising = asyncio.create_task(_watch_workers(extra, fail)) if workers > 1 else None
     log.info(
-        "%s serving gRPC on %s and REST on http://%s:%s",
+        "%s serving gRPC on %s and REST on http://%s:%s%s",
         settings.service,
         address,
         settings.bind_host,
         settings.http_port,
+        f" (worker {os.environ.get(WORKER_INDEX_VAR) or 0} of {workers})" if workers > 1 else "",
     )
     try:
         # Returns once SIGTERM/SIGINT asked the HTTP server to stop.
-        await http_server.serve()
+        await http_server.serve(sockets=sockets)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if supervising is not None:
+            supervising.cancel()
+        stopping_workers = asyncio.create_task(_stop_workers(extra))
         stopped.set()
         await watching
         await ops.aclose()
@@ -844,3 +1181,6 @@ async def serve(
         await server.stop(grace=5)
         for stop in on_stop:
             stop()
+        await stopping_workers
+    if failure:
+        raise RuntimeError(failure[0])

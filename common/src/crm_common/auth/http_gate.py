@@ -29,7 +29,7 @@ def admission(gate: AccessGate) -> Callable[[Request], Awaitable[None]]:
 
     # Async, so that the principal set here is the one the endpoint sees.
     async def admit(request: Request) -> None:
-        if request.url.path in OPEN_HTTP_PATHS:
+        if request.scope.get("path") in OPEN_HTTP_PATHS:
             return
         route = request.scope.get("route")
         operation = getattr(route, "operation_id", None) or ""
