@@ -68,6 +68,8 @@ class CompanyProfile:
 
 class Company(Contact):
     KIND = ContactKind.COMPANY
+    # No profile event declares personal data: a company's name, domain, industry and
+    # custom fields are the company's, not a person's (its interactions are, see `Contact`).
 
     class CompanyRegistered(Contact.Created):
         profile: dict[str, Any]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from eventsourcing.domain import Aggregate, event
 
 from crm_common.errors import ValidationFailed
+from crm_common.privacy.declaration import PersonalData
 from crm_contacts.domain.channels import Channel, ConsentStatus
 from crm_contacts.domain.interactions import Interaction, most_recent
 from crm_contacts.domain.lifecycle import (
@@ -62,6 +63,8 @@ class Contact(Aggregate):
 
     class InteractionLogged(Aggregate.Event):
         interaction: dict[str, Any]
+        # A summary is free text about what was said (to a company too, naming people).
+        personal_data = PersonalData("interaction.summary")
 
     class ContactsMerged(Aggregate.Event):
         """This contact survived a merge: its profile before and after, and
@@ -75,6 +78,20 @@ class Contact(Aggregate):
         affiliations: list[dict[str, str]]
         at: datetime
         actor: str
+        # A person's profile fields (see `Person`; for companies it seals their custom
+        # field values too), and the interaction summaries and roles taken over.
+        personal_data = PersonalData(
+            "before.given_name",
+            "before.family_name",
+            "before.channels.*.address",
+            "before.custom_fields.*.value",
+            "after.given_name",
+            "after.family_name",
+            "after.channels.*.address",
+            "after.custom_fields.*.value",
+            "interactions.*.summary",
+            "affiliations.*.role",
+        )
 
     class ContactMergedInto(Aggregate.Event):
         merge_id: str
@@ -92,6 +109,13 @@ class Contact(Aggregate):
         affiliations: list[str]
         at: datetime
         actor: str
+        # The profile as it is after the undo: the same fields as `ContactsMerged`'s.
+        personal_data = PersonalData(
+            "profile.given_name",
+            "profile.family_name",
+            "profile.channels.*.address",
+            "profile.custom_fields.*.value",
+        )
 
     class ContactUnmerged(Aggregate.Event):
         merge_id: str

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 from eventsourcing.domain import event
 
 from crm_common.errors import RuleViolated, ValidationFailed
+from crm_common.privacy.declaration import PersonalData
 from crm_contacts.domain.channels import Channel, ChannelIdentity, Consent, ConsentStatus
 from crm_contacts.domain.companies import Company
 from crm_contacts.domain.contacts import Contact, ContactKind
@@ -93,6 +94,14 @@ class Person(Contact):
 
     class PersonRegistered(Contact.Created):
         profile: dict[str, Any]
+        # Names and channel addresses identify the person, custom field values describe
+        # them; tags, stage, owner, consent status and field keys are the business's words.
+        personal_data = PersonalData(
+            "profile.given_name",
+            "profile.family_name",
+            "profile.channels.*.address",
+            "profile.custom_fields.*.value",
+        )
 
     class PersonProfileUpdated(Contact.Event):
         profile: dict[str, Any]
@@ -100,11 +109,20 @@ class Person(Contact):
         #: Why, when not a caller's edit: a lifecycle rule and what fired it
         #: (events recorded before causes existed have none).
         cause: str
+        # The whole profile again: the same fields as at registration.
+        personal_data = PersonalData(
+            "profile.given_name",
+            "profile.family_name",
+            "profile.channels.*.address",
+            "profile.custom_fields.*.value",
+        )
 
     class PersonLinkedToCompany(Contact.Event):
         company_id: str
         company_name: str
         role: str
+        # A role at a named company singles a person out (the company's name is not theirs).
+        personal_data = PersonalData("role")
 
     class PersonUnlinkedFromCompany(Contact.Event):
         company_id: str
@@ -115,6 +133,8 @@ class Person(Contact):
         status: str
         source: str
         at: datetime
+        # The address is the person's; status, source and time are the consent's facts.
+        personal_data = PersonalData("address")
 
     @event(PersonRegistered)
     def __init__(self, profile: dict[str, Any]) -> None:

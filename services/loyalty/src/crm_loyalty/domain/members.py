@@ -20,6 +20,7 @@ from typing import Any
 from eventsourcing.domain import Aggregate
 
 from crm_common.errors import RuleViolated
+from crm_common.privacy.declaration import PersonalData
 from crm_loyalty.domain.ledger import (
     Balance,
     Lot,
@@ -79,6 +80,11 @@ class Member(Aggregate):
         birthday: str = ""
         #: The contact id of the member who referred this one, "" for none.
         referred_by: str = ""
+        # A birthday and who referred them are the person's; erased, both read as not given.
+        # The subject is the member, one per contact by construction (`member_id`).
+        personal_data = PersonalData(
+            "birthday", "referred_by", redacted={"birthday": "", "referred_by": ""}
+        )
 
     class Earned(Aggregate.Event):
         customer_id: str
@@ -109,6 +115,8 @@ class Member(Aggregate):
         customer_id: str
         referred_by: str
         at: datetime
+        # Who referred the member, as at enrolment.
+        personal_data = PersonalData("referred_by", redacted={"referred_by": ""})
 
         def apply(self, aggregate: Any) -> None:
             aggregate.referral_settled = True

@@ -15,6 +15,7 @@ from typing import Any
 from eventsourcing.domain import Aggregate
 
 from crm_common.errors import RuleViolated
+from crm_common.privacy.declaration import PersonalData
 from crm_pipeline.domain.leads import Lead
 from crm_pipeline.domain.opportunities import Opportunity
 from crm_pipeline.domain.values import check_aware
@@ -32,6 +33,9 @@ class Activity(Aggregate):
         owner: str
         due_at: datetime
         at: datetime
+        # A title is free text ("call Ada about her renewal"). The subject is the activity:
+        # the customer is unknown ("") while its lead is not converted.
+        personal_data = PersonalData("title")
 
     class Rescheduled(Aggregate.Event):
         customer_id: str
@@ -45,6 +49,8 @@ class Activity(Aggregate):
         customer_id: str
         outcome: str
         at: datetime
+        # What came of it, in free text that may name people.
+        personal_data = PersonalData("outcome")
 
         def apply(self, aggregate: Any) -> None:
             aggregate.status = "completed"
@@ -55,6 +61,8 @@ class Activity(Aggregate):
         customer_id: str
         reason: str
         at: datetime
+        # Free text too, kept with the outcome.
+        personal_data = PersonalData("reason")
 
         def apply(self, aggregate: Any) -> None:
             aggregate.status = "cancelled"

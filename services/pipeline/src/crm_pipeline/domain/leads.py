@@ -15,6 +15,7 @@ from typing import Any
 from eventsourcing.domain import Aggregate
 
 from crm_common.errors import RuleViolated, ValidationFailed
+from crm_common.privacy.declaration import PersonalData
 from crm_pipeline.domain.values import check_aware
 
 
@@ -35,6 +36,8 @@ class Lead(Aggregate):
         #: The tag of the partner that brought the lead ("" for everyone else; absent
         #: from leads stored before partners could create them).
         partner_tag: str
+        # The prospect's name and addresses; the company name, source and campaign are not theirs.
+        personal_data = PersonalData("given_name", "family_name", "email", "phone")
 
     class Qualified(Aggregate.Event):
         customer_id: str

@@ -19,6 +19,7 @@ from eventsourcing.domain import Aggregate
 
 from crm_common.errors import RuleViolated, ValidationFailed
 from crm_common.money import Money, parse_amount, round_money
+from crm_common.privacy.declaration import PersonalData
 from crm_pipeline.domain.pipelines import Pipeline
 from crm_pipeline.domain.values import (
     CLOSED_LOST,
@@ -56,6 +57,8 @@ class Opportunity(Aggregate):
         related_deal_ids: list[str]
         lead_id: str
         at: datetime
+        # A deal of a person is named after them (a converted lead's name): the customer's.
+        personal_data = PersonalData("name", subject="customer_id")
 
     class AmountChanged(Aggregate.Event):
         customer_id: str
