@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -211,6 +211,59 @@ def postgres_env(target: PostgresTarget) -> dict[str, str]:
     env = target.env("unused")
     del env["CRM_POSTGRES_SCHEMA"]
     return env
+
+
+# -- personal data at rest: what a raw reader of the store would see -----------------
+
+
+def stored_rows(settings: Settings, tables: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """Every row of `tables` in the store of `settings`, read raw (column to
+    value), by table: the SQLite files in `settings.service_dir`, or the schema
+    of `settings.postgres` on the tests' PostgreSQL.
+
+    For the personal data tests, which scan the event, snapshot and key tables
+    the way someone holding the database but no master key would. Each table
+    must exist (with no rows is fine); one that does not fails the test.
+    """
+    wanted = tuple(tables)
+    found: dict[str, list[dict[str, Any]]] = {}
+    if settings.event_store == "sqlite":
+        import sqlite3
+
+        for file in sorted(settings.service_dir.glob("*.sqlite")):
+            with contextlib.closing(sqlite3.connect(file)) as db:
+                names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+                for table in (t for t in wanted if t in names):
+                    cursor = db.execute(f'SELECT * FROM "{table}"')
+                    columns = [c[0] for c in cursor.description]
+                    rows = [dict(zip(columns, row, strict=True)) for row in cursor]
+                    found.setdefault(table, []).extend(rows)
+    else:
+        import psycopg
+        from psycopg.sql import SQL, Identifier
+
+        schema = settings.postgres["schema"]
+        with psycopg.connect(**postgres_target().connect_kwargs()) as conn:
+            for table in wanted:
+                result = conn.execute(SQL("SELECT * FROM {}").format(Identifier(schema, table)))
+                columns = [c.name for c in result.description or ()]
+                found[table] = [dict(zip(columns, row, strict=True)) for row in result]
+    missing = sorted(set(wanted) - set(found))
+    assert not missing, f"a table to scan is missing: {missing}"
+    return found
+
+
+def found_in_clear(settings: Settings, tables: Iterable[str], values: Iterable[str]) -> list[str]:
+    """Those of `values` that a raw scan of every row of `tables` finds (see
+    `stored_rows`), in their order: what the store holds in clear.
+
+    For the personal data tests: a person's data must not be found, the
+    business facts next to it must be (so the scan is seen to work).
+    """
+    rows = (row for table in stored_rows(settings, tables).values() for row in table)
+    cells = (v for row in rows for v in row.values() if v is not None)
+    blob = b"\n".join(v if isinstance(v, bytes) else str(v).encode() for v in cells)
+    return [v for v in values if v.encode() in blob]
 
 
 # -- snapshots: what every service's snapshot tests check ------------------------------

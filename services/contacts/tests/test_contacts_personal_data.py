@@ -16,14 +16,11 @@ names and addresses in clear (docs/security.md, "Privacy").
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
-import psycopg
 import pytest
 from contacts_support import Clock, log_length
-from psycopg.sql import SQL, Identifier
 
 from crm_common.commands import Caller
 from crm_common.privacy import REDACTED, SubjectErased, new_master_key
@@ -42,7 +39,7 @@ from crm_contacts.inputs import (
     NewPerson,
     PersonChanges,
 )
-from crm_deploy.testing import postgres_target
+from crm_deploy.testing import found_in_clear, stored_rows
 
 CALLER = Caller(actor="grace", client="tests")
 GIVEN, FAMILY, NEW_FAMILY = "Augusta", "Lovelace-Byron", "King-Noel"
@@ -78,34 +75,14 @@ async def contacts(keyed: Settings, clock: Clock) -> AsyncIterator[ContactsServi
     service.close()
 
 
-def stored_rows(settings: Settings) -> dict[str, list[bytes]]:
-    """Every value of every row of the event, snapshot and key tables, by table."""
-    wanted = (*STORED_TABLES[settings.event_store], *KEY_TABLES)
-    found: dict[str, list[Any]] = {}
-    if settings.event_store == "sqlite":
-        for file in sorted(settings.service_dir.glob("*.sqlite")):
-            with sqlite3.connect(file) as db:
-                names = [r[0] for r in db.execute("SELECT name FROM sqlite_master")]
-                for table in set(wanted) & set(names):
-                    rows = db.execute(f'SELECT * FROM "{table}"')
-                    found[table] = [v for row in rows for v in row]
-    else:
-        schema = settings.postgres["schema"]
-        with psycopg.connect(**postgres_target().connect_kwargs()) as conn:
-            for table in wanted:
-                result = conn.execute(SQL("SELECT * FROM {}").format(Identifier(schema, table)))
-                found[table] = [v for row in result for v in row]
-    assert sorted(found) == sorted(wanted), "a table to scan is missing"
-    return {
-        table: [v if isinstance(v, bytes) else str(v).encode() for v in values if v is not None]
-        for table, values in found.items()
-    }
+def scanned(settings: Settings) -> tuple[str, ...]:
+    """The event, snapshot and key tables of the store of `settings`."""
+    return (*STORED_TABLES[settings.event_store], *KEY_TABLES)
 
 
 def in_clear(settings: Settings, values: tuple[str, ...] = PERSONAL) -> list[str]:
     """The `values` a raw scan of the stored rows finds."""
-    blob = b"\n".join(v for values_ in stored_rows(settings).values() for v in values_)
-    return [v for v in values if v.encode() in blob]
+    return found_in_clear(settings, scanned(settings), values)
 
 
 def person(view: Any) -> PersonProfile:
@@ -150,7 +127,7 @@ async def test_a_persons_data_is_sealed_at_rest_and_shown_by_the_service(
     person_id, company_id = await busy_person(contacts, clock)
 
     assert in_clear(keyed) == []
-    rows = stored_rows(keyed)
+    rows = stored_rows(keyed, scanned(keyed))
     snapshots = rows[STORED_TABLES[keyed.event_store][1]]
     assert snapshots, "the person's snapshot (version 6) is stored and was scanned"
     # What is not personal stays readable: the company's name, the consent's source.

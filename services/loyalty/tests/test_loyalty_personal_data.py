@@ -15,20 +15,17 @@ goes on; an enrolment of an erased contact is refused with `SubjectErased`.
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg
 import pytest
 from loyalty_support import Clock, KnownContacts
-from psycopg.sql import SQL, Identifier
 
 from crm_common.commands import Caller
 from crm_common.privacy import SubjectErased, new_master_key
 from crm_common.settings import Settings
-from crm_deploy.testing import postgres_target
+from crm_deploy import testing
 from crm_loyalty.application import LoyaltyService, create_application
 from crm_loyalty.domain.members import member_id
 from crm_loyalty.inputs import Purchase, PurchaseLineInput, RulesInput
@@ -69,25 +66,7 @@ def loyalty(keyed: Settings, clock: Clock) -> Iterator[LoyaltyService]:
 
 def stored_rows(settings: Settings) -> dict[str, list[dict[str, Any]]]:
     """Every row of the event, snapshot and key tables, by table."""
-    wanted = (*STORED_TABLES[settings.event_store], *KEY_TABLES)
-    found: dict[str, list[dict[str, Any]]] = {}
-    if settings.event_store == "sqlite":
-        for file in sorted(settings.service_dir.glob("*.sqlite")):
-            with sqlite3.connect(file) as db:
-                names = [r[0] for r in db.execute("SELECT name FROM sqlite_master")]
-                for table in set(wanted) & set(names):
-                    cursor = db.execute(f'SELECT * FROM "{table}"')
-                    columns = [c[0] for c in cursor.description]
-                    found[table] = [dict(zip(columns, row, strict=True)) for row in cursor]
-    else:
-        schema = settings.postgres["schema"]
-        with psycopg.connect(**postgres_target().connect_kwargs()) as conn:
-            for table in wanted:
-                result = conn.execute(SQL("SELECT * FROM {}").format(Identifier(schema, table)))
-                names = [c.name for c in result.description or ()]
-                found[table] = [dict(zip(names, row, strict=True)) for row in result]
-    assert sorted(found) == sorted(wanted), "a table to scan is missing"
-    return found
+    return testing.stored_rows(settings, (*STORED_TABLES[settings.event_store], *KEY_TABLES))
 
 
 def as_bytes(rows: list[dict[str, Any]]) -> bytes:

@@ -22,25 +22,21 @@ and addresses in clear (docs/security.md, "Privacy").
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
-import psycopg
 import pytest
 from pipeline_support import STAGES, Clock, InProcessContacts
-from psycopg.sql import SQL, Identifier
 
 from crm_common.commands import Caller
 from crm_common.privacy import REDACTED, SubjectErased, new_master_key
 from crm_common.settings import Settings
 from crm_contacts.application import ContactsService
 from crm_contacts.application import create_application as create_contacts
-from crm_deploy.testing import drop_schema, postgres_settings, postgres_target
+from crm_deploy.testing import drop_schema, found_in_clear, postgres_settings
 from crm_pipeline.application import PipelineService, create_application
 from crm_pipeline.inputs import (
     LeadConversion,
@@ -124,32 +120,14 @@ def pipeline(keyed: Settings, contacts: ContactsService, clock: Clock) -> Iterat
     service.close()
 
 
-def stored_rows(settings: Settings) -> list[bytes]:
-    """Every value of every row of the event, snapshot and key tables."""
-    wanted = (*STORED_TABLES[settings.event_store], *KEY_TABLES)
-    found: dict[str, list[Any]] = {}
-    if settings.event_store == "sqlite":
-        for file in sorted(settings.service_dir.glob("*.sqlite")):
-            with sqlite3.connect(file) as db:
-                names = [r[0] for r in db.execute("SELECT name FROM sqlite_master")]
-                for table in set(wanted) & set(names):
-                    rows = db.execute(f'SELECT * FROM "{table}"')
-                    found[table] = [v for row in rows for v in row]
-    else:
-        schema = settings.postgres["schema"]
-        with psycopg.connect(**postgres_target().connect_kwargs()) as conn:
-            for table in wanted:
-                result = conn.execute(SQL("SELECT * FROM {}").format(Identifier(schema, table)))
-                found[table] = [v for row in result for v in row]
-    assert sorted(found) == sorted(wanted), "a table to scan is missing"
-    values = [v for table in wanted for v in found[table] if v is not None]
-    return [v if isinstance(v, bytes) else str(v).encode() for v in values]
+def scanned(settings: Settings) -> tuple[str, ...]:
+    """The event, snapshot and key tables of the store of `settings`."""
+    return (*STORED_TABLES[settings.event_store], *KEY_TABLES)
 
 
 def in_clear(settings: Settings, values: tuple[str, ...] = PERSONAL) -> list[str]:
     """The `values` a raw scan of the stored rows finds."""
-    blob = b"\n".join(stored_rows(settings))
-    return [v for v in values if v.encode() in blob]
+    return found_in_clear(settings, scanned(settings), values)
 
 
 @dataclasses.dataclass
