@@ -31,9 +31,12 @@ Two ways to write a projection:
   loaded from the repository (from its latest snapshot).
 
 SQL is written once for both stores: `?` placeholders (turned into `%s` for
-PostgreSQL), `INSERT ... ON CONFLICT ... DO UPDATE`, and the types both
-understand (TEXT, BIGINT, INTEGER, DOUBLE PRECISION; amounts as TEXT or as
-integers of minor units).
+PostgreSQL, so a literal `%` belongs in a parameter, e.g. LIKE patterns),
+`INSERT ... ON CONFLICT ... DO UPDATE`, and the types both understand (TEXT,
+BIGINT, INTEGER, DOUBLE PRECISION; amounts as TEXT or as integers of minor
+units). A text column that orders results is declared `COLLATE "C"` on
+PostgreSQL, so rows sort by code point as Python and SQLite sort strings,
+whatever the server's locale.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from uuid import UUID
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate, CanInitAggregate
 
-from crm_common.eventstore import _conninfo, ensure_postgres_schema
+from crm_common.eventstore import _conninfo, creating_tables, ensure_postgres_schema
 from crm_common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -113,6 +116,7 @@ class QueryDatabase:
     """
 
     def __init__(self, settings: Settings, *, pool_size: int = 4) -> None:
+        self.settings = settings
         self.dialect = settings.event_store
         self._local = threading.local()
         self._closed = False
@@ -314,7 +318,9 @@ class QuerySide:
     # -- opening: tables, versions --
 
     def _open(self) -> None:
-        with self.database.write() as tx:
+        # Replicas starting together on a new store: one creates the tables, the
+        # others find them (PostgreSQL's CREATE TABLE IF NOT EXISTS races itself).
+        with creating_tables(self.database.settings), self.database.write() as tx:
             tx.execute(
                 f"CREATE TABLE IF NOT EXISTS {TRACKING_TABLE} ("
                 " projection TEXT PRIMARY KEY,"
