@@ -105,7 +105,7 @@ def test_a_money_field_with_a_currency_takes_it_as_default_and_refuses_others() 
 
 def test_rules_keep_stored_values_readable() -> None:
     fields = catalogue()
-    with pytest.raises(DefinitionRefused, match="options cannot be taken away.*smb"):
+    with pytest.raises(DefinitionRefused, match=r"options cannot be taken away.*smb"):
         fields.revise("segment", NOW, options=("enterprise",))
     assert fields.revise("segment", NOW, options=("smb", "enterprise", "public"))
     assert fields.get("segment").revision == 2

@@ -353,6 +353,14 @@ async def test_the_openapi_document_describes_the_api(http: httpx.AsyncClient) -
         ("/contacts/{contact_id}/interactions", "post"),
         ("/contacts/{contact_id}", "get"),
         ("/contacts", "get"),
+        ("/custom-fields/{kind}", "get"),
+        ("/custom-fields/{kind}", "post"),
+        ("/custom-fields/{kind}/{key}", "patch"),
+        ("/custom-fields/{kind}/{key}/retire", "post"),
+        ("/custom-fields/{kind}/{key}/restore", "post"),
+        ("/imports", "post"),
+        ("/imports/{import_id}", "get"),
+        ("/imports/{import_id}/failures", "get"),
     }
     schemas = document["components"]["schemas"]
     channel = schemas["NewChannelIdentity"]["properties"]["channel"]
@@ -388,6 +396,14 @@ async def test_the_openapi_document_describes_the_api(http: httpx.AsyncClient) -
         "LogInteraction",
         "GetContact",
         "ListContacts",
+        "ListCustomFields",
+        "DefineCustomField",
+        "ReviseCustomField",
+        "RetireCustomField",
+        "RestoreCustomField",
+        "ImportContacts",
+        "GetImport",
+        "GetImportFailures",
     }
     for item in document["paths"].values():
         for operation in item.values():
@@ -412,3 +428,53 @@ async def test_a_number_too_large_to_write_out_is_refused_and_nothing_is_stored(
         assert reply.json()["detail"][0]["field"] == "custom_fields.budget.value"
         assert len(reply.text) < 1000
     assert log_length(sqlite_service.app) == length
+
+
+async def test_custom_field_definitions_are_an_admins_and_values_follow_them(
+    http: httpx.AsyncClient, identity: Identity
+) -> None:
+    admin = bearer(identity.mint("admin", subject="root", client="rest-tests"))
+    segment = {
+        "key": "segment",
+        "label": "Segment",
+        "type": "choice",
+        "options": ["smb", "enterprise"],
+        "required": True,
+    }
+    refused = await http.post("/custom-fields/person", json=segment)  # grace is sales
+    assert refused.status_code == 403, refused.text
+    defined = await http.post("/custom-fields/person", json=segment, headers=admin)
+    assert defined.status_code == 201, defined.text
+    assert defined.json()["fields"]["definitions"][0]["options"] == ["smb", "enterprise"]
+    bad = await http.post(
+        "/custom-fields/person", json={**segment, "key": "Bad Key"}, headers=admin
+    )
+    assert fields(bad) == ["key"]
+
+    # Everyone reads the definitions; a value outside the options is refused.
+    listed = await http.get("/custom-fields/person")
+    assert listed.status_code == 200 and listed.json()["version"] == 2
+    person = {**ADA, "custom_fields": {"segment": {"type": "choice", "value": "huge"}}}
+    assert fields(await http.post("/persons", json=person)) == ["custom_fields.segment.value"]
+    person["custom_fields"] = {"segment": {"type": "choice", "value": "smb"}}
+    created = await http.post("/persons", json=person)
+    assert created.status_code == 201, created.text
+
+    grown = await http.patch(
+        "/custom-fields/person/segment",
+        json={"options": ["smb", "enterprise", "public"]},
+        headers=admin,
+    )
+    assert grown.status_code == 200 and grown.json()["fields"]["definitions"][0]["revision"] == 2
+    shrunk = await http.patch(
+        "/custom-fields/person/segment", json={"options": ["smb"]}, headers=admin
+    )
+    assert fields(shrunk) == ["options"]
+    retired = await http.post("/custom-fields/person/segment/retire", headers=admin)
+    assert [d["retired"] for d in retired.json()["fields"]["definitions"]] == [True]
+    contact = (await http.get(f"/contacts/{created.json()['id']}")).json()
+    assert "segment" not in contact["custom_fields"]
+    assert (
+        await http.post("/custom-fields/person/nothing/retire", headers=admin)
+    ).status_code == 404
+    assert (await http.get("/custom-fields/deal")).status_code == 422

@@ -12,16 +12,17 @@ a partner creates gets its tag, and it reads or changes only contacts that
 carry that tag; any other contact is refused with `PermissionDenied`, and its
 searches see only its tagged contacts. The rule is here, not in the adapters,
 so both transports (and anything else that runs commands) keep it. Searching uses
-`crm_contacts.directory.ContactDirectory`, an in-memory index that follows the
-event store's notification log, so it sees the writes of every replica of the
-service and is rebuilt by reading the log again after a restart.
+`crm_contacts.directory.ContactDirectory`: query tables in the service's own
+database that follow the event store's notification log, so a search sees the
+writes of every replica of the service, and a restarted process answers from
+the tables as they are instead of reading the log again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -34,10 +35,12 @@ from crm_common.auth.access import AccessPolicy, PartnerGrant
 from crm_common.commands import Caller, CommandBus, CommandContext, UnitOfWork
 from crm_common.errors import NotFound, PermissionDenied
 from crm_common.eventstore import SnapshottingApplication, application_env, creating_tables
+from crm_common.querystore import QueryDatabase
 from crm_common.settings import Settings
 from crm_contacts import validation
+from crm_contacts.definitions import FieldDefinitions
 from crm_contacts.directory import ContactDirectory
-from crm_contacts.domain import Company, Contact, Person
+from crm_contacts.domain import Company, Contact, ContactKind, Person
 from crm_contacts.domain.lifecycle import LifecycleRule
 from crm_contacts.inputs import (
     CompanyChanges,
@@ -65,12 +68,29 @@ class ContactsApplication(SnapshottingApplication):
     name = "contacts"
     #: A person's or company's every interaction is one of its events.
     snapshot_kinds = (Person, Company)
+    #: Where the store is: the directory's query tables live in the same database.
+    settings: Settings | None = None
 
 
 def create_application(settings: Settings) -> ContactsApplication:
     """The application on the configured event store (SQLite or PostgreSQL)."""
     with creating_tables(settings):
-        return ContactsApplication(env=application_env(settings))
+        app = ContactsApplication(env=application_env(settings))
+    app.settings = settings
+    return app
+
+
+def open_directory(app: ContactsApplication) -> ContactDirectory:
+    """The directory's query tables in the application's own database, created
+    if missing (the query side serialises that among replicas starting together)."""
+    if app.settings is None:
+        raise ValueError("the application was not made by create_application: no settings")
+    database = QueryDatabase(app.settings)
+    try:
+        return ContactDirectory(app, database)
+    except BaseException:
+        database.close()
+        raise
 
 
 # -- the service ---------------------------------------------------------------------------
@@ -85,18 +105,34 @@ class ContactsService:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         policy: AccessPolicy | None = None,
+        directory: ContactDirectory | None = None,
     ) -> None:
         self.app = app
         self.bus = CommandBus(app, SERVICE)
-        self.directory = ContactDirectory(app)
+        self._directory = directory
+        self._directory_lock = threading.Lock()
         self.clock = clock
+        #: The custom-field definitions values are checked against.
+        self.fields = FieldDefinitions(app, self.bus, clock)
         #: Whose grants partners work under (the API's gate's policy; by default
         #: the policy shipped with crm_common).
         self.policy = policy or AccessPolicy.load()
 
+    @property
+    def directory(self) -> ContactDirectory:
+        """The search's query tables, opened on first use: a process that never
+        searches (the follower) never touches them."""
+        with self._directory_lock:
+            if self._directory is None:
+                self._directory = open_directory(self.app)
+            return self._directory
+
     def close(self) -> None:
-        """Stops the command bus (after pending commands) and closes the store."""
+        """Stops the command bus (after pending commands), the directory and the store."""
         self.bus.close()
+        with self._directory_lock:
+            if self._directory is not None:
+                self._directory.close()
         self.app.close()
 
     # -- partners ------------------------------------------------------------------------
@@ -153,7 +189,7 @@ class ContactsService:
     ) -> ContactWrite:
         outcome = await self.bus.execute_async(ctx, decide)
         if isinstance(outcome.subject, Contact):
-            view = view_of(outcome.subject)
+            view = self.fields.hide_retired(view_of(outcome.subject))
         else:  # a replay: show the contact as it is now (if the caller still may)
             view = await self.get_contact(outcome.id, caller)
         return ContactWrite(outcome, view)
@@ -161,7 +197,9 @@ class ContactsService:
     async def create_person(self, caller: Caller, new: NewPerson) -> ContactWrite:
         grant = self.grant_of(caller)
         tagged = dataclasses.replace(new, tags=self._tags_for(grant, new.tags))
-        profile = validation.new_person_profile(tagged, self.clock())
+        profile = validation.new_person_profile(
+            tagged, self.clock(), self.fields.current(ContactKind.PERSON)
+        )
         return await self._write(
             caller,
             caller.command("CreatePerson", new),
@@ -178,7 +216,10 @@ class ContactsService:
             if grant is not None and "tags" in changes.fields:
                 tags = self._tags_for(grant, changes.tags, person.profile.tags)
                 wanted = dataclasses.replace(changes, tags=tags)
-            person.change_profile(validation.changed_person_profile(person.profile, wanted, now))
+            definitions = self.fields.current(ContactKind.PERSON)
+            person.change_profile(
+                validation.changed_person_profile(person.profile, wanted, now, definitions)
+            )
             return person
 
         return await self._write(
@@ -188,7 +229,7 @@ class ContactsService:
     async def create_company(self, caller: Caller, new: NewCompany) -> ContactWrite:
         grant = self.grant_of(caller)
         tagged = dataclasses.replace(new, tags=self._tags_for(grant, new.tags))
-        profile = validation.new_company_profile(tagged)
+        profile = validation.new_company_profile(tagged, self.fields.current(ContactKind.COMPANY))
         return await self._write(
             caller,
             caller.command("CreateCompany", new),
@@ -204,7 +245,10 @@ class ContactsService:
             if grant is not None and "tags" in changes.fields:
                 tags = self._tags_for(grant, changes.tags, company.profile.tags)
                 wanted = dataclasses.replace(changes, tags=tags)
-            company.change_profile(validation.changed_company_profile(company.profile, wanted))
+            definitions = self.fields.current(ContactKind.COMPANY)
+            company.change_profile(
+                validation.changed_company_profile(company.profile, wanted, definitions)
+            )
             return company
 
         return await self._write(
@@ -323,7 +367,7 @@ class ContactsService:
         if not isinstance(contact, Contact):
             raise NotFound("Contact", contact_id)
         self._check_grant(grant, contact)
-        return view_of(contact)
+        return self.fields.hide_retired(view_of(contact))
 
     async def list_contacts(self, query: ContactQuery, caller: Caller | None = None) -> ContactPage:
         """A page of the search as `caller` may see it: a partner, its tagged contacts only.
@@ -344,9 +388,13 @@ class ContactsService:
                 )
         grant = self.grant_of(caller)
         within = _canonical_tag(grant.tag) if grant is not None else None
-        return await asyncio.to_thread(
-            functools.partial(self.directory.search, query, within_tag=within)
-        )
+        return await asyncio.to_thread(self._search, query, within)
+
+    def _search(self, query: ContactQuery, within_tag: str | None) -> ContactPage:
+        # In the worker thread: the first search opens the directory's tables.
+        page = self.directory.search(query, within_tag=within_tag)
+        shown = [self.fields.hide_retired(v) for v in page.contacts]
+        return dataclasses.replace(page, contacts=shown)
 
 
 def _canonical_tag(tag: str) -> str:

@@ -1,23 +1,43 @@
-"""`ContactDirectory`: search over all contacts, an in-memory index that
-follows the event store's notification log."""
+"""`ContactDirectory`: search over all contacts, answered from query tables in
+the service's own database (`crm_common.querystore`).
+
+The tables follow the event store's notification log as a tracked projection
+of the contacts' states (`ContactTables`): a process opens them and answers at
+once, whatever the history, and keeps no record of its own in memory. A
+search first applies what was stored since the tables' position (usually
+nothing: the API process follows the log in the background), so it sees every
+write committed before it, whichever replica made it.
+
+- `directory_contacts`: one row per contact: its kind, its sort key (display
+  name casefolded), its lifecycle stage, its version and last change, and the
+  view a result page shows, as JSON;
+- `directory_emails`, `directory_phones`, `directory_tags`: `(key, contact_id)`
+  for the exact lookups (emails in lower case, phone numbers in E.164, tags
+  canonical).
+
+Names match as case-insensitive substrings: a `LIKE` over the casefolded
+display name, which holds the given and the family name of a person (a
+substring of either is a substring of it). Results are ordered by sort key,
+then id (byte order on both stores: PostgreSQL compares the two columns in the
+"C" collation, as Python compares strings); a page token holds the last sort
+key shown and the next page starts after it (keyset paging), so walking the
+pages shows each match once even while contacts are added.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import json
-import threading
-from bisect import bisect_right, insort
-from collections.abc import Iterable
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.application import Application
-from eventsourcing.domain import DomainEventProtocol
 
 from crm_common.errors import FieldErrors
+from crm_common.querystore import AggregateProjection, QueryDatabase, QuerySide, Tx
 from crm_contacts import validation
 from crm_contacts.domain import (
     PHONE_CHANNELS,
@@ -25,23 +45,26 @@ from crm_contacts.domain import (
     Channel,
     Company,
     CompanyProfile,
-    Consent,
-    ConsentStatus,
     Contact,
     ContactKind,
     Person,
     PersonProfile,
-    with_consent,
 )
 from crm_contacts.inputs import ContactQuery
 from crm_contacts.views import ContactPage, ContactView
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
+#: Contacts the projection keeps folded between batches. A contact not among
+#: them is loaded from the store (from its snapshot); the API process's
+#: memory does not grow with the number of contacts.
+DIRECTORY_CACHE = 1000
 
-
-def _sort_key(view: ContactView) -> tuple[str, str]:
-    return view.display_name.casefold(), view.id
+CONTACTS = "directory_contacts"
+#: Key tables of the exact lookups: table → key column.
+KEY_TABLES = {"directory_emails": "email", "directory_phones": "phone", "directory_tags": "tag"}
+#: Contacts whose keys one DELETE removes.
+DELETE_CHUNK = 500
 
 
 def _encode_token(key: tuple[str, str]) -> str:
@@ -62,160 +85,246 @@ def _decode_token(token: str) -> tuple[str, str]:
     return name, ident
 
 
-# -- what each event does to the view of its contact ------------------------------------
-#
-# Each takes the view before the event (None for a registration) and returns the
-# view after it, before the version and time move; None: not a contact's event.
+def _column_text(value: str) -> str:
+    """Text as a query column holds it: PostgreSQL's TEXT cannot hold NUL, and
+    one contact's name must not stop the tables from following the log."""
+    return value.replace("\x00", "")
 
 
-@functools.singledispatch
-def _applied(event: Contact.Event, before: ContactView | None) -> ContactView | None:
-    return None  # an event that changes nothing searchable (or a newer kind): ignored
+def _like_pattern(text: str) -> str:
+    """`%text%` with LIKE's own characters escaped (`ESCAPE '\\'`)."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
 
 
-@_applied.register
-def _(event: Person.PersonRegistered, before: ContactView | None) -> ContactView | None:
-    return _registered(event, ContactKind.PERSON, PersonProfile.from_dict(event.profile))
+# -- a result's view, as its row holds it ------------------------------------------------
 
 
-@_applied.register
-def _(event: Company.CompanyRegistered, before: ContactView | None) -> ContactView | None:
-    return _registered(event, ContactKind.COMPANY, CompanyProfile.from_dict(event.profile))
-
-
-def _registered(
-    event: Contact.Created, kind: ContactKind, profile: PersonProfile | CompanyProfile
-) -> ContactView:
+def _view_of(contact: Person | Company) -> ContactView:
+    """The contact as a result page shows it (without interactions)."""
+    affiliations = tuple(contact.affiliations.values()) if isinstance(contact, Person) else ()
     return ContactView(
-        id=str(event.originator_id),
-        kind=kind,
-        version=event.originator_version,
-        profile=profile,
-        affiliations=(),
+        id=str(contact.id),
+        kind=contact.KIND,
+        version=contact.version,
+        profile=contact.profile,
+        affiliations=affiliations,
         interactions=(),
-        created_at=event.timestamp,
-        updated_at=event.timestamp,
+        created_at=contact.created_on,
+        updated_at=contact.modified_on,
     )
 
 
-@_applied.register
-def _(event: Person.PersonProfileUpdated, before: ContactView | None) -> ContactView | None:
-    if before is None:
-        return None
-    return replace(before, profile=PersonProfile.from_dict(event.profile))
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__qualname__} is not JSON serializable")
 
 
-@_applied.register
-def _(event: Company.CompanyProfileUpdated, before: ContactView | None) -> ContactView | None:
-    if before is None:
-        return None
-    return replace(before, profile=CompanyProfile.from_dict(event.profile))
+def _view_json(view: ContactView) -> str:
+    return json.dumps(
+        {
+            "profile": view.profile.to_dict(),
+            "affiliations": [[a.company_id, a.company_name, a.role] for a in view.affiliations],
+            "created_at": view.created_at,
+            "updated_at": view.updated_at,
+        },
+        default=_json_default,
+        separators=(",", ":"),
+    )
 
 
-@_applied.register
-def _(event: Person.PersonLinkedToCompany, before: ContactView | None) -> ContactView | None:
-    if before is None:
-        return None
-    link = Affiliation(event.company_id, event.company_name, event.role)
-    others = tuple(a for a in before.affiliations if a.company_id != link.company_id)
-    return replace(before, affiliations=(*others, link))
+def _view_from_row(ident: str, kind: str, version: int, data: str) -> ContactView:
+    stored = json.loads(data)
+    profile: PersonProfile | CompanyProfile
+    if kind == ContactKind.PERSON:
+        profile = PersonProfile.from_dict(_with_consent_times(stored["profile"]))
+    else:
+        profile = CompanyProfile.from_dict(stored["profile"])
+    return ContactView(
+        id=ident,
+        kind=ContactKind(kind),
+        version=int(version),
+        profile=profile,
+        affiliations=tuple(Affiliation(*a) for a in stored["affiliations"]),
+        interactions=(),
+        created_at=datetime.fromisoformat(stored["created_at"]),
+        updated_at=datetime.fromisoformat(stored["updated_at"]),
+    )
 
 
-@_applied.register
-def _(event: Person.PersonUnlinkedFromCompany, before: ContactView | None) -> ContactView | None:
-    if before is None:
-        return None
-    kept = tuple(a for a in before.affiliations if a.company_id != event.company_id)
-    return replace(before, affiliations=kept)
+def _with_consent_times(profile: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored person profile with its consents' times as datetimes again."""
+    channels = []
+    for channel in profile["channels"]:
+        consent = channel.get("consent")
+        if consent is not None:
+            at = datetime.fromisoformat(consent["recorded_at"])
+            channel = {**channel, "consent": {**consent, "recorded_at": at}}
+        channels.append(channel)
+    return {**profile, "channels": channels}
 
 
-@_applied.register
-def _(event: Person.ConsentRecorded, before: ContactView | None) -> ContactView | None:
-    if before is None or not isinstance(before.profile, PersonProfile):
-        return None
-    consent = Consent(ConsentStatus(event.status), event.source, event.at)
-    profile = with_consent(before.profile, Channel(event.channel), event.address, consent)
-    return replace(before, profile=profile)
+# -- the projection -----------------------------------------------------------------------
+
+#: The events that change what a search shows.
+KNOWN_EVENTS = (
+    Person.PersonRegistered,
+    Person.PersonProfileUpdated,
+    Person.PersonLinkedToCompany,
+    Person.PersonUnlinkedFromCompany,
+    Person.ConsentRecorded,
+    Company.CompanyRegistered,
+    Company.CompanyProfileUpdated,
+    Contact.InteractionLogged,
+)
 
 
-@_applied.register
-def _(event: Contact.InteractionLogged, before: ContactView | None) -> ContactView | None:
-    # Search results show no interactions: only the version and time move.
-    return before
+class ContactTables(AggregateProjection):
+    """The directory's tables: each contact's row and its lookup keys, written
+    from the contact's state after each batch (folded by the aggregates' own
+    `mutate`, so the directory never disagrees with `GetContact`)."""
+
+    name = "contact-directory"
+    version = 1
+    tables = (CONTACTS, *KEY_TABLES)
+    #: `Contact`: its interactions are `Contact.InteractionLogged` for either kind.
+    kinds = (Contact,)
+
+    def create(self, tx: Tx) -> None:
+        # Byte order on PostgreSQL, as in Python and in SQLite's default collation.
+        text = 'TEXT COLLATE "C"' if tx.dialect == "postgres" else "TEXT"
+        tx.execute(
+            f"CREATE TABLE IF NOT EXISTS {CONTACTS} ("
+            f" id {text} PRIMARY KEY,"
+            " kind TEXT NOT NULL,"
+            f" sort_key {text} NOT NULL,"
+            " display_name TEXT NOT NULL,"
+            " lifecycle_stage TEXT NOT NULL,"
+            " view TEXT NOT NULL,"
+            " version BIGINT NOT NULL,"
+            " updated_at TEXT NOT NULL)"
+        )
+        tx.execute(f"CREATE INDEX IF NOT EXISTS {CONTACTS}_order ON {CONTACTS} (sort_key, id)")
+        tx.execute(f"CREATE INDEX IF NOT EXISTS {CONTACTS}_kind ON {CONTACTS} (kind, sort_key, id)")
+        for table, key in KEY_TABLES.items():
+            tx.execute(
+                f"CREATE TABLE IF NOT EXISTS {table} ("
+                f" {key} TEXT NOT NULL, contact_id {text} NOT NULL,"
+                f" PRIMARY KEY ({key}, contact_id))"
+            )
+            tx.execute(f"CREATE INDEX IF NOT EXISTS {table}_contact ON {table} (contact_id)")
+
+    def __init__(self, app: Application[UUID], cache_size: int = DIRECTORY_CACHE) -> None:
+        super().__init__(app, cache_size=cache_size)
+        self._rows: list[tuple[Any, ...]] = []
+        self._keys: dict[str, list[tuple[str, str]]] = {table: [] for table in KEY_TABLES}
+
+    def apply(self, tx: Tx, events: Sequence[Any]) -> None:
+        # A kind of event this release does not know (a newer one's) changes
+        # nothing in the tables, its version included: the next known event
+        # brings the contact up to date.
+        self._clear_rows()
+        super().apply(tx, [e for e in events if isinstance(e, KNOWN_EVENTS)])
+        self._write(tx)
+
+    def project(self, tx: Tx, aggregate: Any) -> None:
+        """Collects the contact's rows: `_write` stores a batch's rows together (a
+        few statements a batch rather than a few a contact)."""
+        view = _view_of(aggregate)
+        profile = view.profile
+        self._rows.append(
+            (
+                view.id,
+                str(view.kind),
+                _column_text(view.display_name.casefold()),
+                _column_text(view.display_name),
+                str(profile.lifecycle_stage),
+                _view_json(view),
+                view.version,
+                view.updated_at.isoformat(),
+            )
+        )
+        channels = profile.channels if isinstance(profile, PersonProfile) else ()
+        keys = {
+            "directory_emails": {c.address for c in channels if c.channel is Channel.EMAIL},
+            "directory_phones": {c.address for c in channels if c.channel in PHONE_CHANNELS},
+            "directory_tags": set(profile.tags),
+        }
+        for table, values in keys.items():
+            self._keys[table].extend((_column_text(k), view.id) for k in sorted(values))
+
+    def _write(self, tx: Tx) -> None:
+        if not self._rows:
+            return
+        tx.executemany(
+            f"INSERT INTO {CONTACTS} (id, kind, sort_key, display_name, lifecycle_stage,"
+            " view, version, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET kind = excluded.kind,"
+            " sort_key = excluded.sort_key, display_name = excluded.display_name,"
+            " lifecycle_stage = excluded.lifecycle_stage, view = excluded.view,"
+            " version = excluded.version, updated_at = excluded.updated_at",
+            self._rows,
+        )
+        ids = [row[0] for row in self._rows]
+        for table, key in KEY_TABLES.items():
+            for start in range(0, len(ids), DELETE_CHUNK):
+                chunk = ids[start : start + DELETE_CHUNK]
+                tx.execute(
+                    f"DELETE FROM {table} WHERE contact_id IN ({tx.placeholders(len(chunk))})",
+                    chunk,
+                )
+            tx.executemany(
+                f"INSERT INTO {table} ({key}, contact_id) VALUES (?, ?)", self._keys[table]
+            )
+        self._clear_rows()
+
+    def _clear_rows(self) -> None:
+        self._rows = []
+        self._keys = {table: [] for table in KEY_TABLES}
+
+    def reset(self) -> None:
+        super().reset()
+        self._clear_rows()
+
+    @property
+    def cached(self) -> int:
+        """Contacts folded in memory now (at most `cache_size`)."""
+        return len(self._cache)
+
+
+# -- the directory ------------------------------------------------------------------------
 
 
 class ContactDirectory:
-    """Search over all contacts: an in-memory index following the event log.
+    """Search over all contacts, from the query tables (see the module)."""
 
-    Before each search it reads the notification log from where it stopped
-    (`select_notifications`), so it includes every write committed before the
-    search, whichever process made it. Names match as case-insensitive
-    substrings (a scan), emails, phone numbers and tags exactly (hash indexes).
-    Results are ordered by display name then id; a page token holds the sort
-    key of the last contact shown, so paging stays stable while contacts are
-    added.
-    """
+    def __init__(
+        self, app: Application[UUID], database: QueryDatabase, *, cache_size: int = DIRECTORY_CACHE
+    ) -> None:
+        self.tables = ContactTables(app, cache_size=cache_size)
+        self.query_side = QuerySide(app, database, [self.tables])
 
-    def __init__(self, app: Application[UUID], batch_size: int = 1000) -> None:
-        self.app = app
-        self.batch_size = batch_size
-        self.position = 0
-        self._lock = threading.Lock()
-        self._contacts: dict[str, ContactView] = {}
-        self._order: list[tuple[str, str]] = []
-        self._emails: dict[str, set[str]] = {}
-        self._phones: dict[str, set[str]] = {}
-        self._tags: dict[str, set[str]] = {}
+    @property
+    def position(self) -> int:
+        """The last event of the log the tables hold."""
+        return self.query_side.position()
 
-    def __len__(self) -> int:
-        return len(self._contacts)
-
-    # -- following the log --
+    @property
+    def applied(self) -> int:
+        """Events this process has applied to the tables."""
+        return self.query_side.applied
 
     def catch_up(self) -> int:
-        """Applies every event stored since the last call; returns the position."""
-        with self._lock:
-            return self._catch_up()
+        """Applies what was stored since the tables' position; returns the position."""
+        return self.query_side.catch_up()
 
-    def _catch_up(self) -> int:
-        recorder: Any = self.app.recorder
-        while True:
-            notifications = recorder.select_notifications(self.position + 1, self.batch_size)
-            for notification in notifications:
-                self._apply(self.app.mapper.to_domain_event(notification))
-                self.position = notification.id
-            if len(notifications) < self.batch_size:
-                return self.position
+    def follow(self, interval: float = 0.2) -> None:
+        """Keeps the tables up to date in the background, so a search rarely waits."""
+        self.query_side.follow(interval)
 
-    def _apply(self, event: DomainEventProtocol[Any]) -> None:
-        if not isinstance(event, Contact.Event):
-            return  # not a contact's event (e.g. a command receipt)
-        before = self._contacts.get(str(event.originator_id))
-        after = _applied(event, before)
-        if after is None:
-            return
-        after = replace(after, version=event.originator_version, updated_at=event.timestamp)
-        self._index(before, after)
-
-    def _index(self, before: ContactView | None, after: ContactView) -> None:
-        if before is not None:
-            self._order.pop(bisect_right(self._order, _sort_key(before)) - 1)
-            for index, keys in self._keys(before):
-                for key in keys:
-                    index[key].discard(before.id)
-                    if not index[key]:
-                        del index[key]
-        insort(self._order, _sort_key(after))
-        for index, keys in self._keys(after):
-            for key in keys:
-                index.setdefault(key, set()).add(after.id)
-        self._contacts[after.id] = after
-
-    def _keys(self, view: ContactView) -> Iterable[tuple[dict[str, set[str]], set[str]]]:
-        channels = view.profile.channels if isinstance(view.profile, PersonProfile) else ()
-        yield self._emails, {c.address for c in channels if c.channel is Channel.EMAIL}
-        yield self._phones, {c.address for c in channels if c.channel in PHONE_CHANNELS}
-        yield self._tags, set(view.profile.tags)
+    def close(self) -> None:
+        self.query_side.close()
 
     # -- searching --
 
@@ -238,41 +347,50 @@ class ContactDirectory:
         kind = validation.enum_of(errors, "kind", ContactKind, query.kind, required=False)
         errors.raise_if_any()
         after = _decode_token(query.page_token) if query.page_token else None
-        text = query.query.strip().casefold()
+        text = _column_text(query.query.strip().casefold())
         tag = " ".join(query.tag.split()).lower()
 
-        with self._lock:
-            self._catch_up()
-            candidates: set[str] | None = None
-            for index, key in ((self._emails, email), (self._phones, phone), (self._tags, tag)):
-                if key:
-                    found = index.get(key, set())
-                    candidates = found if candidates is None else candidates & found
-            if within_tag is not None:
-                granted = self._tags.get(within_tag, set())
-                candidates = granted if candidates is None else candidates & granted
+        where: list[str] = []
+        params: list[Any] = []
+        for table, key, value in (
+            ("directory_emails", "email", email),
+            ("directory_phones", "phone", phone),
+            ("directory_tags", "tag", tag),
+        ):
+            if value:
+                where.append(f"id IN (SELECT contact_id FROM {table} WHERE {key} = ?)")
+                params.append(_column_text(value))
+        if within_tag is not None:  # even an empty grant: it holds nothing
+            where.append("id IN (SELECT contact_id FROM directory_tags WHERE tag = ?)")
+            params.append(_column_text(within_tag))
+        if kind is not None:
+            where.append("kind = ?")
+            params.append(str(kind))
+        if text:
+            where.append("sort_key LIKE ? ESCAPE '\\'")
+            params.append(_like_pattern(text))
 
-            def wanted(view: ContactView) -> bool:
-                if kind is not None and view.kind is not kind:
-                    return False
-                return not text or _matches(view, text)
+        self.query_side.catch_up()  # read your writes, whichever replica made them
+        with self.query_side.database.read() as tx:
+            total, rows = self._page(tx, where, params, after, size)
+        views = [_view_from_row(*row[1:]) for row in rows[:size]]
+        more = len(rows) > size
+        token = _encode_token((rows[size - 1][0], rows[size - 1][1])) if more else ""
+        return ContactPage(views, token, total)
 
-            if candidates is None:
-                keys = [k for k in self._order if wanted(self._contacts[k[1]])]
-            else:
-                keys = sorted(
-                    _sort_key(self._contacts[i]) for i in candidates if wanted(self._contacts[i])
-                )
-            start = bisect_right(keys, after) if after is not None else 0
-            page = keys[start : start + size]
-            views = [self._contacts[ident] for _, ident in page]
-        more = start + size < len(keys)
-        return ContactPage(views, _encode_token(page[-1]) if more else "", len(keys))
-
-
-def _matches(view: ContactView, text: str) -> bool:
-    profile = view.profile
-    names: tuple[str, ...] = (profile.display_name,)
-    if isinstance(profile, PersonProfile):
-        names = (profile.given_name, profile.family_name, profile.display_name)
-    return any(text in name.casefold() for name in names)
+    @staticmethod
+    def _page(
+        tx: Tx, where: list[str], params: list[Any], after: tuple[str, str] | None, size: int
+    ) -> tuple[int, Sequence[tuple[Any, ...]]]:
+        """The number of matches, and the matches after `after` (one more than a page)."""
+        matching = " WHERE " + " AND ".join(where) if where else ""
+        row = tx.one(f"SELECT COUNT(*) FROM {CONTACTS}{matching}", params)
+        total = int(row[0]) if row is not None else 0
+        keyset = [*where, "(sort_key, id) > (?, ?)"] if after is not None else where
+        rows = tx.all(
+            f"SELECT sort_key, id, kind, version, view FROM {CONTACTS}"
+            + (" WHERE " + " AND ".join(keyset) if keyset else "")
+            + " ORDER BY sort_key, id LIMIT ?",
+            [*params, *(after or ()), size + 1],
+        )
+        return total, rows

@@ -2,7 +2,7 @@
 
 Requests become the plain inputs of `crm_contacts.inputs` (enums as
 lower-case words, None when unspecified); results become protobuf messages.
-Every method is behind the access gate (`crm_common.server.AccessInterceptor`);
+Every method is behind the access gate (`crm_common.server.serve()` wraps each one);
 replies clear the fields the caller's roles may not see (`fields.contacts` of
 the policy) and give analysts pseudonyms for the personal fields of a search.
 Who may reach which contact (partners) is the application's rule.
@@ -23,11 +23,12 @@ from crm.contacts.v1 import contacts_pb2_grpc
 from crm_common.auth.gate import AccessGate
 from crm_common.auth.redaction import pseudonymise_message, redact_message
 from crm_common.commands import Caller, WriteOutcome
-from crm_common.enums import enum_word
+from crm_common.enums import enum_number, enum_word
 from crm_common.errors import Unauthenticated
 from crm_common.server import GrpcService, grpc_caller
 from crm_common.timestamps import datetime_of
 from crm_contacts.application import ContactsService
+from crm_contacts.definitions import DefinitionsView, FieldDefinitionInput, FieldRevision
 from crm_contacts.inputs import (
     ChannelInput,
     CompanyChanges,
@@ -280,6 +281,100 @@ class ContactsServicer:
             next_page_token=page.next_page_token,
             total_size=page.total_size,
         )
+
+    # -- custom-field definitions --
+
+    async def ListCustomFields(
+        self, request: pb.ListCustomFieldsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListCustomFieldsResponse:
+        listed = await self.service.fields.listed(
+            enum_word(pb.ContactKind, request.kind) or "", request.include_retired
+        )
+        return pb.ListCustomFieldsResponse(fields=custom_fields_pb(listed))
+
+    async def DefineCustomField(
+        self, request: pb.DefineCustomFieldRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DefineCustomFieldResponse:
+        given = request.definition
+        written = await self.service.fields.define(
+            grpc_caller(context, request.request_id),
+            enum_word(pb.ContactKind, request.kind) or "",
+            FieldDefinitionInput(
+                key=given.key,
+                label=given.label,
+                type=given.type,
+                required=given.required,
+                unique=given.unique,
+                options=tuple(given.options),
+                currency=given.currency,
+            ),
+        )
+        return pb.DefineCustomFieldResponse(
+            result=write_result(written.outcome), fields=custom_fields_pb(written.definitions)
+        )
+
+    async def ReviseCustomField(
+        self, request: pb.ReviseCustomFieldRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ReviseCustomFieldResponse:
+        written = await self.service.fields.revise(
+            grpc_caller(context, request.request_id),
+            enum_word(pb.ContactKind, request.kind) or "",
+            FieldRevision(
+                key=request.key,
+                label=request.label if request.HasField("label") else None,
+                required=request.required if request.HasField("required") else None,
+                unique=request.unique if request.HasField("unique") else None,
+                options=tuple(request.options) if request.set_options else None,
+            ),
+        )
+        return pb.ReviseCustomFieldResponse(
+            result=write_result(written.outcome), fields=custom_fields_pb(written.definitions)
+        )
+
+    async def RetireCustomField(
+        self, request: pb.RetireCustomFieldRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RetireCustomFieldResponse:
+        written = await self.service.fields.retire(
+            grpc_caller(context, request.request_id),
+            enum_word(pb.ContactKind, request.kind) or "",
+            request.key,
+        )
+        return pb.RetireCustomFieldResponse(
+            result=write_result(written.outcome), fields=custom_fields_pb(written.definitions)
+        )
+
+    async def RestoreCustomField(
+        self, request: pb.RestoreCustomFieldRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RestoreCustomFieldResponse:
+        written = await self.service.fields.restore(
+            grpc_caller(context, request.request_id),
+            enum_word(pb.ContactKind, request.kind) or "",
+            request.key,
+        )
+        return pb.RestoreCustomFieldResponse(
+            result=write_result(written.outcome), fields=custom_fields_pb(written.definitions)
+        )
+
+
+def custom_fields_pb(view: DefinitionsView) -> pb.CustomFields:
+    return pb.CustomFields(
+        kind=enum_number(pb.ContactKind, str(view.kind)),
+        version=view.version,
+        definitions=[
+            pb.CustomFieldDefinition(
+                key=d.key,
+                label=d.label,
+                type=str(d.type),
+                required=d.required,
+                unique=d.unique,
+                options=list(d.options),
+                currency=d.currency,
+                retired=d.retired,
+                revision=d.revision,
+            )
+            for d in view.definitions
+        ],
+    )
 
 
 def grpc_service(service: ContactsService, gate: AccessGate, pseudonym_key: bytes) -> GrpcService:

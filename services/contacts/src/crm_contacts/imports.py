@@ -110,6 +110,8 @@ class ImportRow:
     match_value: str
     person: NewPerson | None = None
     company: NewCompany | None = None
+    #: The row's cells as read, for the report if the row fails later (the job's checks).
+    cells: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,7 @@ def read_rows(
                 custom_fields=custom,
                 owner=values.get("owner", ""),
             )
-            yield ImportRow(line, match_value, person=person)
+            yield ImportRow(line, match_value, person=person, cells=cells)
         else:
             company = NewCompany(
                 name=values.get("name", ""),
@@ -226,7 +228,7 @@ def read_rows(
                 custom_fields=custom,
                 owner=values.get("owner", ""),
             )
-            yield ImportRow(line, match_value, company=company)
+            yield ImportRow(line, match_value, company=company, cells=cells)
 
 
 def file_digest(chunks: Iterable[bytes]) -> str:

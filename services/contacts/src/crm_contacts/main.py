@@ -26,11 +26,17 @@ async def run_serve(settings: Settings) -> None:
     pseudonym_key = settings.pseudonym_key()
     service = ContactsService(create_application(settings), policy=gate.policy)
     try:
-        # Build the search index before taking traffic, not in the first search.
-        indexed = await asyncio.to_thread(service.directory.catch_up)
+        # The directory's tables are stored: apply only what was written since
+        # they were last brought up to date (by any replica), then follow the log
+        # in the background so that a search rarely has anything to apply.
+        directory = service.directory
+        position = await asyncio.to_thread(directory.catch_up)
         log.info(
-            "contact directory ready at position %d (%d contacts)", indexed, len(service.directory)
+            "contact directory ready at position %d (%d events applied at start)",
+            position,
+            directory.applied,
         )
+        directory.follow()
         await serve(
             settings,
             gate=gate,

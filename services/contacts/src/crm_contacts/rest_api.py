@@ -25,7 +25,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from fastapi import Body, FastAPI, Query, Request
+from fastapi import Body, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +41,12 @@ from crm_common.server import (
     service_app,
 )
 from crm_contacts.application import ContactsService
+from crm_contacts.definitions import (
+    DefinitionsView,
+    DefinitionsWrite,
+    FieldDefinitionInput,
+    FieldRevision,
+)
 from crm_contacts.directory import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from crm_contacts.domain import (
     Channel,
@@ -71,6 +77,7 @@ from crm_contacts.inputs import (
     NewPerson,
     PersonChanges,
 )
+from crm_contacts.rest_imports import include_imports
 from crm_contacts.views import ContactPage, ContactView, ContactWrite
 
 
@@ -313,6 +320,92 @@ class ContactList(BaseModel):
     contacts: list[Contact]
     next_page_token: str = Field(description="Pass as page_token for the next page; empty at end.")
     total_size: int = Field(description="How many contacts match in all.")
+
+
+class CustomFieldDefinitionBody(_Body):
+    """A new custom field of persons or of companies."""
+
+    key: str = Field(description="`^[a-z][a-z0-9_]{0,63}$`; the key values are stored under.")
+    label: str = Field(description="What people see, 1 to 100 characters.")
+    type: str = _word_field(FieldType, "The field's type; it never changes.")
+    required: bool = False
+    unique: bool = False
+    options: list[str] = Field(
+        default_factory=list, description="The choices of a choice or multi_choice field."
+    )
+    currency: str = Field("", description="A money field's one currency (ISO 4217), if any.")
+
+
+class CustomFieldRevisionBody(_Body):
+    """What changes; an omitted member stays as it is."""
+
+    label: str | None = None
+    required: bool | None = None
+    unique: bool | None = None
+    options: list[str] | None = Field(
+        None, description="Every option after the change: options may be added, not taken away."
+    )
+
+
+class CustomFieldDefinitionReply(BaseModel):
+    key: str
+    label: str
+    type: str
+    required: bool
+    unique: bool
+    options: list[str]
+    currency: str
+    retired: bool
+    revision: int = Field(description="1 when defined, one more on each change.")
+
+
+class CustomFieldsReply(BaseModel):
+    kind: str
+    version: int = Field(description="The definitions' version (0: none ever defined).")
+    definitions: list[CustomFieldDefinitionReply]
+
+
+class CustomFieldsWriteReply(BaseModel):
+    id: str = Field(description="The definitions' id (one per kind of contact).")
+    version: int
+    position: int
+    replayed: bool
+    fields: CustomFieldsReply
+
+
+KindPath = Annotated[str, Path(description="`person` or `company`.")]
+
+
+def custom_fields_json(view: DefinitionsView) -> CustomFieldsReply:
+    return CustomFieldsReply(
+        kind=str(view.kind),
+        version=view.version,
+        definitions=[
+            CustomFieldDefinitionReply(
+                key=d.key,
+                label=d.label,
+                type=str(d.type),
+                required=d.required,
+                unique=d.unique,
+                options=list(d.options),
+                currency=d.currency,
+                retired=d.retired,
+                revision=d.revision,
+            )
+            for d in view.definitions
+        ],
+    )
+
+
+def custom_fields_write(written: DefinitionsWrite) -> CustomFieldsWriteReply:
+    outcome = written.outcome
+    return CustomFieldsWriteReply(
+        id=outcome.id,
+        version=outcome.version,
+        position=outcome.position,
+        replayed=outcome.replayed,
+        fields=custom_fields_json(written.definitions),
+    )
 
 
 # -- conversions ------------------------------------------------------------------------
@@ -792,4 +885,102 @@ def create_app(service: ContactsService, gate: AccessGate, *, pseudonym_key: byt
         )
         return shown(caller, reply, contacts_at="contacts", operation="ListContacts")
 
+    # -- custom-field definitions --
+
+    @app.get(
+        "/custom-fields/{kind}",
+        operation_id="ListCustomFields",
+        response_model=CustomFieldsReply,
+        tags=["custom fields"],
+        summary="The custom-field definitions of persons or of companies",
+    )
+    async def list_custom_fields(
+        kind: KindPath, include_retired: bool = False
+    ) -> CustomFieldsReply:
+        return custom_fields_json(await service.fields.listed(kind, include_retired))
+
+    @app.post(
+        "/custom-fields/{kind}",
+        operation_id="DefineCustomField",
+        status_code=201,
+        response_model=CustomFieldsWriteReply,
+        tags=["custom fields"],
+        summary="Define a custom field",
+    )
+    async def define_custom_field(
+        request: Request,
+        kind: KindPath,
+        body: CustomFieldDefinitionBody,
+        idempotency_key: IdempotencyKey = None,
+    ) -> JSONResponse:
+        written = await service.fields.define(
+            http_caller(request, idempotency_key),
+            kind,
+            FieldDefinitionInput(
+                key=body.key,
+                label=body.label,
+                type=body.type,
+                required=body.required,
+                unique=body.unique,
+                options=tuple(body.options),
+                currency=body.currency,
+            ),
+        )
+        reply = custom_fields_write(written).model_dump(mode="json")
+        return JSONResponse(reply, status_code=_created(written.outcome))
+
+    @app.patch(
+        "/custom-fields/{kind}/{key}",
+        operation_id="ReviseCustomField",
+        response_model=CustomFieldsWriteReply,
+        tags=["custom fields"],
+        summary="Change a custom field's label, required, unique or options",
+    )
+    async def revise_custom_field(
+        request: Request,
+        kind: KindPath,
+        key: str,
+        body: CustomFieldRevisionBody,
+        idempotency_key: IdempotencyKey = None,
+    ) -> CustomFieldsWriteReply:
+        written = await service.fields.revise(
+            http_caller(request, idempotency_key),
+            kind,
+            FieldRevision(
+                key=key,
+                label=body.label,
+                required=body.required,
+                unique=body.unique,
+                options=tuple(body.options) if body.options is not None else None,
+            ),
+        )
+        return custom_fields_write(written)
+
+    @app.post(
+        "/custom-fields/{kind}/{key}/retire",
+        operation_id="RetireCustomField",
+        response_model=CustomFieldsWriteReply,
+        tags=["custom fields"],
+        summary="Retire a custom field: hidden, no new values, history kept",
+    )
+    async def retire_custom_field(
+        request: Request, kind: KindPath, key: str, idempotency_key: IdempotencyKey = None
+    ) -> CustomFieldsWriteReply:
+        written = await service.fields.retire(http_caller(request, idempotency_key), kind, key)
+        return custom_fields_write(written)
+
+    @app.post(
+        "/custom-fields/{kind}/{key}/restore",
+        operation_id="RestoreCustomField",
+        response_model=CustomFieldsWriteReply,
+        tags=["custom fields"],
+        summary="Bring a retired custom field back",
+    )
+    async def restore_custom_field(
+        request: Request, kind: KindPath, key: str, idempotency_key: IdempotencyKey = None
+    ) -> CustomFieldsWriteReply:
+        written = await service.fields.restore(http_caller(request, idempotency_key), kind, key)
+        return custom_fields_write(written)
+
+    include_imports(app, service)  # POST /imports, GET /imports/{id}[/failures]
     return app

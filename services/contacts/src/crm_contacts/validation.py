@@ -343,18 +343,43 @@ def _iso_date(raw: str) -> date | None:
         return None
 
 
+#: The custom-field definitions of a kind of contact, by key (all of them,
+#: retired ones included: a value for a retired field is refused).
+Definitions = Mapping[str, FieldDefinition]
+NO_DEFINITIONS: Definitions = {}
+
+
 def custom_fields_of(
-    errors: FieldErrors, path: str, given: Mapping[str, CustomFieldInput]
+    errors: FieldErrors,
+    path: str,
+    given: Mapping[str, CustomFieldInput],
+    definitions: Definitions = NO_DEFINITIONS,
 ) -> dict[str, CustomField]:
+    """Values checked against their definition where the key has one, by
+    their own type otherwise."""
     fields: dict[str, CustomField] = {}
     for key, value in given.items():
         if not FIELD_KEY.match(key):
             errors.add(f"{path}.{key[:70]}", "key must match ^[a-z][a-z0-9_]{0,63}$")
             continue
-        checked = custom_field_of(errors, f"{path}.{key}", value)
+        definition = definitions.get(key)
+        if definition is not None:
+            checked = defined_field_of(errors, f"{path}.{key}", definition, value)
+        else:
+            checked = custom_field_of(errors, f"{path}.{key}", value)
         if checked is not None:
             fields[key] = checked
     return fields
+
+
+def _required_fields(
+    errors: FieldErrors, path: str, given: Mapping[str, object], definitions: Definitions
+) -> None:
+    """Every required field in force must be given a value (a value given but
+    invalid has its own error)."""
+    for key, definition in sorted(definitions.items()):
+        if definition.required and not definition.retired and key not in given:
+            errors.add(f"{path}.{key}", f"is required ({definition.label})")
 
 
 def _limit_fields(errors: FieldErrors, path: str, fields: Mapping[str, CustomField]) -> None:
@@ -403,12 +428,15 @@ def _person_names(errors: FieldErrors, given_name: str, family_name: str) -> tup
     return given, family
 
 
-def new_person_profile(new: NewPerson, now: datetime) -> PersonProfile:
+def new_person_profile(
+    new: NewPerson, now: datetime, definitions: Definitions = NO_DEFINITIONS
+) -> PersonProfile:
     errors = FieldErrors()
     given, family = _person_names(errors, new.given_name, new.family_name)
     stage = enum_of(errors, "lifecycle_stage", LifecycleStage, new.lifecycle_stage, required=False)
     tags = tags_of(errors, "tags", new.tags)
-    fields = custom_fields_of(errors, "custom_fields", new.custom_fields)
+    fields = custom_fields_of(errors, "custom_fields", new.custom_fields, definitions)
+    _required_fields(errors, "custom_fields", new.custom_fields, definitions)
     _limit_fields(errors, "custom_fields", fields)
     channels = channels_of(errors, "channels", new.channels, now)
     owner = text(errors, "owner", new.owner, MAX_NAME)
@@ -444,19 +472,26 @@ def _changed_custom_fields(
     current: Mapping[str, CustomField],
     given: Mapping[str, CustomFieldInput],
     removed: Sequence[str],
+    definitions: Definitions = NO_DEFINITIONS,
 ) -> dict[str, CustomField]:
     fields = dict(current)
     for key in removed:
         if key in given:
             errors.add(f"custom_fields.{key[:70]}", "is both set and removed")
+        definition = definitions.get(key)
+        if definition is not None and definition.required and not definition.retired:
+            errors.add(f"custom_fields.{key[:70]}", f"is required ({definition.label})")
         fields.pop(key, None)
-    fields.update(custom_fields_of(errors, "custom_fields", given))
+    fields.update(custom_fields_of(errors, "custom_fields", given, definitions))
     _limit_fields(errors, "custom_fields", fields)
     return fields
 
 
 def changed_person_profile(
-    current: PersonProfile, changes: PersonChanges, now: datetime
+    current: PersonProfile,
+    changes: PersonChanges,
+    now: datetime,
+    definitions: Definitions = NO_DEFINITIONS,
 ) -> PersonProfile:
     """The profile after a field-mask update (equal to `current` if nothing changes)."""
     errors = FieldErrors()
@@ -480,7 +515,11 @@ def changed_person_profile(
         profile = replace(profile, tags=tags_of(errors, "tags", changes.tags))
     if "custom_fields" in mask:
         fields = _changed_custom_fields(
-            errors, current.custom_fields, changes.custom_fields, changes.remove_custom_fields
+            errors,
+            current.custom_fields,
+            changes.custom_fields,
+            changes.remove_custom_fields,
+            definitions,
         )
         profile = replace(profile, custom_fields=fields)
     if "owner" in mask:
@@ -499,14 +538,17 @@ def _company_domain(errors: FieldErrors, value: str) -> str:
     return cleaned
 
 
-def new_company_profile(new: NewCompany) -> CompanyProfile:
+def new_company_profile(
+    new: NewCompany, definitions: Definitions = NO_DEFINITIONS
+) -> CompanyProfile:
     errors = FieldErrors()
     name = text(errors, "name", new.name, MAX_NAME, required=True)
     domain = _company_domain(errors, new.domain)
     industry = text(errors, "industry", new.industry, MAX_NAME)
     stage = enum_of(errors, "lifecycle_stage", LifecycleStage, new.lifecycle_stage, required=False)
     tags = tags_of(errors, "tags", new.tags)
-    fields = custom_fields_of(errors, "custom_fields", new.custom_fields)
+    fields = custom_fields_of(errors, "custom_fields", new.custom_fields, definitions)
+    _required_fields(errors, "custom_fields", new.custom_fields, definitions)
     _limit_fields(errors, "custom_fields", fields)
     owner = text(errors, "owner", new.owner, MAX_NAME)
     errors.raise_if_any()
@@ -521,7 +563,9 @@ def new_company_profile(new: NewCompany) -> CompanyProfile:
     )
 
 
-def changed_company_profile(current: CompanyProfile, changes: CompanyChanges) -> CompanyProfile:
+def changed_company_profile(
+    current: CompanyProfile, changes: CompanyChanges, definitions: Definitions = NO_DEFINITIONS
+) -> CompanyProfile:
     errors = FieldErrors()
     mask = changes.fields
     _check_mask(errors, mask, COMPANY_MASK, changes.remove_custom_fields)
@@ -541,7 +585,11 @@ def changed_company_profile(current: CompanyProfile, changes: CompanyChanges) ->
         profile = replace(profile, tags=tags_of(errors, "tags", changes.tags))
     if "custom_fields" in mask:
         fields = _changed_custom_fields(
-            errors, current.custom_fields, changes.custom_fields, changes.remove_custom_fields
+            errors,
+            current.custom_fields,
+            changes.custom_fields,
+            changes.remove_custom_fields,
+            definitions,
         )
         profile = replace(profile, custom_fields=fields)
     if "owner" in mask:

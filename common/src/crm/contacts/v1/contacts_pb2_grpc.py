@@ -97,6 +97,31 @@ class ContactsServiceStub:
                 request_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ListContactsRequest.SerializeToString,
                 response_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ListContactsResponse.FromString,
                 _registered_method=True)
+        self.ListCustomFields = channel.unary_unary(
+                '/crm.contacts.v1.ContactsService/ListCustomFields',
+                request_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ListCustomFieldsRequest.SerializeToString,
+                response_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ListCustomFieldsResponse.FromString,
+                _registered_method=True)
+        self.DefineCustomField = channel.unary_unary(
+                '/crm.contacts.v1.ContactsService/DefineCustomField',
+                request_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.DefineCustomFieldRequest.SerializeToString,
+                response_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.DefineCustomFieldResponse.FromString,
+                _registered_method=True)
+        self.ReviseCustomField = channel.unary_unary(
+                '/crm.contacts.v1.ContactsService/ReviseCustomField',
+                request_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ReviseCustomFieldRequest.SerializeToString,
+                response_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ReviseCustomFieldResponse.FromString,
+                _registered_method=True)
+        self.RetireCustomField = channel.unary_unary(
+                '/crm.contacts.v1.ContactsService/RetireCustomField',
+                request_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.RetireCustomFieldRequest.SerializeToString,
+                response_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.RetireCustomFieldResponse.FromString,
+                _registered_method=True)
+        self.RestoreCustomField = channel.unary_unary(
+                '/crm.contacts.v1.ContactsService/RestoreCustomField',
+                request_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.RestoreCustomFieldRequest.SerializeToString,
+                response_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.RestoreCustomFieldResponse.FromString,
+                _registered_method=True)
 
 
 class ContactsServiceServicer:
@@ -178,6 +203,40 @@ class ContactsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCustomFields(self, request, context):
+        """Custom-field definitions per kind of contact (versioned; values of
+        persons and companies are checked against them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DefineCustomField(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReviseCustomField(self, request, context):
+        """Label, required, unique; options may be added, never taken away.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetireCustomField(self, request, context):
+        """Hides the field and refuses new values; stored values stay in the history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreCustomField(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContactsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -230,6 +289,31 @@ def add_ContactsServiceServicer_to_server(servicer, server):
                     servicer.ListContacts,
                     request_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ListContactsRequest.FromString,
                     response_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ListContactsResponse.SerializeToString,
+            ),
+            'ListCustomFields': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCustomFields,
+                    request_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ListCustomFieldsRequest.FromString,
+                    response_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ListCustomFieldsResponse.SerializeToString,
+            ),
+            'DefineCustomField': grpc.unary_unary_rpc_method_handler(
+                    servicer.DefineCustomField,
+                    request_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.DefineCustomFieldRequest.FromString,
+                    response_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.DefineCustomFieldResponse.SerializeToString,
+            ),
+            'ReviseCustomField': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReviseCustomField,
+                    request_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ReviseCustomFieldRequest.FromString,
+                    response_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ReviseCustomFieldResponse.SerializeToString,
+            ),
+            'RetireCustomField': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireCustomField,
+                    request_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.RetireCustomFieldRequest.FromString,
+                    response_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.RetireCustomFieldResponse.SerializeToString,
+            ),
+            'RestoreCustomField': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreCustomField,
+                    request_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.RestoreCustomFieldRequest.FromString,
+                    response_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.RestoreCustomFieldResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -515,6 +599,141 @@ class ContactsService:
             '/crm.contacts.v1.ContactsService/ListContacts',
             crm_dot_contacts_dot_v1_dot_contacts__pb2.ListContactsRequest.SerializeToString,
             crm_dot_contacts_dot_v1_dot_contacts__pb2.ListContactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCustomFields(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.contacts.v1.ContactsService/ListCustomFields',
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.ListCustomFieldsRequest.SerializeToString,
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.ListCustomFieldsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DefineCustomField(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.contacts.v1.ContactsService/DefineCustomField',
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.DefineCustomFieldRequest.SerializeToString,
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.DefineCustomFieldResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReviseCustomField(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.contacts.v1.ContactsService/ReviseCustomField',
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.ReviseCustomFieldRequest.SerializeToString,
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.ReviseCustomFieldResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireCustomField(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.contacts.v1.ContactsService/RetireCustomField',
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.RetireCustomFieldRequest.SerializeToString,
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.RetireCustomFieldResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreCustomField(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.contacts.v1.ContactsService/RestoreCustomField',
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.RestoreCustomFieldRequest.SerializeToString,
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.RestoreCustomFieldResponse.FromString,
             options,
             channel_credentials,
             insecure,
