@@ -23,6 +23,16 @@ documents), which this layout already allows.
 Records reach the read model with their headers, so it can continue the
 publisher's trace (`projection_span`) and record what it cannot apply
 (`park_dead_letters`) in the same transaction instead of crashing or dropping it.
+
+Batches are pipelined: while one batch's transaction runs (in a worker
+thread, waiting on the document store), the next batch is fetched from Kafka
+and, for a read model that offers `prepare_batch`, decoded and grouped, so
+the store's round trips are the only time a record waits for. Transactions
+themselves never overlap: the next one starts after the previous one has
+committed, checks the offsets that commit stored (fencing) and stores its own
+with its changes, so exactly-once and fencing are those of one batch at a
+time. Before a commit has settled the next batch is only held in memory; if
+that commit fails, every partition is read again from the stored offsets.
 """
 
 from __future__ import annotations
@@ -73,6 +83,24 @@ class ReadModel(Protocol):
         counters (e.g. applied, duplicates, dead letters) that are added to the
         projection's statistics once the transaction has committed.
         """
+        ...
+
+
+class PreparingReadModel(ReadModel, Protocol):
+    """A read model that does its per-record work outside the transaction.
+
+    `prepare_batch` runs while the previous batch's transaction is still
+    committing (no I/O, no session: decoding, grouping by document); the
+    batch's transaction then calls `apply_prepared` with what one or more
+    calls of it returned, in record order, instead of `apply_batch`.
+    """
+
+    def prepare_batch(self, records: Sequence[Record]) -> Any:
+        """What `apply_prepared` needs of `records`; must not change afterwards."""
+        ...
+
+    def apply_prepared(self, session: ClientSession, prepared: Sequence[Any]) -> Mapping[str, int]:
+        """Like `apply_batch` for the records of `prepared` (in this order)."""
         ...
 
 
@@ -208,6 +236,10 @@ class ProjectionConsumer:
         # A batch whose commit answered an error after it may have landed:
         # (its token, the offsets it stored). Settled before the next batch.
         self._in_doubt: tuple[str, dict[TopicPartition, int]] | None = None
+        # The pause before reading a batch again after the document store failed.
+        self._backoff = retry_backoff
+        # Catching up one partition number at a time (see run_until_caught_up).
+        self._by_partition = False
 
     # -- offsets ----------------------------------------------------------------------
 
@@ -242,12 +274,25 @@ class ProjectionConsumer:
             first_backoff=self.retry_backoff,
         )
 
-    async def run_until_caught_up(self, stop: asyncio.Event | None = None) -> CatchUp:
-        """Consumes up to the end offsets seen at the start, then returns (rebuilds)."""
+    async def run_until_caught_up(
+        self, stop: asyncio.Event | None = None, *, by_partition: bool = False
+    ) -> CatchUp:
+        """Consumes up to the end offsets seen at the start, then returns (rebuilds).
+
+        `by_partition` reads one partition number at a time (partition 0 of
+        every topic, then 1, ...). Topics keyed alike put one key's records in
+        the same partition number of each, so a batch then holds several
+        records of each key it touches instead of about one: a read model that
+        writes once per key and batch (a rebuild) writes far fewer times.
+        """
         started = time.perf_counter()
         records, batches = self.stats.records, self.stats.batches
         counters = dict(self.stats.counters)
-        ends = await self._consume(stop or asyncio.Event(), until_end=True)
+        self._by_partition = by_partition
+        try:
+            ends = await self._consume(stop or asyncio.Event(), until_end=True)
+        finally:
+            self._by_partition = False
         return CatchUp(
             records=self.stats.records - records,
             batches=self.stats.batches - batches,
@@ -378,61 +423,153 @@ class ProjectionConsumer:
         ends: dict[TopicPartition, int] | None,
     ) -> None:
         last_report = time.monotonic()
-        backoff = self.retry_backoff
         # Partitions whose end offset was passed without a record to commit it
         # (transaction markers at the tail): done, though not stored as such.
         passed: set[TopicPartition] = set()
-        while not stop.is_set():
-            self.heartbeat.beat()
-            if ends is not None and all(
-                tp in passed or self._committed.get(tp, 0) >= end for tp, end in ends.items()
-            ):
-                break
-            fetched = await consumer.getmany(
-                timeout_ms=self.poll_timeout_ms, max_records=self.max_records
-            )
-            batch = {tp: recs for tp, recs in fetched.items() if recs}
-            self.heartbeat.lag(consumer_lag(consumer, partitions, self._committed))  # metrics
-            if batch:
-                try:
+        # The previous batch's transaction, committing while the next batch is read.
+        inflight: asyncio.Task[None] | None = None
+        group: int | None = None  # the partition number read now (by_partition)
+        try:
+            while not stop.is_set():
+                self.heartbeat.beat()
+                if ends is not None:
+                    done = {
+                        tp
+                        for tp, end in ends.items()
+                        if tp in passed or self._committed.get(tp, 0) >= end
+                    }
+                    if inflight is None and len(done) == len(ends):
+                        break
+                    if self._by_partition:
+                        group = self._read_group(consumer, partitions, ends, done, group)
+                fetched = await consumer.getmany(
+                    timeout_ms=self.poll_timeout_ms, max_records=self.max_records
+                )
+                batch = {tp: recs for tp, recs in fetched.items() if recs}
+                prepared = await self._prepare(batch) if batch else []
+                if inflight is not None:
+                    # The next batch starts only after this one has committed.
+                    settled, inflight = inflight, None
+                    if not await self._settled(settled, consumer, partitions, stop):
+                        continue  # every partition is read again from the stored offsets
+                if batch:
                     if self._in_doubt is not None and await asyncio.to_thread(self._settle):
                         # The previous batch did land: read on after it instead.
                         await self._seek_to_committed(consumer, partitions)
                         continue
-                    await self._commit(batch)
-                    backoff = self.retry_backoff
-                    if self.heartbeat.last_error is not None:
-                        self.heartbeat.recovered()
-                except PyMongoError as error:
-                    # Nothing of the batch is stored: go back and read it again.
-                    self.heartbeat.failed(error)
-                    log.warning(
-                        "projection %s: batch not stored (%r); retrying in %.1f s",
-                        self.projection,
-                        error,
-                        backoff,
-                    )
-                    await self._seek_to_committed(consumer, list(batch))
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), backoff)
-                    backoff = min(backoff * 2, 10.0)
-            elif ends is not None:
-                for tp, end in ends.items():
-                    if await consumer.position(tp) >= end:
-                        passed.add(tp)
-            self.heartbeat.lag(consumer_lag(consumer, partitions, self._committed))
-            now = time.monotonic()
-            if now - last_report >= self.lag_log_interval:
-                self._report_lag(consumer, partitions)
-                last_report = now
+                    batch, prepared = await self._top_up(consumer, batch, prepared)
+                    self.heartbeat.lag(consumer_lag(consumer, partitions, self._committed))
+                    inflight = asyncio.ensure_future(self._commit(batch, prepared))
+                elif ends is not None:
+                    for tp, end in ends.items():
+                        if await consumer.position(tp) >= end:
+                            passed.add(tp)
+                self.heartbeat.lag(consumer_lag(consumer, partitions, self._committed))
+                now = time.monotonic()
+                if now - last_report >= self.lag_log_interval:
+                    self._report_lag(consumer, partitions)
+                    last_report = now
+            if inflight is not None:
+                settled, inflight = inflight, None
+                await self._settled(settled, consumer, partitions, stop)
+        finally:
+            if inflight is not None:
+                # Cancelled or failed meanwhile: the transaction still finishes
+                # (see _commit), so no write of this projector follows its end.
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await inflight
         self._report_lag(consumer, partitions)
 
-    async def _commit(self, batch: dict[TopicPartition, list[Record]]) -> None:
+    @staticmethod
+    def _read_group(
+        consumer: AIOKafkaConsumer,
+        partitions: Sequence[TopicPartition],
+        ends: dict[TopicPartition, int],
+        done: set[TopicPartition],
+        group: int | None,
+    ) -> int | None:
+        """Resumes only the lowest partition number with records left (pausing the rest)."""
+        left = sorted({tp.partition for tp in ends if tp not in done})
+        wanted = left[0] if left else None
+        if wanted != group:
+            consumer.pause(*[tp for tp in partitions if tp.partition != wanted])
+            consumer.resume(*[tp for tp in partitions if tp.partition == wanted])
+        return wanted
+
+    async def _prepare(self, batch: dict[TopicPartition, list[Record]]) -> list[Any]:
+        """The read model's per-record work on a batch, before its transaction."""
+        prepare = getattr(self.read_model, "prepare_batch", None)
+        if prepare is None:
+            return []
+        records = [r for tp in sorted(batch) for r in batch[tp]]
+        return [await asyncio.to_thread(prepare, records)]
+
+    async def _top_up(
+        self,
+        consumer: AIOKafkaConsumer,
+        batch: dict[TopicPartition, list[Record]],
+        prepared: list[Any],
+    ) -> tuple[dict[TopicPartition, list[Record]], list[Any]]:
+        """Adds what arrived while the previous batch committed (up to `max_records`).
+
+        Without it a batch read early would go alone, and the records behind
+        it would wait for one more transaction.
+        """
+        count = sum(len(recs) for recs in batch.values())
+        if count >= self.max_records:
+            return batch, prepared
+        more = {
+            tp: recs
+            for tp, recs in (
+                await consumer.getmany(timeout_ms=0, max_records=self.max_records - count)
+            ).items()
+            if recs
+        }
+        if not more:
+            return batch, prepared
+        merged = {tp: [*batch.get(tp, []), *more.get(tp, [])] for tp in {*batch, *more}}
+        # Within each partition the first part's records come first: record order holds.
+        return merged, [*prepared, *(await self._prepare(more))] if prepared else []
+
+    async def _settled(
+        self,
+        commit: asyncio.Task[None],
+        consumer: AIOKafkaConsumer,
+        partitions: Sequence[TopicPartition],
+        stop: asyncio.Event,
+    ) -> bool:
+        """Waits for a batch's commit; False (after a backoff) when it failed.
+
+        A document-store error stores nothing of the batch: every partition
+        goes back to the stored offsets (the batch read meanwhile is dropped
+        too), to be read again. Any other error ends the projection.
+        """
+        try:
+            await commit
+        except PyMongoError as error:
+            self.heartbeat.failed(error)
+            log.warning(
+                "projection %s: batch not stored (%r); retrying in %.1f s",
+                self.projection,
+                error,
+                self._backoff,
+            )
+            await self._seek_to_committed(consumer, partitions)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._backoff)
+            self._backoff = min(self._backoff * 2, 10.0)
+            return False
+        self._backoff = self.retry_backoff
+        if self.heartbeat.last_error is not None:
+            self.heartbeat.recovered()
+        return True
+
+    async def _commit(self, batch: dict[TopicPartition, list[Record]], prepared: list[Any]) -> None:
         records = [r for tp in sorted(batch) for r in batch[tp]]
         next_offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items()}
         started = time.perf_counter()
         transaction = asyncio.ensure_future(
-            asyncio.to_thread(self._transaction, records, next_offsets)
+            asyncio.to_thread(self._transaction, records, prepared, next_offsets)
         )
         try:
             counters = await asyncio.shield(transaction)
@@ -484,7 +621,10 @@ class ProjectionConsumer:
         return True
 
     def _transaction(
-        self, records: list[Record], next_offsets: dict[TopicPartition, int]
+        self,
+        records: list[Record],
+        prepared: list[Any],
+        next_offsets: dict[TopicPartition, int],
     ) -> Mapping[str, int]:
         offsets = self.database[OFFSETS_COLLECTION]
         # One token per batch, kept by every retry of its transaction and stored
@@ -506,7 +646,11 @@ class ProjectionConsumer:
                         f"{found.get(ident)}, this projector expected "
                         f"{self._committed.get(tp)}: another projector or a reset moved it"
                     )
-            counters = self.read_model.apply_batch(session, records)
+            if prepared:
+                model: PreparingReadModel = self.read_model  # type: ignore[assignment]
+                counters = model.apply_prepared(session, prepared)
+            else:
+                counters = self.read_model.apply_batch(session, records)
             first[:] = [counters]
             offsets.bulk_write(
                 [

@@ -1,6 +1,8 @@
 """`crm-stack`: runs the whole CRM platform locally as processes.
 
-    crm-stack up [--detach] [--only NAME,...]   start everything, print "CRM platform ready"
+    crm-stack up [--detach] [--only NAME,...] [--postgres]
+                                                start everything, print "CRM platform ready";
+                                                --postgres: the write services on PostgreSQL
     crm-stack down                              stop a detached stack gracefully
     crm-stack status                            each process: running?, ready?, pid, RSS,
                                                 health port, restarts
@@ -46,7 +48,7 @@ READY_LINE = "CRM platform ready"
 DETACH_TIMEOUT = 300.0
 DOWN_TIMEOUT = 120.0
 PROJECTOR = "analytics-projector"
-STACK_DIRS = ("run", "logs", "kafka-logs", "zookeeper", "secantus", "kafka-dist")
+STACK_DIRS = ("run", "logs", "kafka-logs", "zookeeper", "secantus", "kafka-dist", "postgres")
 
 log = logging.getLogger("crm_deploy")
 
@@ -134,8 +136,8 @@ def _parse_only(only: str | None) -> list[str] | None:
     return names
 
 
-def cmd_up(detach: bool, only: str | None) -> int:
-    config = StackConfig.from_env()
+def cmd_up(detach: bool, only: str | None, postgres: bool = False) -> int:
+    config = StackConfig.from_env(postgres=postgres)
     names = _parse_only(only)
     running = _check_not_running(config)
     if running is not None and names is not None:
@@ -179,6 +181,8 @@ def _up_detached(config: StackConfig, names: list[str] | None) -> int:
     argv = [sys.executable, "-m", "crm_deploy.cli", "supervise"]
     if names is not None:
         argv += ["--only", ",".join(names)]
+    if config.postgres:
+        argv.append("--postgres")
     supervisor_log = config.logs_dir / "supervisor.log"
     started = time.perf_counter()
     with supervisor_log.open("ab") as out:
@@ -213,10 +217,10 @@ def _up_detached(config: StackConfig, names: list[str] | None) -> int:
     return 1
 
 
-def cmd_supervise(only: str | None) -> int:
+def cmd_supervise(only: str | None, postgres: bool = False) -> int:
     """The detached supervisor (started by `up --detach`)."""
     _setup_logging()
-    supervisor = Supervisor(Stack(StackConfig.from_env()), _parse_only(only))
+    supervisor = Supervisor(Stack(StackConfig.from_env(postgres=postgres)), _parse_only(only))
     try:
         supervisor.start()
     except Interrupted:
@@ -497,6 +501,12 @@ def main(argv: list[str] | None = None) -> None:
         metavar="NAME,...",
         help="start only these service processes (infrastructure always starts)",
     )
+    up.add_argument(
+        "--postgres",
+        action="store_true",
+        help="store the write services' events in PostgreSQL (a schema each): the server "
+        "CRM_POSTGRES_HOST names, else one the stack starts under <data_dir>/postgres",
+    )
     commands.add_parser("down", help="stop the detached stack gracefully")
     commands.add_parser(
         "status", help="each process: running, ready, pid, RSS, restarts, health port"
@@ -527,11 +537,12 @@ def main(argv: list[str] | None = None) -> None:
     asyncapi.add_argument("--write", action="store_true", help="write it to docs/asyncapi.yaml")
     supervise = commands.add_parser("supervise", help=argparse.SUPPRESS)
     supervise.add_argument("--only")
+    supervise.add_argument("--postgres", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "up":
-        code = cmd_up(args.detach, args.only)
+        code = cmd_up(args.detach, args.only, args.postgres)
     elif args.command == "supervise":
-        code = cmd_supervise(args.only)
+        code = cmd_supervise(args.only, args.postgres)
     elif args.command == "down":
         code = cmd_down()
     elif args.command == "status":

@@ -6,10 +6,17 @@ lives under one data directory::
     <data_dir>/zookeeper/     ZooKeeper's snapshots and transaction log
     <data_dir>/kafka-logs/    Kafka's partitions
     <data_dir>/secantus/      the document store (WiredTiger)
+    <data_dir>/postgres/      PostgreSQL's cluster, with `--postgres` (StackConfig.postgres)
     <data_dir>/kafka-dist/    the Kafka distribution, extracted once
     <data_dir>/<service>/     a service's own files (its event store)
     <data_dir>/logs/          one log per process
     <data_dir>/run/           pid files, generated configs, stack state
+
+With `StackConfig.postgres` (`crm-stack up --postgres`) every write service
+stores its events in PostgreSQL, each in the schema named after it: a server
+the stack starts itself (`crm_deploy.postgres.EmbeddedPostgres`, PostgreSQL's
+default durability, on 127.0.0.1 and `postgres_port`), or the one that
+CRM_POSTGRES_HOST (with `_PORT`, `_DBNAME`, `_USER`, `_PASSWORD`) names.
 
 Every service process serves `GET /healthz`, `/readyz` and `/metrics` on a
 health port of its own (`StackConfig.health_ports`, listed by `crm-stack status`).
@@ -17,6 +24,7 @@ health port of its own (`StackConfig.health_ports`, listed by `crm-stack status`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,6 +41,7 @@ from typing import Any
 from crm_common.registry import COMMANDS, SERVICES, event_sources, inbound_topics
 from crm_common.settings import DEFAULT_PORTS, inbound_topic, topic_of
 from crm_deploy.identity import Identity, ensure_certificates, ensure_identity
+from crm_deploy.postgres import EmbeddedPostgres, PostgresTarget, wait_for
 from crm_deploy.process import (
     ManagedProcess,
     Probe,
@@ -201,11 +210,22 @@ class StackConfig:
     mongo_sync_on_commit: bool = True
     #: The development identity (keys, tokens, certificates); default <data_dir>/identity.
     identity_dir: Path | None = None
+    #: Every write service on PostgreSQL instead of a SQLite file (`up --postgres`).
+    postgres: bool = False
+    #: Where a PostgreSQL the stack starts itself listens (not when CRM_POSTGRES_HOST is set).
+    postgres_port: int = 5432
+    #: A server of one's own (CRM_POSTGRES_HOST etc.) instead of starting one.
+    postgres_server: PostgresTarget | None = None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> StackConfig:
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, postgres: bool = False
+    ) -> StackConfig:
         env = os.environ if env is None else env
         return cls(
+            postgres=postgres,
+            postgres_port=_env_int(env, "CRM_POSTGRES_PORT", 5432),
+            postgres_server=postgres_server(env) if postgres else None,
             data_dir=Path(env.get("CRM_DATA_DIR") or "var").resolve(),
             kafka_port=_env_int(env, "CRM_KAFKA_PORT", 9092),
             zookeeper_port=_env_int(env, "CRM_ZOOKEEPER_PORT", 2181),
@@ -231,6 +251,7 @@ class StackConfig:
             mongo_port=free_port(),
             service_ports={s: (free_port(), free_port()) for s in DEFAULT_PORTS},
             health_ports={row.name: free_port() for row in STACK_PROCESSES},
+            postgres_port=free_port(),
         )
 
     @property
@@ -283,6 +304,11 @@ class StackConfig:
             "mongo_cache_size": self.mongo_cache_size,
             "mongo_sync_on_commit": self.mongo_sync_on_commit,
             "identity_dir": str(self.identity.root),
+            "postgres": self.postgres,
+            "postgres_port": self.postgres_port,
+            "postgres_server": (
+                dataclasses.asdict(self.postgres_server) if self.postgres_server else None
+            ),
         }
 
     @classmethod
@@ -303,7 +329,33 @@ class StackConfig:
             mongo_cache_size=data["mongo_cache_size"],
             mongo_sync_on_commit=bool(data["mongo_sync_on_commit"]),
             identity_dir=Path(data["identity_dir"]) if data.get("identity_dir") else None,
+            postgres=bool(data.get("postgres", False)),
+            postgres_port=int(data.get("postgres_port", 5432)),
+            postgres_server=(
+                PostgresTarget(**data["postgres_server"]) if data.get("postgres_server") else None
+            ),
         )
+
+    @property
+    def postgres_target(self) -> PostgresTarget | None:
+        """Where the write services store their events; None: SQLite files."""
+        if not self.postgres:
+            return None
+        return self.postgres_server or PostgresTarget(HOST, self.postgres_port)
+
+
+def postgres_server(env: Mapping[str, str]) -> PostgresTarget | None:
+    """The PostgreSQL server CRM_POSTGRES_HOST (and `_PORT`, ...) names, if any."""
+    host = env.get("CRM_POSTGRES_HOST")
+    if not host:
+        return None
+    return PostgresTarget(
+        host=host,
+        port=_env_int(env, "CRM_POSTGRES_PORT", 5432),
+        dbname=env.get("CRM_POSTGRES_DBNAME") or "postgres",
+        user=env.get("CRM_POSTGRES_USER") or "postgres",
+        password=env.get("CRM_POSTGRES_PASSWORD") or "",
+    )
 
 
 class Stack:
@@ -313,6 +365,8 @@ class Stack:
         self.config = config
         self._infra: dict[str, ManagedProcess] = {}
         self._services: dict[str, ManagedProcess] = {}
+        #: The PostgreSQL this stack started itself (`StackConfig.postgres`).
+        self._postgres: EmbeddedPostgres | None = None
         #: Extra environment each service process was started with (for restarts).
         self._service_env: dict[str, dict[str, str]] = {}
 
@@ -333,6 +387,12 @@ class Stack:
             "zookeeper": f"{HOST}:{self.config.zookeeper_port}",
             "document store": self.mongo_url,
         }
+        target = self.config.postgres_target
+        if target is not None:
+            endpoints["event stores"] = (
+                f"PostgreSQL {target.host}:{target.port}, database {target.dbname}, "
+                "a schema per service"
+            )
         wanted = set(names) if names is not None else {r.name for r in STACK_PROCESSES}
         for row in SERVICE_PROCESSES:
             if row.name not in wanted or not row.api:
@@ -444,8 +504,12 @@ class Stack:
             self._infra["secantus"].start()
             self._infra["secantus"].wait_ready()
 
-        with ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(kafka_chain), pool.submit(document_store)]
+        with ThreadPoolExecutor(3) as pool:
+            futures = [
+                pool.submit(kafka_chain),
+                pool.submit(document_store),
+                pool.submit(self._start_postgres),
+            ]
             errors = [f.exception() for f in futures]
         failure = next((e for e in errors if e is not None), None)
         if failure is not None:
@@ -454,10 +518,31 @@ class Stack:
                 raise failure
             raise RuntimeError(f"infrastructure did not start: {failure}") from failure
 
+    def _start_postgres(self) -> None:
+        """The event stores' PostgreSQL (with `StackConfig.postgres`): the server
+        CRM_POSTGRES_HOST names must answer, else one is started under <data_dir>/postgres."""
+        c = self.config
+        if not c.postgres:
+            return
+        if c.postgres_server is not None:
+            reason = wait_for(c.postgres_server, timeout=10)
+            if reason:
+                raise RuntimeError(f"CRM_POSTGRES_HOST is set but unusable: {reason}")
+            return
+        self._check_ports({"postgres": c.postgres_port})
+        server = EmbeddedPostgres(port=c.postgres_port, durable=True)
+        server.start(c.data_dir / "postgres")
+        self._postgres = server
+
     def service_env(self, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment of a service process: the caller's plus the stack's addresses."""
         env = dict(os.environ)
         env.update(self.config.env())
+        target = self.config.postgres_target
+        if target is not None:
+            # Each write service in the schema named after it (the production default).
+            env.update(target.env("unused"))
+            del env["CRM_POSTGRES_SCHEMA"]
         env.setdefault("CRM_EVENT_STORE", "sqlite")
         if extra_env:
             env.update(extra_env)
@@ -545,11 +630,15 @@ class Stack:
                 list(pool.map(lambda p: p.stop(), processes))
 
     def stop(self) -> None:
-        """Services first, then Kafka, then ZooKeeper, then SecantusDB; each gracefully."""
+        """Services first, then Kafka, then ZooKeeper, then SecantusDB, then the
+        PostgreSQL the stack started; each gracefully."""
         self.stop_services()
         for name in ("kafka", "zookeeper", "secantus"):
             if name in self._infra:
                 self._infra[name].stop()
+        if self._postgres is not None:
+            self._postgres.stop()
+            self._postgres = None
 
     # -- state shared with other crm-stack commands ---------------------------
 

@@ -14,7 +14,7 @@ from crm.customer360.v1 import customer360_pb2_grpc
 from crm_analytics.grpc_api import Customer360Servicer
 from crm_analytics.query import Customer360Queries
 from crm_analytics.rest_api import create_app
-from crm_analytics.store import PROJECTION, Customer360Store, connect
+from crm_analytics.store import PROJECTION, REBUILD_BATCH, Customer360Store, connect
 from crm_common.cli import Process, run_cli
 from crm_common.health import Dependency
 from crm_common.lifecycle import run_worker, stop_on_signals
@@ -25,7 +25,9 @@ from crm_common.settings import Settings
 log = logging.getLogger("crm_analytics")
 
 
-def projection(settings: Settings, store: Customer360Store) -> ProjectionConsumer:
+def projection(
+    settings: Settings, store: Customer360Store, max_records: int = 500
+) -> ProjectionConsumer:
     return ProjectionConsumer(
         projection=PROJECTION,
         topics=list(store.topics.values()),
@@ -33,6 +35,7 @@ def projection(settings: Settings, store: Customer360Store) -> ProjectionConsume
         mongo=store.database.client,
         database=settings.mongo_db,
         bootstrap=settings.kafka_bootstrap,
+        max_records=max_records,
     )
 
 
@@ -97,7 +100,8 @@ async def run_rebuild(settings: Settings) -> int:
         await asyncio.to_thread(store.drop)
         await asyncio.to_thread(store.ensure_indexes)
         with stop_on_signals() as stop:
-            result = await projection(settings, store).run_until_caught_up(stop)
+            consumer = projection(settings, store, max_records=REBUILD_BATCH)
+            result = await consumer.run_until_caught_up(stop, by_partition=True)
         docs = await asyncio.to_thread(store.count)
         seconds = time.perf_counter() - started
         print(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -76,8 +77,25 @@ PIPELINES_COLLECTION = "customer360_pipelines"
 # SecantusDB answers `$in` in time growing with the square of the list (500 ids:
 # 160 ms, 10 x 50 ids: 39 ms); small chunks cost a real MongoDB nothing.
 LOAD_CHUNK = 50
+#: Records per transaction while rebuilding (`crm-analytics rebuild`): the more
+#: of a customer's events one chunk holds, the fewer times its document is read
+#: and written. Bounded so a transaction stays well inside the store's limits.
+REBUILD_BATCH = 5000
 
 _Stored = TypeVar("_Stored", Customer360, PipelineNames, AuditEntry)
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A batch decoded outside its transaction (`Customer360Store.prepare_batch`)."""
+
+    events: tuple[tuple[Record, SourceAdapter[Any], Message], ...]
+    #: Records that cannot be decoded, with the reason: dead letters.
+    failures: tuple[tuple[Record, str], ...]
+    #: The customers' and pipelines' documents applying the events touches.
+    customers: frozenset[str]
+    pipelines: frozenset[str]
+
 
 #: Every source the code can consume, by service name.
 ADAPTERS: dict[str, SourceAdapter[Any]] = {
@@ -204,7 +222,9 @@ class Customer360Store:
                 docs[doc["_id"]] = doc
         return docs
 
-    def apply_batch(self, session: ClientSession, records: Sequence[Record]) -> Mapping[str, int]:
+    def prepare_batch(self, records: Sequence[Record]) -> PreparedBatch:
+        """Decodes a batch and finds the documents it touches, outside any transaction
+        (the projection does it while the previous batch commits)."""
         failures: list[tuple[Record, str]] = []
         events: list[tuple[Record, SourceAdapter[Any], Message]] = []
         for record in records:
@@ -216,12 +236,31 @@ class Customer360Store:
                 events.append((record, adapter, adapter.decode(record)))
             except (DecodeError, ValueError) as error:
                 failures.append((record, f"undecodable: {error}"))
-
         ids: set[str] = set()
         pipeline_ids: set[str] = set()
         for _, adapter, e in events:
             ids.update(adapter.customers_touched(e))
             pipeline_ids.update(adapter.pipelines_touched(e))
+        return PreparedBatch(
+            tuple(events), tuple(failures), frozenset(ids), frozenset(pipeline_ids)
+        )
+
+    def apply_batch(self, session: ClientSession, records: Sequence[Record]) -> Mapping[str, int]:
+        return self.apply_prepared(session, [self.prepare_batch(records)])
+
+    def apply_prepared(
+        self, session: ClientSession, prepared: Sequence[PreparedBatch]
+    ) -> Mapping[str, int]:
+        """Applies the prepared parts of one batch (in order) with one write per document.
+
+        Every document the batch touches is loaded once, all of a customer's
+        events fold into it in memory in log order, and each touched document
+        is written once, whatever the number of its events in the batch.
+        """
+        events = [e for part in prepared for e in part.events]
+        failures = [f for part in prepared for f in part.failures]
+        ids: set[str] = set().union(*(part.customers for part in prepared))
+        pipeline_ids: set[str] = set().union(*(part.pipelines for part in prepared))
         docs = self._load(session, self.collection, ids)
         found = {i for i, d in docs.items() if d is not None}
         pipelines = self._load(session, self.pipelines, pipeline_ids)
@@ -316,9 +355,12 @@ class Customer360Store:
                 ordered=False,
             )
         # Entries of events consumed before (a relay publishing a suffix again)
-        # exist already; inserts cost the store less than upserts.
+        # exist already; inserts cost the store less than upserts. In the order
+        # of their ids: SecantusDB inserts a batch sorted by `_id` about twice
+        # as fast as the same batch in event order (5,400 against 2,300
+        # entries/s, with the trail's two indexes).
         recorded = self._load(session, self.audit, set(audit))
-        new_entries = [InsertOne(e) for i, e in audit.items() if recorded[i] is None]
+        new_entries = [InsertOne(audit[i]) for i in sorted(audit) if recorded[i] is None]
         if new_entries:
             self.audit.bulk_write(new_entries, session=session, ordered=False)
         for record, reason in failures:
