@@ -295,6 +295,10 @@ class Customer360(Profile, total=False):
     positions: Positions
     created_at: datetime | None
     updated_at: datetime
+    #: A merge's survivor: the contacts merged into it (their documents stay).
+    merged_ids: list[str]
+    #: A contact merged into another: the survivor's id.
+    merged_into: str
 
 
 class Stage(TypedDict):
@@ -489,7 +493,7 @@ def is_registered(doc: Customer360 | None) -> bool:
     return bool(doc and doc.get("kind") in ("person", "company"))
 
 
-def _timeline_key(entry: TimelineEntry) -> tuple[datetime, int, str]:
+def timeline_key(entry: TimelineEntry) -> tuple[datetime, int, str]:
     # Entries of different sources may tie on time and (their own logs')
     # position; the id settles it, so the order never depends on which
     # topic was consumed first.
@@ -500,5 +504,5 @@ def add_to_timeline(doc: Customer360, entry: TimelineEntry, limit: int = TIMELIN
     """Inserts newest first by occurrence (interactions may be logged late)."""
     timeline = [e for e in doc.get("timeline", []) if e["entry_id"] != entry["entry_id"]]
     timeline.append(entry)
-    timeline.sort(key=_timeline_key, reverse=True)
+    timeline.sort(key=timeline_key, reverse=True)
     doc["timeline"] = timeline[:limit]

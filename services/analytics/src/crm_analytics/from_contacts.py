@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from crm.contacts.v1 import contacts_pb2
 from crm.events.v1 import contacts_pb2 as events_pb2
@@ -291,6 +292,62 @@ def _interaction_logged(change: _Change) -> None:
     )
 
 
+def _set_merged_profile(doc: Customer360, message: Any) -> None:
+    """A merge event's profile: a person's or a company's, whichever it holds."""
+    if message.HasField("person_profile"):
+        _set_person_profile(doc, message.person_profile)
+    elif message.HasField("company_profile"):
+        _set_company_profile(doc, message.company_profile)
+
+
+def _contacts_merged(change: _Change) -> None:
+    """The survivor of a merge: its profile after it, and the contacts it took
+    over. Their own documents stay (what other sources keep recording under
+    their ids lands there) and point here; a read of the survivor's view
+    names them (`merged_ids`)."""
+    merged = change.event.contacts_merged
+    _set_merged_profile(change.doc, merged)
+    ids = list(dict.fromkeys([*change.doc.get("merged_ids", []), *merged.merged_ids]))
+    change.doc["merged_ids"] = ids
+    add_to_timeline(
+        change.doc,
+        _entry(
+            change.event,
+            entry_id=f"{change.event.contact_id}:merge:{merged.merge_id}",
+            kind="profile.merged",
+            summary=f"Merged with {len(merged.merged_ids)} duplicate(s)",
+            occurred_at=change.occurred_at,
+            owner=change.event.actor,
+        ),
+    )
+
+
+def _contact_merge_undone(change: _Change) -> None:
+    undone = change.event.contact_merge_undone
+    _set_merged_profile(change.doc, undone)
+    restored = set(undone.restored_ids)
+    change.doc["merged_ids"] = [i for i in change.doc.get("merged_ids", []) if i not in restored]
+    add_to_timeline(
+        change.doc,
+        _entry(
+            change.event,
+            entry_id=f"{change.event.contact_id}:unmerge:{undone.merge_id}",
+            kind="profile.merge_undone",
+            summary=f"Merge undone: {len(restored)} contact(s) restored",
+            occurred_at=change.occurred_at,
+            owner=change.event.actor,
+        ),
+    )
+
+
+def _contact_merged_into(change: _Change) -> None:
+    change.doc["merged_into"] = change.event.contact_merged_into.survivor_id
+
+
+def _contact_unmerged(change: _Change) -> None:
+    change.doc.pop("merged_into", None)
+
+
 _HANDLERS: dict[str, Callable[[_Change], None]] = {
     "person_registered": _person_registered,
     "person_profile_updated": _person_profile_updated,
@@ -300,6 +357,10 @@ _HANDLERS: dict[str, Callable[[_Change], None]] = {
     "person_unlinked_from_company": _person_unlinked_from_company,
     "consent_recorded": _consent_recorded,
     "interaction_logged": _interaction_logged,
+    "contacts_merged": _contacts_merged,
+    "contact_merge_undone": _contact_merge_undone,
+    "contact_merged_into": _contact_merged_into,
+    "contact_unmerged": _contact_unmerged,
 }
 #: The payloads of `ContactEvent` this version applies.
 PAYLOADS = frozenset(_HANDLERS)

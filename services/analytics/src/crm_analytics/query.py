@@ -17,12 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from crm_analytics.audit import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, AuditPage, after_token
-from crm_analytics.document import Customer360, applied_position, aware, is_known
+from crm_analytics.document import (
+    TIMELINE_LIMIT,
+    Customer360,
+    applied_position,
+    aware,
+    is_known,
+    timeline_key,
+)
 from crm_analytics.from_loyalty import expiring_soon
 from crm_analytics.store import Customer360Store, waitable_positions
 from crm_common.errors import FieldErrors, NotFound, WaitTimedOut
@@ -86,12 +93,28 @@ class Customer360Queries:
         if not is_known(doc):
             raise NotFound("customer", customer_id)
         assert doc is not None
-        named = await asyncio.to_thread(self.store.with_names, doc)
+        shown = await asyncio.to_thread(self._merged, doc)
+        named = await asyncio.to_thread(self.store.with_names, shown)
         loyalty = named.get("loyalty")
         if loyalty is None:
             return named
         soon = expiring_soon(loyalty, self.clock())
         return {**named, "loyalty": {**loyalty, "expiring_soon": soon}}
+
+    def _merged(self, doc: Customer360) -> Customer360:
+        """The view of a merged customer: a contact merged into another answers
+        with the survivor's view (its `customer_id` says whose); a survivor's
+        view folds in what the documents of the contacts it took over hold
+        (deals, cases, timeline, companies), which other sources may still
+        record under their ids. Folded when read, so an undone merge leaves
+        both views as they were, with what happened since."""
+        survivor_id = doc.get("merged_into")
+        if survivor_id:
+            survivor = self.store.get(survivor_id)
+            if survivor is not None and is_known(survivor):
+                doc = survivor
+        merged = [d for i in doc.get("merged_ids", []) if (d := self.store.get(i)) is not None]
+        return fold_merged(doc, merged) if merged else doc
 
     async def get_audit_trail(
         self,
@@ -157,3 +180,43 @@ class Customer360Queries:
 
 def _reached(doc: Customer360 | None, wait_for: Mapping[str, int]) -> bool:
     return all(applied_position(doc, source) >= p for source, p in wait_for.items())
+
+
+def fold_merged(survivor: Customer360, merged: Sequence[Customer360]) -> Customer360:
+    """`survivor` with the deals, cases, timeline entries and company links of
+    the documents of the contacts merged into it (each once)."""
+    folded: Customer360 = survivor.copy()
+    deals = {d["opportunity_id"]: d for d in survivor.get("deals", [])}
+    timeline = {e["entry_id"]: e for e in survivor.get("timeline", [])}
+    companies = {c["company_id"]: c for c in survivor.get("companies", [])}
+    tickets = survivor.get("tickets")
+    for other in merged:
+        for deal in other.get("deals", []):
+            deals.setdefault(deal["opportunity_id"], deal)
+        for entry in other.get("timeline", []):
+            timeline.setdefault(entry["entry_id"], entry)
+        for link in other.get("companies", []):
+            companies.setdefault(link["company_id"], link)
+        theirs = other.get("tickets")
+        if theirs is not None:
+            if tickets is None:
+                tickets = theirs
+            else:
+                tickets = {
+                    **tickets,
+                    "open_cases": [*tickets["open_cases"], *theirs["open_cases"]],
+                    "recent_cases": [*tickets["recent_cases"], *theirs["recent_cases"]],
+                }
+        if "loyalty" not in folded and "loyalty" in other:
+            folded["loyalty"] = other["loyalty"]
+    if deals:
+        folded["deals"] = list(deals.values())
+    if timeline:
+        folded["timeline"] = sorted(timeline.values(), key=timeline_key, reverse=True)[
+            :TIMELINE_LIMIT
+        ]
+    if companies:
+        folded["companies"] = list(companies.values())
+    if tickets is not None:
+        folded["tickets"] = tickets
+    return folded
