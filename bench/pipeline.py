@@ -10,7 +10,8 @@ Per event store, against a real `crm-pipeline serve` process:
   batches through the pipeline's own command bus and event mapping into the
   store the process then opens, so the process reads real stored events;
 - the process's start: from launch until it answers health checks, which
-  includes loading every deal into its read model, and its memory then;
+  includes applying to its query tables what they do not hold yet (on a
+  freshly seeded store, the whole log), and its memory then;
 - query latency over the seeded deals through gRPC: `GetForecast` with varied
   periods, owners, pipelines and date ranges, and `GetFunnel`; beside them
   two figures to relate them to: `GetOpportunity` (one deal by id, read from
@@ -596,8 +597,9 @@ def render_pipeline(runs: list[PipelineRun]) -> str:
         "three currencies and close dates over two years; about a third won, a quarter",
         "lost, some moved back a stage. They are written in batches of 1,000 deals per",
         "command through the service's own command bus, so the store holds the events",
-        "the service writes. Then `crm-pipeline serve` starts over that store: it loads",
-        "every deal into its read model before it answers health checks.",
+        "the service writes. Then `crm-pipeline serve` starts over that store: it first",
+        "applies to its query tables whatever of the log they do not hold yet (on a",
+        "freshly seeded store, all of it) before it answers health checks.",
         "",
         "| store | seeded events | seeding | serve ready after | RSS ready | RSS after the load |",
         "|---|---|---|---|---|---|",
