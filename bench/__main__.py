@@ -51,7 +51,13 @@ from bench.pipeline import render_pipeline, run_pipeline_bench
 from crm_deploy.process import free_port
 from crm_deploy.servers import ensure_topics
 from crm_deploy.stack import TOPIC_SERVICES, Stack, StackConfig
-from crm_deploy.testing import kill_leftovers, start_process, stop_gracefully, wait_serving
+from crm_deploy.testing import (
+    grpc_auth,
+    kill_leftovers,
+    start_process,
+    stop_gracefully,
+    wait_serving,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROCESSES = ["contacts-api", "contacts-relay", "analytics-api", "analytics-projector"]
@@ -174,13 +180,14 @@ async def run_store(stack: Stack, store: str, args: argparse.Namespace, scratch:
         await asyncio.sleep(5)
         result.idle_rss = rss_of(stack, PROCESSES)
         target = f"127.0.0.1:{stack.config.service_ports['contacts'][0]}"
+        auth = grpc_auth(stack.config.identity.mint("sales", subject="bench", client="bench"))
         print(f"[{store}] gRPC creates, 1 client", flush=True)
-        result.single = await closed_loop_creates(target, 1, args.single)
+        result.single = await closed_loop_creates(target, 1, args.single, auth)
         print(f"[{store}]   {result.single.per_second:,.0f} commands/s", flush=True)
         print(f"[{store}] gRPC creates, 16 clients", flush=True)
         api = psutil.Process(stack.process("contacts-api").pid)
         cpu_before = sum(api.cpu_times()[:2])
-        result.sixteen = await closed_loop_creates(target, 16, args.sixteen)
+        result.sixteen = await closed_loop_creates(target, 16, args.sixteen, auth)
         cpu = sum(api.cpu_times()[:2]) - cpu_before
         result.api_cpu_ms = cpu / max(1, result.sixteen.commands) * 1000
         print(f"[{store}]   {result.sixteen.per_second:,.0f} commands/s", flush=True)
@@ -189,7 +196,7 @@ async def run_store(stack: Stack, store: str, args: argparse.Namespace, scratch:
             stack,
             env,
             scratch / f"contacts-api-2-{store}.log",
-            lambda both: closed_loop_creates(both, 16, args.sixteen),
+            lambda both: closed_loop_creates(both, 16, args.sixteen, auth),
         )
         print(f"[{store}]   {result.replicated.per_second:,.0f} commands/s", flush=True)
         # Let the projection drain the throughput runs before measuring lag.
@@ -204,6 +211,7 @@ async def run_store(stack: Stack, store: str, args: argparse.Namespace, scratch:
             args.seconds,
             bootstrap=stack.kafka_bootstrap,
             topic=f"{prefix}.contacts.events",
+            metadata=auth,
         )
         lag_seconds = time.perf_counter() - lag_started
         cpu_after = cpu_seconds(stack)

@@ -18,6 +18,9 @@ from aiokafka import AIOKafkaConsumer
 from crm.contacts.v1 import contacts_pb2, contacts_pb2_grpc
 from crm_common.clients import service_channel
 
+#: gRPC call metadata: the caller's bearer token (`crm_deploy.testing.grpc_auth`).
+Metadata = tuple[tuple[str, str], ...]
+
 _counter = itertools.count()
 
 
@@ -63,7 +66,9 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[k]
 
 
-async def closed_loop_creates(target: str, clients: int, commands: int) -> Throughput:
+async def closed_loop_creates(
+    target: str, clients: int, commands: int, metadata: Metadata = ()
+) -> Throughput:
     """`clients` concurrent callers, each sending its next command once the
     previous one was answered, until `commands` were answered in all.
 
@@ -73,7 +78,7 @@ async def closed_loop_creates(target: str, clients: int, commands: int) -> Throu
     stubs = [contacts_pb2_grpc.ContactsServiceStub(c) for c in channels]
     # Warm up connections and the server's code paths.
     for stub in stubs:
-        await stub.CreatePerson(create_person_request())
+        await stub.CreatePerson(create_person_request(), metadata=metadata)
     remaining = commands
     latencies: list[float] = []
 
@@ -83,7 +88,7 @@ async def closed_loop_creates(target: str, clients: int, commands: int) -> Throu
         while remaining > 0:
             remaining -= 1
             started = time.perf_counter()
-            await stub.CreatePerson(create_person_request())
+            await stub.CreatePerson(create_person_request(), metadata=metadata)
             latencies.append((time.perf_counter() - started) * 1000)
 
     started = time.perf_counter()
@@ -227,13 +232,14 @@ async def open_loop_lag(
     bootstrap: str,
     topic: str,
     settle_timeout: float = 30.0,
+    metadata: Metadata = (),
 ) -> Lag:
     """Offers `rate` create commands per second whatever the answers' pace,
     and measures for each the time from its acknowledgement until its 360
     document shows the returned position."""
     channel = grpc.aio.insecure_channel(target)
     stub = contacts_pb2_grpc.ContactsServiceStub(channel)
-    await stub.CreatePerson(create_person_request())
+    await stub.CreatePerson(create_person_request(), metadata=metadata)
     watcher = ChangeWatcher(mongo_url, mongo_db)
     await asyncio.to_thread(watcher.start)
     records = RecordTimes(bootstrap, topic)
@@ -244,7 +250,7 @@ async def open_loop_lag(
     acked_wall: dict[int, float] = {}
 
     async def one(request: contacts_pb2.CreatePersonRequest) -> None:
-        response = await stub.CreatePerson(request)
+        response = await stub.CreatePerson(request, metadata=metadata)
         acked.append((response.result.id, response.result.position, time.perf_counter()))
         acked_wall[response.result.position] = time.time()
 
