@@ -19,8 +19,8 @@ forecast and funnel query latency over 100,000 opportunities; and the cost of
 authentication and authorization per command (bench/auth.py). Then the
 modules of `SECTIONS`, each its own section with its own same-run baseline:
 startup over a large store, CPU per command, the 360 view under load and its
-rebuild, tickets, loyalty, the CSV import, the consoles in a browser; and the
-cost of encryption (bench/privacy.py).
+rebuild, tickets, loyalty, the CSV import, the duplicate scan, the consoles in
+a browser; and the cost of encryption (bench/privacy.py).
 
 Numbers are recorded, never asserted: a timing is not a unit test.
 """
@@ -460,6 +460,7 @@ SECTIONS = (
     "bench.tickets",
     "bench.loyalty",
     "bench.imports",
+    "bench.duplicates",  # the duplicate index over 100,000 contacts: build, scan, check
     "bench.consoles",
 )
 

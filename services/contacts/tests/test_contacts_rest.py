@@ -351,6 +351,8 @@ async def test_the_openapi_document_describes_the_api(http: httpx.AsyncClient) -
         ("/persons/{person_id}/companies/{company_id}", "delete"),
         ("/contacts/{contact_id}/consents", "post"),
         ("/contacts/{contact_id}/interactions", "post"),
+        ("/contacts/{survivor_id}/merge", "post"),
+        ("/contacts/{survivor_id}/merges/{merge_id}/undo", "post"),
         ("/contacts/{contact_id}", "get"),
         ("/contacts", "get"),
         ("/custom-fields/{kind}", "get"),
@@ -361,6 +363,9 @@ async def test_the_openapi_document_describes_the_api(http: httpx.AsyncClient) -
         ("/imports", "post"),
         ("/imports/{import_id}", "get"),
         ("/imports/{import_id}/failures", "get"),
+        ("/duplicates/check", "post"),
+        ("/contacts/{contact_id}/duplicates", "get"),
+        ("/duplicates", "get"),
     }
     schemas = document["components"]["schemas"]
     channel = schemas["NewChannelIdentity"]["properties"]["channel"]
@@ -394,6 +399,8 @@ async def test_the_openapi_document_describes_the_api(http: httpx.AsyncClient) -
         "UnlinkPersonFromCompany",
         "RecordConsent",
         "LogInteraction",
+        "MergeContacts",
+        "UndoMerge",
         "GetContact",
         "ListContacts",
         "ListCustomFields",
@@ -404,6 +411,9 @@ async def test_the_openapi_document_describes_the_api(http: httpx.AsyncClient) -
         "ImportContacts",
         "GetImport",
         "GetImportFailures",
+        "CheckDuplicates",
+        "ListContactDuplicates",
+        "ScanDuplicates",
     }
     for item in document["paths"].values():
         for operation in item.values():

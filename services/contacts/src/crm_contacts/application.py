@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import threading
 import uuid
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -33,14 +34,15 @@ from eventsourcing.application import AggregateNotFoundError
 
 from crm_common.auth.access import AccessPolicy, PartnerGrant
 from crm_common.commands import Caller, CommandBus, CommandContext, UnitOfWork
-from crm_common.errors import NotFound, PermissionDenied
+from crm_common.errors import FieldErrors, NotFound, PermissionDenied, RuleViolated
 from crm_common.eventstore import SnapshottingApplication, application_env, creating_tables
 from crm_common.querystore import QueryDatabase
 from crm_common.settings import Settings
 from crm_contacts import validation
 from crm_contacts.definitions import FieldDefinitions
 from crm_contacts.directory import ContactDirectory
-from crm_contacts.domain import Company, Contact, ContactKind, Person
+from crm_contacts.domain import Company, Contact, ContactKind, Person, merging
+from crm_contacts.domain.contacts import MergeRecord
 from crm_contacts.domain.lifecycle import LifecycleRule
 from crm_contacts.inputs import (
     CompanyChanges,
@@ -60,6 +62,26 @@ SERVICE = "contacts"
 C = TypeVar("C", bound=Contact)
 #: Tags that give partners access; only their own may a partner set (docs/security.md).
 PARTNER_TAG_PREFIX = "partner:"
+#: How long a merge can be undone, unless `CRM_CONTACTS_MERGE_UNDO_DAYS` says otherwise.
+DEFAULT_MERGE_UNDO_DAYS = 30
+#: Merge ids derived from request ids: a retried merge names the merge it made.
+MERGE_NAMESPACE = uuid.UUID("6f1d7f0e-3c2a-5b8e-9d41-2a7c0e5b9f13")
+
+
+def merge_undo_window_from_env() -> timedelta:
+    """The undo window `CRM_CONTACTS_MERGE_UNDO_DAYS` sets (whole days, at least 1)."""
+    raw = os.environ.get("CRM_CONTACTS_MERGE_UNDO_DAYS", "").strip()
+    if not raw:
+        return timedelta(days=DEFAULT_MERGE_UNDO_DAYS)
+    try:
+        days = int(raw)
+    except ValueError:
+        raise ValueError(
+            f"CRM_CONTACTS_MERGE_UNDO_DAYS must be a whole number, not {raw!r}"
+        ) from None
+    if days < 1:
+        raise ValueError(f"CRM_CONTACTS_MERGE_UNDO_DAYS must be at least 1, not {days}")
+    return timedelta(days=days)
 
 
 class ContactsApplication(SnapshottingApplication):
@@ -106,8 +128,11 @@ class ContactsService:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         policy: AccessPolicy | None = None,
         directory: ContactDirectory | None = None,
+        merge_undo_window: timedelta = timedelta(days=DEFAULT_MERGE_UNDO_DAYS),
     ) -> None:
         self.app = app
+        #: How long after a merge `undo_merge` may reverse it.
+        self.merge_undo_window = merge_undo_window
         self.bus = CommandBus(app, SERVICE)
         self._directory = directory
         self._directory_lock = threading.Lock()
@@ -182,7 +207,9 @@ class ContactsService:
         else about it (its version included) is said."""
         if grant is not None:
             self._check_grant(grant, uow.get(ident, kind, subject=False))
-        return uow.get(ident, kind)
+        subject = uow.get(ident, kind)
+        _refuse_tombstone(subject)
+        return subject
 
     async def _write(
         self, caller: Caller, ctx: CommandContext, decide: Callable[[UnitOfWork], Any]
@@ -264,6 +291,7 @@ class ContactsService:
             company: Company = uow.get(link.company_id, Company, subject=False)
             # The person would show the company's name: a partner links only its own.
             self._check_grant(grant, company)
+            _refuse_tombstone(company)
             person.link_to_company(company, role)
             return person
 
@@ -350,6 +378,111 @@ class ContactsService:
         args = (contact_id,) if rule is LifecycleRule.DEAL_WON else (contact_id, str(rule))
         return await self._write(caller, caller.command(command, *args), decide)
 
+    # -- merging (the rules are in `domain.merging`) ---------------------------------------
+
+    async def merge_contacts(
+        self,
+        caller: Caller,
+        survivor_id: str,
+        merged_ids: Sequence[str],
+        choices: Mapping[str, str],
+    ) -> ContactWrite:
+        """Folds `merged_ids` into `survivor_id`: one command over all of them (saved
+        together, the survivor version-checked). The merge id is in
+        `outcome.extra["merge_id"]`; derived from the request id when there is one,
+        so a retried request names the merge the first one made."""
+        grant = self.grant_of(caller)
+        wanted = _merge_input(survivor_id, merged_ids, choices)
+        merge_id = (
+            str(uuid.uuid5(MERGE_NAMESPACE, f"{caller.scope}:{caller.request_id}"))
+            if caller.request_id
+            else str(uuid.uuid4())
+        )
+        now = self.clock()
+
+        def decide(uow: UnitOfWork) -> tuple[Contact, dict[str, str]]:
+            # The others first: the survivor's events come last, so the outcome's
+            # position (the survivor's) is the merge's last event.
+            others = [self._merged_contact(uow, grant, ident, i) for i, ident in enumerate(wanted)]
+            survivor = self._subject(uow, grant, survivor_id, Contact)
+            errors = FieldErrors()
+            for i, other in enumerate(others):
+                if other.KIND is not survivor.KIND:
+                    errors.add(
+                        f"merged_ids[{i}]",
+                        f"is a {other.KIND}, the survivor a {survivor.KIND}: "
+                        "only contacts of one kind merge",
+                    )
+            errors.raise_if_any()
+            merging.merge(merge_id, survivor, others, choices, now, actor=caller.actor)
+            return survivor, {"merge_id": merge_id}
+
+        return await self._write(
+            caller,
+            caller.command(
+                "MergeContacts", survivor_id, list(wanted), dict(sorted(choices.items()))
+            ),
+            decide,
+        )
+
+    def _merged_contact(
+        self, uow: UnitOfWork, grant: PartnerGrant | None, ident: str, index: int
+    ) -> Contact:
+        """One of the contacts a merge absorbs: an unknown id is bad input (the field
+        names it), a tombstone is refused naming its survivor."""
+        try:
+            contact = uow.get(ident, Contact, subject=False)
+        except NotFound:
+            errors = FieldErrors()
+            errors.add(f"merged_ids[{index}]", f"no contact has the id {ident!r}")
+            errors.raise_if_any()
+            raise
+        self._check_grant(grant, contact)
+        _refuse_tombstone(contact)
+        return contact
+
+    async def undo_merge(self, caller: Caller, survivor_id: str, merge_id: str) -> ContactWrite:
+        """Reverses the survivor's merge `merge_id` within the undo window: the
+        absorbed contacts come back as they were, the survivor keeps what happened
+        to it since (one command over all of them)."""
+        grant = self.grant_of(caller)
+        errors = FieldErrors()
+        if not merge_id.strip():
+            errors.add("merge_id", "is required")
+        errors.raise_if_any()
+        now = self.clock()
+
+        def decide(uow: UnitOfWork) -> tuple[Contact, dict[str, str]]:
+            record = self._merge_record(grant, survivor_id, merge_id)
+            # The others first: the survivor's events come last (see merge_contacts).
+            others = [uow.get(i, Contact, subject=False) for i in record.merged_ids]
+            for other in others:
+                self._check_grant(grant, other)
+            survivor = self._subject(uow, grant, survivor_id, Contact)
+            merging.undo_merge(
+                merge_id, survivor, others, now, self.merge_undo_window, actor=caller.actor
+            )
+            return survivor, {"merge_id": merge_id}
+
+        return await self._write(caller, caller.command("UndoMerge", survivor_id, merge_id), decide)
+
+    def _merge_record(
+        self, grant: PartnerGrant | None, survivor_id: str, merge_id: str
+    ) -> MergeRecord:
+        """The survivor's record of `merge_id` as stored (what a merge took never
+        changes afterwards), read before the command touches any contact."""
+        try:
+            survivor: Any = self.app.repository.get(UUID(survivor_id))
+        except (ValueError, AggregateNotFoundError):
+            raise NotFound("Contact", survivor_id) from None
+        if not isinstance(survivor, Contact):
+            raise NotFound("Contact", survivor_id)
+        self._check_grant(grant, survivor)
+        record = survivor.merges.get(merge_id)
+        if record is None:
+            raise NotFound("Merge", merge_id)
+        return record
+
     async def get_contact(self, contact_id: str, caller: Caller | None = None) -> ContactView:
         """One contact as `caller` may see it (None: the platform itself, in process)."""
         grant = self.grant_of(caller)
@@ -367,7 +500,27 @@ class ContactsService:
         if not isinstance(contact, Contact):
             raise NotFound("Contact", contact_id)
         self._check_grant(grant, contact)
-        return self.fields.hide_retired(view_of(contact))
+        redirected_from = None
+        if contact.merged_into is not None:
+            # A tombstone answers with its survivor, and says so.
+            redirected_from = str(contact.id)
+            contact = self._survivor_of(contact)
+            self._check_grant(grant, contact)
+        view = view_of(contact)
+        if redirected_from is not None:
+            view = dataclasses.replace(view, redirected_from=redirected_from)
+        return self.fields.hide_retired(view)
+
+    def _survivor_of(self, tombstone: Contact) -> Contact:
+        """The contact a tombstone's merges lead to (a survivor merged later leads on)."""
+        contact = tombstone
+        seen = {contact.id}
+        while contact.merged_into is not None:
+            contact = self.app.repository.get(UUID(contact.merged_into))
+            if contact.id in seen:  # pragma: no cover - merges never make a cycle
+                break
+            seen.add(contact.id)
+        return contact
 
     async def list_contacts(self, query: ContactQuery, caller: Caller | None = None) -> ContactPage:
         """A page of the search as `caller` may see it: a partner, its tagged contacts only.
@@ -395,6 +548,40 @@ class ContactsService:
         page = self.directory.search(query, within_tag=within_tag)
         shown = [self.fields.hide_retired(v) for v in page.contacts]
         return dataclasses.replace(page, contacts=shown)
+
+
+def _refuse_tombstone(contact: Contact) -> None:
+    """A merged contact takes no commands: they belong to its survivor."""
+    if contact.merged_into is not None:
+        raise RuleViolated(
+            f"contact {contact.id} was merged into {contact.merged_into}; "
+            f"send the command to {contact.merged_into}"
+        )
+
+
+def _merge_input(
+    survivor_id: str, merged_ids: Sequence[str], choices: Mapping[str, str]
+) -> list[str]:
+    """The merged ids, checked before anything is loaded: named, distinct, not the
+    survivor, at most `merging.MAX_MERGED` contacts in all."""
+    errors = FieldErrors()
+    ids = [i.strip() for i in merged_ids]
+    if not ids:
+        errors.add("merged_ids", "name at least one contact to merge into the survivor")
+    if len(ids) + 1 > merging.MAX_MERGED:
+        errors.add("merged_ids", f"at most {merging.MAX_MERGED} contacts merge at once")
+    for i, ident in enumerate(ids):
+        if not ident:
+            errors.add(f"merged_ids[{i}]", "is empty")
+        elif ident == survivor_id:
+            errors.add(f"merged_ids[{i}]", "is the survivor: a contact does not merge into itself")
+        elif ident in ids[:i]:
+            errors.add(f"merged_ids[{i}]", "names a contact twice")
+    for field, source in choices.items():
+        if source != survivor_id and source not in ids:
+            errors.add(f"choices.{field}", f"{source} is not one of the merged contacts")
+    errors.raise_if_any()
+    return ids
 
 
 def _canonical_tag(tag: str) -> str:

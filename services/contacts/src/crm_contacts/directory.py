@@ -15,6 +15,9 @@ write committed before it, whichever replica made it.
   for the exact lookups (emails in lower case, phone numbers in E.164, tags
   canonical).
 
+A merged contact (a tombstone, `domain.merging`) has no rows: a search lists its
+survivor only, and the contact's rows come back when the merge is undone.
+
 Names match as case-insensitive substrings: a `LIKE` over the casefolded
 display name, which holds the given and the family name of a person (a
 substring of either is a substring of it). Results are ordered by sort key,
@@ -177,6 +180,10 @@ KNOWN_EVENTS = (
     Company.CompanyRegistered,
     Company.CompanyProfileUpdated,
     Contact.InteractionLogged,
+    Contact.ContactsMerged,
+    Contact.ContactMergedInto,
+    Contact.ContactMergeUndone,
+    Contact.ContactUnmerged,
 )
 
 
@@ -219,6 +226,8 @@ class ContactTables(AggregateProjection):
         super().__init__(app, cache_size=cache_size)
         self._rows: list[tuple[Any, ...]] = []
         self._keys: dict[str, list[tuple[str, str]]] = {table: [] for table in KEY_TABLES}
+        #: Tombstones of the batch: their rows are deleted.
+        self._gone: list[str] = []
 
     def apply(self, tx: Tx, events: Sequence[Any]) -> None:
         # A kind of event this release does not know (a newer one's) changes
@@ -230,7 +239,11 @@ class ContactTables(AggregateProjection):
 
     def project(self, tx: Tx, aggregate: Any) -> None:
         """Collects the contact's rows: `_write` stores a batch's rows together (a
-        few statements a batch rather than a few a contact)."""
+        few statements a batch rather than a few a contact); a merged contact's
+        rows are deleted instead (its survivor's hold what it had)."""
+        if aggregate.merged_into is not None:
+            self._gone.append(str(aggregate.id))
+            return
         view = _view_of(aggregate)
         profile = view.profile
         self._rows.append(
@@ -255,7 +268,9 @@ class ContactTables(AggregateProjection):
             self._keys[table].extend((_column_text(k), view.id) for k in sorted(values))
 
     def _write(self, tx: Tx) -> None:
+        self._delete(tx, self._gone)
         if not self._rows:
+            self._clear_rows()
             return
         tx.executemany(
             f"INSERT INTO {CONTACTS} (id, kind, sort_key, display_name, lifecycle_stage,"
@@ -268,20 +283,32 @@ class ContactTables(AggregateProjection):
         )
         ids = [row[0] for row in self._rows]
         for table, key in KEY_TABLES.items():
-            for start in range(0, len(ids), DELETE_CHUNK):
-                chunk = ids[start : start + DELETE_CHUNK]
-                tx.execute(
-                    f"DELETE FROM {table} WHERE contact_id IN ({tx.placeholders(len(chunk))})",
-                    chunk,
-                )
+            self._delete_keys(tx, table, ids)
             tx.executemany(
                 f"INSERT INTO {table} ({key}, contact_id) VALUES (?, ?)", self._keys[table]
             )
         self._clear_rows()
 
+    @staticmethod
+    def _delete_keys(tx: Tx, table: str, ids: Sequence[str]) -> None:
+        for start in range(0, len(ids), DELETE_CHUNK):
+            chunk = list(ids[start : start + DELETE_CHUNK])
+            column = "id" if table == CONTACTS else "contact_id"
+            tx.execute(
+                f"DELETE FROM {table} WHERE {column} IN ({tx.placeholders(len(chunk))})", chunk
+            )
+
+    def _delete(self, tx: Tx, ids: Sequence[str]) -> None:
+        """Removes merged contacts from every table (their keys with them)."""
+        if not ids:
+            return
+        for table in (CONTACTS, *KEY_TABLES):
+            self._delete_keys(tx, table, ids)
+
     def _clear_rows(self) -> None:
         self._rows = []
         self._keys = {table: [] for table in KEY_TABLES}
+        self._gone = []
 
     def reset(self) -> None:
         super().reset()

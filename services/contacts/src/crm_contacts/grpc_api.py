@@ -253,6 +253,28 @@ class ContactsServicer:
             interaction_id=written.outcome.extra.get("interaction_id", ""),
         )
 
+    async def MergeContacts(
+        self, request: pb.MergeContactsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.MergeContactsResponse:
+        caller = grpc_caller(context, request.request_id, request.expected_version)
+        written = await self.service.merge_contacts(
+            caller, request.survivor_id, list(request.merged_ids), dict(request.choices)
+        )
+        return pb.MergeContactsResponse(
+            result=write_result(written.outcome),
+            contact=self._contact(caller, written.contact),
+            merge_id=written.outcome.extra.get("merge_id", ""),
+        )
+
+    async def UndoMerge(
+        self, request: pb.UndoMergeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.UndoMergeResponse:
+        caller = grpc_caller(context, request.request_id, request.expected_version)
+        written = await self.service.undo_merge(caller, request.survivor_id, request.merge_id)
+        return pb.UndoMergeResponse(
+            result=write_result(written.outcome), contact=self._contact(caller, written.contact)
+        )
+
     async def GetContact(
         self, request: pb.GetContactRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetContactResponse:

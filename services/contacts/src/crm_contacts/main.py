@@ -10,7 +10,11 @@ from crm_common.lifecycle import run_worker
 from crm_common.relay import run_relay
 from crm_common.server import access_gate, serve
 from crm_common.settings import Settings
-from crm_contacts.application import ContactsService, create_application
+from crm_contacts.application import (
+    ContactsService,
+    create_application,
+    merge_undo_window_from_env,
+)
 from crm_contacts.events_out import PROTO_MESSAGE, to_wire
 from crm_contacts.follower import OpportunityFollower
 from crm_contacts.grpc_api import grpc_service
@@ -24,7 +28,10 @@ async def run_serve(settings: Settings) -> None:
     # Refuses to start without the key set or the pseudonym key, before opening the store.
     gate = access_gate(settings)
     pseudonym_key = settings.pseudonym_key()
-    service = ContactsService(create_application(settings), policy=gate.policy)
+    undo_window = merge_undo_window_from_env()
+    service = ContactsService(
+        create_application(settings), policy=gate.policy, merge_undo_window=undo_window
+    )
     try:
         # The directory's tables are stored: apply only what was written since
         # they were last brought up to date (by any replica), then follow the log

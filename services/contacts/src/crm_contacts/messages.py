@@ -106,6 +106,7 @@ def contact_pb(view: ContactView) -> pb.Contact:
         owner=view.profile.owner,
         created_at=timestamp(view.created_at),
         updated_at=timestamp(view.updated_at),
+        redirected_from=view.redirected_from or "",
     )
     if isinstance(view.profile, PersonProfile):
         contact.given_name = view.profile.given_name

@@ -77,6 +77,7 @@ from crm_contacts.inputs import (
     NewPerson,
     PersonChanges,
 )
+from crm_contacts.rest_duplicates import include_duplicates
 from crm_contacts.rest_imports import include_imports
 from crm_contacts.views import ContactPage, ContactView, ContactWrite
 
@@ -225,6 +226,19 @@ class ConsentCreate(_Body):
     source: str = Field("", description="Where it came from, e.g. `call:agent-7`.")
 
 
+class MergeCreate(_Body):
+    merged_ids: list[str] = Field(
+        description="The one or two contacts (of the survivor's kind) folded into the survivor."
+    )
+    choices: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per field, the id of the contact whose value the survivor keeps "
+        "(keys: given_name, family_name, name, domain, industry, owner, lifecycle_stage, "
+        "`custom_fields.<key>`); a field not named keeps the survivor's value, or the "
+        "first one given when the survivor has none.",
+    )
+
+
 class InteractionCreate(_Body):
     kind: str = _word_field(InteractionKind, "What kind of interaction.")
     direction: str | None = _word_field(Direction, "Who reached out.", default=None)
@@ -299,6 +313,11 @@ class Contact(BaseModel):
     )
     created_at: datetime
     updated_at: datetime
+    redirected_from: str | None = Field(
+        None,
+        description="Set when the id asked for was merged into this contact: the id asked "
+        "for (this contact is its survivor).",
+    )
 
 
 class WriteReply(BaseModel):
@@ -310,6 +329,10 @@ class WriteReply(BaseModel):
     )
     replayed: bool = Field(description="True when this answers a retried Idempotency-Key.")
     contact: Contact = Field(description="The contact after the write (now, for a replay).")
+
+
+class MergeReply(WriteReply):
+    merge_id: str = Field(description="The merge's id, for an undo.")
 
 
 class InteractionReply(WriteReply):
@@ -477,6 +500,7 @@ def contact_json(view: ContactView) -> Contact:
         interactions=[_interaction_json(i) for i in view.interactions],
         created_at=view.created_at,
         updated_at=view.updated_at,
+        redirected_from=view.redirected_from,
     )
 
 
@@ -821,6 +845,46 @@ def create_app(service: ContactsService, gate: AccessGate, *, pseudonym_key: byt
         )
         return shown(caller, reply, contacts_at="contact", status_code=_created(written.outcome))
 
+    @app.post(
+        "/contacts/{survivor_id}/merge",
+        operation_id="MergeContacts",
+        response_model=MergeReply,
+        tags=["contacts"],
+        summary="Merge one or two duplicates into a survivor (they become redirects)",
+    )
+    async def merge_contacts(
+        request: Request,
+        survivor_id: str,
+        body: MergeCreate,
+        if_match: IfMatch = None,
+        idempotency_key: IdempotencyKey = None,
+    ) -> JSONResponse:
+        caller = http_caller(request, idempotency_key, expected_version(if_match))
+        written = await service.merge_contacts(caller, survivor_id, body.merged_ids, body.choices)
+        reply = MergeReply(
+            **_reply_fields(written.outcome, written.contact),
+            merge_id=written.outcome.extra.get("merge_id", ""),
+        )
+        return shown(caller, reply, contacts_at="contact")
+
+    @app.post(
+        "/contacts/{survivor_id}/merges/{merge_id}/undo",
+        operation_id="UndoMerge",
+        response_model=WriteReply,
+        tags=["contacts"],
+        summary="Undo the survivor's latest merge (within the undo window)",
+    )
+    async def undo_merge(
+        request: Request,
+        survivor_id: str,
+        merge_id: str,
+        if_match: IfMatch = None,
+        idempotency_key: IdempotencyKey = None,
+    ) -> JSONResponse:
+        caller = http_caller(request, idempotency_key, expected_version(if_match))
+        written = await service.undo_merge(caller, survivor_id, merge_id)
+        return shown(caller, write_reply(written), contacts_at="contact")
+
     @app.get(
         "/contacts/{contact_id}",
         operation_id="GetContact",
@@ -983,4 +1047,5 @@ def create_app(service: ContactsService, gate: AccessGate, *, pseudonym_key: byt
         return custom_fields_write(written)
 
     include_imports(app, service)  # POST /imports, GET /imports/{id}[/failures]
+    include_duplicates(app, service)  # POST /duplicates/check, GET /duplicates, .../duplicates
     return app

@@ -35,6 +35,9 @@ class ContactView:
     interactions: tuple[Interaction, ...]
     created_at: datetime
     updated_at: datetime
+    #: The id asked for when it was merged into this contact (a read of a
+    #: tombstone answers with its survivor and says so); None otherwise.
+    redirected_from: str | None = None
 
     @property
     def display_name(self) -> str:

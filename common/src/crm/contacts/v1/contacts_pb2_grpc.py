@@ -122,6 +122,16 @@ class ContactsServiceStub:
                 request_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.RestoreCustomFieldRequest.SerializeToString,
                 response_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.RestoreCustomFieldResponse.FromString,
                 _registered_method=True)
+        self.MergeContacts = channel.unary_unary(
+                '/crm.contacts.v1.ContactsService/MergeContacts',
+                request_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.MergeContactsRequest.SerializeToString,
+                response_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.MergeContactsResponse.FromString,
+                _registered_method=True)
+        self.UndoMerge = channel.unary_unary(
+                '/crm.contacts.v1.ContactsService/UndoMerge',
+                request_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.UndoMergeRequest.SerializeToString,
+                response_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.UndoMergeResponse.FromString,
+                _registered_method=True)
 
 
 class ContactsServiceServicer:
@@ -237,6 +247,21 @@ class ContactsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MergeContacts(self, request, context):
+        """Folds one or two contacts of the survivor's kind into it; the others
+        become tombstones whose reads answer with the survivor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndoMerge(self, request, context):
+        """Reverses the survivor's latest merge within the undo window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContactsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -314,6 +339,16 @@ def add_ContactsServiceServicer_to_server(servicer, server):
                     servicer.RestoreCustomField,
                     request_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.RestoreCustomFieldRequest.FromString,
                     response_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.RestoreCustomFieldResponse.SerializeToString,
+            ),
+            'MergeContacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeContacts,
+                    request_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.MergeContactsRequest.FromString,
+                    response_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.MergeContactsResponse.SerializeToString,
+            ),
+            'UndoMerge': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndoMerge,
+                    request_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.UndoMergeRequest.FromString,
+                    response_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.UndoMergeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -734,6 +769,60 @@ class ContactsService:
             '/crm.contacts.v1.ContactsService/RestoreCustomField',
             crm_dot_contacts_dot_v1_dot_contacts__pb2.RestoreCustomFieldRequest.SerializeToString,
             crm_dot_contacts_dot_v1_dot_contacts__pb2.RestoreCustomFieldResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeContacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.contacts.v1.ContactsService/MergeContacts',
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.MergeContactsRequest.SerializeToString,
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.MergeContactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndoMerge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.contacts.v1.ContactsService/UndoMerge',
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.UndoMergeRequest.SerializeToString,
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.UndoMergeResponse.FromString,
             options,
             channel_credentials,
             insecure,
