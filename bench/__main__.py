@@ -48,6 +48,7 @@ from bench.auth import measure_auth_cost, render_auth
 from bench.baseline import application_layer_creates, bare_save_loop
 from bench.load import Lag, Throughput, closed_loop_creates, open_loop_lag, summarize
 from bench.pipeline import render_pipeline, run_pipeline_bench
+from bench.sections import NOTES_MARKER
 from crm_deploy.process import free_port
 from crm_deploy.servers import ensure_topics
 from crm_deploy.stack import TOPIC_SERVICES, Stack, StackConfig
@@ -463,11 +464,6 @@ SECTIONS = (
     "bench.duplicates",  # the duplicate index over 100,000 contacts: build, scan, check
     "bench.consoles",
 )
-
-
-#: Everything after this line in the output file is written by people (notes
-#: on earlier runs, findings) and kept when a run rewrites the file.
-NOTES_MARKER = "<!-- Below: notes kept by make bench when it rewrites this file. -->"
 
 
 def kept_notes(out: Path) -> str:

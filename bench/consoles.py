@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 import psutil
 
+from bench.sections import record_section
 from crm_deploy.identity import Identity, ensure_identity
 from crm_deploy.stack import Stack, StackConfig
 from crm_deploy.testing import bearer
@@ -355,15 +356,8 @@ def render(r: ConsolesRun) -> str:
 
 
 def record(text: str, out: Path) -> None:
-    """Replaces the consoles section of `out` (or appends it)."""
-    previous = out.read_text() if out.exists() else ""
-    before, begin, rest = previous.partition(BEGIN)
-    if begin:
-        _, end, after = rest.partition(END)
-        updated = before + text + (after if end else "")
-    else:
-        updated = previous.rstrip("\n") + "\n\n" + text + "\n"
-    out.write_text(updated)
+    """Replaces this benchmark's section of `out` (or adds it)."""
+    record_section(out, text, BEGIN, END)
 
 
 def main(argv: list[str] | None = None) -> None:

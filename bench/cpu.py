@@ -41,6 +41,7 @@ import psutil
 from bench import postgres as bench_postgres
 from bench.baseline import BenchPerson, _settings
 from bench.load import create_person_request
+from bench.sections import record_section
 from crm.contacts.v1 import contacts_pb2_grpc
 from crm_common.eventstore import application_env
 from crm_deploy.identity import ensure_identity
@@ -384,15 +385,8 @@ def _percentile(values: list[float], p: float) -> float:
 
 
 def record(text: str, out: Path) -> None:
-    """Replaces this benchmark's part of `out` (or appends it)."""
-    previous = out.read_text() if out.exists() else ""
-    before, begin, rest = previous.partition(BEGIN)
-    if begin:
-        _, end, after = rest.partition(END)
-        updated = before + text + (after if end else "")
-    else:
-        updated = previous.rstrip("\n") + "\n\n" + text + "\n"
-    out.write_text(updated)
+    """Replaces this benchmark's section of `out` (or adds it)."""
+    record_section(out, text, BEGIN, END)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from bench.__main__ import machine
 from bench.imports import PeakRss
+from bench.sections import record_section
 from crm_common.commands import Caller, UnitOfWork
 from crm_common.settings import Settings
 from crm_contacts import validation
@@ -387,15 +388,8 @@ def render(r: Results) -> str:
 
 
 def record(text: str, out: Path) -> None:
-    """Replaces the duplicates section of `out` (or appends it)."""
-    previous = out.read_text() if out.exists() else ""
-    before, begin, rest = previous.partition(BEGIN)
-    if begin:
-        _, end, after = rest.partition(END)
-        updated = before + text + (after if end else "")
-    else:
-        updated = previous.rstrip("\n") + "\n\n" + text + "\n"
-    out.write_text(updated)
+    """Replaces this benchmark's section of `out` (or adds it)."""
+    record_section(out, text, BEGIN, END)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,6 +35,7 @@ import psutil
 
 from bench.__main__ import machine
 from bench.baseline import bare_save_loop
+from bench.sections import record_section
 from crm_common.commands import Caller
 from crm_common.settings import Settings
 from crm_contacts.application import ContactsService, create_application
@@ -260,15 +261,8 @@ def render(r: Results) -> str:
 
 
 def record(text: str, out: Path) -> None:
-    """Replaces the imports section of `out` (or appends it)."""
-    previous = out.read_text() if out.exists() else ""
-    before, begin, rest = previous.partition(BEGIN)
-    if begin:
-        _, end, after = rest.partition(END)
-        updated = before + text + (after if end else "")
-    else:
-        updated = previous.rstrip("\n") + "\n\n" + text + "\n"
-    out.write_text(updated)
+    """Replaces this benchmark's section of `out` (or adds it)."""
+    record_section(out, text, BEGIN, END)
 
 
 async def measure(args: argparse.Namespace, scratch: Path) -> Results:

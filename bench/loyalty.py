@@ -45,6 +45,7 @@ from eventsourcing.utils import get_topic
 from bench.__main__ import machine
 from bench.baseline import bare_save_loop
 from bench.load import Throughput
+from bench.sections import record_section
 from crm.contacts.v1 import contacts_pb2, contacts_pb2_grpc
 from crm.erp.v1 import orders_pb2 as erp_pb
 from crm.loyalty.v1 import loyalty_pb2 as pb
@@ -385,15 +386,8 @@ def render(r: LoyaltyRun, args: argparse.Namespace) -> str:
 
 
 def record(text: str, out: Path) -> None:
-    """Replaces the loyalty section of `out` (or appends it)."""
-    previous = out.read_text() if out.exists() else ""
-    before, begin, rest = previous.partition(BEGIN)
-    if begin:
-        _, end, after = rest.partition(END)
-        updated = before + text + (after if end else "")
-    else:
-        updated = previous.rstrip("\n") + "\n\n" + text + "\n"
-    out.write_text(updated)
+    """Replaces this benchmark's section of `out` (or adds it)."""
+    record_section(out, text, BEGIN, END)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,6 +43,7 @@ from typing import Any
 
 from eventsourcing.domain import Aggregate, event
 
+from bench.sections import record_section
 from crm_common.eventstore import SnapshottingApplication, application_env
 from crm_common.privacy import PersonalData, new_master_key
 from crm_common.settings import Settings
@@ -302,13 +303,8 @@ def render(tables: list[list[str]]) -> str:
 
 
 def record(text: str, out: Path) -> None:
-    current = out.read_text()
-    if BEGIN in current and END in current:
-        before, rest = current.split(BEGIN, 1)
-        after = rest.split(END, 1)[1]
-        out.write_text(before + text + after)
-    else:
-        out.write_text(current.rstrip("\n") + "\n\n" + text + "\n")
+    """Replaces this benchmark's section of `out` (or adds it)."""
+    record_section(out, text, BEGIN, END)
 
 
 def main(argv: list[str] | None = None) -> None:

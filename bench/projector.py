@@ -50,6 +50,7 @@ from pymongo import MongoClient
 from bench import postgres as bench_postgres
 from bench.baseline import bare_save_loop
 from bench.load import ChangeWatcher, Lag, RecordTimes, create_person_request
+from bench.sections import record_section
 from crm.contacts.v1 import contacts_pb2, contacts_pb2_grpc
 from crm.events.v1 import contacts_pb2 as contact_events
 from crm.events.v1 import pipeline_pb2 as pipeline_events
@@ -608,15 +609,8 @@ def render(rebuild: RebuildRun | None, lags: list[LagRun], when: str) -> str:
 
 
 def record(text: str, out: Path) -> None:
-    """Replaces the projector section of `out` (or appends it)."""
-    previous = out.read_text() if out.exists() else ""
-    before, begin, rest = previous.partition(BEGIN)
-    if begin:
-        _, end, after = rest.partition(END)
-        updated = before + text + (after if end else "")
-    else:
-        updated = previous.rstrip("\n") + "\n\n" + text + "\n"
-    out.write_text(updated)
+    """Replaces this benchmark's section of `out` (or adds it)."""
+    record_section(out, text, BEGIN, END)
 
 
 async def run(args: argparse.Namespace) -> str:

@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.__main__ import machine
+from bench.sections import record_section
 from crm_common.commands import Caller
 from crm_common.errors import NotFound
 from crm_common.eventstore import DEFAULT_SNAPSHOT_INTERVAL, SNAPSHOT_INTERVAL_VAR
@@ -186,15 +187,8 @@ def render(store: str, events: int, plain: Phase, snapped: Phase) -> str:
 
 
 def record(text: str, out: Path) -> None:
-    """Replaces the snapshots section of `out` (or appends it)."""
-    previous = out.read_text() if out.exists() else ""
-    before, begin, rest = previous.partition(BEGIN)
-    if begin:
-        _, end, after = rest.partition(END)
-        updated = before + text + (after if end else "")
-    else:
-        updated = previous.rstrip("\n") + "\n\n" + text + "\n"
-    out.write_text(updated)
+    """Replaces this benchmark's section of `out` (or adds it)."""
+    record_section(out, text, BEGIN, END)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,6 +46,7 @@ import grpc
 import psutil
 
 from bench import postgres as bench_postgres
+from bench.sections import record_section
 from crm_common.settings import Settings
 from crm_deploy.identity import Identity, ensure_identity
 from crm_deploy.process import free_port
@@ -60,8 +61,6 @@ from crm_deploy.testing import (
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
-#: `make bench`'s marker (bench/__main__.py): what follows it is kept when it rewrites the file.
-NOTES_MARKER = "<!-- Below: notes kept by make bench when it rewrites this file. -->"
 BEGIN = "<!-- startup benchmark: begin (written by python -m bench.startup) -->"
 END = "<!-- startup benchmark: end -->"
 #: 0: the process's own start, over an empty store (the baseline of the run).
@@ -445,19 +444,8 @@ def smallest(runs: list[StartupRun], like: StartupRun) -> int:
 
 
 def record(text: str, out: Path) -> None:
-    """Replaces the startup section of `out`, or adds it before the notes kept by
-    `make bench` (or at the end)."""
-    previous = out.read_text() if out.exists() else ""
-    before, begin, rest = previous.partition(BEGIN)
-    if begin:
-        _, end, after = rest.partition(END)
-        updated = before + text + (after if end else "")
-    elif NOTES_MARKER in previous:
-        head, marker, notes = previous.partition(NOTES_MARKER)
-        updated = head.rstrip("\n") + "\n\n" + text + "\n\n" + marker + notes
-    else:
-        updated = previous.rstrip("\n") + "\n\n" + text + "\n"
-    out.write_text(updated)
+    """Replaces this benchmark's section of `out` (or adds it)."""
+    record_section(out, text, BEGIN, END, before_notes=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,6 +48,7 @@ import psutil
 
 from bench.baseline import bare_save_loop
 from bench.load import Throughput, percentile
+from bench.sections import record_section
 from crm.contacts.v1 import contacts_pb2, contacts_pb2_grpc
 from crm.tickets.v1 import tickets_pb2 as pb
 from crm.tickets.v1 import tickets_pb2_grpc
@@ -543,15 +544,8 @@ def render(run: TicketsRun) -> str:
 
 
 def record(text: str, out: Path) -> None:
-    """Replaces the tickets section of `out` (or appends it)."""
-    previous = out.read_text() if out.exists() else ""
-    before, begin, rest = previous.partition(BEGIN)
-    if begin:
-        _, end, after = rest.partition(END)
-        updated = before + text + (after if end else "")
-    else:
-        updated = previous.rstrip("\n") + "\n\n" + text + "\n"
-    out.write_text(updated)
+    """Replaces this benchmark's section of `out` (or adds it)."""
+    record_section(out, text, BEGIN, END)
 
 
 def run(args: argparse.Namespace) -> TicketsRun:
