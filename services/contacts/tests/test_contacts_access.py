@@ -193,7 +193,8 @@ async def test_bad_tokens_wrong_roles_and_partners_outside_their_grant_change_no
         "wrong role (analyst writes)": (identity.mint("analyst"), "create"),
         # The ERP integration reads contacts; it does not change them.
         "wrong role (erp-integration writes)": (identity.mint("erp-integration"), "update"),
-        # The platform's own services may read one contact, not search them all.
+        # The platform's own services may read one contact or look one up by email
+        # or phone (a lead converting); they do not browse.
         "wrong role (platform searches)": (
             identity.platform_issuer().mint("service:pipeline", ["platform"], client="pipeline"),
             "list",

@@ -15,7 +15,7 @@ from crm_common.commands import Caller
 from crm_common.errors import NotFound, PermissionDenied
 from crm_common.settings import Settings
 from crm_contacts.application import ContactsService
-from crm_contacts.inputs import ChannelInput, CompanyLink, NewCompany, NewPerson
+from crm_contacts.inputs import ChannelInput, CompanyLink, ContactQuery, NewCompany, NewPerson
 from crm_deploy.identity import Identity
 from crm_deploy.testing import grpc_auth
 from crm_pipeline.application import CompanyToRegister, PersonToRegister
@@ -70,9 +70,19 @@ class InProcessContacts:
         if contact.kind.value != kind:
             raise NotFound(kind.capitalize(), contact_id)
 
+    async def find_persons(self, email: str, phone: str) -> list[str]:
+        self.calls += 1
+        page = await self.service.list_contacts(
+            ContactQuery(email=email, phone=phone, kind="person", page_size=20),
+            _platform_caller(None),
+        )
+        return [contact.id for contact in page.contacts]
+
     async def register_person(self, person: PersonToRegister, request_id: str | None) -> str:
         self.calls += 1
         channels = [ChannelInput("email", person.email)] if person.email else []
+        if person.phone:
+            channels.append(ChannelInput("phone", person.phone))
         written = await self.service.create_person(
             _platform_caller(request_id),
             NewPerson(

@@ -30,7 +30,7 @@ from crm_common.errors import (
 from crm_common.settings import Settings
 from crm_contacts.application import ContactsService
 from crm_contacts.application import create_application as create_contacts
-from crm_contacts.inputs import ContactQuery, NewCompany, NewPerson
+from crm_contacts.inputs import ChannelInput, ContactQuery, NewCompany, NewPerson
 from crm_deploy.testing import drop_schema, postgres_settings
 from crm_pipeline.application import PipelineService, create_application
 from crm_pipeline.inputs import (
@@ -225,14 +225,131 @@ async def test_a_conversion_to_an_existing_person_checks_that_it_exists(
         )
 
     before = log_size(service)
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as unknown:
         await service.convert_lead(ctx("ConvertLead"), conversion(str(uuid.uuid4())))
+    assert "person_id" in str(unknown.value)
     with pytest.raises(NotFound):
         await service.convert_lead(ctx("ConvertLead"), conversion(company.outcome.id))
     assert log_size(service) == before
     converted = await service.convert_lead(ctx("ConvertLead"), conversion(existing.outcome.id))
+    assert converted.outcome.extra["person_matched"] == "true"
     deal = await service.get_opportunity(converted.outcome.extra["opportunity_id"])
     assert (deal.customer_id, deal.company_id) == (existing.outcome.id, "")
+    # The named person was used as it is: nobody was registered.
+    assert (await contacts.list_contacts(ContactQuery())).total_size == 2
+
+
+async def persons(contacts: ContactsService) -> list[str]:
+    page = await contacts.list_contacts(ContactQuery(kind="person", page_size=200))
+    return sorted(c.id for c in page.contacts)
+
+
+def converting(lead_id: str, pipeline_id: str, **changes: Any) -> LeadConversion:
+    fields: dict[str, Any] = {
+        "lead_id": lead_id,
+        "pipeline_id": pipeline_id,
+        "amount": "300",
+        "currency": "EUR",
+        "expected_close_date": "2026-04-30",
+    }
+    fields.update(changes)
+    return LeadConversion(**fields)
+
+
+async def test_a_lead_whose_email_exists_converts_into_that_person(
+    service: PipelineService, contacts: ContactsService
+) -> None:
+    existing = await contacts.create_person(
+        Caller(),
+        NewPerson(
+            given_name="Augusta",
+            family_name="King",
+            channels=[ChannelInput("email", "Ada@Example.org")],
+        ),
+    )
+    person_id = existing.outcome.id
+    pipeline_id = await define(service)
+    lead_id = await qualified_lead(service)  # ada@example.org
+    converted = await service.convert_lead(
+        ctx("ConvertLead", request_id="match-1"),
+        converting(lead_id, pipeline_id, create_company=True),
+    )
+    extra = converted.outcome.extra
+    assert (extra["person_id"], extra["person_matched"]) == (person_id, "true")
+    assert await persons(contacts) == [person_id]
+    deal = await service.get_opportunity(extra["opportunity_id"])
+    assert (deal.person_id, deal.customer_id) == (person_id, extra["company_id"])
+    assert (await service.get_lead(lead_id)).person_id == person_id
+    person = await contacts.get_contact(person_id)
+    # The existing contact keeps its own name; it gains the lead's company.
+    assert person.display_name == "Augusta King"
+    assert [a.company_id for a in person.affiliations] == [extra["company_id"]]
+    again = await service.convert_lead(
+        ctx("ConvertLead", request_id="match-1"),
+        converting(lead_id, pipeline_id, create_company=True),
+    )
+    assert again.outcome.replayed and again.outcome.extra == extra
+
+
+async def test_a_lead_with_a_new_email_registers_a_new_person(
+    service: PipelineService, contacts: ContactsService
+) -> None:
+    other = await contacts.create_person(
+        Caller(),
+        NewPerson(family_name="Hopper", channels=[ChannelInput("email", "grace@example.org")]),
+    )
+    pipeline_id = await define(service)
+    lead_id = await qualified_lead(service)
+    converted = await service.convert_lead(ctx("ConvertLead"), converting(lead_id, pipeline_id))
+    extra = converted.outcome.extra
+    assert extra["person_matched"] == "false"
+    assert await persons(contacts) == sorted([other.outcome.id, extra["person_id"]])
+
+
+async def test_a_lead_without_email_is_matched_by_its_phone(
+    service: PipelineService, contacts: ContactsService
+) -> None:
+    existing = await contacts.create_person(
+        Caller(),
+        NewPerson(family_name="Byron", channels=[ChannelInput("phone", "+44 20 7946 0018")]),
+    )
+    pipeline_id = await define(service)
+    lead_id = await qualified_lead(service, email="", phone="+442079460018")
+    converted = await service.convert_lead(ctx("ConvertLead"), converting(lead_id, pipeline_id))
+    assert converted.outcome.extra["person_id"] == existing.outcome.id
+    assert converted.outcome.extra["person_matched"] == "true"
+    assert await persons(contacts) == [existing.outcome.id]
+
+
+async def test_a_lead_whose_email_several_persons_have_is_refused_until_one_is_named(
+    service: PipelineService, contacts: ContactsService
+) -> None:
+    twins = [
+        await contacts.create_person(
+            Caller(),
+            NewPerson(family_name=name, channels=[ChannelInput("email", "ada@example.org")]),
+        )
+        for name in ("Byron", "Lovelace")
+    ]
+    ids = [t.outcome.id for t in twins]
+    pipeline_id = await define(service)
+    lead_id = await qualified_lead(service)
+    before = log_size(service)
+    with pytest.raises(RuleViolated) as refused:
+        await service.convert_lead(
+            ctx("ConvertLead"), converting(lead_id, pipeline_id, create_company=True)
+        )
+    assert all(i in str(refused.value) for i in ids) and "person_id" in str(refused.value)
+    assert log_size(service) == before
+    assert await persons(contacts) == sorted(ids)
+    assert (await contacts.list_contacts(ContactQuery(kind="company"))).total_size == 0
+    assert (await service.get_lead(lead_id)).status == "qualified"
+    converted = await service.convert_lead(
+        ctx("ConvertLead"), converting(lead_id, pipeline_id, person_id=ids[1])
+    )
+    extra = converted.outcome.extra
+    assert (extra["person_id"], extra["person_matched"]) == (ids[1], "true")
+    assert await persons(contacts) == sorted(ids)
 
 
 @pytest.mark.parametrize(

@@ -163,6 +163,7 @@ async def test_a_lead_becomes_a_deal_of_a_new_person_and_company_in_contacts(
     )
     deal = converted.opportunity
     assert converted.lead.status == pb.LEAD_STATUS_CONVERTED
+    assert not converted.person_matched
     assert converted.lead.opportunity_id == deal.id
     assert (deal.amount.amount, deal.amount.currency, deal.stage_id) == (
         "25000.00",
@@ -193,6 +194,46 @@ async def test_a_lead_becomes_a_deal_of_a_new_person_and_company_in_contacts(
     assert found.total_size == 1
 
 
+async def test_a_lead_whose_email_a_contact_has_becomes_a_deal_of_that_contact(
+    servers: Servers,
+) -> None:
+    stub = servers.pipeline
+    pipeline_id = await define(servers.admin)
+    existing = await servers.contacts.CreatePerson(
+        c.CreatePersonRequest(
+            given_name="Augusta",
+            family_name="King",
+            channels=[c.NewChannelIdentity(channel=c.CHANNEL_EMAIL, address="ada@example.org")],
+        ),
+    )
+    lead = await stub.CreateLead(
+        pb.CreateLeadRequest(
+            family_name="Byron",
+            company_name="Engines Ltd",
+            email="ada@example.org",
+            source=pb.LEAD_SOURCE_WEB,
+            owner="bob",
+        ),
+    )
+    await stub.QualifyLead(pb.QualifyLeadRequest(lead_id=lead.lead.id, score=60))
+    converted = await stub.ConvertLead(
+        pb.ConvertLeadRequest(
+            lead_id=lead.lead.id,
+            pipeline_id=pipeline_id,
+            amount=pb.Money(amount="900", currency="EUR"),
+            expected_close_date="2026-05-31",
+            create_company=True,
+        ),
+    )
+    person_id = existing.result.id
+    assert converted.person_matched
+    assert (converted.lead.person_id, converted.opportunity.person_id) == (person_id, person_id)
+    found = await servers.contacts.ListContacts(c.ListContactsRequest(email="ada@example.org"))
+    assert [p.id for p in found.contacts] == [person_id]
+    person = await servers.contacts.GetContact(c.GetContactRequest(id=person_id))
+    assert [a.company_id for a in person.contact.affiliations] == [converted.lead.company_id]
+
+
 async def test_an_unknown_person_of_contacts_is_not_found(servers: Servers) -> None:
     stub = servers.pipeline
     pipeline_id = await define(servers.admin)
@@ -211,6 +252,7 @@ async def test_an_unknown_person_of_contacts_is_not_found(servers: Servers) -> N
             ),
         )
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "person_id" in (missing.value.details() or "")
     assert (await stub.GetLead(pb.GetLeadRequest(id=lead.lead.id))).lead.status == (
         pb.LEAD_STATUS_QUALIFIED
     )

@@ -197,6 +197,7 @@ async def test_leads_activities_and_the_openapi_document(http: Api) -> None:
     assert converted.status_code == 201, converted.text
     opportunity_id = converted.json()["opportunity_id"]
     assert converted.json()["lead"]["status"] == "converted"
+    assert converted.json()["person_matched"] is False
     task = await http.post(
         "/activities",
         json={

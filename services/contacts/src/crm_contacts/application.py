@@ -38,11 +38,12 @@ from crm_common.errors import FieldErrors, NotFound, PermissionDenied, RuleViola
 from crm_common.eventstore import SnapshottingApplication, application_env, creating_tables
 from crm_common.querystore import QueryDatabase
 from crm_common.settings import Settings
-from crm_contacts import validation
+from crm_contacts import interaction_token, validation
 from crm_contacts.definitions import FieldDefinitions
 from crm_contacts.directory import ContactDirectory
 from crm_contacts.domain import Company, Contact, ContactKind, Person, merging
 from crm_contacts.domain.contacts import MergeRecord
+from crm_contacts.domain.interactions import InteractionKey, newest_after
 from crm_contacts.domain.lifecycle import LifecycleRule
 from crm_contacts.inputs import (
     CompanyChanges,
@@ -51,13 +52,22 @@ from crm_contacts.inputs import (
     ConsentInput,
     ContactQuery,
     InteractionInput,
+    InteractionQuery,
     NewCompany,
     NewPerson,
     PersonChanges,
 )
-from crm_contacts.views import ContactPage, ContactView, ContactWrite, view_of
+from crm_contacts.views import (
+    ContactPage,
+    ContactView,
+    ContactWrite,
+    InteractionPage,
+    view_of,
+)
 
 SERVICE = "contacts"
+#: The role of the platform's own services calling for a user.
+PLATFORM_ROLE = "platform"
 
 C = TypeVar("C", bound=Contact)
 #: Tags that give partners access; only their own may a partner set (docs/security.md).
@@ -66,6 +76,9 @@ PARTNER_TAG_PREFIX = "partner:"
 DEFAULT_MERGE_UNDO_DAYS = 30
 #: Merge ids derived from request ids: a retried merge names the merge it made.
 MERGE_NAMESPACE = uuid.UUID("6f1d7f0e-3c2a-5b8e-9d41-2a7c0e5b9f13")
+#: A page of ListInteractions: the size unless asked otherwise, and the largest.
+DEFAULT_INTERACTION_PAGE = 50
+MAX_INTERACTION_PAGE = 200
 
 
 def merge_undo_window_from_env() -> timedelta:
@@ -489,6 +502,15 @@ class ContactsService:
         return await asyncio.to_thread(self.load, contact_id, grant)
 
     def load(self, contact_id: str, grant: PartnerGrant | None = None) -> ContactView:
+        contact, redirected_from = self._readable(contact_id, grant)
+        view = view_of(contact)
+        if redirected_from is not None:
+            view = dataclasses.replace(view, redirected_from=redirected_from)
+        return self.fields.hide_retired(view)
+
+    def _readable(self, contact_id: str, grant: PartnerGrant | None) -> tuple[Contact, str | None]:
+        """The contact a read of `contact_id` answers with, and the id asked for when
+        that was merged into it (None otherwise); a partner only within its grant."""
         try:
             ident = UUID(contact_id)
         except (ValueError, AttributeError, TypeError):
@@ -500,16 +522,56 @@ class ContactsService:
         if not isinstance(contact, Contact):
             raise NotFound("Contact", contact_id)
         self._check_grant(grant, contact)
-        redirected_from = None
-        if contact.merged_into is not None:
-            # A tombstone answers with its survivor, and says so.
-            redirected_from = str(contact.id)
-            contact = self._survivor_of(contact)
-            self._check_grant(grant, contact)
-        view = view_of(contact)
-        if redirected_from is not None:
-            view = dataclasses.replace(view, redirected_from=redirected_from)
-        return self.fields.hide_retired(view)
+        if contact.merged_into is None:
+            return contact, None
+        # A tombstone answers with its survivor, and says so.
+        survivor = self._survivor_of(contact)
+        self._check_grant(grant, survivor)
+        return survivor, str(contact.id)
+
+    async def list_interactions(
+        self, query: InteractionQuery, caller: Caller | None = None
+    ) -> InteractionPage:
+        """A page of all of a contact's interactions, newest first, as `caller` may
+        see it (a partner: within its grant, as `get_contact`). Bad input is refused
+        before the contact is read.
+
+        Roles that may not see a contact's `interactions` (the policy's fields) are
+        refused: an empty page would say the contact has none.
+        """
+        principal = caller.principal if caller is not None else None
+        if principal is not None and "interactions" in self.policy.hidden_fields(
+            principal, SERVICE
+        ):
+            raise PermissionDenied("the caller's roles may not see a contact's interactions")
+        size = query.page_size or DEFAULT_INTERACTION_PAGE
+        errors = FieldErrors()
+        if not 1 <= size <= MAX_INTERACTION_PAGE:
+            errors.add("page_size", f"must be between 1 and {MAX_INTERACTION_PAGE}")
+        after = interaction_token.decode(query.page_token, errors) if query.page_token else None
+        errors.raise_if_any()
+        grant = self.grant_of(caller)
+        return await asyncio.to_thread(self._interactions, query.contact_id, grant, after, size)
+
+    def _interactions(
+        self,
+        contact_id: str,
+        grant: PartnerGrant | None,
+        after: InteractionKey | None,
+        size: int,
+    ) -> InteractionPage:
+        contact, redirected_from = self._readable(contact_id, grant)
+        # One more than the page: whether another page follows.
+        keyed = newest_after(contact.interactions, after, size + 1)
+        shown = keyed[:size]
+        more = len(keyed) > size
+        return InteractionPage(
+            contact_id=str(contact.id),
+            interactions=[i for _, i in shown],
+            next_page_token=interaction_token.encode(shown[-1][0]) if more else "",
+            total_size=len(contact.interactions),
+            redirected_from=redirected_from,
+        )
 
     def _survivor_of(self, tombstone: Contact) -> Contact:
         """The contact a tombstone's merges lead to (a survivor merged later leads on)."""
@@ -527,7 +589,18 @@ class ContactsService:
 
         A caller who sees names and addresses only as pseudonyms may not search by
         them either: a search by email would confirm who is behind a pseudonym.
+        The platform's own services look a contact up by its exact email or phone
+        (a lead converting into a contact that exists); they do not browse.
         """
+        if (
+            caller is not None
+            and caller.principal is not None
+            and PLATFORM_ROLE in caller.principal.roles
+            and not (query.email or query.phone)
+        ):
+            raise PermissionDenied(
+                "the platform's services look contacts up by email or phone; they do not browse"
+            )
         if (
             caller is not None
             and caller.principal is not None

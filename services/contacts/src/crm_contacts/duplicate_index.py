@@ -363,6 +363,8 @@ class DuplicateIndex:
 
     def facts_of(self, contact_id: str) -> Facts | None:
         """The stored facts of a live contact (None: unknown, or a tombstone)."""
+        if not _is_contact_id(contact_id):
+            return None
         self.catch_up()
         with self.database.read() as tx:
             found = read_facts(tx, [contact_id])
@@ -370,9 +372,12 @@ class DuplicateIndex:
 
     def domains_of_companies(self, company_ids: Sequence[str]) -> dict[str, list[str]]:
         """Known companies' domains, by id (an unknown company is absent)."""
+        wanted = [i for i in company_ids if _is_contact_id(i)]
+        if not wanted:
+            return {}
         self.catch_up()
         with self.database.read() as tx:
-            return company_domains(tx, company_ids)
+            return company_domains(tx, wanted)
 
     # -- checking --
 
@@ -436,3 +441,12 @@ class DuplicateIndex:
         result = ScanResult(position, pairs, names, len(scanner.oversized))
         self._scanned = {position: result}
         return result
+
+
+def _is_contact_id(value: str) -> bool:
+    """Contact ids are UUIDs; anything else names no contact (and never reaches
+    the database, which may refuse some characters outright)."""
+    try:
+        return str(UUID(value)) == value.lower()
+    except (ValueError, AttributeError, TypeError):
+        return False

@@ -38,11 +38,12 @@ from crm_contacts.inputs import (
     ContactQuery,
     CustomFieldInput,
     InteractionInput,
+    InteractionQuery,
     NewCompany,
     NewPerson,
     PersonChanges,
 )
-from crm_contacts.messages import contact_pb
+from crm_contacts.messages import contact_pb, interaction_pb
 from crm_contacts.views import ContactView
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ContactsService"].full_name
@@ -281,6 +282,26 @@ class ContactsServicer:
         caller = grpc_caller(context)
         view = await self.service.get_contact(request.id, caller)
         return pb.GetContactResponse(contact=self._contact(caller, view, "GetContact"))
+
+    async def ListInteractions(
+        self, request: pb.ListInteractionsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListInteractionsResponse:
+        caller = grpc_caller(context)
+        page = await self.service.list_interactions(
+            InteractionQuery(
+                contact_id=request.contact_id,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            ),
+            caller,
+        )
+        return pb.ListInteractionsResponse(
+            interactions=[interaction_pb(i) for i in page.interactions],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
+            redirected_from=page.redirected_from or "",
+            contact_id=page.contact_id,
+        )
 
     async def ListContacts(
         self, request: pb.ListContactsRequest, context: grpc.aio.ServicerContext[Any, Any]

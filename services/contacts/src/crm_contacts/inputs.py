@@ -134,3 +134,12 @@ class ContactQuery:
     kind: str | None = None
     page_size: int = 0
     page_token: str = ""
+
+
+@dataclass(frozen=True)
+class InteractionQuery:
+    """A page of one contact's interactions (ListInteractions)."""
+
+    contact_id: str
+    page_size: int = 0
+    page_token: str = ""

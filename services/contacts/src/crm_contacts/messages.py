@@ -107,6 +107,7 @@ def contact_pb(view: ContactView) -> pb.Contact:
         created_at=timestamp(view.created_at),
         updated_at=timestamp(view.updated_at),
         redirected_from=view.redirected_from or "",
+        interactions_total=view.interactions_total,
     )
     if isinstance(view.profile, PersonProfile):
         contact.given_name = view.profile.given_name

@@ -40,7 +40,11 @@ from crm_common.server import (
     http_caller,
     service_app,
 )
-from crm_contacts.application import ContactsService
+from crm_contacts.application import (
+    DEFAULT_INTERACTION_PAGE,
+    MAX_INTERACTION_PAGE,
+    ContactsService,
+)
 from crm_contacts.definitions import (
     DefinitionsView,
     DefinitionsWrite,
@@ -73,13 +77,14 @@ from crm_contacts.inputs import (
     ContactQuery,
     CustomFieldInput,
     InteractionInput,
+    InteractionQuery,
     NewCompany,
     NewPerson,
     PersonChanges,
 )
 from crm_contacts.rest_duplicates import include_duplicates
 from crm_contacts.rest_imports import include_imports
-from crm_contacts.views import ContactPage, ContactView, ContactWrite
+from crm_contacts.views import RECENT_INTERACTIONS, ContactPage, ContactView, ContactWrite
 
 
 def _words(kind: type[StrEnum], *, nullable: bool = False) -> dict[str, Any]:
@@ -308,8 +313,14 @@ class Contact(BaseModel):
     )
     interactions: list[Interaction] = Field(
         default_factory=list,
-        description="The most recent interactions, newest first (empty in search results); "
-        "left out for the roles that may not see them (docs/security.md).",
+        description=f"The most recent {RECENT_INTERACTIONS} interactions, newest first (empty "
+        "in search results); `GET /contacts/{id}/interactions` pages through all of them. "
+        "Left out for the roles that may not see them (docs/security.md).",
+    )
+    interactions_total: int = Field(
+        0,
+        description="How many interactions the contact has (0 in search results); left out "
+        "with `interactions`.",
     )
     created_at: datetime
     updated_at: datetime
@@ -337,6 +348,18 @@ class MergeReply(WriteReply):
 
 class InteractionReply(WriteReply):
     interaction_id: str = Field(description="The id of the logged interaction.")
+
+
+class InteractionList(BaseModel):
+    contact_id: str = Field(description="The contact (the survivor of a merged id).")
+    interactions: list[Interaction] = Field(
+        description="Newest first by occurrence; equal times, the later logged first."
+    )
+    next_page_token: str = Field(description="Pass as page_token for the next page; empty at end.")
+    total_size: int = Field(description="How many interactions the contact has.")
+    redirected_from: str | None = Field(
+        None, description="Set when the id asked for was merged into `contact_id`: that id."
+    )
 
 
 class ContactList(BaseModel):
@@ -498,6 +521,7 @@ def contact_json(view: ContactView) -> Contact:
             for a in view.affiliations
         ],
         interactions=[_interaction_json(i) for i in view.interactions],
+        interactions_total=view.interactions_total,
         created_at=view.created_at,
         updated_at=view.updated_at,
         redirected_from=view.redirected_from,
@@ -890,12 +914,44 @@ def create_app(service: ContactsService, gate: AccessGate, *, pseudonym_key: byt
         operation_id="GetContact",
         response_model=Contact,
         tags=["contacts"],
-        summary="One person or company, with its recent interactions",
+        summary=f"One person or company, with its {RECENT_INTERACTIONS} most recent interactions",
     )
     async def get_contact(request: Request, contact_id: str) -> JSONResponse:
         caller = http_caller(request)
         contact = await service.get_contact(contact_id, caller)
         return shown(caller, contact_json(contact), operation="GetContact")
+
+    @app.get(
+        "/contacts/{contact_id}/interactions",
+        operation_id="ListInteractions",
+        response_model=InteractionList,
+        tags=["contacts"],
+        summary="All of a contact's interactions, newest first; paged",
+    )
+    async def list_interactions(
+        request: Request,
+        contact_id: str,
+        page_size: Annotated[
+            int,
+            Query(description=f"1..{MAX_INTERACTION_PAGE}; default {DEFAULT_INTERACTION_PAGE}."),
+        ] = 0,
+        page_token: Annotated[
+            str, Query(description="The next_page_token of the previous page.")
+        ] = "",
+    ) -> JSONResponse:
+        caller = http_caller(request)
+        page = await service.list_interactions(
+            InteractionQuery(contact_id=contact_id, page_size=page_size, page_token=page_token),
+            caller,
+        )
+        reply = InteractionList(
+            contact_id=page.contact_id,
+            interactions=[_interaction_json(i) for i in page.interactions],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
+            redirected_from=page.redirected_from,
+        )
+        return shown(caller, reply)
 
     @app.get(
         "/contacts",

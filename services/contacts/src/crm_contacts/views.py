@@ -18,7 +18,8 @@ from crm_contacts.domain import (
     PersonProfile,
 )
 
-# How many interactions a contact shows, newest first.
+# How many interactions a contact shows, newest first (ListInteractions pages
+# through all of them; `interactions_total` says how many there are).
 RECENT_INTERACTIONS = 50
 
 
@@ -35,6 +36,9 @@ class ContactView:
     interactions: tuple[Interaction, ...]
     created_at: datetime
     updated_at: datetime
+    #: How many interactions the contact has, so a reader knows when
+    #: `interactions` is not all of them (0 in search results, like `interactions`).
+    interactions_total: int = 0
     #: The id asked for when it was merged into this contact (a read of a
     #: tombstone answers with its survivor and says so); None otherwise.
     redirected_from: str | None = None
@@ -63,6 +67,7 @@ def view_of(contact: Contact, interactions: int = RECENT_INTERACTIONS) -> Contac
         interactions=tuple(contact.recent_interactions(interactions)),
         created_at=contact.created_on,
         updated_at=contact.modified_on,
+        interactions_total=len(contact.interactions),
     )
 
 
@@ -81,3 +86,15 @@ class ContactPage:
     contacts: list[ContactView]
     next_page_token: str
     total_size: int
+
+
+@dataclass(frozen=True)
+class InteractionPage:
+    """One page of a contact's interactions, newest first."""
+
+    contact_id: str
+    interactions: list[Interaction]
+    next_page_token: str
+    total_size: int
+    #: The id asked for when it was merged into `contact_id`; None otherwise.
+    redirected_from: str | None = None

@@ -46,7 +46,13 @@ from eventsourcing.persistence import JSONTranscoder
 
 from crm_common.auth.access import AccessPolicy, PartnerGrant
 from crm_common.commands import Caller, CommandBus, CommandContext, CommandReceipt, UnitOfWork
-from crm_common.errors import NotFound, PermissionDenied, ValidationFailed, VersionConflict
+from crm_common.errors import (
+    NotFound,
+    PermissionDenied,
+    RuleViolated,
+    ValidationFailed,
+    VersionConflict,
+)
 from crm_common.eventstore import SnapshottingApplication, application_env, creating_tables
 from crm_common.querystore import DEFAULT_AGGREGATE_CACHE
 from crm_common.settings import Settings
@@ -145,6 +151,10 @@ class ContactsPort(Protocol):
 
     async def ensure_exists(self, kind: str, contact_id: str) -> None:
         """Raises NotFound unless `contact_id` is a contact of `kind` (person or company)."""
+
+    async def find_persons(self, email: str, phone: str) -> list[str]:
+        """The ids of the persons that have exactly this email (or, with no email given,
+        this phone), oldest first; empty when nobody has it."""
 
     async def register_person(self, person: PersonToRegister, request_id: str | None) -> str:
         """Registers a person as an opportunity-stage contact; returns the new id."""
@@ -278,7 +288,7 @@ class PipelineService:
             raise VersionConflict(conversion.lead_id, caller.expected_version, lead.version)
         lead.ensure_convertible()
         await asyncio.to_thread(self.load, conversion.pipeline_id, Pipeline)
-        person_id, company_id = await self._contacts_of(caller, lead, conversion)
+        person_id, company_id, matched = await self._contacts_of(caller, lead, conversion)
 
         def decide(uow: UnitOfWork) -> tuple[Lead, dict[str, str]]:
             now = self.clock()
@@ -309,6 +319,7 @@ class PipelineService:
                 "opportunity_id": str(deal.id),
                 "person_id": person_id,
                 "company_id": company_id,
+                "person_matched": "true" if matched else "false",
             }
 
         return await self._write(ctx, decide)
@@ -328,13 +339,16 @@ class PipelineService:
 
     async def _contacts_of(
         self, caller: Caller, lead: Lead, conversion: LeadConversion
-    ) -> tuple[str, str]:
+    ) -> tuple[str, str, bool]:
+        """The person and company the deal belongs to, and whether the person was an
+        existing contact (named, or found by the lead's email or phone)."""
         if self.contacts is None:
             raise RuntimeError("lead conversion needs the contacts service; none is configured")
         if conversion.company_id and conversion.create_company:
             raise ValidationFailed.of("create_company", "name a company or create one, not both")
         if conversion.create_company and not lead.company_name:
             raise ValidationFailed.of("create_company", "the lead has no company name")
+        searches = not conversion.person_id and bool(lead.email or lead.phone)
         links = bool(
             (conversion.company_id or conversion.create_company)
             and (conversion.create_company or not conversion.person_id)
@@ -342,6 +356,7 @@ class PipelineService:
         await self.contacts.authorize(
             [
                 *(["GetContact"] if conversion.person_id or conversion.company_id else []),
+                *(["ListContacts"] if searches else []),
                 *([] if conversion.person_id else ["CreatePerson"]),
                 *(["CreateCompany"] if conversion.create_company else []),
                 *(["LinkPersonToCompany"] if links else []),
@@ -352,9 +367,16 @@ class PipelineService:
             return f"{caller.request_id}:{part}" if caller.request_id else None
 
         person_id = conversion.person_id
+        matched = bool(person_id)
         if person_id:
-            await self.contacts.ensure_exists("person", person_id)
-        else:
+            try:
+                await self.contacts.ensure_exists("person", person_id)
+            except NotFound:
+                raise NotFound("Person (person_id)", person_id) from None
+        elif searches:
+            person_id = await self._existing_person(lead)
+            matched = bool(person_id)
+        if not person_id:
             person_id = await self.contacts.register_person(
                 PersonToRegister(
                     lead.given_name, lead.family_name, lead.email, lead.phone, lead.owner
@@ -369,9 +391,28 @@ class PipelineService:
                 CompanyToRegister(lead.company_name, lead.owner), derived("company")
             )
         if links:
-            # A new person joins the company, or the new company gets its person.
+            # A new or found person joins the company, or the new company gets its
+            # person; a person the user named keeps the companies it has.
             await self.contacts.link_person_to_company(person_id, company_id, derived("link"))
-        return person_id, company_id
+        return person_id, company_id, matched
+
+    async def _existing_person(self, lead: Lead) -> str:
+        """The one person of the contacts service who has the lead's email (by its phone
+        when the lead has no email), or "" when nobody has it.
+
+        Several such persons are refused rather than guessed between: the user names
+        the right one as `person_id` (the message lists them), so a deal never lands
+        silently on the wrong one of two duplicates.
+        """
+        assert self.contacts is not None
+        found = await self.contacts.find_persons(lead.email, "" if lead.email else lead.phone)
+        if len(found) > 1:
+            by = f"the email {lead.email}" if lead.email else f"the phone {lead.phone}"
+            raise RuleViolated(
+                f"{len(found)} contacts have {by}: {', '.join(found)}; "
+                "name the one to convert into as person_id"
+            )
+        return found[0] if found else ""
 
     # -- pipelines
 

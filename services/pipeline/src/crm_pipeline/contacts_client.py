@@ -16,7 +16,8 @@ contacts service checks the call against both, records the user as the actor
 and the pipeline as the client (`crm_common.clients.call_metadata`). Before a
 conversion calls anything, `authorize` checks the access policy so that a user
 who may convert leads but not register contacts is refused before any contact
-is written.
+is written. `find_persons` searches with `ListContacts` (exact email, or phone)
+so that a conversion lands on the person who already has the lead's address.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from crm_common.settings import Settings
 from crm_pipeline.application import CompanyToRegister, PersonToRegister
 
 CONTACTS = "contacts"
+#: How many persons sharing a lead's email a refused conversion names at most.
+MATCHES_LISTED = 20
 KINDS = {"person": pb.CONTACT_KIND_PERSON, "company": pb.CONTACT_KIND_COMPANY}
 
 
@@ -169,6 +172,17 @@ class GrpcContacts:
         )
         if reply.contact.kind != KINDS[kind]:
             raise NotFound(kind.capitalize(), contact_id)
+
+    async def find_persons(self, email: str, phone: str) -> list[str]:
+        # A handful is enough: one is the match, more are listed for the user to pick.
+        reply = await self._call(
+            "ListContacts",
+            pb.ListContactsRequest(
+                email=email, phone=phone, kind=pb.CONTACT_KIND_PERSON, page_size=MATCHES_LISTED
+            ),
+            "person",
+        )
+        return [str(contact.id) for contact in reply.contacts]
 
     async def register_person(self, person: PersonToRegister, request_id: str | None) -> str:
         channels = []

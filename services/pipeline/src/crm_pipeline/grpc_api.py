@@ -199,6 +199,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
             result=write_result(written.outcome),
             lead=lead_pb(subject(written, LeadView)),
             opportunity=opportunity_pb(deal),
+            person_matched=written.outcome.extra.get("person_matched") == "true",
         )
 
     async def GetLead(self, request: pb.GetLeadRequest, context: Context) -> Any:

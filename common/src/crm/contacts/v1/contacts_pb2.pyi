@@ -342,6 +342,7 @@ class Contact(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     REDIRECTED_FROM_FIELD_NUMBER: _builtins.int
+    INTERACTIONS_TOTAL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     kind: Global___ContactKind.ValueType
     version: _builtins.int
@@ -356,6 +357,8 @@ class Contact(_message.Message):
     owner: _builtins.str
     redirected_from: _builtins.str
     """Set when the id asked for was merged into this contact: the id asked for."""
+    interactions_total: _builtins.int
+    """How many interactions the contact has (`interactions` holds at most 50)."""
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -365,7 +368,9 @@ class Contact(_message.Message):
     @_builtins.property
     def affiliations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Affiliation]: ...
     @_builtins.property
-    def interactions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Interaction]: ...
+    def interactions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Interaction]:
+        """The most recent 50 interactions, newest first; ListInteractions for all."""
+
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -391,10 +396,11 @@ class Contact(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         redirected_from: _builtins.str = ...,
+        interactions_total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affiliations", b"affiliations", "channels", b"channels", "created_at", b"created_at", "custom_fields", b"custom_fields", "domain", b"domain", "family_name", b"family_name", "given_name", b"given_name", "id", b"id", "industry", b"industry", "interactions", b"interactions", "kind", b"kind", "lifecycle_stage", b"lifecycle_stage", "name", b"name", "owner", b"owner", "redirected_from", b"redirected_from", "tags", b"tags", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affiliations", b"affiliations", "channels", b"channels", "created_at", b"created_at", "custom_fields", b"custom_fields", "domain", b"domain", "family_name", b"family_name", "given_name", b"given_name", "id", b"id", "industry", b"industry", "interactions", b"interactions", "interactions_total", b"interactions_total", "kind", b"kind", "lifecycle_stage", b"lifecycle_stage", "name", b"name", "owner", b"owner", "redirected_from", b"redirected_from", "tags", b"tags", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1253,6 +1259,70 @@ class GetContactResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetContactResponse: _TypeAlias = GetContactResponse  # noqa: Y015
+
+@_typing.final
+class ListInteractionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTACT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    contact_id: _builtins.str
+    """A merged id answers for its survivor (see `redirected_from`)."""
+    page_size: _builtins.int
+    """1..200, default 50."""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        contact_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contact_id", b"contact_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInteractionsRequest: _TypeAlias = ListInteractionsRequest  # noqa: Y015
+
+@_typing.final
+class ListInteractionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERACTIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    REDIRECTED_FROM_FIELD_NUMBER: _builtins.int
+    CONTACT_ID_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    total_size: _builtins.int
+    """How many interactions the contact has."""
+    redirected_from: _builtins.str
+    """Set when the id asked for was merged into another contact: the id asked for."""
+    contact_id: _builtins.str
+    """The contact the interactions belong to (the survivor of a merged id)."""
+    @_builtins.property
+    def interactions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Interaction]:
+        """Newest first by occurrence; equal times, the later logged first."""
+
+    def __init__(
+        self,
+        *,
+        interactions: _abc.Iterable[Global___Interaction] | None = ...,
+        next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+        redirected_from: _builtins.str = ...,
+        contact_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contact_id", b"contact_id", "interactions", b"interactions", "next_page_token", b"next_page_token", "redirected_from", b"redirected_from", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInteractionsResponse: _TypeAlias = ListInteractionsResponse  # noqa: Y015
 
 @_typing.final
 class ListContactsRequest(_message.Message):

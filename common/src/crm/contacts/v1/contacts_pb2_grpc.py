@@ -92,6 +92,11 @@ class ContactsServiceStub:
                 request_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.GetContactRequest.SerializeToString,
                 response_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.GetContactResponse.FromString,
                 _registered_method=True)
+        self.ListInteractions = channel.unary_unary(
+                '/crm.contacts.v1.ContactsService/ListInteractions',
+                request_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ListInteractionsRequest.SerializeToString,
+                response_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ListInteractionsResponse.FromString,
+                _registered_method=True)
         self.ListContacts = channel.unary_unary(
                 '/crm.contacts.v1.ContactsService/ListContacts',
                 request_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ListContactsRequest.SerializeToString,
@@ -201,7 +206,15 @@ class ContactsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetContact(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One contact with its most recent 50 interactions; ListInteractions for all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInteractions(self, request, context):
+        """A contact's interactions, newest first, paged over the whole history.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -309,6 +322,11 @@ def add_ContactsServiceServicer_to_server(servicer, server):
                     servicer.GetContact,
                     request_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.GetContactRequest.FromString,
                     response_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.GetContactResponse.SerializeToString,
+            ),
+            'ListInteractions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInteractions,
+                    request_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ListInteractionsRequest.FromString,
+                    response_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ListInteractionsResponse.SerializeToString,
             ),
             'ListContacts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListContacts,
@@ -607,6 +625,33 @@ class ContactsService:
             '/crm.contacts.v1.ContactsService/GetContact',
             crm_dot_contacts_dot_v1_dot_contacts__pb2.GetContactRequest.SerializeToString,
             crm_dot_contacts_dot_v1_dot_contacts__pb2.GetContactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInteractions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.contacts.v1.ContactsService/ListInteractions',
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.ListInteractionsRequest.SerializeToString,
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.ListInteractionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -857,8 +857,11 @@ class ConvertLeadRequest(_message.Message):
     lead_id: _builtins.str
     expected_version: _builtins.int
     person_id: _builtins.str
-    """An existing person of the contacts service; empty: a new person is
-    registered from the lead's name, email and phone.
+    """An existing person of the contacts service, checked to exist. Empty: the
+    person who has the lead's email (its phone when it has no email) if
+    exactly one has it; a new person registered from the lead's name, email
+    and phone if nobody has it; FAILED_PRECONDITION listing them if several
+    have it (name one here).
     """
     company_id: _builtins.str
     """An existing company; empty with `create_company`: a new company named
@@ -903,6 +906,12 @@ class ConvertLeadResponse(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     LEAD_FIELD_NUMBER: _builtins.int
     OPPORTUNITY_FIELD_NUMBER: _builtins.int
+    PERSON_MATCHED_FIELD_NUMBER: _builtins.int
+    person_matched: _builtins.bool
+    """True: the deal's person (`lead.person_id`) was an existing contact, named
+    in the request or found by the lead's email or phone. False: registered
+    by this conversion.
+    """
     @_builtins.property
     def result(self) -> Global___WriteResult: ...
     @_builtins.property
@@ -915,10 +924,11 @@ class ConvertLeadResponse(_message.Message):
         result: Global___WriteResult | None = ...,
         lead: Global___Lead | None = ...,
         opportunity: Global___Opportunity | None = ...,
+        person_matched: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lead", b"lead", "opportunity", b"opportunity", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lead", b"lead", "opportunity", b"opportunity", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lead", b"lead", "opportunity", b"opportunity", "person_matched", b"person_matched", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

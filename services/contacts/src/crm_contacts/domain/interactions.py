@@ -64,3 +64,21 @@ def most_recent(interactions: list[Interaction], limit: int) -> list[Interaction
     """Newest first by occurrence; equal times in the order they were logged."""
     ordered = sorted(enumerate(interactions), key=lambda p: (p[1].occurred_at, p[0]), reverse=True)
     return [i for _, i in ordered[:limit]]
+
+
+#: Where a page of interactions ends: the last one's occurrence and its place
+#: in the order the contact's interactions were logged.
+InteractionKey = tuple[datetime, int]
+
+
+def newest_after(
+    interactions: list[Interaction], after: InteractionKey | None, limit: int
+) -> list[tuple[InteractionKey, Interaction]]:
+    """Up to `limit` interactions in `most_recent`'s order, from just past `after`
+    (None: from the newest). Keyed by occurrence and logging order rather than an
+    offset, so an interaction logged between two pages does not repeat one."""
+    keyed = [((i.occurred_at, n), i) for n, i in enumerate(interactions)]
+    if after is not None:
+        keyed = [(k, i) for k, i in keyed if k < after]
+    keyed.sort(key=lambda p: p[0], reverse=True)
+    return keyed[:limit]

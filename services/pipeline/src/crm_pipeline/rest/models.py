@@ -276,6 +276,10 @@ class ConversionWrite(_WriteReply):
     opportunity_id: str = Field(description="The deal the lead became.")
     person_id: str
     company_id: str = Field(description="Empty when the deal has no company.")
+    person_matched: bool = Field(
+        description="True: the person was an existing contact (named, or found by the "
+        "lead's email or phone); false: the conversion registered it."
+    )
     lead: LeadModel
 
     @classmethod
@@ -287,6 +291,7 @@ class ConversionWrite(_WriteReply):
             opportunity_id=extra["opportunity_id"],
             person_id=extra["person_id"],
             company_id=extra["company_id"],
+            person_matched=extra.get("person_matched") == "true",
             lead=LeadModel.of(written.subject),
         )
 
@@ -510,7 +515,11 @@ class Conversion(_Body):
     amount: MoneyBody
     expected_close_date: str = Field(description="`YYYY-MM-DD`, not before today.")
     opportunity_name: str = ""
-    person_id: str = Field("", description="An existing person; empty: register one.")
+    person_id: str = Field(
+        "",
+        description="An existing person. Empty: the one person who has the lead's email "
+        "(its phone without email), else a new one; several such persons are refused (409).",
+    )
     company_id: str = Field("", description="An existing company.")
     create_company: bool = Field(False, description="Register the lead's company.")
     owner: str = ""
