@@ -40,7 +40,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psutil
 from aiokafka import AIOKafkaProducer
 from google.protobuf.message import Message
@@ -49,9 +48,9 @@ from pymongo import MongoClient
 
 from bench import postgres as bench_postgres
 from bench.baseline import bare_save_loop
-from bench.load import ChangeWatcher, Lag, RecordTimes, create_person_request
+from bench.load import Lag, open_loop_lag
 from bench.sections import record_section
-from crm.contacts.v1 import contacts_pb2, contacts_pb2_grpc
+from crm.contacts.v1 import contacts_pb2
 from crm.events.v1 import contacts_pb2 as contact_events
 from crm.events.v1 import pipeline_pb2 as pipeline_events
 from crm.pipeline.v1 import pipeline_pb2
@@ -415,74 +414,6 @@ class LagRun:
         return max(ok, default=0.0)
 
 
-async def open_loop_lag(
-    target: str,
-    mongo_url: str,
-    mongo_db: str,
-    rate: float,
-    seconds: float,
-    *,
-    bootstrap: str,
-    topic: str,
-    token: str,
-    settle_timeout: float = 30.0,
-) -> Lag:
-    """bench/load.py's open loop with a bearer token on every call (the APIs
-    refuse calls without one): `rate` creates per second whatever the answers'
-    pace; for each, acknowledgement until its 360 document shows the position."""
-    metadata = grpc_auth(token)
-    channel = grpc.aio.insecure_channel(target)
-    stub = contacts_pb2_grpc.ContactsServiceStub(channel)
-    await stub.CreatePerson(create_person_request(), metadata=metadata)
-    watcher = ChangeWatcher(mongo_url, mongo_db)
-    await asyncio.to_thread(watcher.start)
-    records = RecordTimes(bootstrap, topic)
-    await records.start()
-    acked: list[tuple[str, int, float]] = []
-    acked_wall: dict[int, float] = {}
-
-    async def one() -> None:
-        response = await stub.CreatePerson(create_person_request(), metadata=metadata)
-        acked.append((response.result.id, response.result.position, time.perf_counter()))
-        acked_wall[response.result.position] = time.time()
-
-    total = int(rate * seconds)
-    tasks = []
-    started = time.perf_counter()
-    for i in range(total):
-        delay = started + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one()))
-    await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - started
-    deadline = time.perf_counter() + settle_timeout
-    while time.perf_counter() < deadline:
-        if all(watcher.first_seen(i, p) is not None for i, p, _ in acked):
-            break
-        await asyncio.sleep(0.2)
-    await asyncio.to_thread(watcher.stop)
-    await records.stop()
-    await channel.close()
-    if watcher.error is not None:
-        raise RuntimeError(f"the change stream failed: {watcher.error!r}") from watcher.error
-    lags, to_kafka, from_kafka = [], [], []
-    unseen = 0
-    for ident, position, acked_at in acked:
-        seen_at = watcher.first_seen(ident, position)
-        if seen_at is None:
-            unseen += 1
-            continue
-        lag = max(0.0, seen_at - acked_at) * 1000
-        lags.append(lag)
-        created_ms = records.created_ms.get(position)
-        if created_ms is not None:
-            relay_ms = min(lag, max(0.0, created_ms - acked_wall[position] * 1000))
-            to_kafka.append(relay_ms)
-            from_kafka.append(lag - relay_ms)
-    return Lag(rate, total, elapsed, lags, unseen, to_kafka, from_kafka)
-
-
 def _p99(lag: Lag) -> float:
     return lag.summary()["p99"]
 
@@ -520,7 +451,7 @@ async def measure_lag(
                 duration,
                 bootstrap=stack.kafka_bootstrap,
                 topic=f"{prefix}.contacts.events",
-                token=stack.identity.mint("sales", client="bench"),
+                metadata=grpc_auth(stack.identity.mint("sales", client="bench")),
             )
             s = lag.summary()
             print(
