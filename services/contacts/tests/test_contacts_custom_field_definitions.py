@@ -133,6 +133,15 @@ async def test_definition_changes_are_checked_and_replayable(
     with pytest.raises(ValidationFailed) as refused:
         await service.fields.define(ADMIN, "person", FieldDefinitionInput("x", "X", "colour"))
     assert errors_of(refused)[0][0] == "type"
+    with pytest.raises(ValidationFailed) as refused:
+        await service.fields.define(
+            ADMIN, "person", FieldDefinitionInput("fee", "Fee", "money", currency="X" * 5000)
+        )
+    assert errors_of(refused)[0][0] == "currency"
+    assert [d.key for d in (await service.fields.listed("person")).definitions] == [
+        "segment",
+        "tier",
+    ]
     with pytest.raises(ValidationFailed, match="person' or 'company"):
         await service.fields.listed("deal")
     with pytest.raises(NotFound):

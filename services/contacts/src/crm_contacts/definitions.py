@@ -24,6 +24,7 @@ from eventsourcing.application import AggregateNotFoundError, Application
 
 from crm_common.commands import Caller, CommandBus, UnitOfWork, WriteOutcome
 from crm_common.errors import FieldErrors, NotFound, ValidationFailed
+from crm_common.money import canonical_currency
 from crm_contacts.domain import ContactKind, FieldType
 from crm_contacts.domain.field_definitions import (
     DefinitionRefused,
@@ -89,7 +90,7 @@ def definition_of(given: FieldDefinitionInput) -> FieldDefinition:
         errors.add("type", f"must be one of {', '.join(t.value for t in FieldType)}")
         errors.raise_if_any()
         raise AssertionError("unreachable") from None
-    currency = given.currency.strip().upper()
+    currency = canonical_currency(given.currency) if given.currency.strip() else ""
     return FieldDefinition(
         key=given.key.strip(),
         label=given.label.strip(),
