@@ -163,6 +163,9 @@ class CustomFieldValue(_message.Message):
     CURRENCY_FIELD_NUMBER: _builtins.int
     type: _builtins.str
     value: _builtins.str
+    """A person's custom field values are personal data (a company's are not,
+    and are published clear).
+    """
     currency: _builtins.str
     def __init__(
         self,
@@ -343,6 +346,7 @@ class Contact(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     REDIRECTED_FROM_FIELD_NUMBER: _builtins.int
     INTERACTIONS_TOTAL_FIELD_NUMBER: _builtins.int
+    ERASED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     kind: Global___ContactKind.ValueType
     version: _builtins.int
@@ -359,6 +363,8 @@ class Contact(_message.Message):
     """Set when the id asked for was merged into this contact: the id asked for."""
     interactions_total: _builtins.int
     """How many interactions the contact has (`interactions` holds at most 50)."""
+    erased: _builtins.bool
+    """The person was erased (ErasePerson): personal fields read "[erased]"."""
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -397,10 +403,11 @@ class Contact(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         redirected_from: _builtins.str = ...,
         interactions_total: _builtins.int = ...,
+        erased: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affiliations", b"affiliations", "channels", b"channels", "created_at", b"created_at", "custom_fields", b"custom_fields", "domain", b"domain", "family_name", b"family_name", "given_name", b"given_name", "id", b"id", "industry", b"industry", "interactions", b"interactions", "interactions_total", b"interactions_total", "kind", b"kind", "lifecycle_stage", b"lifecycle_stage", "name", b"name", "owner", b"owner", "redirected_from", b"redirected_from", "tags", b"tags", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affiliations", b"affiliations", "channels", b"channels", "created_at", b"created_at", "custom_fields", b"custom_fields", "domain", b"domain", "erased", b"erased", "family_name", b"family_name", "given_name", b"given_name", "id", b"id", "industry", b"industry", "interactions", b"interactions", "interactions_total", b"interactions_total", "kind", b"kind", "lifecycle_stage", b"lifecycle_stage", "name", b"name", "owner", b"owner", "redirected_from", b"redirected_from", "tags", b"tags", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1739,3 +1746,98 @@ class RestoreCustomFieldResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RestoreCustomFieldResponse: _TypeAlias = RestoreCustomFieldResponse  # noqa: Y015
+
+@_typing.final
+class ExportPersonRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportPersonRequest: _TypeAlias = ExportPersonRequest  # noqa: Y015
+
+@_typing.final
+class ExportPersonResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_JSON_FIELD_NUMBER: _builtins.int
+    SERVICES_FIELD_NUMBER: _builtins.int
+    document_json: _builtins.str
+    """One JSON object: {"person": id, "exported_at", "services": {"contacts":
+    {...}, "pipeline": {...}, ...}}; see docs/privacy-export.md.
+    """
+    @_builtins.property
+    def services(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The services that answered, in the order of the document."""
+
+    def __init__(
+        self,
+        *,
+        document_json: _builtins.str = ...,
+        services: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_json", b"document_json", "services", b"services"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportPersonResponse: _TypeAlias = ExportPersonResponse  # noqa: Y015
+
+@_typing.final
+class ErasePersonRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    id: _builtins.str
+    reference: _builtins.str
+    """The data subject request this erase fulfils (a reference, e.g.
+    "DSR-2026-0042"; never the person's own words, it stays readable).
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        id: _builtins.str = ...,
+        reference: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reference", b"reference", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ErasePersonRequest: _TypeAlias = ErasePersonRequest  # noqa: Y015
+
+@_typing.final
+class ErasePersonResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def result(self) -> Global___WriteResult: ...
+    def __init__(
+        self,
+        *,
+        result: Global___WriteResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ErasePersonResponse: _TypeAlias = ErasePersonResponse  # noqa: Y015

@@ -137,6 +137,16 @@ class ContactsServiceStub:
                 request_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.UndoMergeRequest.SerializeToString,
                 response_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.UndoMergeResponse.FromString,
                 _registered_method=True)
+        self.ExportPerson = channel.unary_unary(
+                '/crm.contacts.v1.ContactsService/ExportPerson',
+                request_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ExportPersonRequest.SerializeToString,
+                response_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ExportPersonResponse.FromString,
+                _registered_method=True)
+        self.ErasePerson = channel.unary_unary(
+                '/crm.contacts.v1.ContactsService/ErasePerson',
+                request_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ErasePersonRequest.SerializeToString,
+                response_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ErasePersonResponse.FromString,
+                _registered_method=True)
 
 
 class ContactsServiceServicer:
@@ -275,6 +285,23 @@ class ContactsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportPerson(self, request, context):
+        """GDPR (admins only, audited as an event on the person). ExportPerson
+        returns everything the platform holds about a person, gathered from
+        every service. ErasePerson makes the person's personal data unreadable
+        everywhere by destroying their data keys (crypto-shredding); the
+        anonymous business facts stay. An erase cannot be undone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ErasePerson(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContactsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -367,6 +394,16 @@ def add_ContactsServiceServicer_to_server(servicer, server):
                     servicer.UndoMerge,
                     request_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.UndoMergeRequest.FromString,
                     response_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.UndoMergeResponse.SerializeToString,
+            ),
+            'ExportPerson': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportPerson,
+                    request_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ExportPersonRequest.FromString,
+                    response_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ExportPersonResponse.SerializeToString,
+            ),
+            'ErasePerson': grpc.unary_unary_rpc_method_handler(
+                    servicer.ErasePerson,
+                    request_deserializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ErasePersonRequest.FromString,
+                    response_serializer=crm_dot_contacts_dot_v1_dot_contacts__pb2.ErasePersonResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -868,6 +905,60 @@ class ContactsService:
             '/crm.contacts.v1.ContactsService/UndoMerge',
             crm_dot_contacts_dot_v1_dot_contacts__pb2.UndoMergeRequest.SerializeToString,
             crm_dot_contacts_dot_v1_dot_contacts__pb2.UndoMergeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportPerson(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.contacts.v1.ContactsService/ExportPerson',
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.ExportPersonRequest.SerializeToString,
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.ExportPersonResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ErasePerson(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.contacts.v1.ContactsService/ErasePerson',
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.ErasePersonRequest.SerializeToString,
+            crm_dot_contacts_dot_v1_dot_contacts__pb2.ErasePersonResponse.FromString,
             options,
             channel_credentials,
             insecure,

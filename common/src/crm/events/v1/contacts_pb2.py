@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from crm.contacts.v1 import contacts_pb2 as crm_dot_contacts_dot_v1_dot_contacts__pb2
+from crm.privacy.v1 import privacy_pb2 as crm_dot_privacy_dot_v1_dot_privacy__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63rm/events/v1/contacts.proto\x12\rcrm.events.v1\x1a\x1e\x63rm/contacts/v1/contacts.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc0\x07\n\x0c\x43ontactEvent\x12\x12\n\ncontact_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08position\x18\x03 \x01(\x03\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x05 \x01(\t\x12\x0e\n\x06\x63lient\x18\x06 \x01(\t\x12<\n\x11person_registered\x18\n \x01(\x0b\x32\x1f.crm.events.v1.PersonRegisteredH\x00\x12\x45\n\x16person_profile_updated\x18\x0b \x01(\x0b\x32#.crm.events.v1.PersonProfileUpdatedH\x00\x12>\n\x12\x63ompany_registered\x18\x0c \x01(\x0b\x32 .crm.events.v1.CompanyRegisteredH\x00\x12G\n\x17\x63ompany_profile_updated\x18\r \x01(\x0b\x32$.crm.events.v1.CompanyProfileUpdatedH\x00\x12H\n\x18person_linked_to_company\x18\x0e \x01(\x0b\x32$.crm.events.v1.PersonLinkedToCompanyH\x00\x12P\n\x1cperson_unlinked_from_company\x18\x0f \x01(\x0b\x32(.crm.events.v1.PersonUnlinkedFromCompanyH\x00\x12:\n\x10\x63onsent_recorded\x18\x10 \x01(\x0b\x32\x1e.crm.events.v1.ConsentRecordedH\x00\x12>\n\x12interaction_logged\x18\x11 \x01(\x0b\x32 .crm.events.v1.InteractionLoggedH\x00\x12\x38\n\x0f\x63ontacts_merged\x18\x12 \x01(\x0b\x32\x1d.crm.events.v1.ContactsMergedH\x00\x12?\n\x13\x63ontact_merged_into\x18\x13 \x01(\x0b\x32 .crm.events.v1.ContactMergedIntoH\x00\x12\x41\n\x14\x63ontact_merge_undone\x18\x14 \x01(\x0b\x32!.crm.events.v1.ContactMergeUndoneH\x00\x12:\n\x10\x63ontact_unmerged\x18\x15 \x01(\x0b\x32\x1e.crm.events.v1.ContactUnmergedH\x00\x42\t\n\x07payload\"\xe2\x02\n\rPersonProfile\x12\x12\n\ngiven_name\x18\x01 \x01(\t\x12\x13\n\x0b\x66\x61mily_name\x18\x02 \x01(\t\x12\x38\n\x0flifecycle_stage\x18\x03 \x01(\x0e\x32\x1f.crm.contacts.v1.LifecycleStage\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x45\n\rcustom_fields\x18\x05 \x03(\x0b\x32..crm.events.v1.PersonProfile.CustomFieldsEntry\x12\x32\n\x08\x63hannels\x18\x06 \x03(\x0b\x32 .crm.contacts.v1.ChannelIdentity\x12\r\n\x05owner\x18\x07 \x01(\t\x1aV\n\x11\x43ustomFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x30\n\x05value\x18\x02 \x01(\x0b\x32!.crm.contacts.v1.CustomFieldValue:\x02\x38\x01\"\xb7\x02\n\x0e\x43ompanyProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\x10\n\x08industry\x18\x03 \x01(\t\x12\x38\n\x0flifecycle_stage\x18\x04 \x01(\x0e\x32\x1f.crm.contacts.v1.LifecycleStage\x12\x0c\n\x04tags\x18\x05 \x03(\t\x12\x46\n\rcustom_fields\x18\x06 \x03(\x0b\x32/.crm.events.v1.CompanyProfile.CustomFieldsEntry\x12\r\n\x05owner\x18\x07 \x01(\t\x1aV\n\x11\x43ustomFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x30\n\x05value\x18\x02 \x01(\x0b\x32!.crm.contacts.v1.CustomFieldValue:\x02\x38\x01\"A\n\x10PersonRegistered\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.crm.events.v1.PersonProfile\"l\n\x14PersonProfileUpdated\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.crm.events.v1.PersonProfile\x12\x16\n\x0e\x63hanged_fields\x18\x02 \x03(\t\x12\r\n\x05\x63\x61use\x18\x03 \x01(\t\"C\n\x11\x43ompanyRegistered\x12.\n\x07profile\x18\x01 \x01(\x0b\x32\x1d.crm.events.v1.CompanyProfile\"n\n\x15\x43ompanyProfileUpdated\x12.\n\x07profile\x18\x01 \x01(\x0b\x32\x1d.crm.events.v1.CompanyProfile\x12\x16\n\x0e\x63hanged_fields\x18\x02 \x03(\t\x12\r\n\x05\x63\x61use\x18\x03 \x01(\t\"O\n\x15PersonLinkedToCompany\x12\x12\n\ncompany_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ompany_name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\"/\n\x19PersonUnlinkedFromCompany\x12\x12\n\ncompany_id\x18\x01 \x01(\t\"x\n\x0f\x43onsentRecorded\x12)\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x18.crm.contacts.v1.Channel\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12)\n\x07\x63onsent\x18\x03 \x01(\x0b\x32\x18.crm.contacts.v1.Consent\"F\n\x11InteractionLogged\x12\x31\n\x0binteraction\x18\x01 \x01(\x0b\x32\x1c.crm.contacts.v1.Interaction\"\xd2\x01\n\x0e\x43ontactsMerged\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x12\n\nmerged_ids\x18\x02 \x03(\t\x12\x34\n\x0eperson_profile\x18\x03 \x01(\x0b\x32\x1c.crm.events.v1.PersonProfile\x12\x36\n\x0f\x63ompany_profile\x18\x04 \x01(\x0b\x32\x1d.crm.events.v1.CompanyProfile\x12\x17\n\x0finteraction_ids\x18\x05 \x03(\t\x12\x13\n\x0b\x63ompany_ids\x18\x06 \x03(\t\":\n\x11\x43ontactMergedInto\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x13\n\x0bsurvivor_id\x18\x02 \x01(\t\"\xd8\x01\n\x12\x43ontactMergeUndone\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x14\n\x0crestored_ids\x18\x02 \x03(\t\x12\x34\n\x0eperson_profile\x18\x03 \x01(\x0b\x32\x1c.crm.events.v1.PersonProfile\x12\x36\n\x0f\x63ompany_profile\x18\x04 \x01(\x0b\x32\x1d.crm.events.v1.CompanyProfile\x12\x17\n\x0finteraction_ids\x18\x05 \x03(\t\x12\x13\n\x0b\x63ompany_ids\x18\x06 \x03(\t\"#\n\x0f\x43ontactUnmerged\x12\x10\n\x08merge_id\x18\x01 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63rm/events/v1/contacts.proto\x12\rcrm.events.v1\x1a\x1e\x63rm/contacts/v1/contacts.proto\x1a\x1c\x63rm/privacy/v1/privacy.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbd\x08\n\x0c\x43ontactEvent\x12\x12\n\ncontact_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08position\x18\x03 \x01(\x03\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x05 \x01(\t\x12\x0e\n\x06\x63lient\x18\x06 \x01(\t\x12<\n\x11person_registered\x18\n \x01(\x0b\x32\x1f.crm.events.v1.PersonRegisteredH\x00\x12\x45\n\x16person_profile_updated\x18\x0b \x01(\x0b\x32#.crm.events.v1.PersonProfileUpdatedH\x00\x12>\n\x12\x63ompany_registered\x18\x0c \x01(\x0b\x32 .crm.events.v1.CompanyRegisteredH\x00\x12G\n\x17\x63ompany_profile_updated\x18\r \x01(\x0b\x32$.crm.events.v1.CompanyProfileUpdatedH\x00\x12H\n\x18person_linked_to_company\x18\x0e \x01(\x0b\x32$.crm.events.v1.PersonLinkedToCompanyH\x00\x12P\n\x1cperson_unlinked_from_company\x18\x0f \x01(\x0b\x32(.crm.events.v1.PersonUnlinkedFromCompanyH\x00\x12:\n\x10\x63onsent_recorded\x18\x10 \x01(\x0b\x32\x1e.crm.events.v1.ConsentRecordedH\x00\x12>\n\x12interaction_logged\x18\x11 \x01(\x0b\x32 .crm.events.v1.InteractionLoggedH\x00\x12\x38\n\x0f\x63ontacts_merged\x18\x12 \x01(\x0b\x32\x1d.crm.events.v1.ContactsMergedH\x00\x12?\n\x13\x63ontact_merged_into\x18\x13 \x01(\x0b\x32 .crm.events.v1.ContactMergedIntoH\x00\x12\x41\n\x14\x63ontact_merge_undone\x18\x14 \x01(\x0b\x32!.crm.events.v1.ContactMergeUndoneH\x00\x12:\n\x10\x63ontact_unmerged\x18\x15 \x01(\x0b\x32\x1e.crm.events.v1.ContactUnmergedH\x00\x12\x34\n\rperson_erased\x18\x16 \x01(\x0b\x32\x1b.crm.events.v1.PersonErasedH\x00\x12\x45\n\x16personal_data_exported\x18\x17 \x01(\x0b\x32#.crm.events.v1.PersonalDataExportedH\x00\x42\t\n\x07payload\"\xee\x02\n\rPersonProfile\x12\x18\n\ngiven_name\x18\x01 \x01(\tB\x04\xc8\xf3\x18\x01\x12\x19\n\x0b\x66\x61mily_name\x18\x02 \x01(\tB\x04\xc8\xf3\x18\x01\x12\x38\n\x0flifecycle_stage\x18\x03 \x01(\x0e\x32\x1f.crm.contacts.v1.LifecycleStage\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x45\n\rcustom_fields\x18\x05 \x03(\x0b\x32..crm.events.v1.PersonProfile.CustomFieldsEntry\x12\x32\n\x08\x63hannels\x18\x06 \x03(\x0b\x32 .crm.contacts.v1.ChannelIdentity\x12\r\n\x05owner\x18\x07 \x01(\t\x1aV\n\x11\x43ustomFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x30\n\x05value\x18\x02 \x01(\x0b\x32!.crm.contacts.v1.CustomFieldValue:\x02\x38\x01\"\xb7\x02\n\x0e\x43ompanyProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\x10\n\x08industry\x18\x03 \x01(\t\x12\x38\n\x0flifecycle_stage\x18\x04 \x01(\x0e\x32\x1f.crm.contacts.v1.LifecycleStage\x12\x0c\n\x04tags\x18\x05 \x03(\t\x12\x46\n\rcustom_fields\x18\x06 \x03(\x0b\x32/.crm.events.v1.CompanyProfile.CustomFieldsEntry\x12\r\n\x05owner\x18\x07 \x01(\t\x1aV\n\x11\x43ustomFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x30\n\x05value\x18\x02 \x01(\x0b\x32!.crm.contacts.v1.CustomFieldValue:\x02\x38\x01\"A\n\x10PersonRegistered\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.crm.events.v1.PersonProfile\"l\n\x14PersonProfileUpdated\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.crm.events.v1.PersonProfile\x12\x16\n\x0e\x63hanged_fields\x18\x02 \x03(\t\x12\r\n\x05\x63\x61use\x18\x03 \x01(\t\"C\n\x11\x43ompanyRegistered\x12.\n\x07profile\x18\x01 \x01(\x0b\x32\x1d.crm.events.v1.CompanyProfile\"n\n\x15\x43ompanyProfileUpdated\x12.\n\x07profile\x18\x01 \x01(\x0b\x32\x1d.crm.events.v1.CompanyProfile\x12\x16\n\x0e\x63hanged_fields\x18\x02 \x03(\t\x12\r\n\x05\x63\x61use\x18\x03 \x01(\t\"U\n\x15PersonLinkedToCompany\x12\x12\n\ncompany_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ompany_name\x18\x02 \x01(\t\x12\x12\n\x04role\x18\x03 \x01(\tB\x04\xc8\xf3\x18\x01\"/\n\x19PersonUnlinkedFromCompany\x12\x12\n\ncompany_id\x18\x01 \x01(\t\"~\n\x0f\x43onsentRecorded\x12)\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x18.crm.contacts.v1.Channel\x12\x15\n\x07\x61\x64\x64ress\x18\x02 \x01(\tB\x04\xc8\xf3\x18\x01\x12)\n\x07\x63onsent\x18\x03 \x01(\x0b\x32\x18.crm.contacts.v1.Consent\"F\n\x11InteractionLogged\x12\x31\n\x0binteraction\x18\x01 \x01(\x0b\x32\x1c.crm.contacts.v1.Interaction\"\xd2\x01\n\x0e\x43ontactsMerged\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x12\n\nmerged_ids\x18\x02 \x03(\t\x12\x34\n\x0eperson_profile\x18\x03 \x01(\x0b\x32\x1c.crm.events.v1.PersonProfile\x12\x36\n\x0f\x63ompany_profile\x18\x04 \x01(\x0b\x32\x1d.crm.events.v1.CompanyProfile\x12\x17\n\x0finteraction_ids\x18\x05 \x03(\t\x12\x13\n\x0b\x63ompany_ids\x18\x06 \x03(\t\":\n\x11\x43ontactMergedInto\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x13\n\x0bsurvivor_id\x18\x02 \x01(\t\"\xd8\x01\n\x12\x43ontactMergeUndone\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x14\n\x0crestored_ids\x18\x02 \x03(\t\x12\x34\n\x0eperson_profile\x18\x03 \x01(\x0b\x32\x1c.crm.events.v1.PersonProfile\x12\x36\n\x0f\x63ompany_profile\x18\x04 \x01(\x0b\x32\x1d.crm.events.v1.CompanyProfile\x12\x17\n\x0finteraction_ids\x18\x05 \x03(\t\x12\x13\n\x0b\x63ompany_ids\x18\x06 \x03(\t\"#\n\x0f\x43ontactUnmerged\x12\x10\n\x08merge_id\x18\x01 \x01(\t\"5\n\x0cPersonErased\x12\x11\n\treference\x18\x01 \x01(\t\x12\x12\n\nmerged_ids\x18\x02 \x03(\t\"(\n\x14PersonalDataExported\x12\x10\n\x08services\x18\x01 \x03(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,40 +36,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PERSONPROFILE_CUSTOMFIELDSENTRY']._loaded_options = None
   _globals['_PERSONPROFILE_CUSTOMFIELDSENTRY']._serialized_options = b'8\001'
+  _globals['_PERSONPROFILE'].fields_by_name['given_name']._loaded_options = None
+  _globals['_PERSONPROFILE'].fields_by_name['given_name']._serialized_options = b'\310\363\030\001'
+  _globals['_PERSONPROFILE'].fields_by_name['family_name']._loaded_options = None
+  _globals['_PERSONPROFILE'].fields_by_name['family_name']._serialized_options = b'\310\363\030\001'
   _globals['_COMPANYPROFILE_CUSTOMFIELDSENTRY']._loaded_options = None
   _globals['_COMPANYPROFILE_CUSTOMFIELDSENTRY']._serialized_options = b'8\001'
-  _globals['_CONTACTEVENT']._serialized_start=113
-  _globals['_CONTACTEVENT']._serialized_end=1073
-  _globals['_PERSONPROFILE']._serialized_start=1076
-  _globals['_PERSONPROFILE']._serialized_end=1430
-  _globals['_PERSONPROFILE_CUSTOMFIELDSENTRY']._serialized_start=1344
-  _globals['_PERSONPROFILE_CUSTOMFIELDSENTRY']._serialized_end=1430
-  _globals['_COMPANYPROFILE']._serialized_start=1433
-  _globals['_COMPANYPROFILE']._serialized_end=1744
-  _globals['_COMPANYPROFILE_CUSTOMFIELDSENTRY']._serialized_start=1344
-  _globals['_COMPANYPROFILE_CUSTOMFIELDSENTRY']._serialized_end=1430
-  _globals['_PERSONREGISTERED']._serialized_start=1746
-  _globals['_PERSONREGISTERED']._serialized_end=1811
-  _globals['_PERSONPROFILEUPDATED']._serialized_start=1813
-  _globals['_PERSONPROFILEUPDATED']._serialized_end=1921
-  _globals['_COMPANYREGISTERED']._serialized_start=1923
-  _globals['_COMPANYREGISTERED']._serialized_end=1990
-  _globals['_COMPANYPROFILEUPDATED']._serialized_start=1992
-  _globals['_COMPANYPROFILEUPDATED']._serialized_end=2102
-  _globals['_PERSONLINKEDTOCOMPANY']._serialized_start=2104
-  _globals['_PERSONLINKEDTOCOMPANY']._serialized_end=2183
-  _globals['_PERSONUNLINKEDFROMCOMPANY']._serialized_start=2185
-  _globals['_PERSONUNLINKEDFROMCOMPANY']._serialized_end=2232
-  _globals['_CONSENTRECORDED']._serialized_start=2234
-  _globals['_CONSENTRECORDED']._serialized_end=2354
-  _globals['_INTERACTIONLOGGED']._serialized_start=2356
-  _globals['_INTERACTIONLOGGED']._serialized_end=2426
-  _globals['_CONTACTSMERGED']._serialized_start=2429
-  _globals['_CONTACTSMERGED']._serialized_end=2639
-  _globals['_CONTACTMERGEDINTO']._serialized_start=2641
-  _globals['_CONTACTMERGEDINTO']._serialized_end=2699
-  _globals['_CONTACTMERGEUNDONE']._serialized_start=2702
-  _globals['_CONTACTMERGEUNDONE']._serialized_end=2918
-  _globals['_CONTACTUNMERGED']._serialized_start=2920
-  _globals['_CONTACTUNMERGED']._serialized_end=2955
+  _globals['_PERSONLINKEDTOCOMPANY'].fields_by_name['role']._loaded_options = None
+  _globals['_PERSONLINKEDTOCOMPANY'].fields_by_name['role']._serialized_options = b'\310\363\030\001'
+  _globals['_CONSENTRECORDED'].fields_by_name['address']._loaded_options = None
+  _globals['_CONSENTRECORDED'].fields_by_name['address']._serialized_options = b'\310\363\030\001'
+  _globals['_CONTACTEVENT']._serialized_start=143
+  _globals['_CONTACTEVENT']._serialized_end=1228
+  _globals['_PERSONPROFILE']._serialized_start=1231
+  _globals['_PERSONPROFILE']._serialized_end=1597
+  _globals['_PERSONPROFILE_CUSTOMFIELDSENTRY']._serialized_start=1511
+  _globals['_PERSONPROFILE_CUSTOMFIELDSENTRY']._serialized_end=1597
+  _globals['_COMPANYPROFILE']._serialized_start=1600
+  _globals['_COMPANYPROFILE']._serialized_end=1911
+  _globals['_COMPANYPROFILE_CUSTOMFIELDSENTRY']._serialized_start=1511
+  _globals['_COMPANYPROFILE_CUSTOMFIELDSENTRY']._serialized_end=1597
+  _globals['_PERSONREGISTERED']._serialized_start=1913
+  _globals['_PERSONREGISTERED']._serialized_end=1978
+  _globals['_PERSONPROFILEUPDATED']._serialized_start=1980
+  _globals['_PERSONPROFILEUPDATED']._serialized_end=2088
+  _globals['_COMPANYREGISTERED']._serialized_start=2090
+  _globals['_COMPANYREGISTERED']._serialized_end=2157
+  _globals['_COMPANYPROFILEUPDATED']._serialized_start=2159
+  _globals['_COMPANYPROFILEUPDATED']._serialized_end=2269
+  _globals['_PERSONLINKEDTOCOMPANY']._serialized_start=2271
+  _globals['_PERSONLINKEDTOCOMPANY']._serialized_end=2356
+  _globals['_PERSONUNLINKEDFROMCOMPANY']._serialized_start=2358
+  _globals['_PERSONUNLINKEDFROMCOMPANY']._serialized_end=2405
+  _globals['_CONSENTRECORDED']._serialized_start=2407
+  _globals['_CONSENTRECORDED']._serialized_end=2533
+  _globals['_INTERACTIONLOGGED']._serialized_start=2535
+  _globals['_INTERACTIONLOGGED']._serialized_end=2605
+  _globals['_CONTACTSMERGED']._serialized_start=2608
+  _globals['_CONTACTSMERGED']._serialized_end=2818
+  _globals['_CONTACTMERGEDINTO']._serialized_start=2820
+  _globals['_CONTACTMERGEDINTO']._serialized_end=2878
+  _globals['_CONTACTMERGEUNDONE']._serialized_start=2881
+  _globals['_CONTACTMERGEUNDONE']._serialized_end=3097
+  _globals['_CONTACTUNMERGED']._serialized_start=3099
+  _globals['_CONTACTUNMERGED']._serialized_end=3134
+  _globals['_PERSONERASED']._serialized_start=3136
+  _globals['_PERSONERASED']._serialized_end=3189
+  _globals['_PERSONALDATAEXPORTED']._serialized_start=3191
+  _globals['_PERSONALDATAEXPORTED']._serialized_end=3231
 # @@protoc_insertion_point(module_scope)

@@ -57,6 +57,8 @@ class ContactEvent(_message.Message):
     CONTACT_MERGED_INTO_FIELD_NUMBER: _builtins.int
     CONTACT_MERGE_UNDONE_FIELD_NUMBER: _builtins.int
     CONTACT_UNMERGED_FIELD_NUMBER: _builtins.int
+    PERSON_ERASED_FIELD_NUMBER: _builtins.int
+    PERSONAL_DATA_EXPORTED_FIELD_NUMBER: _builtins.int
     contact_id: _builtins.str
     version: _builtins.int
     """Version of the contact aggregate after this event (1 for the first)."""
@@ -91,6 +93,10 @@ class ContactEvent(_message.Message):
     def contact_merge_undone(self) -> Global___ContactMergeUndone: ...
     @_builtins.property
     def contact_unmerged(self) -> Global___ContactUnmerged: ...
+    @_builtins.property
+    def person_erased(self) -> Global___PersonErased: ...
+    @_builtins.property
+    def personal_data_exported(self) -> Global___PersonalDataExported: ...
     def __init__(
         self,
         *,
@@ -112,12 +118,14 @@ class ContactEvent(_message.Message):
         contact_merged_into: Global___ContactMergedInto | None = ...,
         contact_merge_undone: Global___ContactMergeUndone | None = ...,
         contact_unmerged: Global___ContactUnmerged | None = ...,
+        person_erased: Global___PersonErased | None = ...,
+        personal_data_exported: Global___PersonalDataExported | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["company_profile_updated", b"company_profile_updated", "company_registered", b"company_registered", "consent_recorded", b"consent_recorded", "contact_merge_undone", b"contact_merge_undone", "contact_merged_into", b"contact_merged_into", "contact_unmerged", b"contact_unmerged", "contacts_merged", b"contacts_merged", "interaction_logged", b"interaction_logged", "occurred_at", b"occurred_at", "payload", b"payload", "person_linked_to_company", b"person_linked_to_company", "person_profile_updated", b"person_profile_updated", "person_registered", b"person_registered", "person_unlinked_from_company", b"person_unlinked_from_company"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["company_profile_updated", b"company_profile_updated", "company_registered", b"company_registered", "consent_recorded", b"consent_recorded", "contact_merge_undone", b"contact_merge_undone", "contact_merged_into", b"contact_merged_into", "contact_unmerged", b"contact_unmerged", "contacts_merged", b"contacts_merged", "interaction_logged", b"interaction_logged", "occurred_at", b"occurred_at", "payload", b"payload", "person_erased", b"person_erased", "person_linked_to_company", b"person_linked_to_company", "person_profile_updated", b"person_profile_updated", "person_registered", b"person_registered", "person_unlinked_from_company", b"person_unlinked_from_company", "personal_data_exported", b"personal_data_exported"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "client", b"client", "company_profile_updated", b"company_profile_updated", "company_registered", b"company_registered", "consent_recorded", b"consent_recorded", "contact_id", b"contact_id", "contact_merge_undone", b"contact_merge_undone", "contact_merged_into", b"contact_merged_into", "contact_unmerged", b"contact_unmerged", "contacts_merged", b"contacts_merged", "interaction_logged", b"interaction_logged", "occurred_at", b"occurred_at", "payload", b"payload", "person_linked_to_company", b"person_linked_to_company", "person_profile_updated", b"person_profile_updated", "person_registered", b"person_registered", "person_unlinked_from_company", b"person_unlinked_from_company", "position", b"position", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "client", b"client", "company_profile_updated", b"company_profile_updated", "company_registered", b"company_registered", "consent_recorded", b"consent_recorded", "contact_id", b"contact_id", "contact_merge_undone", b"contact_merge_undone", "contact_merged_into", b"contact_merged_into", "contact_unmerged", b"contact_unmerged", "contacts_merged", b"contacts_merged", "interaction_logged", b"interaction_logged", "occurred_at", b"occurred_at", "payload", b"payload", "person_erased", b"person_erased", "person_linked_to_company", b"person_linked_to_company", "person_profile_updated", b"person_profile_updated", "person_registered", b"person_registered", "person_unlinked_from_company", b"person_unlinked_from_company", "personal_data_exported", b"personal_data_exported", "position", b"position", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["person_registered", "person_profile_updated", "company_registered", "company_profile_updated", "person_linked_to_company", "person_unlinked_from_company", "consent_recorded", "interaction_logged", "contacts_merged", "contact_merged_into", "contact_merge_undone", "contact_unmerged"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["person_registered", "person_profile_updated", "company_registered", "company_profile_updated", "person_linked_to_company", "person_unlinked_from_company", "consent_recorded", "interaction_logged", "contacts_merged", "contact_merged_into", "contact_merge_undone", "contact_unmerged", "person_erased", "personal_data_exported"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -577,3 +585,58 @@ class ContactUnmerged(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ContactUnmerged: _TypeAlias = ContactUnmerged  # noqa: Y015
+
+@_typing.final
+class PersonErased(_message.Message):
+    """The person was erased (crm.contacts.v1.ContactsService/ErasePerson): their
+    data key in contacts is destroyed, so every earlier event's personal
+    fields read "[erased]". Every service honours it: it destroys the keys of
+    what it holds about the person and removes their personal data from its
+    query tables and read models; the anonymous facts (amounts, counts) stay.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    MERGED_IDS_FIELD_NUMBER: _builtins.int
+    reference: _builtins.str
+    """The data subject request it fulfils (a reference, not personal data)."""
+    @_builtins.property
+    def merged_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Contacts merged into this person earlier, erased with it."""
+
+    def __init__(
+        self,
+        *,
+        reference: _builtins.str = ...,
+        merged_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["merged_ids", b"merged_ids", "reference", b"reference"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PersonErased: _TypeAlias = PersonErased  # noqa: Y015
+
+@_typing.final
+class PersonalDataExported(_message.Message):
+    """An admin exported everything held about the person (the GDPR audit)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def services(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        services: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["services", b"services"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PersonalDataExported: _TypeAlias = PersonalDataExported  # noqa: Y015

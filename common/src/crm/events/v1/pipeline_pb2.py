@@ -22,63 +22,80 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from crm.privacy.v1 import privacy_pb2 as crm_dot_privacy_dot_v1_dot_privacy__pb2
 from crm.pipeline.v1 import pipeline_pb2 as crm_dot_pipeline_dot_v1_dot_pipeline__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63rm/events/v1/pipeline.proto\x12\rcrm.events.v1\x1a\x1e\x63rm/pipeline/v1/pipeline.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\r\n\rPipelineEvent\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x10\n\x08position\x18\x04 \x01(\x03\x12/\n\x0boccurred_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x06 \x01(\t\x12\x0e\n\x06\x63lient\x18\x07 \x01(\t\x12\x32\n\x0clead_created\x18\n \x01(\x0b\x32\x1a.crm.events.v1.LeadCreatedH\x00\x12\x36\n\x0elead_qualified\x18\x0b \x01(\x0b\x32\x1c.crm.events.v1.LeadQualifiedH\x00\x12<\n\x11lead_disqualified\x18\x0c \x01(\x0b\x32\x1f.crm.events.v1.LeadDisqualifiedH\x00\x12\x36\n\x0elead_converted\x18\r \x01(\x0b\x32\x1c.crm.events.v1.LeadConvertedH\x00\x12:\n\x10pipeline_defined\x18\x14 \x01(\x0b\x32\x1e.crm.events.v1.PipelineDefinedH\x00\x12\x30\n\x0bstage_added\x18\x15 \x01(\x0b\x32\x19.crm.events.v1.StageAddedH\x00\x12\x34\n\rstage_renamed\x18\x16 \x01(\x0b\x32\x1b.crm.events.v1.StageRenamedH\x00\x12\x45\n\x16stage_settings_changed\x18\x17 \x01(\x0b\x32#.crm.events.v1.StageSettingsChangedH\x00\x12:\n\x10stages_reordered\x18\x18 \x01(\x0b\x32\x1e.crm.events.v1.StagesReorderedH\x00\x12\x34\n\rstage_retired\x18\x19 \x01(\x0b\x32\x1b.crm.events.v1.StageRetiredH\x00\x12>\n\x12opportunity_opened\x18\x1e \x01(\x0b\x32 .crm.events.v1.OpportunityOpenedH\x00\x12M\n\x1aopportunity_amount_changed\x18\x1f \x01(\x0b\x32\'.crm.events.v1.OpportunityAmountChangedH\x00\x12T\n\x1eopportunity_line_items_changed\x18  \x01(\x0b\x32*.crm.events.v1.OpportunityLineItemsChangedH\x00\x12\x65\n\'opportunity_expected_close_date_changed\x18! \x01(\x0b\x32\x32.crm.events.v1.OpportunityExpectedCloseDateChangedH\x00\x12K\n\x19opportunity_owner_changed\x18\" \x01(\x0b\x32&.crm.events.v1.OpportunityOwnerChangedH\x00\x12K\n\x19opportunity_stage_changed\x18# \x01(\x0b\x32&.crm.events.v1.OpportunityStageChangedH\x00\x12\x38\n\x0fopportunity_won\x18$ \x01(\x0b\x32\x1d.crm.events.v1.OpportunityWonH\x00\x12:\n\x10opportunity_lost\x18% \x01(\x0b\x32\x1e.crm.events.v1.OpportunityLostH\x00\x12\x42\n\x14opportunity_reopened\x18& \x01(\x0b\x32\".crm.events.v1.OpportunityReopenedH\x00\x12>\n\x12\x61\x63tivity_scheduled\x18( \x01(\x0b\x32 .crm.events.v1.ActivityScheduledH\x00\x12\x42\n\x14\x61\x63tivity_rescheduled\x18) \x01(\x0b\x32\".crm.events.v1.ActivityRescheduledH\x00\x12>\n\x12\x61\x63tivity_completed\x18* \x01(\x0b\x32 .crm.events.v1.ActivityCompletedH\x00\x12>\n\x12\x61\x63tivity_cancelled\x18+ \x01(\x0b\x32 .crm.events.v1.ActivityCancelledH\x00\x42\t\n\x07payload\"\xb8\x01\n\x0bLeadCreated\x12\x12\n\ngiven_name\x18\x01 \x01(\t\x12\x13\n\x0b\x66\x61mily_name\x18\x02 \x01(\t\x12\x14\n\x0c\x63ompany_name\x18\x03 \x01(\t\x12\r\n\x05\x65mail\x18\x04 \x01(\t\x12\r\n\x05phone\x18\x05 \x01(\t\x12+\n\x06source\x18\x06 \x01(\x0e\x32\x1b.crm.pipeline.v1.LeadSource\x12\x10\n\x08\x63\x61mpaign\x18\x07 \x01(\t\x12\r\n\x05owner\x18\x08 \x01(\t\"\x1e\n\rLeadQualified\x12\r\n\x05score\x18\x01 \x01(\x05\"\"\n\x10LeadDisqualified\x12\x0e\n\x06reason\x18\x01 \x01(\t\"N\n\rLeadConverted\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x12\n\ncompany_id\x18\x02 \x01(\t\x12\x16\n\x0eopportunity_id\x18\x03 \x01(\t\"G\n\x0fPipelineDefined\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06stages\x18\x02 \x03(\x0b\x32\x16.crm.pipeline.v1.Stage\"E\n\nStageAdded\x12%\n\x05stage\x18\x01 \x01(\x0b\x32\x16.crm.pipeline.v1.Stage\x12\x10\n\x08position\x18\x02 \x01(\x05\".\n\x0cStageRenamed\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"r\n\x14StageSettingsChanged\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\t\x12\x33\n\x08\x63\x61tegory\x18\x03 \x01(\x0e\x32!.crm.pipeline.v1.ForecastCategory\"$\n\x0fStagesReordered\x12\x11\n\tstage_ids\x18\x01 \x03(\t\" \n\x0cStageRetired\x12\x10\n\x08stage_id\x18\x01 \x01(\t\"\xa5\x02\n\x11OpportunityOpened\x12\x13\n\x0bpipeline_id\x18\x01 \x01(\t\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\tperson_id\x18\x04 \x01(\t\x12\x12\n\ncompany_id\x18\x05 \x01(\t\x12\r\n\x05owner\x18\x06 \x01(\t\x12&\n\x06\x61mount\x18\x07 \x01(\x0b\x32\x16.crm.pipeline.v1.Money\x12\x1b\n\x13\x65xpected_close_date\x18\x08 \x01(\t\x12.\n\x04kind\x18\t \x01(\x0e\x32 .crm.pipeline.v1.OpportunityKind\x12\x1f\n\x17related_opportunity_ids\x18\n \x03(\t\x12\x0f\n\x07lead_id\x18\x0b \x01(\t\"B\n\x18OpportunityAmountChanged\x12&\n\x06\x61mount\x18\x01 \x01(\x0b\x32\x16.crm.pipeline.v1.Money\"t\n\x1bOpportunityLineItemsChanged\x12-\n\nline_items\x18\x01 \x03(\x0b\x32\x19.crm.pipeline.v1.LineItem\x12&\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x16.crm.pipeline.v1.Money\"B\n#OpportunityExpectedCloseDateChanged\x12\x1b\n\x13\x65xpected_close_date\x18\x01 \x01(\t\"(\n\x17OpportunityOwnerChanged\x12\r\n\x05owner\x18\x01 \x01(\t\"V\n\x17OpportunityStageChanged\x12\x15\n\rfrom_stage_id\x18\x01 \x01(\t\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\x12\n\nregression\x18\x03 \x01(\x08\"\x84\x01\n\x0eOpportunityWon\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12\x12\n\ncompany_id\x18\x03 \x01(\t\x12&\n\x06\x61mount\x18\x04 \x01(\x0b\x32\x16.crm.pipeline.v1.Money\x12\x11\n\tclosed_on\x18\x05 \x01(\t\"F\n\x0fOpportunityLost\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\tclosed_on\x18\x03 \x01(\t\"\'\n\x13OpportunityReopened\x12\x10\n\x08stage_id\x18\x01 \x01(\t\"\xd2\x01\n\x11\x41\x63tivityScheduled\x12\x32\n\x0csubject_kind\x18\x01 \x01(\x0e\x32\x1c.crm.pipeline.v1.SubjectKind\x12\x12\n\nsubject_id\x18\x02 \x01(\t\x12+\n\x04kind\x18\x03 \x01(\x0e\x32\x1d.crm.pipeline.v1.ActivityKind\x12\r\n\x05title\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\x12*\n\x06\x64ue_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x13\x41\x63tivityRescheduled\x12*\n\x06\x64ue_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"$\n\x11\x41\x63tivityCompleted\x12\x0f\n\x07outcome\x18\x01 \x01(\t\"#\n\x11\x41\x63tivityCancelled\x12\x0e\n\x06reason\x18\x01 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63rm/events/v1/pipeline.proto\x12\rcrm.events.v1\x1a\x1c\x63rm/privacy/v1/privacy.proto\x1a\x1e\x63rm/pipeline/v1/pipeline.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\r\n\rPipelineEvent\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x10\n\x08position\x18\x04 \x01(\x03\x12/\n\x0boccurred_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x06 \x01(\t\x12\x0e\n\x06\x63lient\x18\x07 \x01(\t\x12\x32\n\x0clead_created\x18\n \x01(\x0b\x32\x1a.crm.events.v1.LeadCreatedH\x00\x12\x36\n\x0elead_qualified\x18\x0b \x01(\x0b\x32\x1c.crm.events.v1.LeadQualifiedH\x00\x12<\n\x11lead_disqualified\x18\x0c \x01(\x0b\x32\x1f.crm.events.v1.LeadDisqualifiedH\x00\x12\x36\n\x0elead_converted\x18\r \x01(\x0b\x32\x1c.crm.events.v1.LeadConvertedH\x00\x12:\n\x10pipeline_defined\x18\x14 \x01(\x0b\x32\x1e.crm.events.v1.PipelineDefinedH\x00\x12\x30\n\x0bstage_added\x18\x15 \x01(\x0b\x32\x19.crm.events.v1.StageAddedH\x00\x12\x34\n\rstage_renamed\x18\x16 \x01(\x0b\x32\x1b.crm.events.v1.StageRenamedH\x00\x12\x45\n\x16stage_settings_changed\x18\x17 \x01(\x0b\x32#.crm.events.v1.StageSettingsChangedH\x00\x12:\n\x10stages_reordered\x18\x18 \x01(\x0b\x32\x1e.crm.events.v1.StagesReorderedH\x00\x12\x34\n\rstage_retired\x18\x19 \x01(\x0b\x32\x1b.crm.events.v1.StageRetiredH\x00\x12>\n\x12opportunity_opened\x18\x1e \x01(\x0b\x32 .crm.events.v1.OpportunityOpenedH\x00\x12M\n\x1aopportunity_amount_changed\x18\x1f \x01(\x0b\x32\'.crm.events.v1.OpportunityAmountChangedH\x00\x12T\n\x1eopportunity_line_items_changed\x18  \x01(\x0b\x32*.crm.events.v1.OpportunityLineItemsChangedH\x00\x12\x65\n\'opportunity_expected_close_date_changed\x18! \x01(\x0b\x32\x32.crm.events.v1.OpportunityExpectedCloseDateChangedH\x00\x12K\n\x19opportunity_owner_changed\x18\" \x01(\x0b\x32&.crm.events.v1.OpportunityOwnerChangedH\x00\x12K\n\x19opportunity_stage_changed\x18# \x01(\x0b\x32&.crm.events.v1.OpportunityStageChangedH\x00\x12\x38\n\x0fopportunity_won\x18$ \x01(\x0b\x32\x1d.crm.events.v1.OpportunityWonH\x00\x12:\n\x10opportunity_lost\x18% \x01(\x0b\x32\x1e.crm.events.v1.OpportunityLostH\x00\x12\x42\n\x14opportunity_reopened\x18& \x01(\x0b\x32\".crm.events.v1.OpportunityReopenedH\x00\x12>\n\x12\x61\x63tivity_scheduled\x18( \x01(\x0b\x32 .crm.events.v1.ActivityScheduledH\x00\x12\x42\n\x14\x61\x63tivity_rescheduled\x18) \x01(\x0b\x32\".crm.events.v1.ActivityRescheduledH\x00\x12>\n\x12\x61\x63tivity_completed\x18* \x01(\x0b\x32 .crm.events.v1.ActivityCompletedH\x00\x12>\n\x12\x61\x63tivity_cancelled\x18+ \x01(\x0b\x32 .crm.events.v1.ActivityCancelledH\x00\x42\t\n\x07payload\"\xd0\x01\n\x0bLeadCreated\x12\x18\n\ngiven_name\x18\x01 \x01(\tB\x04\xc8\xf3\x18\x01\x12\x19\n\x0b\x66\x61mily_name\x18\x02 \x01(\tB\x04\xc8\xf3\x18\x01\x12\x14\n\x0c\x63ompany_name\x18\x03 \x01(\t\x12\x13\n\x05\x65mail\x18\x04 \x01(\tB\x04\xc8\xf3\x18\x01\x12\x13\n\x05phone\x18\x05 \x01(\tB\x04\xc8\xf3\x18\x01\x12+\n\x06source\x18\x06 \x01(\x0e\x32\x1b.crm.pipeline.v1.LeadSource\x12\x10\n\x08\x63\x61mpaign\x18\x07 \x01(\t\x12\r\n\x05owner\x18\x08 \x01(\t\"\x1e\n\rLeadQualified\x12\r\n\x05score\x18\x01 \x01(\x05\"\"\n\x10LeadDisqualified\x12\x0e\n\x06reason\x18\x01 \x01(\t\"N\n\rLeadConverted\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x12\n\ncompany_id\x18\x02 \x01(\t\x12\x16\n\x0eopportunity_id\x18\x03 \x01(\t\"G\n\x0fPipelineDefined\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06stages\x18\x02 \x03(\x0b\x32\x16.crm.pipeline.v1.Stage\"E\n\nStageAdded\x12%\n\x05stage\x18\x01 \x01(\x0b\x32\x16.crm.pipeline.v1.Stage\x12\x10\n\x08position\x18\x02 \x01(\x05\".\n\x0cStageRenamed\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"r\n\x14StageSettingsChanged\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\t\x12\x33\n\x08\x63\x61tegory\x18\x03 \x01(\x0e\x32!.crm.pipeline.v1.ForecastCategory\"$\n\x0fStagesReordered\x12\x11\n\tstage_ids\x18\x01 \x03(\t\" \n\x0cStageRetired\x12\x10\n\x08stage_id\x18\x01 \x01(\t\"\xab\x02\n\x11OpportunityOpened\x12\x13\n\x0bpipeline_id\x18\x01 \x01(\t\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\x12\n\x04name\x18\x03 \x01(\tB\x04\xc8\xf3\x18\x01\x12\x11\n\tperson_id\x18\x04 \x01(\t\x12\x12\n\ncompany_id\x18\x05 \x01(\t\x12\r\n\x05owner\x18\x06 \x01(\t\x12&\n\x06\x61mount\x18\x07 \x01(\x0b\x32\x16.crm.pipeline.v1.Money\x12\x1b\n\x13\x65xpected_close_date\x18\x08 \x01(\t\x12.\n\x04kind\x18\t \x01(\x0e\x32 .crm.pipeline.v1.OpportunityKind\x12\x1f\n\x17related_opportunity_ids\x18\n \x03(\t\x12\x0f\n\x07lead_id\x18\x0b \x01(\t\"B\n\x18OpportunityAmountChanged\x12&\n\x06\x61mount\x18\x01 \x01(\x0b\x32\x16.crm.pipeline.v1.Money\"t\n\x1bOpportunityLineItemsChanged\x12-\n\nline_items\x18\x01 \x03(\x0b\x32\x19.crm.pipeline.v1.LineItem\x12&\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x16.crm.pipeline.v1.Money\"B\n#OpportunityExpectedCloseDateChanged\x12\x1b\n\x13\x65xpected_close_date\x18\x01 \x01(\t\"(\n\x17OpportunityOwnerChanged\x12\r\n\x05owner\x18\x01 \x01(\t\"V\n\x17OpportunityStageChanged\x12\x15\n\rfrom_stage_id\x18\x01 \x01(\t\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\x12\n\nregression\x18\x03 \x01(\x08\"\x84\x01\n\x0eOpportunityWon\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12\x12\n\ncompany_id\x18\x03 \x01(\t\x12&\n\x06\x61mount\x18\x04 \x01(\x0b\x32\x16.crm.pipeline.v1.Money\x12\x11\n\tclosed_on\x18\x05 \x01(\t\"F\n\x0fOpportunityLost\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\tclosed_on\x18\x03 \x01(\t\"\'\n\x13OpportunityReopened\x12\x10\n\x08stage_id\x18\x01 \x01(\t\"\xd8\x01\n\x11\x41\x63tivityScheduled\x12\x32\n\x0csubject_kind\x18\x01 \x01(\x0e\x32\x1c.crm.pipeline.v1.SubjectKind\x12\x12\n\nsubject_id\x18\x02 \x01(\t\x12+\n\x04kind\x18\x03 \x01(\x0e\x32\x1d.crm.pipeline.v1.ActivityKind\x12\x13\n\x05title\x18\x04 \x01(\tB\x04\xc8\xf3\x18\x01\x12\r\n\x05owner\x18\x05 \x01(\t\x12*\n\x06\x64ue_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x13\x41\x63tivityRescheduled\x12*\n\x06\x64ue_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"*\n\x11\x41\x63tivityCompleted\x12\x15\n\x07outcome\x18\x01 \x01(\tB\x04\xc8\xf3\x18\x01\")\n\x11\x41\x63tivityCancelled\x12\x14\n\x06reason\x18\x01 \x01(\tB\x04\xc8\xf3\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'crm.events.v1.pipeline_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PIPELINEEVENT']._serialized_start=113
-  _globals['_PIPELINEEVENT']._serialized_end=1804
-  _globals['_LEADCREATED']._serialized_start=1807
-  _globals['_LEADCREATED']._serialized_end=1991
-  _globals['_LEADQUALIFIED']._serialized_start=1993
-  _globals['_LEADQUALIFIED']._serialized_end=2023
-  _globals['_LEADDISQUALIFIED']._serialized_start=2025
-  _globals['_LEADDISQUALIFIED']._serialized_end=2059
-  _globals['_LEADCONVERTED']._serialized_start=2061
-  _globals['_LEADCONVERTED']._serialized_end=2139
-  _globals['_PIPELINEDEFINED']._serialized_start=2141
-  _globals['_PIPELINEDEFINED']._serialized_end=2212
-  _globals['_STAGEADDED']._serialized_start=2214
-  _globals['_STAGEADDED']._serialized_end=2283
-  _globals['_STAGERENAMED']._serialized_start=2285
-  _globals['_STAGERENAMED']._serialized_end=2331
-  _globals['_STAGESETTINGSCHANGED']._serialized_start=2333
-  _globals['_STAGESETTINGSCHANGED']._serialized_end=2447
-  _globals['_STAGESREORDERED']._serialized_start=2449
-  _globals['_STAGESREORDERED']._serialized_end=2485
-  _globals['_STAGERETIRED']._serialized_start=2487
-  _globals['_STAGERETIRED']._serialized_end=2519
-  _globals['_OPPORTUNITYOPENED']._serialized_start=2522
-  _globals['_OPPORTUNITYOPENED']._serialized_end=2815
-  _globals['_OPPORTUNITYAMOUNTCHANGED']._serialized_start=2817
-  _globals['_OPPORTUNITYAMOUNTCHANGED']._serialized_end=2883
-  _globals['_OPPORTUNITYLINEITEMSCHANGED']._serialized_start=2885
-  _globals['_OPPORTUNITYLINEITEMSCHANGED']._serialized_end=3001
-  _globals['_OPPORTUNITYEXPECTEDCLOSEDATECHANGED']._serialized_start=3003
-  _globals['_OPPORTUNITYEXPECTEDCLOSEDATECHANGED']._serialized_end=3069
-  _globals['_OPPORTUNITYOWNERCHANGED']._serialized_start=3071
-  _globals['_OPPORTUNITYOWNERCHANGED']._serialized_end=3111
-  _globals['_OPPORTUNITYSTAGECHANGED']._serialized_start=3113
-  _globals['_OPPORTUNITYSTAGECHANGED']._serialized_end=3199
-  _globals['_OPPORTUNITYWON']._serialized_start=3202
-  _globals['_OPPORTUNITYWON']._serialized_end=3334
-  _globals['_OPPORTUNITYLOST']._serialized_start=3336
-  _globals['_OPPORTUNITYLOST']._serialized_end=3406
-  _globals['_OPPORTUNITYREOPENED']._serialized_start=3408
-  _globals['_OPPORTUNITYREOPENED']._serialized_end=3447
-  _globals['_ACTIVITYSCHEDULED']._serialized_start=3450
-  _globals['_ACTIVITYSCHEDULED']._serialized_end=3660
-  _globals['_ACTIVITYRESCHEDULED']._serialized_start=3662
-  _globals['_ACTIVITYRESCHEDULED']._serialized_end=3727
-  _globals['_ACTIVITYCOMPLETED']._serialized_start=3729
-  _globals['_ACTIVITYCOMPLETED']._serialized_end=3765
-  _globals['_ACTIVITYCANCELLED']._serialized_start=3767
-  _globals['_ACTIVITYCANCELLED']._serialized_end=3802
+  _globals['_LEADCREATED'].fields_by_name['given_name']._loaded_options = None
+  _globals['_LEADCREATED'].fields_by_name['given_name']._serialized_options = b'\310\363\030\001'
+  _globals['_LEADCREATED'].fields_by_name['family_name']._loaded_options = None
+  _globals['_LEADCREATED'].fields_by_name['family_name']._serialized_options = b'\310\363\030\001'
+  _globals['_LEADCREATED'].fields_by_name['email']._loaded_options = None
+  _globals['_LEADCREATED'].fields_by_name['email']._serialized_options = b'\310\363\030\001'
+  _globals['_LEADCREATED'].fields_by_name['phone']._loaded_options = None
+  _globals['_LEADCREATED'].fields_by_name['phone']._serialized_options = b'\310\363\030\001'
+  _globals['_OPPORTUNITYOPENED'].fields_by_name['name']._loaded_options = None
+  _globals['_OPPORTUNITYOPENED'].fields_by_name['name']._serialized_options = b'\310\363\030\001'
+  _globals['_ACTIVITYSCHEDULED'].fields_by_name['title']._loaded_options = None
+  _globals['_ACTIVITYSCHEDULED'].fields_by_name['title']._serialized_options = b'\310\363\030\001'
+  _globals['_ACTIVITYCOMPLETED'].fields_by_name['outcome']._loaded_options = None
+  _globals['_ACTIVITYCOMPLETED'].fields_by_name['outcome']._serialized_options = b'\310\363\030\001'
+  _globals['_ACTIVITYCANCELLED'].fields_by_name['reason']._loaded_options = None
+  _globals['_ACTIVITYCANCELLED'].fields_by_name['reason']._serialized_options = b'\310\363\030\001'
+  _globals['_PIPELINEEVENT']._serialized_start=143
+  _globals['_PIPELINEEVENT']._serialized_end=1834
+  _globals['_LEADCREATED']._serialized_start=1837
+  _globals['_LEADCREATED']._serialized_end=2045
+  _globals['_LEADQUALIFIED']._serialized_start=2047
+  _globals['_LEADQUALIFIED']._serialized_end=2077
+  _globals['_LEADDISQUALIFIED']._serialized_start=2079
+  _globals['_LEADDISQUALIFIED']._serialized_end=2113
+  _globals['_LEADCONVERTED']._serialized_start=2115
+  _globals['_LEADCONVERTED']._serialized_end=2193
+  _globals['_PIPELINEDEFINED']._serialized_start=2195
+  _globals['_PIPELINEDEFINED']._serialized_end=2266
+  _globals['_STAGEADDED']._serialized_start=2268
+  _globals['_STAGEADDED']._serialized_end=2337
+  _globals['_STAGERENAMED']._serialized_start=2339
+  _globals['_STAGERENAMED']._serialized_end=2385
+  _globals['_STAGESETTINGSCHANGED']._serialized_start=2387
+  _globals['_STAGESETTINGSCHANGED']._serialized_end=2501
+  _globals['_STAGESREORDERED']._serialized_start=2503
+  _globals['_STAGESREORDERED']._serialized_end=2539
+  _globals['_STAGERETIRED']._serialized_start=2541
+  _globals['_STAGERETIRED']._serialized_end=2573
+  _globals['_OPPORTUNITYOPENED']._serialized_start=2576
+  _globals['_OPPORTUNITYOPENED']._serialized_end=2875
+  _globals['_OPPORTUNITYAMOUNTCHANGED']._serialized_start=2877
+  _globals['_OPPORTUNITYAMOUNTCHANGED']._serialized_end=2943
+  _globals['_OPPORTUNITYLINEITEMSCHANGED']._serialized_start=2945
+  _globals['_OPPORTUNITYLINEITEMSCHANGED']._serialized_end=3061
+  _globals['_OPPORTUNITYEXPECTEDCLOSEDATECHANGED']._serialized_start=3063
+  _globals['_OPPORTUNITYEXPECTEDCLOSEDATECHANGED']._serialized_end=3129
+  _globals['_OPPORTUNITYOWNERCHANGED']._serialized_start=3131
+  _globals['_OPPORTUNITYOWNERCHANGED']._serialized_end=3171
+  _globals['_OPPORTUNITYSTAGECHANGED']._serialized_start=3173
+  _globals['_OPPORTUNITYSTAGECHANGED']._serialized_end=3259
+  _globals['_OPPORTUNITYWON']._serialized_start=3262
+  _globals['_OPPORTUNITYWON']._serialized_end=3394
+  _globals['_OPPORTUNITYLOST']._serialized_start=3396
+  _globals['_OPPORTUNITYLOST']._serialized_end=3466
+  _globals['_OPPORTUNITYREOPENED']._serialized_start=3468
+  _globals['_OPPORTUNITYREOPENED']._serialized_end=3507
+  _globals['_ACTIVITYSCHEDULED']._serialized_start=3510
+  _globals['_ACTIVITYSCHEDULED']._serialized_end=3726
+  _globals['_ACTIVITYRESCHEDULED']._serialized_start=3728
+  _globals['_ACTIVITYRESCHEDULED']._serialized_end=3793
+  _globals['_ACTIVITYCOMPLETED']._serialized_start=3795
+  _globals['_ACTIVITYCOMPLETED']._serialized_end=3837
+  _globals['_ACTIVITYCANCELLED']._serialized_start=3839
+  _globals['_ACTIVITYCANCELLED']._serialized_end=3880
 # @@protoc_insertion_point(module_scope)
