@@ -71,7 +71,9 @@ SERVICES: tuple[Service, ...] = (
         50052,
         8082,
         writes_events=True,
-        roles=("api", "relay"),
+        # The follower honours erasures and merges from the contacts topic.
+        roles=("api", "relay", "follower"),
+        consumes=("contacts",),
         summary="leads, pipelines, opportunities, activities, forecast",
     ),
     Service(
@@ -79,7 +81,8 @@ SERVICES: tuple[Service, ...] = (
         50053,
         8083,
         writes_events=True,
-        roles=("api", "relay"),
+        roles=("api", "relay", "follower"),
+        consumes=("contacts",),
         summary="service cases, SLA policies on business hours, satisfaction",
     ),
     Service(
@@ -87,8 +90,10 @@ SERVICES: tuple[Service, ...] = (
         50054,
         8084,
         writes_events=True,
-        # The follower role is `crm-loyalty ingest` (ERP orders, expiry schedule).
+        # The follower role is `crm-loyalty ingest` (ERP orders, expiry schedule,
+        # and the erasures and merges of the contacts topic).
         roles=("api", "relay", "follower"),
+        consumes=("contacts",),
         inbound_topics=("erp.orders", "erp.orders.dead-letter"),
         summary="members, points on a ledger by lot, earning rules, tiers, ERP orders",
     ),

@@ -72,6 +72,7 @@ class PipelineEvent(_message.Message):
     ACTIVITY_RESCHEDULED_FIELD_NUMBER: _builtins.int
     ACTIVITY_COMPLETED_FIELD_NUMBER: _builtins.int
     ACTIVITY_CANCELLED_FIELD_NUMBER: _builtins.int
+    CUSTOMER_MOVED_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     aggregate_id: _builtins.str
     """The lead, pipeline, opportunity or activity the event happened to."""
@@ -129,6 +130,8 @@ class PipelineEvent(_message.Message):
     def activity_completed(self) -> Global___ActivityCompleted: ...
     @_builtins.property
     def activity_cancelled(self) -> Global___ActivityCancelled: ...
+    @_builtins.property
+    def customer_moved(self) -> Global___CustomerMoved: ...
     def __init__(
         self,
         *,
@@ -162,12 +165,13 @@ class PipelineEvent(_message.Message):
         activity_rescheduled: Global___ActivityRescheduled | None = ...,
         activity_completed: Global___ActivityCompleted | None = ...,
         activity_cancelled: Global___ActivityCancelled | None = ...,
+        customer_moved: Global___CustomerMoved | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["activity_cancelled", b"activity_cancelled", "activity_completed", b"activity_completed", "activity_rescheduled", b"activity_rescheduled", "activity_scheduled", b"activity_scheduled", "lead_converted", b"lead_converted", "lead_created", b"lead_created", "lead_disqualified", b"lead_disqualified", "lead_qualified", b"lead_qualified", "occurred_at", b"occurred_at", "opportunity_amount_changed", b"opportunity_amount_changed", "opportunity_expected_close_date_changed", b"opportunity_expected_close_date_changed", "opportunity_line_items_changed", b"opportunity_line_items_changed", "opportunity_lost", b"opportunity_lost", "opportunity_opened", b"opportunity_opened", "opportunity_owner_changed", b"opportunity_owner_changed", "opportunity_reopened", b"opportunity_reopened", "opportunity_stage_changed", b"opportunity_stage_changed", "opportunity_won", b"opportunity_won", "payload", b"payload", "pipeline_defined", b"pipeline_defined", "stage_added", b"stage_added", "stage_renamed", b"stage_renamed", "stage_retired", b"stage_retired", "stage_settings_changed", b"stage_settings_changed", "stages_reordered", b"stages_reordered"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activity_cancelled", b"activity_cancelled", "activity_completed", b"activity_completed", "activity_rescheduled", b"activity_rescheduled", "activity_scheduled", b"activity_scheduled", "customer_moved", b"customer_moved", "lead_converted", b"lead_converted", "lead_created", b"lead_created", "lead_disqualified", b"lead_disqualified", "lead_qualified", b"lead_qualified", "occurred_at", b"occurred_at", "opportunity_amount_changed", b"opportunity_amount_changed", "opportunity_expected_close_date_changed", b"opportunity_expected_close_date_changed", "opportunity_line_items_changed", b"opportunity_line_items_changed", "opportunity_lost", b"opportunity_lost", "opportunity_opened", b"opportunity_opened", "opportunity_owner_changed", b"opportunity_owner_changed", "opportunity_reopened", b"opportunity_reopened", "opportunity_stage_changed", b"opportunity_stage_changed", "opportunity_won", b"opportunity_won", "payload", b"payload", "pipeline_defined", b"pipeline_defined", "stage_added", b"stage_added", "stage_renamed", b"stage_renamed", "stage_retired", b"stage_retired", "stage_settings_changed", b"stage_settings_changed", "stages_reordered", b"stages_reordered"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity_cancelled", b"activity_cancelled", "activity_completed", b"activity_completed", "activity_rescheduled", b"activity_rescheduled", "activity_scheduled", b"activity_scheduled", "actor", b"actor", "aggregate_id", b"aggregate_id", "client", b"client", "customer_id", b"customer_id", "lead_converted", b"lead_converted", "lead_created", b"lead_created", "lead_disqualified", b"lead_disqualified", "lead_qualified", b"lead_qualified", "occurred_at", b"occurred_at", "opportunity_amount_changed", b"opportunity_amount_changed", "opportunity_expected_close_date_changed", b"opportunity_expected_close_date_changed", "opportunity_line_items_changed", b"opportunity_line_items_changed", "opportunity_lost", b"opportunity_lost", "opportunity_opened", b"opportunity_opened", "opportunity_owner_changed", b"opportunity_owner_changed", "opportunity_reopened", b"opportunity_reopened", "opportunity_stage_changed", b"opportunity_stage_changed", "opportunity_won", b"opportunity_won", "payload", b"payload", "pipeline_defined", b"pipeline_defined", "position", b"position", "stage_added", b"stage_added", "stage_renamed", b"stage_renamed", "stage_retired", b"stage_retired", "stage_settings_changed", b"stage_settings_changed", "stages_reordered", b"stages_reordered", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity_cancelled", b"activity_cancelled", "activity_completed", b"activity_completed", "activity_rescheduled", b"activity_rescheduled", "activity_scheduled", b"activity_scheduled", "actor", b"actor", "aggregate_id", b"aggregate_id", "client", b"client", "customer_id", b"customer_id", "customer_moved", b"customer_moved", "lead_converted", b"lead_converted", "lead_created", b"lead_created", "lead_disqualified", b"lead_disqualified", "lead_qualified", b"lead_qualified", "occurred_at", b"occurred_at", "opportunity_amount_changed", b"opportunity_amount_changed", "opportunity_expected_close_date_changed", b"opportunity_expected_close_date_changed", "opportunity_line_items_changed", b"opportunity_line_items_changed", "opportunity_lost", b"opportunity_lost", "opportunity_opened", b"opportunity_opened", "opportunity_owner_changed", b"opportunity_owner_changed", "opportunity_reopened", b"opportunity_reopened", "opportunity_stage_changed", b"opportunity_stage_changed", "opportunity_won", b"opportunity_won", "payload", b"payload", "pipeline_defined", b"pipeline_defined", "position", b"position", "stage_added", b"stage_added", "stage_renamed", b"stage_renamed", "stage_retired", b"stage_retired", "stage_settings_changed", b"stage_settings_changed", "stages_reordered", b"stages_reordered", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["lead_created", "lead_qualified", "lead_disqualified", "lead_converted", "pipeline_defined", "stage_added", "stage_renamed", "stage_settings_changed", "stages_reordered", "stage_retired", "opportunity_opened", "opportunity_amount_changed", "opportunity_line_items_changed", "opportunity_expected_close_date_changed", "opportunity_owner_changed", "opportunity_stage_changed", "opportunity_won", "opportunity_lost", "opportunity_reopened", "activity_scheduled", "activity_rescheduled", "activity_completed", "activity_cancelled"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["lead_created", "lead_qualified", "lead_disqualified", "lead_converted", "pipeline_defined", "stage_added", "stage_renamed", "stage_settings_changed", "stages_reordered", "stage_retired", "opportunity_opened", "opportunity_amount_changed", "opportunity_line_items_changed", "opportunity_expected_close_date_changed", "opportunity_owner_changed", "opportunity_stage_changed", "opportunity_won", "opportunity_lost", "opportunity_reopened", "activity_scheduled", "activity_rescheduled", "activity_completed", "activity_cancelled", "customer_moved"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -746,3 +750,36 @@ class ActivityCancelled(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ActivityCancelled: _TypeAlias = ActivityCancelled  # noqa: Y015
+
+@_typing.final
+class CustomerMoved(_message.Message):
+    """A contact merge moved this lead, deal or activity to the surviving contact (`to_customer_id`),
+    or an undone merge gave it back (`undone`). The aggregate keeps its history.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    TO_CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    MERGE_ID_FIELD_NUMBER: _builtins.int
+    UNDONE_FIELD_NUMBER: _builtins.int
+    from_customer_id: _builtins.str
+    to_customer_id: _builtins.str
+    merge_id: _builtins.str
+    """The contacts merge (crm.events.v1.ContactsMerged.merge_id)."""
+    undone: _builtins.bool
+    def __init__(
+        self,
+        *,
+        from_customer_id: _builtins.str = ...,
+        to_customer_id: _builtins.str = ...,
+        merge_id: _builtins.str = ...,
+        undone: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_customer_id", b"from_customer_id", "merge_id", b"merge_id", "to_customer_id", b"to_customer_id", "undone", b"undone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CustomerMoved: _TypeAlias = CustomerMoved  # noqa: Y015

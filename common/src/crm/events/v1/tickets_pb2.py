@@ -27,7 +27,7 @@ from crm.tickets.v1 import tickets_pb2 as crm_dot_tickets_dot_v1_dot_tickets__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63rm/events/v1/tickets.proto\x12\rcrm.events.v1\x1a\x1c\x63rm/privacy/v1/privacy.proto\x1a\x1c\x63rm/tickets/v1/tickets.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc4\x07\n\x0bTicketEvent\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x10\n\x08position\x18\x04 \x01(\x03\x12/\n\x0boccurred_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x06 \x01(\t\x12\x0e\n\x06\x63lient\x18\x07 \x01(\t\x12#\n\x03sla\x18\x08 \x01(\x0b\x32\x16.crm.events.v1.CaseSla\x12\x30\n\x0b\x63\x61se_opened\x18\n \x01(\x0b\x32\x19.crm.events.v1.CaseOpenedH\x00\x12\x32\n\x0c\x63\x61se_triaged\x18\x0b \x01(\x0b\x32\x1a.crm.events.v1.CaseTriagedH\x00\x12\x34\n\rcase_assigned\x18\x0c \x01(\x0b\x32\x1b.crm.events.v1.CaseAssignedH\x00\x12\x32\n\x0c\x63\x61se_replied\x18\r \x01(\x0b\x32\x1a.crm.events.v1.CaseRepliedH\x00\x12\x37\n\x0f\x63\x61se_note_added\x18\x0e \x01(\x0b\x32\x1c.crm.events.v1.CaseNoteAddedH\x00\x12?\n\x13\x63\x61se_status_changed\x18\x0f \x01(\x0b\x32 .crm.events.v1.CaseStatusChangedH\x00\x12.\n\nsla_warned\x18\x10 \x01(\x0b\x32\x18.crm.events.v1.SlaWarnedH\x00\x12\x32\n\x0csla_breached\x18\x11 \x01(\x0b\x32\x1a.crm.events.v1.SlaBreachedH\x00\x12\x36\n\x0e\x63\x61se_escalated\x18\x12 \x01(\x0b\x32\x1c.crm.events.v1.CaseEscalatedH\x00\x12\x44\n\x15satisfaction_recorded\x18\x13 \x01(\x0b\x32#.crm.events.v1.SatisfactionRecordedH\x00\x12=\n\x12sla_policy_defined\x18\x14 \x01(\x0b\x32\x1f.crm.events.v1.SlaPolicyDefinedH\x00\x12=\n\x12sla_policy_revised\x18\x15 \x01(\x0b\x32\x1f.crm.events.v1.SlaPolicyRevisedH\x00\x12=\n\x12sla_policy_retired\x18\x16 \x01(\x0b\x32\x1f.crm.events.v1.SlaPolicyRetiredH\x00\x42\t\n\x07payload\"\x80\x01\n\x07\x43\x61seSla\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x13\n\x0btier_source\x18\x04 \x01(\t\x12\'\n\x06\x63locks\x18\x05 \x03(\x0b\x32\x17.crm.events.v1.SlaClock\"\x9b\x01\n\x08SlaClock\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12*\n\x06\x64ue_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11remaining_seconds\x18\x04 \x01(\x03\x12+\n\x07warn_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf9\x01\n\nCaseOpened\x12(\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x17.crm.tickets.v1.Channel\x12\x15\n\x07subject\x18\x02 \x01(\tB\x04\xc8\xf3\x18\x01\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12*\n\x08priority\x18\x04 \x01(\x0e\x32\x18.crm.tickets.v1.Priority\x12\x0c\n\x04team\x18\x05 \x01(\t\x12\x10\n\x08\x61ssignee\x18\x06 \x01(\t\x12\x0c\n\x04tier\x18\x07 \x01(\t\x12\x13\n\x0btier_source\x18\x08 \x01(\t\x12\x11\n\tpolicy_id\x18\t \x01(\t\x12\x16\n\x0epolicy_version\x18\n \x01(\x03\"Y\n\x0b\x43\x61seTriaged\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12*\n\x08priority\x18\x02 \x01(\x0e\x32\x18.crm.tickets.v1.Priority\x12\x0c\n\x04team\x18\x03 \x01(\t\" \n\x0c\x43\x61seAssigned\x12\x10\n\x08\x61ssignee\x18\x01 \x01(\t\"N\n\x0b\x43\x61seReplied\x12/\n\x0b\x61uthor_kind\x18\x01 \x01(\x0e\x32\x1a.crm.tickets.v1.AuthorKind\x12\x0e\n\x06\x61uthor\x18\x02 \x01(\t\"\x1f\n\rCaseNoteAdded\x12\x0e\n\x06\x61uthor\x18\x01 \x01(\t\"?\n\x11\x43\x61seStatusChanged\x12*\n\x06status\x18\x01 \x01(\x0e\x32\x1a.crm.tickets.v1.CaseStatus\"n\n\tSlaWarned\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12*\n\x06\x64ue_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x64\x65\x61\x64line_version\x18\x03 \x01(\x03\x12\r\n\x05\x63ycle\x18\x04 \x01(\x03\"p\n\x0bSlaBreached\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12*\n\x06\x64ue_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x64\x65\x61\x64line_version\x18\x03 \x01(\x03\x12\r\n\x05\x63ycle\x18\x04 \x01(\x03\"l\n\rCaseEscalated\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12*\n\x08priority\x18\x02 \x01(\x0e\x32\x18.crm.tickets.v1.Priority\x12\x0c\n\x04team\x18\x03 \x01(\t\x12\x13\n\x0bnotify_team\x18\x04 \x01(\t\">\n\x14SatisfactionRecorded\x12\x0c\n\x04\x63sat\x18\x01 \x01(\x05\x12\x0b\n\x03\x63\x65s\x18\x02 \x01(\x05\x12\x0b\n\x03nps\x18\x03 \x01(\x05\"I\n\x10SlaPolicyDefined\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x05terms\x18\x02 \x01(\x0b\x32\x18.crm.tickets.v1.SlaTerms\"S\n\x10SlaPolicyRevised\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\'\n\x05terms\x18\x02 \x01(\x0b\x32\x18.crm.tickets.v1.SlaTerms\"\x12\n\x10SlaPolicyRetiredb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63rm/events/v1/tickets.proto\x12\rcrm.events.v1\x1a\x1c\x63rm/privacy/v1/privacy.proto\x1a\x1c\x63rm/tickets/v1/tickets.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x85\x08\n\x0bTicketEvent\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x10\n\x08position\x18\x04 \x01(\x03\x12/\n\x0boccurred_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x06 \x01(\t\x12\x0e\n\x06\x63lient\x18\x07 \x01(\t\x12#\n\x03sla\x18\x08 \x01(\x0b\x32\x16.crm.events.v1.CaseSla\x12\x30\n\x0b\x63\x61se_opened\x18\n \x01(\x0b\x32\x19.crm.events.v1.CaseOpenedH\x00\x12\x32\n\x0c\x63\x61se_triaged\x18\x0b \x01(\x0b\x32\x1a.crm.events.v1.CaseTriagedH\x00\x12\x34\n\rcase_assigned\x18\x0c \x01(\x0b\x32\x1b.crm.events.v1.CaseAssignedH\x00\x12\x32\n\x0c\x63\x61se_replied\x18\r \x01(\x0b\x32\x1a.crm.events.v1.CaseRepliedH\x00\x12\x37\n\x0f\x63\x61se_note_added\x18\x0e \x01(\x0b\x32\x1c.crm.events.v1.CaseNoteAddedH\x00\x12?\n\x13\x63\x61se_status_changed\x18\x0f \x01(\x0b\x32 .crm.events.v1.CaseStatusChangedH\x00\x12.\n\nsla_warned\x18\x10 \x01(\x0b\x32\x18.crm.events.v1.SlaWarnedH\x00\x12\x32\n\x0csla_breached\x18\x11 \x01(\x0b\x32\x1a.crm.events.v1.SlaBreachedH\x00\x12\x36\n\x0e\x63\x61se_escalated\x18\x12 \x01(\x0b\x32\x1c.crm.events.v1.CaseEscalatedH\x00\x12\x44\n\x15satisfaction_recorded\x18\x13 \x01(\x0b\x32#.crm.events.v1.SatisfactionRecordedH\x00\x12=\n\x12sla_policy_defined\x18\x14 \x01(\x0b\x32\x1f.crm.events.v1.SlaPolicyDefinedH\x00\x12=\n\x12sla_policy_revised\x18\x15 \x01(\x0b\x32\x1f.crm.events.v1.SlaPolicyRevisedH\x00\x12=\n\x12sla_policy_retired\x18\x16 \x01(\x0b\x32\x1f.crm.events.v1.SlaPolicyRetiredH\x00\x12?\n\x13\x63\x61se_customer_moved\x18\x17 \x01(\x0b\x32 .crm.events.v1.CaseCustomerMovedH\x00\x42\t\n\x07payload\"\x80\x01\n\x07\x43\x61seSla\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x13\n\x0btier_source\x18\x04 \x01(\t\x12\'\n\x06\x63locks\x18\x05 \x03(\x0b\x32\x17.crm.events.v1.SlaClock\"\x9b\x01\n\x08SlaClock\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12*\n\x06\x64ue_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11remaining_seconds\x18\x04 \x01(\x03\x12+\n\x07warn_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf9\x01\n\nCaseOpened\x12(\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x17.crm.tickets.v1.Channel\x12\x15\n\x07subject\x18\x02 \x01(\tB\x04\xc8\xf3\x18\x01\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12*\n\x08priority\x18\x04 \x01(\x0e\x32\x18.crm.tickets.v1.Priority\x12\x0c\n\x04team\x18\x05 \x01(\t\x12\x10\n\x08\x61ssignee\x18\x06 \x01(\t\x12\x0c\n\x04tier\x18\x07 \x01(\t\x12\x13\n\x0btier_source\x18\x08 \x01(\t\x12\x11\n\tpolicy_id\x18\t \x01(\t\x12\x16\n\x0epolicy_version\x18\n \x01(\x03\"Y\n\x0b\x43\x61seTriaged\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12*\n\x08priority\x18\x02 \x01(\x0e\x32\x18.crm.tickets.v1.Priority\x12\x0c\n\x04team\x18\x03 \x01(\t\" \n\x0c\x43\x61seAssigned\x12\x10\n\x08\x61ssignee\x18\x01 \x01(\t\"N\n\x0b\x43\x61seReplied\x12/\n\x0b\x61uthor_kind\x18\x01 \x01(\x0e\x32\x1a.crm.tickets.v1.AuthorKind\x12\x0e\n\x06\x61uthor\x18\x02 \x01(\t\"\x1f\n\rCaseNoteAdded\x12\x0e\n\x06\x61uthor\x18\x01 \x01(\t\"?\n\x11\x43\x61seStatusChanged\x12*\n\x06status\x18\x01 \x01(\x0e\x32\x1a.crm.tickets.v1.CaseStatus\"n\n\tSlaWarned\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12*\n\x06\x64ue_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x64\x65\x61\x64line_version\x18\x03 \x01(\x03\x12\r\n\x05\x63ycle\x18\x04 \x01(\x03\"p\n\x0bSlaBreached\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12*\n\x06\x64ue_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x64\x65\x61\x64line_version\x18\x03 \x01(\x03\x12\r\n\x05\x63ycle\x18\x04 \x01(\x03\"l\n\rCaseEscalated\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12*\n\x08priority\x18\x02 \x01(\x0e\x32\x18.crm.tickets.v1.Priority\x12\x0c\n\x04team\x18\x03 \x01(\t\x12\x13\n\x0bnotify_team\x18\x04 \x01(\t\">\n\x14SatisfactionRecorded\x12\x0c\n\x04\x63sat\x18\x01 \x01(\x05\x12\x0b\n\x03\x63\x65s\x18\x02 \x01(\x05\x12\x0b\n\x03nps\x18\x03 \x01(\x05\"I\n\x10SlaPolicyDefined\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x05terms\x18\x02 \x01(\x0b\x32\x18.crm.tickets.v1.SlaTerms\"S\n\x10SlaPolicyRevised\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\'\n\x05terms\x18\x02 \x01(\x0b\x32\x18.crm.tickets.v1.SlaTerms\"\x12\n\x10SlaPolicyRetired\"g\n\x11\x43\x61seCustomerMoved\x12\x18\n\x10\x66rom_customer_id\x18\x01 \x01(\t\x12\x16\n\x0eto_customer_id\x18\x02 \x01(\t\x12\x10\n\x08merge_id\x18\x03 \x01(\t\x12\x0e\n\x06undone\x18\x04 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,35 +37,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CASEOPENED'].fields_by_name['subject']._loaded_options = None
   _globals['_CASEOPENED'].fields_by_name['subject']._serialized_options = b'\310\363\030\001'
   _globals['_TICKETEVENT']._serialized_start=140
-  _globals['_TICKETEVENT']._serialized_end=1104
-  _globals['_CASESLA']._serialized_start=1107
-  _globals['_CASESLA']._serialized_end=1235
-  _globals['_SLACLOCK']._serialized_start=1238
-  _globals['_SLACLOCK']._serialized_end=1393
-  _globals['_CASEOPENED']._serialized_start=1396
-  _globals['_CASEOPENED']._serialized_end=1645
-  _globals['_CASETRIAGED']._serialized_start=1647
-  _globals['_CASETRIAGED']._serialized_end=1736
-  _globals['_CASEASSIGNED']._serialized_start=1738
-  _globals['_CASEASSIGNED']._serialized_end=1770
-  _globals['_CASEREPLIED']._serialized_start=1772
-  _globals['_CASEREPLIED']._serialized_end=1850
-  _globals['_CASENOTEADDED']._serialized_start=1852
-  _globals['_CASENOTEADDED']._serialized_end=1883
-  _globals['_CASESTATUSCHANGED']._serialized_start=1885
-  _globals['_CASESTATUSCHANGED']._serialized_end=1948
-  _globals['_SLAWARNED']._serialized_start=1950
-  _globals['_SLAWARNED']._serialized_end=2060
-  _globals['_SLABREACHED']._serialized_start=2062
-  _globals['_SLABREACHED']._serialized_end=2174
-  _globals['_CASEESCALATED']._serialized_start=2176
-  _globals['_CASEESCALATED']._serialized_end=2284
-  _globals['_SATISFACTIONRECORDED']._serialized_start=2286
-  _globals['_SATISFACTIONRECORDED']._serialized_end=2348
-  _globals['_SLAPOLICYDEFINED']._serialized_start=2350
-  _globals['_SLAPOLICYDEFINED']._serialized_end=2423
-  _globals['_SLAPOLICYREVISED']._serialized_start=2425
-  _globals['_SLAPOLICYREVISED']._serialized_end=2508
-  _globals['_SLAPOLICYRETIRED']._serialized_start=2510
-  _globals['_SLAPOLICYRETIRED']._serialized_end=2528
+  _globals['_TICKETEVENT']._serialized_end=1169
+  _globals['_CASESLA']._serialized_start=1172
+  _globals['_CASESLA']._serialized_end=1300
+  _globals['_SLACLOCK']._serialized_start=1303
+  _globals['_SLACLOCK']._serialized_end=1458
+  _globals['_CASEOPENED']._serialized_start=1461
+  _globals['_CASEOPENED']._serialized_end=1710
+  _globals['_CASETRIAGED']._serialized_start=1712
+  _globals['_CASETRIAGED']._serialized_end=1801
+  _globals['_CASEASSIGNED']._serialized_start=1803
+  _globals['_CASEASSIGNED']._serialized_end=1835
+  _globals['_CASEREPLIED']._serialized_start=1837
+  _globals['_CASEREPLIED']._serialized_end=1915
+  _globals['_CASENOTEADDED']._serialized_start=1917
+  _globals['_CASENOTEADDED']._serialized_end=1948
+  _globals['_CASESTATUSCHANGED']._serialized_start=1950
+  _globals['_CASESTATUSCHANGED']._serialized_end=2013
+  _globals['_SLAWARNED']._serialized_start=2015
+  _globals['_SLAWARNED']._serialized_end=2125
+  _globals['_SLABREACHED']._serialized_start=2127
+  _globals['_SLABREACHED']._serialized_end=2239
+  _globals['_CASEESCALATED']._serialized_start=2241
+  _globals['_CASEESCALATED']._serialized_end=2349
+  _globals['_SATISFACTIONRECORDED']._serialized_start=2351
+  _globals['_SATISFACTIONRECORDED']._serialized_end=2413
+  _globals['_SLAPOLICYDEFINED']._serialized_start=2415
+  _globals['_SLAPOLICYDEFINED']._serialized_end=2488
+  _globals['_SLAPOLICYREVISED']._serialized_start=2490
+  _globals['_SLAPOLICYREVISED']._serialized_end=2573
+  _globals['_SLAPOLICYRETIRED']._serialized_start=2575
+  _globals['_SLAPOLICYRETIRED']._serialized_end=2593
+  _globals['_CASECUSTOMERMOVED']._serialized_start=2595
+  _globals['_CASECUSTOMERMOVED']._serialized_end=2698
 # @@protoc_insertion_point(module_scope)

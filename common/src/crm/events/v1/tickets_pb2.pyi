@@ -53,6 +53,7 @@ class TicketEvent(_message.Message):
     SLA_POLICY_DEFINED_FIELD_NUMBER: _builtins.int
     SLA_POLICY_REVISED_FIELD_NUMBER: _builtins.int
     SLA_POLICY_RETIRED_FIELD_NUMBER: _builtins.int
+    CASE_CUSTOMER_MOVED_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     aggregate_id: _builtins.str
     """The case or SLA policy the event happened to."""
@@ -97,6 +98,8 @@ class TicketEvent(_message.Message):
     def sla_policy_revised(self) -> Global___SlaPolicyRevised: ...
     @_builtins.property
     def sla_policy_retired(self) -> Global___SlaPolicyRetired: ...
+    @_builtins.property
+    def case_customer_moved(self) -> Global___CaseCustomerMoved: ...
     def __init__(
         self,
         *,
@@ -121,12 +124,13 @@ class TicketEvent(_message.Message):
         sla_policy_defined: Global___SlaPolicyDefined | None = ...,
         sla_policy_revised: Global___SlaPolicyRevised | None = ...,
         sla_policy_retired: Global___SlaPolicyRetired | None = ...,
+        case_customer_moved: Global___CaseCustomerMoved | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["case_assigned", b"case_assigned", "case_escalated", b"case_escalated", "case_note_added", b"case_note_added", "case_opened", b"case_opened", "case_replied", b"case_replied", "case_status_changed", b"case_status_changed", "case_triaged", b"case_triaged", "occurred_at", b"occurred_at", "payload", b"payload", "satisfaction_recorded", b"satisfaction_recorded", "sla", b"sla", "sla_breached", b"sla_breached", "sla_policy_defined", b"sla_policy_defined", "sla_policy_retired", b"sla_policy_retired", "sla_policy_revised", b"sla_policy_revised", "sla_warned", b"sla_warned"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["case_assigned", b"case_assigned", "case_customer_moved", b"case_customer_moved", "case_escalated", b"case_escalated", "case_note_added", b"case_note_added", "case_opened", b"case_opened", "case_replied", b"case_replied", "case_status_changed", b"case_status_changed", "case_triaged", b"case_triaged", "occurred_at", b"occurred_at", "payload", b"payload", "satisfaction_recorded", b"satisfaction_recorded", "sla", b"sla", "sla_breached", b"sla_breached", "sla_policy_defined", b"sla_policy_defined", "sla_policy_retired", b"sla_policy_retired", "sla_policy_revised", b"sla_policy_revised", "sla_warned", b"sla_warned"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "aggregate_id", b"aggregate_id", "case_assigned", b"case_assigned", "case_escalated", b"case_escalated", "case_note_added", b"case_note_added", "case_opened", b"case_opened", "case_replied", b"case_replied", "case_status_changed", b"case_status_changed", "case_triaged", b"case_triaged", "client", b"client", "customer_id", b"customer_id", "occurred_at", b"occurred_at", "payload", b"payload", "position", b"position", "satisfaction_recorded", b"satisfaction_recorded", "sla", b"sla", "sla_breached", b"sla_breached", "sla_policy_defined", b"sla_policy_defined", "sla_policy_retired", b"sla_policy_retired", "sla_policy_revised", b"sla_policy_revised", "sla_warned", b"sla_warned", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "aggregate_id", b"aggregate_id", "case_assigned", b"case_assigned", "case_customer_moved", b"case_customer_moved", "case_escalated", b"case_escalated", "case_note_added", b"case_note_added", "case_opened", b"case_opened", "case_replied", b"case_replied", "case_status_changed", b"case_status_changed", "case_triaged", b"case_triaged", "client", b"client", "customer_id", b"customer_id", "occurred_at", b"occurred_at", "payload", b"payload", "position", b"position", "satisfaction_recorded", b"satisfaction_recorded", "sla", b"sla", "sla_breached", b"sla_breached", "sla_policy_defined", b"sla_policy_defined", "sla_policy_retired", b"sla_policy_retired", "sla_policy_revised", b"sla_policy_revised", "sla_warned", b"sla_warned", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["case_opened", "case_triaged", "case_assigned", "case_replied", "case_note_added", "case_status_changed", "sla_warned", "sla_breached", "case_escalated", "satisfaction_recorded", "sla_policy_defined", "sla_policy_revised", "sla_policy_retired"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["case_opened", "case_triaged", "case_assigned", "case_replied", "case_note_added", "case_status_changed", "sla_warned", "sla_breached", "case_escalated", "satisfaction_recorded", "sla_policy_defined", "sla_policy_revised", "sla_policy_retired", "case_customer_moved"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -540,3 +544,36 @@ class SlaPolicyRetired(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SlaPolicyRetired: _TypeAlias = SlaPolicyRetired  # noqa: Y015
+
+@_typing.final
+class CaseCustomerMoved(_message.Message):
+    """A contact merge moved this case to the surviving contact (`to_customer_id`),
+    or an undone merge gave it back (`undone`). The aggregate keeps its history.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    TO_CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    MERGE_ID_FIELD_NUMBER: _builtins.int
+    UNDONE_FIELD_NUMBER: _builtins.int
+    from_customer_id: _builtins.str
+    to_customer_id: _builtins.str
+    merge_id: _builtins.str
+    """The contacts merge (crm.events.v1.ContactsMerged.merge_id)."""
+    undone: _builtins.bool
+    def __init__(
+        self,
+        *,
+        from_customer_id: _builtins.str = ...,
+        to_customer_id: _builtins.str = ...,
+        merge_id: _builtins.str = ...,
+        undone: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_customer_id", b"from_customer_id", "merge_id", b"merge_id", "to_customer_id", b"to_customer_id", "undone", b"undone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaseCustomerMoved: _TypeAlias = CaseCustomerMoved  # noqa: Y015
