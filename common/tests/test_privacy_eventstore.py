@@ -502,3 +502,36 @@ def test_the_rewrap_command_moves_keys_to_the_current_master_key(tmp_path: Path)
         check=False,
     )
     assert refused.returncode == 2 and "not base64" in refused.stderr
+
+
+def test_the_command_bus_seals_each_event_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The size check maps an event for the save: its personal values are sealed
+    (and the state transcoded) once per command, not once more by the save."""
+    from crm_common.commands import CommandBus, CommandContext, UnitOfWork
+    from crm_common.privacy import mapper as mapper_module
+
+    shop = app(sqlite_settings(tmp_path))
+    bus = CommandBus(shop, "shop")
+    sealed: list[str] = []
+    real_seal = mapper_module.seal
+
+    def counting_seal(key: Any, plaintext: bytes) -> str:
+        sealed.append(key.subject)
+        return real_seal(key, plaintext)
+
+    monkeypatch.setattr(mapper_module, "seal", counting_seal)
+    try:
+
+        def register(uow: UnitOfWork) -> Customer:
+            return uow.add(Customer(profile=profile()))
+
+        outcome = bus.execute(CommandContext("Register", actor="ada"), register)
+        assert len(sealed) == 1
+        loaded = shop.repository.get(uuid.UUID(outcome.id))
+        assert loaded.profile["given_name"] == NAME
+        assert EMAIL not in "".join(clear_values_in_store(sqlite_settings(tmp_path)))
+    finally:
+        bus.close()
+        shop.close()

@@ -404,6 +404,10 @@ class CommandBus:
                 for j in batch:
                     if not j.future.done():
                         j.future.set_exception(exc)
+            finally:
+                forget = getattr(self.app.mapper, "forget_premapped", None)
+                if forget is not None:
+                    forget()
             _wake_waiters(batch)
             if stop:
                 return
@@ -539,6 +543,13 @@ class CommandBus:
             # The command's span, a child of the caller's (or, without a tracer
             # provider, the caller's own span context).
             traceparent = current_traceparent()
+            meta = {
+                "actor": ctx.actor,
+                "client": ctx.client,
+                "command": ctx.command,
+                "request_id": ctx.request_id or "",
+                "traceparent": traceparent or "",
+            }
             uow = UnitOfWork(self, ctx, view)
             try:
                 decision = job.decide(uow)
@@ -546,20 +557,14 @@ class CommandBus:
                 events: list[Any] = []
                 for aggregate in uow.touched():
                     events.extend(aggregate.collect_events())
+                for e in events:
+                    # Infrastructure metadata rides along in the stored event state
+                    # (set before the size check, which maps each event for the save).
+                    object.__setattr__(e, "_meta", meta)
                 self._check_sizes(events)
             except Exception:
                 uow.undo()
                 raise
-        meta = {
-            "actor": ctx.actor,
-            "client": ctx.client,
-            "command": ctx.command,
-            "request_id": ctx.request_id or "",
-            "traceparent": traceparent or "",
-        }
-        for e in events:
-            # Infrastructure metadata rides along in the stored event state.
-            object.__setattr__(e, "_meta", meta)
         if receipt_id is not None and ctx.request_id:
             if expired is not None:
                 receipt = expired
@@ -587,9 +592,13 @@ class CommandBus:
         return staged
 
     def _check_sizes(self, events: list[Any]) -> None:
-        """Refuses a command whose events are too large to store and publish."""
+        """Refuses a command whose events are too large to store and publish.
+        The stored forms are kept for the save (the mapper's `premap`), so an
+        event is mapped once."""
+        mapper = self.app.mapper
+        premap = getattr(mapper, "premap", mapper.to_stored_event)
         for e in events:
-            size = len(self.app.mapper.to_stored_event(e).state)
+            size = len(premap(e).state)
             if size > MAX_EVENT_BYTES:
                 raise ValidationFailed.of(
                     "body",

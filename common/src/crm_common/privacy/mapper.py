@@ -121,8 +121,26 @@ class PersonalDataMapper(Mapper[UUID]):
         super().__init__(transcoder=transcoder, compressor=compressor, cipher=cipher)
         self.keys = keys
         self._warned: set[type] = set()
+        # Events mapped ahead of their save (the command bus checks each
+        # command's stored size first): id -> (the event, its stored form).
+        self._premapped: dict[int, tuple[object, StoredEvent]] = {}
+
+    def premap(self, domain_event: DomainEventProtocol[UUID]) -> StoredEvent:
+        """Maps an event ahead of its save; the save then takes this stored form
+        instead of mapping (sealing, transcoding, encrypting) it a second time.
+        Call `forget_premapped()` once the save is done or abandoned."""
+        stored = self.to_stored_event(domain_event)
+        self._premapped[id(domain_event)] = (domain_event, stored)
+        return stored
+
+    def forget_premapped(self) -> None:
+        self._premapped.clear()
 
     def to_stored_event(self, domain_event: DomainEventProtocol[UUID]) -> StoredEvent:
+        if self._premapped:
+            hit = self._premapped.pop(id(domain_event), None)
+            if hit is not None and hit[0] is domain_event:
+                return hit[1]
         event_class = type(domain_event)
         state = vars(domain_event)
         if self.keys is None:
