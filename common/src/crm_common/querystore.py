@@ -149,6 +149,9 @@ class QueryDatabase:
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            # Deleted and rewritten rows are overwritten in the file, so an erased
+            # person's values do not linger in free pages of the query tables.
+            conn.execute("PRAGMA secure_delete=ON")
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
