@@ -30,6 +30,8 @@ from crm.erp.v1 import orders_pb2
 from crm.events.v1 import contacts_pb2
 from crm_common.auth.access import AccessPolicy
 from crm_common.commands import Caller
+from crm_common.privacy.mapper import declaration_of
+from crm_common.privacy.wire import is_personal, personal_paths
 from crm_common.registry import SERVICES, event_sources, inbound_topics
 from crm_common.relay import WireMessage, build_relay
 from crm_common.settings import Settings, inbound_topic, topic_of, topic_prefix
@@ -411,3 +413,84 @@ def test_the_specification_check_catches_a_defect(document: dict[str, Any]) -> N
     operation = next(iter(broken["operations"].values()))
     operation["action"] = "publish"  # AsyncAPI 2 wording, not 3.0
     assert list(spec_validator().iter_errors(broken))
+
+
+# -- personal data sealed on the topics ---------------------------------------------------
+
+
+def stub_fields(descriptor: Descriptor, seen: set[str]) -> list[Any]:
+    """Every field reachable from a message of the generated stubs."""
+    if descriptor.full_name in seen:
+        return []
+    seen.add(descriptor.full_name)
+    found: list[Any] = []
+    for field in descriptor.fields:
+        found.append(field)
+        if field.message_type is not None:
+            found += stub_fields(field.message_type, seen)
+    return found
+
+
+def test_every_field_the_contract_marks_personal_says_so(document: dict[str, Any]) -> None:
+    schemas = document["components"]["schemas"]
+    checked = 0
+    for service in event_sources():
+        for field in stub_fields(envelope_of(service), set()):
+            schema = schemas.get(field.containing_type.full_name)
+            if schema is None:  # a well-known type
+                continue
+            prop = schema["properties"][field.name]
+            if is_personal(field):
+                checked += 1
+                assert prop.get("x-personal") is True, field.full_name
+                assert "pd1.<subject>.<data>" in prop["description"], field.full_name
+                assert '"[erased]"' in prop["description"], field.full_name
+            else:
+                assert "x-personal" not in prop, field.full_name
+    assert checked >= 15
+    given_name = schemas["crm.events.v1.PersonProfile"]["properties"]["given_name"]
+    assert given_name["x-personal"] is True
+    assert "x-personal" not in schemas["crm.events.v1.ContactEvent"]["properties"]["contact_id"]
+
+
+def test_each_message_lists_the_paths_its_relay_seals(document: dict[str, Any]) -> None:
+    """`x-sealed`: the marked paths of a payload whose event class declares personal
+    data (as the relay decides), nothing for the others."""
+    for service in event_sources():
+        module = importlib.import_module(f"crm_{service}.events_out")
+        table = getattr(module, "PAYLOADS", None) or module.FILLERS
+        declared = {entry[0] for cls, entry in table.items() if declaration_of(cls, {})}
+        channel = channel_at(document, topic_of(service))
+        for member in envelope_of(service).oneofs_by_name["payload"].fields:
+            assert member.message_type is not None
+            name = member.message_type.name
+            message = resolve(document, channel["messages"][name]["$ref"])
+            expected = sorted(
+                p.replace(".*", "") for p in personal_paths(member.message_type, f"{member.name}.")
+            )
+            if name in declared and expected:
+                assert message["x-sealed"] == expected, (service, name)
+            else:
+                assert "x-sealed" not in message, (service, name)
+    contacts = channel_at(document, topic_of("contacts"))["messages"]
+    registered = resolve(document, contacts["PersonRegistered"]["$ref"])
+    assert "person_registered.profile.given_name" in registered["x-sealed"]
+    assert "person_registered.profile.channels.address" in registered["x-sealed"]
+    # A company's custom field values go out clear, erasures and exports carry nothing.
+    for name in ("CompanyRegistered", "PersonErased", "PersonalDataExported"):
+        assert "x-sealed" not in resolve(document, contacts[name]["$ref"]), name
+
+
+def test_who_may_open_a_topics_personal_fields_is_the_registrys_word(
+    document: dict[str, Any],
+) -> None:
+    for service in event_sources():
+        channel = channel_at(document, topic_of(service))
+        readers = channel["x-personal-data-readers"]
+        assert set(readers) == {
+            s.name for s in SERVICES if s.name == service or service in s.consumes
+        }
+        assert "x-personal-data-readers" in channel["description"]
+    assert "analytics" in channel_at(document, topic_of("contacts"))["x-personal-data-readers"]
+    info = document["info"]["description"]
+    assert "`pd1.<subject>.<data>`" in info and "audited" in info and "[erased]" in info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import uuid
@@ -17,6 +18,7 @@ from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
 from crm_common.commands import CommandBus, CommandContext, UnitOfWork
+from crm_common.privacy import PersonalDataCipher, new_master_key
 from crm_common.relay import build_relay
 from crm_common.settings import Settings
 
@@ -120,8 +122,8 @@ def write_events(app: Application[UUID], tickets: int, notes: int) -> int:
 
 
 async def test_every_event_reaches_kafka_in_order_per_key_with_cloudevents_headers(
-    tmp_path, local_stack
-):
+    tmp_path: Path, local_stack: Any
+) -> None:
     bootstrap = local_stack.kafka_bootstrap
     topic = f"crm.relaytest{uuid.uuid4().hex[:6]}.events"
     await create_topic(bootstrap, topic)
@@ -162,7 +164,9 @@ def _env(s: Settings) -> dict[str, str]:
     return application_env(s)
 
 
-async def test_a_relay_interrupted_at_random_moments_loses_nothing(tmp_path, local_stack):
+async def test_a_relay_interrupted_at_random_moments_loses_nothing(
+    tmp_path: Path, local_stack: Any
+) -> None:
     bootstrap = local_stack.kafka_bootstrap
     topic = f"crm.relaytest{uuid.uuid4().hex[:6]}.events"
     await create_topic(bootstrap, topic)
@@ -207,8 +211,8 @@ async def test_a_relay_interrupted_at_random_moments_loses_nothing(tmp_path, loc
 
 
 async def test_a_relay_whose_recorded_position_lags_the_broker_publishes_nothing_twice(
-    tmp_path, local_stack
-):
+    tmp_path: Path, local_stack: Any
+) -> None:
     """A relay killed after the broker acknowledged a batch but before it recorded
     its position (here: a relay that recorded nothing at all, after another
     published everything) reads what each partition already holds and skips it."""
@@ -247,8 +251,8 @@ async def test_a_relay_whose_recorded_position_lags_the_broker_publishes_nothing
 
 
 async def test_a_store_behind_a_topic_holding_other_events_publishes_all_of_its_own(
-    tmp_path, local_stack
-):
+    tmp_path: Path, local_stack: Any
+) -> None:
     """Positions alone do not say an event is on the topic: a store restored or
     wiped behind a topic that kept its records numbers its events from 1 again,
     and each of them is published (only the same event at the same position is
@@ -281,8 +285,8 @@ async def test_a_store_behind_a_topic_holding_other_events_publishes_all_of_its_
 
 
 async def test_a_poison_event_is_set_aside_and_every_later_event_published_exactly_once(
-    tmp_path, local_stack
-):
+    tmp_path: Path, local_stack: Any
+) -> None:
     """One event larger than the broker takes and one the encoder fails on,
     stored bypassing the commands' limits: the relay sets both aside, reports
     failing, and publishes every other event once; an operator re-drives one
@@ -414,7 +418,7 @@ def test_the_operators_command_lists_redrives_and_skips_dead_letters(
         postgres_target()
         s = postgres_settings("relaytest", schema)
     # The service's settings, as its environment would give them.
-    monkeypatch.setattr(relay_module.Settings, "from_env", lambda service: s)
+    monkeypatch.setattr(Settings, "from_env", lambda service: s)
     try:
         letters = relay_module.dead_letters_of(s)
         letters.record(17, "c0ffee:3", "too large: 2000000 bytes")
@@ -489,3 +493,224 @@ async def test_a_publish_failing_part_way_republishes_nothing_the_broker_took(
     published = [(json.loads(r.value)["id"], json.loads(r.value)["version"]) for r in records]
     assert len(published) == len(set(published)) == total
     assert relay.dead_letters.all() == []  # a failure that passes is no dead letter
+
+
+# -- personal data leaves sealed --------------------------------------------------------
+
+MASTER_KEYS = new_master_key("relay-test")
+#: Three people of the contacts service: stored before keys were configured (one
+#: erased before the relay ever published it), and stored with keys.
+OLD = ("Grace", "Hopper", "grace.hopper@example.org", "+12025550147")
+GONE = ("Hedy", "Lamarr", "hedy.lamarr@example.org", "+13105550163")
+NEW = ("Katherine", "Johnson", "katherine.johnson@example.org", "+17575550199")
+
+
+def contacts_settings(tmp_path: Path, bootstrap: str, keys: str = "") -> Settings:
+    return Settings(
+        service="contacts",
+        data_dir=tmp_path,
+        bind_host="127.0.0.1",
+        grpc_port=0,
+        http_port=0,
+        event_store="sqlite",
+        kafka_bootstrap=bootstrap,
+        master_keys=keys,
+    )
+
+
+async def register(s: Settings, person: tuple[str, str, str, str]) -> str:
+    """A person registered through the contacts service; their contact id."""
+    from crm_common.commands import Caller
+    from crm_contacts.application import ContactsService, create_application
+    from crm_contacts.inputs import ChannelInput, NewPerson
+
+    given, family, email, phone = person
+    service = ContactsService(create_application(s))
+    try:
+        written = await service.create_person(
+            Caller(actor="user-ada", client="crm-web", request_id=f"req-{uuid.uuid4().hex}"),
+            NewPerson(
+                given_name=given,
+                family_name=family,
+                channels=[ChannelInput("email", email), ChannelInput("phone", phone)],
+                tags=["vip"],
+                owner="user-ada",
+            ),
+        )
+    finally:
+        service.close()
+    contact_id: str = written.contact.id
+    return contact_id
+
+
+def registered(records: list[Any], contact_id: str) -> list[Any]:
+    """The parsed PersonRegistered messages of a contact."""
+    from crm.events.v1 import contacts_pb2
+
+    found = []
+    for record in records:
+        message = contacts_pb2.ContactEvent.FromString(record.value)
+        if message.contact_id == contact_id and message.HasField("person_registered"):
+            found.append(message)
+    return found
+
+
+def person_of(message: Any) -> tuple[str, ...]:
+    profile = message.person_registered.profile
+    return (
+        profile.given_name,
+        profile.family_name,
+        *(channel.address for channel in profile.channels),
+    )
+
+
+def contacts_relay(s: Settings, topic: str) -> tuple[Any, Any]:
+    from crm_contacts import events_out
+    from crm_contacts.application import create_application
+
+    relay, app = build_relay(
+        s,
+        to_wire=events_out.to_wire,
+        app_factory=create_application,
+        proto_message=events_out.PROTO_MESSAGE,
+    )
+    relay.topic, relay.tracking_name = topic, f"{topic}:relay"
+    relay.dead_letters.topic = topic
+    return relay, app
+
+
+async def test_with_master_keys_personal_fields_reach_kafka_only_sealed(
+    tmp_path: Path, local_stack: Any
+) -> None:
+    """Names, e-mail addresses and phone numbers never show in the topic's bytes,
+    whether the event was stored before or after keys were configured; ids, tags
+    and versions stay readable; a consumer the registry allows opens the values
+    (audited); after an erase the published messages open as "[erased]", and an
+    erased person's event stored in clear is published as "[erased]"; a re-drive
+    publishes sealed too."""
+    from crm_common.privacy import key_client
+    from crm_common.privacy.wire import open_message, sealed_texts
+
+    bootstrap = local_stack.kafka_bootstrap
+    topic = f"crm.relaytest{uuid.uuid4().hex[:6]}.events"
+    await create_topic(bootstrap, topic)
+    clear = contacts_settings(tmp_path, bootstrap)
+    old_id = await register(clear, OLD)
+    gone_id = await register(clear, GONE)
+    keyed = contacts_settings(tmp_path, bootstrap, MASTER_KEYS)
+    new_id = await register(keyed, NEW)
+    owner = key_client(keyed)
+    assert owner is not None
+    owner.destroy(gone_id)  # erased before its event was ever published
+
+    relay, app = contacts_relay(keyed, topic)
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        records = await consume_all(bootstrap, topic, 3)
+        assert len(records) == 3
+        # A re-drive of a published event goes out sealed as well.
+        position = registered(records, new_id)[0].position
+        relay.dead_letters.record(position, f"{new_id}:1", "set aside by the test")
+        assert relay.dead_letters.resolve(position, "redrive")
+        relay._dead_letters_checked = 0.0
+        for _ in range(100):
+            if [d.state for d in relay.dead_letters.all()] == ["redriven"]:
+                break
+            await asyncio.sleep(0.1)
+        assert [d.state for d in relay.dead_letters.all()] == ["redriven"]
+        records = await consume_all(bootstrap, topic, 4)
+    finally:
+        stop.set()
+        await task
+        app.close()
+    assert len(records) == 4
+    assert relay.sealed == 4
+
+    raw = b"".join(r.value + (r.key or b"") + b"".join(v for _, v in r.headers) for r in records)
+    for person in (OLD, GONE, NEW):
+        for value in person:
+            assert value.encode() not in raw, value
+    assert b"@example.org" not in raw
+
+    # What is not personal stays readable without any key.
+    for contact_id in (old_id, gone_id, new_id):
+        (first, *_) = registered(records, contact_id)
+        assert first.contact_id == contact_id and first.version == 1 and first.position > 0
+        assert list(first.person_registered.profile.tags) == ["vip"]
+        assert first.person_registered.profile.owner == "user-ada"
+        assert len(first.person_registered.profile.channels) == 2
+    assert set(sealed_texts(registered(records, gone_id)[0])) == {"[erased]"}
+    sealed = [m for c in (old_id, new_id) for m in registered(records, c)]
+    assert len(sealed) == 3
+    for message in sealed:
+        assert all(text.startswith(f"pd1.{message.contact_id}.") for text in sealed_texts(message))
+
+    # A consumer the registry lets read contacts' keys opens them, and is audited.
+    analytics = dataclasses.replace(keyed, service="analytics")
+    consumer = key_client(analytics, owner="contacts")
+    assert consumer is not None
+    try:
+        cipher = PersonalDataCipher(consumer)
+        for message in sealed:
+            open_message(message, cipher, "test consumer")
+        assert person_of(registered_opened(sealed, old_id)) == OLD
+        assert person_of(registered_opened(sealed, new_id)) == NEW
+        audited = {(a.accessor, a.subject) for a in owner.store.accesses()}
+        assert {("analytics", old_id), ("analytics", new_id)} <= audited
+    finally:
+        consumer.close()
+
+    # Erased after publishing: what the topic holds opens as the marker from then on.
+    owner.destroy(new_id)
+    owner.close()
+    consumer = key_client(analytics, owner="contacts")  # a fresh cache
+    assert consumer is not None
+    try:
+        for message in registered(records, new_id):
+            open_message(message, PersonalDataCipher(consumer), "test consumer")
+            assert set(person_of(message)) == {"[erased]"}
+            assert list(message.person_registered.profile.tags) == ["vip"]
+    finally:
+        consumer.close()
+
+
+def registered_opened(messages: list[Any], contact_id: str) -> Any:
+    (message, *_) = [m for m in messages if m.contact_id == contact_id]
+    return message
+
+
+async def test_without_master_keys_the_payload_is_the_services_own(
+    tmp_path: Path, local_stack: Any
+) -> None:
+    from crm_contacts import events_out
+
+    bootstrap = local_stack.kafka_bootstrap
+    topic = f"crm.relaytest{uuid.uuid4().hex[:6]}.events"
+    await create_topic(bootstrap, topic)
+    s = contacts_settings(tmp_path, bootstrap)
+    contact_id = await register(s, OLD)
+    relay, app = contacts_relay(s, topic)
+    assert relay.personal_data is None
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        records = await consume_all(bootstrap, topic, 1)
+    finally:
+        stop.set()
+        await task
+    try:
+        (notification,) = [
+            n
+            for n in app.recorder.select_notifications(1, 100)
+            if events_out.to_wire(app.mapper.to_domain_event(n), {}, n.id) is not None
+        ]
+        event = app.mapper.to_domain_event(notification)
+        meta = dict(getattr(event, "_meta", None) or {})
+        expected = events_out.to_wire(event, meta, notification.id)
+    finally:
+        app.close()
+    assert expected is not None
+    assert [r.value for r in records] == [expected[2]]
+    assert person_of(registered(records, contact_id)[0]) == OLD
+    assert relay.sealed == 0

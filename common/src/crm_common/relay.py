@@ -21,6 +21,17 @@ past every message acknowledged before the first that failed, so a retry
 publishes nothing the broker already took. `python -m crm_common.relay`
 lists the dead letters, re-drives one (publishes it again) or skips it
 (docs/reliability.md, "Poison events").
+
+Personal data leaves sealed (docs/security.md, "Privacy"): when the service
+has master keys, the payload of every event whose class declares personal
+data is parsed into the service's envelope message and each field the
+contract marks personal (`crm.privacy.v1.personal`) is sealed under the data
+key of the event's subject (`crm_common.privacy.wire`) before the size check
+and the send, so a topic never holds a name, an address or a free text in
+clear while ids, amounts and states stay readable. Events stored before
+encryption was turned on (loaded in clear) are sealed the same way; an erased
+subject's values go out as `"[erased]"`. A re-drive takes the same path.
+Without master keys the payloads are published as the service encodes them.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
     InvalidMessageError,
@@ -56,6 +68,8 @@ from eventsourcing.persistence import (
 )
 from eventsourcing.postgres import PostgresDatastore
 from eventsourcing.utils import Environment
+from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.message import Message
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from psycopg.sql import SQL, Identifier
@@ -63,6 +77,10 @@ from psycopg.sql import SQL, Identifier
 from crm_common.eventstore import application_env, creating_tables
 from crm_common.health import Heartbeat
 from crm_common.lifecycle import retry_until_stopped, run_worker
+from crm_common.privacy.client import KeyClient
+from crm_common.privacy.mapper import declaration_of
+from crm_common.privacy.tokens import PersonalDataCipher
+from crm_common.privacy.wire import has_personal_fields, seal_message
 from crm_common.settings import Settings, topic_of
 from crm_common.telemetry import context_from_traceparent, kafka_headers_with_context
 
@@ -85,6 +103,13 @@ POISON_ERRORS: tuple[type[KafkaError], ...] = (
     RecordTooLargeError,
     RecordListTooLargeError,
     InvalidMessageError,
+)
+
+#: Errors of the databases (event store, key store) that pass: the relay waits
+#: and tries again rather than setting the event aside.
+STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    psycopg.OperationalError,
+    sqlite3.OperationalError,
 )
 
 
@@ -262,6 +287,7 @@ class Relay:
         batch_interval: float = 0.02,
         heartbeat: Heartbeat | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        personal_data_keys: KeyClient | None = None,
     ) -> None:
         self.service = service
         self.recorder = recorder
@@ -296,6 +322,14 @@ class Relay:
         #: the broker on (re)connecting: what a relay killed between the broker's
         #: acknowledgement and its tracking write published is not sent again.
         self._on_broker_positions: dict[int, str] = {}
+        #: Seals the personal fields of published payloads (None: no master keys,
+        #: payloads go out as the service encodes them).
+        self.personal_data = (
+            None if personal_data_keys is None else PersonalDataCipher(personal_data_keys)
+        )
+        self._envelope: tuple[type[Message] | None] | None = None
+        #: Events whose personal fields were sealed on the way out.
+        self.sealed = 0
 
     def health_details(self) -> dict[str, Any]:
         """What `GET /healthz` reports besides the heartbeat."""
@@ -303,6 +337,7 @@ class Relay:
             "topic": self.topic,
             "position": self.position,
             "published": self.published,
+            "sealed": self.sealed,
             "open_dead_letters": self.open_dead_letters,
             "seconds_since_publish": (
                 None
@@ -323,6 +358,8 @@ class Relay:
         for n in notifications:
             try:
                 message = self._to_message(n)
+            except STORE_UNAVAILABLE:
+                raise  # the event store or the key store is away: retried, not set aside
             except Exception as error:  # a stored event the encoder fails on
                 poison.append((n, f"cannot be encoded: {type(error).__name__}: {error}"[:500]))
                 continue
@@ -352,6 +389,7 @@ class Relay:
         if wire is None:
             return None
         key, ce_type, payload = wire
+        payload = self._sealed(domain_event, payload)
         when = getattr(domain_event, "timestamp", None) or datetime.now(UTC)
         headers = cloudevent_headers(
             ce_id=f"{n.originator_id}:{n.originator_version}",
@@ -378,6 +416,44 @@ class Relay:
         return WireMessage(
             key, ce_type, payload, headers, n.id, f"{n.originator_id}:{n.originator_version}"
         )
+
+    def _envelope_class(self) -> type[Message] | None:
+        """The generated class of `proto_message`, looked up once; None when the
+        contract marks none of its fields personal."""
+        if self._envelope is None:
+            try:
+                descriptor = descriptor_pool.Default().FindMessageTypeByName(self.proto_message)
+            except KeyError:
+                raise LookupError(
+                    f"the relay publishes {self.proto_message}, which is no protobuf message "
+                    "this process knows: its personal fields cannot be sealed"
+                ) from None
+            self._envelope = (
+                message_factory.GetMessageClass(descriptor)
+                if has_personal_fields(descriptor)
+                else None,
+            )
+        return self._envelope[0]
+
+    def _sealed(self, domain_event: Any, payload: bytes) -> bytes:
+        """The payload with its personal fields sealed under the subject's data key,
+        when the service has master keys and the event's class declares personal
+        data; otherwise the payload as it is (not parsed)."""
+        if self.personal_data is None:
+            return payload
+        state = vars(domain_event)
+        declaration = declaration_of(type(domain_event), state)
+        if declaration is None:
+            return payload
+        envelope = self._envelope_class()
+        if envelope is None:
+            return payload
+        subject = declaration.subject_in(state)
+        message = envelope.FromString(payload)
+        if not seal_message(message, subject, self.personal_data):
+            return payload
+        self.sealed += 1
+        return message.SerializeToString()
 
     async def _publish(
         self, producer: AIOKafkaProducer, messages: list[WireMessage]
@@ -461,7 +537,7 @@ class Relay:
                 self.recorder.select_notifications, letter.position, 1
             )
             stored = [n for n in notifications if n.id == letter.position]
-            messages, poison = self._to_messages(stored)
+            messages, poison = await asyncio.to_thread(self._to_messages, stored)
             refused, failure = await self._publish(producer, messages)
             if failure is not None:
                 raise failure[1]
@@ -490,7 +566,7 @@ class Relay:
             lambda: self._connected(stop),
             stop,
             heartbeat=self.heartbeat,
-            retry_on=(KafkaError,),
+            retry_on=(KafkaError, *STORE_UNAVAILABLE),
             what=f"relay {self.topic}",
             then="publishing again from the recorded position",
         )
@@ -601,7 +677,9 @@ class Relay:
                     await asyncio.wait_for(stop.wait(), self.poll_interval)
                 continue
             started = time.perf_counter()
-            messages, poison = self._to_messages(notifications)
+            # In a thread: loading may open, and publishing seal, personal data with
+            # keys read from the key store, which must not hold up the event loop.
+            messages, poison = await asyncio.to_thread(self._to_messages, notifications)
             messages = [
                 m
                 for m in messages
@@ -678,6 +756,7 @@ def build_relay(
         to_wire=to_wire,
         bootstrap=settings.kafka_bootstrap,
         proto_message=proto_message,
+        personal_data_keys=getattr(app, "personal_data_keys", None),
     )
     return relay, app
 

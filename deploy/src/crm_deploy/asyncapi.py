@@ -16,9 +16,16 @@ Everything in it comes from the code the platform runs:
   become the descriptions);
 - the headers: the names the relay writes (`crm_common.relay`), each with the
   meaning described here; a header without a description stops the generation;
-- personal data: the fields `crm_common/auth/access.yaml` names as personal
-  (pseudonymised) or restricted for a service, matched by path in the
-  payloads of that service's topic (`x-personal`, `x-restricted`).
+- personal data: each field the .proto marks `(crm.privacy.v1.personal)` has
+  `x-personal: true` and says in its description how it travels; each message
+  whose event class declares personal data (`PersonalData`, read through the
+  service's `events_out` table) lists in `x-sealed` the paths the relay seals
+  (`crm_common.privacy.wire`), and each events channel names in
+  `x-personal-data-readers` the services that may read its keys (the
+  registry). Besides, the fields `crm_common/auth/access.yaml` names as
+  personal (pseudonymised) or restricted for a service, matched by path in the
+  payloads of that service's topic, are listed per message (`x-personal`,
+  `x-restricted`).
 """
 
 from __future__ import annotations
@@ -44,6 +51,9 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from crm_common import registry
 from crm_common.auth.access import DEFAULT_POLICY, AccessPolicy
+from crm_common.privacy.client import may_read_keys_of
+from crm_common.privacy.mapper import declaration_of
+from crm_common.privacy.wire import is_personal, personal_paths
 from crm_common.relay import (
     AUDIT_HEADERS,
     PROTOBUF_CONTENT_TYPE,
@@ -66,6 +76,14 @@ PAYLOAD_ONEOF = "payload"
 #: stands in when the event is about no customer.
 KEY_FIELDS = ("contact_id", "customer_id", "customer_ref")
 FALLBACK_KEY_FIELD = "aggregate_id"
+#: What a field the contract marks personal says besides its own description.
+PERSONAL_FIELD_TEXT = (
+    "Personal data (`crm.privacy.v1.personal`). With master keys configured, the relay "
+    "publishes it sealed, as `pd1.<subject>.<data>` (AES-256-GCM under the data key of the "
+    "subject the event is about), in every message whose `x-sealed` lists it; it opens as "
+    '`"[erased]"` once that subject is erased; events published after the erase carry '
+    '`"[erased]"` (or an empty value) instead.'
+)
 #: The last part of a dead-letter topic's name (`erp.orders.dead-letters`).
 DEAD_LETTER_NAME = re.compile(r"(^|[.\-_])(dead[.\-_]?letters?|dlq|dlt)$")
 
@@ -313,9 +331,14 @@ class SchemaBuilder:
         if "$ref" in schema:
             # Siblings of $ref are ignored by draft-07 validators: wrap it.
             schema = {"allOf": [schema]}
-        if text := self.protos.comments.get(f"{owner.full_name}.{field.name}"):
+        text = self.protos.comments.get(f"{owner.full_name}.{field.name}", "")
+        if is_personal(field):
+            text = f"{text} {PERSONAL_FIELD_TEXT}".strip()
+        if text:
             schema["description"] = text
         schema["x-proto-field"] = field.number
+        if is_personal(field):
+            schema["x-personal"] = True
         return schema
 
     def _single(self, field: FieldDescriptor) -> dict[str, Any]:
@@ -408,6 +431,29 @@ def _envelope_of_service(protos: Protos, service: str) -> tuple[Descriptor, str]
         raise ContractError(f"{module_name} has no PROTO_MESSAGE (its envelope's full name)")
     ce_prefix = getattr(module, "CE_TYPE_PREFIX", f"crm.{service}.v1.")
     return protos.message(full_name), str(ce_prefix)
+
+
+def sealed_payloads(service: str) -> set[str]:
+    """The payload messages of a write service whose personal fields its relay seals:
+    those an event class declaring personal data (`PersonalData`) becomes, by the
+    table of its `events_out` module (class -> payload name first)."""
+    module_name = f"crm_{service}.events_out"
+    module = importlib.import_module(module_name)
+    table = getattr(module, "PAYLOADS", None) or getattr(module, "FILLERS", None)
+    if not isinstance(table, dict):
+        raise ContractError(
+            f"{module_name} has no PAYLOADS (or FILLERS) table of event classes and "
+            "payload names: which messages carry sealed personal data is unknown"
+        )
+    return {
+        str(entry[0]) for event_class, entry in table.items() if declaration_of(event_class, {})
+    }
+
+
+def key_readers(service: str) -> list[str]:
+    """The services that may read a service's data keys: itself and the consumers
+    of its topic the registry names (every read by another service is audited)."""
+    return [s.name for s in registry.SERVICES if may_read_keys_of(s.name, service)]
 
 
 def _envelope_of_package(protos: Protos, package: str, topic: str) -> Descriptor:
@@ -697,10 +743,10 @@ def matching_paths(member: FieldDescriptor, rules: set[Rule]) -> list[str]:
 # -- the document -------------------------------------------------------------------------
 
 
-def _channel_description(topic: Topic, key: str, fallback: str | None) -> str:
+def _channel_description(topic: Topic, key: str, fallback: str | None, sealed: bool = False) -> str:
     by = f"`{key}`" + (f" (`{fallback}` when that is empty)" if fallback else "")
     if topic.kind == "events":
-        return (
+        text = (
             f"The domain events of the {topic.service} service, published by its relay "
             f"from the service's event log (the log is the outbox: no dual write). "
             f"Key: {by}. Kafka partitions by the key, so one key's events keep their "
@@ -710,6 +756,13 @@ def _channel_description(topic: Topic, key: str, fallback: str | None) -> str:
             "applied for that key. The topic's name starts with `CRM_TOPIC_PREFIX` "
             "(default `crm`)."
         )
+        if sealed:
+            text += (
+                f" Personal fields (`x-sealed` of each message) are sealed under the data "
+                f"keys of the {topic.service} service; `x-personal-data-readers` names "
+                "who may open them."
+            )
+        return text
     if topic.kind == "inbound":
         return (
             f"Published by other systems, consumed by the {topic.service} service "
@@ -746,6 +799,7 @@ def build_document(protos: Protos | None = None) -> dict[str, Any]:
         key, fallback = key_field(topic.envelope)
         section = topic.service if topic.kind == "events" else topic.name.split(".", 1)[0]
         personal, restricted = access_rules(section, policy)
+        sealing = sealed_payloads(topic.service) if topic.kind == "events" else set()
         channel_messages: dict[str, Any] = {}
         for member in payload_members(topic.envelope):
             if member.message_type is None:
@@ -800,13 +854,28 @@ def build_document(protos: Protos | None = None) -> dict[str, Any]:
                 message["x-personal"] = marked_personal
             if marked_restricted:
                 message["x-restricted"] = marked_restricted
+            if type_name in sealing:
+                sealed_paths = sorted(
+                    path.replace(".*", "")
+                    for path in personal_paths(member.message_type, f"{member.name}.")
+                )
+                if sealed_paths:
+                    message["x-sealed"] = sealed_paths
             message["x-proto-message"] = member.message_type.full_name
             messages[component] = message
             channel_messages[type_name] = {"$ref": f"#/components/messages/{component}"}
         channels[topic.ident] = {
             "address": topic.address,
             "title": topic.example,
-            "description": _channel_description(topic, key, fallback),
+            "description": _channel_description(
+                topic,
+                key,
+                fallback,
+                any(
+                    "x-sealed" in messages[ref["$ref"].rsplit("/", 1)[1]]
+                    for ref in channel_messages.values()
+                ),
+            ),
             "parameters": {"prefix": {"$ref": "#/components/parameters/prefix"}},
             "messages": channel_messages,
             "bindings": {"kafka": {"bindingVersion": KAFKA_BINDING_VERSION}},
@@ -816,6 +885,8 @@ def build_document(protos: Protos | None = None) -> dict[str, Any]:
             "x-deduplicate-by": DEDUPLICATE_BY[topic.kind],
             "x-kind": topic.kind,
         }
+        if topic.kind == "events":
+            channels[topic.ident]["x-personal-data-readers"] = key_readers(topic.service)
         operation = f"{topic.action}-{topic.ident}"
         operations[operation] = {
             "action": topic.action,
@@ -840,6 +911,17 @@ def build_document(protos: Protos | None = None) -> dict[str, Any]:
                 "Payloads are protobuf (proto3, binary) with CloudEvents headers in binary "
                 "content mode; the schemas here are derived from the .proto files in "
                 "`proto/` (their proto3 JSON form, field numbers in `x-proto-field`). "
+                "Personal data leaves sealed: with master keys configured (CRM_MASTER_KEYS), "
+                "each field the .proto marks personal (`x-personal: true` here) goes on the "
+                "topic as `pd1.<subject>.<data>`, AES-256-GCM under the data key of the "
+                "person (or contact) the event is about, in the messages whose `x-sealed` "
+                "lists it; ids, amounts, stages, counts and times stay clear, so consumers "
+                "without key access can still count and sum. Only the publishing service "
+                "and the consumers the registry names for its topic "
+                "(`x-personal-data-readers`) may read its keys, and every read by a consumer "
+                "is audited (a row in the owner's `privacy_key_access`, a log line). An erase "
+                "destroys the person's key: what the topics hold opens as `[erased]` from "
+                "then on. "
                 "The guide for integrators is docs/events.md. Generated by `make asyncapi` "
                 "from the code; do not edit."
             ),

@@ -52,7 +52,11 @@ def _plan(descriptor: Descriptor) -> tuple[tuple[str, str], ...]:
     steps: list[tuple[str, str]] = []
     for field in descriptor.fields:
         repeated = field.is_repeated
-        if field.type == FieldDescriptor.TYPE_STRING and is_personal(field):
+        if is_personal(field):
+            if field.type != FieldDescriptor.TYPE_STRING:
+                # A sealed value is text: a number, a message or a map marked
+                # personal could not be published sealed. Refuse the contract.
+                raise TypeError(f"{field.full_name} is marked personal but is not a string field")
             steps.append((field.name, "texts" if repeated else "text"))
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
             target = _target(field)
@@ -138,15 +142,19 @@ def open_message(
 ) -> int:
     """Opens, in place, every sealed personal text of `message` (an erased
     subject's as `"[erased]"`); clear texts (published before sealing) stay.
-    Returns how many were opened."""
+    Returns how many tokens were opened."""
+    opened_count = 0
 
     def open_(value: str) -> str:
+        nonlocal opened_count
         if not value.startswith(TOKEN_PREFIX):
             return value
+        opened_count += 1
         opened: Any = cipher.decrypt(value, purpose)
         return opened if isinstance(opened, str) else str(opened)
 
-    return _walk(message, open_)
+    _walk(message, open_)
+    return opened_count
 
 
 def sealed_texts(message: Message) -> list[str]:
