@@ -12,6 +12,7 @@ its caller's own and cannot be used to read another request's outcome.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import subprocess
 import time
@@ -91,7 +92,10 @@ async def api(
     log = tmp_path / "serve.log"
     server = start_process("contacts", "serve", env, log, processes)
     await wait_serving(target, base, server, log)
-    store = create_application(sqlite_settings(tmp_path))
+    # The test reads the store with the process's master keys (events are sealed).
+    store = create_application(
+        dataclasses.replace(sqlite_settings(tmp_path), master_keys_file=str(identity.master_keys))
+    )
     try:
         async with (
             grpc.aio.insecure_channel(target) as channel,

@@ -143,14 +143,15 @@ async def test_every_domain_event_type_is_published(
     await story(sqlite_service, clock)
     names = {type(e).__name__ for e, _, _ in stored(sqlite_service)}
     contact_names = names - {"Recorded"}
-    # The story records every event type the aggregates have but the merge
-    # events (test_merge_events_are_published), so each is checked here.
-    assert contact_names == domain_event_types() - MERGE_EVENTS
+    # The story records every event type the aggregates have but the merge and
+    # privacy events (test_merge_events_are_published,
+    # test_erase_and_export_events_are_published), so each is checked here.
+    assert contact_names == domain_event_types() - MERGE_EVENTS - PRIVACY_EVENTS
     payloads = {
         f.message_type.name
         for f in events_pb.ContactEvent.DESCRIPTOR.oneofs_by_name["payload"].fields
     }
-    assert contact_names | MERGE_EVENTS == payloads
+    assert contact_names | MERGE_EVENTS | PRIVACY_EVENTS == payloads
 
     for event, meta, position in stored(sqlite_service):
         wire = to_wire(event, meta, position)
@@ -210,6 +211,38 @@ def test_merge_events_are_published() -> None:
     assert list(undone.restored_ids) == [str(dup.id)]
     assert [c.address for c in undone.person_profile.channels] == ["ada@example.org"]
     assert wires["ContactUnmerged"].contact_unmerged.merge_id == "m-1"
+
+
+PRIVACY_EVENTS = {"PersonErased", "PersonalDataExported"}
+
+
+def test_erase_and_export_events_are_published() -> None:
+    """An export and an erase, as the other services read them: which services
+    answered, the request's reference and the contacts erased with the person;
+    no personal data."""
+    new = NewPerson(given_name="Ada", channels=[ChannelInput("email", "ada@example.org")])
+    ada = domain.Person.register(validation.new_person_profile(new, datetime.now(UTC)))
+    ada.collect_events()
+    merged_id = str(uuid.uuid4())
+    ada.record_export(["contacts", "pipeline"])
+    assert ada.erase("DSR-2026-0042", [merged_id]) is True
+    assert ada.erase("DSR-2026-0043", []) is False  # erased once
+    wires = {}
+    for position, event in enumerate(ada.collect_events(), start=7):
+        wire = to_wire(event, {"actor": "root", "client": "console"}, position)
+        assert wire is not None
+        key, ce_type, payload = wire
+        assert key == str(ada.id)
+        message = events_pb.ContactEvent.FromString(payload)
+        assert (message.actor, message.position) == ("root", position)
+        wires[ce_type] = message
+    assert set(wires) == {f"crm.contacts.v1.{name}" for name in PRIVACY_EVENTS}
+    erased = wires["crm.contacts.v1.PersonErased"].person_erased
+    assert (erased.reference, list(erased.merged_ids)) == ("DSR-2026-0042", [merged_id])
+    exported = wires["crm.contacts.v1.PersonalDataExported"].personal_data_exported
+    assert list(exported.services) == ["contacts", "pipeline"]
+    payload = b"".join(m.SerializeToString() for m in wires.values())
+    assert b"ada@example.org" not in payload and b"Ada" not in payload
 
 
 def test_an_event_without_a_public_form_is_an_error_not_a_silent_skip() -> None:

@@ -27,18 +27,25 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError
 
 from crm_common.auth.access import AccessPolicy, PartnerGrant
 from crm_common.commands import Caller, CommandBus, CommandContext, UnitOfWork
-from crm_common.errors import FieldErrors, NotFound, PermissionDenied, RuleViolated
+from crm_common.errors import (
+    FieldErrors,
+    NotFound,
+    PermissionDenied,
+    RuleViolated,
+    Unavailable,
+    ValidationFailed,
+)
 from crm_common.eventstore import SnapshottingApplication, application_env, creating_tables
 from crm_common.querystore import QueryDatabase
 from crm_common.settings import Settings
-from crm_contacts import interaction_token, validation
+from crm_contacts import export, interaction_token, validation
 from crm_contacts.definitions import FieldDefinitions
 from crm_contacts.directory import ContactDirectory
 from crm_contacts.domain import Company, Contact, ContactKind, Person, merging
@@ -62,6 +69,7 @@ from crm_contacts.views import (
     ContactView,
     ContactWrite,
     InteractionPage,
+    PersonExport,
     view_of,
 )
 
@@ -79,6 +87,15 @@ MERGE_NAMESPACE = uuid.UUID("6f1d7f0e-3c2a-5b8e-9d41-2a7c0e5b9f13")
 #: A page of ListInteractions: the size unless asked otherwise, and the largest.
 DEFAULT_INTERACTION_PAGE = 50
 MAX_INTERACTION_PAGE = 200
+#: Why an erase is refused without master keys: it could not shred anything.
+ENCRYPTION_NOT_CONFIGURED = "personal data encryption is not configured (CRM_MASTER_KEYS)"
+
+
+class RemoteExports(Protocol):
+    """The other services' parts of a person's export, by service
+    (`crm_contacts.personal_data_client.PersonalDataClients`)."""
+
+    async def export(self, contact_id: str) -> dict[str, dict[str, Any]]: ...
 
 
 def merge_undo_window_from_env() -> timedelta:
@@ -142,8 +159,11 @@ class ContactsService:
         policy: AccessPolicy | None = None,
         directory: ContactDirectory | None = None,
         merge_undo_window: timedelta = timedelta(days=DEFAULT_MERGE_UNDO_DAYS),
+        remote_exports: RemoteExports | None = None,
     ) -> None:
         self.app = app
+        #: The other services' parts of an export (None: an export is refused).
+        self.remote_exports = remote_exports
         #: How long after a merge `undo_merge` may reverse it.
         self.merge_undo_window = merge_undo_window
         self.bus = CommandBus(app, SERVICE)
@@ -495,6 +515,135 @@ class ContactsService:
         if record is None:
             raise NotFound("Merge", merge_id)
         return record
+
+    # -- privacy: erase and export (docs/security.md, docs/privacy-export.md) -------------
+
+    async def erase_person(self, caller: Caller, person_id: str, reference: str) -> ContactWrite:
+        """Erases a person: records `PersonErased` (with the contacts merged into
+        them), then destroys the data keys of the person and of those contacts, so
+        every personal value of theirs, wherever it was sealed, reads "[erased]".
+
+        Refused, with nothing written: bad `reference`, no master keys (nothing
+        could be shredded), an unknown id, a company, a contact merged into
+        another (its survivor is the one to erase). An erased person is answered
+        again without a new event (`outcome.extra["already_erased"] == "true"`),
+        its keys destroyed again (a no-op, or the end of an erase that stopped
+        between its event and the destroy).
+        """
+        wanted = validation.erase_reference(reference)
+        keys = self.app.personal_data_keys
+        if keys is None:
+            raise RuleViolated(ENCRYPTION_NOT_CONFIGURED)
+
+        def decide(uow: UnitOfWork) -> tuple[Contact, dict[str, str]]:
+            contact = uow.get(person_id, Contact)
+            if not isinstance(contact, Person):
+                raise ValidationFailed.of(
+                    "id", f"contact {contact.id} is a {contact.KIND}: only a person can be erased"
+                )
+            if contact.merged_into is not None:
+                raise RuleViolated(
+                    f"contact {contact.id} was merged into {contact.merged_into}; erase "
+                    f"{contact.merged_into} instead (that erases the contacts merged into it)"
+                )
+            if contact.erased:
+                return contact, {"already_erased": "true"}
+            contact.erase(wanted, self._absorbed_ids(contact))
+            return contact, {"already_erased": "false"}
+
+        written = await self._write(
+            caller, caller.command("ErasePerson", person_id, wanted), decide
+        )
+        await asyncio.to_thread(self._shred, written.outcome.id)
+        return written
+
+    def _absorbed_ids(self, contact: Contact) -> list[str]:
+        """The contacts merged into `contact` and not given back, and those merged
+        into them in turn (a survivor merged later), oldest merge first."""
+        found: list[str] = []
+        pending = [contact]
+        while pending:
+            current = pending.pop(0)
+            for record in current.merges.values():
+                if record.undone:
+                    continue
+                for ident in record.merged_ids:
+                    if ident in found or ident == str(contact.id):
+                        continue
+                    found.append(ident)
+                    try:
+                        pending.append(self.app.repository.get(UUID(ident)))
+                    except (ValueError, AggregateNotFoundError):  # pragma: no cover
+                        continue
+        return found
+
+    def _shred(self, person_id: str) -> list[str]:
+        """Destroys the data keys of an erased person and of the contacts erased
+        with them; returns the subjects."""
+        keys = self.app.personal_data_keys
+        if keys is None:  # pragma: no cover - refused before the event
+            raise RuleViolated(ENCRYPTION_NOT_CONFIGURED)
+        person: Any = self.app.repository.get(UUID(person_id))
+        subjects = [str(person.id), *getattr(person, "erased_merged_ids", ())]
+        for subject in subjects:
+            keys.destroy(subject)
+        return subjects
+
+    async def export_person(self, caller: Caller, contact_id: str) -> PersonExport:
+        """Everything the platform holds about a person as one document: contacts'
+        own part and every other service's (`remote_exports`); a service that does
+        not answer fails the export (`Unavailable` naming it). A merged id exports
+        its survivor and says so (`redirected_from`). Recorded on the person as
+        `PersonalDataExported` (audited like every command)."""
+        person, redirected_from = await asyncio.to_thread(self._person_to_export, contact_id)
+        own = await asyncio.to_thread(self._contacts_part, person, redirected_from)
+        if self.remote_exports is None:
+            raise Unavailable("the export cannot reach the other services: none is configured")
+        others = await self.remote_exports.export(str(person.id))
+        services = ["contacts", *others]
+
+        def decide(uow: UnitOfWork) -> Person:
+            subject = uow.get(person.id, Person)
+            subject.record_export(services)
+            return subject
+
+        await self.bus.execute_async(caller.command("ExportPerson", str(person.id)), decide)
+        document = {
+            "person": str(person.id),
+            "redirected_from": redirected_from,
+            "exported_at": self.clock().isoformat(),
+            "services": {"contacts": own, **others},
+        }
+        return PersonExport(str(person.id), document, services, redirected_from)
+
+    def personal_data(self, contact_id: str) -> dict[str, Any]:
+        """Contacts' own part of an export (`ExportPersonalData`, in a worker thread):
+        a merged id answers for its survivor."""
+        person, redirected_from = self._person_to_export(contact_id)
+        return self._contacts_part(person, redirected_from)
+
+    def _person_to_export(self, contact_id: str) -> tuple[Person, str | None]:
+        contact, redirected_from = self._readable(contact_id, None)
+        if not isinstance(contact, Person):
+            raise ValidationFailed.of(
+                "id", f"contact {contact.id} is a {contact.KIND}: only a person is exported"
+            )
+        return contact, redirected_from
+
+    def _contacts_part(self, person: Person, redirected_from: str | None) -> dict[str, Any]:
+        view = self.fields.hide_retired(view_of(person, interactions=len(person.interactions)))
+        view = dataclasses.replace(view, redirected_from=redirected_from)
+        merged: list[Contact] = []
+        for ident in self._absorbed_ids(person):
+            try:
+                merged.append(self.app.repository.get(UUID(ident)))
+            except (ValueError, AggregateNotFoundError):  # pragma: no cover
+                continue
+        part = export.contacts_part(
+            self.app, person, view, self.fields.current(ContactKind.PERSON), merged
+        )
+        part["contact"]["redirected_from"] = redirected_from
+        return part
 
     async def get_contact(self, contact_id: str, caller: Caller | None = None) -> ContactView:
         """One contact as `caller` may see it (None: the platform itself, in process)."""

@@ -16,7 +16,10 @@ write committed before it, whichever replica made it.
   canonical).
 
 A merged contact (a tombstone, `domain.merging`) has no rows: a search lists its
-survivor only, and the contact's rows come back when the merge is undone.
+survivor only, and the contact's rows come back when the merge is undone. An
+erased person (`Person.PersonErased`) keeps its row with every personal value
+"[erased]" (display name and sort key included) and has no email or phone
+keys, so no search by their name or addresses finds them.
 
 Names match as case-insensitive substrings: a `LIKE` over the casefolded
 display name, which holds the given and the family name of a person (a
@@ -115,6 +118,7 @@ def _view_of(contact: Person | Company) -> ContactView:
         interactions=(),
         created_at=contact.created_on,
         updated_at=contact.modified_on,
+        erased=contact.erased,
     )
 
 
@@ -131,6 +135,7 @@ def _view_json(view: ContactView) -> str:
             "affiliations": [[a.company_id, a.company_name, a.role] for a in view.affiliations],
             "created_at": view.created_at,
             "updated_at": view.updated_at,
+            "erased": view.erased,
         },
         default=_json_default,
         separators=(",", ":"),
@@ -153,6 +158,7 @@ def _view_from_row(ident: str, kind: str, version: int, data: str) -> ContactVie
         interactions=(),
         created_at=datetime.fromisoformat(stored["created_at"]),
         updated_at=datetime.fromisoformat(stored["updated_at"]),
+        erased=bool(stored.get("erased", False)),
     )
 
 
@@ -184,6 +190,8 @@ KNOWN_EVENTS = (
     Contact.ContactMergedInto,
     Contact.ContactMergeUndone,
     Contact.ContactUnmerged,
+    Person.PersonErased,
+    Person.PersonalDataExported,
 )
 
 
@@ -258,7 +266,11 @@ class ContactTables(AggregateProjection):
                 view.updated_at.isoformat(),
             )
         )
-        channels = profile.channels if isinstance(profile, PersonProfile) else ()
+        # An erased person is found by nothing personal: no email or phone keys
+        # (their addresses read "[erased]"; a rebuild from the events agrees).
+        channels = (
+            profile.channels if isinstance(profile, PersonProfile) and not view.erased else ()
+        )
         keys = {
             "directory_emails": {c.address for c in channels if c.channel is Channel.EMAIL},
             "directory_phones": {c.address for c in channels if c.channel in PHONE_CHANNELS},

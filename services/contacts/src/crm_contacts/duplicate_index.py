@@ -15,8 +15,8 @@ that a check reads a handful of rows whatever the size of the base:
 
 A person's domains are their email domains (not a free mail provider's) and
 the web domains of their companies, read from the companies' own rows. A
-tombstone (a contact merged into another: `merged_into`) has no row and no
-key: it is never a candidate.
+tombstone (a contact merged into another: `merged_into`) and an erased person
+(`Person.PersonErased`) have no row and no key: they are never candidates.
 
 The tables hold every kind of key whatever the rules in force, so changing
 the rules (`CRM_CONTACTS_DUPLICATE_RULES`, or `_FILE`) needs no rebuild: a
@@ -156,7 +156,11 @@ class DuplicateTables(AggregateProjection):
         """Collects the contact's rows: `_write` stores a batch's rows together (a
         few statements a batch, not a few a contact)."""
         ident = str(aggregate.id)
-        if not isinstance(aggregate, (Person, Company)) or aggregate.merged_into is not None:
+        if (
+            not isinstance(aggregate, (Person, Company))
+            or aggregate.merged_into is not None
+            or aggregate.erased  # nothing personal of theirs is compared again
+        ):
             self._gone.append(ident)
             return
         profile = aggregate.profile

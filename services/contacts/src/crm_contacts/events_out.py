@@ -136,6 +136,15 @@ def _unmerged(message: events_pb.ContactEvent, data: Mapping[str, Any]) -> None:
     message.contact_unmerged.merge_id = data["merge_id"]
 
 
+def _person_erased(message: events_pb.ContactEvent, data: Mapping[str, Any]) -> None:
+    message.person_erased.reference = data["reference"]
+    message.person_erased.merged_ids.extend(data["merged_ids"])
+
+
+def _personal_data_exported(message: events_pb.ContactEvent, data: Mapping[str, Any]) -> None:
+    message.personal_data_exported.services.extend(data["services"])
+
+
 #: Stored event type -> the name of its payload message in `ContactEvent` (also
 #: the CloudEvents type's last part) and how the payload is filled in.
 PAYLOADS: dict[type[Any], tuple[str, Fill]] = {
@@ -151,6 +160,8 @@ PAYLOADS: dict[type[Any], tuple[str, Fill]] = {
     Contact.ContactMergedInto: ("ContactMergedInto", _merged_into),
     Contact.ContactMergeUndone: ("ContactMergeUndone", _merge_undone),
     Contact.ContactUnmerged: ("ContactUnmerged", _unmerged),
+    Person.PersonErased: ("PersonErased", _person_erased),
+    Person.PersonalDataExported: ("PersonalDataExported", _personal_data_exported),
 }
 
 

@@ -25,6 +25,7 @@ from crm_common.auth.redaction import pseudonymise_message, redact_message
 from crm_common.commands import Caller, WriteOutcome
 from crm_common.enums import enum_number, enum_word
 from crm_common.errors import Unauthenticated
+from crm_common.privacy.export import export_json
 from crm_common.server import GrpcService, grpc_caller
 from crm_common.timestamps import datetime_of
 from crm_contacts.application import ContactsService
@@ -274,6 +275,26 @@ class ContactsServicer:
         written = await self.service.undo_merge(caller, request.survivor_id, request.merge_id)
         return pb.UndoMergeResponse(
             result=write_result(written.outcome), contact=self._contact(caller, written.contact)
+        )
+
+    async def ErasePerson(
+        self, request: pb.ErasePersonRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ErasePersonResponse:
+        caller = grpc_caller(context, request.request_id)
+        written = await self.service.erase_person(caller, request.id, request.reference)
+        return pb.ErasePersonResponse(
+            result=write_result(written.outcome),
+            already_erased=written.outcome.extra.get("already_erased") == "true",
+            contact=self._contact(caller, written.contact),
+        )
+
+    async def ExportPerson(
+        self, request: pb.ExportPersonRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ExportPersonResponse:
+        caller = grpc_caller(context)
+        exported = await self.service.export_person(caller, request.id)
+        return pb.ExportPersonResponse(
+            document_json=export_json(exported.document), services=exported.services
         )
 
     async def GetContact(

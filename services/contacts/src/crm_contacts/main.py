@@ -7,6 +7,7 @@ import logging
 
 from crm_common.cli import Process, run_cli
 from crm_common.lifecycle import run_worker
+from crm_common.privacy.export import personal_data_service
 from crm_common.relay import run_relay
 from crm_common.server import access_gate, serve
 from crm_common.settings import Settings
@@ -18,6 +19,7 @@ from crm_contacts.application import (
 from crm_contacts.events_out import PROTO_MESSAGE, to_wire
 from crm_contacts.follower import OpportunityFollower
 from crm_contacts.grpc_api import grpc_service
+from crm_contacts.personal_data_client import PersonalDataClients
 from crm_contacts.rest_api import create_app
 
 SERVICE = "contacts"
@@ -29,8 +31,12 @@ async def run_serve(settings: Settings) -> None:
     gate = access_gate(settings)
     pseudonym_key = settings.pseudonym_key()
     undo_window = merge_undo_window_from_env()
+    remote_exports = PersonalDataClients(settings)
     service = ContactsService(
-        create_application(settings), policy=gate.policy, merge_undo_window=undo_window
+        create_application(settings),
+        policy=gate.policy,
+        merge_undo_window=undo_window,
+        remote_exports=remote_exports,
     )
     try:
         # The directory's tables are stored: apply only what was written since
@@ -47,12 +53,16 @@ async def run_serve(settings: Settings) -> None:
         await serve(
             settings,
             gate=gate,
-            grpc_services=[grpc_service(service, gate, pseudonym_key)],
+            grpc_services=[
+                grpc_service(service, gate, pseudonym_key),
+                personal_data_service(SERVICE, service.personal_data),
+            ],
             http_app=create_app(service, gate, pseudonym_key=pseudonym_key),
         )
     finally:
         # After serve() has drained both servers: pending commands finish first.
         service.close()
+        await remote_exports.close()
 
 
 async def run_relay_process(settings: Settings) -> None:

@@ -108,11 +108,12 @@ def contact_pb(view: ContactView) -> pb.Contact:
         updated_at=timestamp(view.updated_at),
         redirected_from=view.redirected_from or "",
         interactions_total=view.interactions_total,
+        erased=view.erased,
     )
     if isinstance(view.profile, PersonProfile):
         contact.given_name = view.profile.given_name
         contact.family_name = view.profile.family_name
-        contact.name = view.profile.display_name
+        contact.name = view.display_name
         contact.channels.extend(channel_pb(c) for c in view.profile.channels)
     else:
         contact.name = view.profile.name

@@ -26,13 +26,14 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from crm_common.auth.gate import AccessGate
 from crm_common.auth.redaction import pseudonymise, redact
 from crm_common.commands import Caller, WriteOutcome
 from crm_common.errors import Unauthenticated, ValidationFailed
+from crm_common.privacy.export import export_json
 from crm_common.server import (
     IdempotencyKey,
     IfMatch,
@@ -244,6 +245,16 @@ class MergeCreate(_Body):
     )
 
 
+class EraseCreate(_Body):
+    reference: str = Field(
+        "",
+        max_length=1000,
+        description="The data subject request the erase fulfils (e.g. `DSR-2026-0042`; at "
+        "most 200 characters, no control characters). It stays readable: never the "
+        "person's own words.",
+    )
+
+
 class InteractionCreate(_Body):
     kind: str = _word_field(InteractionKind, "What kind of interaction.")
     direction: str | None = _word_field(Direction, "Who reached out.", default=None)
@@ -329,6 +340,11 @@ class Contact(BaseModel):
         description="Set when the id asked for was merged into this contact: the id asked "
         "for (this contact is its survivor).",
     )
+    erased: bool = Field(
+        False,
+        description="The person was erased (`POST /contacts/{id}/erase`): every personal "
+        'value reads "[erased]".',
+    )
 
 
 class WriteReply(BaseModel):
@@ -344,6 +360,13 @@ class WriteReply(BaseModel):
 
 class MergeReply(WriteReply):
     merge_id: str = Field(description="The merge's id, for an undo.")
+
+
+class EraseReply(WriteReply):
+    already_erased: bool = Field(
+        description="True when the person had been erased before: nothing new was recorded "
+        "(their keys were destroyed again, which changes nothing)."
+    )
 
 
 class InteractionReply(WriteReply):
@@ -525,6 +548,7 @@ def contact_json(view: ContactView) -> Contact:
         created_at=view.created_at,
         updated_at=view.updated_at,
         redirected_from=view.redirected_from,
+        erased=view.erased,
     )
 
 
@@ -908,6 +932,60 @@ def create_app(service: ContactsService, gate: AccessGate, *, pseudonym_key: byt
         caller = http_caller(request, idempotency_key, expected_version(if_match))
         written = await service.undo_merge(caller, survivor_id, merge_id)
         return shown(caller, write_reply(written), contacts_at="contact")
+
+    @app.post(
+        "/contacts/{contact_id}/erase",
+        operation_id="ErasePerson",
+        response_model=EraseReply,
+        tags=["privacy"],
+        summary="Erase a person: their data keys are destroyed, their personal data reads "
+        '"[erased]" everywhere (admins; cannot be undone)',
+        responses={
+            409: {
+                "description": "A contact merged into another (erase the survivor), or "
+                "no personal data encryption is configured (CRM_MASTER_KEYS)"
+            },
+            422: {"description": "A company, or a bad reference"},
+        },
+    )
+    async def erase_person(
+        request: Request,
+        contact_id: str,
+        body: EraseCreate,
+        idempotency_key: IdempotencyKey = None,
+    ) -> JSONResponse:
+        caller = http_caller(request, idempotency_key)
+        written = await service.erase_person(caller, contact_id, body.reference)
+        reply = EraseReply(
+            **_reply_fields(written.outcome, written.contact),
+            already_erased=written.outcome.extra.get("already_erased") == "true",
+        )
+        return shown(caller, reply, contacts_at="contact")
+
+    @app.get(
+        "/contacts/{contact_id}/export",
+        operation_id="ExportPerson",
+        tags=["privacy"],
+        summary="Everything the platform holds about a person, as one JSON document "
+        "(admins; docs/privacy-export.md)",
+        responses={
+            200: {
+                "description": "The document, as an attachment",
+                "content": {"application/json": {}},
+            },
+            503: {"description": "A service did not answer: no incomplete export is given"},
+        },
+    )
+    async def export_person(request: Request, contact_id: str) -> Response:
+        caller = http_caller(request)
+        exported = await service.export_person(caller, contact_id)
+        return Response(
+            export_json(exported.document),
+            media_type="application/json",
+            headers={
+                "Content-Disposition": (f'attachment; filename="person-{exported.person_id}.json"')
+            },
+        )
 
     @app.get(
         "/contacts/{contact_id}",

@@ -9,6 +9,7 @@ a form in one round trip.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, date, datetime
@@ -637,3 +638,18 @@ def interaction_of(given: InteractionInput, interaction_id: str, now: datetime) 
         occurred_at=occurred_at.astimezone(UTC),
         owner=owner,
     )
+
+
+#: The longest reference of a data subject request an erase accepts.
+MAX_ERASE_REFERENCE = 200
+
+
+def erase_reference(reference: str) -> str:
+    """The reference of the data subject request an erase fulfils, trimmed: at
+    most 200 characters, no control characters (it is stored in clear)."""
+    text = reference.strip()
+    if len(text) > MAX_ERASE_REFERENCE:
+        raise ValidationFailed.of("reference", f"is longer than {MAX_ERASE_REFERENCE} characters")
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text):
+        raise ValidationFailed.of("reference", "must not contain control characters")
+    return text

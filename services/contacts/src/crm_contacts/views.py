@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from crm_common.commands import WriteOutcome
+from crm_common.privacy.declaration import REDACTED
 from crm_contacts.domain import (
     Affiliation,
     Company,
@@ -42,10 +44,12 @@ class ContactView:
     #: The id asked for when it was merged into this contact (a read of a
     #: tombstone answers with its survivor and says so); None otherwise.
     redirected_from: str | None = None
+    #: The person was erased: every personal value reads "[erased]".
+    erased: bool = False
 
     @property
     def display_name(self) -> str:
-        return self.profile.display_name
+        return REDACTED if self.erased else self.profile.display_name
 
 
 def view_of(contact: Contact, interactions: int = RECENT_INTERACTIONS) -> ContactView:
@@ -68,6 +72,7 @@ def view_of(contact: Contact, interactions: int = RECENT_INTERACTIONS) -> Contac
         created_at=contact.created_on,
         updated_at=contact.modified_on,
         interactions_total=len(contact.interactions),
+        erased=contact.erased,
     )
 
 
@@ -97,4 +102,17 @@ class InteractionPage:
     next_page_token: str
     total_size: int
     #: The id asked for when it was merged into `contact_id`; None otherwise.
+    redirected_from: str | None = None
+
+
+@dataclass(frozen=True)
+class PersonExport:
+    """Everything the platform holds about a person (docs/privacy-export.md)."""
+
+    person_id: str
+    #: {"person", "redirected_from", "exported_at", "services": {service: part}}.
+    document: dict[str, Any]
+    #: The services whose parts it holds, contacts first.
+    services: list[str]
+    #: The id asked for when it was merged into the person; None otherwise.
     redirected_from: str | None = None

@@ -1827,16 +1827,28 @@ class ErasePersonResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULT_FIELD_NUMBER: _builtins.int
+    ALREADY_ERASED_FIELD_NUMBER: _builtins.int
+    CONTACT_FIELD_NUMBER: _builtins.int
+    already_erased: _builtins.bool
+    """The person had been erased before: nothing new was recorded (the keys
+    were destroyed again, which finishes an erase that stopped half way).
+    """
     @_builtins.property
     def result(self) -> Global___WriteResult: ...
+    @_builtins.property
+    def contact(self) -> Global___Contact:
+        """The contact as it reads now: `erased` set, personal fields "[erased]"."""
+
     def __init__(
         self,
         *,
         result: Global___WriteResult | None = ...,
+        already_erased: _builtins.bool = ...,
+        contact: Global___Contact | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["contact", b"contact", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_erased", b"already_erased", "contact", b"contact", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -50,11 +50,17 @@ class Contact(Aggregate):
     if TYPE_CHECKING:  # set by the merge events only (contacts older than merging lack them)
         _survivor_id: str | None
         _merge_records: dict[str, MergeRecord]
+        _erased: bool  # set by `Person.PersonErased` only
 
     @property
     def merged_into(self) -> str | None:
         """The survivor's id when this contact was merged into it (a tombstone)."""
         return getattr(self, "_survivor_id", None)
+
+    @property
+    def erased(self) -> bool:
+        """Whether the person was erased (`Person.PersonErased`); a company never is."""
+        return bool(getattr(self, "_erased", False))
 
     @property
     def merges(self) -> Mapping[str, MergeRecord]:

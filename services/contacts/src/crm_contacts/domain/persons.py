@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from eventsourcing.domain import event
 
 from crm_common.errors import RuleViolated, ValidationFailed
-from crm_common.privacy.declaration import PersonalData
+from crm_common.privacy.declaration import REDACTED, PersonalData
 from crm_contacts.domain.channels import Channel, ChannelIdentity, Consent, ConsentStatus
 from crm_contacts.domain.companies import Company
 from crm_contacts.domain.contacts import Contact, ContactKind
@@ -89,6 +89,22 @@ def with_consent(
     return replace(profile, channels=channels)
 
 
+def erased_profile(profile: Mapping[str, Any]) -> dict[str, Any]:
+    """A person's profile (as a dict) with every personal value "[erased]": what
+    its declared fields read once the person's key is destroyed."""
+    erased = dict(profile)
+    for name in ("given_name", "family_name"):
+        if name in erased:
+            erased[name] = REDACTED
+    if "channels" in erased:
+        erased["channels"] = [{**c, "address": REDACTED} for c in erased["channels"]]
+    if "custom_fields" in erased:
+        erased["custom_fields"] = {
+            k: {**v, "value": REDACTED} for k, v in erased["custom_fields"].items()
+        }
+    return erased
+
+
 class Person(Contact):
     KIND = ContactKind.PERSON
 
@@ -135,6 +151,21 @@ class Person(Contact):
         at: datetime
         # The address is the person's; status, source and time are the consent's facts.
         personal_data = PersonalData("address")
+
+    class PersonErased(Contact.Event):
+        """The person was erased (an admin's `ErasePerson`): their data keys, and
+        those of the contacts merged into them (`merged_ids`), are destroyed, so
+        every personal value of theirs reads "[erased]" from now on. Holds no
+        personal data: `reference` names the data subject request."""
+
+        reference: str
+        merged_ids: list[str]
+
+    class PersonalDataExported(Contact.Event):
+        """An admin exported everything the platform holds about the person (the
+        services that answered); the document itself is not stored."""
+
+        services: list[str]
 
     @event(PersonRegistered)
     def __init__(self, profile: dict[str, Any]) -> None:
@@ -205,6 +236,44 @@ class Person(Contact):
 
     def _set_profile(self, profile: dict[str, Any]) -> None:
         self.profile = PersonProfile.from_dict(profile)
+
+    @property
+    def erased_merged_ids(self) -> tuple[str, ...]:
+        """The contacts merged into the person that were erased with them."""
+        return tuple(getattr(self, "_erased_merged_ids", ()))
+
+    def erase(self, reference: str, merged_ids: list[str]) -> bool:
+        """Records the erase; False (and nothing recorded) when already erased."""
+        if self.erased:
+            return False
+        self._person_erased(reference=reference, merged_ids=list(merged_ids))
+        return True
+
+    @event(PersonErased)
+    def _person_erased(self, reference: str, merged_ids: list[str]) -> None:
+        # What the events read once the keys are destroyed, at once: a state
+        # folded before the destroy (a projection's, a command's) shows no more
+        # than a reload after it.
+        self._erased = True
+        self._erased_merged_ids = list(merged_ids)
+        self.profile = PersonProfile.from_dict(erased_profile(self.profile.to_dict()))
+        self.affiliations = {k: replace(a, role=REDACTED) for k, a in self.affiliations.items()}
+        self.interactions = [replace(i, summary=REDACTED) for i in self.interactions]
+        self._merge_records = {
+            merge_id: replace(
+                record,
+                before=erased_profile(record.before),
+                after=erased_profile(record.after),
+            )
+            for merge_id, record in self.merges.items()
+        }
+
+    def record_export(self, services: list[str]) -> None:
+        self._exported(services=list(services))
+
+    @event(PersonalDataExported)
+    def _exported(self, services: list[str]) -> None:
+        pass
 
     def _add_affiliations(self, links: list[dict[str, str]]) -> None:
         for link in links:
