@@ -313,3 +313,36 @@ def test_a_pause_spanning_a_holiday_weekend() -> None:
     breach = next(d for d in case.deadlines() if (d.kind, d.what) == ("resolution", "breach"))
     # 7.5 h left from Tuesday 10:00: 7 h to closing, then 30 minutes on Wednesday.
     assert breach.at == datetime(2026, 4, 8, 7, 30, tzinfo=UTC)
+
+
+def test_a_merge_moves_a_case_once_and_its_undo_gives_it_back_with_what_happened() -> None:
+    case = open_case()
+    case.change_status("solved", MON_9)
+    case.change_status("closed", MON_9)  # a closed case still follows its customer
+    assert case.move_to_customer("survivor", "merge-1", MON_9) is True
+    assert case.move_to_customer("survivor", "merge-1", MON_9) is False
+    assert case.customer_id == "survivor" and case.moved_by("merge-1")
+    events = case.collect_events()
+    assert [type(e).__name__ for e in events][-1] == "CustomerMoved"
+    assert events[-1].customer_id == "survivor"  # the event belongs to the new owner
+
+    # Only the merge that moved it, and only to a restored contact, gives it back.
+    assert case.give_back("merge-2", ("contact-1",), MON_9) is False
+    assert case.give_back("merge-1", ("someone-else",), MON_9) is False
+    assert case.give_back("merge-1", ("contact-1",), MON_9) is True
+    assert case.give_back("merge-1", ("contact-1",), MON_9) is False
+    assert (case.customer_id, case.status, case.moved_by("merge-1")) == (
+        "contact-1",
+        "closed",
+        False,
+    )
+    [back] = case.collect_events()
+    assert (back.from_customer_id, back.to_customer_id, back.undone) == (
+        "survivor",
+        "contact-1",
+        True,
+    )
+    # The merge delivered again after its undo (its receipts expired) moves nothing.
+    assert case.move_to_customer("survivor", "merge-1", MON_9) is False
+    with pytest.raises(RuleViolated, match="needs the new customer"):
+        case.move_to_customer("", "merge-3", MON_9)

@@ -113,3 +113,36 @@ async def test_every_case_event_carries_the_sla_state_after_it(tmp_path: Any) ->
         ]
     finally:
         svc.close()
+
+
+async def test_a_case_moved_by_a_merge_is_published_under_its_new_owner(tmp_path: Any) -> None:
+    svc = TicketsService(
+        create_application(sqlite_settings(tmp_path)),
+        KnownContacts("contact-1", "contact-2"),
+        clock=Clock(),
+    )
+    try:
+        opened = await svc.open_case(AGENT, NewCase("contact-2", "chat", "Hi", team="desk"))
+        case_id = opened.outcome.id
+        args = {"survivor": "contact-1", "merge_id": "m-1", "event_id": "contact-1:4"}
+        assert await svc.move_customer_cases(merged=["contact-2"], actor="ann", **args) == 1
+        undo = {"survivor": "contact-1", "merge_id": "m-1", "event_id": "contact-1:5"}
+        assert await svc.give_back_customer_cases(restored=["contact-2"], actor="ann", **undo) == 1
+
+        def load(ident: UUID, version: int) -> Case:
+            case: Case = svc.app.repository.get(ident, version=version)
+            return case
+
+        messages = published(svc, CaseEvents(load))
+        moves = [(t, m) for t, m in messages if t.endswith("CaseCustomerMoved")]
+        assert [(m.customer_id, m.aggregate_id, m.actor) for _, m in moves] == [
+            ("contact-1", case_id, "ann"),
+            ("contact-2", case_id, "ann"),
+        ]
+        assert [
+            (p.from_customer_id, p.to_customer_id, p.merge_id, p.undone)
+            for p in (m.case_customer_moved for _, m in moves)
+        ] == [("contact-2", "contact-1", "m-1", False), ("contact-1", "contact-2", "m-1", True)]
+        assert moves[0][1].sla.clocks  # the SLA state goes along, as with every case event
+    finally:
+        svc.close()

@@ -35,7 +35,8 @@ async def test_every_route_names_its_operation_and_is_in_the_policy(
     document = (await http.get("/openapi.json")).json()
     operations = {op["operationId"] for path in document["paths"].values() for op in path.values()}
     listed = set(AccessPolicy.load().operations["tickets"])
-    assert operations == listed
+    # The export is gRPC only: contacts gathers every service's answer into one document.
+    assert operations == listed - {"ExportPersonalData"}
 
 
 async def test_tokens_roles_and_errors(http: httpx.AsyncClient, identity: Identity) -> None:

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 from uuid import UUID
@@ -38,7 +38,7 @@ from uuid import UUID
 from eventsourcing.application import AggregateNotFoundError
 
 from crm_common.commands import Caller, CommandBus, UnitOfWork
-from crm_common.errors import NotFound, ValidationFailed
+from crm_common.errors import NotFound, RuleViolated, ValidationFailed
 from crm_common.eventstore import SnapshottingApplication, application_env, creating_tables
 from crm_common.querystore import QueryDatabase
 from crm_common.settings import Settings
@@ -106,6 +106,9 @@ assert set(DEFAULT_TERMS["targets"][DEFAULT_TIER]) == set(PRIORITIES)
 
 #: Who the SLA scanner's commands are recorded as.
 SLA_CALLER = Caller(actor="service:tickets", client="tickets-sla")
+#: The client of the commands the contacts follower runs (the actor is whoever
+#: merged or undid the merge in contacts).
+CONTACTS_FOLLOWER = "tickets-contacts-follower"
 
 
 class TicketsApplication(SnapshottingApplication):
@@ -431,6 +434,112 @@ class TicketsService:
             ],
         )
 
+    # -- what the contacts service asks of every holder of a person's data
+
+    def erase_customer(self, contact_ids: Sequence[str]) -> int:
+        """Erases every case text of the customers (a person and the contacts merged
+        into them) by destroying their keys: each case's subject, description, replies,
+        notes and survey comment are sealed under the key of the customer they were
+        written for (`customer_id` of each event). Loading then reads "[erased]" in
+        those fields; statuses, SLA clocks, scores and every query row stay as they
+        were (no query table holds the texts). Idempotent: a key destroyed before
+        stays destroyed. The number of keys destroyed by this call."""
+        keys = self.app.personal_data_keys
+        if keys is None:
+            raise RuleViolated(
+                "tickets has no master keys: the case texts are stored in clear and"
+                " cannot be erased by destroying a key (configure CRM_MASTER_KEYS)"
+            )
+        destroyed = sum(keys.destroy(subject) for subject in dict.fromkeys(contact_ids) if subject)
+        # The query tables keep no text; their cached cases (in memory) go too.
+        self.query.tables.reset()
+        return destroyed
+
+    async def move_customer_cases(
+        self, *, merged: Sequence[str], survivor: str, merge_id: str, event_id: str, actor: str
+    ) -> int:
+        """A contacts merge: every case of the merged contacts moves to the survivor,
+        one `MoveCaseCustomer` command per case whose request id is derived from the
+        merge event and the case (a redelivered event writes nothing again). The
+        number of cases moved by this call."""
+        sources = [m for m in dict.fromkeys(merged) if m and m != survivor]
+        ids = await asyncio.to_thread(self.query.case_ids_of, sources)
+        moved = 0
+        for case_id in ids:
+            if await self._hand_over(
+                case_id,
+                event_id,
+                actor,
+                (survivor, merge_id),
+                lambda case, at: case.move_to_customer(survivor, merge_id, at),
+            ):
+                moved += 1
+        return moved
+
+    async def give_back_customer_cases(
+        self, *, survivor: str, restored: Sequence[str], merge_id: str, event_id: str, actor: str
+    ) -> int:
+        """A merge undone: exactly the survivor's cases that merge `merge_id` moved go
+        back to the contact each came from (among `restored`), with their replies,
+        notes and status changes since. The number of cases given back by this call."""
+        back = tuple(dict.fromkeys(restored))
+        ids = await asyncio.to_thread(self.query.case_ids_of, [survivor])
+        given = 0
+        for case_id in ids:
+            case = await asyncio.to_thread(self._load, case_id)
+            if not isinstance(case, Case) or not case.moved_by(merge_id):
+                continue
+            if await self._hand_over(
+                case_id,
+                event_id,
+                actor,
+                (back, merge_id),
+                lambda case, at: case.give_back(merge_id, back, at),
+            ):
+                given += 1
+        return given
+
+    async def _hand_over(
+        self,
+        case_id: str,
+        event_id: str,
+        actor: str,
+        request: tuple[Any, ...],
+        change: Callable[[Case, datetime], bool],
+    ) -> bool:
+        changed = False
+
+        def decide(uow: UnitOfWork) -> Case:
+            nonlocal changed
+            case = uow.get(case_id, Case)
+            changed = change(case, self.clock())
+            return case
+
+        caller = Caller(actor, CONTACTS_FOLLOWER, request_id=f"{event_id}:{case_id}")
+        outcome = await self.bus.execute_async(
+            caller.command("MoveCaseCustomer", case_id, *request), decide
+        )
+        return changed and not outcome.replayed
+
+    def export_personal_data(self, contact_id: str) -> dict[str, Any]:
+        """Everything tickets holds about the contact: each of their cases as it stands
+        and its whole history (opening, replies, notes, triage, status changes, SLA
+        events, the survey with its comment, moves between customers), the personal
+        values opened, or "[erased]" once the key is gone. Runs off the event loop."""
+        cases = []
+        for case_id in self.query.case_ids_of([contact_id]):
+            case = self._load(case_id)
+            if not isinstance(case, Case):
+                continue
+            events = self.app.repository.event_store.get(UUID(case_id))
+            cases.append(
+                {
+                    "case": asdict(case_view(case, self.clock())),
+                    "history": [exported_event(event) for event in events],
+                }
+            )
+        return {"contact_id": contact_id, "cases": cases}
+
     # -- SLA policies
 
     async def define_sla_policy(self, caller: Caller, name: str, terms: SlaTermsInput) -> Written:
@@ -513,6 +622,16 @@ class TicketsService:
                 return count
             last = due[-1]
             after = (micros(last.at), last.case_id, last.kind, last.what)
+
+
+#: The event fields that are the store's, not the case's.
+STORE_FIELDS = ("originator_id", "originator_version", "timestamp", "_meta", "_personal")
+
+
+def exported_event(event: Any) -> dict[str, Any]:
+    """One stored event of a case, for the export: its kind, version and fields."""
+    fields = {k: v for k, v in event.__dict__.items() if k not in STORE_FIELDS}
+    return {"event": type(event).__name__, "version": event.originator_version, **fields}
 
 
 def buckets(

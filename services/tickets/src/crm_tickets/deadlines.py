@@ -10,7 +10,8 @@ batch, folded by the case's own events: `crm_common.querystore`) into:
 - `ticket_deadlines`: the warnings and breaches still to raise, indexed by due
   time: the SLA scanner's `due(now)` is a range read of the deadlines that are
   due, whatever the number of open cases;
-- `ticket_cases`: every case (closed ones too) with its customer, team and
+- `ticket_cases`: every case (closed ones too) with its customer (the current
+  one: a contacts merge moves the case, its undo moves it back), team and
   opening time (each customer's cases, the newest first) and its SLA record
   (how each clock instance ended, the business seconds to the first reply and
   to resolution), which `compliance` sums in SQL;
@@ -25,6 +26,13 @@ the queries; each query first applies what was stored since (usually nothing:
 process starts without reading the log and holds no record in memory: a few
 recently touched cases in a bounded cache. The tables only say what is due;
 whether a warning or breach is raised is the case's decision (exactly once).
+
+No table holds personal data: a case's subject, description, replies, notes
+and survey comment stay in the events (sealed under the customer's key); the
+rows hold ids (the customer's contact id is a pseudonym), teams, statuses,
+times, SLA figures and survey scores. Erasing a customer (destroying the key)
+changes no row, and a rebuild after it, which reads the texts as "[erased]",
+writes the same rows.
 
 Instants are stored as epoch microseconds (UTC): they sort as the instants do
 whatever offset they were written with. Lists page by the key of the last row
@@ -288,7 +296,8 @@ class CaseTables(AggregateProjection):
             f"INSERT INTO ticket_cases (case_id, customer_id, team, opened_at, {columns},"
             " first_reply_seconds, resolution_seconds)"
             f" VALUES ({tx.placeholders(6 + len(OUTCOME_COLUMNS))})"
-            f" ON CONFLICT (case_id) DO UPDATE SET team = excluded.team, {updates},"
+            " ON CONFLICT (case_id) DO UPDATE SET customer_id = excluded.customer_id,"
+            f" team = excluded.team, {updates},"
             " first_reply_seconds = excluded.first_reply_seconds,"
             " resolution_seconds = excluded.resolution_seconds",
             (
@@ -420,6 +429,19 @@ class TicketsQuery:
         sql += " ORDER BY opened_at DESC, case_id DESC LIMIT ?"
         with self.database.read() as tx:
             return [(int(at), str(ident)) for at, ident in tx.all(sql, [*params, limit])]
+
+    def case_ids_of(self, customer_ids: list[str], page: int = DUE_PAGE) -> list[str]:
+        """Every case (closed ones too) of the customers, read a page at a time."""
+        found: list[str] = []
+        for customer in customer_ids:
+            after: tuple[int, str] | None = None
+            while True:
+                rows = self.customer_cases(customer, after, page)
+                found.extend(ident for _, ident in rows)
+                if len(rows) < page:
+                    break
+                after = rows[-1]
+        return found
 
     def compliance(self, team: str, start: datetime, end: datetime) -> Compliance:
         """The SLA outcomes of the team's cases opened in [start, end), summed in SQL;

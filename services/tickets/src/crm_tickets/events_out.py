@@ -3,7 +3,8 @@
 The relay calls `to_wire` for every event of the notification log. Each event
 of a case or SLA policy becomes one message with the CloudEvents type
 `crm.tickets.v1.<PayloadName>` (`SlaBreached`, ...), keyed by the case's
-contact id (the policy's id for policy events). Command receipts are internal
+contact id (the policy's id for policy events; for `CaseCustomerMoved`, the
+case's new owner). Command receipts are internal
 and not published; an event this module does not know is an error, never a
 silent skip.
 
@@ -168,6 +169,18 @@ FILLERS: dict[type[Any], tuple[str, str, Fill]] = {
                 csat=d["csat"],
                 ces=d["ces"] or 0,
                 nps=-1 if d["nps"] is None else d["nps"],
+            )
+        ),
+    ),
+    Case.CustomerMoved: (
+        "CaseCustomerMoved",
+        "case_customer_moved",
+        lambda m, d: m.case_customer_moved.CopyFrom(
+            events_pb.CaseCustomerMoved(
+                from_customer_id=d["from_customer_id"],
+                to_customer_id=d["to_customer_id"],
+                merge_id=d["merge_id"],
+                undone=d["undone"],
             )
         ),
     ),

@@ -1,4 +1,4 @@
-"""`crm-tickets serve|relay|sla`: the tickets service's processes.
+"""`crm-tickets serve|relay|sla|follow`: the tickets service's processes.
 
 `serve` runs the gRPC and REST API and, beside it, the SLA scanner: every
 replica raises the deadlines that fall due, and each is raised exactly once
@@ -14,6 +14,10 @@ background; the scanner reads the due deadlines from the tables).
 looks; `CRM_TICKETS_REOPEN_WINDOW` (seconds, default 7 days) how long a solved
 case may be reopened; `CRM_TICKETS_LOYALTY_DEADLINE_MS` (default 300) how long
 opening a case waits for the customer's tier (`CRM_LOYALTY_GRPC_TARGET`).
+
+`follow` honours the contacts topic (`crm_tickets.contact_changes`): an erased
+person's case texts are erased (their keys destroyed), a merge moves the
+merged contacts' cases to the survivor and its undo gives them back.
 
 Time is injectable: with `CRM_TICKETS_CLOCK_FILE` set, the processes take
 "now" from that file (one ISO 8601 instant with its offset, read at every
@@ -33,8 +37,10 @@ from pathlib import Path
 from uuid import UUID
 
 from crm_common.cli import Process, run_cli
+from crm_common.contact_events import ContactEventsFollower
 from crm_common.health import Heartbeat
 from crm_common.lifecycle import run_worker
+from crm_common.privacy.export import personal_data_service
 from crm_common.relay import run_relay
 from crm_common.server import access_gate, serve
 from crm_common.settings import Settings
@@ -44,6 +50,7 @@ from crm_tickets.application import (
     TicketsService,
     create_application,
 )
+from crm_tickets.contact_changes import TicketsContactChanges
 from crm_tickets.contacts_client import GrpcContacts
 from crm_tickets.domain import Case
 from crm_tickets.events_out import PROTO_MESSAGE, CaseEvents
@@ -130,7 +137,10 @@ async def run_serve(settings: Settings) -> None:
             await serve(
                 settings,
                 gate=gate,
-                grpc_services=[grpc_service(service)],
+                grpc_services=[
+                    grpc_service(service),
+                    personal_data_service(SERVICE, service.export_personal_data),
+                ],
                 http_app=create_app(service, gate),
             )
         finally:
@@ -149,6 +159,30 @@ async def run_sla(settings: Settings) -> None:
         await run_worker(settings, heartbeat, lambda stop: scan_until(service, stop, heartbeat))
     finally:
         service.close()
+
+
+async def run_follow(settings: Settings) -> None:
+    """Follows the contacts topic until SIGTERM/SIGINT; then finishes the batch."""
+    service = _service(settings)
+    follower = ContactEventsFollower(
+        SERVICE, TicketsContactChanges(service), bootstrap=settings.kafka_bootstrap
+    )
+    try:
+        await run_worker(
+            settings, follower.heartbeat, follower.run, details=follower.health_details
+        )
+    finally:
+        service.close()
+        stats = follower.stats
+        log.info(
+            "follower %s stopped: %d records, %d erasures, %d merges, %d undone, %d passed over",
+            follower.group_id,
+            stats.records,
+            stats.erased,
+            stats.merged,
+            stats.undone,
+            stats.skipped,
+        )
 
 
 async def run_relay_process(settings: Settings) -> None:
@@ -174,6 +208,9 @@ PROCESSES = {
     ),
     "relay": Process("publish the event log to crm.tickets.events", run_relay_process),
     "sla": Process("raise due SLA warnings and breaches (exactly once)", run_sla),
+    "follow": Process(
+        "honour erasures and merges of contacts (from crm.contacts.events)", run_follow
+    ),
 }
 
 

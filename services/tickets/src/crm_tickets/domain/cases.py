@@ -24,6 +24,7 @@ before any event is triggered.
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -241,6 +242,35 @@ class Case(Aggregate):
                 "at": self.at.isoformat(),
             }
 
+    class CustomerMoved(Event):
+        """The case changed hands: a contacts merge gave it to the survivor
+        (`to_customer_id`), or the merge's undo gave it back (`undone`). The event's
+        `customer_id` is the new owner; the texts stored before stay sealed under the
+        key of the customer they were written for (events are never rewritten)."""
+
+        from_customer_id: str
+        to_customer_id: str
+        merge_id: str
+        undone: bool
+
+        def change(self, aggregate: Any) -> None:
+            aggregate.history[-1].update(
+                from_customer_id=self.from_customer_id,
+                to_customer_id=self.to_customer_id,
+                merge_id=self.merge_id,
+                undone=self.undone,
+            )
+            aggregate.customer_id = self.to_customer_id
+            aggregate.__dict__.setdefault("moves", []).append(
+                {
+                    "merge_id": self.merge_id,
+                    "from": self.from_customer_id,
+                    "to": self.to_customer_id,
+                    "undone": self.undone,
+                    "at": self.at.isoformat(),
+                }
+            )
+
     def __init__(
         self,
         customer_id: str,
@@ -279,6 +309,8 @@ class Case(Aggregate):
         self.solved_at: datetime | None = None
         self.messages: list[dict[str, Any]] = []
         self.satisfaction: dict[str, Any] | None = None
+        #: Each change of hands by a contacts merge or its undo, oldest first.
+        self.moves: list[dict[str, Any]] = []
         # The Opened event itself appends the first entry (it is a `Case.Event` too).
         self.history: list[dict[str, Any]] = []
         #: next-reply clock instances that ended before the current one: kind, cycle,
@@ -376,6 +408,50 @@ class Case(Aggregate):
         if self.satisfaction is not None:
             raise RuleViolated("this case already has its survey response")
         self._trigger(self.SatisfactionRecorded, at, csat=csat, ces=ces, nps=nps, comment=comment)
+
+    def move_to_customer(self, customer_id: str, merge_id: str, at: datetime) -> bool:
+        """Gives the case to `customer_id` for merge `merge_id` (a closed case too: its
+        customer's case list follows); False (and no event) when it is theirs already, or
+        this merge moved it before (an old delivery of the merge after its undo)."""
+        if not customer_id or not merge_id:
+            raise RuleViolated("moving a case needs the new customer and the merge")
+        if customer_id == self.customer_id:
+            return False
+        if any(m["merge_id"] == merge_id for m in self.__dict__.get("moves", [])):
+            return False
+        self._hand_over(customer_id, merge_id, at, undone=False)
+        return True
+
+    def give_back(self, merge_id: str, restored: Collection[str], at: datetime) -> bool:
+        """Undoes the move of merge `merge_id`: the case goes back to the customer it was
+        moved from, if that one is among `restored`, keeping everything that happened
+        since. False (and no event) when the merge did not move it, or it was given back
+        already."""
+        if not self.moved_by(merge_id):
+            return False
+        moves = [m for m in self.moves if m["merge_id"] == merge_id]
+        owner = str(moves[-1]["from"])
+        if owner not in restored or owner == self.customer_id:
+            return False
+        self._hand_over(owner, merge_id, at, undone=True)
+        return True
+
+    def moved_by(self, merge_id: str) -> bool:
+        """Whether merge `merge_id` moved the case and it was not given back yet."""
+        moves = [m for m in self.__dict__.get("moves", []) if m["merge_id"] == merge_id]
+        return bool(moves) and not moves[-1]["undone"]
+
+    def _hand_over(self, customer_id: str, merge_id: str, at: datetime, *, undone: bool) -> None:
+        # The event belongs to the new owner (its `customer_id`), unlike `_trigger`'s.
+        self.trigger_event(
+            self.CustomerMoved,
+            customer_id=customer_id,
+            at=at,
+            from_customer_id=self.customer_id,
+            to_customer_id=customer_id,
+            merge_id=merge_id,
+            undone=undone,
+        )
 
     def raise_deadline(self, kind: str, what: str, deadline_version: int, now: datetime) -> bool:
         """Raises the warning or breach of clock `kind` if it is (still) due: False (and no
