@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 import uuid
@@ -28,6 +29,7 @@ from pymongo import MongoClient
 from test_processes import start
 
 from crm.customer360.v1 import customer360_pb2, customer360_pb2_grpc
+from crm.privacy.v1 import privacy_pb2, privacy_pb2_grpc
 from crm_analytics.store import sources
 from crm_common.auth.issuer import TokenIssuer, new_private_key_pem
 from crm_deploy.identity import AUDIENCE, ISSUER, Identity
@@ -123,6 +125,7 @@ async def api(local_stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Asy
 
         class Api:
             stub = customer360_pb2_grpc.Customer360ServiceStub(channel)
+            privacy = privacy_pb2_grpc.PersonalDataServiceStub(channel)
 
         Api.http = http  # type: ignore[attr-defined]
         Api.identity = identity  # type: ignore[attr-defined]
@@ -194,7 +197,7 @@ async def test_every_call_needs_a_valid_token_of_a_listed_role(api: Any) -> None
 
 ALWAYS = {"customer_id", "kind", "display_name", "given_name", "family_name",
           "lifecycle_stage", "owner", "tags", "channels", "companies", "positions",
-          "created_at", "updated_at"}  # fmt: skip
+          "created_at", "updated_at", "erased"}  # fmt: skip
 
 
 async def test_each_role_sees_exactly_its_fields_on_both_transports(api: Any) -> None:
@@ -358,6 +361,49 @@ async def test_the_audit_trail_says_who_did_what_when_through_which_client(api: 
             await api.stub.GetAuditTrail(
                 customer360_pb2.GetAuditTrailRequest(customer_id=ACME),
                 metadata=grpc_auth(token),
+                timeout=10,
+            )
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED, role
+
+
+async def test_an_admin_exports_what_the_view_holds_about_a_person(api: Any) -> None:
+    admin = grpc_auth(api.identity.mint("admin", subject="root"))
+    reply = await api.privacy.ExportPersonalData(
+        privacy_pb2.ExportPersonalDataRequest(contact_id=ACME), metadata=admin, timeout=10
+    )
+    assert reply.service == "analytics"
+    export = json.loads(reply.document_json)
+    assert set(export) == {"customer_360", "audit_trail"}
+    view = export["customer_360"]
+    # Every field, whatever a role would see: the same document an admin reads over REST.
+    shown = await api.http.get(f"/customers/{ACME}/360", headers=bearer(api.identity.mint("admin")))
+    assert view == shown.json()
+    assert (view["given_name"], view["custom_fields"]["budget"]["value"]) == ("Ada", "1234.50")
+    assert view["deals"][0]["name"] == "Gears" and view["erased"] is False
+    assert [(e["source"], e["position"], e["command"]) for e in export["audit_trail"]] == [
+        ("pipeline", 3, "WinOpportunity"),
+        ("pipeline", 2, "WinOpportunity"),
+        ("contacts", 2, "LogInteraction"),
+        ("contacts", 1, "CreatePerson"),
+    ]
+
+    # Someone the view never saw: an empty part, not an error.
+    unknown = await api.privacy.ExportPersonalData(
+        privacy_pb2.ExportPersonalDataRequest(contact_id="p-never-seen"), metadata=admin, timeout=10
+    )
+    assert json.loads(unknown.document_json) == {"customer_360": {}, "audit_trail": []}
+    with pytest.raises(grpc.aio.AioRpcError) as invalid:
+        await api.privacy.ExportPersonalData(
+            privacy_pb2.ExportPersonalDataRequest(contact_id=" "), metadata=admin, timeout=10
+        )
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    # Nobody else may export.
+    for role in ("sales", "service", "analyst"):
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await api.privacy.ExportPersonalData(
+                privacy_pb2.ExportPersonalDataRequest(contact_id=ACME),
+                metadata=grpc_auth(api.identity.mint(role)),
                 timeout=10,
             )
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED, role

@@ -299,6 +299,9 @@ class Customer360(Profile, total=False):
     merged_ids: list[str]
     #: A contact merged into another: the survivor's id.
     merged_into: str
+    #: The person was erased: every personal value reads "[erased]", now and
+    #: after any later event (see personal_data.py).
+    erased: bool
 
 
 class Stage(TypedDict):
@@ -345,7 +348,16 @@ class MembershipChanged:
     occurred_at: datetime
 
 
-FanOut = CompanyRenamed | MembershipChanged
+@dataclass(frozen=True)
+class PersonErased:
+    """The documents of these contacts (a person's and those merged into it
+    before) are redacted, and so are their roles in their companies' members."""
+
+    contact_ids: tuple[str, ...]
+    position: int
+
+
+FanOut = CompanyRenamed | MembershipChanged | PersonErased
 
 
 @dataclass

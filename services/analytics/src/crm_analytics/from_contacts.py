@@ -41,6 +41,7 @@ from crm_analytics.document import (
     Loaded,
     Member,
     MembershipChanged,
+    PersonErased,
     SourceAdapter,
     TimelineEntry,
     UnknownEvent,
@@ -52,6 +53,7 @@ from crm_analytics.document import (
     new_document,
     to_datetime,
 )
+from crm_analytics.personal_data import erase_document
 from crm_common.enums import enum_word
 from crm_common.records import Record
 
@@ -348,6 +350,47 @@ def _contact_unmerged(change: _Change) -> None:
     change.doc.pop("merged_into", None)
 
 
+def _person_erased(change: _Change) -> None:
+    """The person's personal data was erased (crypto-shredded) in contacts: the
+    document keeps the anonymous facts, every personal value reads "[erased]",
+    and the documents of the contacts merged into the person follow (fan-out)."""
+    event, erased = change.event, change.event.person_erased
+    reference = f" ({erased.reference})" if erased.reference else ""
+    add_to_timeline(
+        change.doc,
+        _entry(
+            event,
+            entry_id=f"{event.contact_id}:erased",
+            kind="profile.erased",
+            summary=f"Personal data erased{reference}",
+            occurred_at=change.occurred_at,
+            owner=event.actor,
+        ),
+    )
+    change.doc = erase_document(change.doc)
+    ids = dict.fromkeys([event.contact_id, *erased.merged_ids])
+    change.fan_out.append(PersonErased(tuple(ids), event.position))
+
+
+def _personal_data_exported(change: _Change) -> None:
+    """Who exported everything held about the person, and when (GDPR audit)."""
+    event, exported = change.event, change.event.personal_data_exported
+    services = ", ".join(exported.services)
+    add_to_timeline(
+        change.doc,
+        _entry(
+            event,
+            entry_id=f"{event.contact_id}:exported:{event.position}",
+            kind="privacy.exported",
+            summary=f"Personal data exported ({services})"
+            if services
+            else "Personal data exported",
+            occurred_at=change.occurred_at,
+            owner=event.actor,
+        ),
+    )
+
+
 _HANDLERS: dict[str, Callable[[_Change], None]] = {
     "person_registered": _person_registered,
     "person_profile_updated": _person_profile_updated,
@@ -361,6 +404,8 @@ _HANDLERS: dict[str, Callable[[_Change], None]] = {
     "contact_merge_undone": _contact_merge_undone,
     "contact_merged_into": _contact_merged_into,
     "contact_unmerged": _contact_unmerged,
+    "person_erased": _person_erased,
+    "personal_data_exported": _personal_data_exported,
 }
 #: The payloads of `ContactEvent` this version applies.
 PAYLOADS = frozenset(_HANDLERS)
@@ -462,6 +507,13 @@ def companies_referenced(event: events_pb2.ContactEvent) -> list[str]:
     return [company_of(event)] if company_of else []
 
 
+def erased_with(event: events_pb2.ContactEvent) -> list[str]:
+    """The contacts merged into a person whose erasure `event` is (their documents too)."""
+    if event.WhichOneof("payload") != "person_erased":
+        return []
+    return list(event.person_erased.merged_ids)
+
+
 # -- the source ---------------------------------------------------------------------------
 
 
@@ -480,7 +532,7 @@ ADAPTER: SourceAdapter[events_pb2.ContactEvent] = SourceAdapter(
     source=SOURCE,
     decode=decode,
     customer_of=lambda e: e.contact_id,
-    customers_touched=lambda e: [e.contact_id, *companies_referenced(e)],
+    customers_touched=lambda e: [e.contact_id, *companies_referenced(e), *erased_with(e)],
     apply=_apply,
     creates_documents=False,
 )

@@ -11,13 +11,16 @@ from typing import Any
 from pymongo import MongoClient
 
 from crm.customer360.v1 import customer360_pb2_grpc
+from crm_analytics.export import Customer360Exporter
 from crm_analytics.grpc_api import Customer360Servicer
+from crm_analytics.personal_data import PayloadOpener
 from crm_analytics.query import Customer360Queries
 from crm_analytics.rest_api import create_app
-from crm_analytics.store import PROJECTION, REBUILD_BATCH, Customer360Store, connect
+from crm_analytics.store import PROJECTION, REBUILD_BATCH, Customer360Store, connect, sources
 from crm_common.cli import Process, run_cli
 from crm_common.health import Dependency
 from crm_common.lifecycle import run_worker, stop_on_signals
+from crm_common.privacy.export import personal_data_service
 from crm_common.projection import ProjectionConsumer
 from crm_common.server import GrpcService, access_gate, serve
 from crm_common.settings import Settings
@@ -64,7 +67,9 @@ async def run_serve(settings: Settings) -> None:
                 Customer360Servicer(queries, gate, pseudonym_key),
                 customer360_pb2_grpc.add_Customer360ServiceServicer_to_server,
                 "crm.customer360.v1.Customer360Service",
-            )
+            ),
+            # The analytics part of a person's export (admins and the platform).
+            personal_data_service("analytics", Customer360Exporter(queries)),
         ],
         http_app=create_app(queries, gate, pseudonym_key),
         on_stop=[client.close, close_check],
@@ -73,10 +78,17 @@ async def run_serve(settings: Settings) -> None:
     )
 
 
+def payload_opener(settings: Settings) -> PayloadOpener:
+    """The ciphers of every source's key store, once per process (their key
+    caches live as long as it does); none without master keys."""
+    return PayloadOpener.from_settings(settings, sources())
+
+
 async def run_project(settings: Settings) -> None:
     client = connect(settings.mongo_url)
+    opener = payload_opener(settings)
     try:
-        store = Customer360Store(client[settings.mongo_db])
+        store = Customer360Store(client[settings.mongo_db], opener=opener)
         await asyncio.to_thread(store.ensure_indexes)
         consumer = projection(settings, store)
         await run_worker(
@@ -89,13 +101,15 @@ async def run_project(settings: Settings) -> None:
             consumer.stats.counters,
         )
     finally:
+        opener.close()
         client.close()
 
 
 async def run_rebuild(settings: Settings) -> int:
     client = connect(settings.mongo_url)
+    opener = payload_opener(settings)
     try:
-        store = Customer360Store(client[settings.mongo_db])
+        store = Customer360Store(client[settings.mongo_db], opener=opener)
         started = time.perf_counter()
         await asyncio.to_thread(store.drop)
         await asyncio.to_thread(store.ensure_indexes)
@@ -111,6 +125,7 @@ async def run_rebuild(settings: Settings) -> int:
         )
         return 1 if stop.is_set() else 0
     finally:
+        opener.close()
         client.close()
 
 

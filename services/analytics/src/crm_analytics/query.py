@@ -93,13 +93,23 @@ class Customer360Queries:
         if not is_known(doc):
             raise NotFound("customer", customer_id)
         assert doc is not None
-        shown = await asyncio.to_thread(self._merged, doc)
-        named = await asyncio.to_thread(self.store.with_names, shown)
+        return await asyncio.to_thread(self.shown, doc)
+
+    def shown(self, doc: Customer360) -> Customer360:
+        """The stored document as the view shows it: merged customers folded in,
+        the deals' pipeline and stage names joined in, the points expiring soon."""
+        named = self.store.with_names(self._merged(doc))
         loyalty = named.get("loyalty")
         if loyalty is None:
             return named
         soon = expiring_soon(loyalty, self.clock())
         return {**named, "loyalty": {**loyalty, "expiring_soon": soon}}
+
+    def known(self, customer_id: str) -> Customer360 | None:
+        """The customer's document as shown, or None while none of its own events
+        was applied (a blocking read, for callers off the event loop)."""
+        doc = self.store.get(customer_id)
+        return self.shown(doc) if doc is not None and is_known(doc) else None
 
     def _merged(self, doc: Customer360) -> Customer360:
         """The view of a merged customer: a contact merged into another answers

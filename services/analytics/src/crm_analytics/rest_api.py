@@ -247,6 +247,8 @@ class Customer360Reply(TypedDict):
     positions: dict[str, int]
     created_at: str | None
     updated_at: str | None
+    #: The person's personal data was erased: every personal value reads "[erased]".
+    erased: bool
 
 
 class AuditEntryReply(TypedDict):
@@ -442,6 +444,7 @@ def to_json(doc: Customer360) -> Customer360Reply:
         "positions": {},
         "created_at": None,
         "updated_at": None,
+        "erased": bool(doc.get("erased")),
     }
     if kind == "person":
         body["given_name"] = doc.get("given_name", "")

@@ -16,6 +16,12 @@ is the slowest part of the local stack (SecantusDB: a few hundred single
 writes per second), so this shape, not the per-event work, decides the
 projection's throughput.
 
+Personal data: a record's sealed personal fields are opened right after it
+is decoded, for every source (`prepare_batch`, with the `PayloadOpener` of
+`personal_data.py`); a customer erased (`person_erased`) stays redacted
+after any later event, its roles in its companies' member lists and its
+dead letters go with it.
+
 Aggregations through arrays of subdocuments (`"$companies.company_id"` in an
 expression) come back missing on SecantusDB; nothing here uses them, and
 queries over such arrays use plain filters or `$elemMatch`, which work.
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -50,6 +56,7 @@ from crm_analytics.document import (
     Customer360,
     Loaded,
     MembershipChanged,
+    PersonErased,
     PipelineNames,
     SourceAdapter,
     UnknownEvent,
@@ -58,6 +65,13 @@ from crm_analytics.document import (
     new_document,
     to_datetime,
 )
+from crm_analytics.personal_data import (
+    PayloadOpener,
+    erase_document,
+    is_erased,
+    redact_document,
+)
+from crm_common.privacy import REDACTED, MissingDataKey
 from crm_common.projection import (
     DEAD_LETTERS_COLLECTION,
     park_dead_letters,
@@ -140,7 +154,12 @@ class Customer360Store:
     projection's offsets and dead letters too, hence its untyped documents.
     """
 
-    def __init__(self, database: Database[Any], topics: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        database: Database[Any],
+        topics: Mapping[str, str] | None = None,
+        opener: PayloadOpener | None = None,
+    ) -> None:
         topics = default_topics() if topics is None else topics
         unknown = sorted(set(topics) - set(ADAPTERS))
         if unknown:
@@ -152,6 +171,8 @@ class Customer360Store:
         self.topics = dict(topics)
         self.sources = {topic: source for source, topic in topics.items()}
         self.adapters = {topic: ADAPTERS[source] for source, topic in topics.items()}
+        #: Opens the sealed personal fields of every source's events (no keys: none).
+        self.opener = opener if opener is not None else PayloadOpener()
 
     def ensure_indexes(self) -> None:
         # The rename fan-out finds the persons linked to a company.
@@ -233,9 +254,17 @@ class Customer360Store:
                 failures.append((record, f"no decoder for topic {record.topic}"))
                 continue
             try:
-                events.append((record, adapter, adapter.decode(record)))
+                event = adapter.decode(record)
             except (DecodeError, ValueError) as error:
                 failures.append((record, f"undecodable: {error}"))
+                continue
+            # The one place where every source's personal fields are opened.
+            try:
+                self.opener.open(adapter.source, event)
+            except (ValueError, MissingDataKey) as error:
+                failures.append((record, f"personal data cannot be opened: {error}"))
+                continue
+            events.append((record, adapter, event))
         ids: set[str] = set()
         pipeline_ids: set[str] = set()
         for _, adapter, e in events:
@@ -269,6 +298,7 @@ class Customer360Store:
         touched: set[str] = set()
         touched_pipelines: set[str] = set()
         renames: dict[str, CompanyRenamed] = {}
+        erased: set[str] = set()
         # One audit entry per event, redeliveries included (one id, one entry).
         audit: dict[str, AuditEntry] = {}
         applied = duplicates = no_customer = 0
@@ -310,14 +340,26 @@ class Customer360Store:
                     pipelines[outcome.doc["_id"]] = outcome.doc
                     touched_pipelines.add(outcome.doc["_id"])
                     continue
+                person_erased = is_erased(outcome.doc)
+                if person_erased:
+                    # Whatever the event brought, the erased customer stays redacted.
+                    outcome.doc = redact_document(outcome.doc)
                 docs[outcome.doc["_id"]] = outcome.doc
                 touched.add(outcome.doc["_id"])
                 for fan_out in outcome.fan_out:
                     if isinstance(fan_out, MembershipChanged):
+                        if person_erased and fan_out.role is not None:
+                            fan_out = replace(fan_out, role=REDACTED)
                         docs[fan_out.company_id] = from_contacts.apply_membership(
                             docs.get(fan_out.company_id), fan_out
                         )
                         touched.add(fan_out.company_id)
+                    elif isinstance(fan_out, PersonErased):
+                        for contact_id in fan_out.contact_ids:
+                            doc = docs.get(contact_id) or new_document(contact_id)
+                            docs[contact_id] = erase_document(doc)
+                            touched.add(contact_id)
+                            erased.add(contact_id)
                     else:
                         # Within a company's partition positions only grow: the last wins.
                         renames[fan_out.company_id] = fan_out
@@ -344,6 +386,14 @@ class Customer360Store:
                 session=session,
                 ordered=False,
             )
+        if erased:
+            # The erased persons' roles in the member lists of their companies
+            # (after the replacements, like the renames).
+            self.collection.bulk_write(
+                [self._erase_roles_update(i) for i in sorted(erased)],
+                session=session,
+                ordered=False,
+            )
         if touched_pipelines:
             self.pipelines.bulk_write(
                 [
@@ -366,6 +416,12 @@ class Customer360Store:
         for record, reason in failures:
             log.warning("dead letter %s: %s", where(record), reason)
         park_dead_letters(session, self.database, PROJECTION, failures)
+        if erased:
+            # A parked record may hold a payload published before sealing, in clear.
+            self.database[DEAD_LETTERS_COLLECTION].delete_many(
+                {"projection": PROJECTION, "key": {"$in": [i.encode() for i in sorted(erased)]}},
+                session=session,
+            )
         return {
             "applied": applied,
             "duplicates": duplicates,
@@ -375,6 +431,7 @@ class Customer360Store:
             "pipelines_written": len(touched_pipelines),
             "renames": len(renames),
             "audit_entries": len(new_entries),
+            "erased": len(erased),
         }
 
     @staticmethod
@@ -405,6 +462,14 @@ class Customer360Store:
                 advance(doc, event.position, to_datetime(event.occurred_at), adapter.source)
             docs[customer_id] = doc
             touched.add(customer_id)
+
+    @staticmethod
+    def _erase_roles_update(person_id: str) -> UpdateMany:
+        return UpdateMany(
+            {"members.person_id": person_id},
+            {"$set": {"members.$[m].role": REDACTED}},
+            array_filters=[{"m.person_id": person_id}],
+        )
 
     @staticmethod
     def _rename_update(rename: CompanyRenamed) -> UpdateMany:
