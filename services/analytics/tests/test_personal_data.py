@@ -41,6 +41,7 @@ from crm.contacts.v1 import contacts_pb2
 from crm_analytics import personal_data
 from crm_analytics.document import PersonErased
 from crm_analytics.from_contacts import apply_event
+from crm_analytics.grpc_api import to_proto
 from crm_analytics.personal_data import PURPOSE, PayloadOpener, redact_document
 from crm_analytics.store import Customer360Store, sources
 from crm_common.privacy import REDACTED, KeyClient, PersonalDataCipher, key_client, new_master_key
@@ -297,6 +298,9 @@ async def test_sealed_payloads_are_projected_in_clear_and_an_erase_leaves_no_tra
     assert not [c for c in CLEAR if c in raw], "personal data left in the document store"
     erased = database.customer360.find_one({"_id": PERSON})
     assert erased is not None and erased["erased"] is True
+    # The API says so on both transports (REST's reply model has the same flag).
+    message = to_proto(erased)
+    assert message.erased and message.given_name == REDACTED
     assert (erased["display_name"], erased["given_name"]) == (REDACTED, REDACTED)
     assert [c["address"] for c in erased["channels"]] == [REDACTED, REDACTED]
     assert erased["tickets"]["open_cases"][0]["subject"] == REDACTED

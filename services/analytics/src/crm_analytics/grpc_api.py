@@ -189,6 +189,7 @@ def to_proto(doc: Customer360) -> customer360_pb2.Customer360:
         domain=doc.get("domain", ""),
         industry=doc.get("industry", ""),
         positions={k: int(v) for k, v in (doc.get("positions") or {}).items()},
+        erased=bool(doc.get("erased")),
     )
     for name, value in (doc.get("custom_fields") or {}).items():
         message.custom_fields[name].CopyFrom(

@@ -491,6 +491,7 @@ class Customer360(_message.Message):
     LIFETIME_WON_REVENUE_FIELD_NUMBER: _builtins.int
     TICKETS_FIELD_NUMBER: _builtins.int
     LOYALTY_FIELD_NUMBER: _builtins.int
+    ERASED_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     kind: _contacts_pb2.ContactKind.ValueType
     display_name: _builtins.str
@@ -501,6 +502,10 @@ class Customer360(_message.Message):
     domain: _builtins.str
     """Company only."""
     industry: _builtins.str
+    erased: _builtins.bool
+    """The person was erased (crm.contacts.v1.ContactsService/ErasePerson):
+    every personal value reads "[erased]"; the anonymous facts stay.
+    """
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -562,10 +567,11 @@ class Customer360(_message.Message):
         lifetime_won_revenue: _abc.Iterable[_pipeline_pb2.Money] | None = ...,
         tickets: Global___CustomerCases | None = ...,
         loyalty: Global___LoyaltyMembership | None = ...,
+        erased: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["loyalty", b"loyalty", "tickets", b"tickets", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "companies", b"companies", "custom_fields", b"custom_fields", "customer_id", b"customer_id", "deals", b"deals", "display_name", b"display_name", "domain", b"domain", "family_name", b"family_name", "given_name", b"given_name", "industry", b"industry", "kind", b"kind", "lifecycle_stage", b"lifecycle_stage", "lifetime_won_revenue", b"lifetime_won_revenue", "loyalty", b"loyalty", "owner", b"owner", "positions", b"positions", "tags", b"tags", "tickets", b"tickets", "timeline", b"timeline", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "companies", b"companies", "custom_fields", b"custom_fields", "customer_id", b"customer_id", "deals", b"deals", "display_name", b"display_name", "domain", b"domain", "erased", b"erased", "family_name", b"family_name", "given_name", b"given_name", "industry", b"industry", "kind", b"kind", "lifecycle_stage", b"lifecycle_stage", "lifetime_won_revenue", b"lifetime_won_revenue", "loyalty", b"loyalty", "owner", b"owner", "positions", b"positions", "tags", b"tags", "tickets", b"tickets", "timeline", b"timeline", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
