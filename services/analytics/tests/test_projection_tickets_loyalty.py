@@ -122,3 +122,50 @@ async def test_cases_and_membership_reach_the_view_once(analytics_servers, datab
     sources = sorted(e["source"] for e in page.entries)
     assert sources == ["contacts"] + ["loyalty"] * 5 + ["tickets"] * 3
     assert {e["actor"] for e in page.entries if e["source"] != "contacts"} == {"ada", "bob"}
+
+
+async def test_a_case_moved_by_a_merge_leaves_one_view_for_the_other_and_comes_back(
+    analytics_servers, database, topics
+):
+    """A merge re-keys BOB's case to ADA: the case, its SLA and its survey answer
+    leave BOB's view for ADA's, later events of the case reach ADA's; the
+    undone merge gives it back the same way. Redelivered, nothing moves twice."""
+    bootstrap = analytics_servers.kafka_bootstrap
+    solved = tickets.sla(tickets.clock("resolution", "met"))
+    events = [
+        tickets.opened(ADA, "k-1", 1),
+        tickets.opened(BOB, "k-2", 2),
+        tickets.status(BOB, "k-2", 3, 2, tickets_pb2.CASE_STATUS_SOLVED, solved),
+        tickets.satisfaction(BOB, "k-2", 4, 3, csat=2),
+        tickets.moved(ADA, BOB, "k-2", 5, 4),
+        tickets.status(ADA, "k-2", 6, 5, tickets_pb2.CASE_STATUS_OPEN),
+    ]
+    await tickets.publish(bootstrap, topics["tickets"], events)
+    consumer, store = projection(analytics_servers, database, topics)
+    await consumer.run_until_caught_up()
+    queries = Customer360Queries(store, clock=lambda: T0 + DAY)
+
+    ada = await queries.get_customer360(ADA, {"tickets": 6})
+    assert sorted(c["case_id"] for c in ada["tickets"]["open_cases"]) == ["k-1", "k-2"]
+    assert ada["tickets"]["satisfaction"]["responses"] == 1
+    assert "Case moved in (contacts merged)" in [e["summary"] for e in ada["timeline"]]
+    bob = await queries.get_customer360(BOB)
+    assert bob["tickets"]["open_cases"] == bob["tickets"]["recent_cases"] == []
+    assert bob["tickets"]["satisfaction"]["responses"] == 0
+
+    # The merge undone: the case goes back, reopened as it now is; a redelivery
+    # of the first move changes nothing.
+    await tickets.publish(
+        bootstrap,
+        topics["tickets"],
+        [tickets.moved(BOB, ADA, "k-2", 7, 6, undone=True), events[4]],
+    )
+    result = await consumer.run_until_caught_up()
+    assert result.counters["dead_letters"] == 0
+    ada = await queries.get_customer360(ADA, {"tickets": 6})
+    assert [c["case_id"] for c in ada["tickets"]["open_cases"]] == ["k-1"]
+    assert ada["tickets"]["satisfaction"]["responses"] == 0
+    bob = await queries.get_customer360(BOB, {"tickets": 7})
+    [case] = bob["tickets"]["open_cases"]
+    assert (case["case_id"], case["status"]) == ("k-2", "open")
+    assert bob["tickets"]["satisfaction"]["responses"] == 1

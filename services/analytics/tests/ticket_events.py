@@ -183,3 +183,26 @@ async def publish(bootstrap: str, topic: str, events: list[Any], source: str = "
         await asyncio.gather(*acks)
     finally:
         await producer.stop()
+
+
+def moved(
+    to_customer: str,
+    from_customer: str,
+    case_id: str,
+    position: int,
+    version: int,
+    *,
+    merge_id: str = "m-1",
+    undone: bool = False,
+) -> events_pb2.TicketEvent:
+    """A case re-keyed by a contacts merge (or given back by its undo), keyed by its new owner."""
+    event = envelope(to_customer, case_id, position, version)
+    event.case_customer_moved.CopyFrom(
+        events_pb2.CaseCustomerMoved(
+            from_customer_id=from_customer,
+            to_customer_id=to_customer,
+            merge_id=merge_id,
+            undone=undone,
+        )
+    )
+    return event

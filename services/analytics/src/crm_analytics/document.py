@@ -357,7 +357,17 @@ class PersonErased:
     position: int
 
 
-FanOut = CompanyRenamed | MembershipChanged | PersonErased
+@dataclass(frozen=True)
+class Detached:
+    """Something of this customer's document moved to another customer's (a
+    case or a deal re-keyed by a contacts merge, or given back by its undo):
+    `change` takes it out of the document it left."""
+
+    customer_id: str
+    change: Callable[[Customer360], Customer360]
+
+
+FanOut = CompanyRenamed | MembershipChanged | PersonErased | Detached
 
 
 @dataclass

@@ -26,6 +26,12 @@ What the document keeps (`tickets`, see `document.TicketsPart`):
   scores, never the subject: the subject is personal data and is shown (or
   pseudonymised) only where the case is.
 
+A case re-keyed by a contacts merge (`case_customer_moved`, keyed by the new
+owner) moves, with its SLA and its survey answer, from the document of the
+contact it left to the new owner's, which notes it on its timeline; the
+timeline entries it had stay where they happened. An undone merge moves it
+back the same way.
+
 Idempotent by position (`positions.tickets`); times come from the events.
 """
 
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 
 from crm.events.v1 import tickets_pb2 as events_pb2
 from crm.tickets.v1 import tickets_pb2
@@ -42,6 +49,8 @@ from crm_analytics.document import (
     CaseSla,
     CaseSummary,
     Customer360,
+    Detached,
+    FanOut,
     Loaded,
     Outcome,
     SatisfactionTotals,
@@ -311,7 +320,8 @@ _CASE_HANDLERS: dict[str, Handler] = {
 }
 
 #: Payloads of a case, and those of an SLA policy (no customer: nothing to apply).
-CASE_PAYLOADS = frozenset(_CASE_HANDLERS)
+MOVED = "case_customer_moved"
+CASE_PAYLOADS = frozenset(_CASE_HANDLERS) | {MOVED}
 POLICY_PAYLOADS = frozenset({"sla_policy_defined", "sla_policy_revised", "sla_policy_retired"})
 
 
@@ -382,6 +392,92 @@ def apply_ticket_event(doc: Customer360 | None, event: events_pb2.TicketEvent) -
     return Applied(new, applied=True)
 
 
+# -- a case moving to another customer ----------------------------------------------------
+
+
+def _answer_totals(totals: SatisfactionTotals, case: CaseSummary, sign: int) -> None:
+    answer = case["satisfaction"]
+    if answer is None:
+        return
+    totals["responses"] += sign
+    totals["csat_sum"] += sign * answer["csat"]
+    if answer["ces"] is not None:
+        totals["ces_sum"] += sign * answer["ces"]
+        totals["ces_count"] += sign
+    if answer["nps"] is not None:
+        totals["nps_sum"] += sign * answer["nps"]
+        totals["nps_count"] += sign
+
+
+def _sorted_part(
+    open_cases: list[CaseSummary], recent: list[CaseSummary], totals: SatisfactionTotals
+) -> TicketsPart:
+    open_cases.sort(key=_urgency)
+    recent.sort(key=_recency, reverse=True)
+    return {"open_cases": open_cases, "recent_cases": recent[:RECENT_CASES], "satisfaction": totals}
+
+
+def without_case(doc: Customer360, case_id: str) -> Customer360:
+    """The document without the case (and without its survey answer in the totals)."""
+    part = doc.get("tickets")
+    if not part:
+        return doc
+    cases = part["open_cases"] + part["recent_cases"]
+    gone = next((c for c in cases if c["case_id"] == case_id), None)
+    if gone is None:
+        return doc
+    totals: SatisfactionTotals = {**part["satisfaction"]}
+    _answer_totals(totals, gone, -1)
+    new = doc.copy()
+    new["tickets"] = _sorted_part(
+        [c for c in part["open_cases"] if c["case_id"] != case_id],
+        [c for c in part["recent_cases"] if c["case_id"] != case_id],
+        totals,
+    )
+    return new
+
+
+def apply_case_moved(
+    doc: Customer360 | None, left: Customer360 | None, event: events_pb2.TicketEvent
+) -> Applied:
+    """The case of `event` moves from `left` (the document of the contact it
+    left, when there is one) to `doc`, the new owner's."""
+    moved = event.case_customer_moved
+    current = doc if doc is not None else new_document(event.customer_id)
+    if event.position <= applied_position(current, SOURCE):
+        return Applied(current, applied=False)
+    when = to_datetime(event.occurred_at)
+    part = left.get("tickets") if left is not None else None
+    cases = part["open_cases"] + part["recent_cases"] if part else []
+    found = next((c for c in cases if c["case_id"] == event.aggregate_id), None)
+    case = found.copy() if found is not None else _skeleton(event.aggregate_id)
+    if event.HasField("sla"):
+        case["sla"] = case_sla(event.sla, bool(case["sla"] and case["sla"]["breached"]))
+    case["version"] = max(case["version"], event.version)
+    mine = current.get("tickets") or empty_part()
+    totals: SatisfactionTotals = {**mine["satisfaction"]}
+    open_cases = [c for c in mine["open_cases"] if c["case_id"] != case["case_id"]]
+    recent = [c for c in mine["recent_cases"] if c["case_id"] != case["case_id"]]
+    if not any(c["case_id"] == case["case_id"] for c in mine["open_cases"] + mine["recent_cases"]):
+        _answer_totals(totals, case, +1)
+    (recent if case["status"] in _DONE else open_cases).append(case)
+    new = current.copy()
+    new["tickets"] = _sorted_part(open_cases, recent, totals)
+    kind, summary = (
+        ("case.returned", "Case given back (merge undone)")
+        if moved.undone
+        else ("case.moved_in", "Case moved in (contacts merged)")
+    )
+    add_to_timeline(new, _timeline_entry(event, case, kind, summary))
+    advance(new, event.position, when, SOURCE)
+    fan_out: list[FanOut] = (
+        [Detached(moved.from_customer_id, partial(without_case, case_id=case["case_id"]))]
+        if found is not None and moved.from_customer_id != event.customer_id
+        else []
+    )
+    return Applied(new, applied=True, fan_out=fan_out)
+
+
 # -- the source -------------------------------------------------------------------------
 
 
@@ -398,7 +494,18 @@ def _apply(event: events_pb2.TicketEvent, loaded: Loaded) -> Outcome:
         if payload in CASE_PAYLOADS:
             raise ValueError(f"{payload} at position {event.position} without customer_id")
         return None
+    if event.WhichOneof("payload") == MOVED:
+        left = loaded.docs.get(event.case_customer_moved.from_customer_id)
+        return apply_case_moved(loaded.docs.get(event.customer_id), left, event)
     return apply_ticket_event(loaded.docs.get(event.customer_id), event)
+
+
+def _customers_touched(event: events_pb2.TicketEvent) -> list[str]:
+    if not event.customer_id:
+        return []
+    if event.WhichOneof("payload") == MOVED and event.case_customer_moved.from_customer_id:
+        return [event.customer_id, event.case_customer_moved.from_customer_id]
+    return [event.customer_id]
 
 
 #: How the store consumes the tickets topic.
@@ -406,6 +513,6 @@ ADAPTER: SourceAdapter[events_pb2.TicketEvent] = SourceAdapter(
     source=SOURCE,
     decode=decode,
     customer_of=lambda e: e.customer_id,
-    customers_touched=lambda e: [e.customer_id] if e.customer_id else [],
+    customers_touched=_customers_touched,
     apply=_apply,
 )

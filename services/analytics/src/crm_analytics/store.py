@@ -54,6 +54,7 @@ from crm_analytics.document import (
     AppliedToPipeline,
     CompanyRenamed,
     Customer360,
+    Detached,
     Loaded,
     MembershipChanged,
     PersonErased,
@@ -354,6 +355,11 @@ class Customer360Store:
                             docs.get(fan_out.company_id), fan_out
                         )
                         touched.add(fan_out.company_id)
+                    elif isinstance(fan_out, Detached):
+                        left = docs.get(fan_out.customer_id)
+                        if left is not None:
+                            docs[fan_out.customer_id] = fan_out.change(left)
+                            touched.add(fan_out.customer_id)
                     elif isinstance(fan_out, PersonErased):
                         for contact_id in fan_out.contact_ids:
                             doc = docs.get(contact_id) or new_document(contact_id)
