@@ -18,6 +18,7 @@ the pipeline, refuses such a conversion.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import subprocess
 import time
@@ -170,8 +171,14 @@ async def stack(
         target = f"127.0.0.1:{ports['pipeline'][0]}"
         base = f"http://127.0.0.1:{ports['pipeline'][1]}"
         await wait_serving(target, base, pipeline, logs["pipeline"])
-        pipeline_store = create_application(sqlite_settings(root))
-        contacts_store = create_contacts(sqlite_settings(root, "contacts"))
+        # The processes' master keys (if the identity has them), to read their stores.
+        keys = env.get("CRM_MASTER_KEYS_FILE", "")
+        pipeline_store = create_application(
+            dataclasses.replace(sqlite_settings(root), master_keys_file=keys)
+        )
+        contacts_store = create_contacts(
+            dataclasses.replace(sqlite_settings(root, "contacts"), master_keys_file=keys)
+        )
         try:
             async with (
                 grpc.aio.insecure_channel(target) as channel,

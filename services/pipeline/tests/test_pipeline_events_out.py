@@ -104,6 +104,10 @@ async def published(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
             NewActivity("lead", other.outcome.id, "email", "Mail", "bob", clock.now),
         )
         await service.cancel_activity(ctx("CancelActivity"), second.outcome.id, "")
+        customer = converted.outcome.extra["person_id"]
+        # Contacts merges the customer into another person, then erases that person.
+        await service.move_customers("person-kept", [customer], "merge-1", "person-kept:7", "eve")
+        await service.erase_person("company-9", [], "erase-1", "company-9:3", "eve")
 
         app = service.app
         notifications = app.recorder.select_notifications(1, 1000)  # type: ignore[attr-defined]
@@ -118,6 +122,7 @@ async def published(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
             "deal": deal,
             "lead": lead.outcome.id,
             "customer": converted.outcome.extra["person_id"],
+            "converted": converted.outcome.extra["opportunity_id"],
         }
     finally:
         service.close()
@@ -137,8 +142,8 @@ async def test_every_kind_of_event_is_published_and_receipts_are_not(
     published: dict[str, Any],
 ) -> None:
     wires = published["wires"]
-    skipped = [type(event).__qualname__ for event, wire, _ in wires if wire is None]
-    assert skipped == ["CommandReceipt.Recorded"]
+    skipped = {type(event).__qualname__ for event, wire, _ in wires if wire is None}
+    assert skipped == {"CommandReceipt.Recorded", "Activity.PersonalDataErased"}
     types = {ce_type for _, ce_type, _ in decoded(published)}
     assert types == {f"crm.pipeline.v1.{name}" for name, _ in PAYLOADS.values()}
     assert PROTO_MESSAGE == "crm.events.v1.PipelineEvent"
@@ -159,14 +164,34 @@ async def test_the_envelope_carries_position_version_actor_and_customer(
         message = events_pb.PipelineEvent.FromString(wire[2])
         assert (message.position, message.version) == (position, event.originator_version)
         assert message.aggregate_id == str(event.originator_id)
-        assert (message.actor, message.client) == ("ann", "web")
+        assert (message.actor, message.client) in {
+            ("ann", "web"),
+            ("eve", "pipeline-contacts-follower"),
+        }
         assert message.occurred_at.ToDatetime().year >= 2026
     messages = [m for _, _, m in decoded(published)]
     deal_events = [m for m in messages if m.aggregate_id == published["deal"]]
     assert {m.customer_id for m in deal_events} == {"company-9"}
     lead_events = [m for m in messages if m.aggregate_id == published["lead"]]
     # A lead's customer is known from its conversion on.
-    assert [m.customer_id for m in lead_events] == ["", "", published["customer"]]
+    assert [m.customer_id for m in lead_events] == ["", "", published["customer"], "person-kept"]
+
+
+async def test_a_merge_publishes_each_record_moved_keyed_by_its_new_customer(
+    published: dict[str, Any],
+) -> None:
+    moved = [
+        (k, m) for k, _, m in decoded(published) if m.WhichOneof("payload") == "customer_moved"
+    ]
+    # The converted lead and its deal; the deal of company-9 stays where it is.
+    assert {m.aggregate_id for _, m in moved} == {published["lead"], published["converted"]}
+    for key, m in moved:
+        assert key == m.customer_id == "person-kept"
+        assert (m.customer_moved.from_customer_id, m.customer_moved.to_customer_id) == (
+            published["customer"],
+            "person-kept",
+        )
+        assert (m.customer_moved.merge_id, m.customer_moved.undone) == ("merge-1", False)
 
 
 async def test_money_dates_and_stages_are_exact_text(published: dict[str, Any]) -> None:

@@ -15,8 +15,9 @@ facts (amounts, stages, statuses, scores, the win rate) are unchanged; a
 write carrying personal data for an erased subject is refused with
 `SubjectErased`.
 
-The query tables are left out of the scan: the lead rows still hold names
-and addresses in clear (docs/security.md, "Privacy").
+The query tables are left out of this scan: they hold activity titles in
+clear until the person is erased through the contacts follower
+(`test_pipeline_contact_changes.py` scans every table after that).
 """
 
 from __future__ import annotations

@@ -34,9 +34,10 @@ keep it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, is_dataclass
 from datetime import UTC, date, datetime
+from functools import partial
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -45,7 +46,14 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import JSONTranscoder
 
 from crm_common.auth.access import AccessPolicy, PartnerGrant
-from crm_common.commands import Caller, CommandBus, CommandContext, CommandReceipt, UnitOfWork
+from crm_common.commands import (
+    Caller,
+    CommandBus,
+    CommandContext,
+    CommandReceipt,
+    UnitOfWork,
+    WriteOutcome,
+)
 from crm_common.errors import (
     NotFound,
     PermissionDenied,
@@ -65,6 +73,7 @@ from crm_pipeline.domain import (
     Pipeline,
     check_close_date,
 )
+from crm_pipeline.domain.customers import moves_to_undo
 from crm_pipeline.forecast import ActivityInfo, ForecastRow, Funnel, WinRate
 from crm_pipeline.inputs import (
     ActivityQuery,
@@ -99,6 +108,49 @@ from crm_pipeline.views import (
 )
 
 SERVICE = "pipeline"
+#: The client named in the audit trail of the commands the contacts follower runs.
+FOLLOWER_CLIENT = "pipeline-contacts-follower"
+#: Commands a follower hands to the bus at once.
+COMMAND_GROUP = 100
+#: What every stored event has; the export lists the rest as its fields.
+EVENT_ENVELOPE = frozenset({"originator_id", "originator_version", "timestamp"})
+
+
+def _contact_id(field: str, value: str) -> str:
+    value = (value or "").strip()
+    if not value or len(value) > 200 or any(c.isspace() or c == "\x00" for c in value):
+        raise ValidationFailed.of(field, "required: an id without spaces, at most 200 characters")
+    return value
+
+
+def exportable(value: Any) -> Any:
+    """`value` with views, line items and money as plain mappings and lists (times,
+    dates and decimals are left to `crm_common.privacy.export.export_json`)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: exportable(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): exportable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [exportable(v) for v in value]
+    return value
+
+
+def _moved(outcomes: Sequence[WriteOutcome]) -> int:
+    """How many of the commands moved their record (a replay moved nothing now)."""
+    return sum(1 for o in outcomes if not o.replayed and o.extra.get("moved", "0") != "0")
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """What erasing a person did here."""
+
+    #: The subjects whose keys were destroyed (none without master keys).
+    subjects: tuple[str, ...]
+    #: How many of them still had a key.
+    destroyed: int
+    deals: tuple[str, ...]
+    leads: tuple[str, ...]
+    activities: tuple[str, ...]
 
 
 class PipelineApplication(SnapshottingApplication):
@@ -673,6 +725,165 @@ class PipelineService:
             activity_id,
             lambda a, now: a.cancel(checked, now),
         )
+
+    # -- what contacts asks of the pipeline: erased persons, merged contacts
+
+    def _system_caller(self, actor: str, request_id: str) -> Caller:
+        """The platform's own command, on behalf of whoever acted in contacts."""
+        return Caller(actor=actor, client=FOLLOWER_CLIENT, request_id=request_id)
+
+    async def _each(self, commands: Sequence[Callable[[], Awaitable[WriteOutcome]]]) -> list[Any]:
+        """Runs the commands in groups (the bus commits each group together); a
+        group that fails stops the rest (the caller retries the whole change)."""
+        done: list[Any] = []
+        for start in range(0, len(commands), COMMAND_GROUP):
+            group = commands[start : start + COMMAND_GROUP]
+            done += await asyncio.gather(*(command() for command in group))
+        return done
+
+    async def erase_person(
+        self, contact_id: str, merged: Sequence[str], reference: str, event_id: str, actor: str
+    ) -> Erasure:
+        """Erases a person's personal data (idempotent): destroys the keys of every
+        subject holding it here (the contact and the contacts merged into it: their
+        deals' names; the leads converted into them; the activities of those leads
+        and deals and of the person), then records on each of those activities that
+        its texts are erased, so that the query tables drop their copy of the title
+        (exactly once, and a rebuild gives the same). Amounts, stages and every other
+        business fact stay as they are."""
+        contact_id = _contact_id("contact_id", contact_id)
+        ids = [contact_id, *(i for i in merged if i and i != contact_id)]
+        held = await asyncio.to_thread(self.read_model.held, ids)
+        subjects = list(dict.fromkeys([*ids, *held.leads, *held.activities]))
+        keys = self.app.personal_data_keys
+        destroyed = 0
+        if keys is not None:
+            for subject in subjects:
+                destroyed += bool(await asyncio.to_thread(keys.destroy, subject))
+
+        def erase(activity_id: str) -> Awaitable[WriteOutcome]:
+            def decide(uow: UnitOfWork) -> Activity:
+                activity = uow.get(activity_id, Activity)
+                activity.erase_personal_data(reference, self.clock())
+                return activity
+
+            caller = self._system_caller(actor, f"erase:{event_id}:{activity_id}")
+            ctx = caller.command("ErasePersonalData", activity_id, reference)
+            return self.bus.execute_async(ctx, decide)
+
+        await self._each([partial(erase, a) for a in held.activities])
+        # The query tables drop the titles now, not at their next query.
+        await asyncio.to_thread(self.read_model.catch_up)
+        return Erasure(
+            subjects=tuple(subjects) if keys is not None else (),
+            destroyed=destroyed,
+            deals=tuple(held.deals),
+            leads=tuple(held.leads),
+            activities=tuple(held.activities),
+        )
+
+    async def move_customers(
+        self, survivor: str, merged: Sequence[str], merge_id: str, event_id: str, actor: str
+    ) -> int:
+        """Contacts `merged` were merged into `survivor`: every deal, lead and activity
+        naming one of them (customer, person or company) is moved to the survivor by
+        a `CustomerMoved` event of its own. Request ids come from the merge event and
+        the record, and a record already moved is left alone, so a redelivery writes
+        nothing. Returns the number of records moved."""
+        survivor = _contact_id("contact_id", survivor)
+        merge_id = _contact_id("merge_id", merge_id)
+        others = [i for i in dict.fromkeys(merged) if i and i != survivor]
+        if not others:
+            return 0
+        held = await asyncio.to_thread(self.read_model.held, others, subjects=False)
+
+        def move(ident: str, kind: type[Lead | Opportunity | Activity]) -> Awaitable[WriteOutcome]:
+            def decide(uow: UnitOfWork) -> tuple[Any, dict[str, str]]:
+                record = uow.get(ident, kind)
+                moved = record.move_customer(others, survivor, merge_id, self.clock())
+                return record, {"moved": str(moved)}
+
+            caller = self._system_caller(actor, f"merge:{event_id}:{ident}")
+            ctx = caller.command("MoveCustomer", ident, survivor, others, merge_id)
+            return self.bus.execute_async(ctx, decide)
+
+        outcomes = await self._each(
+            [
+                *(partial(move, i, Opportunity) for i in held.deals),
+                *(partial(move, i, Lead) for i in held.leads),
+                *(partial(move, i, Activity) for i in held.activities),
+            ]
+        )
+        return _moved(outcomes)
+
+    async def undo_customer_moves(
+        self, survivor: str, restored: Sequence[str], merge_id: str, event_id: str, actor: str
+    ) -> int:
+        """Merge `merge_id` into `survivor` was undone: every record it moved gets
+        back exactly the fields it moved (of the contacts `restored`), whatever
+        happened to it since. Returns the number of records moved back."""
+        survivor = _contact_id("contact_id", survivor)
+        merge_id = _contact_id("merge_id", merge_id)
+        given_back = [i for i in dict.fromkeys(restored) if i]
+        held = await asyncio.to_thread(self.read_model.held, [survivor], subjects=False)
+
+        def moved(ident: str) -> bool:
+            record: Any = self.app.repository.get(UUID(ident))
+            return any(m.fields for m in moves_to_undo(record, merge_id, given_back or None))
+
+        candidates = [*held.deals, *held.leads, *held.activities]
+        kinds: dict[str, type[Lead | Opportunity | Activity]] = {
+            **dict.fromkeys(held.deals, Opportunity),
+            **dict.fromkeys(held.leads, Lead),
+            **dict.fromkeys(held.activities, Activity),
+        }
+        due = [i for i in candidates if await asyncio.to_thread(moved, i)]
+
+        def undo(ident: str) -> Awaitable[WriteOutcome]:
+            def decide(uow: UnitOfWork) -> tuple[Any, dict[str, str]]:
+                record = uow.get(ident, kinds[ident])
+                moved = record.undo_customer_move(merge_id, self.clock(), given_back or None)
+                return record, {"moved": str(moved)}
+
+            caller = self._system_caller(actor, f"unmerge:{event_id}:{ident}")
+            ctx = caller.command("UndoCustomerMove", ident, merge_id, given_back)
+            return self.bus.execute_async(ctx, decide)
+
+        outcomes = await self._each([partial(undo, i) for i in due])
+        return _moved(outcomes)
+
+    def export_person(self, contact_id: str) -> dict[str, Any]:
+        """Everything the pipeline holds about a contact: its leads, deals and
+        activities, each as it stands and with its history (type, version, time,
+        actor, fields), personal values opened (or erased)."""
+        held = self.read_model.held([contact_id])
+        return {
+            "leads": [self._exported(i) for i in held.leads],
+            "deals": [self._exported(i) for i in held.deals],
+            "activities": [self._exported(i) for i in held.activities],
+        }
+
+    def _exported(self, ident: str) -> dict[str, Any]:
+        key = UUID(ident)
+        events: list[Any] = list(self.app.events.get(key))
+        history = [
+            {
+                "type": type(event).__qualname__,
+                "version": event.originator_version,
+                "time": event.timestamp,
+                "actor": str((getattr(event, "_meta", None) or {}).get("actor") or ""),
+                "fields": exportable(
+                    {
+                        k: v
+                        for k, v in vars(event).items()
+                        if not k.startswith("_") and k not in EVENT_ENVELOPE
+                    }
+                ),
+            }
+            for event in events
+        ]
+        record: Any = self.app.repository.get(key)
+        return {"id": ident, "state": exportable(view_of(record)), "history": history}
 
     # -- reading one aggregate
 

@@ -32,7 +32,10 @@ from crm_pipeline.views import StageView
 CE_TYPE_PREFIX = "crm.pipeline.v1."
 PROTO_MESSAGE = events_pb.PipelineEvent.DESCRIPTOR.full_name
 
-INTERNAL_EVENTS: tuple[type[Any], ...] = (CommandReceipt.Event,)
+#: Not published: command receipts, and the marker that an activity's person was
+#: erased (the erasure itself is on the contacts topic, which every consumer
+#: honours; the marker only tells this service's query tables to drop the title).
+INTERNAL_EVENTS: tuple[type[Any], ...] = (CommandReceipt.Event, Activity.PersonalDataErased)
 
 
 class UnpublishableEvent(TypeError):
@@ -146,6 +149,17 @@ def _activity_scheduled(m: events_pb.PipelineEvent, d: Data) -> None:
     )
 
 
+def _customer_moved(m: events_pb.PipelineEvent, d: Data) -> None:
+    m.customer_moved.CopyFrom(
+        events_pb.CustomerMoved(
+            from_customer_id=d["from_customer_id"],
+            to_customer_id=d["to_customer_id"],
+            merge_id=d["merge_id"],
+            undone=d["undone"],
+        )
+    )
+
+
 #: Stored event type -> public payload name and filler.
 PAYLOADS: dict[type[Any], tuple[str, Fill]] = {
     Lead.Created: ("LeadCreated", _lead_created),
@@ -158,6 +172,7 @@ PAYLOADS: dict[type[Any], tuple[str, Fill]] = {
         lambda m, d: m.lead_disqualified.CopyFrom(events_pb.LeadDisqualified(reason=d["reason"])),
     ),
     Lead.Converted: ("LeadConverted", _lead_converted),
+    Lead.CustomerMoved: ("CustomerMoved", _customer_moved),
     Pipeline.Defined: ("PipelineDefined", _pipeline_defined),
     Pipeline.StageAdded: ("StageAdded", _stage_added),
     Pipeline.StageRenamed: (
@@ -210,6 +225,7 @@ PAYLOADS: dict[type[Any], tuple[str, Fill]] = {
         ),
     ),
     Opportunity.Won: ("OpportunityWon", _won),
+    Opportunity.CustomerMoved: ("CustomerMoved", _customer_moved),
     Opportunity.Lost: (
         "OpportunityLost",
         lambda m, d: m.opportunity_lost.CopyFrom(
@@ -225,6 +241,7 @@ PAYLOADS: dict[type[Any], tuple[str, Fill]] = {
         ),
     ),
     Activity.Scheduled: ("ActivityScheduled", _activity_scheduled),
+    Activity.CustomerMoved: ("CustomerMoved", _customer_moved),
     Activity.Rescheduled: (
         "ActivityRescheduled",
         lambda m, d: m.activity_rescheduled.CopyFrom(

@@ -24,6 +24,12 @@ the big reports cheap whatever the number of deals:
   time), with entries, regressions and completed stays; and the amounts of
   the deals that entered it, per currency.
 
+Lead and activity rows keep their customer's ids (customer, person,
+company), so that the records held about a contact are found for an
+erasure, a merge or an export (`ReadModel.held`). The only column holding
+personal data is `query_activities.title`: `Activity.PersonalDataErased`
+turns it to "[erased]" when the person is erased.
+
 A deal's change first takes back what its previous row added to the sums,
 then adds the new one. The figures equal those of the plain functions of
 `crm_pipeline.forecast` over every deal (the tests compare them).
@@ -126,7 +132,8 @@ class PipelineProjection(AggregateProjection):
     """
 
     name = "pipeline"
-    version = 1
+    #: 2: leads and activities keep their customer's ids (erasures, merges, export).
+    version = 2
     kinds = (Lead, Pipeline, Opportunity, Activity)
     tables = TABLES
 
@@ -160,19 +167,21 @@ class PipelineProjection(AggregateProjection):
             [_pipeline_row(p) for p in pipelines],
         )
         tx.executemany(
-            "INSERT INTO query_leads (lead_id, version, status, owner, partner_tag, created_us)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (lead_id) DO UPDATE SET"
-            " version = excluded.version, status = excluded.status, owner = excluded.owner,"
-            " partner_tag = excluded.partner_tag",
+            "INSERT INTO query_leads (lead_id, version, status, owner, partner_tag, created_us,"
+            " customer_id, person_id, company_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (lead_id) DO UPDATE SET version = excluded.version,"
+            " status = excluded.status, owner = excluded.owner,"
+            " partner_tag = excluded.partner_tag, customer_id = excluded.customer_id,"
+            " person_id = excluded.person_id, company_id = excluded.company_id",
             [_lead_row(lead) for lead in leads],
         )
         tx.executemany(
             "INSERT INTO query_activities (activity_id, version, subject_kind, subject_id,"
-            " kind, title, owner, status, due_at, due_us)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (activity_id)"
+            " kind, title, owner, status, due_at, due_us, customer_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (activity_id)"
             " DO UPDATE SET version = excluded.version, title = excluded.title,"
             " owner = excluded.owner, status = excluded.status, due_at = excluded.due_at,"
-            " due_us = excluded.due_us",
+            " due_us = excluded.due_us, customer_id = excluded.customer_id",
             [_activity_row(a) for a in activities],
         )
         if deals:
@@ -350,6 +359,8 @@ def _schema(tx: Tx) -> list[str]:
         f" ON query_deals (pipeline_id, opened_us, {by('deal_id')})",
         "CREATE INDEX IF NOT EXISTS query_deals_customer"
         f" ON query_deals (customer_id, opened_us, {by('deal_id')})",
+        "CREATE INDEX IF NOT EXISTS query_deals_person ON query_deals (person_id)",
+        "CREATE INDEX IF NOT EXISTS query_deals_company ON query_deals (company_id)",
         "CREATE INDEX IF NOT EXISTS query_deals_status"
         f" ON query_deals (status, opened_us, {by('deal_id')})",
         "CREATE INDEX IF NOT EXISTS query_deals_closed ON query_deals (status, closed_on)",
@@ -375,7 +386,11 @@ def _schema(tx: Tx) -> list[str]:
         " PRIMARY KEY (pipeline_id, stage_id, currency))",
         "CREATE TABLE IF NOT EXISTS query_leads ("
         " lead_id TEXT PRIMARY KEY, version INTEGER NOT NULL, status TEXT NOT NULL,"
-        " owner TEXT NOT NULL, partner_tag TEXT NOT NULL, created_us BIGINT NOT NULL)",
+        " owner TEXT NOT NULL, partner_tag TEXT NOT NULL, created_us BIGINT NOT NULL,"
+        " customer_id TEXT NOT NULL, person_id TEXT NOT NULL, company_id TEXT NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS query_leads_customer ON query_leads (customer_id)",
+        "CREATE INDEX IF NOT EXISTS query_leads_person ON query_leads (person_id)",
+        "CREATE INDEX IF NOT EXISTS query_leads_company ON query_leads (company_id)",
         "CREATE INDEX IF NOT EXISTS query_leads_created"
         f" ON query_leads (created_us, {by('lead_id')})",
         "CREATE INDEX IF NOT EXISTS query_leads_status"
@@ -386,7 +401,9 @@ def _schema(tx: Tx) -> list[str]:
         " activity_id TEXT PRIMARY KEY, version INTEGER NOT NULL,"
         " subject_kind TEXT NOT NULL, subject_id TEXT NOT NULL, kind TEXT NOT NULL,"
         " title TEXT NOT NULL, owner TEXT NOT NULL, status TEXT NOT NULL,"
-        " due_at TEXT NOT NULL, due_us BIGINT NOT NULL)",
+        " due_at TEXT NOT NULL, due_us BIGINT NOT NULL, customer_id TEXT NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS query_activities_subject ON query_activities (subject_id)",
+        "CREATE INDEX IF NOT EXISTS query_activities_customer ON query_activities (customer_id)",
         "CREATE INDEX IF NOT EXISTS query_activities_due"
         f" ON query_activities (status, due_us, {by('activity_id')})",
         "CREATE INDEX IF NOT EXISTS query_activities_due_any"
@@ -412,6 +429,9 @@ def _lead_row(lead: Lead) -> tuple[Any, ...]:
         lead.owner,
         lead.partner_tag,
         micros(lead.created_at),
+        lead.customer_id,
+        lead.person_id,
+        lead.company_id,
     )
 
 
@@ -427,6 +447,7 @@ def _activity_row(activity: Activity) -> tuple[Any, ...]:
         activity.status,
         activity.due_at.isoformat(),
         micros(activity.due_at),
+        activity.customer_id,
     )
 
 
@@ -470,6 +491,15 @@ class Listed:
     items: list[tuple[str, int]]
     total: int
     after: tuple[int, str] | None
+
+
+@dataclass(frozen=True)
+class Held:
+    """What the pipeline holds about some contacts (ids, sorted)."""
+
+    deals: list[str]
+    leads: list[str]
+    activities: list[str]
 
 
 class ReadModel:
@@ -535,6 +565,44 @@ class ReadModel:
                 tx, "query_deals", "deal_id", "opened_us", conditions, size, offset, after
             )
         return Listed(rows, total, last)
+
+    # -- what is held about contacts (erasure, merges, export)
+
+    def held(self, contact_ids: Sequence[str], *, subjects: bool = True) -> Held:
+        """The deals whose customer, person or company is one of `contact_ids`, the
+        leads converted into one of them, and the activities whose customer is one
+        of them or (`subjects`) whose lead or deal is one of those."""
+        ids = sorted({i for i in contact_ids if i and "\x00" not in i})
+        deals: set[str] = set()
+        leads: set[str] = set()
+        activities: set[str] = set()
+        with self.reading() as tx:
+            for chunk in _chunks(ids):
+                marks = tx.placeholders(len(chunk))
+                for table, ident, found in (
+                    ("query_deals", "deal_id", deals),
+                    ("query_leads", "lead_id", leads),
+                ):
+                    rows = tx.all(
+                        f"SELECT {ident} FROM {table} WHERE customer_id IN ({marks})"
+                        f" OR person_id IN ({marks}) OR company_id IN ({marks})",
+                        [*chunk, *chunk, *chunk],
+                    )
+                    found.update(str(r[0]) for r in rows)
+                rows = tx.all(
+                    f"SELECT activity_id FROM query_activities WHERE customer_id IN ({marks})",
+                    chunk,
+                )
+                activities.update(str(r[0]) for r in rows)
+            if subjects:
+                for chunk in _chunks(sorted(deals | leads)):
+                    rows = tx.all(
+                        "SELECT activity_id FROM query_activities WHERE subject_id IN"
+                        f" ({tx.placeholders(len(chunk))})",
+                        chunk,
+                    )
+                    activities.update(str(r[0]) for r in rows)
+        return Held(sorted(deals), sorted(leads), sorted(activities))
 
     # -- leads
 

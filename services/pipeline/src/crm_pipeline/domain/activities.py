@@ -15,7 +15,8 @@ from typing import Any
 from eventsourcing.domain import Aggregate
 
 from crm_common.errors import RuleViolated
-from crm_common.privacy.declaration import PersonalData
+from crm_common.privacy.declaration import REDACTED, PersonalData
+from crm_pipeline.domain.customers import apply_move, move_customers, undo_customer_moves
 from crm_pipeline.domain.leads import Lead
 from crm_pipeline.domain.opportunities import Opportunity
 from crm_pipeline.domain.values import check_aware
@@ -69,6 +70,32 @@ class Activity(Aggregate):
             aggregate.outcome = self.reason
             aggregate.finished_at = self.at
 
+    class CustomerMoved(Aggregate.Event):
+        # A contacts merge (or its undo) moved the activity's customer.
+        customer_id: str
+        from_customer_id: str
+        to_customer_id: str
+        merge_id: str
+        undone: bool
+        fields: list[str]
+        at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            apply_move(aggregate, self)
+
+    class PersonalDataErased(Aggregate.Event):
+        # The person the activity is about was erased (`reference`: the erasure's);
+        # its keys are destroyed, so its texts read as erased from now on. It carries
+        # nothing personal: the query tables apply it to drop their copy of the title.
+        customer_id: str
+        reference: str
+        at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.title = REDACTED
+            aggregate.outcome = REDACTED if aggregate.outcome else ""
+            aggregate.personal_data_erased = True
+
     def __init__(
         self,
         customer_id: str,
@@ -91,6 +118,8 @@ class Activity(Aggregate):
         self.status = "open"
         self.outcome = ""
         self.finished_at: datetime | None = None
+        self.customer_moves: list[dict[str, Any]] = []
+        self.personal_data_erased = False
 
     @classmethod
     def schedule(
@@ -137,3 +166,23 @@ class Activity(Aggregate):
         check_aware("at", at)
         self._ensure_open()
         self.trigger_event(self.Cancelled, customer_id=self.customer_id, reason=reason, at=at)
+
+    def move_customer(self, merged: list[str], to_id: str, merge_id: str, at: datetime) -> int:
+        """The activity's customer, if one of `merged`, becomes `to_id`."""
+        return move_customers(self, ("customer_id",), merged, to_id, merge_id, at)
+
+    def undo_customer_move(
+        self, merge_id: str, at: datetime, restored: list[str] | None = None
+    ) -> int:
+        """Gives back what merge `merge_id` moved."""
+        return undo_customer_moves(self, merge_id, at, restored)
+
+    def erase_personal_data(self, reference: str, at: datetime) -> bool:
+        """Records that the activity's person was erased (once); True when recorded."""
+        check_aware("at", at)
+        if getattr(self, "personal_data_erased", False):
+            return False
+        self.trigger_event(
+            self.PersonalDataErased, customer_id=self.customer_id, reference=reference, at=at
+        )
+        return True

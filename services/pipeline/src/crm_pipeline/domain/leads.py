@@ -16,6 +16,12 @@ from eventsourcing.domain import Aggregate
 
 from crm_common.errors import RuleViolated, ValidationFailed
 from crm_common.privacy.declaration import PersonalData
+from crm_pipeline.domain.customers import (
+    CUSTOMER_FIELDS,
+    apply_move,
+    move_customers,
+    undo_customer_moves,
+)
 from crm_pipeline.domain.values import check_aware
 
 
@@ -72,6 +78,20 @@ class Lead(Aggregate):
             aggregate.opportunity_id = self.opportunity_id
             aggregate.converted_at = self.at
 
+    class CustomerMoved(Aggregate.Event):
+        # A contacts merge (or its undo) moved the person or company the lead was
+        # converted into (`fields`); `customer_id` is the lead's customer after the move.
+        customer_id: str
+        from_customer_id: str
+        to_customer_id: str
+        merge_id: str
+        undone: bool
+        fields: list[str]
+        at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            apply_move(aggregate, self)
+
     def __init__(
         self,
         customer_id: str,
@@ -104,6 +124,7 @@ class Lead(Aggregate):
         self.company_id = ""
         self.opportunity_id = ""
         self.converted_at: datetime | None = None
+        self.customer_moves: list[dict[str, Any]] = []
 
     @classmethod
     def create(
@@ -177,3 +198,14 @@ class Lead(Aggregate):
             opportunity_id=opportunity_id,
             at=at,
         )
+
+    def move_customer(self, merged: list[str], to_id: str, merge_id: str, at: datetime) -> int:
+        """The person or company the lead was converted into that is one of `merged`
+        becomes `to_id`; returns how many moves were recorded."""
+        return move_customers(self, CUSTOMER_FIELDS, merged, to_id, merge_id, at)
+
+    def undo_customer_move(
+        self, merge_id: str, at: datetime, restored: list[str] | None = None
+    ) -> int:
+        """Gives back what merge `merge_id` moved; returns how many moves were recorded."""
+        return undo_customer_moves(self, merge_id, at, restored)

@@ -20,6 +20,12 @@ from eventsourcing.domain import Aggregate
 from crm_common.errors import RuleViolated, ValidationFailed
 from crm_common.money import Money, parse_amount, round_money
 from crm_common.privacy.declaration import PersonalData
+from crm_pipeline.domain.customers import (
+    CUSTOMER_FIELDS,
+    apply_move,
+    move_customers,
+    undo_customer_moves,
+)
 from crm_pipeline.domain.pipelines import Pipeline
 from crm_pipeline.domain.values import (
     CLOSED_LOST,
@@ -151,6 +157,21 @@ class Opportunity(Aggregate):
             aggregate.closed_at = None
             aggregate.reopen_count += 1
 
+    class CustomerMoved(Aggregate.Event):
+        # A contacts merge (or its undo) moved the deal's customer, person or company
+        # (`fields`, those that held `from_customer_id`); `customer_id` is the deal's
+        # customer after the move.
+        customer_id: str
+        from_customer_id: str
+        to_customer_id: str
+        merge_id: str
+        undone: bool
+        fields: list[str]
+        at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            apply_move(aggregate, self)
+
     def __init__(
         self,
         customer_id: str,
@@ -188,6 +209,7 @@ class Opportunity(Aggregate):
         self.reopen_count = 0
         self.stage_id = stage_id
         self.history: list[StageVisit] = [StageVisit(stage_id, at, None, False)]
+        self.customer_moves: list[dict[str, Any]] = []
 
     def _enter(self, stage_id: str, at: datetime, regression: bool) -> None:
         self.history[-1] = replace(self.history[-1], left_at=at)
@@ -424,3 +446,16 @@ class Opportunity(Aggregate):
         if not target.is_open:
             raise ValidationFailed.of("stage_id", "a deal reopens in an open stage")
         self.trigger_event(self.Reopened, customer_id=self.customer_id, stage_id=stage_id, at=at)
+
+    # -- contacts merged and unmerged: closed deals move too (they stay as they are)
+
+    def move_customer(self, merged: list[str], to_id: str, merge_id: str, at: datetime) -> int:
+        """The deal's customer, person or company that is one of `merged` becomes
+        `to_id`; returns how many moves were recorded (none when already moved)."""
+        return move_customers(self, CUSTOMER_FIELDS, merged, to_id, merge_id, at)
+
+    def undo_customer_move(
+        self, merge_id: str, at: datetime, restored: list[str] | None = None
+    ) -> int:
+        """Gives back what merge `merge_id` moved; returns how many moves were recorded."""
+        return undo_customer_moves(self, merge_id, at, restored)
