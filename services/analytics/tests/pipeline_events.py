@@ -411,3 +411,26 @@ async def publish(
         await asyncio.gather(*acks)
     finally:
         await producer.stop()
+
+
+def customer_moved(
+    to_customer: str,
+    from_customer: str,
+    position: int,
+    deal_id: str,
+    version: int,
+    *,
+    merge_id: str = "m-1",
+    undone: bool = False,
+) -> events_pb2.PipelineEvent:
+    """A deal (lead, activity) re-keyed by a contacts merge or given back by its undo."""
+    event = envelope(to_customer, deal_id, position, version)
+    event.customer_moved.CopyFrom(
+        events_pb2.CustomerMoved(
+            from_customer_id=from_customer,
+            to_customer_id=to_customer,
+            merge_id=merge_id,
+            undone=undone,
+        )
+    )
+    return event

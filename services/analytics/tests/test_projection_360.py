@@ -303,3 +303,55 @@ async def test_pipeline_records_that_cannot_be_applied_are_parked(
     assert ada is not None
     assert ada["positions"]["pipeline"] == 4
     assert ada["lifetime_won_revenue"] == [{"amount": "10.00", "currency": "EUR"}]
+
+
+async def test_a_deal_moved_by_a_merge_takes_its_revenue_to_the_survivor_and_back(
+    analytics_servers, database, topic, pipeline_topic
+):
+    """A merge re-keys the duplicate's won deal to the survivor: the deal and its
+    revenue leave the duplicate's view; later events reach the survivor's; the
+    undone merge gives it back. A lead moved the same way only moves positions."""
+    bootstrap = analytics_servers.kafka_bootstrap
+    survivor, duplicate = "p-survivor", "p-duplicate"
+    await deals.publish(
+        bootstrap,
+        pipeline_topic,
+        [
+            deals.opened(duplicate, 1, "d-1", amount="700.00"),
+            deals.won(duplicate, 2, "d-1", 2, amount="700.00"),
+            deals.opened(survivor, 3, "d-2", amount="50.00"),
+        ],
+    )
+    consumer, _ = projection(analytics_servers, database, topic, pipeline_topic)
+    # The merge comes later, once the deals it moves are in the view (as live).
+    await consumer.run_until_caught_up()
+    await deals.publish(
+        bootstrap,
+        pipeline_topic,
+        [
+            deals.customer_moved(survivor, duplicate, 4, "d-1", 3),
+            deals.customer_moved(survivor, duplicate, 5, "lead-1", 2),
+            deals.amount_changed(survivor, 6, "d-2", 2, "60.00"),
+        ],
+    )
+    result = await consumer.run_until_caught_up()
+    assert result.counters["dead_letters"] == 0
+    kept = database.customer360.find_one({"_id": survivor})
+    assert sorted(d["opportunity_id"] for d in kept["deals"]) == ["d-1", "d-2"]
+    assert kept["lifetime_won_revenue"] == [{"amount": "700.00", "currency": "EUR"}]
+    assert kept["positions"]["pipeline"] == 6
+    left = database.customer360.find_one({"_id": duplicate})
+    assert left["deals"] == [] and left["lifetime_won_revenue"] == []
+
+    await deals.publish(
+        bootstrap,
+        pipeline_topic,
+        [deals.customer_moved(duplicate, survivor, 7, "d-1", 4, undone=True)],
+    )
+    await consumer.run_until_caught_up()
+    kept = database.customer360.find_one({"_id": survivor})
+    assert [d["opportunity_id"] for d in kept["deals"]] == ["d-2"]
+    assert kept["lifetime_won_revenue"] == []
+    back = database.customer360.find_one({"_id": duplicate})
+    assert [(d["opportunity_id"], d["status"]) for d in back["deals"]] == [("d-1", "won")]
+    assert back["lifetime_won_revenue"] == [{"amount": "700.00", "currency": "EUR"}]

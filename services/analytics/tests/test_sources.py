@@ -40,7 +40,7 @@ def test_every_contacts_payload_has_a_handler():
 
 def test_every_pipeline_payload_is_in_exactly_one_table():
     tables = [from_pipeline.DEAL_PAYLOADS, from_pipeline.PIPELINE_PAYLOADS]
-    tables.append(from_pipeline.OTHER_PAYLOADS)
+    tables += [from_pipeline.OTHER_PAYLOADS, from_pipeline.MOVED_PAYLOADS]
     assert payloads(pipeline_pb2.PipelineEvent) == set().union(*tables)
     assert sum(len(t) for t in tables) == len(set().union(*tables))
 

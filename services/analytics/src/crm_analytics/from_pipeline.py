@@ -33,7 +33,10 @@ Rules that matter:
 
 Each payload of `crm.events.v1.PipelineEvent` is in one of three tables,
 keyed by its oneof name: `_DEAL_HANDLERS`, `_DEFINITION_HANDLERS`, or
-`OTHER_PAYLOADS` (leads and activities: they only move the position).
+`OTHER_PAYLOADS` (leads and activities: they only move the position);
+`customer_moved` (a contacts merge re-keyed a deal, lead or activity, or an
+undone merge gave it back) takes a deal, with its revenue, from the view of
+the contact it left to the new owner's.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from decimal import Context, Decimal
+from functools import partial
 
 from crm.events.v1 import pipeline_pb2 as events_pb2
 from crm.pipeline.v1 import pipeline_pb2
@@ -52,6 +56,8 @@ from crm_analytics.document import (
     Customer360,
     Deal,
     DealStatus,
+    Detached,
+    FanOut,
     Loaded,
     Outcome,
     PipelineNames,
@@ -389,12 +395,17 @@ OTHER_PAYLOADS = frozenset(
 )
 
 
+MOVED = "customer_moved"
+#: A record re-keyed by a contacts merge (or given back by its undo).
+MOVED_PAYLOADS = frozenset({MOVED})
+
+
 def payload_of(event: events_pb2.PipelineEvent) -> str:
     """The event's payload name; UnknownEvent for one this version does not know."""
     payload: str | None = event.WhichOneof("payload")
     if payload is None:
         raise UnknownEvent(f"event at position {event.position} has no known payload")
-    if payload not in DEAL_PAYLOADS | PIPELINE_PAYLOADS | OTHER_PAYLOADS:
+    if payload not in DEAL_PAYLOADS | PIPELINE_PAYLOADS | OTHER_PAYLOADS | MOVED_PAYLOADS:
         raise UnknownEvent(f"event at position {event.position} carries {payload}")
     return payload
 
@@ -493,6 +504,55 @@ def is_known(doc: Customer360 | None) -> bool:
 # -- the source ---------------------------------------------------------------------------
 
 
+def without_deal(doc: Customer360, opportunity_id: str) -> Customer360:
+    """The document without the deal (and without its amount in the revenue)."""
+    deals = doc.get("deals") or []
+    if not any(d["opportunity_id"] == opportunity_id for d in deals):
+        return doc
+    new = doc.copy()
+    new["deals"] = [d for d in deals if d["opportunity_id"] != opportunity_id]
+    new["lifetime_won_revenue"] = won_revenue(new["deals"])
+    return new
+
+
+def apply_customer_moved(
+    doc: Customer360 | None, left: Customer360 | None, event: events_pb2.PipelineEvent
+) -> Applied:
+    """A record re-keyed to `event.customer_id`: a deal found in `left` (the view
+    of the contact it left) moves here with its amount; a lead or an activity
+    only moves the position, as their other events do."""
+    moved = event.customer_moved
+    current = doc if doc is not None else new_document(event.customer_id)
+    if event.position <= applied_position(current, SOURCE):
+        return Applied(current, applied=False)
+    when = to_datetime(event.occurred_at)
+    new = current.copy()
+    their_deals = (left.get("deals") or []) if left is not None else []
+    found = next((d for d in their_deals if d["opportunity_id"] == event.aggregate_id), None)
+    fan_out: list[FanOut] = []
+    if found is not None and moved.from_customer_id != event.customer_id:
+        deal = found.copy()
+        deal["version"] = max(deal["version"], event.version)
+        deals = [d for d in new.get("deals") or [] if d["opportunity_id"] != deal["opportunity_id"]]
+        deals.append(deal)
+        deals.sort(key=_deal_order, reverse=True)
+        new["deals"] = deals
+        new["lifetime_won_revenue"] = won_revenue(deals)
+        kind, summary = (
+            ("deal.returned", f"Deal given back (merge undone): {_title(deal)}")
+            if moved.undone
+            else ("deal.moved_in", f"Deal moved in (contacts merged): {_title(deal)}")
+        )
+        add_to_timeline(new, _timeline_entry(event, deal, kind, summary, when))
+        fan_out.append(
+            Detached(
+                moved.from_customer_id, partial(without_deal, opportunity_id=deal["opportunity_id"])
+            )
+        )
+    advance(new, event.position, when, SOURCE)
+    return Applied(new, applied=True, fan_out=fan_out)
+
+
 def decode(record: Record) -> events_pb2.PipelineEvent:
     """A pipeline event; `customer_id` is empty for pipelines and unconverted leads."""
     return decode_event(record, events_pb2.PipelineEvent, "aggregate_id")
@@ -501,6 +561,8 @@ def decode(record: Record) -> events_pb2.PipelineEvent:
 def _customers_touched(event: events_pb2.PipelineEvent) -> list[str]:
     if is_pipeline_definition(event) or not event.customer_id:
         return []
+    if event.WhichOneof("payload") == MOVED and event.customer_moved.from_customer_id:
+        return [event.customer_id, event.customer_moved.from_customer_id]
     return [event.customer_id]
 
 
@@ -515,6 +577,9 @@ def _apply(event: events_pb2.PipelineEvent, loaded: Loaded) -> Outcome:
         # A lead before its conversion: nothing of a customer yet.
         payload_of(event)
         return None
+    if event.WhichOneof("payload") == MOVED:
+        left = loaded.docs.get(event.customer_moved.from_customer_id)
+        return apply_customer_moved(loaded.docs.get(event.customer_id), left, event)
     return apply_pipeline_event(loaded.docs.get(event.customer_id), event)
 
 
