@@ -13,6 +13,7 @@ position of the order record that caused them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import subprocess
 import time
@@ -54,9 +55,13 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 60) 
         await asyncio.sleep(0.3)
 
 
-def stored_earnings(data_dir: Path) -> Counter[str]:
-    """How many times each order earned, read from the loyalty event store."""
-    reader = LoyaltyService(create_application(sqlite_settings(data_dir)))
+def stored_earnings(data_dir: Path, identity: Identity) -> Counter[str]:
+    """How many times each order earned, read from the loyalty event store (with
+    the master keys the processes sealed the members' personal data under)."""
+    settings = dataclasses.replace(
+        sqlite_settings(data_dir), master_keys_file=str(identity.master_keys)
+    )
+    reader = LoyaltyService(create_application(settings))
     try:
         app = reader.app
         counts: Counter[str] = Counter()
@@ -219,7 +224,7 @@ async def test_simulated_erp_orders_become_points_exactly_once_across_a_sigkill(
         expected = expected_points(stream + late_stream + more)
         await eventually(lambda: all_applied([*customers, late]), timeout=120)
 
-    earnings = stored_earnings(tmp_path / "loyalty")
+    earnings = stored_earnings(tmp_path / "loyalty", identity)
     placed = {m.event.order_id for m in stream + late_stream + more if m.event.HasField("placed")}
     assert set(earnings) == placed
     assert set(earnings.values()) == {1}

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import dataclasses
+import hashlib
+import hmac
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -27,6 +31,7 @@ from eventsourcing.application import AggregateNotFoundError
 from crm_common.commands import Caller, CommandBus, CommandContext, UnitOfWork, WriteOutcome
 from crm_common.errors import NotFound, RuleViolated, ValidationFailed
 from crm_common.eventstore import SnapshottingApplication, application_env, creating_tables
+from crm_common.privacy import ERASED, REDACTED, MissingDataKey, PersonalData
 from crm_common.settings import Settings
 from crm_loyalty import validation
 from crm_loyalty.domain import (
@@ -65,6 +70,8 @@ from crm_loyalty.views import (
 )
 
 SERVICE = "loyalty"
+#: Merges followed from a contact to the member answering for it, at most.
+MAX_MERGE_HOPS = 20
 
 
 class LoyaltyApplication(SnapshottingApplication):
@@ -172,10 +179,48 @@ class LoyaltyService:
             return None
 
     def _member(self, contact_id: str) -> Member:
+        """The member answering for `contact_id`: its own, or the member its contact
+        was merged into."""
+        member = self._own_member(contact_id)
+        seen = {contact_id}
+        while member.merged_into:
+            target = member.merged_into
+            if target in seen or len(seen) > MAX_MERGE_HOPS:
+                raise RuleViolated(f"the membership of {contact_id} was merged in a circle")
+            seen.add(target)
+            member = self._own_member(target)
+        return member
+
+    def _own_member(self, contact_id: str) -> Member:
         member = self._load(member_id(contact_id))
         if not isinstance(member, Member):
             raise NotFound("Member", contact_id)
         return member
+
+    def _resolve(self, uow: UnitOfWork, contact_id: str) -> tuple[Member, str]:
+        """The member a command naming `contact_id` acts on, and `via`: the contact
+        named when its contact was merged into that member's ("" for its own)."""
+        member = uow.get(member_id(contact_id), Member)
+        seen = {contact_id}
+        while member.merged_into:
+            target = member.merged_into
+            if target in seen or len(seen) > MAX_MERGE_HOPS:
+                raise RuleViolated(f"the membership of {contact_id} was merged in a circle")
+            seen.add(target)
+            member = uow.get(member_id(target), Member, subject=False)
+        return member, "" if member.customer_id == contact_id else contact_id
+
+    def _sealed_inputs(self, contact_id: str, *values: str) -> tuple[str, ...]:
+        """Personal inputs as the request's fingerprint takes them: an HMAC under the
+        member's data key (so a receipt cannot be matched against guessed birthdays
+        once the key is destroyed), or the values without master keys. Raises
+        `SubjectErased` for an erased contact."""
+        keys = self.app.personal_data_keys
+        if keys is None:
+            return values
+        key = keys.key_for_writing(str(member_id(contact_id)))
+        text = json.dumps(values, separators=(",", ":")).encode()
+        return (hmac.new(key.secret, text, hashlib.sha256).hexdigest(),)
 
     async def _write(self, ctx: CommandContext, decide: Callable[[UnitOfWork], Any]) -> Written:
         outcome: WriteOutcome = await self.bus.execute_async(ctx, decide)
@@ -222,8 +267,16 @@ class LoyaltyService:
             referrer = validation.identifier(referrer, "referred_by")
         await self._ensure_contact(contact_id)
 
+        personal = await asyncio.to_thread(self._sealed_inputs, contact_id, day, referrer)
+
         def decide(uow: UnitOfWork) -> Member:
             if uow.exists(member_id(contact_id), Member):
+                merged_into = uow.get(member_id(contact_id), Member, subject=False).merged_into
+                if merged_into:
+                    raise RuleViolated(
+                        f"contact {contact_id} was merged into {merged_into}: "
+                        "its membership is that contact's"
+                    )
                 raise RuleViolated(f"contact {contact_id} is a member already")
             if referrer and not uow.exists(member_id(referrer), Member):
                 raise ValidationFailed.of("referred_by", f"{referrer} is not a member")
@@ -231,7 +284,7 @@ class LoyaltyService:
                 Member.enrol(contact_id, word, self.tiers.lowest, self.clock(), day, referrer)
             )
 
-        ctx = caller.command("EnrolMember", contact_id, word, day, referrer)
+        ctx = caller.command("EnrolMember", contact_id, word, *personal)
         return await self._write(ctx, decide)
 
     def _purchase_bonuses(
@@ -263,9 +316,10 @@ class LoyaltyService:
                 at=at,
                 locked_until=locked_until,
             )
-            ident = member_id(member.referred_by)
-            if uow.exists(ident, Member):
-                referrer = uow.get(ident, Member, subject=False)
+            if uow.exists(member_id(member.referred_by), Member):
+                referrer = uow.get(member_id(member.referred_by), Member, subject=False)
+                while referrer.merged_into:  # the member the referrer's contact is now
+                    referrer = uow.get(member_id(referrer.merged_into), Member, subject=False)
                 referrer.award_bonus(
                     f"referrer:{member.customer_id}",
                     rules.referrer_bonus,
@@ -292,7 +346,7 @@ class LoyaltyService:
         lines, reference = validation.purchase(purchase)
 
         def decide(uow: UnitOfWork) -> tuple[Member, dict[str, str]]:
-            member = uow.get(member_id(contact_id), Member)
+            member, via = self._resolve(uow, contact_id)
             rules = self._rules_in(uow)
             at = self.clock()
             first = not member.has_purchased
@@ -310,6 +364,7 @@ class LoyaltyService:
                 at=at,
                 spend={x.line_id: str(x.amount) for x in lines if x.currency == currency},
                 currency=currency,
+                via=via,
             )
             if first and member.has_purchased:
                 self._purchase_bonuses(uow, member, rules, at, None)
@@ -324,7 +379,7 @@ class LoyaltyService:
         reference = validation.text(reference, "reference")
 
         def decide(uow: UnitOfWork) -> Member:
-            member = uow.get(member_id(contact_id), Member)
+            member, _ = self._resolve(uow, contact_id)
             member.spend(points, reference, self.clock())
             return member
 
@@ -337,7 +392,7 @@ class LoyaltyService:
         reason = validation.text(reason, "reason", required=True)
 
         def decide(uow: UnitOfWork) -> Member:
-            member = uow.get(member_id(contact_id), Member)
+            member, _ = self._resolve(uow, contact_id)
             rules = self._rules_in(uow)
             at = self.clock()
             member.adjust(points, reason, caller.actor, expiry_of(at, rules.lot_lifetime_days), at)
@@ -354,7 +409,7 @@ class LoyaltyService:
         the same version)."""
 
         def decide(uow: UnitOfWork) -> tuple[Member, dict[str, str]]:
-            member = uow.get(member_id(contact_id), Member)
+            member, _ = self._resolve(uow, contact_id)
             at = self.clock()
             year = member.birthday_due(at)
             if year is not None:
@@ -457,7 +512,7 @@ class LoyaltyService:
         decided: list[RewardView] = []
 
         def decide(uow: UnitOfWork) -> tuple[Member, dict[str, str]]:
-            member = uow.get(member_id(contact_id), Member)
+            member, _ = self._resolve(uow, contact_id)
             reward = uow.get(reward_id(code), Reward, subject=False)
             at = self.clock()
             redemption = f"{code}:{reward.reserved + 1}"
@@ -528,7 +583,7 @@ class LoyaltyService:
         await self._ensure_member(caller, customer)
 
         def decide(uow: UnitOfWork) -> tuple[Member, dict[str, str]]:
-            member = uow.get(member_id(customer), Member)
+            member, via = self._resolve(uow, customer)
             rules = self._rules_in(uow)
             at = validation.moment(order.occurred_at, self.clock())
             first = not member.has_purchased
@@ -546,6 +601,7 @@ class LoyaltyService:
                 at=at,
                 spend={line.line_id: str(line.amount) for line in lines},
                 currency=lines[0].currency if lines else "",
+                via=via,
             )
             if placed and first:
                 locked = expiry_of(at, rules.return_window_days)
@@ -569,7 +625,7 @@ class LoyaltyService:
         customer = returned.customer_ref.strip()
 
         def decide(uow: UnitOfWork) -> tuple[Member, dict[str, str]]:
-            member = uow.get(member_id(customer), Member)
+            member, _ = self._resolve(uow, customer)
             at = validation.moment(returned.occurred_at, self.clock())
             cancelled = member.return_order(
                 returned.order_id.strip(), returned.return_id.strip(), line_ids, at
@@ -659,3 +715,182 @@ class LoyaltyService:
             if entry.key == key:
                 return entry
         raise NotFound("ParkedOrder", key)
+
+    # -- contacts erased and merged (`crm_loyalty.contact_changes`) --------------
+
+    async def erase_members(self, contact_ids: Sequence[str]) -> int:
+        """Crypto-shreds the members of `contact_ids` (an erased person and the
+        contacts merged into them): their data keys are destroyed, so birthday and
+        referrer read as not given in every event and snapshot, and an enrolment
+        of any of them is refused from now on (`SubjectErased`). Points, lots and
+        tier stay. The query tables hold no personal data, so nothing else has to
+        go. Idempotent; returns the keys destroyed by this call."""
+        keys = self.app.personal_data_keys
+        if keys is None:
+            raise RuleViolated(
+                "loyalty runs without master keys: its personal data is not sealed, "
+                "so destroying keys cannot erase it"
+            )
+        subjects = [member_id(contact_id) for contact_id in dict.fromkeys(contact_ids)]
+
+        def destroy() -> int:
+            destroyed = sum(1 for subject in subjects if keys.destroy(str(subject)))
+            cache = getattr(self.app.repository, "cache", None)
+            for subject in subjects:  # a cached member holds the opened values
+                if cache is not None:
+                    with contextlib.suppress(KeyError):
+                        cache.get(subject, evict=True)
+            return destroyed
+
+        return await asyncio.to_thread(destroy)
+
+    async def merge_members(
+        self, caller: Caller, survivor: str, merged: Sequence[str], reference: str
+    ) -> int:
+        """Honours the merge `reference` of the contacts `merged` into `survivor`:
+        each merged contact's membership moves onto the survivor's member (enrolled
+        by the merge, with the merged member's tier and enrolment date, when the
+        survivor was no member) and is closed with a pointer to it. Commands naming
+        a merged contact afterwards act for the survivor's member. `caller.request_id`
+        is the base of one request id per merged contact. Returns the memberships
+        moved by this call (0 when none of them is a member, or all were moved)."""
+        survivor = validation.identifier(survivor, "contact_id")
+        moved = 0
+        for contact in dict.fromkeys(merged):
+            if contact == survivor:
+                continue
+            member = await asyncio.to_thread(self._load, member_id(contact))
+            if not isinstance(member, Member):
+                continue  # not a member: nothing to move
+            if member.merged_into == survivor and member.merge_reference == reference:
+                continue  # honoured before
+            ctx = dataclasses.replace(
+                caller, request_id=f"{caller.request_id}:{contact}" if caller.request_id else ""
+            ).command("MergeMembers", survivor, contact, reference)
+            await self.bus.execute_async(ctx, self._merge_decision(survivor, contact, reference))
+            moved += 1
+        return moved
+
+    def _merge_decision(
+        self, survivor: str, contact: str, reference: str
+    ) -> Callable[[UnitOfWork], Member]:
+        def decide(uow: UnitOfWork) -> Member:
+            member = uow.get(member_id(contact), Member)
+            if member.merged_into == survivor and member.merge_reference == reference:
+                return member
+            at = self.clock()
+            ident = member_id(survivor)
+            enrolled = not uow.exists(ident, Member)
+            if enrolled:
+                channel, tier = member.channel, member.tier or self.tiers.lowest
+                target = uow.add(Member.enrol(survivor, channel, tier, at))
+            else:
+                target = uow.get(ident, Member, subject=False)
+                if target.merged_into:
+                    raise RuleViolated(
+                        f"the survivor {survivor} was merged into {target.merged_into} itself"
+                    )
+            lots, orders = member.merge_into(survivor, reference, at)
+            target.take_over(member, reference, lots, orders, at, enrolled_by_merge=enrolled)
+            target.review_tier(self.tiers, at)
+            return target
+
+        return decide
+
+    async def unmerge_members(
+        self, caller: Caller, survivor: str, restored: Sequence[str], reference: str
+    ) -> int:
+        """Undoes what `merge_members` did for the merge `reference`: each restored
+        contact's membership opens again with the lots it brought (as they are now)
+        and the lots earned since by commands naming it. Returns the memberships
+        given back by this call."""
+        survivor = validation.identifier(survivor, "contact_id")
+        given = 0
+        for contact in dict.fromkeys(restored):
+            target = await asyncio.to_thread(self._load, member_id(survivor))
+            if not isinstance(target, Member) or not target.took_over(reference, contact):
+                continue  # nothing of it came along, or given back before
+            ctx = dataclasses.replace(
+                caller, request_id=f"{caller.request_id}:{contact}" if caller.request_id else ""
+            ).command("UnmergeMembers", survivor, contact, reference)
+            await self.bus.execute_async(ctx, self._unmerge_decision(survivor, contact, reference))
+            given += 1
+        return given
+
+    def _unmerge_decision(
+        self, survivor: str, contact: str, reference: str
+    ) -> Callable[[UnitOfWork], Member]:
+        def decide(uow: UnitOfWork) -> Member:
+            target = uow.get(member_id(survivor), Member)
+            at = self.clock()
+            back = target.give_back(contact, reference, at)
+            if back is None:
+                return target
+            member = uow.get(member_id(contact), Member, subject=False)
+            member.restore(survivor, reference, back[0], back[1], at)
+            target.review_tier(self.tiers, at)
+            member.review_tier(self.tiers, at)
+            return target
+
+        return decide
+
+    # -- the personal data export -----------------------------------------------
+
+    def export_personal_data(self, contact_id: str) -> dict[str, Any]:
+        """Everything loyalty holds about a contact (`ExportPersonalData`): its
+        membership (None when it is no member), the lots of its ledger, and the
+        history of its member's events, personal values opened, or "[erased]" once
+        the member's key is destroyed. Runs in a thread."""
+        member = self._load(member_id(contact_id))
+        if not isinstance(member, Member):
+            return {"member": None, "ledger": [], "history": []}
+        erased = self._is_erased(member)
+
+        def personal(value: str) -> str:
+            return REDACTED if erased else value
+
+        document = {
+            "contact_id": member.customer_id,
+            "member_number": member.member_number,
+            "channel": member.channel,
+            "enrolled_at": member.enrolled_at,
+            "tier": member.tier or self.tiers.lowest,
+            "birthday": personal(member.birthday),
+            "referred_by": personal(member.referred_by),
+            "merged_into": member.merged_into,
+            "balance": dataclasses.asdict(member.balance),
+        }
+        ledger = [
+            {k: v for k, v in dataclasses.asdict(lot).items() if k != "seq"}
+            for lot in member.lots.values()
+        ]
+        history = []
+        for event in self.app.repository.event_store.get(member.id):
+            entry: dict[str, Any] = {
+                "event": type(event).__name__,
+                "version": event.originator_version,
+                "timestamp": getattr(event, "timestamp", None),
+            }
+            for name, value in vars(event).items():
+                if not name.startswith("_") and name not in _NOT_EXPORTED:
+                    entry[name] = value
+            declared = getattr(type(event), "personal_data", None)
+            if erased and isinstance(declared, PersonalData):
+                for pattern in declared.patterns:
+                    if len(pattern) == 1 and pattern[0] in entry:
+                        entry[pattern[0]] = REDACTED
+            history.append(entry)
+        return {"member": document, "ledger": ledger, "history": history}
+
+    def _is_erased(self, member: Member) -> bool:
+        keys = self.app.personal_data_keys
+        if keys is None:
+            return False
+        try:
+            return keys.key_for_reading(str(member.id), "export") is ERASED
+        except MissingDataKey:
+            return False
+
+
+#: Event attributes the export leaves out: the aggregate's bookkeeping.
+_NOT_EXPORTED = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})

@@ -24,12 +24,18 @@ from crm_loyalty.messages import timestamp
 CE_TYPE_PREFIX = "crm.loyalty.v1."
 PROTO_MESSAGE = events_pb.LoyaltyEvent.DESCRIPTOR.full_name
 
-#: Not published: receipts, parked ERP messages, and the mark that a referral
-#: was rewarded (its bonuses are published as PointsEarned, `bonus` referee/referrer).
+#: Not published: receipts, parked ERP messages, the mark that a referral
+#: was rewarded (its bonuses are published as PointsEarned, `bonus` referee/referrer),
+#: and a merge of contacts and its undo moving lots between members (the public
+#: `LoyaltyEvent` has no payload for them yet).
 INTERNAL_EVENTS: tuple[type[Any], ...] = (
     CommandReceipt.Event,
     ParkedOrders.Event,
     Member.ReferralSettled,
+    Member.MergedAway,
+    Member.MergedIn,
+    Member.MergeReversed,
+    Member.MergeRestored,
 )
 
 

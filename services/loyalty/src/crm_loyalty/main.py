@@ -1,11 +1,15 @@
 """`crm-loyalty serve|relay|ingest`: the loyalty service's processes.
 
 `ingest` (also run as `follow`, the registry's follower role) consumes the ERP
-orders topic. Its pace is set by `CRM_LOYALTY_PARKED_RETRY_SECONDS` (default
-30: how often parked orders are tried again) and `CRM_LOYALTY_SETTLE_SECONDS`
-(default 60: how often return windows are released and lots expired) and
+orders topic and, beside it in the same process, the contacts topic
+(`crm_loyalty.contact_changes`: erased persons, merges and their undo); the
+process stops on one signal and is healthy only while both consumers are. Its
+pace is set by `CRM_LOYALTY_PARKED_RETRY_SECONDS` (default 30: how often
+parked orders are tried again) and `CRM_LOYALTY_SETTLE_SECONDS` (default 60:
+how often return windows are released and lots expired) and
 `CRM_LOYALTY_PARK_LIMIT_SECONDS` (default 604800, a week: how long a parked
-order is retried before it is dead-lettered to `<prefix>.erp.orders.dead-letter`).
+order is retried before it is dead-lettered to
+`<prefix>.erp.orders.dead-letter`).
 
 Both read the tier configuration at start (`CRM_LOYALTY_TIERS_YAML`, or the
 file `CRM_LOYALTY_TIERS_FILE` names, default the packaged `tiers.yaml`;
@@ -27,14 +31,18 @@ import asyncio
 import logging
 import os
 import sys
+from typing import Any
 
 from crm_common.cli import Process, run_cli
+from crm_common.contact_events import ContactEventsFollower
 from crm_common.lifecycle import run_worker
+from crm_common.privacy.export import personal_data_service
 from crm_common.relay import run_relay
 from crm_common.server import access_gate, serve
 from crm_common.settings import Settings
 from crm_loyalty import tier_config
 from crm_loyalty.application import LoyaltyService, create_application
+from crm_loyalty.contact_changes import JointHeartbeat, LoyaltyContactChanges, run_together
 from crm_loyalty.contacts_client import GrpcContacts
 from crm_loyalty.domain import TierPolicy
 from crm_loyalty.events_out import PROTO_MESSAGE, to_wire
@@ -85,11 +93,12 @@ async def run_serve(settings: Settings) -> int | None:
         await contacts.close()
         raise
     service.queries.side.follow()
+    exports = personal_data_service(SERVICE, service.export_personal_data)
     try:
         await serve(
             settings,
             gate=gate,
-            grpc_services=[grpc_service(service)],
+            grpc_services=[grpc_service(service), exports],
             http_app=create_app(service, gate),
             on_stop=[service.close],
         )
@@ -117,15 +126,32 @@ async def run_ingest(settings: Settings) -> int | None:
         settle_interval=_seconds("CRM_LOYALTY_SETTLE_SECONDS", 60),
         park_limit=_seconds("CRM_LOYALTY_PARK_LIMIT_SECONDS", 7 * 86400),
     )
+    follower = ContactEventsFollower(
+        SERVICE, LoyaltyContactChanges(service), bootstrap=settings.kafka_bootstrap
+    )
+    heartbeat = JointHeartbeat(
+        f"{SERVICE} ingest and contacts follower", [ingest.heartbeat, follower.heartbeat]
+    )
+
+    def details() -> dict[str, Any]:
+        return {"ingest": ingest.health_details(), "contacts_follower": follower.health_details()}
+
+    async def both(stop: asyncio.Event) -> None:
+        await run_together(stop, ingest.run, follower.run)
+
     try:
-        await run_worker(settings, ingest.heartbeat, ingest.run, details=ingest.health_details)
+        await run_worker(settings, heartbeat, both, details=details)
     finally:
         service.close()
         await contacts.close()
     return None
 
 
-INGEST = Process("consume ERP orders into points; expire and release on schedule", run_ingest)
+INGEST = Process(
+    "consume ERP orders into points; expire and release on schedule; "
+    "honour erased and merged contacts",
+    run_ingest,
+)
 PROCESSES = {
     "serve": Process("gRPC and REST API of members, points, rules and tiers", run_serve),
     "relay": Process("publish the event log to crm.loyalty.events", run_relay_process),

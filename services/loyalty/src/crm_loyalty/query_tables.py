@@ -14,7 +14,9 @@ disagrees with what `GetMember` or `GetReward` would answer.
   `GetMember` shows them), lifetime earned, the soonest expiry of unlocked
   points and how many expire then, the last change of the account, the
   enrolment and the version. Times are epoch microseconds (sortable in both
-  stores). Indexed for every listing's filter and order.
+  stores). Indexed for every listing's filter and order. A membership closed
+  by a merge of contacts has no row. No personal data (birthday, referrer)
+  is ever written here, so an erased member's row stays as it is.
 - `rewards`: one row per reward of the catalogue, in code order.
 
 Pages are keyset pages: a token holds the last row's sort key (and a
@@ -151,6 +153,11 @@ class LoyaltyTables(AggregateProjection):
             self._reward(tx, aggregate)
 
     def _member(self, tx: Tx, member: Member) -> None:
+        if member.merged_into:
+            # A membership closed by a merge of contacts is listed no more (the
+            # survivor's member holds its lots); an undone merge writes it again.
+            tx.execute("DELETE FROM members WHERE contact_id = ?", (member.customer_id,))
+            return
         balance = member.balance
         expiry, expiring = next_expiry(member)
         tx.execute(

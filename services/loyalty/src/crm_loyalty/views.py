@@ -41,6 +41,9 @@ class MemberView:
     version: int
     birthday: str = ""
     referred_by: str = ""
+    #: The contact this member's contact was merged into ("" for an open membership):
+    #: its lots are there, and commands naming this contact answer for that member.
+    merged_into: str = ""
 
 
 @dataclass(frozen=True)
@@ -160,10 +163,13 @@ def member_view(member: Member, policy: TierPolicy) -> MemberView:
                 reason=lot.reason,
             )
             for lot in member.lots.values()
+            # A lot a merge moved to another member is shown there, not here.
+            if not lot.held_by
         ),
         version=member.version,
         birthday=member.birthday,
         referred_by=member.referred_by,
+        merged_into=member.merged_into,
     )
 
 

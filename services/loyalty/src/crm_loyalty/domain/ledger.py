@@ -6,6 +6,9 @@ order's return window) and then counts as locked, not spendable. For every
 lot `earned == remaining + spent + expired + cancelled` and no figure is ever
 negative, so the balance (the sums over the lots) never is either.
 
+A merge of contacts moves a member's lots to the survivor's member whole
+(`held_by`, `moved`): each lot counts in one balance only.
+
 Spending takes the lots that expire first (ties: the older lot first).
 `allocate` decides which lots give how much and refuses, before anything
 changes, when the spendable points do not cover the amount.
@@ -46,6 +49,14 @@ class Lot:
     spent: int = 0
     expired: int = 0
     cancelled: int = 0
+    #: The contact whose member holds the lot now (a merge moved it there, or an
+    #: undone merge moved it back): "" while it is this member's. A lot held
+    #: elsewhere counts here as `moved` whole (its figures went with it).
+    held_by: str = ""
+    moved: int = 0
+    #: The contact a command named when it earned this lot for the member it was
+    #: merged into ("" for the member's own): what an undone merge gives back.
+    via: str = ""
 
     @property
     def locked(self) -> bool:
@@ -58,7 +69,7 @@ class Lot:
 
     def check(self) -> None:
         """The lot's invariant (an assertion: breaking it is a bug, not a refusal)."""
-        parts = (self.remaining, self.spent, self.expired, self.cancelled)
+        parts = (self.remaining, self.spent, self.expired, self.cancelled, self.moved)
         assert min(parts) >= 0, f"negative figure in lot {self.lot_id}: {parts}"
         assert sum(parts) == self.earned, f"lot {self.lot_id} does not add up: {parts}"
 

@@ -6,11 +6,20 @@ changes nothing. State changes only in the events' `apply`, so replaying the
 events rebuilds the same ledger. Order handling is idempotent in the
 aggregate itself (an order earns once, a return cancels once), whatever the
 transport's redelivery and the request ids' retention.
+
+A merge of contacts closes the merged contact's member (`merge_into`,
+`MergedAway`: `merged_into` names the survivor) and moves its open lots and
+orders onto the survivor's member (`take_over`, `MergedIn`), lots whole with
+their expiry dates. The survivor remembers each merge it took over, so an
+undo (`give_back` and `restore`) moves back exactly those lots and the lots
+earned since by commands naming the merged contact (`via`), each as it is now.
+These events are internal: the public `LoyaltyEvent` has no payload for them.
 """
 
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import uuid
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -33,6 +42,7 @@ from crm_loyalty.domain.ledger import (
 )
 from crm_loyalty.domain.tiers import SPEND, TierPolicy
 
+_LOT_FIELDS = frozenset(f.name for f in dataclasses.fields(Lot))
 MEMBER_NAMESPACE = uuid.UUID("8a0f6c52-3c1e-4b7a-a1d9-52e7d4f0b613")
 #: Lots from manual adjustments (their reason starts so) do not count towards tiers.
 ADJUSTMENT = "adjustment"
@@ -103,6 +113,9 @@ class Member(Aggregate):
         #: An event bonus: "first_purchase", "birthday:<year>", "referee",
         #: "referrer:<contact id of the new member>"; "" for other earnings.
         bonus: str = ""
+        #: The contact the command named when it was merged into this member's
+        #: contact ("" for this member's own): what an undone merge gives back.
+        via: str = ""
 
         def apply(self, aggregate: Any) -> None:
             aggregate._add_lot(self)
@@ -205,6 +218,123 @@ class Member(Aggregate):
             aggregate.downgrade_due = self.due_at
             aggregate.downgrade_to = self.to_tier
 
+    # -- merges of contacts (internal events: the public proto has no payload for them) --
+
+    class MergedAway(Aggregate.Event):
+        """The member's contact was merged into `into`: its open lots and its orders
+        went to that contact's member, and this membership is closed."""
+
+        customer_id: str
+        into: str
+        reference: str
+        lots: list[str]
+        orders: list[str]
+        at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            for lot_id in self.lots:
+                hand_over(aggregate.lots[lot_id], self.into)
+            for order_id in self.orders:
+                aggregate.orders.pop(order_id, None)
+            aggregate.merged_into = self.into
+            aggregate.merge_reference = self.reference
+
+    class MergedIn(Aggregate.Event):
+        """The member of a contact merged into this one came along: its lots (whole,
+        expiry dates kept), its orders, its bonuses given; a birthday and a referrer
+        this member had not given; the tier when the merge enrolled this member."""
+
+        customer_id: str
+        merged: str
+        reference: str
+        lots: list[dict[str, Any]]
+        orders: dict[str, dict[str, Any]]
+        bonuses: list[str]
+        tier: str
+        enrolled_at: datetime | None
+        referral_settled: bool
+        at: datetime
+        birthday: str = ""
+        referred_by: str = ""
+        # The merged member's birthday and referrer, now this person's.
+        personal_data = PersonalData(
+            "birthday", "referred_by", redacted={"birthday": "", "referred_by": ""}
+        )
+
+        def apply(self, aggregate: Any) -> None:
+            for state in self.lots:
+                aggregate._put_lot(state)
+            for order_id, order in self.orders.items():
+                aggregate.orders[order_id] = order_of(order)
+            aggregate.bonuses.update(self.bonuses)
+            if self.tier:
+                aggregate.tier = self.tier
+            if self.enrolled_at is not None and self.enrolled_at < aggregate.enrolled_at:
+                aggregate.enrolled_at = self.enrolled_at
+            if self.referral_settled:
+                aggregate.referral_settled = True
+            if self.birthday:
+                aggregate.birthday = self.birthday
+            if self.referred_by:
+                aggregate.referred_by = self.referred_by
+            aggregate._merges()[merge_key(self.reference, self.merged)] = {
+                "merged": self.merged,
+                "lots": [state["lot_id"] for state in self.lots],
+                "orders": list(self.orders),
+                "birthday": bool(self.birthday),
+                "referred_by": bool(self.referred_by),
+                "undone": False,
+            }
+
+    class MergeReversed(Aggregate.Event):
+        """A merge undone: what came from `merged`, and what was earned since by
+        commands naming it, went back to its member."""
+
+        customer_id: str
+        merged: str
+        reference: str
+        lots: list[str]
+        orders: list[str]
+        clear_birthday: bool
+        clear_referrer: bool
+        at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            for lot_id in self.lots:
+                hand_over(aggregate.lots[lot_id], self.merged)
+            for order_id in self.orders:
+                aggregate.orders.pop(order_id, None)
+            if self.clear_birthday:
+                aggregate.birthday = ""
+            if self.clear_referrer:
+                aggregate.referred_by = ""
+            record = aggregate._merges().get(merge_key(self.reference, self.merged))
+            if record is not None:
+                record["undone"] = True
+
+    class MergeRestored(Aggregate.Event):
+        """This membership is open again: its merge into `survivor` was undone."""
+
+        customer_id: str
+        survivor: str
+        reference: str
+        lots: list[dict[str, Any]]
+        orders: dict[str, dict[str, Any]]
+        at: datetime
+
+        def apply(self, aggregate: Any) -> None:
+            for state in self.lots:
+                aggregate._put_lot({**state, "via": ""})
+            for order_id, order in self.orders.items():
+                aggregate.orders[order_id] = order_of(order)
+            aggregate.merged_into = ""
+            aggregate.merge_reference = ""
+
+    #: The contact this member's contact was merged into ("" while open), and the merge.
+    #: (Class defaults: snapshots taken before merges existed lack them.)
+    merged_into = ""
+    merge_reference = ""
+
     def __init__(
         self,
         customer_id: str,
@@ -275,10 +405,23 @@ class Member(Aggregate):
             remaining=event.points,
             spend=dict(getattr(event, "spend", None) or {}),
             currency=getattr(event, "currency", "") or "",
+            via=getattr(event, "via", "") or "",
         )
         self.lots[lot.lot_id] = lot
         if lot.order_id:
             self.orders[lot.order_id] = OrderRecord(lot.lot_id, lines)
+
+    def _put_lot(self, state: dict[str, Any]) -> None:
+        """A lot moved in by a merge or its undo: a lot held here before keeps its place."""
+        known = self.lots.get(state["lot_id"])
+        lot = lot_of(state, known.seq if known is not None else len(self.lots))
+        lot.check()
+        self.lots[lot.lot_id] = lot
+
+    def _merges(self) -> dict[str, dict[str, Any]]:
+        """The merges this member took over, by `merge_key`: what each brought."""
+        merges: dict[str, dict[str, Any]] = self.__dict__.setdefault("merges", {})
+        return merges
 
     def _lot_id(self) -> str:
         return f"{self.id}:{len(self.lots) + 1}"
@@ -297,7 +440,9 @@ class Member(Aggregate):
         window = [
             lot
             for lot in self.lots.values()
-            if lot.earned_at > since and not lot.reason.startswith((ADJUSTMENT, BONUS))
+            if lot.earned_at > since
+            and not lot.held_by
+            and not lot.reason.startswith((ADJUSTMENT, BONUS))
         ]
         if policy.basis == SPEND:
             total = Decimal(0)
@@ -315,7 +460,10 @@ class Member(Aggregate):
     @property
     def has_purchased(self) -> bool:
         """Whether any purchase or order earned a lot (not adjustments, not bonuses)."""
-        return any(not lot.reason.startswith((ADJUSTMENT, BONUS)) for lot in self.lots.values())
+        return any(
+            not lot.held_by and not lot.reason.startswith((ADJUSTMENT, BONUS))
+            for lot in self.lots.values()
+        )
 
     def birthday_due(self, at: datetime) -> int | None:
         """The year whose birthday bonus is due at `at`, or None: on or after the
@@ -387,8 +535,10 @@ class Member(Aggregate):
         lines: dict[str, int] | None = None,
         spend: dict[str, str] | None = None,
         currency: str = "",
+        via: str = "",
     ) -> str | None:
-        """Adds a lot; None (and no event) for zero points."""
+        """Adds a lot; None (and no event) for zero points. `via`: the merged contact
+        the command named, when it answers for this member."""
         if points < 0:
             raise RuleViolated("earned points cannot be negative")
         if points == 0:
@@ -408,6 +558,7 @@ class Member(Aggregate):
             at=at,
             spend=dict(spend or {}),
             currency=currency,
+            via=via,
         )
         return lot_id
 
@@ -425,6 +576,7 @@ class Member(Aggregate):
         at: datetime,
         spend: dict[str, str] | None = None,
         currency: str = "",
+        via: str = "",
     ) -> bool:
         """Earns an order's points, locked for its return window. False: already placed
         (a redelivery), nothing happens. An order worth no points still records a
@@ -445,6 +597,7 @@ class Member(Aggregate):
             at=at,
             spend=dict(spend or {}),
             currency=currency,
+            via=via,
         )
         return True
 
@@ -541,6 +694,142 @@ class Member(Aggregate):
             self.trigger_event(self.Expired, customer_id=self.customer_id, lots=expired, at=at)
         return sum(released.values()), sum(expired.values())
 
+    # -- merges of contacts ------------------------------------------------------------
+
+    def merge_into(
+        self, survivor: str, reference: str, at: datetime
+    ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+        """Closes this membership for the merge `reference` of its contact into
+        `survivor`: the lots that still hold points or belong to an order (so a
+        later return finds them) and the orders leave. Returns them as they were,
+        for the survivor's member (`take_over`)."""
+        if self.merged_into:
+            raise RuleViolated(
+                f"the membership of {self.customer_id} was merged into {self.merged_into} already"
+            )
+        if survivor == self.customer_id:
+            raise RuleViolated("a contact cannot be merged into itself")
+        moving = [
+            lot
+            for lot in self.lots.values()
+            if not lot.held_by and (lot.remaining > 0 or lot.order_id)
+        ]
+        lots = [lot_state(lot) for lot in moving]
+        orders = {order_id: order_state(o) for order_id, o in self.orders.items()}
+        self.trigger_event(
+            self.MergedAway,
+            customer_id=self.customer_id,
+            into=survivor,
+            reference=reference,
+            lots=[lot.lot_id for lot in moving],
+            orders=list(orders),
+            at=at,
+        )
+        return lots, orders
+
+    def take_over(
+        self,
+        merged: Member,
+        reference: str,
+        lots: list[dict[str, Any]],
+        orders: dict[str, dict[str, Any]],
+        at: datetime,
+        *,
+        enrolled_by_merge: bool,
+    ) -> None:
+        """What `merged.merge_into` gave, onto this member's ledger. A member the
+        merge enrolled takes the merged member's tier and enrolment date; a birthday
+        or a referrer this member had not given is taken from the merged one."""
+        referrer = merged.referred_by
+        if self.referred_by or referrer == self.customer_id:
+            referrer = ""
+        self.trigger_event(
+            self.MergedIn,
+            customer_id=self.customer_id,
+            merged=merged.customer_id,
+            reference=reference,
+            lots=lots,
+            orders=orders,
+            bonuses=sorted(merged.bonuses),
+            tier=merged.tier if enrolled_by_merge else "",
+            enrolled_at=merged.enrolled_at,
+            referral_settled=bool(referrer) and merged.referral_settled,
+            at=at,
+            birthday="" if self.birthday else merged.birthday,
+            referred_by=referrer,
+        )
+
+    def took_over(self, reference: str, merged: str) -> bool:
+        """Whether the merge `reference` of `merged` into this member was taken over
+        and not undone."""
+        record = self._merges().get(merge_key(reference, merged))
+        return record is not None and not record["undone"]
+
+    def give_back(
+        self, merged: str, reference: str, at: datetime
+    ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]] | None:
+        """Undoes the merge `reference` of `merged` into this member: the lots it
+        brought and the lots earned since by commands naming it (each as it is now:
+        what was spent, expired or cancelled of it meanwhile stays so), with their
+        orders, go back. None: not taken over, or given back already."""
+        record = self._merges().get(merge_key(reference, merged))
+        if record is None or record["undone"]:
+            return None
+        brought = [lot_id for lot_id in record["lots"] if lot_id in self.lots]
+        since = [
+            lot.lot_id
+            for lot in self.lots.values()
+            if lot.via == merged and not lot.held_by and lot.lot_id not in brought
+        ]
+        ids = brought + since
+        for lot_id in ids:
+            holder = self.lots[lot_id].held_by
+            if holder:
+                raise RuleViolated(
+                    f"points of {merged} moved on to {holder} by a later merge: undo that first"
+                )
+        orders = {
+            order_id: order_state(order)
+            for order_id, order in self.orders.items()
+            if order_id in record["orders"] or order.lot_id in since
+        }
+        lots = [lot_state(self.lots[lot_id]) for lot_id in ids]
+        self.trigger_event(
+            self.MergeReversed,
+            customer_id=self.customer_id,
+            merged=merged,
+            reference=reference,
+            lots=ids,
+            orders=list(orders),
+            clear_birthday=bool(record["birthday"]),
+            clear_referrer=bool(record["referred_by"]),
+            at=at,
+        )
+        return lots, orders
+
+    def restore(
+        self,
+        survivor: str,
+        reference: str,
+        lots: list[dict[str, Any]],
+        orders: dict[str, dict[str, Any]],
+        at: datetime,
+    ) -> None:
+        """Opens this membership again with what the survivor gave back."""
+        if self.merged_into != survivor or self.merge_reference != reference:
+            raise RuleViolated(
+                f"the membership of {self.customer_id} is not closed by merge {reference}"
+            )
+        self.trigger_event(
+            self.MergeRestored,
+            customer_id=self.customer_id,
+            survivor=survivor,
+            reference=reference,
+            lots=lots,
+            orders=orders,
+            at=at,
+        )
+
     def review_tier(self, policy: TierPolicy, at: datetime) -> str | None:
         """Upgrades at once; downgrades once the points stayed below for the grace
         period. Returns the new tier when it changed."""
@@ -583,6 +872,60 @@ class Member(Aggregate):
             qualifying_points=points,
             at=at,
         )
+
+
+def merge_key(reference: str, merged: str) -> str:
+    return f"{reference}|{merged}"
+
+
+def hand_over(lot: Lot, holder: str) -> None:
+    """The lot is `holder`'s now: here it counts as moved, whole."""
+    lot.held_by = holder
+    lot.moved = lot.earned
+    lot.remaining = lot.spent = lot.expired = lot.cancelled = 0
+    lot.locked_until = None
+
+
+_LOT_TIMES = ("earned_at", "expires_at", "locked_until")
+
+
+def lot_state(lot: Lot) -> dict[str, Any]:
+    """A lot as an event carries it (times as ISO text)."""
+    state = dataclasses.asdict(lot)
+    for name in _LOT_TIMES:
+        value = state[name]
+        state[name] = value.isoformat() if value is not None else None
+    del state["seq"], state["held_by"], state["moved"]
+    return state
+
+
+def lot_of(state: dict[str, Any], seq: int) -> Lot:
+    values = dict(state)
+    for name in _LOT_TIMES:
+        value = values.get(name)
+        values[name] = datetime.fromisoformat(value) if value else None
+    return Lot(
+        seq=seq,
+        **{k: v for k, v in values.items() if k in _LOT_FIELDS and k not in ("seq", "held_by")},
+    )
+
+
+def order_state(order: OrderRecord) -> dict[str, Any]:
+    return {
+        "lot_id": order.lot_id,
+        "lines": dict(order.lines),
+        "returned_lines": sorted(order.returned_lines),
+        "returns": sorted(order.returns),
+    }
+
+
+def order_of(state: dict[str, Any]) -> OrderRecord:
+    return OrderRecord(
+        state["lot_id"],
+        dict(state["lines"]),
+        set(state.get("returned_lines", ())),
+        set(state.get("returns", ())),
+    )
 
 
 def expiry_of(at: datetime, days: int) -> datetime:
