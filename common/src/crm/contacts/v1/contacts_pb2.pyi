@@ -510,11 +510,16 @@ class CreatePersonRequest(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     CUSTOM_FIELDS_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    ALLOW_DUPLICATE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     given_name: _builtins.str
     family_name: _builtins.str
     lifecycle_stage: Global___LifecycleStage.ValueType
     owner: _builtins.str
+    allow_duplicate: _builtins.bool
+    """Create it even though the duplicate rules refuse it (after a user looked
+    at the possible duplicates and decided it is another person).
+    """
     @_builtins.property
     def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___NewChannelIdentity]: ...
     @_builtins.property
@@ -532,10 +537,11 @@ class CreatePersonRequest(_message.Message):
         tags: _abc.Iterable[_builtins.str] | None = ...,
         custom_fields: _abc.Mapping[_builtins.str, Global___CustomFieldValue] | None = ...,
         owner: _builtins.str = ...,
+        allow_duplicate: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "custom_fields", b"custom_fields", "family_name", b"family_name", "given_name", b"given_name", "lifecycle_stage", b"lifecycle_stage", "owner", b"owner", "request_id", b"request_id", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_duplicate", b"allow_duplicate", "channels", b"channels", "custom_fields", b"custom_fields", "family_name", b"family_name", "given_name", b"given_name", "lifecycle_stage", b"lifecycle_stage", "owner", b"owner", "request_id", b"request_id", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -547,23 +553,61 @@ class CreatePersonResponse(_message.Message):
 
     RESULT_FIELD_NUMBER: _builtins.int
     CONTACT_FIELD_NUMBER: _builtins.int
+    POSSIBLE_DUPLICATES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def result(self) -> Global___WriteResult: ...
     @_builtins.property
     def contact(self) -> Global___Contact: ...
+    @_builtins.property
+    def possible_duplicates(self) -> _containers.RepeatedCompositeFieldContainer[Global___PossibleDuplicate]:
+        """Existing contacts that look like this one by the duplicate rules, best
+        first (with CRM_CONTACTS_DUPLICATES_ON_CREATE=warn; with `refuse` such a
+        create fails with ALREADY_EXISTS naming them, unless allow_duplicate).
+        """
+
     def __init__(
         self,
         *,
         result: Global___WriteResult | None = ...,
         contact: Global___Contact | None = ...,
+        possible_duplicates: _abc.Iterable[Global___PossibleDuplicate] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["contact", b"contact", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contact", b"contact", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contact", b"contact", "possible_duplicates", b"possible_duplicates", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreatePersonResponse: _TypeAlias = CreatePersonResponse  # noqa: Y015
+
+@_typing.final
+class PossibleDuplicate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTACT_ID_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    contact_id: _builtins.str
+    score: _builtins.float
+    """0..1: how alike they are by the rule that matched best."""
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Which rules matched and on what, e.g. "same email", "same phone"."""
+
+    def __init__(
+        self,
+        *,
+        contact_id: _builtins.str = ...,
+        score: _builtins.float = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contact_id", b"contact_id", "reasons", b"reasons", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PossibleDuplicate: _TypeAlias = PossibleDuplicate  # noqa: Y015
 
 @_typing.final
 class UpdatePersonRequest(_message.Message):

@@ -46,6 +46,11 @@ class Customer360ServiceStub:
                 request_serializer=crm_dot_customer360_dot_v1_dot_customer360__pb2.GetAuditTrailRequest.SerializeToString,
                 response_deserializer=crm_dot_customer360_dot_v1_dot_customer360__pb2.GetAuditTrailResponse.FromString,
                 _registered_method=True)
+        self.ListTimeline = channel.unary_unary(
+                '/crm.customer360.v1.Customer360Service/ListTimeline',
+                request_serializer=crm_dot_customer360_dot_v1_dot_customer360__pb2.ListTimelineRequest.SerializeToString,
+                response_deserializer=crm_dot_customer360_dot_v1_dot_customer360__pb2.ListTimelineResponse.FromString,
+                _registered_method=True)
 
 
 class Customer360ServiceServicer:
@@ -70,6 +75,15 @@ class Customer360ServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTimeline(self, request, context):
+        """A customer's whole timeline, newest first, page by page (the 360 view
+        carries only the newest entries). Merged contacts' entries are folded in
+        as in GetCustomer360; the same roles and redactions apply.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_Customer360ServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +96,11 @@ def add_Customer360ServiceServicer_to_server(servicer, server):
                     servicer.GetAuditTrail,
                     request_deserializer=crm_dot_customer360_dot_v1_dot_customer360__pb2.GetAuditTrailRequest.FromString,
                     response_serializer=crm_dot_customer360_dot_v1_dot_customer360__pb2.GetAuditTrailResponse.SerializeToString,
+            ),
+            'ListTimeline': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTimeline,
+                    request_deserializer=crm_dot_customer360_dot_v1_dot_customer360__pb2.ListTimelineRequest.FromString,
+                    response_serializer=crm_dot_customer360_dot_v1_dot_customer360__pb2.ListTimelineResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,6 +159,33 @@ class Customer360Service:
             '/crm.customer360.v1.Customer360Service/GetAuditTrail',
             crm_dot_customer360_dot_v1_dot_customer360__pb2.GetAuditTrailRequest.SerializeToString,
             crm_dot_customer360_dot_v1_dot_customer360__pb2.GetAuditTrailResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTimeline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.customer360.v1.Customer360Service/ListTimeline',
+            crm_dot_customer360_dot_v1_dot_customer360__pb2.ListTimelineRequest.SerializeToString,
+            crm_dot_customer360_dot_v1_dot_customer360__pb2.ListTimelineResponse.FromString,
             options,
             channel_credentials,
             insecure,
