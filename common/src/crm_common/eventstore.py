@@ -105,11 +105,21 @@ def _conninfo(settings: Settings) -> str:
 
 
 def ensure_postgres_schema(settings: Settings) -> None:
-    """The library creates tables but not schemas; each service has its own."""
+    """The library creates tables but not schemas; each service has its own.
+
+    `CREATE SCHEMA IF NOT EXISTS` is not safe against itself either: two
+    processes of a service starting together on a fresh database (the API and
+    the follower) may both find no schema and one fails on the catalogue's
+    unique index. An advisory lock of its own makes them take turns (not the
+    one `creating_tables` takes: this runs inside it, on another connection)."""
+    schema = settings.postgres["schema"]
+    lock = f"create schema {schema}"
     with psycopg.connect(_conninfo(settings), autocommit=True) as conn:
-        conn.execute(
-            SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(settings.postgres["schema"]))
-        )
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (lock,))
+        try:
+            conn.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(schema)))
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (lock,))
 
 
 @contextmanager
