@@ -26,6 +26,7 @@ import pytest
 import yaml
 from kubernetes_validate import utils as kv_utils
 
+from crm_common.privacy.keystore import KeyStoreLocation
 from crm_common.registry import SERVICES
 from crm_common.settings import Settings
 from crm_deploy.cli import registry_json
@@ -634,7 +635,8 @@ def test_network_policies_deny_by_default_and_open_only_the_api_ports(
         for entry in SERVICES
         if "api" in entry.roles
     }
-    # Egress: the contacts processes reach PostgreSQL, analytics reaches MongoDB.
+    # Egress: the contacts processes reach PostgreSQL, analytics reaches MongoDB, and
+    # PostgreSQL too: its projector reads the write services' personal data keys.
     contacts_ports = {
         p["port"] for r in policies[f"{FULLNAME}-contacts-egress"]["egress"] for p in r["ports"]
     }
@@ -642,7 +644,125 @@ def test_network_policies_deny_by_default_and_open_only_the_api_ports(
         p["port"] for r in policies[f"{FULLNAME}-analytics-egress"]["egress"] for p in r["ports"]
     }
     assert {53, 9092, 5432} <= contacts_ports and 27017 not in contacts_ports
-    assert {53, 9092, 27017} <= analytics_ports and 5432 not in analytics_ports
+    assert {53, 9092, 27017, 5432} <= analytics_ports
+
+
+# -- master keys: personal data sealed at rest ------------------------------------------
+
+MASTER_KEYS_DIR = "/etc/crm/master-keys"
+
+
+def _holds_master_keys(process: str, service: str) -> bool:
+    """Every process of a write service and the 360 projector (the consumer)."""
+    return service != "analytics" or process in ("analytics-projector", "analytics-rebuild")
+
+
+def _master_keys_of(
+    manifests: Manifests, pod: Mapping[str, Any], service: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Settings, dict[str, Any] | None, dict[str, Any] | None]:
+    """The settings of a pod's container, its master keys mount and volume (None: none)."""
+    container = only_container(pod)
+    settings = settings_seen_by(manifests.container_env(container), service, monkeypatch)
+    mounts = [m for m in container["volumeMounts"] if m["name"] == "master-keys"]
+    volumes = [v for v in pod["volumes"] if v["name"] == "master-keys"]
+    assert len(mounts) <= 1 and len(volumes) <= 1
+    return settings, (mounts or [None])[0], (volumes or [None])[0]
+
+
+@pytest.mark.parametrize("which", ["default", "prod"])
+def test_the_write_services_and_the_projector_read_the_master_keys_from_a_secret_file(
+    which: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = [] if which == "default" else [PROD_VALUES]
+    manifests = Manifests(
+        render(values, ["analytics.rebuild.enabled=true", "postgresql.password=pg-s3cret"])
+    )
+    pods = {
+        **{
+            p.name: (p.service, manifests.deployment(p.name)["spec"]["template"]["spec"])
+            for p in SERVICE_PROCESSES
+        },
+        "analytics-rebuild": (
+            "analytics",
+            manifests.get("Job", f"{FULLNAME}-analytics-rebuild")["spec"]["template"]["spec"],
+        ),
+    }
+    holders = []
+    for name, (service, pod) in pods.items():
+        settings, mount, volume = _master_keys_of(manifests, pod, service, monkeypatch)
+        if not _holds_master_keys(name, service):
+            # The 360 API reads the view, never a key.
+            assert (settings.master_keys_file, mount, volume) == ("", None, None), name
+            continue
+        holders.append(name)
+        assert settings.master_keys_file == f"{MASTER_KEYS_DIR}/master-keys", name
+        assert settings.master_keys == ""  # never the keys themselves in a variable
+        # Read-only, the whole directory (no subPath: a changed Secret reaches the
+        # running process, which follows the file), from the operator's Secret.
+        assert mount == {"name": "master-keys", "mountPath": MASTER_KEYS_DIR, "readOnly": True}
+        assert volume is not None
+        assert volume["secret"] == {
+            "secretName": "crm-master-keys",
+            "defaultMode": 0o440,
+            "items": [{"key": "master-keys", "path": "master-keys"}],
+        }
+        if service == "analytics":
+            # The consumer finds every owner's key store in the owner's schema.
+            for owner in ("contacts", "pipeline", "tickets", "loyalty"):
+                location = KeyStoreLocation.of(settings, owner)
+                assert (location.kind, location.schema) == ("postgres", owner)
+                password = "pg-s3cret" if which == "default" else "<secret crm-postgresql/password>"
+                assert f"password={password}" in location.conninfo.replace("'", "")
+    assert {"contacts-api", "contacts-relay", "pipeline-follower", "loyalty-api"} <= set(holders)
+    assert {"analytics-projector", "analytics-rebuild"} <= set(holders)
+
+
+def test_the_master_keys_are_never_in_a_config_map_or_a_secret_the_chart_makes(
+    default: Manifests, prod: Manifests
+) -> None:
+    for manifests in (default, prod):
+        for config_map in manifests.of_kind("ConfigMap"):
+            assert not {"CRM_MASTER_KEYS", "CRM_MASTER_KEYS_FILE"} & set(config_map["data"])
+        for secret in manifests.of_kind("Secret"):
+            assert "master-keys" not in secret.get("data", {})
+        for _, pod in manifests.pod_specs():
+            for container in pod["containers"]:
+                assert "CRM_MASTER_KEYS" not in {e["name"] for e in container.get("env", [])}
+
+
+def test_the_master_keys_secret_and_its_key_are_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    manifests = Manifests(
+        render(
+            sets=["privacy.masterKeys.existingSecret=vault-crm-keys", "privacy.masterKeys.key=ring"]
+        )
+    )
+    pod = manifests.deployment("tickets-api")["spec"]["template"]["spec"]
+    _, mount, volume = _master_keys_of(manifests, pod, "tickets", monkeypatch)
+    assert volume is not None and mount is not None
+    assert volume["secret"]["secretName"] == "vault-crm-keys"
+    assert volume["secret"]["items"] == [{"key": "ring", "path": "master-keys"}]
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("privacy.masterKeys.existingSecret=", "privacy.masterKeys.existingSecret"),
+        ("privacy.masterKeys.existingSecret=Not_A_Name", "privacy.masterKeys.existingSecret"),
+        ("privacy.masterKeys.key=a/b", "privacy.masterKeys.key"),
+        ("privacy.masterKeys.inline=id:abc", "inline"),
+    ],
+)
+def test_the_values_schema_refuses_master_keys_without_a_secret(bad: str, message: str) -> None:
+    error = render_fails([bad])
+    assert "don't meet the specifications of the schema" in error
+    assert message in error
+
+
+def test_a_write_service_schema_the_projector_could_not_find_is_refused() -> None:
+    error = render_fails(["pipeline.postgresSchema=crm_pipeline"])
+    assert 'pipeline.postgresSchema must be "pipeline" while analytics is enabled' in error
+    # Without the 360 projector nobody but the owner reads the keys.
+    render(sets=["pipeline.postgresSchema=crm_pipeline", "analytics.enabled=false"])
 
 
 # -- rebuilding the 360 view --------------------------------------------------------

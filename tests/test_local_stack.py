@@ -1,5 +1,6 @@
 """The `crm-stack` command as an operator uses it: up, status, down, up again, wipe,
-restart one process, Kafka back at once after a crash, health and metrics per process.
+restart one process, Kafka back at once after a crash, health and metrics per process;
+the development master keys every process of the stack seals personal data with.
 
 Runs its own stack (not the session's) on free ports in a scratch directory,
 with only the analytics processes, so it stays quick.
@@ -22,10 +23,17 @@ import psutil
 import pytest
 from pymongo import MongoClient
 
+from crm_common.privacy import key_client
+from crm_common.privacy.keystore import KeyStoreLocation
+from crm_common.privacy.masterkeys import MASTER_KEYS_FILE_VAR, parse_master_keys
+from crm_common.registry import SERVICES
+from crm_common.settings import Settings
+from crm_deploy.identity import Identity
 from crm_deploy.process import free_port, read_pid_file
+from crm_deploy.stack import STACK_PROCESSES, Stack, StackConfig
 
-# Starts the whole stack through its command line.
-pytestmark = pytest.mark.servers
+# The tests that start the stack through its command line are marked `servers`
+# one by one; the master key tests at the end start nothing.
 
 CRM_STACK = str(Path(sys.executable).with_name("crm-stack"))
 ONLY = "analytics-api,analytics-projector"
@@ -69,6 +77,7 @@ def pids(env: dict[str, str]) -> dict[str, int]:
     return found
 
 
+@pytest.mark.servers
 def test_up_status_down_up_keeps_data_and_wipe_deletes_it(stack_env: dict[str, str]) -> None:
     up = crm_stack(stack_env, "up", "--detach", "--only", ONLY)
     assert up.returncode == 0, up.stderr
@@ -118,6 +127,7 @@ def test_up_status_down_up_keeps_data_and_wipe_deletes_it(stack_env: dict[str, s
     assert not Path(stack_env["CRM_DATA_DIR"]).exists()
 
 
+@pytest.mark.servers
 def test_the_supervisor_restarts_a_crashed_process(stack_env: dict[str, str]) -> None:
     assert crm_stack(stack_env, "up", "--detach", "--only", ONLY).returncode == 0
     victim = pids(stack_env)["analytics-projector"]
@@ -148,6 +158,7 @@ def restarts(env: dict[str, str]) -> dict[str, int]:
     return dict(state.get("restarts") or {})
 
 
+@pytest.mark.servers
 def test_restart_one_process_of_a_running_stack(stack_env: dict[str, str]) -> None:
     assert crm_stack(stack_env, "up", "--detach", "--only", ONLY).returncode == 0
     before = pids(stack_env)
@@ -174,6 +185,7 @@ def test_restart_one_process_of_a_running_stack(stack_env: dict[str, str]) -> No
     assert crm_stack(stack_env, "down").returncode == 0
 
 
+@pytest.mark.servers
 def test_kafka_killed_comes_back_on_the_first_restart(stack_env: dict[str, str]) -> None:
     """A broker killed with -9 leaves its registration in ZooKeeper until its session
     times out; the supervisor clears it, so the first restart succeeds."""
@@ -217,6 +229,7 @@ def test_kafka_killed_comes_back_on_the_first_restart(stack_env: dict[str, str])
     assert crm_stack(stack_env, "down").returncode == 0
 
 
+@pytest.mark.servers
 def test_up_refuses_a_busy_port_and_names_it(stack_env: dict[str, str]) -> None:
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", int(stack_env["CRM_KAFKA_PORT"])))
@@ -225,3 +238,100 @@ def test_up_refuses_a_busy_port_and_names_it(stack_env: dict[str, str]) -> None:
     assert up.returncode != 0
     assert f"kafka ({stack_env['CRM_KAFKA_PORT']})" in up.stderr + up.stdout
     assert pids(stack_env) == {}
+
+
+# -- master keys: personal data is sealed in the local stack too ---------------------
+
+
+def test_identity_writes_the_master_keys_once_and_a_rotation_keeps_the_old_one(
+    tmp_path: Path,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CRM_", "OTEL_"))}
+    env["CRM_DATA_DIR"] = str(tmp_path / "var")
+    first = crm_stack(env, "identity", timeout=60)
+    assert first.returncode == 0, first.stderr
+    path = tmp_path / "var" / "identity" / "master-keys"
+    assert f"master keys (CRM_MASTER_KEYS_FILE, never overwritten): {path}" in first.stdout
+    # Readable by its owner only, one valid AES-256 entry.
+    assert path.stat().st_mode & 0o777 == 0o600
+    [created] = parse_master_keys(path.read_text())
+    assert created.secret not in first.stdout.encode()
+
+    # Run again (every `up` does): the file is left exactly as it was.
+    text = path.read_text()
+    again = crm_stack(env, "identity", "--rotate", timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert path.read_text() == text
+
+    rotated = crm_stack(env, "identity", "--rotate-master-key", timeout=60)
+    assert rotated.returncode == 0, rotated.stderr
+    new, old = parse_master_keys(path.read_text())
+    assert old == created and new.id != created.id and new.secret != created.secret
+    assert f"current: {new.id}; still unwrapping: {created.id}" in rotated.stdout
+    assert "rewrap" in rotated.stdout
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def _settings_of(process_env: dict[str, str], service: str, monkeypatch: pytest.MonkeyPatch
+                 ) -> Settings:  # fmt: skip
+    """The settings a process of `service` reads from the environment the stack gives it."""
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "environ", dict(process_env))
+        return Settings.from_env(service)
+
+
+@pytest.mark.parametrize("postgres", [False, True], ids=["sqlite", "postgres"])
+def test_every_process_of_the_stack_seals_with_the_master_keys_and_finds_each_owners_keys(
+    tmp_path: Path, postgres: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = StackConfig.for_tests(tmp_path / "var")
+    config.postgres = postgres
+    stack = Stack(config)
+    identity = stack.ensure_identity()
+    assert identity.master_keys.exists()
+    envs = {row.name: dict(stack._service(row, None).env or {}) for row in STACK_PROCESSES}
+    for name, env in envs.items():
+        assert env[MASTER_KEYS_FILE_VAR] == str(identity.master_keys), name
+    # The rebuild of the 360 view runs with the stack's service environment too.
+    assert stack.service_env()[MASTER_KEYS_FILE_VAR] == str(identity.master_keys)
+
+    # A consumer (the registry's `consumes`) looks for an owner's keys where the
+    # owner's own processes keep them: the same file, or the same schema.
+    for consumer in (s for s in SERVICES if s.consumes):
+        consumer_env = envs[consumer.process_name(consumer.roles[-1])]
+        reader = _settings_of(consumer_env, consumer.name, monkeypatch)
+        for owner in consumer.consumes:
+            own = _settings_of(envs[f"{owner}-api"], owner, monkeypatch)
+            assert KeyStoreLocation.of(reader, owner) == KeyStoreLocation.of(own), (
+                consumer.name,
+                owner,
+            )
+    if postgres:
+        return  # the stack's PostgreSQL is not running here: tests/test_stack_postgres.py
+
+    # On SQLite, for real: a key contacts creates is the key the projector reads.
+    contacts = key_client(_settings_of(envs["contacts-api"], "contacts", monkeypatch))
+    projector = key_client(
+        _settings_of(envs["analytics-projector"], "analytics", monkeypatch), owner="contacts"
+    )
+    assert contacts is not None and projector is not None
+    try:
+        written = contacts.key_for_writing("person-1")
+        assert projector.key_for_reading("person-1", purpose="360 view") == written
+        assert [a.accessor for a in contacts.store.accesses("person-1")] == ["analytics"]
+        assert (tmp_path / "var" / "contacts" / "keys.sqlite").exists()
+    finally:
+        contacts.close()
+        projector.close()
+
+
+def test_a_development_identity_from_before_master_keys_gets_them_on_the_next_up(
+    tmp_path: Path,
+) -> None:
+    stack = Stack(StackConfig.for_tests(tmp_path / "var"))
+    identity = stack.ensure_identity()
+    identity.master_keys.unlink()
+    assert MASTER_KEYS_FILE_VAR not in Identity(identity.root).env()
+    stack.ensure_identity()
+    assert stack.service_env()[MASTER_KEYS_FILE_VAR] == str(identity.master_keys)
+    assert len(identity.master_key_ids()) == 1

@@ -1,4 +1,6 @@
-"""`crm-stack up --postgres`: the write services store their events in PostgreSQL.
+"""`crm-stack up --postgres`: the write services store their events in PostgreSQL,
+the personal data in them sealed, their data keys in their schemas where the
+services that consume their events find them.
 
 Runs its own stack (not the session's) through the command line on free
 ports in a scratch directory, with only the contacts API, and a PostgreSQL
@@ -19,8 +21,12 @@ import psycopg
 import pytest
 from psycopg.sql import SQL, Identifier
 
+from crm_common.privacy import key_client
+from crm_common.settings import Settings
+from crm_deploy.postgres import PostgresTarget
 from crm_deploy.process import free_port, port_in_use
-from crm_deploy.stack import Stack, StackConfig
+from crm_deploy.stack import Stack, StackConfig, load_state
+from crm_deploy.testing import postgres_cells, settings_in
 
 pytestmark = pytest.mark.servers
 
@@ -67,6 +73,24 @@ def stored_events(port: int, schema: str) -> int:
         return total
 
 
+def postgres_settings_of(stack_env: dict[str, str], service: str) -> Settings:
+    """The settings a process of `service` of the running stack reads."""
+    data_dir = Path(stack_env["CRM_DATA_DIR"])
+    state = load_state(data_dir)
+    assert state is not None
+    settings: Settings = settings_in(
+        Stack(StackConfig.from_json(state["config"])).service_env(), service
+    )
+    return settings
+
+
+def found_in_schema(port: int, schema: str, values: list[str]) -> list[str]:
+    """Those of `values` a raw read of every row of every table of `schema` finds."""
+    target = PostgresTarget("127.0.0.1", port)
+    blobs = [blob for where, blob in postgres_cells(target) if where.startswith(f"{schema}.")]
+    return [value for value in values if any(value.encode() in blob for blob in blobs)]
+
+
 def test_up_with_postgres_stores_a_services_events_there(stack_env: dict[str, str]) -> None:
     up = crm_stack(stack_env, "up", "--detach", "--postgres", "--only", "contacts-api")
     assert up.returncode == 0, up.stderr
@@ -97,6 +121,23 @@ def test_up_with_postgres_stores_a_services_events_there(stack_env: dict[str, st
     # The event is in the contacts schema of the stack's PostgreSQL, not in a SQLite file.
     assert stored_events(pg_port, "contacts") > before
     assert not list((data_dir / "contacts").glob("*.sqlite"))
+
+    # Sealed under the person's data key, kept in the same schema, wrapped by the
+    # stack's development master key: the name is nowhere in clear there.
+    settings = postgres_settings_of(stack_env, "contacts")
+    assert settings.master_keys_file == str(data_dir / "identity" / "master-keys")
+    assert found_in_schema(pg_port, "contacts", ["Lovelace", "ada@example.com"]) == []
+    # A consumer of the contacts topic (the 360 projector) finds and reads that key.
+    projector = key_client(postgres_settings_of(stack_env, "analytics"), owner="contacts")
+    owner = key_client(settings)
+    assert projector is not None and owner is not None
+    try:
+        key = projector.key_for_reading(created["id"], purpose="360 view")
+        assert key == owner.key_for_reading(created["id"])
+        assert [a.accessor for a in owner.store.accesses(created["id"])] == ["analytics"]
+    finally:
+        projector.close()
+        owner.close()
 
     down = crm_stack(stack_env, "down")
     assert down.returncode == 0, down.stderr

@@ -9,7 +9,9 @@
     crm-stack restart NAME                      stop and start one process of the running stack
     crm-stack wipe                              delete the data directory (not while running)
     crm-stack rebuild-360                       rebuild the 360 view and audit trail from the topics
-    crm-stack identity [--rotate]               signing keys, a token per role, dev certificates
+    crm-stack identity [--rotate] [--rotate-master-key]
+                                                signing keys, a token per role, dev certificates,
+                                                the master keys that seal personal data
     crm-stack registry [--write]                the service registry as the Helm chart reads it
     crm-stack asyncapi [--write]                the event contract (docs/asyncapi.yaml)
 
@@ -470,10 +472,10 @@ def cmd_asyncapi(write: bool) -> int:
 # -- identity --------------------------------------------------------------------
 
 
-def cmd_identity(rotate: bool) -> int:
+def cmd_identity(rotate: bool, rotate_master_key: bool = False) -> int:
     """Creates (or rotates) the development identity and says how to use it."""
     stack = Stack(StackConfig.from_env())
-    identity = stack.ensure_identity(rotate=rotate)
+    identity = stack.ensure_identity(rotate=rotate, rotate_master_key=rotate_master_key)
     print(f"key set (CRM_AUTH_JWKS): {identity.jwks}")
     print(f"a token per role, valid for 12 h: {identity.tokens}/<role>.jwt")
     print(f"  roles: {', '.join(sorted(p.stem for p in identity.tokens.glob('*.jwt')))}")
@@ -481,8 +483,24 @@ def cmd_identity(rotate: bool) -> int:
     print("call an API with one, e.g.:")
     print(f'  curl -H "Authorization: Bearer $(cat {identity.token_path("sales")})" \\')
     print("       localhost:8081/persons")
+    ids = identity.master_key_ids()
+    print(f"master keys (CRM_MASTER_KEYS_FILE, never overwritten): {identity.master_keys}")
+    print(f"  current: {ids[0]}" + (f"; still unwrapping: {', '.join(ids[1:])}" if ids[1:] else ""))
     if rotate:
         print("rotated the users' signing key; tokens signed by the previous key stay valid")
+    if rotate_master_key and len(ids) == 1:
+        print("there was no master key to rotate: the first one was created")
+    elif rotate_master_key:
+        print(
+            f"new master key {ids[0]} wraps new data keys from now on (the stack's processes "
+            "re-read the file within 5 s); the earlier ones stay in the file. Move every "
+            "data key to it, for each of contacts, pipeline, tickets and loyalty "
+            "(docs/security.md, 'Rotating the master key'):"
+        )
+        print(
+            f"  CRM_DATA_DIR={stack.config.data_dir} CRM_MASTER_KEYS_FILE={identity.master_keys} "
+            ".venv/bin/python -m crm_common.privacy <service> rewrap"
+        )
     return 0
 
 
@@ -525,6 +543,11 @@ def main(argv: list[str] | None = None) -> None:
     identity.add_argument(
         "--rotate", action="store_true", help="replace the users' key (the old one stays valid)"
     )
+    identity.add_argument(
+        "--rotate-master-key",
+        action="store_true",
+        help="put a new master key first in the master keys file (the earlier ones stay)",
+    )
     registry = commands.add_parser(
         "registry", help="print the service registry as the Helm chart reads it"
     )
@@ -552,7 +575,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "wipe":
         code = cmd_wipe()
     elif args.command == "identity":
-        code = cmd_identity(args.rotate)
+        code = cmd_identity(args.rotate, args.rotate_master_key)
     elif args.command == "registry":
         code = cmd_registry(args.write)
     elif args.command == "asyncapi":

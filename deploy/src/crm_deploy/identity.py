@@ -6,10 +6,17 @@ services trust, and a bearer token per role.
       users.key.pem        the development identity provider's key (users' tokens)
       platform.key.pem     the platform services' own key (CRM_SERVICE_KEY_FILE)
       tokens/<role>.jwt    a token per role, e.g. tokens/sales.jwt
+      master-keys          the master keys wrapping every person's data key
+                           (CRM_MASTER_KEYS_FILE), current first
 
 `crm-stack identity` (`deploy/crm identity`) creates what is missing and mints
 fresh tokens; `--rotate` replaces the users' key while the old one stays in
 the key set until the next rotation, so tokens already handed out keep working.
+The master keys file is written once and never replaced: it is the only way to
+read the personal data the stack stored (losing it erases everyone).
+`--rotate-master-key` puts a new key first and keeps the earlier ones after it,
+so that the data keys they wrapped still open (docs/security.md, "Rotating the
+master key", says how to move them to the new one).
 In production none of this exists: users' tokens come from the enterprise's
 identity provider and each service's key from a Secret (see docs/security.md).
 """
@@ -33,6 +40,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from crm_common.auth.issuer import TokenIssuer, jwks_document, new_private_key_pem, public_jwk
 from crm_common.auth.principal import ROLES
+from crm_common.privacy import new_master_key
+from crm_common.privacy.masterkeys import MASTER_KEYS_FILE_VAR, parse_master_keys
 
 ISSUER = "crm-local"
 AUDIENCE = "crm-platform"
@@ -71,6 +80,15 @@ class Identity:
         return self.root / "pseudonym.key"
 
     @property
+    def master_keys(self) -> Path:
+        return self.root / "master-keys"
+
+    def master_key_ids(self) -> list[str]:
+        """The ids of the master keys in the file, the current one first."""
+        text = self.master_keys.read_text()
+        return [key.id for key in parse_master_keys(text, source=str(self.master_keys))]
+
+    @property
     def tokens(self) -> Path:
         return self.root / "tokens"
 
@@ -98,8 +116,9 @@ class Identity:
         )
 
     def env(self) -> dict[str, str]:
-        """What the services need to verify tokens and sign their own."""
-        return {
+        """What the services need to verify tokens, sign their own and seal personal
+        data (the master keys file, once `ensure_identity` has written it)."""
+        env = {
             "CRM_AUTH_JWKS": str(self.jwks),
             "CRM_AUTH_ISSUER": ISSUER,
             "CRM_AUTH_AUDIENCE": AUDIENCE,
@@ -107,13 +126,45 @@ class Identity:
             "CRM_SERVICE_KEY_ID": PLATFORM_KID,
             "CRM_PSEUDONYM_KEY_FILE": str(self.pseudonym_key),
         }
+        if self.master_keys.exists():
+            env[MASTER_KEYS_FILE_VAR] = str(self.master_keys)
+        return env
 
 
-def ensure_identity(root: Path, *, rotate: bool = False) -> Identity:
-    """Creates the keys that are missing (or rotates the users' key) and mints fresh
-    tokens for every role that users hold."""
+def _master_key_id() -> str:
+    return f"dev-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S-%f')}"
+
+
+def ensure_master_keys(identity: Identity, *, rotate: bool = False) -> Path:
+    """The development master keys file: created once (mode 0600, one entry) and
+    never overwritten; `rotate` puts a new entry first and keeps every earlier
+    one after it. Returns its path."""
+    path = identity.master_keys
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if rotate:
+            earlier = path.read_text().strip()
+            parse_master_keys(earlier, source=str(path))  # refuse to rotate a broken file
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.unlink(missing_ok=True)
+            _write_private(tmp, f"{new_master_key(_master_key_id())}\n{earlier}\n".encode())
+            tmp.replace(path)
+        return path
+    with os.fdopen(fd, "w") as out:
+        out.write(new_master_key(_master_key_id()) + "\n")
+    return path
+
+
+def ensure_identity(
+    root: Path, *, rotate: bool = False, rotate_master_key: bool = False
+) -> Identity:
+    """Creates the keys that are missing (or rotates the users' key, or the master
+    key) and mints fresh tokens for every role that users hold."""
     identity = Identity(root)
     root.mkdir(parents=True, exist_ok=True)
+    ensure_master_keys(identity, rotate=rotate_master_key)
     fresh = not identity.jwks.exists()
     keys: list[dict[str, Any]] = [] if fresh else identity._keyset()["keys"]
     if fresh or not identity.platform_key.exists():

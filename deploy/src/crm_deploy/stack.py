@@ -8,7 +8,8 @@ lives under one data directory::
     <data_dir>/secantus/      the document store (WiredTiger)
     <data_dir>/postgres/      PostgreSQL's cluster, with `--postgres` (StackConfig.postgres)
     <data_dir>/kafka-dist/    the Kafka distribution, extracted once
-    <data_dir>/<service>/     a service's own files (its event store)
+    <data_dir>/<service>/     a service's own files (its event store, its key store)
+    <data_dir>/identity/      keys, tokens, certificates and the master keys file
     <data_dir>/logs/          one log per process
     <data_dir>/run/           pid files, generated configs, stack state
 
@@ -475,9 +476,12 @@ class Stack:
         """The stack's development identity: `identity.mint("sales")` is a sales user's token."""
         return self.config.identity
 
-    def ensure_identity(self, *, rotate: bool = False) -> Identity:
-        """Keys, a token per role and the development certificates (what is missing)."""
-        identity = ensure_identity(self.identity.root, rotate=rotate)
+    def ensure_identity(self, *, rotate: bool = False, rotate_master_key: bool = False) -> Identity:
+        """Keys (the master keys that seal personal data too), a token per role and the
+        development certificates (what is missing)."""
+        identity = ensure_identity(
+            self.identity.root, rotate=rotate, rotate_master_key=rotate_master_key
+        )
         ensure_certificates(identity.root / "tls")
         return identity
 

@@ -159,25 +159,69 @@ seccompProfile:
 {{- end }}
 
 {{/*
+"true" when a process holds the master keys (else empty); call with
+(dict "name" "contacts-api" "writeService" true). Every process of a write
+service seals and opens its own subjects' personal data; the analytics
+projector (and its rebuild Job, "analytics-rebuild") opens every write
+service's, reading their data keys from their key stores.
+*/}}
+{{- define "crm.holdsMasterKeys" -}}
+{{- if or .writeService (has .name (list "analytics-projector" "analytics-rebuild")) }}true{{ end }}
+{{- end }}
+
+{{/* Where a pod that holds the master keys finds them (CRM_MASTER_KEYS_FILE). */}}
+{{- define "crm.masterKeysFile" -}}
+/etc/crm/master-keys/master-keys
+{{- end }}
+
+{{/*
+The consumers of personal data keys look for an owner's key store in the
+PostgreSQL schema named after the owner (crm_common.privacy.keystore): a
+write service whose event store is in a schema of another name could not be
+read by the 360 projector, so the chart refuses it.
+*/}}
+{{- define "crm.checkKeyStoreSchemas" -}}
+{{- if .Values.analytics.enabled }}
+{{- range $name := splitList " " (include "crm.writeServices" .) }}
+{{- $svc := index $.Values $name }}
+{{- if and $svc.enabled (ne $svc.postgresSchema $name) }}
+{{- fail (printf "%s.postgresSchema must be %q while analytics is enabled: the 360 projector reads the personal data keys of %s in the schema named after it (it is %q)" $name $name $name $svc.postgresSchema) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 Environment of a process beyond the shared ConfigMap; call with
-(dict "root" $ "service" "contacts" "writeService" true). Write services get
-their event store's schema and password, read-model services the MongoDB URL.
+(dict "root" $ "service" "contacts" "writeService" true "masterKeys" true).
+Write services get their event store's schema and password, read-model
+services the MongoDB URL; a process holding the master keys gets their file
+(and, in a read-model service, the PostgreSQL password: the owners' key
+stores are in their schemas).
 */}}
 {{- define "crm.processEnv" -}}
 {{- if .writeService }}
 - name: CRM_POSTGRES_SCHEMA
   value: {{ (index .root.Values .service).postgresSchema | quote }}
+{{- end }}
+{{- if or .writeService .masterKeys }}
 - name: CRM_POSTGRES_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ include "crm.postgresSecretName" .root }}
       key: {{ .root.Values.postgresql.passwordKey }}
-{{- else }}
+{{- end }}
+{{- if not .writeService }}
 - name: CRM_MONGO_URL
   valueFrom:
     secretKeyRef:
       name: {{ include "crm.mongoSecretName" .root }}
       key: {{ .root.Values.mongodb.urlKey }}
+{{- end }}
+{{- if .masterKeys }}
+# The master keys, as a file the process re-reads when the Secret changes.
+- name: CRM_MASTER_KEYS_FILE
+  value: {{ include "crm.masterKeysFile" . | quote }}
 {{- end }}
 - name: CRM_SERVICE_KEY_FILE
   value: /etc/crm/service-key/key.pem
@@ -192,9 +236,10 @@ their event store's schema and password, read-model services the MongoDB URL.
 
 {{/* Volumes of every pod: the root file system is read-only. */}}
 {{/*
-Volumes of a process; call with (dict "root" $ "service" "contacts").
-The key set, the service's own signing key, the pseudonym key and, with
-grpcTls, the certificates: each read-only, each from its ConfigMap or Secret.
+Volumes of a process; call with (dict "root" $ "service" "contacts" "masterKeys" true).
+The key set, the service's own signing key, the pseudonym key, the master keys
+(processes that hold them) and, with grpcTls, the certificates: each
+read-only, each from its ConfigMap or Secret.
 */}}
 {{- define "crm.volumes" -}}
 {{- $auth := .root.Values.auth }}
@@ -219,6 +264,15 @@ grpcTls, the certificates: each read-only, each from its ConfigMap or Secret.
   secret:
     secretName: {{ $auth.pseudonymKeySecret }}
     items: [{key: pseudonym.key, path: pseudonym.key}]
+{{- if .masterKeys }}
+# Mounted as a directory (no subPath), so that the kubelet's updates of the
+# Secret reach the running process; readable by the pod's group only.
+- name: master-keys
+  secret:
+    secretName: {{ .root.Values.privacy.masterKeys.existingSecret }}
+    defaultMode: 0440
+    items: [{key: {{ .root.Values.privacy.masterKeys.key | quote }}, path: master-keys}]
+{{- end }}
 {{- if $tls.enabled }}
 - name: grpc-tls
   secret:
@@ -254,6 +308,11 @@ grpcTls, the certificates: each read-only, each from its ConfigMap or Secret.
 - name: pseudonym
   mountPath: /etc/crm/pseudonym
   readOnly: true
+{{- if .masterKeys }}
+- name: master-keys
+  mountPath: {{ include "crm.masterKeysFile" . | dir }}
+  readOnly: true
+{{- end }}
 {{- if $tls.enabled }}
 - name: grpc-tls
   mountPath: /etc/crm/grpc-tls
