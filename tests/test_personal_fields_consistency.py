@@ -210,6 +210,39 @@ SAMPLES: dict[str, dict[str, dict[str, Any]]] = {
             "birthday": "1815-12-10",
             "referred_by": "friend",
         },
+        "Member.MergedIn": {
+            "customer_id": CUSTOMER,
+            "merged": str(uuid.uuid4()),
+            "reference": "m-1",
+            "lots": [
+                {
+                    "lot_id": "l-1",
+                    "earned": 120,
+                    "earned_at": AT.isoformat(),
+                    "expires_at": AT.isoformat(),
+                    "locked_until": None,
+                    "order_id": "o-1",
+                    "rule_version": 1,
+                    "reason": "order",
+                    "lines": {"1": 120},
+                    "spend": {"1": "120.00"},
+                    "currency": "EUR",
+                    "remaining": 100,
+                    "spent": 20,
+                    "expired": 0,
+                    "cancelled": 0,
+                    "via": "",
+                }
+            ],
+            "orders": {"o-1": {"lot_id": "l-1", "lines": {"1": 120}}},
+            "bonuses": [],
+            "tier": "silver",
+            "enrolled_at": AT,
+            "referral_settled": False,
+            "at": AT,
+            "birthday": "12-10",
+            "referred_by": "friend",
+        },
     },
 }
 
@@ -218,6 +251,9 @@ SAMPLES: dict[str, dict[str, dict[str, Any]]] = {
 #: or a note's body, a satisfaction comment: the message says that it happened).
 KEPT_IN: dict[str, tuple[str, ...]] = {
     "tickets": ("Case.NoteAdded", "Case.Replied", "Case.SatisfactionRecorded"),
+    # A merge publishes the lots and orders that came, not the birthday or the
+    # referrer the survivor took over.
+    "loyalty": ("Member.MergedIn",),
 }
 
 

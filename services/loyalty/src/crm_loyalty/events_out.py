@@ -5,12 +5,23 @@ message with the CloudEvents type `crm.loyalty.v1.<PayloadName>`, keyed by
 the member's contact id (the earning rules by their aggregate id). Command
 receipts and parked ERP messages are internal and not published. An event
 this module does not know is an error, not a silent skip.
+
+A contacts merge writes two events, one on each member, and so does its
+undo; both are published, each keyed by its own member's contact:
+`MembershipMerged` (the survivor took the merged membership: its lots with
+their points and expiry dates, its orders, its tier when the merge enrolled
+the survivor) and `MembershipClosedByMerge` (the merged member, closed:
+which lots and orders left), then `MembershipMergeUndone` (the survivor gave
+them back: which) and `MembershipReopened` (the merged member, open again:
+the lots with their points as they are now). A birthday or a referrer the
+survivor took over from the merged member stays in the service.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 from crm.events.v1 import loyalty_pb2 as events_pb
@@ -24,18 +35,12 @@ from crm_loyalty.messages import timestamp
 CE_TYPE_PREFIX = "crm.loyalty.v1."
 PROTO_MESSAGE = events_pb.LoyaltyEvent.DESCRIPTOR.full_name
 
-#: Not published: receipts, parked ERP messages, the mark that a referral
-#: was rewarded (its bonuses are published as PointsEarned, `bonus` referee/referrer),
-#: and a merge of contacts and its undo moving lots between members (the public
-#: `LoyaltyEvent` has no payload for them yet).
+#: Not published: receipts, parked ERP messages, and the mark that a referral
+#: was rewarded (its bonuses are published as PointsEarned, `bonus` referee/referrer).
 INTERNAL_EVENTS: tuple[type[Any], ...] = (
     CommandReceipt.Event,
     ParkedOrders.Event,
     Member.ReferralSettled,
-    Member.MergedAway,
-    Member.MergedIn,
-    Member.MergeReversed,
-    Member.MergeRestored,
 )
 
 
@@ -62,6 +67,79 @@ def _earned(m: events_pb.LoyaltyEvent, d: Data) -> None:
             rule_version=d["rule_version"],
             reason=d["reason"],
             bonus=d.get("bonus", ""),
+        )
+    )
+
+
+def _moment(value: Any) -> datetime | None:
+    """A time as a moved lot's state holds it (ISO text, or a datetime)."""
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+
+def _moved_lots(states: list[Mapping[str, Any]]) -> list[events_pb.MovedLot]:
+    """Lots as a merge or its undo carried them (`members.lot_state`)."""
+    return [
+        events_pb.MovedLot(
+            lot_id=state["lot_id"],
+            earned=state["earned"],
+            remaining=state["remaining"],
+            spent=state["spent"],
+            expired=state["expired"],
+            cancelled=state["cancelled"],
+            earned_at=timestamp(_moment(state.get("earned_at"))),
+            expires_at=timestamp(_moment(state.get("expires_at"))),
+            locked_until=timestamp(_moment(state.get("locked_until"))),
+            order_id=state.get("order_id", ""),
+            reason=state.get("reason", ""),
+        )
+        for state in states
+    ]
+
+
+def _merged_in(m: events_pb.LoyaltyEvent, d: Data) -> None:
+    m.membership_merged.CopyFrom(
+        events_pb.MembershipMerged(
+            merge_id=d["reference"],
+            merged_contact_id=d["merged"],
+            lots=_moved_lots(d["lots"]),
+            order_ids=list(d["orders"]),
+            tier=d["tier"],
+            merged_enrolled_at=timestamp(d["enrolled_at"]),
+        )
+    )
+
+
+def _merged_away(m: events_pb.LoyaltyEvent, d: Data) -> None:
+    m.membership_closed_by_merge.CopyFrom(
+        events_pb.MembershipClosedByMerge(
+            merge_id=d["reference"],
+            survivor_id=d["into"],
+            lot_ids=list(d["lots"]),
+            order_ids=list(d["orders"]),
+        )
+    )
+
+
+def _merge_reversed(m: events_pb.LoyaltyEvent, d: Data) -> None:
+    m.membership_merge_undone.CopyFrom(
+        events_pb.MembershipMergeUndone(
+            merge_id=d["reference"],
+            merged_contact_id=d["merged"],
+            lot_ids=list(d["lots"]),
+            order_ids=list(d["orders"]),
+        )
+    )
+
+
+def _merge_restored(m: events_pb.LoyaltyEvent, d: Data) -> None:
+    m.membership_reopened.CopyFrom(
+        events_pb.MembershipReopened(
+            merge_id=d["reference"],
+            survivor_id=d["survivor"],
+            lots=_moved_lots(d["lots"]),
+            order_ids=list(d["orders"]),
         )
     )
 
@@ -140,6 +218,16 @@ PAYLOADS: dict[type[Any], tuple[str, Fill]] = {
         ),
     ),
 }
+
+
+PAYLOADS.update(
+    {
+        Member.MergedIn: ("MembershipMerged", _merged_in),
+        Member.MergedAway: ("MembershipClosedByMerge", _merged_away),
+        Member.MergeReversed: ("MembershipMergeUndone", _merge_reversed),
+        Member.MergeRestored: ("MembershipReopened", _merge_restored),
+    }
+)
 
 
 PAYLOADS.update(

@@ -156,6 +156,7 @@ def _customer_moved(m: events_pb.PipelineEvent, d: Data) -> None:
             to_customer_id=d["to_customer_id"],
             merge_id=d["merge_id"],
             undone=d["undone"],
+            fields=d["fields"],
         )
     )
 

@@ -26,7 +26,7 @@ from crm.privacy.v1 import privacy_pb2 as crm_dot_privacy_dot_v1_dot_privacy__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63rm/events/v1/loyalty.proto\x12\rcrm.events.v1\x1a\x1c\x63rm/privacy/v1/privacy.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9e\x08\n\x0cLoyaltyEvent\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x10\n\x08position\x18\x04 \x01(\x03\x12/\n\x0boccurred_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x06 \x01(\t\x12\x0e\n\x06\x63lient\x18\x07 \x01(\t\x12\x15\n\rerp_partition\x18\x08 \x01(\x05\x12\x14\n\x0c\x65rp_position\x18\t \x01(\x03\x12\x38\n\x0fmember_enrolled\x18\n \x01(\x0b\x32\x1d.crm.events.v1.MemberEnrolledH\x00\x12\x34\n\rpoints_earned\x18\x0b \x01(\x0b\x32\x1b.crm.events.v1.PointsEarnedH\x00\x12\x32\n\x0cpoints_spent\x18\x0c \x01(\x0b\x32\x1a.crm.events.v1.PointsSpentH\x00\x12\x38\n\x0fpoints_adjusted\x18\r \x01(\x0b\x32\x1d.crm.events.v1.PointsAdjustedH\x00\x12\x38\n\x0fpoints_released\x18\x0e \x01(\x0b\x32\x1d.crm.events.v1.PointsReleasedH\x00\x12:\n\x10points_cancelled\x18\x0f \x01(\x0b\x32\x1e.crm.events.v1.PointsCancelledH\x00\x12\x36\n\x0epoints_expired\x18\x10 \x01(\x0b\x32\x1c.crm.events.v1.PointsExpiredH\x00\x12\x32\n\x0ctier_changed\x18\x11 \x01(\x0b\x32\x1a.crm.events.v1.TierChangedH\x00\x12I\n\x18tier_downgrade_scheduled\x18\x12 \x01(\x0b\x32%.crm.events.v1.TierDowngradeScheduledH\x00\x12G\n\x17\x65\x61rning_rules_published\x18\x14 \x01(\x0b\x32$.crm.events.v1.EarningRulesPublishedH\x00\x12\x36\n\x0ereward_defined\x18\x15 \x01(\x0b\x32\x1c.crm.events.v1.RewardDefinedH\x00\x12:\n\x10reward_restocked\x18\x16 \x01(\x0b\x32\x1e.crm.events.v1.RewardRestockedH\x00\x12\x36\n\x0ereward_retired\x18\x17 \x01(\x0b\x32\x1c.crm.events.v1.RewardRetiredH\x00\x12\x38\n\x0freward_reserved\x18\x18 \x01(\x0b\x32\x1d.crm.events.v1.RewardReservedH\x00\x42\t\n\x07payload\"+\n\tLotPoints\x12\x0e\n\x06lot_id\x18\x01 \x01(\t\x12\x0e\n\x06points\x18\x02 \x01(\x03\"S\n\x0eMemberEnrolled\x12\x15\n\rmember_number\x18\x01 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x02 \x01(\t\x12\x19\n\x0breferred_by\x18\x04 \x01(\tB\x04\xc8\xf3\x18\x01\"\xd7\x01\n\x0cPointsEarned\x12\x0e\n\x06lot_id\x18\x01 \x01(\t\x12\x0e\n\x06points\x18\x02 \x01(\x03\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clocked_until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08order_id\x18\x05 \x01(\t\x12\x14\n\x0crule_version\x18\x06 \x01(\x03\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\r\n\x05\x62onus\x18\x08 \x01(\t\"X\n\x0bPointsSpent\x12\x0e\n\x06points\x18\x01 \x01(\x03\x12&\n\x04lots\x18\x02 \x03(\x0b\x32\x18.crm.events.v1.LotPoints\x12\x11\n\treference\x18\x03 \x01(\t\"m\n\x0ePointsAdjusted\x12\x0e\n\x06points\x18\x01 \x01(\x03\x12&\n\x04lots\x18\x02 \x03(\x0b\x32\x18.crm.events.v1.LotPoints\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0b\x61\x64justed_by\x18\x04 \x01(\t\"8\n\x0ePointsReleased\x12&\n\x04lots\x18\x01 \x03(\x0b\x32\x18.crm.events.v1.LotPoints\"\x85\x01\n\x0fPointsCancelled\x12&\n\x04lots\x18\x01 \x03(\x0b\x32\x18.crm.events.v1.LotPoints\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x11\n\treturn_id\x18\x03 \x01(\t\x12\x10\n\x08line_ids\x18\x04 \x03(\t\x12\x13\n\x0bunrecovered\x18\x05 \x01(\x03\"7\n\rPointsExpired\x12&\n\x04lots\x18\x01 \x03(\x0b\x32\x18.crm.events.v1.LotPoints\"L\n\x0bTierChanged\x12\x11\n\tfrom_tier\x18\x01 \x01(\t\x12\x0f\n\x07to_tier\x18\x02 \x01(\t\x12\x19\n\x11qualifying_points\x18\x03 \x01(\x03\"U\n\x16TierDowngradeScheduled\x12\x0f\n\x07to_tier\x18\x01 \x01(\t\x12*\n\x06\x64ue_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"B\n\x15\x45\x61rningRulesPublished\x12\x15\n\rrules_version\x18\x01 \x01(\x03\x12\x12\n\nrules_json\x18\x02 \x01(\t\"\xab\x01\n\rRewardDefined\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06points\x18\x03 \x01(\x03\x12\r\n\x05stock\x18\x04 \x01(\x03\x12.\n\nvalid_from\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"1\n\x0fRewardRestocked\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\x03\"\x1d\n\rRewardRetired\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\"Y\n\x0eRewardReserved\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x12\n\ncontact_id\x18\x02 \x01(\t\x12\x15\n\rredemption_id\x18\x03 \x01(\t\x12\x0e\n\x06points\x18\x04 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63rm/events/v1/loyalty.proto\x12\rcrm.events.v1\x1a\x1c\x63rm/privacy/v1/privacy.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\n\n\x0cLoyaltyEvent\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x10\n\x08position\x18\x04 \x01(\x03\x12/\n\x0boccurred_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x06 \x01(\t\x12\x0e\n\x06\x63lient\x18\x07 \x01(\t\x12\x15\n\rerp_partition\x18\x08 \x01(\x05\x12\x14\n\x0c\x65rp_position\x18\t \x01(\x03\x12\x38\n\x0fmember_enrolled\x18\n \x01(\x0b\x32\x1d.crm.events.v1.MemberEnrolledH\x00\x12\x34\n\rpoints_earned\x18\x0b \x01(\x0b\x32\x1b.crm.events.v1.PointsEarnedH\x00\x12\x32\n\x0cpoints_spent\x18\x0c \x01(\x0b\x32\x1a.crm.events.v1.PointsSpentH\x00\x12\x38\n\x0fpoints_adjusted\x18\r \x01(\x0b\x32\x1d.crm.events.v1.PointsAdjustedH\x00\x12\x38\n\x0fpoints_released\x18\x0e \x01(\x0b\x32\x1d.crm.events.v1.PointsReleasedH\x00\x12:\n\x10points_cancelled\x18\x0f \x01(\x0b\x32\x1e.crm.events.v1.PointsCancelledH\x00\x12\x36\n\x0epoints_expired\x18\x10 \x01(\x0b\x32\x1c.crm.events.v1.PointsExpiredH\x00\x12\x32\n\x0ctier_changed\x18\x11 \x01(\x0b\x32\x1a.crm.events.v1.TierChangedH\x00\x12I\n\x18tier_downgrade_scheduled\x18\x12 \x01(\x0b\x32%.crm.events.v1.TierDowngradeScheduledH\x00\x12G\n\x17\x65\x61rning_rules_published\x18\x14 \x01(\x0b\x32$.crm.events.v1.EarningRulesPublishedH\x00\x12\x36\n\x0ereward_defined\x18\x15 \x01(\x0b\x32\x1c.crm.events.v1.RewardDefinedH\x00\x12:\n\x10reward_restocked\x18\x16 \x01(\x0b\x32\x1e.crm.events.v1.RewardRestockedH\x00\x12\x36\n\x0ereward_retired\x18\x17 \x01(\x0b\x32\x1c.crm.events.v1.RewardRetiredH\x00\x12\x38\n\x0freward_reserved\x18\x18 \x01(\x0b\x32\x1d.crm.events.v1.RewardReservedH\x00\x12<\n\x11membership_merged\x18\x19 \x01(\x0b\x32\x1f.crm.events.v1.MembershipMergedH\x00\x12L\n\x1amembership_closed_by_merge\x18\x1a \x01(\x0b\x32&.crm.events.v1.MembershipClosedByMergeH\x00\x12G\n\x17membership_merge_undone\x18\x1b \x01(\x0b\x32$.crm.events.v1.MembershipMergeUndoneH\x00\x12@\n\x13membership_reopened\x18\x1c \x01(\x0b\x32!.crm.events.v1.MembershipReopenedH\x00\x42\t\n\x07payload\"+\n\tLotPoints\x12\x0e\n\x06lot_id\x18\x01 \x01(\t\x12\x0e\n\x06points\x18\x02 \x01(\x03\"S\n\x0eMemberEnrolled\x12\x15\n\rmember_number\x18\x01 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x02 \x01(\t\x12\x19\n\x0breferred_by\x18\x04 \x01(\tB\x04\xc8\xf3\x18\x01\"\xd7\x01\n\x0cPointsEarned\x12\x0e\n\x06lot_id\x18\x01 \x01(\t\x12\x0e\n\x06points\x18\x02 \x01(\x03\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clocked_until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08order_id\x18\x05 \x01(\t\x12\x14\n\x0crule_version\x18\x06 \x01(\x03\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\r\n\x05\x62onus\x18\x08 \x01(\t\"X\n\x0bPointsSpent\x12\x0e\n\x06points\x18\x01 \x01(\x03\x12&\n\x04lots\x18\x02 \x03(\x0b\x32\x18.crm.events.v1.LotPoints\x12\x11\n\treference\x18\x03 \x01(\t\"m\n\x0ePointsAdjusted\x12\x0e\n\x06points\x18\x01 \x01(\x03\x12&\n\x04lots\x18\x02 \x03(\x0b\x32\x18.crm.events.v1.LotPoints\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0b\x61\x64justed_by\x18\x04 \x01(\t\"8\n\x0ePointsReleased\x12&\n\x04lots\x18\x01 \x03(\x0b\x32\x18.crm.events.v1.LotPoints\"\x85\x01\n\x0fPointsCancelled\x12&\n\x04lots\x18\x01 \x03(\x0b\x32\x18.crm.events.v1.LotPoints\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x11\n\treturn_id\x18\x03 \x01(\t\x12\x10\n\x08line_ids\x18\x04 \x03(\t\x12\x13\n\x0bunrecovered\x18\x05 \x01(\x03\"7\n\rPointsExpired\x12&\n\x04lots\x18\x01 \x03(\x0b\x32\x18.crm.events.v1.LotPoints\"L\n\x0bTierChanged\x12\x11\n\tfrom_tier\x18\x01 \x01(\t\x12\x0f\n\x07to_tier\x18\x02 \x01(\t\x12\x19\n\x11qualifying_points\x18\x03 \x01(\x03\"U\n\x16TierDowngradeScheduled\x12\x0f\n\x07to_tier\x18\x01 \x01(\t\x12*\n\x06\x64ue_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"B\n\x15\x45\x61rningRulesPublished\x12\x15\n\rrules_version\x18\x01 \x01(\x03\x12\x12\n\nrules_json\x18\x02 \x01(\t\"\xab\x01\n\rRewardDefined\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06points\x18\x03 \x01(\x03\x12\r\n\x05stock\x18\x04 \x01(\x03\x12.\n\nvalid_from\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"1\n\x0fRewardRestocked\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\x03\"\x1d\n\rRewardRetired\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\"Y\n\x0eRewardReserved\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x12\n\ncontact_id\x18\x02 \x01(\t\x12\x15\n\rredemption_id\x18\x03 \x01(\t\x12\x0e\n\x06points\x18\x04 \x01(\x03\"\xa3\x02\n\x08MovedLot\x12\x0e\n\x06lot_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65\x61rned\x18\x02 \x01(\x03\x12\x11\n\tremaining\x18\x03 \x01(\x03\x12\r\n\x05spent\x18\x04 \x01(\x03\x12\x0f\n\x07\x65xpired\x18\x05 \x01(\x03\x12\x11\n\tcancelled\x18\x06 \x01(\x03\x12-\n\tearned_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clocked_until\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08order_id\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\"\xbf\x01\n\x10MembershipMerged\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x19\n\x11merged_contact_id\x18\x02 \x01(\t\x12%\n\x04lots\x18\x03 \x03(\x0b\x32\x17.crm.events.v1.MovedLot\x12\x11\n\torder_ids\x18\x04 \x03(\t\x12\x0c\n\x04tier\x18\x05 \x01(\t\x12\x36\n\x12merged_enrolled_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"d\n\x17MembershipClosedByMerge\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x13\n\x0bsurvivor_id\x18\x02 \x01(\t\x12\x0f\n\x07lot_ids\x18\x03 \x03(\t\x12\x11\n\torder_ids\x18\x04 \x03(\t\"h\n\x15MembershipMergeUndone\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x19\n\x11merged_contact_id\x18\x02 \x01(\t\x12\x0f\n\x07lot_ids\x18\x03 \x03(\t\x12\x11\n\torder_ids\x18\x04 \x03(\t\"u\n\x12MembershipReopened\x12\x10\n\x08merge_id\x18\x01 \x01(\t\x12\x13\n\x0bsurvivor_id\x18\x02 \x01(\t\x12%\n\x04lots\x18\x03 \x03(\x0b\x32\x17.crm.events.v1.MovedLot\x12\x11\n\torder_ids\x18\x04 \x03(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,35 +36,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEMBERENROLLED'].fields_by_name['referred_by']._loaded_options = None
   _globals['_MEMBERENROLLED'].fields_by_name['referred_by']._serialized_options = b'\310\363\030\001'
   _globals['_LOYALTYEVENT']._serialized_start=110
-  _globals['_LOYALTYEVENT']._serialized_end=1164
-  _globals['_LOTPOINTS']._serialized_start=1166
-  _globals['_LOTPOINTS']._serialized_end=1209
-  _globals['_MEMBERENROLLED']._serialized_start=1211
-  _globals['_MEMBERENROLLED']._serialized_end=1294
-  _globals['_POINTSEARNED']._serialized_start=1297
-  _globals['_POINTSEARNED']._serialized_end=1512
-  _globals['_POINTSSPENT']._serialized_start=1514
-  _globals['_POINTSSPENT']._serialized_end=1602
-  _globals['_POINTSADJUSTED']._serialized_start=1604
-  _globals['_POINTSADJUSTED']._serialized_end=1713
-  _globals['_POINTSRELEASED']._serialized_start=1715
-  _globals['_POINTSRELEASED']._serialized_end=1771
-  _globals['_POINTSCANCELLED']._serialized_start=1774
-  _globals['_POINTSCANCELLED']._serialized_end=1907
-  _globals['_POINTSEXPIRED']._serialized_start=1909
-  _globals['_POINTSEXPIRED']._serialized_end=1964
-  _globals['_TIERCHANGED']._serialized_start=1966
-  _globals['_TIERCHANGED']._serialized_end=2042
-  _globals['_TIERDOWNGRADESCHEDULED']._serialized_start=2044
-  _globals['_TIERDOWNGRADESCHEDULED']._serialized_end=2129
-  _globals['_EARNINGRULESPUBLISHED']._serialized_start=2131
-  _globals['_EARNINGRULESPUBLISHED']._serialized_end=2197
-  _globals['_REWARDDEFINED']._serialized_start=2200
-  _globals['_REWARDDEFINED']._serialized_end=2371
-  _globals['_REWARDRESTOCKED']._serialized_start=2373
-  _globals['_REWARDRESTOCKED']._serialized_end=2422
-  _globals['_REWARDRETIRED']._serialized_start=2424
-  _globals['_REWARDRETIRED']._serialized_end=2453
-  _globals['_REWARDRESERVED']._serialized_start=2455
-  _globals['_REWARDRESERVED']._serialized_end=2544
+  _globals['_LOYALTYEVENT']._serialized_end=1443
+  _globals['_LOTPOINTS']._serialized_start=1445
+  _globals['_LOTPOINTS']._serialized_end=1488
+  _globals['_MEMBERENROLLED']._serialized_start=1490
+  _globals['_MEMBERENROLLED']._serialized_end=1573
+  _globals['_POINTSEARNED']._serialized_start=1576
+  _globals['_POINTSEARNED']._serialized_end=1791
+  _globals['_POINTSSPENT']._serialized_start=1793
+  _globals['_POINTSSPENT']._serialized_end=1881
+  _globals['_POINTSADJUSTED']._serialized_start=1883
+  _globals['_POINTSADJUSTED']._serialized_end=1992
+  _globals['_POINTSRELEASED']._serialized_start=1994
+  _globals['_POINTSRELEASED']._serialized_end=2050
+  _globals['_POINTSCANCELLED']._serialized_start=2053
+  _globals['_POINTSCANCELLED']._serialized_end=2186
+  _globals['_POINTSEXPIRED']._serialized_start=2188
+  _globals['_POINTSEXPIRED']._serialized_end=2243
+  _globals['_TIERCHANGED']._serialized_start=2245
+  _globals['_TIERCHANGED']._serialized_end=2321
+  _globals['_TIERDOWNGRADESCHEDULED']._serialized_start=2323
+  _globals['_TIERDOWNGRADESCHEDULED']._serialized_end=2408
+  _globals['_EARNINGRULESPUBLISHED']._serialized_start=2410
+  _globals['_EARNINGRULESPUBLISHED']._serialized_end=2476
+  _globals['_REWARDDEFINED']._serialized_start=2479
+  _globals['_REWARDDEFINED']._serialized_end=2650
+  _globals['_REWARDRESTOCKED']._serialized_start=2652
+  _globals['_REWARDRESTOCKED']._serialized_end=2701
+  _globals['_REWARDRETIRED']._serialized_start=2703
+  _globals['_REWARDRETIRED']._serialized_end=2732
+  _globals['_REWARDRESERVED']._serialized_start=2734
+  _globals['_REWARDRESERVED']._serialized_end=2823
+  _globals['_MOVEDLOT']._serialized_start=2826
+  _globals['_MOVEDLOT']._serialized_end=3117
+  _globals['_MEMBERSHIPMERGED']._serialized_start=3120
+  _globals['_MEMBERSHIPMERGED']._serialized_end=3311
+  _globals['_MEMBERSHIPCLOSEDBYMERGE']._serialized_start=3313
+  _globals['_MEMBERSHIPCLOSEDBYMERGE']._serialized_end=3413
+  _globals['_MEMBERSHIPMERGEUNDONE']._serialized_start=3415
+  _globals['_MEMBERSHIPMERGEUNDONE']._serialized_end=3519
+  _globals['_MEMBERSHIPREOPENED']._serialized_start=3521
+  _globals['_MEMBERSHIPREOPENED']._serialized_end=3638
 # @@protoc_insertion_point(module_scope)

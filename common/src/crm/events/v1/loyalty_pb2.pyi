@@ -60,6 +60,10 @@ class LoyaltyEvent(_message.Message):
     REWARD_RESTOCKED_FIELD_NUMBER: _builtins.int
     REWARD_RETIRED_FIELD_NUMBER: _builtins.int
     REWARD_RESERVED_FIELD_NUMBER: _builtins.int
+    MEMBERSHIP_MERGED_FIELD_NUMBER: _builtins.int
+    MEMBERSHIP_CLOSED_BY_MERGE_FIELD_NUMBER: _builtins.int
+    MEMBERSHIP_MERGE_UNDONE_FIELD_NUMBER: _builtins.int
+    MEMBERSHIP_REOPENED_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     aggregate_id: _builtins.str
     version: _builtins.int
@@ -112,6 +116,22 @@ class LoyaltyEvent(_message.Message):
     def reward_retired(self) -> Global___RewardRetired: ...
     @_builtins.property
     def reward_reserved(self) -> Global___RewardReserved: ...
+    @_builtins.property
+    def membership_merged(self) -> Global___MembershipMerged:
+        """A contacts merge moving a membership, and its undo. Each of the two
+        members concerned gets its own event, keyed by its contact: the one that
+        lists the lots with their points (MembershipMerged on the survivor,
+        MembershipReopened on the merged contact) and the one that names them
+        (MembershipClosedByMerge, MembershipMergeUndone). They are written
+        together, so they follow each member's earlier events.
+        """
+
+    @_builtins.property
+    def membership_closed_by_merge(self) -> Global___MembershipClosedByMerge: ...
+    @_builtins.property
+    def membership_merge_undone(self) -> Global___MembershipMergeUndone: ...
+    @_builtins.property
+    def membership_reopened(self) -> Global___MembershipReopened: ...
     def __init__(
         self,
         *,
@@ -138,12 +158,16 @@ class LoyaltyEvent(_message.Message):
         reward_restocked: Global___RewardRestocked | None = ...,
         reward_retired: Global___RewardRetired | None = ...,
         reward_reserved: Global___RewardReserved | None = ...,
+        membership_merged: Global___MembershipMerged | None = ...,
+        membership_closed_by_merge: Global___MembershipClosedByMerge | None = ...,
+        membership_merge_undone: Global___MembershipMergeUndone | None = ...,
+        membership_reopened: Global___MembershipReopened | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["earning_rules_published", b"earning_rules_published", "member_enrolled", b"member_enrolled", "occurred_at", b"occurred_at", "payload", b"payload", "points_adjusted", b"points_adjusted", "points_cancelled", b"points_cancelled", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_released", b"points_released", "points_spent", b"points_spent", "reward_defined", b"reward_defined", "reward_reserved", b"reward_reserved", "reward_restocked", b"reward_restocked", "reward_retired", b"reward_retired", "tier_changed", b"tier_changed", "tier_downgrade_scheduled", b"tier_downgrade_scheduled"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["earning_rules_published", b"earning_rules_published", "member_enrolled", b"member_enrolled", "membership_closed_by_merge", b"membership_closed_by_merge", "membership_merge_undone", b"membership_merge_undone", "membership_merged", b"membership_merged", "membership_reopened", b"membership_reopened", "occurred_at", b"occurred_at", "payload", b"payload", "points_adjusted", b"points_adjusted", "points_cancelled", b"points_cancelled", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_released", b"points_released", "points_spent", b"points_spent", "reward_defined", b"reward_defined", "reward_reserved", b"reward_reserved", "reward_restocked", b"reward_restocked", "reward_retired", b"reward_retired", "tier_changed", b"tier_changed", "tier_downgrade_scheduled", b"tier_downgrade_scheduled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "aggregate_id", b"aggregate_id", "client", b"client", "customer_id", b"customer_id", "earning_rules_published", b"earning_rules_published", "erp_partition", b"erp_partition", "erp_position", b"erp_position", "member_enrolled", b"member_enrolled", "occurred_at", b"occurred_at", "payload", b"payload", "points_adjusted", b"points_adjusted", "points_cancelled", b"points_cancelled", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_released", b"points_released", "points_spent", b"points_spent", "position", b"position", "reward_defined", b"reward_defined", "reward_reserved", b"reward_reserved", "reward_restocked", b"reward_restocked", "reward_retired", b"reward_retired", "tier_changed", b"tier_changed", "tier_downgrade_scheduled", b"tier_downgrade_scheduled", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "aggregate_id", b"aggregate_id", "client", b"client", "customer_id", b"customer_id", "earning_rules_published", b"earning_rules_published", "erp_partition", b"erp_partition", "erp_position", b"erp_position", "member_enrolled", b"member_enrolled", "membership_closed_by_merge", b"membership_closed_by_merge", "membership_merge_undone", b"membership_merge_undone", "membership_merged", b"membership_merged", "membership_reopened", b"membership_reopened", "occurred_at", b"occurred_at", "payload", b"payload", "points_adjusted", b"points_adjusted", "points_cancelled", b"points_cancelled", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_released", b"points_released", "points_spent", b"points_spent", "position", b"position", "reward_defined", b"reward_defined", "reward_reserved", b"reward_reserved", "reward_restocked", b"reward_restocked", "reward_retired", b"reward_retired", "tier_changed", b"tier_changed", "tier_downgrade_scheduled", b"tier_downgrade_scheduled", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["member_enrolled", "points_earned", "points_spent", "points_adjusted", "points_released", "points_cancelled", "points_expired", "tier_changed", "tier_downgrade_scheduled", "earning_rules_published", "reward_defined", "reward_restocked", "reward_retired", "reward_reserved"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["member_enrolled", "points_earned", "points_spent", "points_adjusted", "points_released", "points_cancelled", "points_expired", "tier_changed", "tier_downgrade_scheduled", "earning_rules_published", "reward_defined", "reward_restocked", "reward_retired", "reward_reserved", "membership_merged", "membership_closed_by_merge", "membership_merge_undone", "membership_reopened"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -579,3 +603,227 @@ class RewardReserved(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RewardReserved: _TypeAlias = RewardReserved  # noqa: Y015
+
+@_typing.final
+class MovedLot(_message.Message):
+    """One lot moved by a contacts merge or by its undo, whole, as it stood then:
+    `earned` = `remaining` + `spent` + `expired` + `cancelled`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOT_ID_FIELD_NUMBER: _builtins.int
+    EARNED_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    SPENT_FIELD_NUMBER: _builtins.int
+    EXPIRED_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    EARNED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    LOCKED_UNTIL_FIELD_NUMBER: _builtins.int
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    lot_id: _builtins.str
+    earned: _builtins.int
+    remaining: _builtins.int
+    spent: _builtins.int
+    expired: _builtins.int
+    cancelled: _builtins.int
+    order_id: _builtins.str
+    reason: _builtins.str
+    """As PointsEarned.reason; "adjustment: <reason>" for a positive adjustment."""
+    @_builtins.property
+    def earned_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """The lot keeps its expiry date wherever it moves."""
+
+    @_builtins.property
+    def locked_until(self) -> _timestamp_pb2.Timestamp:
+        """Set while the points are locked (an order's return window)."""
+
+    def __init__(
+        self,
+        *,
+        lot_id: _builtins.str = ...,
+        earned: _builtins.int = ...,
+        remaining: _builtins.int = ...,
+        spent: _builtins.int = ...,
+        expired: _builtins.int = ...,
+        cancelled: _builtins.int = ...,
+        earned_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        locked_until: _timestamp_pb2.Timestamp | None = ...,
+        order_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["earned_at", b"earned_at", "expires_at", b"expires_at", "locked_until", b"locked_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "earned", b"earned", "earned_at", b"earned_at", "expired", b"expired", "expires_at", b"expires_at", "locked_until", b"locked_until", "lot_id", b"lot_id", "order_id", b"order_id", "reason", b"reason", "remaining", b"remaining", "spent", b"spent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MovedLot: _TypeAlias = MovedLot  # noqa: Y015
+
+@_typing.final
+class MembershipMerged(_message.Message):
+    """On the survivor's member, keyed by the survivor: the membership of a contact
+    merged into it came along. Its lots that still hold points or belong to an
+    order arrive whole (what was spent, expired or cancelled of them included)
+    with their expiry dates, and its orders with them, so later returns find
+    them. When the survivor was no member, the merge enrolled it: its
+    MemberEnrolled (the merged member's channel) comes first and `tier` is the
+    merged member's tier. A TierChanged follows when the merged purchases move
+    the survivor's tier.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERGE_ID_FIELD_NUMBER: _builtins.int
+    MERGED_CONTACT_ID_FIELD_NUMBER: _builtins.int
+    LOTS_FIELD_NUMBER: _builtins.int
+    ORDER_IDS_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    MERGED_ENROLLED_AT_FIELD_NUMBER: _builtins.int
+    merge_id: _builtins.str
+    """The contacts merge (crm.events.v1.ContactsMerged.merge_id)."""
+    merged_contact_id: _builtins.str
+    """The contact merged into the survivor (its member is now closed)."""
+    tier: _builtins.str
+    """The merged member's tier when the merge enrolled the survivor; empty otherwise."""
+    @_builtins.property
+    def lots(self) -> _containers.RepeatedCompositeFieldContainer[Global___MovedLot]: ...
+    @_builtins.property
+    def order_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def merged_enrolled_at(self) -> _timestamp_pb2.Timestamp:
+        """When the merged member enrolled: the survivor's membership counts from the
+        earlier of both.
+        """
+
+    def __init__(
+        self,
+        *,
+        merge_id: _builtins.str = ...,
+        merged_contact_id: _builtins.str = ...,
+        lots: _abc.Iterable[Global___MovedLot] | None = ...,
+        order_ids: _abc.Iterable[_builtins.str] | None = ...,
+        tier: _builtins.str = ...,
+        merged_enrolled_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["merged_enrolled_at", b"merged_enrolled_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lots", b"lots", "merge_id", b"merge_id", "merged_contact_id", b"merged_contact_id", "merged_enrolled_at", b"merged_enrolled_at", "order_ids", b"order_ids", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MembershipMerged: _TypeAlias = MembershipMerged  # noqa: Y015
+
+@_typing.final
+class MembershipClosedByMerge(_message.Message):
+    """On the merged contact's member, keyed by the merged contact: the membership
+    is closed by the merge. The lots named (all that still held points or
+    belonged to an order) and the orders went to the survivor's member, whose
+    MembershipMerged carries them with their points; lots used up before stay in
+    this membership's history. Commands naming the merged contact now act for
+    the survivor's member.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERGE_ID_FIELD_NUMBER: _builtins.int
+    SURVIVOR_ID_FIELD_NUMBER: _builtins.int
+    LOT_IDS_FIELD_NUMBER: _builtins.int
+    ORDER_IDS_FIELD_NUMBER: _builtins.int
+    merge_id: _builtins.str
+    survivor_id: _builtins.str
+    @_builtins.property
+    def lot_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def order_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        merge_id: _builtins.str = ...,
+        survivor_id: _builtins.str = ...,
+        lot_ids: _abc.Iterable[_builtins.str] | None = ...,
+        order_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lot_ids", b"lot_ids", "merge_id", b"merge_id", "order_ids", b"order_ids", "survivor_id", b"survivor_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MembershipClosedByMerge: _TypeAlias = MembershipClosedByMerge  # noqa: Y015
+
+@_typing.final
+class MembershipMergeUndone(_message.Message):
+    """On the survivor's member, keyed by the survivor: the merge was undone. The
+    lots that merge brought, and those earned since by commands naming the
+    merged contact, went back to the merged contact's member with their orders,
+    each as it is now (what the survivor spent of them stays spent); that
+    member's MembershipReopened carries them with their points.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERGE_ID_FIELD_NUMBER: _builtins.int
+    MERGED_CONTACT_ID_FIELD_NUMBER: _builtins.int
+    LOT_IDS_FIELD_NUMBER: _builtins.int
+    ORDER_IDS_FIELD_NUMBER: _builtins.int
+    merge_id: _builtins.str
+    merged_contact_id: _builtins.str
+    @_builtins.property
+    def lot_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def order_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        merge_id: _builtins.str = ...,
+        merged_contact_id: _builtins.str = ...,
+        lot_ids: _abc.Iterable[_builtins.str] | None = ...,
+        order_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lot_ids", b"lot_ids", "merge_id", b"merge_id", "merged_contact_id", b"merged_contact_id", "order_ids", b"order_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MembershipMergeUndone: _TypeAlias = MembershipMergeUndone  # noqa: Y015
+
+@_typing.final
+class MembershipReopened(_message.Message):
+    """On the merged contact's member, keyed by it: open again after the undo of
+    the merge that closed it, with the lots given back as they are now.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERGE_ID_FIELD_NUMBER: _builtins.int
+    SURVIVOR_ID_FIELD_NUMBER: _builtins.int
+    LOTS_FIELD_NUMBER: _builtins.int
+    ORDER_IDS_FIELD_NUMBER: _builtins.int
+    merge_id: _builtins.str
+    survivor_id: _builtins.str
+    @_builtins.property
+    def lots(self) -> _containers.RepeatedCompositeFieldContainer[Global___MovedLot]: ...
+    @_builtins.property
+    def order_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        merge_id: _builtins.str = ...,
+        survivor_id: _builtins.str = ...,
+        lots: _abc.Iterable[Global___MovedLot] | None = ...,
+        order_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lots", b"lots", "merge_id", b"merge_id", "order_ids", b"order_ids", "survivor_id", b"survivor_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MembershipReopened: _TypeAlias = MembershipReopened  # noqa: Y015

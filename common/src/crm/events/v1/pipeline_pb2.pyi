@@ -763,11 +763,18 @@ class CustomerMoved(_message.Message):
     TO_CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     MERGE_ID_FIELD_NUMBER: _builtins.int
     UNDONE_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
     from_customer_id: _builtins.str
     to_customer_id: _builtins.str
     merge_id: _builtins.str
     """The contacts merge (crm.events.v1.ContactsMerged.merge_id)."""
     undone: _builtins.bool
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Which of the record's contact fields ("customer_id", "person_id",
+        "company_id") held from_customer_id and now hold to_customer_id.
+        """
+
     def __init__(
         self,
         *,
@@ -775,10 +782,11 @@ class CustomerMoved(_message.Message):
         to_customer_id: _builtins.str = ...,
         merge_id: _builtins.str = ...,
         undone: _builtins.bool = ...,
+        fields: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_customer_id", b"from_customer_id", "merge_id", b"merge_id", "to_customer_id", b"to_customer_id", "undone", b"undone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "from_customer_id", b"from_customer_id", "merge_id", b"merge_id", "to_customer_id", b"to_customer_id", "undone", b"undone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -13,7 +13,8 @@ orders onto the survivor's member (`take_over`, `MergedIn`), lots whole with
 their expiry dates. The survivor remembers each merge it took over, so an
 undo (`give_back` and `restore`) moves back exactly those lots and the lots
 earned since by commands naming the merged contact (`via`), each as it is now.
-These events are internal: the public `LoyaltyEvent` has no payload for them.
+The relay publishes them (`events_out`: MembershipMerged,
+MembershipClosedByMerge, MembershipMergeUndone, MembershipReopened).
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ class Member(Aggregate):
             aggregate.downgrade_due = self.due_at
             aggregate.downgrade_to = self.to_tier
 
-    # -- merges of contacts (internal events: the public proto has no payload for them) --
+    # -- merges of contacts (published: see events_out) --
 
     class MergedAway(Aggregate.Event):
         """The member's contact was merged into `into`: its open lots and its orders
