@@ -194,6 +194,76 @@ class Heartbeat:
         return body
 
 
+class JointHeartbeat(Heartbeat):
+    """The heartbeat of a process running several consumers: alive only while
+    every one is, ready only while every one is. Its report has the fields of
+    every worker's (errors joined, lags summed, the worst of the times) and each
+    member's own report under `members`. The members report their lag and dead
+    letters to the metrics themselves; the joint heartbeat adds only whether the
+    process is up (`crm_worker_up`)."""
+
+    def __init__(self, worker: str, members: Sequence[Heartbeat]) -> None:
+        super().__init__(worker)
+        self.members = list(members)
+
+    @property
+    def stale_after(self) -> float:
+        members = getattr(self, "members", [])
+        return max((m.stale_after for m in members), default=DEFAULT_STALE_AFTER)
+
+    @stale_after.setter
+    def stale_after(self, value: float) -> None:
+        if value <= 0:
+            raise ValueError("stale_after must be positive")
+        for member in getattr(self, "members", []):
+            member.stale_after = value
+
+    @property
+    def age(self) -> float:
+        return max(m.age for m in self.members)
+
+    @property
+    def alive(self) -> bool:
+        return all(m.alive for m in self.members)
+
+    @property
+    def ready(self) -> bool:
+        return all(m.ready for m in self.members)
+
+    def report(self, details: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        reports = [m.report() for m in self.members]
+
+        def known(name: str) -> list[Any]:
+            return [r[name] for r in reports if r[name] is not None]
+
+        errors = [f"{r['worker']}: {r['last_error']}" for r in reports if r["last_error"]]
+        lags, behind, since_error = (
+            known("lag_events"),
+            known("lag_seconds"),
+            known("seconds_since_error"),
+        )
+        body: dict[str, Any] = {
+            "worker": self.worker,
+            "status": "ok" if self.alive else "stale",
+            "ready": self.ready,
+            "waiting_for": ", ".join(known("waiting_for")) or None,
+            "seconds_since_beat": max(r["seconds_since_beat"] for r in reports),
+            "stale_after_seconds": self.stale_after,
+            "uptime_seconds": min(r["uptime_seconds"] for r in reports),
+            "rounds": min(r["rounds"] for r in reports),
+            "last_error": "; ".join(errors) or None,
+            "seconds_since_error": max(since_error) if since_error else None,
+            "lag_events": sum(lags) if lags else None,
+            "lag_seconds": max(behind) if behind else None,
+            "dead_letters": sum(r["dead_letters"] for r in reports),
+            "not_ready": [m.worker for m in self.members if not m.ready],
+            "members": reports,
+        }
+        if details:
+            body.update(details)
+        return body
+
+
 def consumer_lag(consumer: Any, partitions: Sequence[Any], next_offsets: Mapping[Any, int]) -> int:
     """Records of `partitions` not yet applied, from the end offsets the Kafka consumer
     last saw (no request): the last stable offset (read_committed), else the high

@@ -8,7 +8,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from crm_common.health import Details, Heartbeat, dependency_of, serve_health
 from crm_common.metrics import worker_retries
@@ -91,3 +91,39 @@ async def retry_until_stopped(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), backoff)
             backoff = min(backoff * 2, max_backoff)
+
+
+#: How long `run_together` waits for a work to stop before cancelling it.
+STOP_GRACE = 15.0
+
+
+async def run_together(
+    stop: asyncio.Event, *works: Callable[[asyncio.Event], Any], grace: float = STOP_GRACE
+) -> None:
+    """Runs each work until `stop`; when one ends, the others stop too, and the
+    first failure is raised (the process exits and is restarted, not half working).
+
+    A work still running `grace` seconds after the stop (a consumer waiting for
+    a topic that does not exist yet answers no stop) is cancelled: what it did
+    not commit is read again by the next member, and its commands are idempotent.
+    """
+    tasks = [
+        asyncio.create_task(work(stop), name=getattr(work, "__qualname__", repr(work)))
+        for work in works
+    ]
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([*tasks, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.set()
+        _, late = await asyncio.wait(tasks, timeout=grace)
+        for task in late:
+            log.warning(
+                "%s did not stop within %.0f s of the stop: cancelled", task.get_name(), grace
+            )
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        stopped.cancel()
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            raise result

@@ -62,8 +62,9 @@ SERVICES: tuple[Service, ...] = (
         50051,
         8081,
         writes_events=True,
+        # The follower turns deals (pipeline) and orders (loyalty) into lifecycle moves.
         roles=("api", "relay", "follower"),
-        consumes=("pipeline",),
+        consumes=("pipeline", "loyalty"),
         summary="people, companies, relations, consent, interactions",
     ),
     Service(

@@ -9,6 +9,7 @@ against a contacts event store in its temporary directory.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import time
 import uuid
@@ -384,7 +385,10 @@ async def test_the_follow_process_makes_customers_and_stops_gracefully(
     await asyncio.to_thread(ensure_topics, local_stack.kafka_bootstrap, {topic: PARTITIONS})
     await publish(local_stack.kafka_bootstrap, topic, won(str(uuid.uuid4()), person=person))
 
-    reader = ContactsService(create_application(sqlite_settings(tmp_path)))
+    # The process's key client (the identity's master keys, when it has them).
+    keys = env.get("CRM_MASTER_KEYS_FILE", "")
+    reader_settings = dataclasses.replace(sqlite_settings(tmp_path), master_keys_file=keys)
+    reader = ContactsService(create_application(reader_settings))
     try:
 
         async def customer() -> bool:
@@ -397,4 +401,4 @@ async def test_the_follow_process_makes_customers_and_stops_gracefully(
     await stop_gracefully(process, log)
     text = log.read_text()
     assert f"follower {prefix}.contacts-follower follows {topic}" in text
-    assert "1 contacts made customers" in text
+    assert "1 contacts moved" in text

@@ -34,7 +34,8 @@ from crm.events.v1 import contacts_pb2 as events_pb
 from crm.privacy.v1 import privacy_pb2, privacy_pb2_grpc
 from crm_common.commands import Caller
 from crm_common.contact_events import ContactChange, ContactEventsFollower
-from crm_common.health import Heartbeat
+from crm_common.health import Heartbeat, JointHeartbeat
+from crm_common.lifecycle import run_together
 from crm_common.privacy import new_master_key
 from crm_common.privacy.export import personal_data_service
 from crm_common.relay import cloudevent_headers
@@ -52,7 +53,7 @@ from crm_deploy.testing import (
     stop_gracefully,
 )
 from crm_loyalty.application import LoyaltyService, create_application
-from crm_loyalty.contact_changes import JointHeartbeat, LoyaltyContactChanges, run_together
+from crm_loyalty.contact_changes import LoyaltyContactChanges
 from crm_loyalty.inputs import Purchase, PurchaseLineInput, RulesInput
 
 ADMIN = Caller(actor="admin-1", client="console")

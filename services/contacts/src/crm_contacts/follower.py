@@ -20,6 +20,9 @@ once); for each `OpportunityWon` one `BecomeCustomer` command (rule
   names a contact this service does not know, is logged with its
   coordinates and passed over. A failure of the service itself (the event
   store unreachable) is retried from the same record with a growing pause.
+- **Purchases.** With a `crm_contacts.churn.PurchaseLedger` (the
+  `crm-contacts follow` process), a won deal is also a purchase of each of
+  its contacts at the time it was won: the churn sweep counts from it.
 - **Never refused by the funnel.** A customer or advocate stays as it is (no
   event); every other stage, churned and lost included, moves to customer.
 
@@ -32,7 +35,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
@@ -46,6 +50,9 @@ from crm_common.records import Record, consuming_span, header, where
 from crm_common.settings import topic_of
 from crm_contacts.application import ContactsService
 from crm_contacts.domain.lifecycle import LifecycleRule
+
+if TYPE_CHECKING:
+    from crm_contacts.churn import PurchaseLedger
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("crm_contacts.follower")
@@ -73,6 +80,8 @@ class Promotion:
     rule: LifecycleRule = LifecycleRule.DEAL_WON
     #: The deal that fired the rule, recorded as the change's cause.
     cause: str = ""
+    #: When the deal was won (a purchase); None for an opened deal or an unknown time.
+    won_at: datetime | None = None
 
 
 def promotions_of(record: Record) -> list[Promotion]:
@@ -96,6 +105,11 @@ def promotions_of(record: Record) -> list[Promotion]:
         return []
     event_id = f"{message.aggregate_id}:{message.version}"
     contacts = dict.fromkeys(i for i in (deal.person_id, deal.company_id, message.customer_id) if i)
+    won_at = (
+        message.occurred_at.ToDatetime(tzinfo=UTC)
+        if rule is LifecycleRule.DEAL_WON and message.HasField("occurred_at")
+        else None
+    )
     return [
         Promotion(
             contact_id=contact_id,
@@ -103,6 +117,7 @@ def promotions_of(record: Record) -> list[Promotion]:
             actor=message.actor or "pipeline",
             rule=rule,
             cause=f"deal {message.aggregate_id}",
+            won_at=won_at,
         )
         for contact_id in contacts
     ]
@@ -130,8 +145,11 @@ class OpportunityFollower(GroupMember):
         poll_timeout_ms: int = 250,
         retry_backoff: float = 0.5,
         heartbeat: Heartbeat | None = None,
+        purchases: PurchaseLedger | None = None,
     ) -> None:
         self.service = service
+        #: Where won deals are noted as purchases (None: they are not).
+        self.purchases = purchases
         stats = FollowerStats()
         group = group_id or default_group_id()
         super().__init__(
@@ -198,6 +216,8 @@ class OpportunityFollower(GroupMember):
             )
             self.heartbeat.failed(f"contact {promotion.contact_id} at {at}: {error!r}")
             raise RetryLater from error
+        if promotion.won_at is not None and self.purchases is not None:
+            await self._purchased(promotion, promotion.won_at, at)
         if self.heartbeat.last_error is not None:
             self.heartbeat.recovered()
         outcome = written.outcome
@@ -208,3 +228,28 @@ class OpportunityFollower(GroupMember):
             log.info("contact %s moved by %s (%s)", promotion.contact_id, promotion.rule, at)
         else:
             self.stats.unchanged += 1
+
+    async def _purchased(self, promotion: Promotion, won_at: datetime, at: str) -> None:
+        """Notes the won deal as a purchase (after its command: a crash between the
+        two replays the record, and both steps are idempotent)."""
+        ledger = self.purchases
+        assert ledger is not None
+        try:
+            recorded = await asyncio.to_thread(
+                ledger.record, promotion.contact_id, won_at, promotion.cause
+            )
+            if recorded.churned_for:
+                # The won deal itself made them a customer again.
+                await asyncio.to_thread(
+                    ledger.came_back, promotion.contact_id, recorded.churned_for
+                )
+        except Exception as error:
+            log.error(
+                "follower: %s: the purchase of contact %s not recorded (%r); retrying in %.1f s",
+                at,
+                promotion.contact_id,
+                error,
+                self._backoff,
+            )
+            self.heartbeat.failed(f"purchase of {promotion.contact_id} at {at}: {error!r}")
+            raise RetryLater from error

@@ -61,7 +61,7 @@ class PersonalDataClients:
         if channel is None:
             channel = service_channel(self.settings.grpc_target(service), self.settings)
             self._channels[service] = channel
-        return privacy_pb2_grpc.PersonalDataServiceStub(channel)
+        return privacy_pb2_grpc.PersonalDataServiceStub(channel)  # type: ignore[no-untyped-call]
 
     async def _one(
         self, service: str, contact_id: str, metadata: tuple[tuple[str, str], ...]

@@ -35,14 +35,15 @@ from typing import Any
 
 from crm_common.cli import Process, run_cli
 from crm_common.contact_events import ContactEventsFollower
-from crm_common.lifecycle import run_worker
+from crm_common.health import JointHeartbeat
+from crm_common.lifecycle import run_together, run_worker
 from crm_common.privacy.export import personal_data_service
 from crm_common.relay import run_relay
 from crm_common.server import access_gate, serve
 from crm_common.settings import Settings
 from crm_loyalty import tier_config
 from crm_loyalty.application import LoyaltyService, create_application
-from crm_loyalty.contact_changes import JointHeartbeat, LoyaltyContactChanges, run_together
+from crm_loyalty.contact_changes import LoyaltyContactChanges
 from crm_loyalty.contacts_client import GrpcContacts
 from crm_loyalty.domain import TierPolicy
 from crm_loyalty.events_out import PROTO_MESSAGE, to_wire

@@ -71,11 +71,19 @@ class LifecycleRule(StrEnum):
     DEAL_OPENED = "deal_opened"
     #: A deal of the contact was won: anyone not yet a customer becomes one.
     DEAL_WON = "deal_won"
+    #: The customer's last purchase (an order, or a won deal) is older than the
+    #: churn period: a customer becomes churned. An advocate is left as it is
+    #: (a stage a person gives by hand, not one a quiet period takes away).
+    NO_PURCHASE = "no_purchase"
+    #: A purchase (an order) after the contact churned: it is a customer again.
+    PURCHASE = "purchase"
 
 
 RULE_TARGET: dict[LifecycleRule, LifecycleStage] = {
     LifecycleRule.DEAL_OPENED: LifecycleStage.OPPORTUNITY,
     LifecycleRule.DEAL_WON: LifecycleStage.CUSTOMER,
+    LifecycleRule.NO_PURCHASE: LifecycleStage.CHURNED,
+    LifecycleRule.PURCHASE: LifecycleStage.CUSTOMER,
 }
 RULE_MOVES_FROM: dict[LifecycleRule, frozenset[LifecycleStage]] = {
     LifecycleRule.DEAL_OPENED: frozenset(
@@ -87,6 +95,8 @@ RULE_MOVES_FROM: dict[LifecycleRule, frozenset[LifecycleStage]] = {
         }
     ),
     LifecycleRule.DEAL_WON: frozenset(LifecycleStage) - CUSTOMER_ALREADY,
+    LifecycleRule.NO_PURCHASE: frozenset({LifecycleStage.CUSTOMER}),
+    LifecycleRule.PURCHASE: frozenset({LifecycleStage.CHURNED}),
 }
 
 
