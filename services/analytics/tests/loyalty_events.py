@@ -140,3 +140,109 @@ def rules_published(position: int) -> events_pb2.LoyaltyEvent:
         events_pb2.EarningRulesPublished(rules_version=1, rules_json="{}")
     )
     return event
+
+
+def moved_lot(
+    lot_id: str,
+    remaining: int,
+    expires: datetime,
+    *,
+    spent: int = 0,
+    expired: int = 0,
+    cancelled: int = 0,
+    locked_until: datetime | None = None,
+    order_id: str = "",
+) -> events_pb2.MovedLot:
+    """A lot as a merge or its undo carries it (earned = the sum of its states)."""
+    lot = events_pb2.MovedLot(
+        lot_id=lot_id,
+        earned=remaining + spent + expired + cancelled,
+        remaining=remaining,
+        spent=spent,
+        expired=expired,
+        cancelled=cancelled,
+        earned_at=ts(T0),
+        expires_at=ts(expires),
+        order_id=order_id,
+        reason="order" if order_id else "bonus",
+    )
+    if locked_until is not None:
+        lot.locked_until.CopyFrom(ts(locked_until))
+    return lot
+
+
+def membership_merged(
+    survivor: str,
+    position: int,
+    version: int,
+    merged: str,
+    moved: list[events_pb2.MovedLot],
+    *,
+    tier: str = "",
+    merged_enrolled_at: datetime | None = None,
+    merge_id: str = "mg-1",
+) -> events_pb2.LoyaltyEvent:
+    event = envelope(survivor, position, version)
+    message = events_pb2.MembershipMerged(
+        merge_id=merge_id,
+        merged_contact_id=merged,
+        lots=moved,
+        order_ids=[lot.order_id for lot in moved if lot.order_id],
+        tier=tier,
+    )
+    if merged_enrolled_at is not None:
+        message.merged_enrolled_at.CopyFrom(ts(merged_enrolled_at))
+    event.membership_merged.CopyFrom(message)
+    return event
+
+
+def closed_by_merge(
+    merged: str,
+    position: int,
+    version: int,
+    survivor: str,
+    lot_ids: list[str],
+    merge_id: str = "mg-1",
+) -> events_pb2.LoyaltyEvent:
+    event = envelope(merged, position, version)
+    event.membership_closed_by_merge.CopyFrom(
+        events_pb2.MembershipClosedByMerge(merge_id=merge_id, survivor_id=survivor, lot_ids=lot_ids)
+    )
+    return event
+
+
+def merge_undone(
+    survivor: str,
+    position: int,
+    version: int,
+    merged: str,
+    lot_ids: list[str],
+    merge_id: str = "mg-1",
+) -> events_pb2.LoyaltyEvent:
+    event = envelope(survivor, position, version)
+    event.membership_merge_undone.CopyFrom(
+        events_pb2.MembershipMergeUndone(
+            merge_id=merge_id, merged_contact_id=merged, lot_ids=lot_ids
+        )
+    )
+    return event
+
+
+def reopened(
+    merged: str,
+    position: int,
+    version: int,
+    survivor: str,
+    moved: list[events_pb2.MovedLot],
+    merge_id: str = "mg-1",
+) -> events_pb2.LoyaltyEvent:
+    event = envelope(merged, position, version)
+    event.membership_reopened.CopyFrom(
+        events_pb2.MembershipReopened(
+            merge_id=merge_id,
+            survivor_id=survivor,
+            lots=moved,
+            order_ids=[lot.order_id for lot in moved if lot.order_id],
+        )
+    )
+    return event

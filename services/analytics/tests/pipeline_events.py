@@ -431,6 +431,7 @@ def customer_moved(
             to_customer_id=to_customer,
             merge_id=merge_id,
             undone=undone,
+            fields=["customer_id", "person_id"],
         )
     )
     return event

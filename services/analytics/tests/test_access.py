@@ -256,6 +256,83 @@ async def test_each_role_sees_exactly_its_fields_on_both_transports(api: Any) ->
     assert partner_pb.display_name == sales_pb.display_name
 
 
+async def test_list_timeline_pages_with_the_360_views_redactions_on_both_transports(
+    api: Any,
+) -> None:
+    """ListTimeline through the real `serve`: the same entries as the 360 view's
+    timeline, page by page, redacted per role the same way on both transports."""
+    replies: dict[str, Any] = {}
+    for role in ("sales", "service", "analyst", "partner"):
+        token = api.identity.mint(role, client="acme" if role == "partner" else "console")
+        pages, entries, page_token = [], [], ""
+        while True:
+            message = await api.stub.ListTimeline(
+                customer360_pb2.ListTimelineRequest(
+                    customer_id=ACME, page_size=2, page_token=page_token
+                ),
+                metadata=grpc_auth(token),
+                timeout=10,
+            )
+            pages.append(message)
+            entries += list(message.entries)
+            page_token = message.next_page_token
+            if not page_token:
+                break
+        rest = await api.http.get(f"/customers/{ACME}/timeline", headers=bearer(token))
+        assert rest.status_code == 200, (role, rest.text)
+        view = await api.stub.GetCustomer360(
+            customer360_pb2.GetCustomer360Request(customer_id=ACME),
+            metadata=grpc_auth(token),
+            timeout=10,
+        )
+        replies[role] = (pages, entries, rest.json(), view.customer)
+
+    pages, entries, rest, view = replies["sales"]
+    assert [e.kind for e in entries] == [
+        "deal.won",
+        "deal.opened",
+        "interaction.call",
+        "profile.created",
+    ]
+    assert len(pages) == 2 and {p.total for p in pages} == {4}
+    assert list(entries) == list(view.timeline)
+    assert [e["summary"] for e in rest["entries"]] == [e.summary for e in entries]
+    assert "(1200.00 EUR)" in entries[1].summary
+    # Service agents: no amounts in the summaries either.
+    _, service, service_rest, _ = replies["service"]
+    assert [e.summary for e in service] == [
+        e.summary.removesuffix(" (1200.00 EUR)") for e in entries
+    ]
+    assert service_rest["entries"][1]["summary"] == service[1].summary
+    # Analysts: the 360 view's pseudonyms, entry by entry.
+    _, analyst, analyst_rest, analyst_view = replies["analyst"]
+    assert list(analyst) == list(analyst_view.timeline)
+    assert all(e.summary.startswith("pseudonym:") for e in analyst)
+    assert [e["summary"] for e in analyst_rest["entries"]] == [e.summary for e in analyst]
+    # Partners do not see a timeline in the 360 view: none here either.
+    partner_pages, partner, partner_rest, _ = replies["partner"]
+    assert partner == [] and partner_pages[0].total == 0
+    assert partner_rest["entries"] == [] and partner_rest["total"] == 0
+
+    sales = api.identity.mint("sales")
+    for request, field in (
+        (customer360_pb2.ListTimelineRequest(customer_id=ACME, page_size=501), "page_size"),
+        (customer360_pb2.ListTimelineRequest(customer_id=ACME, page_token="x!"), "page_token"),
+        (customer360_pb2.ListTimelineRequest(customer_id=ACME, sources=["billing"]), "sources"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await api.stub.ListTimeline(request, metadata=grpc_auth(sales), timeout=10)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in (error.value.details() or ""), error.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await api.stub.ListTimeline(
+            customer360_pb2.ListTimelineRequest(customer_id="nobody"),
+            metadata=grpc_auth(sales),
+            timeout=10,
+        )
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 async def test_a_partner_outside_its_grant_is_refused(api: Any) -> None:
     acme = api.identity.mint("partner", subject="acme-system", client="acme")
     nobody_granted = api.identity.mint("partner", subject="globex-system", client="globex")
@@ -373,7 +450,7 @@ async def test_an_admin_exports_what_the_view_holds_about_a_person(api: Any) -> 
     )
     assert reply.service == "analytics"
     export = json.loads(reply.document_json)
-    assert set(export) == {"customer_360", "audit_trail"}
+    assert set(export) == {"customer_360", "audit_trail", "timeline"}
     view = export["customer_360"]
     # Every field, whatever a role would see: the same document an admin reads over REST.
     shown = await api.http.get(f"/customers/{ACME}/360", headers=bearer(api.identity.mint("admin")))
@@ -386,12 +463,19 @@ async def test_an_admin_exports_what_the_view_holds_about_a_person(api: Any) -> 
         ("contacts", 2, "LogInteraction"),
         ("contacts", 1, "CreatePerson"),
     ]
+    # The whole timeline (here as short as the document's), as an admin pages it.
+    assert export["timeline"] == view["timeline"]
+    assert [e["kind"] for e in export["timeline"]][-1] == "profile.created"
 
     # Someone the view never saw: an empty part, not an error.
     unknown = await api.privacy.ExportPersonalData(
         privacy_pb2.ExportPersonalDataRequest(contact_id="p-never-seen"), metadata=admin, timeout=10
     )
-    assert json.loads(unknown.document_json) == {"customer_360": {}, "audit_trail": []}
+    assert json.loads(unknown.document_json) == {
+        "customer_360": {},
+        "audit_trail": [],
+        "timeline": [],
+    }
     with pytest.raises(grpc.aio.AioRpcError) as invalid:
         await api.privacy.ExportPersonalData(
             privacy_pb2.ExportPersonalDataRequest(contact_id=" "), metadata=admin, timeout=10

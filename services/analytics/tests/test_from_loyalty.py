@@ -9,19 +9,24 @@ from contact_events import T0
 from loyalty_events import (
     adjusted,
     cancelled,
+    closed_by_merge,
     downgrade_scheduled,
     earned,
     enrolled,
     envelope,
     expired,
+    membership_merged,
+    merge_undone,
+    moved_lot,
     released,
+    reopened,
     rules_published,
     spent,
     tier_changed,
     when,
 )
 
-from crm_analytics.document import Loaded, UnknownEvent, is_known
+from crm_analytics.document import Detached, Loaded, UnknownEvent, is_known
 from crm_analytics.from_loyalty import (
     ADAPTER,
     RECENT_ENTRIES,
@@ -31,7 +36,7 @@ from crm_analytics.from_loyalty import (
 )
 from crm_analytics.rest_api import to_json
 
-ADA = "p-ada"
+ADA, DAN = "p-ada", "p-dan"
 DAY = timedelta(days=1)
 
 
@@ -179,3 +184,193 @@ def test_a_redelivered_event_changes_nothing():
 def test_earning_rules_change_no_customer():
     assert ADAPTER.apply(rules_published(4), Loaded({}, {})) is None
     assert list(ADAPTER.customers_touched(rules_published(4))) == []
+
+
+# -- a membership moved by a contacts merge, and back by its undo ----------------------------
+
+
+def apply_with_fan_out(docs, event):
+    """Applies `event` as the store does: to its customer's document, then each
+    `Detached` fan-out to the document it names."""
+    outcome = ADAPTER.apply(event, Loaded(docs, {}))
+    assert outcome is not None and outcome.applied
+    docs = {**docs, outcome.doc["_id"]: outcome.doc}
+    for fan_out in outcome.fan_out:
+        assert isinstance(fan_out, Detached)
+        if docs.get(fan_out.customer_id) is not None:
+            docs[fan_out.customer_id] = fan_out.change(docs[fan_out.customer_id])
+    return docs
+
+
+def two_members():
+    """ADA with 30 points of her own; DAN with 260 left of a lot of 300 and an
+    order's 70 locked."""
+    ada = replay(enrolled(ADA, 1), earned(ADA, 2, 2, "A1", 30, T0 + 300 * DAY))
+    dan = replay(
+        enrolled(DAN, 3),
+        earned(DAN, 4, 2, "D1", 300, T0 + 20 * DAY),
+        earned(DAN, 5, 3, "D2", 70, T0 + 200 * DAY, locked_until=T0 + 14 * DAY, order_id="o-9"),
+        spent(DAN, 6, 4, D1=40),
+    )
+    return {ADA: ada, DAN: dan}
+
+
+def moved_from_dan():
+    return [
+        moved_lot("D1", 260, T0 + 20 * DAY, spent=40),
+        moved_lot("D2", 70, T0 + 200 * DAY, locked_until=T0 + 14 * DAY, order_id="o-9"),
+    ]
+
+
+def test_a_merged_membership_shows_on_the_survivor_as_if_earned_there():
+    docs = two_members()
+    merged = membership_merged(ADA, 8, 3, DAN, moved_from_dan(), merged_enrolled_at=when(3))
+    assert list(ADAPTER.customers_touched(merged)) == [ADA, DAN]
+    docs = apply_with_fan_out(docs, closed_by_merge(DAN, 7, 5, ADA, ["D1", "D2"]))
+    docs = apply_with_fan_out(docs, merged)
+
+    ada = docs[ADA]
+    assert balance(ada) == {"active": 290, "locked": 70, "expired": 0, "spent": 40, "cancelled": 0}
+    assert [lot["lot_id"] for lot in ada["loyalty"]["lots"]] == ["A1", "D1", "D2"]
+    # The lot keeps its expiry date: it counts among the points expiring soon.
+    soon = expiring_soon(ada["loyalty"], T0 + 10 * DAY)
+    assert [(lot["lot_id"], lot["remaining"]) for lot in soon] == [("D1", 260)]
+    # DAN enrolled later than ADA: her membership still counts from her own enrolment.
+    assert ada["loyalty"]["enrolled_at"] == when(1)
+    entry = ada["timeline"][0]
+    assert (entry["kind"], entry["summary"]) == (
+        "loyalty.merged_in",
+        "Membership merged in (contacts merged): 330 points",
+    )
+    assert ada["loyalty"]["recent_entries"][0]["points"] == 330
+
+    dan = docs[DAN]
+    assert balance(dan) == {"active": 0, "locked": 0, "expired": 0, "spent": 0, "cancelled": 0}
+    assert dan["loyalty"]["lots"] == []
+    assert dan["loyalty"]["closed_by_merge"] == {
+        "survivor_id": ADA,
+        "merge_id": "mg-1",
+        "closed_at": when(7),
+    }
+    assert dan["loyalty"]["recent_entries"][0]["points"] == -330
+    assert expiring_soon(dan["loyalty"], T0 + 10 * DAY) == []
+    assert to_json(dan)["loyalty"]["balance"]["active"] == 0
+
+    # Later events of the survivor's member act on the lots that came.
+    docs = apply_with_fan_out(docs, released(ADA, 9, 4, D2=70))
+    docs = apply_with_fan_out(docs, spent(ADA, 10, 5, A1=30, D1=70))
+    assert balance(docs[ADA]) == {
+        "active": 260,
+        "locked": 0,
+        "expired": 0,
+        "spent": 140,
+        "cancelled": 0,
+    }
+
+
+def test_either_order_of_the_two_members_events_gives_the_same_documents():
+    closed = closed_by_merge(DAN, 7, 5, ADA, ["D1", "D2"])
+    merged = membership_merged(ADA, 8, 3, DAN, moved_from_dan())
+    one = apply_with_fan_out(apply_with_fan_out(two_members(), closed), merged)
+    other = apply_with_fan_out(apply_with_fan_out(two_members(), merged), closed)
+    assert one == other
+
+
+def test_a_redelivered_merge_moves_nothing_twice():
+    docs = two_members()
+    merged = membership_merged(ADA, 8, 3, DAN, moved_from_dan())
+    docs = apply_with_fan_out(docs, closed_by_merge(DAN, 7, 5, ADA, ["D1", "D2"]))
+    docs = apply_with_fan_out(docs, merged)
+    again = ADAPTER.apply(merged, Loaded(docs, {}))
+    assert again is not None and again.applied is False and again.fan_out == []
+    closed = apply_loyalty_event(docs[DAN], closed_by_merge(DAN, 7, 5, ADA, ["D1", "D2"]))
+    assert closed.applied is False
+
+
+def test_an_undone_merge_gives_the_lots_back_as_they_are_now():
+    docs = two_members()
+    docs = apply_with_fan_out(docs, closed_by_merge(DAN, 7, 5, ADA, ["D1", "D2"]))
+    docs = apply_with_fan_out(docs, membership_merged(ADA, 8, 3, DAN, moved_from_dan()))
+    # The survivor spent 100 of D1 meanwhile, and the order's lock ended.
+    docs = apply_with_fan_out(docs, released(ADA, 9, 4, D2=70))
+    docs = apply_with_fan_out(docs, spent(ADA, 10, 5, D1=100))
+
+    back = [
+        moved_lot("D1", 160, T0 + 20 * DAY, spent=140),
+        moved_lot("D2", 70, T0 + 200 * DAY, order_id="o-9"),
+    ]
+    docs = apply_with_fan_out(docs, merge_undone(ADA, 11, 6, DAN, ["D1", "D2"]))
+    docs = apply_with_fan_out(docs, reopened(DAN, 12, 6, ADA, back))
+
+    ada = docs[ADA]
+    # ADA's view is as before the merge: her own lot, nothing of DAN's history.
+    assert balance(ada) == {"active": 30, "locked": 0, "expired": 0, "spent": 0, "cancelled": 0}
+    assert [lot["lot_id"] for lot in ada["loyalty"]["lots"]] == ["A1"]
+    assert ada["timeline"][0]["summary"] == "Points given back (merge undone): 230 points"
+    dan = docs[DAN]
+    assert "closed_by_merge" not in dan["loyalty"]
+    assert balance(dan) == {"active": 230, "locked": 0, "expired": 0, "spent": 140, "cancelled": 0}
+    assert [(lot["lot_id"], lot["remaining"]) for lot in dan["loyalty"]["lots"]] == [
+        ("D1", 160),
+        ("D2", 70),
+    ]
+    assert dan["timeline"][0]["kind"] == "loyalty.reopened"
+    assert dan["timeline"][0]["summary"] == "Membership reopened (merge undone): 230 points"
+
+
+def test_a_merge_that_enrolled_the_survivor_brings_the_tier_and_the_earlier_enrolment():
+    earlier = when(1) - 400 * DAY
+    docs = {DAN: replay(enrolled(DAN, 1), earned(DAN, 2, 2, "D1", 500, T0 + 90 * DAY))}
+    docs = apply_with_fan_out(docs, enrolled(ADA, 4))
+    moved = [moved_lot("D1", 500, T0 + 90 * DAY)]
+    docs = apply_with_fan_out(
+        docs, membership_merged(ADA, 5, 2, DAN, moved, tier="gold", merged_enrolled_at=earlier)
+    )
+    part = docs[ADA]["loyalty"]
+    assert (part["tier"], part["tier_changed_at"], part["enrolled_at"]) == (
+        "gold",
+        when(5),
+        earlier,
+    )
+    assert part["balance"]["active"] == 500
+    assert to_json(docs[ADA])["loyalty"]["tier"] == "gold"
+
+
+def test_a_malformed_merge_is_refused_and_changes_nothing():
+    docs = two_members()
+    wrong = moved_lot("D1", 260, T0 + 20 * DAY, spent=40)
+    wrong.earned = 200
+    with pytest.raises(ValueError, match="does not add up"):
+        ADAPTER.apply(membership_merged(ADA, 8, 3, DAN, [wrong]), Loaded(docs, {}))
+    with pytest.raises(ValueError, match="names no contact"):
+        ADAPTER.apply(membership_merged(ADA, 8, 3, "", moved_from_dan()), Loaded(docs, {}))
+    with pytest.raises(ValueError, match="names no survivor"):
+        ADAPTER.apply(closed_by_merge(DAN, 7, 5, "", ["D1"]), Loaded(docs, {}))
+    assert docs == two_members()
+
+
+def test_a_survivor_behind_the_merged_members_undo_ends_as_in_log_order():
+    """The survivor's partition lags: the merged member's undo (and its fan-out)
+    is applied before the survivor's merge. Its totals wait for the history and
+    end as when every event is applied in log order."""
+    back = [
+        moved_lot("D1", 160, T0 + 20 * DAY, spent=140),
+        moved_lot("D2", 70, T0 + 200 * DAY, order_id="o-9"),
+    ]
+    ada_events = [
+        membership_merged(ADA, 8, 3, DAN, moved_from_dan()),
+        released(ADA, 9, 4, D2=70),
+        spent(ADA, 10, 5, D1=100),
+        merge_undone(ADA, 11, 6, DAN, ["D1", "D2"]),
+    ]
+    dan_events = [closed_by_merge(DAN, 7, 5, ADA, ["D1", "D2"]), reopened(DAN, 12, 6, ADA, back)]
+    in_order = two_members()
+    for event in sorted([*ada_events, *dan_events], key=lambda e: e.position):
+        in_order = apply_with_fan_out(in_order, event)
+    lagging = two_members()
+    for event in [*dan_events, *ada_events]:
+        lagging = apply_with_fan_out(lagging, event)
+        assert all(min(balance(doc).values()) >= 0 for doc in lagging.values())
+    assert lagging == in_order
+    assert "moved_out_pending" not in lagging[ADA]["loyalty"]
+    assert balance(lagging[ADA])["spent"] == 0

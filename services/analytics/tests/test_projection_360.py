@@ -167,7 +167,7 @@ async def test_records_that_cannot_be_applied_are_parked_and_the_rest_goes_on(
     ada = store.get("ada")
     assert ada is not None
     assert ada["positions"]["contacts"] == 4
-    assert [e["entry_id"] for e in ada["timeline"]] == ["i-1", "ada:created"]
+    assert [e["entry_id"] for e in ada["timeline"]] == ["ada:4:linked", "i-1", "ada:created"]
     assert [c["company_id"] for c in ada["companies"]] == ["acme"]
 
 
@@ -340,6 +340,8 @@ async def test_a_deal_moved_by_a_merge_takes_its_revenue_to_the_survivor_and_bac
     assert sorted(d["opportunity_id"] for d in kept["deals"]) == ["d-1", "d-2"]
     assert kept["lifetime_won_revenue"] == [{"amount": "700.00", "currency": "EUR"}]
     assert kept["positions"]["pipeline"] == 6
+    [moved_in] = [d for d in kept["deals"] if d["opportunity_id"] == "d-1"]
+    assert moved_in["person_id"] == survivor
     left = database.customer360.find_one({"_id": duplicate})
     assert left["deals"] == [] and left["lifetime_won_revenue"] == []
 
@@ -354,4 +356,5 @@ async def test_a_deal_moved_by_a_merge_takes_its_revenue_to_the_survivor_and_bac
     assert kept["lifetime_won_revenue"] == []
     back = database.customer360.find_one({"_id": duplicate})
     assert [(d["opportunity_id"], d["status"]) for d in back["deals"]] == [("d-1", "won")]
+    assert back["deals"][0]["person_id"] == duplicate
     assert back["lifetime_won_revenue"] == [{"amount": "700.00", "currency": "EUR"}]

@@ -172,7 +172,9 @@ async def test_rest_shows_the_360_view_as_json(running, http):
     assert ada["channels"][0]["consent"]["recorded_at"] == "2026-11-02T09:00:00.000Z"
     budget = {"type": "money", "value": "1234.50", "currency": "EUR"}
     assert ada["custom_fields"] == {"budget": budget}
-    assert [e["kind"] for e in ada["timeline"]] == ["interaction.call", "profile.created"]
+    kinds = [e["kind"] for e in ada["timeline"]]
+    assert kinds == ["interaction.call", "company.linked", "profile.created"]
+    assert ada["timeline"][1]["summary"] == "Linked to Acme as cto"
     assert ada["timeline"][0]["direction"] == "outbound"
     assert ada["timeline"][0]["occurred_at"] == "2026-11-02T09:04:00.000Z"
     assert ada["updated_at"] == "2026-11-02T09:04:00.000Z"

@@ -40,7 +40,8 @@ def test_every_contacts_payload_has_a_handler():
 
 def test_every_pipeline_payload_is_in_exactly_one_table():
     tables = [from_pipeline.DEAL_PAYLOADS, from_pipeline.PIPELINE_PAYLOADS]
-    tables += [from_pipeline.OTHER_PAYLOADS, from_pipeline.MOVED_PAYLOADS]
+    tables += [from_pipeline.ACTIVITY_PAYLOADS, from_pipeline.OTHER_PAYLOADS]
+    tables += [from_pipeline.MOVED_PAYLOADS]
     assert payloads(pipeline_pb2.PipelineEvent) == set().union(*tables)
     assert sum(len(t) for t in tables) == len(set().union(*tables))
 
@@ -52,6 +53,7 @@ def test_every_tickets_payload_is_in_exactly_one_table():
 
 
 def test_every_loyalty_payload_is_in_exactly_one_table():
-    tables = [from_loyalty.MEMBER_PAYLOADS, from_loyalty.CATALOGUE_PAYLOADS]
+    tables = [from_loyalty.MEMBER_PAYLOADS, from_loyalty.MERGE_PAYLOADS]
+    tables += [from_loyalty.CATALOGUE_PAYLOADS]
     assert payloads(loyalty_pb2.LoyaltyEvent) == set().union(*tables)
-    assert not tables[0] & tables[1]
+    assert sum(len(t) for t in tables) == len(set().union(*tables))

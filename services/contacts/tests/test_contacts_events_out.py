@@ -337,15 +337,22 @@ async def test_the_events_build_the_360_view_a_user_expects(
     assert [(c["company_id"], c["company_name"], c["role"]) for c in ada["companies"]] == [
         (engines, "Analytical Engines Ltd", "CTO")
     ]
-    assert [(e["kind"], e["summary"], e["occurred_at"]) for e in ada["timeline"]] == [
-        ("interaction.call", "demo of the engine", clock.now),
-        (
-            "profile.created",
-            "Person Ada Lovelace registered",
-            millis(own[0].occurred_at.ToDatetime(tzinfo=UTC)),
-        ),
-        ("interaction.mail", "asked for the notes", clock.now - timedelta(days=1)),
+    # Interactions at the times they happened, and every change of the profile
+    # (consent, company links, the lifecycle move) at the time it was recorded.
+    assert [(e["kind"], e["summary"]) for e in ada["timeline"]] == [
+        ("interaction.call", "demo of the engine"),
+        ("consent.recorded", "Consent granted for phone +442079460018 (call:agent-7)"),
+        ("profile.lifecycle_changed", "Lifecycle stage lead -> customer"),
+        ("company.unlinked", f"Unlinked from company {society}"),
+        ("company.linked", "Linked to Royal Society as fellow"),
+        ("company.linked", "Linked to Analytical Engines as CTO"),
+        ("profile.created", "Person Ada Lovelace registered"),
+        ("interaction.mail", "asked for the notes"),
     ]
+    times = {e["kind"]: e["occurred_at"] for e in reversed(ada["timeline"])}
+    assert times["interaction.call"] == clock.now
+    assert times["profile.created"] == millis(own[0].occurred_at.ToDatetime(tzinfo=UTC))
+    assert times["interaction.mail"] == clock.now - timedelta(days=1)
     call = ada["timeline"][0]
     assert (call["direction"], call["channel"], call["owner"]) == ("outbound", "phone", "grace")
     assert ada["positions"] == {"contacts": own[-1].position}

@@ -12,13 +12,18 @@ Shared rules, whichever topic an event comes from:
   redelivery and changes nothing.
 - The timeline keeps the newest `TIMELINE_LIMIT` entries, newest first by
   occurrence: every event rewrites the whole document, so it must stay small.
+  Every entry added is also handed to the collector the store opens around
+  a batch (`collect_timeline`), which keeps the whole history in a
+  collection of its own (`timeline.py`).
 - `updated_at` is the time of the customer's own latest event, never the
   clock, so a rebuild produces the same documents.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, Literal, NotRequired, Required, TypedDict, TypeVar
@@ -123,6 +128,15 @@ class Deal(TypedDict):
     # Joined in when the view is read (`from_pipeline.with_names`), never stored.
     pipeline_name: NotRequired[str]
     stage_name: NotRequired[str]
+
+
+class OpenActivity(TypedDict):
+    """An activity (call, meeting, task, ...) scheduled and not completed or
+    cancelled yet: what its later timeline entries name. `title` is personal."""
+
+    kind: str | None
+    title: str
+    owner: str
 
 
 class Amount(TypedDict):
@@ -258,6 +272,14 @@ class TierDowngrade(TypedDict):
     due_at: datetime | None
 
 
+class MembershipClosed(TypedDict):
+    """A membership closed by a contacts merge: its points went to the survivor's."""
+
+    survivor_id: str
+    merge_id: str
+    closed_at: datetime | None
+
+
 class LoyaltyPart(TypedDict):
     member_number: str
     enrolment_channel: str
@@ -271,6 +293,11 @@ class LoyaltyPart(TypedDict):
     downgrade: TierDowngrade | None
     lots: list[OpenLot]
     recent_entries: list[LedgerEntry]
+    #: Set while a contacts merge has closed the membership (see from_loyalty.py).
+    closed_by_merge: NotRequired[MembershipClosed]
+    #: Spent, expired and cancelled points of lots that moved to another member,
+    #: still to leave the totals once their history arrives (from_loyalty.py).
+    moved_out_pending: NotRequired[dict[str, int]]
     # Computed when the view is read (`from_loyalty.expiring_soon`), never stored.
     expiring_soon: NotRequired[list[OpenLot]]
 
@@ -290,6 +317,8 @@ class Customer360(Profile, total=False):
     timeline: list[TimelineEntry]
     deals: list[Deal]
     lifetime_won_revenue: list[Amount]
+    #: Open activities by id (see from_pipeline.py).
+    activities: dict[str, OpenActivity]
     tickets: TicketsPart
     loyalty: LoyaltyPart
     positions: Positions
@@ -522,8 +551,31 @@ def timeline_key(entry: TimelineEntry) -> tuple[datetime, int, str]:
     return aware(entry["occurred_at"] or datetime.min), entry["position"], entry["entry_id"]
 
 
+#: Entries added while a collector is open, per customer and entry id (the last wins).
+_added: ContextVar[dict[tuple[str, str], TimelineEntry] | None] = ContextVar(
+    "timeline_added", default=None
+)
+
+
+@contextmanager
+def collect_timeline() -> Iterator[dict[tuple[str, str], TimelineEntry]]:
+    """Collects every entry `add_to_timeline` adds inside the block, keyed by
+    (customer id, entry id): also those the document's limit cuts off at once
+    (an old interaction logged late, a rebuild batch with more than the limit
+    of one customer's entries)."""
+    added: dict[tuple[str, str], TimelineEntry] = {}
+    token = _added.set(added)
+    try:
+        yield added
+    finally:
+        _added.reset(token)
+
+
 def add_to_timeline(doc: Customer360, entry: TimelineEntry, limit: int = TIMELINE_LIMIT) -> None:
     """Inserts newest first by occurrence (interactions may be logged late)."""
+    added = _added.get()
+    if added is not None:
+        added[(doc["_id"], entry["entry_id"])] = entry
     timeline = [e for e in doc.get("timeline", []) if e["entry_id"] != entry["entry_id"]]
     timeline.append(entry)
     timeline.sort(key=timeline_key, reverse=True)

@@ -11,9 +11,12 @@ is what the view holds about the contact:
       "audit_trail": [...],    # every audit entry of the contact and of the
                                # contacts merged into it, newest first, as
                                # GET /audit shows them
+      "timeline": [...],       # every timeline entry (the document keeps the
+                               # newest 500), newest first, as
+                               # GET /customers/{id}/timeline shows them
     }
 
-A contact the view never saw is not an error: both parts are empty.
+A contact the view never saw is not an error: every part is empty.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from typing import Any
 
 from crm_analytics.audit import MAX_PAGE_SIZE, after_token
 from crm_analytics.query import Customer360Queries
-from crm_analytics.rest_api import AuditEntryReply, audit_entry_json, to_json
+from crm_analytics.rest_api import AuditEntryReply, TimelineEntryReply, audit_entry_json, to_json
+from crm_analytics.timeline import MAX_PAGE_SIZE as MAX_TIMELINE_PAGE
+from crm_analytics.timeline import parse_page_token
 
 
 class Customer360Exporter:
@@ -39,7 +44,29 @@ class Customer360Exporter:
         for customer_id in dict.fromkeys(ids):
             trail.extend(self._audit_trail(customer_id))
         trail.sort(key=lambda e: (e["occurred_at"] or "", e["position"]), reverse=True)
-        return {"customer_360": view, "audit_trail": trail}
+        timeline = self._timeline(doc) if doc is not None else []
+        return {"customer_360": view, "audit_trail": trail, "timeline": timeline}
+
+    def _timeline(self, doc: Any) -> list[TimelineEntryReply]:
+        entries: list[TimelineEntryReply] = []
+        ids = [doc["_id"], *doc.get("merged_ids", [])]
+        token: str | None = None
+        while True:
+            page = self.queries.store.timeline_page(
+                ids,
+                (),
+                MAX_TIMELINE_PAGE,
+                token,
+                parse_page_token(token) if token else None,
+                doc.get("timeline", []),
+            )
+            shaped = to_json(
+                {"_id": doc["_id"], "customer_id": doc["_id"], "timeline": page.entries}
+            )
+            entries.extend(shaped["timeline"])
+            token = page.next_page_token
+            if token is None:
+                return entries
 
     def _audit_trail(self, customer_id: str) -> list[AuditEntryReply]:
         entries: list[AuditEntryReply] = []

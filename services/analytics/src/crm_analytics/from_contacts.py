@@ -17,6 +17,9 @@ Rules that matter (the shared ones are in `document.py`):
   (`MembershipChanged`).
 - Nothing depends on the order in which different customers' partitions are
   consumed, so a rebuild produces the same documents.
+- The timeline tells what happened to the contact: its registration,
+  interactions, lifecycle changes (with the rule that caused them), consent
+  changes, company links and unlinks, merges, erasure and exports.
 """
 
 from __future__ import annotations
@@ -180,8 +183,31 @@ def _person_registered(change: _Change) -> None:
     _registered(change, "Person")
 
 
+def _lifecycle_changed(change: _Change, cause: str) -> None:
+    """A timeline entry when the profile's lifecycle stage changed (an edit, or
+    a lifecycle rule: `cause` names it and what fired it)."""
+    before = change.before.get("lifecycle_stage")
+    after = change.doc.get("lifecycle_stage")
+    if before == after or not change.before.get("kind"):
+        return
+    why = f" ({cause})" if cause else ""
+    add_to_timeline(
+        change.doc,
+        _entry(
+            change.event,
+            entry_id=f"{change.event.contact_id}:{change.event.position}:lifecycle",
+            kind="profile.lifecycle_changed",
+            summary=f"Lifecycle stage {before or 'unset'} -> {after or 'unset'}{why}",
+            occurred_at=change.occurred_at,
+            owner=change.event.actor,
+        ),
+    )
+
+
 def _person_profile_updated(change: _Change) -> None:
-    _set_person_profile(change.doc, change.event.person_profile_updated.profile)
+    update = change.event.person_profile_updated
+    _set_person_profile(change.doc, update.profile)
+    _lifecycle_changed(change, update.cause)
 
 
 def _company_registered(change: _Change) -> None:
@@ -192,6 +218,7 @@ def _company_registered(change: _Change) -> None:
 def _company_profile_updated(change: _Change) -> None:
     update = change.event.company_profile_updated
     _set_company_profile(change.doc, update.profile)
+    _lifecycle_changed(change, update.cause)
     if change.before.get("display_name") != update.profile.name or (
         "name" in update.changed_fields
     ):
@@ -228,6 +255,20 @@ def _person_linked_to_company(change: _Change) -> None:
         }
     )
     change.doc["companies"] = companies
+    role = f" as {link.role}" if link.role else ""
+    add_to_timeline(
+        change.doc,
+        _entry(
+            event,
+            entry_id=f"{event.contact_id}:{event.position}:linked",
+            kind="company.linked",
+            # The event's name, not a newer one known from the company: the
+            # entry must not depend on the order the partitions were consumed in.
+            summary=f"Linked to {link.company_name}{role}",
+            occurred_at=change.occurred_at,
+            owner=event.actor,
+        ),
+    )
     change.fan_out.append(
         MembershipChanged(
             company_id=link.company_id,
@@ -240,10 +281,24 @@ def _person_linked_to_company(change: _Change) -> None:
 
 
 def _person_unlinked_from_company(change: _Change) -> None:
-    company_id = change.event.person_unlinked_from_company.company_id
+    event = change.event
+    company_id = event.person_unlinked_from_company.company_id
     change.doc["companies"] = [
         c for c in change.doc.get("companies", []) if c["company_id"] != company_id
     ]
+    add_to_timeline(
+        change.doc,
+        _entry(
+            event,
+            entry_id=f"{event.contact_id}:{event.position}:unlinked",
+            kind="company.unlinked",
+            # The id: the name the person's link shows depends on which renames
+            # were consumed yet, and the entry must be the same in a rebuild.
+            summary=f"Unlinked from company {company_id}",
+            occurred_at=change.occurred_at,
+            owner=event.actor,
+        ),
+    )
     change.fan_out.append(
         MembershipChanged(
             company_id=company_id,
@@ -275,6 +330,20 @@ def _consent_recorded(change: _Change) -> None:
             }
         )
     change.doc["channels"] = channels
+    status = enum_word(contacts_pb2.ConsentStatus, recorded.consent.status) or "unset"
+    source = f" ({recorded.consent.source})" if recorded.consent.source else ""
+    add_to_timeline(
+        change.doc,
+        _entry(
+            change.event,
+            entry_id=f"{change.event.contact_id}:{change.event.position}:consent",
+            kind="consent.recorded",
+            summary=f"Consent {status} for {channel or 'a channel'} {recorded.address}{source}",
+            occurred_at=to_datetime(recorded.consent.recorded_at) or change.occurred_at,
+            channel=channel,
+            owner=change.event.actor,
+        ),
+    )
 
 
 def _interaction_logged(change: _Change) -> None:

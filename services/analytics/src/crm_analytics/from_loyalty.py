@@ -27,28 +27,68 @@ What the document keeps (`loyalty`, see `document.LoyaltyPart`):
   configuration and are not in its events (its `GetTier` answers it).
 - The newest `RECENT_ENTRIES` ledger entries (signed points).
 - Timeline entries (source `loyalty`): enrolled, points earned, redeemed,
-  cancelled by a return, expired, tier changed.
+  cancelled by a return, expired, tier changed; a membership merged in, points
+  given back and a membership reopened (below).
+- `closed_by_merge` while a contacts merge has closed the membership.
 - `positions["erp.orders"]`: the highest ERP order record position
   (`erp_position`, the record's offset + 1 in its partition of the inbound
   topic) of the member's applied events, so an ERP publisher can wait for its
   order to show. A customer's orders sit in one partition (keyed by the
   customer), so one number per customer suffices; the partition is kept too.
 
+A contacts merge moves the merged contact's membership onto the survivor's
+(`MembershipMerged` on the survivor, `MembershipClosedByMerge` on the merged
+contact), and its undo moves back what it brought (`MembershipMergeUndone`
+on the survivor, `MembershipReopened` on the merged contact):
+
+- The survivor's document takes the moved lots as if earned there: their
+  remaining points (locked or not) in its balance and its open lots, with
+  their expiry dates (so they count among the points expiring soon), what
+  was spent, expired or cancelled of them in its totals, and the merged
+  member's tier when the merge enrolled the survivor; a ledger entry and a
+  timeline entry note the points that came. The undo takes them out again
+  as they are then (what the survivor spent of them stays spent where it
+  happened: on the lot, which goes back).
+- The merged contact's document keeps its part, closed (`closed_by_merge`:
+  the survivor and the merge): no open lots and no points left; what was
+  used up before the merge stays in its totals, as the loyalty service
+  keeps those lots on the closed membership. Reopened by the undo, it takes
+  the lots given back, with a timeline entry.
+
+Each of the four events changes its own member's document, idempotent by
+its position. The event listing the lots with their figures
+(`MembershipMerged`, `MembershipReopened`) takes those figures out of the
+other contact's totals too (a `Detached` fan-out, applied once with the
+event), while the event naming the lots (`MembershipClosedByMerge`,
+`MembershipMergeUndone`) takes them out of its own document's open lots:
+either order of the two gives the same documents. What a fan-out finds not
+yet in the totals (the other member's partition is behind) waits in
+`moved_out_pending` and leaves them as that history arrives. The other
+contact's document must hold its loyalty part by then, as it does live: a
+fan-out to a document without one changes nothing (a rebuild, which reads
+the members' partitions one number at a time, may apply a survivor's merge
+before the merged member's first event; that history then stays counted in
+the merged contact's totals as well).
+
 Idempotent by position (`positions.loyalty`); times come from the events.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
+from functools import partial
 
 from crm.events.v1 import loyalty_pb2 as events_pb2
 from crm_analytics.document import (
     Applied,
     Customer360,
+    Detached,
+    FanOut,
     LedgerEntry,
     Loaded,
     LoyaltyPart,
+    MembershipClosed,
     OpenLot,
     Outcome,
     PointsBalance,
@@ -118,9 +158,11 @@ class _Change:
             "spent": balance["spent"],
             "cancelled": balance["cancelled"],
         }
+        self.pending = dict(part.get("moved_out_pending") or {})
         self.part = part
         self.entries: list[tuple[str, int, str]] = []
         self.timeline: tuple[str, str] | None = None
+        self.fan_out: list[FanOut] = []
 
     def add_lot(self, lot_id: str, points: int, expires_at: datetime | None, locked: bool) -> None:
         if points <= 0:
@@ -147,6 +189,31 @@ class _Change:
                 lot["remaining"] = max(0, lot["remaining"] - taken.points)
             self.totals[into] += taken.points
             total += taken.points
+        return total
+
+    def remove(self, lot_ids: Iterable[str]) -> int:
+        """Takes the lots out of the open ones (moved elsewhere, whole); returns
+        the points they still held."""
+        total = 0
+        for lot_id in lot_ids:
+            lot = self.lots.pop(lot_id, None)
+            if lot is not None:
+                self.order.remove(lot_id)
+                total += lot["remaining"]
+        return total
+
+    def put(self, lots: Iterable[events_pb2.MovedLot]) -> int:
+        """Lots moved in whole: their remaining points open here, what left them
+        before counts in the totals. Returns the points they hold."""
+        total = 0
+        for lot in lots:
+            _check_moved(lot)
+            locked = to_datetime(lot.locked_until) is not None
+            self.add_lot(lot.lot_id, lot.remaining, to_datetime(lot.expires_at), locked)
+            self.totals["spent"] += lot.spent
+            self.totals["expired"] += lot.expired
+            self.totals["cancelled"] += lot.cancelled
+            total += lot.remaining
         return total
 
     def balance(self) -> PointsBalance:
@@ -251,6 +318,138 @@ def _downgrade_scheduled(change: _Change, part: LoyaltyPart) -> None:
     )
 
 
+# -- a membership moved by a contacts merge, and back by its undo ---------------------------
+
+
+def _check_moved(lot: events_pb2.MovedLot) -> None:
+    parts = (lot.remaining, lot.spent, lot.expired, lot.cancelled)
+    if min(parts) < 0 or sum(parts) != lot.earned:
+        raise ValueError(f"moved lot {lot.lot_id} does not add up: {lot.earned} earned, {parts}")
+
+
+_HISTORY = ("spent", "expired", "cancelled")
+
+
+def settle(totals: dict[str, int], pending: dict[str, int]) -> None:
+    """Takes what is pending out of the totals, as far as they hold it: the rest
+    stays pending until more history arrives, so a total never goes negative and
+    the order the two members' events are applied in does not matter."""
+    for name in _HISTORY:
+        taken = min(pending.get(name, 0), totals[name])
+        if taken > 0:
+            totals[name] -= taken
+            pending[name] -= taken
+        if not pending.get(name):
+            pending.pop(name, None)
+
+
+def without_moved_history(doc: Customer360, lots: Sequence[events_pb2.MovedLot]) -> Customer360:
+    """The document whose member the lots left, whole: what was spent, expired or
+    cancelled of them leaves its totals (its open lots go with the event that
+    names them, on its own member); what the totals do not hold yet stays
+    pending (`moved_out_pending`)."""
+    part = doc.get("loyalty")
+    if part is None:
+        return doc
+    balance = part["balance"]
+    totals = {
+        "spent": balance["spent"],
+        "expired": balance["expired"],
+        "cancelled": balance["cancelled"],
+    }
+    pending = dict(part.get("moved_out_pending") or {})
+    for lot in lots:
+        for name in _HISTORY:
+            pending[name] = pending.get(name, 0) + getattr(lot, name)
+    settle(totals, pending)
+    new = doc.copy()
+    updated: LoyaltyPart = {
+        **part,
+        "balance": {
+            "active": balance["active"],
+            "locked": balance["locked"],
+            "expired": totals["expired"],
+            "spent": totals["spent"],
+            "cancelled": totals["cancelled"],
+        },
+    }
+    _keep_pending(updated, pending)
+    new["loyalty"] = updated
+    return new
+
+
+def _keep_pending(part: LoyaltyPart, pending: dict[str, int]) -> None:
+    if pending:
+        part["moved_out_pending"] = pending
+    else:
+        part.pop("moved_out_pending", None)
+
+
+def _detached(change: _Change, other: str, lots: Sequence[events_pb2.MovedLot]) -> None:
+    if other and other != change.event.customer_id:
+        change.fan_out.append(Detached(other, partial(without_moved_history, lots=list(lots))))
+
+
+def _merged_in(change: _Change, part: LoyaltyPart) -> None:
+    merged = change.event.membership_merged
+    if not merged.merged_contact_id:
+        raise ValueError(f"MembershipMerged at position {change.event.position} names no contact")
+    points = change.put(merged.lots)
+    if merged.tier:
+        # The merge enrolled this member with the merged member's tier.
+        part["tier"] = merged.tier
+        part["tier_changed_at"] = change.when
+    since = to_datetime(merged.merged_enrolled_at)
+    if since is not None and (part["enrolled_at"] is None or since < aware(part["enrolled_at"])):
+        part["enrolled_at"] = since
+    change.entries.append(("merged_in", points, f"from {merged.merged_contact_id}"))
+    change.timeline = (
+        "loyalty.merged_in",
+        f"Membership merged in (contacts merged): {_points(points)}",
+    )
+    _detached(change, merged.merged_contact_id, merged.lots)
+
+
+def _closed_by_merge(change: _Change, part: LoyaltyPart) -> None:
+    closed = change.event.membership_closed_by_merge
+    if not closed.survivor_id:
+        raise ValueError(
+            f"MembershipClosedByMerge at position {change.event.position} names no survivor"
+        )
+    points = change.remove(closed.lot_ids)
+    record: MembershipClosed = {
+        "survivor_id": closed.survivor_id,
+        "merge_id": closed.merge_id,
+        "closed_at": change.when,
+    }
+    part["closed_by_merge"] = record
+    # No timeline entry: the survivor's view (which this contact's id now
+    # answers with) notes the points that came.
+    change.entries.append(("merged_away", -points, f"into {closed.survivor_id}"))
+
+
+def _merge_undone(change: _Change, part: LoyaltyPart) -> None:
+    undone = change.event.membership_merge_undone
+    points = change.remove(undone.lot_ids)
+    change.entries.append(("given_back", -points, f"to {undone.merged_contact_id}"))
+    change.timeline = (
+        "loyalty.given_back",
+        f"Points given back (merge undone): {_points(points)}",
+    )
+
+
+def _reopened(change: _Change, part: LoyaltyPart) -> None:
+    reopened = change.event.membership_reopened
+    points = change.put(reopened.lots)
+    part.pop("closed_by_merge", None)
+    change.entries.append(("reopened", points, f"from {reopened.survivor_id}"))
+    change.timeline = (
+        "loyalty.reopened",
+        f"Membership reopened (merge undone): {_points(points)}",
+    )
+    _detached(change, reopened.survivor_id, reopened.lots)
+
+
 _MEMBER_HANDLERS: dict[str, Handler] = {
     "member_enrolled": _enrolled,
     "points_earned": _earned,
@@ -262,10 +461,20 @@ _MEMBER_HANDLERS: dict[str, Handler] = {
     "tier_changed": _tier_changed,
     "tier_downgrade_scheduled": _downgrade_scheduled,
 }
+_MERGE_HANDLERS: dict[str, Handler] = {
+    "membership_merged": _merged_in,
+    "membership_closed_by_merge": _closed_by_merge,
+    "membership_merge_undone": _merge_undone,
+    "membership_reopened": _reopened,
+}
+_HANDLERS = {**_MEMBER_HANDLERS, **_MERGE_HANDLERS}
 
-#: Payloads of a member, and those of no customer (the earning rules, the rewards
-#: catalogue: a redemption reaches the member as its PointsSpent): nothing to apply.
+#: Payloads of a member's ledger and tier.
 MEMBER_PAYLOADS = frozenset(_MEMBER_HANDLERS)
+#: Payloads of a membership moved by a contacts merge or its undo (on either member).
+MERGE_PAYLOADS = frozenset(_MERGE_HANDLERS)
+#: Payloads of no customer (the earning rules, the rewards catalogue: a
+#: redemption reaches the member as its PointsSpent): nothing to apply.
 CATALOGUE_PAYLOADS = frozenset(
     {
         "earning_rules_published",
@@ -307,13 +516,15 @@ def apply_loyalty_event(doc: Customer360 | None, event: events_pb2.LoyaltyEvent)
     current = doc if doc is not None else new_document(event.customer_id)
     if event.position <= applied_position(current, SOURCE):
         return Applied(current, applied=False)
-    payload = payload_name(event, MEMBER_PAYLOADS | CATALOGUE_PAYLOADS)
+    payload = payload_name(event, frozenset(_HANDLERS) | CATALOGUE_PAYLOADS)
     if payload in CATALOGUE_PAYLOADS:
         raise ValueError(f"{payload} at position {event.position} names a customer")
     before = current.get("loyalty") or empty_part()
     part: LoyaltyPart = {**before}
     change = _Change(before, event)
-    _MEMBER_HANDLERS[payload](change, part)
+    _HANDLERS[payload](change, part)
+    settle(change.totals, change.pending)
+    _keep_pending(part, change.pending)
     part["lots"] = [lot for i in change.order if (lot := change.lots[i])["remaining"] > 0]
     part["balance"] = change.balance()
     entries: list[LedgerEntry] = [
@@ -344,7 +555,7 @@ def apply_loyalty_event(doc: Customer360 | None, event: events_pb2.LoyaltyEvent)
         }
         add_to_timeline(new, entry)
     mark_seen(new, event)
-    return Applied(new, applied=True)
+    return Applied(new, applied=True, fan_out=change.fan_out)
 
 
 # -- the source -------------------------------------------------------------------------
@@ -357,11 +568,27 @@ def decode(record: Record) -> events_pb2.LoyaltyEvent:
 
 def _apply(event: events_pb2.LoyaltyEvent, loaded: Loaded) -> Outcome:
     if not event.customer_id:
-        payload = payload_name(event, MEMBER_PAYLOADS | CATALOGUE_PAYLOADS)
-        if payload in MEMBER_PAYLOADS:
+        payload = payload_name(event, frozenset(_HANDLERS) | CATALOGUE_PAYLOADS)
+        if payload in _HANDLERS:
             raise ValueError(f"{payload} at position {event.position} without customer_id")
         return None
     return apply_loyalty_event(loaded.docs.get(event.customer_id), event)
+
+
+def _customers_touched(event: events_pb2.LoyaltyEvent) -> list[str]:
+    """The member's customer, and for a merge or an undo listing the moved lots'
+    figures, the other contact (whose totals they leave)."""
+    if not event.customer_id:
+        return []
+    payload = event.WhichOneof("payload")
+    other = ""
+    if payload == "membership_merged":
+        other = event.membership_merged.merged_contact_id
+    elif payload == "membership_reopened":
+        other = event.membership_reopened.survivor_id
+    if other and other != event.customer_id:
+        return [event.customer_id, other]
+    return [event.customer_id]
 
 
 #: How the store consumes the loyalty topic.
@@ -369,7 +596,7 @@ ADAPTER: SourceAdapter[events_pb2.LoyaltyEvent] = SourceAdapter(
     source=SOURCE,
     decode=decode,
     customer_of=lambda e: e.customer_id,
-    customers_touched=lambda e: [e.customer_id] if e.customer_id else [],
+    customers_touched=_customers_touched,
     apply=_apply,
     extra_positions=(ERP_ORDERS,),
     mark_seen=mark_seen,

@@ -31,9 +31,12 @@ Rules that matter:
   query joins the names in when it reads (`with_names`).
 - Times come from the events only, never from the clock.
 
-Each payload of `crm.events.v1.PipelineEvent` is in one of three tables,
-keyed by its oneof name: `_DEAL_HANDLERS`, `_DEFINITION_HANDLERS`, or
-`OTHER_PAYLOADS` (leads and activities: they only move the position);
+Each payload of `crm.events.v1.PipelineEvent` is in one of four tables,
+keyed by its oneof name: `_DEAL_HANDLERS`, `_DEFINITION_HANDLERS`,
+`_ACTIVITY_HANDLERS` (an activity scheduled, completed or cancelled is a
+timeline entry; its title, personal data, opened from the sealed payload,
+is kept while the activity is open so its completion can name it), or
+`OTHER_PAYLOADS` (leads and reschedules: they only move the position);
 `customer_moved` (a contacts merge re-keyed a deal, lead or activity, or an
 undone merge gave it back) takes a deal, with its revenue, from the view of
 the contact it left to the new owner's.
@@ -59,6 +62,7 @@ from crm_analytics.document import (
     Detached,
     FanOut,
     Loaded,
+    OpenActivity,
     Outcome,
     PipelineNames,
     SourceAdapter,
@@ -377,20 +381,80 @@ _DEFINITION_HANDLERS: dict[str, DefinitionHandler] = {
     "stage_retired": _stage_retired,
 }
 
-#: Payloads that change a deal, and those of a pipeline definition.
+# -- activities (calls, meetings, tasks, ...) -----------------------------------------------
+
+
+def _activity_word(kind: str | None) -> str:
+    word = (kind or "activity").replace("_", " ")
+    return word[:1].upper() + word[1:]
+
+
+def _activity_entry(
+    event: events_pb2.PipelineEvent, kind: str, summary: str, owner: str
+) -> TimelineEntry:
+    return {
+        "entry_id": f"{event.aggregate_id}:{event.version}",
+        "source": SOURCE,
+        "kind": kind,
+        "summary": summary,
+        "occurred_at": to_datetime(event.occurred_at),
+        "direction": None,
+        "channel": None,
+        "owner": owner or event.actor,
+        "position": event.position,
+    }
+
+
+def _activity_scheduled(doc: Customer360, event: events_pb2.PipelineEvent) -> None:
+    scheduled = event.activity_scheduled
+    activity: OpenActivity = {
+        "kind": enum_word(pipeline_pb2.ActivityKind, scheduled.kind),
+        "title": scheduled.title,
+        "owner": scheduled.owner,
+    }
+    doc["activities"] = {**(doc.get("activities") or {}), event.aggregate_id: activity}
+    what = _activity_word(activity["kind"])
+    summary = f"{what} scheduled: {activity['title']}" if activity["title"] else f"{what} scheduled"
+    add_to_timeline(doc, _activity_entry(event, "activity.scheduled", summary, scheduled.owner))
+
+
+def _activity_ended(doc: Customer360, event: events_pb2.PipelineEvent, how: str, note: str) -> None:
+    """Completed or cancelled: the entry names the activity, which is open no more."""
+    activities = dict(doc.get("activities") or {})
+    activity = activities.pop(event.aggregate_id, None)
+    doc["activities"] = activities
+    what = _activity_word(activity["kind"] if activity else None)
+    title = f": {activity['title']}" if activity and activity["title"] else ""
+    detail = f" ({note})" if note else ""
+    owner = activity["owner"] if activity else ""
+    add_to_timeline(
+        doc, _activity_entry(event, f"activity.{how}", f"{what} {how}{title}{detail}", owner)
+    )
+
+
+_ACTIVITY_HANDLERS: dict[str, Callable[[Customer360, events_pb2.PipelineEvent], None]] = {
+    "activity_scheduled": _activity_scheduled,
+    "activity_completed": lambda doc, e: _activity_ended(
+        doc, e, "completed", e.activity_completed.outcome
+    ),
+    "activity_cancelled": lambda doc, e: _activity_ended(
+        doc, e, "cancelled", e.activity_cancelled.reason
+    ),
+}
+
+
+#: Payloads that change a deal, those of a pipeline definition, and an activity's.
 DEAL_PAYLOADS = frozenset(_DEAL_HANDLERS)
 PIPELINE_PAYLOADS = frozenset(_DEFINITION_HANDLERS)
-#: Payloads of leads and activities: they move the customer's position only.
+ACTIVITY_PAYLOADS = frozenset(_ACTIVITY_HANDLERS)
+#: Payloads of leads and reschedules: they move the customer's position only.
 OTHER_PAYLOADS = frozenset(
     {
         "lead_created",
         "lead_qualified",
         "lead_disqualified",
         "lead_converted",
-        "activity_scheduled",
         "activity_rescheduled",
-        "activity_completed",
-        "activity_cancelled",
     }
 )
 
@@ -405,7 +469,8 @@ def payload_of(event: events_pb2.PipelineEvent) -> str:
     payload: str | None = event.WhichOneof("payload")
     if payload is None:
         raise UnknownEvent(f"event at position {event.position} has no known payload")
-    if payload not in DEAL_PAYLOADS | PIPELINE_PAYLOADS | OTHER_PAYLOADS | MOVED_PAYLOADS:
+    known = DEAL_PAYLOADS | PIPELINE_PAYLOADS | ACTIVITY_PAYLOADS | OTHER_PAYLOADS | MOVED_PAYLOADS
+    if payload not in known:
         raise UnknownEvent(f"event at position {event.position} carries {payload}")
     return payload
 
@@ -435,6 +500,8 @@ def apply_pipeline_event(doc: Customer360 | None, event: events_pb2.PipelineEven
     new = current.copy()
     if payload in DEAL_PAYLOADS:
         _apply_to_deals(new, event, payload)
+    elif payload in ACTIVITY_PAYLOADS:
+        _ACTIVITY_HANDLERS[payload](new, event)
     advance(new, event.position, to_datetime(event.occurred_at), SOURCE)
     return Applied(new, applied=True)
 
@@ -515,6 +582,16 @@ def without_deal(doc: Customer360, opportunity_id: str) -> Customer360:
     return new
 
 
+def without_activity(doc: Customer360, activity_id: str) -> Customer360:
+    """The document without the open activity (it moved to another customer)."""
+    activities = doc.get("activities") or {}
+    if activity_id not in activities:
+        return doc
+    new = doc.copy()
+    new["activities"] = {k: a for k, a in activities.items() if k != activity_id}
+    return new
+
+
 def apply_customer_moved(
     doc: Customer360 | None, left: Customer360 | None, event: events_pb2.PipelineEvent
 ) -> Applied:
@@ -533,6 +610,10 @@ def apply_customer_moved(
     if found is not None and moved.from_customer_id != event.customer_id:
         deal = found.copy()
         deal["version"] = max(deal["version"], event.version)
+        # The deal's person or company that was the merged contact is the survivor now.
+        for moved_field in ("person_id", "company_id"):
+            if moved_field in moved.fields and deal[moved_field] == moved.from_customer_id:
+                deal[moved_field] = moved.to_customer_id
         deals = [d for d in new.get("deals") or [] if d["opportunity_id"] != deal["opportunity_id"]]
         deals.append(deal)
         deals.sort(key=_deal_order, reverse=True)
@@ -547,6 +628,18 @@ def apply_customer_moved(
         fan_out.append(
             Detached(
                 moved.from_customer_id, partial(without_deal, opportunity_id=deal["opportunity_id"])
+            )
+        )
+    their_activities = (left.get("activities") or {}) if left is not None else {}
+    activity = their_activities.get(event.aggregate_id)
+    if activity is not None and moved.from_customer_id != event.customer_id:
+        # An open activity moves with what its completion will name; its
+        # entries so far stay in the timeline where they happened.
+        new["activities"] = {**(new.get("activities") or {}), event.aggregate_id: activity}
+        fan_out.append(
+            Detached(
+                moved.from_customer_id,
+                partial(without_activity, activity_id=event.aggregate_id),
             )
         )
     advance(new, event.position, when, SOURCE)

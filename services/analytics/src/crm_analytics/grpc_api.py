@@ -25,6 +25,7 @@ from crm_analytics.document import (
 )
 from crm_analytics.from_tickets import averages
 from crm_analytics.query import DEFAULT_WAIT_MS, MAX_WAIT_MS, Customer360Queries
+from crm_analytics.timeline_view import timeline_for, timeline_request
 from crm_analytics.visibility import customer360_for, principal
 from crm_common.auth.gate import AccessGate
 from crm_common.auth.redaction import pseudonymise_message, redact_message
@@ -307,6 +308,32 @@ class Customer360Servicer:
         customer = redact_message(to_proto(visible.doc), visible.hidden)
         pseudonymise_message(customer, visible.pseudonymised, self.pseudonym_key)
         return customer360_pb2.GetCustomer360Response(customer=customer)
+
+    async def ListTimeline(
+        self,
+        request: customer360_pb2.ListTimelineRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> customer360_pb2.ListTimelineResponse:
+        question = timeline_request(
+            request.customer_id, request.page_size, request.page_token, list(request.sources)
+        )
+        visible = await timeline_for(self.queries, self.gate, principal(), question)
+        # Shaped as the 360 view's timeline is, with its paths: the same entries
+        # come out of both RPCs the same way.
+        shaped = to_proto(
+            {
+                "_id": visible.customer_id,
+                "customer_id": visible.customer_id,
+                "timeline": visible.entries,
+            }
+        )
+        redact_message(shaped, visible.hidden)
+        pseudonymise_message(shaped, visible.pseudonymised, self.pseudonym_key)
+        return customer360_pb2.ListTimelineResponse(
+            entries=shaped.timeline,
+            next_page_token=visible.next_page_token or "",
+            total=visible.total,
+        )
 
     async def GetAuditTrail(
         self,

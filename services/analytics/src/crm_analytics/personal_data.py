@@ -17,7 +17,8 @@ its text, with one warning per process, instead of stopping the projector.
 
 Erasing. `person_erased` (contacts) replaces every personal value of the
 person's document, and of the documents of the contacts merged into it,
-by `"[erased]"` (`redact_document`) and flags them `erased`; the anonymous
+by `"[erased]"` (`redact_document`; their entries in the timeline
+collection too, `redact_entry`) and flags them `erased`; the anonymous
 facts (ids, amounts, stages, statuses, counts, points, revenue, the kinds
 and times of timeline entries) stay. A document flagged so is redacted
 again after every later event, whatever its source, so nothing personal
@@ -41,6 +42,7 @@ from crm_analytics.document import (
     Deal,
     LedgerEntry,
     Member,
+    OpenActivity,
     TimelineEntry,
 )
 from crm_common.privacy import REDACTED, PersonalDataCipher, key_client
@@ -55,7 +57,14 @@ PURPOSE = "project 360"
 #: Timeline entries whose summary the view writes itself from anonymous facts
 #: only (how many duplicates, which services): they stay readable after an erase.
 ANONYMOUS_SUMMARIES = frozenset(
-    {"profile.merged", "profile.merge_undone", "profile.erased", "privacy.exported"}
+    {
+        "profile.merged",
+        "profile.merge_undone",
+        "profile.erased",
+        "privacy.exported",
+        # Stage words and the rule that fired (a deal id): the stage itself stays too.
+        "profile.lifecycle_changed",
+    }
 )
 
 _warned = threading.Event()
@@ -134,7 +143,9 @@ def _member(member: Member) -> Member:
     return {**member, "role": _redacted(member["role"])}
 
 
-def _entry(entry: TimelineEntry) -> TimelineEntry:
+def redact_entry(entry: TimelineEntry) -> TimelineEntry:
+    """A timeline entry of an erased person: its summary reads "[erased]",
+    unless the view wrote it from anonymous facts only."""
     if entry["kind"] in ANONYMOUS_SUMMARIES:
         return entry
     return {**entry, "summary": _redacted(entry["summary"])}
@@ -153,6 +164,10 @@ def _ledger(entry: LedgerEntry) -> LedgerEntry:
     return {**entry, "detail": _redacted(entry["detail"])}
 
 
+def _activity(activity: OpenActivity) -> OpenActivity:
+    return {**activity, "title": _redacted(activity["title"])}
+
+
 def _case(case: Any) -> Any:
     return {**case, "subject": _redacted(case["subject"])}
 
@@ -162,10 +177,10 @@ def redact_document(doc: Customer360) -> Customer360:
 
     Personal: the names, channel addresses, custom field values, roles at
     companies, timeline summaries (but those the view writes from anonymous
-    facts), deal names and lost reasons, case subjects and the details of
-    loyalty ledger entries. Everything else stays: ids, kinds, tags, owners,
-    stages, statuses, amounts and revenue, counts, points, consent states,
-    times and positions. Idempotent.
+    facts), deal names and lost reasons, the titles of open activities, case
+    subjects and the details of loyalty ledger entries. Everything else
+    stays: ids, kinds, tags, owners, stages, statuses, amounts and revenue,
+    counts, points, consent states, times and positions. Idempotent.
     """
     redacted = doc.copy()
     for name in ("display_name", "given_name", "family_name"):
@@ -181,9 +196,11 @@ def redact_document(doc: Customer360) -> Customer360:
     if "members" in doc:
         redacted["members"] = [_member(m) for m in doc["members"]]
     if "timeline" in doc:
-        redacted["timeline"] = [_entry(e) for e in doc["timeline"]]
+        redacted["timeline"] = [redact_entry(e) for e in doc["timeline"]]
     if "deals" in doc:
         redacted["deals"] = [_deal(d) for d in doc["deals"]]
+    if "activities" in doc:
+        redacted["activities"] = {k: _activity(a) for k, a in doc["activities"].items()}
     tickets = doc.get("tickets")
     if tickets is not None:
         redacted["tickets"] = {

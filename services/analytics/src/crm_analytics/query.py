@@ -217,8 +217,10 @@ def fold_merged(survivor: Customer360, merged: Sequence[Customer360]) -> Custome
                     "open_cases": [*tickets["open_cases"], *theirs["open_cases"]],
                     "recent_cases": [*tickets["recent_cases"], *theirs["recent_cases"]],
                 }
-        if "loyalty" not in folded and "loyalty" in other:
-            folded["loyalty"] = other["loyalty"]
+        # A membership a merge closed moved to the survivor: nothing to fold.
+        theirs_loyalty = other.get("loyalty")
+        if "loyalty" not in folded and theirs_loyalty and not theirs_loyalty.get("closed_by_merge"):
+            folded["loyalty"] = theirs_loyalty
     if deals:
         folded["deals"] = list(deals.values())
     if timeline:

@@ -28,6 +28,7 @@ from crm_analytics.document import (
 )
 from crm_analytics.from_tickets import averages
 from crm_analytics.query import MAX_POSITION, MAX_WAIT_MS, Customer360Queries
+from crm_analytics.timeline_view import timeline_for, timeline_request
 from crm_analytics.visibility import customer360_for, principal
 from crm_common.auth.gate import AccessGate
 from crm_common.auth.redaction import pseudonymise, redact
@@ -518,6 +519,17 @@ def to_json(doc: Customer360) -> Customer360Reply:
     return body
 
 
+class TimelinePageReply(TypedDict):
+    """A page of the customer's whole timeline, newest first."""
+
+    customer_id: str
+    entries: list[TimelineEntryReply]
+    # Pass it as `page_token` for the next page; null after the last page.
+    next_page_token: str | None
+    # Entries of the customer in all (with the filter applied).
+    total: int
+
+
 def audit_entry_json(entry: AuditEntry) -> AuditEntryReply:
     return {
         "customer_id": entry["customer_id"],
@@ -567,6 +579,51 @@ def create_app(queries: Customer360Queries, gate: AccessGate, pseudonym_key: byt
         )
         body = redact(to_json(visible.doc), visible.hidden)
         return cast(Customer360Reply, pseudonymise(body, visible.pseudonymised, pseudonym_key))
+
+    @app.get(
+        "/customers/{customer_id}/timeline",
+        summary="A customer's whole timeline, newest first, page by page",
+        operation_id="ListTimeline",
+    )
+    async def list_timeline(
+        customer_id: str,
+        page_size: Annotated[
+            int | None, Query(description="Entries per page (default 50, at most 500).")
+        ] = None,
+        page_token: Annotated[
+            str | None, Query(description="The `next_page_token` of the previous page.")
+        ] = None,
+        source: Annotated[
+            list[str],
+            Query(
+                description="Only entries of this source service (`contacts`, `pipeline`, "
+                "`tickets`, `loyalty`); repeatable; all when not given."
+            ),
+        ] = [],  # noqa: B006 - FastAPI copies query defaults per request
+    ) -> TimelinePageReply:
+        question = timeline_request(
+            customer_id, page_size, page_token, source, sources_field="source"
+        )
+        visible = await timeline_for(queries, gate, principal(), question)
+        # Shaped as the 360 view's timeline is, with its paths (see grpc_api).
+        shaped = to_json(
+            {
+                "_id": visible.customer_id,
+                "customer_id": visible.customer_id,
+                "timeline": visible.entries,
+            }
+        )
+        body = pseudonymise(
+            redact({"timeline": shaped["timeline"]}, visible.hidden),
+            visible.pseudonymised,
+            pseudonym_key,
+        )
+        return {
+            "customer_id": visible.customer_id,
+            "entries": body.get("timeline", []),
+            "next_page_token": visible.next_page_token,
+            "total": visible.total,
+        }
 
     @app.get(
         "/audit",

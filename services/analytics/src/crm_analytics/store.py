@@ -11,7 +11,9 @@ its size: a few `find`s load every document the batch touches, the events are
 applied in memory in log order, one `bulk_write` replaces each touched
 document once (many events on one customer coalesce into one write), one
 `update_many` per renamed company carries the new name to its linked persons,
-and one more `bulk_write` replaces the touched pipelines. The document store
+one more `bulk_write` replaces the touched pipelines, and one writes the
+timeline entries the batch added to `customer360_timeline` (the whole
+history, paged by ListTimeline; see `timeline.py`). The document store
 is the slowest part of the local stack (SecantusDB: a few hundred single
 writes per second), so this shape, not the per-event work, decides the
 projection's throughput.
@@ -19,8 +21,9 @@ projection's throughput.
 Personal data: a record's sealed personal fields are opened right after it
 is decoded, for every source (`prepare_batch`, with the `PayloadOpener` of
 `personal_data.py`); a customer erased (`person_erased`) stays redacted
-after any later event, its roles in its companies' member lists and its
-dead letters go with it.
+after any later event, its roles in its companies' member lists, the
+summaries of its entries in the timeline collection and its dead letters go
+with it.
 
 Aggregations through arrays of subdocuments (`"$companies.company_id"` in an
 expression) come back missing on SecantusDB; nothing here uses them, and
@@ -60,9 +63,11 @@ from crm_analytics.document import (
     PersonErased,
     PipelineNames,
     SourceAdapter,
+    TimelineEntry,
     UnknownEvent,
     advance,
     applied_position,
+    collect_timeline,
     new_document,
     to_datetime,
 )
@@ -71,6 +76,19 @@ from crm_analytics.personal_data import (
     erase_document,
     is_erased,
     redact_document,
+    redact_entry,
+)
+from crm_analytics.timeline import (
+    STATS_COLLECTION,
+    TIMELINE_COLLECTION,
+    TimelinePage,
+    TimelineRow,
+    ensure_timeline_indexes,
+    erase_update,
+    find_timeline,
+    stats_updates,
+    timeline_row,
+    writes,
 )
 from crm_common.privacy import REDACTED, MissingDataKey
 from crm_common.projection import (
@@ -97,7 +115,7 @@ LOAD_CHUNK = 50
 #: and written. Bounded so a transaction stays well inside the store's limits.
 REBUILD_BATCH = 5000
 
-_Stored = TypeVar("_Stored", Customer360, PipelineNames, AuditEntry)
+_Stored = TypeVar("_Stored", Customer360, PipelineNames, AuditEntry, TimelineRow)
 
 
 @dataclass(frozen=True)
@@ -169,6 +187,10 @@ class Customer360Store:
         self.collection: Collection[Customer360] = database[COLLECTION]
         self.pipelines: Collection[PipelineNames] = database[PIPELINES_COLLECTION]
         self.audit: Collection[AuditEntry] = database[AUDIT_COLLECTION]
+        #: Every timeline entry, one document each (see timeline.py).
+        self.timeline: Collection[TimelineRow] = database[TIMELINE_COLLECTION]
+        #: Per customer: its entries per source and the oldest time.
+        self.timeline_stats: Collection[dict[str, Any]] = database[STATS_COLLECTION]
         self.topics = dict(topics)
         self.sources = {topic: source for source, topic in topics.items()}
         self.adapters = {topic: ADAPTERS[source] for source, topic in topics.items()}
@@ -182,8 +204,12 @@ class Customer360Store:
         ensure_audit_indexes(self.database)
         # Created up front: not every document store creates collections
         # inside a transaction.
-        if PIPELINES_COLLECTION not in self.database.list_collection_names():
-            self.database.create_collection(PIPELINES_COLLECTION)
+        existing = self.database.list_collection_names()
+        for name in (PIPELINES_COLLECTION, TIMELINE_COLLECTION, STATS_COLLECTION):
+            if name not in existing:
+                self.database.create_collection(name)
+        # A customer's timeline, newest first (creates nothing more).
+        ensure_timeline_indexes(self.timeline)
 
     def get(self, customer_id: str) -> Customer360 | None:
         return self.collection.find_one({"_id": customer_id})
@@ -202,12 +228,36 @@ class Customer360Store:
         """Forgets the read models and where their projection stood (before a rebuild)."""
         self.collection.drop()
         self.pipelines.drop()
+        self.timeline.drop()
+        self.timeline_stats.drop()
         self.audit.drop()
         self.database[DEAD_LETTERS_COLLECTION].delete_many({"projection": PROJECTION})
         reset_offsets(self.database, PROJECTION)
 
     def count(self) -> int:
         return self.collection.count_documents({})
+
+    def timeline_page(
+        self,
+        customer_ids: Sequence[str],
+        sources: Sequence[str],
+        page_size: int,
+        page_token: str | None,
+        after: dict[str, Any] | None,
+        newest: Sequence[TimelineEntry],
+    ) -> TimelinePage:
+        """One page of the customers' whole timeline, newest first; `newest` is
+        the timeline their (folded) document holds (see `timeline.py`)."""
+        return find_timeline(
+            self.timeline,
+            self.timeline_stats,
+            customer_ids=customer_ids,
+            sources=sources,
+            page_size=page_size,
+            after=after,
+            token=page_token,
+            newest=newest,
+        )
 
     def audit_trail(
         self,
@@ -303,6 +353,9 @@ class Customer360Store:
         # One audit entry per event, redeliveries included (one id, one entry).
         audit: dict[str, AuditEntry] = {}
         applied = duplicates = no_customer = 0
+        # The timeline entries of the events applied, for the timeline collection
+        # (by customer and entry id; the last wins).
+        added: dict[tuple[str, str], TimelineEntry] = {}
         for record, adapter, event in events:
             position: int = getattr(event, "position")  # noqa: B009 - every event has one
             with projection_span(record, PROJECTION) as span:
@@ -318,7 +371,8 @@ class Customer360Store:
                 # CloudEvents: one source and id, one event; the first one consumed wins.
                 audit.setdefault(entry["_id"], entry)
                 try:
-                    outcome = adapter.apply(event, loaded)
+                    with collect_timeline() as entries:
+                        outcome = adapter.apply(event, loaded)
                 except UnknownEvent as error:
                     failures.append((record, str(error)))
                     self._mark_seen(docs, touched, adapter, event)
@@ -337,6 +391,7 @@ class Customer360Store:
                     span.set_attribute("crm.duplicate", True)
                     continue
                 applied += 1
+                added.update(entries)
                 if isinstance(outcome, AppliedToPipeline):
                     pipelines[outcome.doc["_id"]] = outcome.doc
                     touched_pipelines.add(outcome.doc["_id"])
@@ -385,6 +440,23 @@ class Customer360Store:
                 session=session,
                 ordered=False,
             )
+        rows = [
+            timeline_row(
+                customer_id, redact_entry(entry) if is_erased(docs.get(customer_id)) else entry
+            )
+            for (customer_id, _), entry in added.items()
+        ]
+        if rows:
+            # In the same transaction as the documents; an erased customer's
+            # entries are written redacted, like its document's timeline.
+            stored = self._load(session, self.timeline, {r["_id"] for r in rows})
+            existing = {i for i, row in stored.items() if row is not None}
+            self.timeline.bulk_write(writes(rows, existing), session=session, ordered=False)
+            new_rows = [r for r in rows if r["_id"] not in existing]
+            if new_rows:
+                self.timeline_stats.bulk_write(
+                    stats_updates(new_rows), session=session, ordered=False
+                )
         if renames:
             # After the replacements, so persons written in this batch get the name too.
             self.collection.bulk_write(
@@ -400,6 +472,8 @@ class Customer360Store:
                 session=session,
                 ordered=False,
             )
+            # Their whole timeline, beyond the newest entries the documents keep.
+            self.timeline.bulk_write([erase_update(sorted(erased))], session=session)
         if touched_pipelines:
             self.pipelines.bulk_write(
                 [
@@ -438,6 +512,7 @@ class Customer360Store:
             "renames": len(renames),
             "audit_entries": len(new_entries),
             "erased": len(erased),
+            "timeline_entries": len(rows),
         }
 
     @staticmethod
