@@ -58,6 +58,35 @@ class RuleViolated(CrmError):
     """A business rule refuses the command in the entity's current state."""
 
 
+@dataclass(frozen=True)
+class InTheWay:
+    """What an `AlreadyExists` refusal names: a record of `kind` with id `ident`."""
+
+    kind: str
+    ident: str
+    description: str = ""
+
+
+class AlreadyExists(RuleViolated):
+    """Nothing was written: what the command would create, or a value it would
+    take, exists already (gRPC ALREADY_EXISTS with an ErrorInfo `reason` and a
+    ResourceInfo per record in the way; HTTP 409 naming them). To code that
+    handles refusals in general it is a `RuleViolated`."""
+
+    reason = "ALREADY_EXISTS"
+
+    def metadata(self) -> dict[str, str]:
+        """The ErrorInfo's metadata."""
+        return {}
+
+    def in_the_way(self) -> list[InTheWay]:
+        return []
+
+    def body(self) -> dict[str, object]:
+        """What the REST body adds to `error` and `message`."""
+        return {"reason": self.reason}
+
+
 class WaitTimedOut(CrmError):
     """A read-your-writes wait did not see the write in time."""
 

@@ -47,6 +47,7 @@ from crm_common.auth.http_gate import admission, refusal_headers, secure_openapi
 from crm_common.auth.principal import Principal, current_principal
 from crm_common.commands import Caller
 from crm_common.errors import (
+    AlreadyExists,
     CrmError,
     FieldError,
     IdempotencyKeyReused,
@@ -84,6 +85,7 @@ _GRPC_CODES: list[tuple[type[CrmError], grpc.StatusCode, int]] = [
     (ValidationFailed, grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND, code_pb2.NOT_FOUND),
     (VersionConflict, grpc.StatusCode.ABORTED, code_pb2.ABORTED),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS, code_pb2.ALREADY_EXISTS),
     (RuleViolated, grpc.StatusCode.FAILED_PRECONDITION, code_pb2.FAILED_PRECONDITION),
     (WaitTimedOut, grpc.StatusCode.DEADLINE_EXCEEDED, code_pb2.DEADLINE_EXCEEDED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE),
@@ -164,6 +166,23 @@ def grpc_status_of(error: CrmError) -> tuple[grpc.StatusCode, status_pb2.Status]
             )
         )
         status.details.append(detail)
+    elif isinstance(error, AlreadyExists):
+        detail.Pack(
+            error_details_pb2.ErrorInfo(
+                reason=error.reason, domain="crm", metadata=error.metadata()
+            )
+        )
+        status.details.append(detail)
+        for thing in error.in_the_way():
+            resource = any_pb2.Any()
+            resource.Pack(
+                error_details_pb2.ResourceInfo(
+                    resource_type=thing.kind,
+                    resource_name=thing.ident,
+                    description=thing.description,
+                )
+            )
+            status.details.append(resource)
     elif isinstance(error, IdempotencyKeyReused):
         # FAILED_PRECONDITION is also a business rule's refusal: the reason tells them apart.
         detail.Pack(error_details_pb2.ErrorInfo(reason="IDEMPOTENCY_KEY_REUSED", domain="crm"))
@@ -626,6 +645,9 @@ def http_caller(
 
 def _error_body(error: CrmError) -> dict[str, Any]:
     body: dict[str, Any] = {"error": type(error).__name__, "message": error.message}
+    if isinstance(error, AlreadyExists):
+        body["error"] = "AlreadyExists"
+        body.update(error.body())
     if isinstance(error, MalformedRequest | RequestTooLarge):
         body["detail"] = [{"field": "body", "message": error.message}]
     return body

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from contacts_support import sqlite_settings
 
 from crm_common.commands import Caller
-from crm_contacts.application import ContactsService
+from crm_contacts import duplicate_index
+from crm_contacts.application import ContactsService, create_application
 from crm_contacts.duplicate_index import DuplicateIndex, rules_from_environment
 from crm_contacts.duplicates import DEFAULT_RULES, facts_for_company, facts_for_person
 from crm_contacts.inputs import (
@@ -222,6 +224,22 @@ async def test_rules_without_a_kind_ignore_its_keys(service: ContactsService) ->
         index.close()
 
 
+async def test_a_key_too_common_is_left_out_of_a_check(
+    service: ContactsService, index: DuplicateIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(duplicate_index, "MAX_CANDIDATES_PER_KEY", 3)
+    ada = await person(service, WEB, "Ada", "Lovelace", email("ada@bigcorp.example"))
+    facts = facts_for_person("", "Ada Lovelace", ["a.lovelace@bigcorp.example"], [])
+    assert [c.match.other for c in index.check(facts)] == [ada]  # names alike, one domain
+
+    for i in range(3):
+        await person(service, SHOP, "Someone", f"Else{i}", email(f"s{i}@bigcorp.example"))
+    # Four at the domain: it says nothing any more; an email in common still does.
+    assert index.check(facts) == []
+    both = facts_for_person("", "Ada Lovelace", ["ada@bigcorp.example"], [])
+    assert [(c.match.other, c.match.reasons[0].rule) for c in index.check(both)] == [(ada, "email")]
+
+
 # -- REST -------------------------------------------------------------------------------------
 
 
@@ -332,13 +350,18 @@ async def test_rest_refuses_bad_input_and_analysts(
         assert response.status_code == 403, response.text
 
 
-def test_the_app_refuses_to_start_with_malformed_rules(
-    sqlite_service: ContactsService, identity: Identity, monkeypatch: pytest.MonkeyPatch
+def test_the_service_refuses_to_start_with_malformed_rules_or_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Read once, when the service starts (the check on create and the routes use them).
     monkeypatch.setenv("CRM_CONTACTS_DUPLICATE_RULES", '{"rules": [{"kind": "fax", "score": 1}]}')
-    with pytest.raises(ValueError, match="rule kind"):
-        create_app(
-            sqlite_service,
-            gate_for("contacts", identity),
-            pseudonym_key=identity.pseudonym_key.read_bytes(),
-        )
+    app = create_application(sqlite_settings(tmp_path))
+    try:
+        with pytest.raises(ValueError, match="rule kind"):
+            ContactsService(app)
+        monkeypatch.delenv("CRM_CONTACTS_DUPLICATE_RULES")
+        monkeypatch.setenv("CRM_CONTACTS_DUPLICATES_ON_CREATE", "sometimes")
+        with pytest.raises(ValueError, match="CRM_CONTACTS_DUPLICATES_ON_CREATE"):
+            ContactsService(app)
+    finally:
+        app.close()

@@ -69,8 +69,8 @@ async def test_a_created_person_reads_back_with_words_and_utc_times(
     http: httpx.AsyncClient,
 ) -> None:
     body = await create_ada(http)
-    assert set(body) == {"id", "version", "position", "replayed", "contact"}
-    assert (body["version"], body["replayed"]) == (1, False)
+    assert set(body) == {"id", "version", "position", "replayed", "contact", "possible_duplicates"}
+    assert (body["version"], body["replayed"], body["possible_duplicates"]) == (1, False, [])
     assert body["position"] > 0
     contact = body["contact"]
     assert contact["id"] == body["id"]

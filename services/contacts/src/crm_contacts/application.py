@@ -33,7 +33,7 @@ from uuid import UUID
 from eventsourcing.application import AggregateNotFoundError
 
 from crm_common.auth.access import AccessPolicy, PartnerGrant
-from crm_common.commands import Caller, CommandBus, CommandContext, UnitOfWork
+from crm_common.commands import Caller, CommandBus, CommandContext, CommandReceipt, UnitOfWork
 from crm_common.errors import (
     FieldErrors,
     NotFound,
@@ -46,12 +46,24 @@ from crm_common.eventstore import SnapshottingApplication, application_env, crea
 from crm_common.querystore import QueryDatabase
 from crm_common.settings import Settings
 from crm_contacts import export, interaction_token, validation
+from crm_contacts.already_exists import LikelyDuplicate
 from crm_contacts.definitions import FieldDefinitions
 from crm_contacts.directory import ContactDirectory
-from crm_contacts.domain import Company, Contact, ContactKind, Person, merging
+from crm_contacts.domain import (
+    PHONE_CHANNELS,
+    Channel,
+    Company,
+    Contact,
+    ContactKind,
+    Person,
+    PersonProfile,
+    merging,
+)
 from crm_contacts.domain.contacts import MergeRecord
 from crm_contacts.domain.interactions import InteractionKey, newest_after
 from crm_contacts.domain.lifecycle import LifecycleRule
+from crm_contacts.duplicate_index import DuplicateIndex, rules_from_environment
+from crm_contacts.duplicates import DuplicateRules, facts_for_person
 from crm_contacts.inputs import (
     CompanyChanges,
     CompanyLink,
@@ -64,12 +76,15 @@ from crm_contacts.inputs import (
     NewPerson,
     PersonChanges,
 )
+from crm_contacts.unique_values import claim_values, existing_holders, unique_values
 from crm_contacts.views import (
     ContactPage,
     ContactView,
     ContactWrite,
+    DuplicateReason,
     InteractionPage,
     PersonExport,
+    PossibleDuplicate,
     view_of,
 )
 
@@ -89,6 +104,10 @@ DEFAULT_INTERACTION_PAGE = 50
 MAX_INTERACTION_PAGE = 200
 #: Why an erase is refused without master keys: it could not shred anything.
 ENCRYPTION_NOT_CONFIGURED = "personal data encryption is not configured (CRM_MASTER_KEYS)"
+#: What a create does about look-alikes: `off`, `warn` (answers with them) or
+#: `refuse` (ALREADY_EXISTS unless the request allows a duplicate).
+DUPLICATES_ON_CREATE_VARIABLE = "CRM_CONTACTS_DUPLICATES_ON_CREATE"
+DUPLICATES_ON_CREATE_MODES = ("off", "warn", "refuse")
 
 
 class RemoteExports(Protocol):
@@ -112,6 +131,20 @@ def merge_undo_window_from_env() -> timedelta:
     if days < 1:
         raise ValueError(f"CRM_CONTACTS_MERGE_UNDO_DAYS must be at least 1, not {days}")
     return timedelta(days=days)
+
+
+def duplicates_on_create_from_env(rules: DuplicateRules) -> str:
+    """`CRM_CONTACTS_DUPLICATES_ON_CREATE` (off, warn, refuse); unset, the rules'
+    own `on_create` (warn unless the rules say otherwise)."""
+    raw = os.environ.get(DUPLICATES_ON_CREATE_VARIABLE, "").strip().lower()
+    if not raw:
+        return rules.on_create
+    if raw not in DUPLICATES_ON_CREATE_MODES:
+        raise ValueError(
+            f"{DUPLICATES_ON_CREATE_VARIABLE} must be one of "
+            f"{', '.join(DUPLICATES_ON_CREATE_MODES)}, not {raw!r}"
+        )
+    return raw
 
 
 class ContactsApplication(SnapshottingApplication):
@@ -160,8 +193,25 @@ class ContactsService:
         directory: ContactDirectory | None = None,
         merge_undo_window: timedelta = timedelta(days=DEFAULT_MERGE_UNDO_DAYS),
         remote_exports: RemoteExports | None = None,
+        duplicate_rules: DuplicateRules | None = None,
+        duplicates_on_create: str | None = None,
     ) -> None:
         self.app = app
+        #: The duplicate rules (`CRM_CONTACTS_DUPLICATE_RULES`), read once: malformed
+        #: rules stop the process at start rather than a request.
+        self.duplicate_rules = duplicate_rules or rules_from_environment()
+        #: What a create of a person does about look-alikes (off, warn, refuse).
+        self.duplicates_on_create = duplicates_on_create or duplicates_on_create_from_env(
+            self.duplicate_rules
+        )
+        if self.duplicates_on_create not in DUPLICATES_ON_CREATE_MODES:
+            raise ValueError(f"duplicates on create: not one of {DUPLICATES_ON_CREATE_MODES}")
+        self._duplicate_index: DuplicateIndex | None = None
+        #: Checks on create under way (in worker threads): `close` waits for them
+        #: before it closes the index under their feet.
+        self._checks = 0
+        self._checks_done = threading.Condition()
+        self._closing = False
         #: The other services' parts of an export (None: an export is refused).
         self.remote_exports = remote_exports
         #: How long after a merge `undo_merge` may reverse it.
@@ -172,6 +222,7 @@ class ContactsService:
         self.clock = clock
         #: The custom-field definitions values are checked against.
         self.fields = FieldDefinitions(app, self.bus, clock)
+        self.fields.holders = lambda kind, key: existing_holders(self.directory, kind, key)
         #: Whose grants partners work under (the API's gate's policy; by default
         #: the policy shipped with crm_common).
         self.policy = policy or AccessPolicy.load()
@@ -185,12 +236,27 @@ class ContactsService:
                 self._directory = open_directory(self.app)
             return self._directory
 
+    @property
+    def duplicate_index(self) -> DuplicateIndex:
+        """The duplicate index's query tables, opened on first use (the check on
+        create, the duplicate routes)."""
+        with self._directory_lock:
+            if self._duplicate_index is None:
+                self._duplicate_index = DuplicateIndex.open(self.app, rules=self.duplicate_rules)
+            return self._duplicate_index
+
     def close(self) -> None:
         """Stops the command bus (after pending commands), the directory and the store."""
+        with self._checks_done:
+            self._closing = True
+            self._checks_done.wait_for(lambda: self._checks == 0, timeout=30)
         self.bus.close()
         with self._directory_lock:
             if self._directory is not None:
                 self._directory.close()
+            if self._duplicate_index is not None:
+                self._duplicate_index.close()
+                self._duplicate_index = None
         self.app.close()
 
     # -- partners ------------------------------------------------------------------------
@@ -254,17 +320,101 @@ class ContactsService:
             view = await self.get_contact(outcome.id, caller)
         return ContactWrite(outcome, view)
 
-    async def create_person(self, caller: Caller, new: NewPerson) -> ContactWrite:
+    async def create_person(
+        self,
+        caller: Caller,
+        new: NewPerson,
+        *,
+        allow_duplicate: bool = False,
+        check_duplicates: bool = True,
+    ) -> ContactWrite:
+        """Registers a person. Unless `duplicates_on_create` is off, the existing
+        persons that look like the new one (the duplicate rules, over the duplicate
+        index; a partner's only among its own) come back in `possible_duplicates`;
+        with `refuse`, a look-alike scoring the rules' `refuse_threshold` or more
+        refuses the create (`LikelyDuplicate`, nothing written) unless
+        `allow_duplicate`. The check reads the index before the command: it is a
+        warning to people, not a guarantee against two creates racing (a unique
+        custom field is that). `check_duplicates=False` skips it (a caller that
+        matched the person against existing contacts itself, and shows no one
+        the warning)."""
         grant = self.grant_of(caller)
         tagged = dataclasses.replace(new, tags=self._tags_for(grant, new.tags))
-        profile = validation.new_person_profile(
-            tagged, self.clock(), self.fields.current(ContactKind.PERSON)
-        )
-        return await self._write(
-            caller,
-            caller.command("CreatePerson", new),
-            lambda uow: uow.add(Person.register(profile)),
-        )
+        definitions = self.fields.current(ContactKind.PERSON)
+        profile = validation.new_person_profile(tagged, self.clock(), definitions)
+        found: list[PossibleDuplicate] = []
+        if check_duplicates and self.duplicates_on_create != "off":
+            found = await asyncio.to_thread(self._look_alikes, profile, grant)
+            refusing = [c for c in found if c.score >= self.duplicate_rules.refuse_threshold]
+            if (
+                self.duplicates_on_create == "refuse"
+                and refusing
+                and not allow_duplicate
+                and not await asyncio.to_thread(self._answered_before, caller)
+            ):
+                raise LikelyDuplicate(refusing)
+
+        def decide(uow: UnitOfWork) -> Person:
+            person = uow.add(Person.register(profile))
+            claim_values(uow, person, {}, definitions)
+            return person
+
+        written = await self._write(caller, caller.command("CreatePerson", new), decide)
+        shown = tuple(c for c in found if c.contact_id != written.outcome.id)
+        return dataclasses.replace(written, possible_duplicates=shown)
+
+    def _look_alikes(
+        self, profile: PersonProfile, grant: PartnerGrant | None
+    ) -> list[PossibleDuplicate]:
+        """The live persons that look like a new person with `profile`, best first;
+        for a partner, only those within its grant (the others are not named)."""
+        emails = sorted({c.address for c in profile.channels if c.channel is Channel.EMAIL})
+        phones = sorted({c.address for c in profile.channels if c.channel in PHONE_CHANNELS})
+        name = " ".join(f"{profile.given_name} {profile.family_name}".split())
+        facts = facts_for_person("", name, emails, phones)
+        with self._checks_done:
+            if self._closing:
+                raise Unavailable("the contacts service is stopping")
+            self._checks += 1
+        try:
+            candidates = self.duplicate_index.check(facts)
+        finally:
+            with self._checks_done:
+                self._checks -= 1
+                self._checks_done.notify_all()
+        found: list[PossibleDuplicate] = []
+        for candidate in candidates:
+            if grant is not None and not self._within_grant(grant, candidate.match.other):
+                continue
+            found.append(
+                PossibleDuplicate(
+                    candidate.match.other,
+                    candidate.match.score,
+                    tuple(
+                        DuplicateReason(r.rule, r.score, r.detail) for r in candidate.match.reasons
+                    ),
+                )
+            )
+        return found
+
+    def _within_grant(self, grant: PartnerGrant, contact_id: str) -> bool:
+        try:
+            contact: Any = self.app.repository.get(UUID(contact_id))
+        except (ValueError, AggregateNotFoundError):
+            return False
+        return isinstance(contact, Contact) and _canonical_tag(grant.tag) in _tags_of(contact)
+
+    def _answered_before(self, caller: Caller) -> bool:
+        """Whether the caller's request id has an answer already (a retry of a create
+        that went through is replayed, not refused as a duplicate of itself)."""
+        if not caller.request_id:
+            return False
+        ident = CommandReceipt.create_id(SERVICE, caller.request_id, caller.scope)
+        try:
+            self.app.repository.get(ident)
+        except AggregateNotFoundError:
+            return False
+        return True
 
     async def update_person(self, caller: Caller, changes: PersonChanges) -> ContactWrite:
         grant = self.grant_of(caller)
@@ -277,9 +427,11 @@ class ContactsService:
                 tags = self._tags_for(grant, changes.tags, person.profile.tags)
                 wanted = dataclasses.replace(changes, tags=tags)
             definitions = self.fields.current(ContactKind.PERSON)
+            before = unique_values(person, definitions)
             person.change_profile(
                 validation.changed_person_profile(person.profile, wanted, now, definitions)
             )
+            claim_values(uow, person, before, definitions)
             return person
 
         return await self._write(
@@ -289,12 +441,15 @@ class ContactsService:
     async def create_company(self, caller: Caller, new: NewCompany) -> ContactWrite:
         grant = self.grant_of(caller)
         tagged = dataclasses.replace(new, tags=self._tags_for(grant, new.tags))
-        profile = validation.new_company_profile(tagged, self.fields.current(ContactKind.COMPANY))
-        return await self._write(
-            caller,
-            caller.command("CreateCompany", new),
-            lambda uow: uow.add(Company.register(profile)),
-        )
+        definitions = self.fields.current(ContactKind.COMPANY)
+        profile = validation.new_company_profile(tagged, definitions)
+
+        def decide(uow: UnitOfWork) -> Company:
+            company = uow.add(Company.register(profile))
+            claim_values(uow, company, {}, definitions)
+            return company
+
+        return await self._write(caller, caller.command("CreateCompany", new), decide)
 
     async def update_company(self, caller: Caller, changes: CompanyChanges) -> ContactWrite:
         grant = self.grant_of(caller)
@@ -306,9 +461,11 @@ class ContactsService:
                 tags = self._tags_for(grant, changes.tags, company.profile.tags)
                 wanted = dataclasses.replace(changes, tags=tags)
             definitions = self.fields.current(ContactKind.COMPANY)
+            before = unique_values(company, definitions)
             company.change_profile(
                 validation.changed_company_profile(company.profile, wanted, definitions)
             )
+            claim_values(uow, company, before, definitions)
             return company
 
         return await self._write(
@@ -447,7 +604,11 @@ class ContactsService:
                         "only contacts of one kind merge",
                     )
             errors.raise_if_any()
+            definitions = self.fields.current(survivor.KIND)
+            before = unique_values(survivor, definitions)
             merging.merge(merge_id, survivor, others, choices, now, actor=caller.actor)
+            # The tombstones hold nothing now; what the survivor took over is its own.
+            claim_values(uow, survivor, before, definitions)
             return survivor, {"merge_id": merge_id}
 
         return await self._write(
@@ -492,9 +653,16 @@ class ContactsService:
             for other in others:
                 self._check_grant(grant, other)
             survivor = self._subject(uow, grant, survivor_id, Contact)
+            definitions = self.fields.current(survivor.KIND)
+            before = unique_values(survivor, definitions)
             merging.undo_merge(
                 merge_id, survivor, others, now, self.merge_undo_window, actor=caller.actor
             )
+            # The contacts given back claim their values again (refused when
+            # another contact took one meanwhile); the survivor what it keeps.
+            claim_values(uow, survivor, before, definitions)
+            for other in others:
+                claim_values(uow, other, {}, definitions)
             return survivor, {"merge_id": merge_id}
 
         return await self._write(caller, caller.command("UndoMerge", survivor_id, merge_id), decide)

@@ -7,6 +7,17 @@ definitions of its kind (`validation.custom_fields_of`); a read hides the
 values of retired fields (kept in the contact's history). The definitions a
 process uses are at most `CACHE_SECONDS` old when another replica changed
 them; a change made through this process is seen by it at once.
+
+A field that becomes unique (defined so, revised to `unique: true`, or a unique
+field restored) while live contacts hold values of it: refused, naming the
+contacts that share a value (`unique_values.UniqueConflicts`), when any value is
+shared; otherwise the same command claims every value for its holder
+(`crm_contacts.unique_values`), so that from then on no second contact gets one.
+The values are read from the directory's query tables caught up with the log
+just before the command: a contact written in that moment, or by another
+replica still trusting its cached definitions (`CACHE_SECONDS`), may keep a
+value unclaimed; such a value is claimed by the next write that gives it to a
+contact, and the duplicate check of the definition (revise it again) lists it.
 """
 
 from __future__ import annotations
@@ -31,7 +42,11 @@ from crm_contacts.domain.field_definitions import (
     FieldCatalogue,
     FieldDefinition,
 )
+from crm_contacts.unique_values import UniqueConflicts, claim_existing, conflicts_of
 from crm_contacts.views import ContactView
+
+#: The live contacts holding each (normalised) value of a field, by value.
+Holders = Callable[[ContactKind, str], dict[str, list[str]]]
 
 #: How long a process trusts the definitions it read.
 CACHE_SECONDS = 2.0
@@ -113,6 +128,9 @@ class FieldDefinitions:
         self.clock = clock
         self._lock = threading.Lock()
         self._cache: dict[ContactKind, tuple[float, FieldCatalogue | None]] = {}
+        #: Who holds a field's values (the service sets it: the directory's tables);
+        #: None: a field made unique claims nothing that exists.
+        self.holders: Holders | None = None
 
     # -- reading --
 
@@ -169,6 +187,7 @@ class FieldDefinitions:
         kind: ContactKind,
         change: Callable[..., Any],
         *args: Any,
+        then: Callable[[UnitOfWork, FieldCatalogue], None] | None = None,
     ) -> DefinitionsWrite:
         now = self.clock()
 
@@ -184,6 +203,8 @@ class FieldDefinitions:
                 change(catalogue, now, caller.actor)
             except DefinitionRefused as refused:
                 raise _refused(refused) from None
+            if then is not None:
+                then(uow, catalogue)
             return catalogue
 
         outcome = await self.bus.execute_async(caller.command(command, str(kind), *args), decide)
@@ -199,10 +220,34 @@ class FieldDefinitions:
         def change(catalogue: FieldCatalogue, now: datetime, actor: str) -> None:
             catalogue.define(definition, now, actor)
 
-        return await self._write(caller, "DefineCustomField", which, change, definition.to_dict())
+        then = await self._becoming_unique(which, definition.key) if definition.unique else None
+        return await self._write(
+            caller, "DefineCustomField", which, change, definition.to_dict(), then=then
+        )
+
+    async def _becoming_unique(
+        self, kind: ContactKind, key: str
+    ) -> Callable[[UnitOfWork, FieldCatalogue], None] | None:
+        """What a command making `key` unique does after its change: claims the values
+        live contacts hold; `UniqueConflicts` (before any command) when some are shared."""
+        if self.holders is None:
+            return None
+        holders = await asyncio.to_thread(self.holders, kind, key)
+        conflicts = conflicts_of(holders)
+        if conflicts:
+            raise UniqueConflicts(key, conflicts)
+
+        def claim(uow: UnitOfWork, catalogue: FieldCatalogue) -> None:
+            if catalogue.definitions[key].unique and not catalogue.definitions[key].retired:
+                claim_existing(uow, kind, key, holders)
+
+        return claim
 
     async def revise(self, caller: Caller, kind: str, revision: FieldRevision) -> DefinitionsWrite:
         which = kind_of(kind)
+        then = None
+        if revision.unique and not self._is_unique(which, revision.key):
+            then = await self._becoming_unique(which, revision.key)
 
         def change(catalogue: FieldCatalogue, now: datetime, actor: str) -> None:
             try:
@@ -219,7 +264,15 @@ class FieldDefinitions:
                 actor=actor,
             )
 
-        return await self._write(caller, "ReviseCustomField", which, change, revision.key, revision)
+        return await self._write(
+            caller, "ReviseCustomField", which, change, revision.key, revision, then=then
+        )
+
+    def _is_unique(self, kind: ContactKind, key: str) -> bool:
+        """Whether `key` is a unique field in force now (read fresh)."""
+        catalogue = self._catalogue(kind, fresh=True)
+        found = catalogue.definitions.get(key) if catalogue is not None else None
+        return found is not None and found.unique and not found.retired
 
     async def retire(self, caller: Caller, kind: str, key: str) -> DefinitionsWrite:
         return await self._toggle(caller, kind, key, retire=True)
@@ -242,5 +295,11 @@ class FieldDefinitions:
             else:
                 catalogue.restore(key, now, actor)
 
+        then = None
+        if not retire:
+            catalogue = self._catalogue(which, fresh=True)
+            found = catalogue.definitions.get(key) if catalogue is not None else None
+            if found is not None and found.unique and found.retired:
+                then = await self._becoming_unique(which, key)
         command = "RetireCustomField" if retire else "RestoreCustomField"
-        return await self._write(caller, command, which, change, key)
+        return await self._write(caller, command, which, change, key, then=then)

@@ -57,8 +57,10 @@ from crm_contacts.duplicates import (
 FACTS = "duplicate_facts"
 LINKS = "duplicate_links"
 KEYS = "duplicate_keys"
-#: Candidates one key yields to a check at most (a huge company's domain
-#: would otherwise bring thousands of rows for a single check).
+#: A key shared by more contacts than this (a huge company's domain, a shared
+#: switchboard number) is too common to compare on: a check leaves it out, as
+#: the scan does (`Scan.max_block`), rather than compare an arbitrary few hundred
+#: of its contacts (on every create, with the check on create).
 MAX_CANDIDATES_PER_KEY = 200
 #: Facts rows a scan reads per query.
 SCAN_PAGE = 2000
@@ -396,9 +398,12 @@ class DuplicateIndex:
             for key in keys:
                 rows = tx.all(
                     f"SELECT contact_id FROM {KEYS} WHERE key = ? ORDER BY contact_id LIMIT ?",
-                    (_text(key), MAX_CANDIDATES_PER_KEY),
+                    (_text(key), MAX_CANDIDATES_PER_KEY + 2),
                 )
-                idents.update(str(r[0]) for r in rows)
+                found = {str(r[0]) for r in rows} - {facts.id}
+                if len(found) > MAX_CANDIDATES_PER_KEY:
+                    continue  # too common to say anything (see MAX_CANDIDATES_PER_KEY)
+                idents.update(found)
             idents.discard(facts.id)
             candidates = read_facts(tx, sorted(idents))
         by_id = {c.id: c for c in candidates}

@@ -14,7 +14,7 @@ with details (see `crm_common.server`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -44,10 +44,12 @@ from crm_contacts.inputs import (
     NewPerson,
     PersonChanges,
 )
-from crm_contacts.messages import contact_pb, interaction_pb
+from crm_contacts.messages import contact_pb, interaction_pb, possible_duplicate_pb
 from crm_contacts.views import ContactView
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ContactsService"].full_name
+
+R = TypeVar("R")
 
 
 def write_result(outcome: WriteOutcome) -> pb.WriteResult:
@@ -119,9 +121,12 @@ class ContactsServicer:
                 custom_fields=_custom_fields(request.custom_fields),
                 owner=request.owner,
             ),
+            allow_duplicate=request.allow_duplicate,
         )
         return pb.CreatePersonResponse(
-            result=write_result(written.outcome), contact=self._contact(caller, written.contact)
+            result=write_result(written.outcome),
+            contact=self._contact(caller, written.contact),
+            possible_duplicates=[possible_duplicate_pb(d) for d in written.possible_duplicates],
         )
 
     async def UpdatePerson(

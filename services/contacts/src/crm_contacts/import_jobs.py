@@ -614,7 +614,9 @@ class ImportJobs:
         service = self.service
         try:
             if isinstance(plan.new, NewPerson):
-                await service.create_person(caller, plan.new)
+                # The import matched the file against the base itself (upsert on
+                # email or external id); nobody would see a create's warning.
+                await service.create_person(caller, plan.new, check_duplicates=False)
             elif isinstance(plan.new, NewCompany):
                 await service.create_company(caller, plan.new)
             elif isinstance(plan.changes, PersonChanges):

@@ -18,7 +18,7 @@ from crm_contacts.domain import (
     Interaction,
     PersonProfile,
 )
-from crm_contacts.views import ContactView
+from crm_contacts.views import ContactView, PossibleDuplicate
 
 
 def timestamp(when: datetime | None) -> Timestamp:
@@ -120,3 +120,12 @@ def contact_pb(view: ContactView) -> pb.Contact:
         contact.domain = view.profile.domain
         contact.industry = view.profile.industry
     return contact
+
+
+def possible_duplicate_pb(found: PossibleDuplicate) -> pb.PossibleDuplicate:
+    """A create's look-alike: its id, score and the reasons in words."""
+    return pb.PossibleDuplicate(
+        contact_id=found.contact_id,
+        score=found.score,
+        reasons=[r.detail for r in found.reasons],
+    )

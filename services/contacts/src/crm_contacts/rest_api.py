@@ -160,6 +160,11 @@ class PersonCreate(_Body):
         default_factory=dict, description=_FIELDS_HELP
     )
     owner: str = Field("", description="The user who owns the contact.")
+    allow_duplicate: bool = Field(
+        False,
+        description="Create it even though it looks like existing contacts (with "
+        "CRM_CONTACTS_DUPLICATES_ON_CREATE=refuse such a create is refused with 409).",
+    )
 
 
 class PersonPatch(_Body):
@@ -356,6 +361,26 @@ class WriteReply(BaseModel):
     )
     replayed: bool = Field(description="True when this answers a retried Idempotency-Key.")
     contact: Contact = Field(description="The contact after the write (now, for a replay).")
+
+
+class DuplicateReasonReply(BaseModel):
+    rule: str = Field(description="One of: email, phone, name_domain.")
+    score: float
+    detail: str = Field(description='What matched, e.g. "same email ada@example.com".')
+
+
+class PossibleDuplicateReply(BaseModel):
+    contact_id: str
+    score: float = Field(description="0..1: the best score of the reasons.")
+    reasons: list[DuplicateReasonReply]
+
+
+class PersonCreatedReply(WriteReply):
+    possible_duplicates: list[PossibleDuplicateReply] = Field(
+        default_factory=list,
+        description="Existing contacts that look like this one, best first "
+        "(CRM_CONTACTS_DUPLICATES_ON_CREATE: warn, or refuse below its threshold).",
+    )
 
 
 class MergeReply(WriteReply):
@@ -654,7 +679,7 @@ def create_app(service: ContactsService, gate: AccessGate, *, pseudonym_key: byt
         "/persons",
         operation_id="CreatePerson",
         status_code=201,
-        response_model=WriteReply,
+        response_model=PersonCreatedReply,
         tags=["persons"],
         summary="Register a person",
         responses={200: {"description": "A replay of an earlier Idempotency-Key"}},
@@ -676,13 +701,16 @@ def create_app(service: ContactsService, gate: AccessGate, *, pseudonym_key: byt
                 custom_fields=_custom_fields(body.custom_fields),
                 owner=body.owner,
             ),
+            allow_duplicate=body.allow_duplicate,
         )
-        return shown(
-            caller,
-            write_reply(written),
-            contacts_at="contact",
-            status_code=_created(written.outcome),
+        reply = PersonCreatedReply(
+            **_reply_fields(written.outcome, written.contact),
+            possible_duplicates=[
+                PossibleDuplicateReply.model_validate(d.to_dict())
+                for d in written.possible_duplicates
+            ],
         )
+        return shown(caller, reply, contacts_at="contact", status_code=_created(written.outcome))
 
     @app.patch(
         "/persons/{person_id}",
@@ -1181,5 +1209,6 @@ def create_app(service: ContactsService, gate: AccessGate, *, pseudonym_key: byt
         return custom_fields_write(written)
 
     include_imports(app, service)  # POST /imports, GET /imports/{id}[/failures]
+
     include_duplicates(app, service)  # POST /duplicates/check, GET /duplicates, .../duplicates
     return app

@@ -16,7 +16,6 @@ import asyncio
 import base64
 import binascii
 import json
-import threading
 from collections.abc import Callable
 from typing import Annotated
 
@@ -26,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from crm_common.errors import FieldErrors, NotFound, ValidationFailed
 from crm_contacts import validation
 from crm_contacts.application import ContactsService
-from crm_contacts.duplicate_index import Candidate, DuplicateIndex, rules_from_environment
+from crm_contacts.duplicate_index import Candidate, DuplicateIndex
 from crm_contacts.duplicates import Facts, Pair, Reason, facts_for_company, facts_for_person
 from crm_contacts.inputs import NewCompany
 
@@ -180,27 +179,20 @@ def _decode(token: str) -> tuple[float, str, str]:
 
 
 class LazyIndex:
-    """The index, opened by the first request that needs it: an app that is never
-    asked about duplicates never creates (nor builds) the tables."""
+    """The service's index (`ContactsService.duplicate_index`, which the check on
+    create uses too), opened by the first request that needs it: an app that is
+    never asked about duplicates never creates (nor builds) the tables."""
 
     def __init__(self, service: ContactsService) -> None:
         self.service = service
-        #: Read now: malformed rules stop the app from starting, not a request.
-        self.rules = rules_from_environment()
-        self._index: DuplicateIndex | None = None
-        self._lock = threading.Lock()
+        #: The service read them at start: malformed rules stop the app, not a request.
+        self.rules = service.duplicate_rules
 
     def __call__(self) -> DuplicateIndex:
-        with self._lock:
-            if self._index is None:
-                self._index = DuplicateIndex.open(self.service.app, rules=self.rules)
-            return self._index
+        return self.service.duplicate_index
 
     def close(self) -> None:
-        with self._lock:
-            if self._index is not None:
-                self._index.close()
-                self._index = None
+        """The service closes the index with the rest of its stores."""
 
 
 def include_duplicates(app: FastAPI, service: ContactsService) -> LazyIndex:

@@ -77,11 +77,40 @@ def view_of(contact: Contact, interactions: int = RECENT_INTERACTIONS) -> Contac
 
 
 @dataclass(frozen=True)
+class DuplicateReason:
+    """One rule a look-alike meets (`crm_contacts.duplicates.Reason`)."""
+
+    rule: str
+    score: float
+    detail: str
+
+
+@dataclass(frozen=True)
+class PossibleDuplicate:
+    """An existing contact that looks like the one being created, and why."""
+
+    contact_id: str
+    score: float
+    reasons: tuple[DuplicateReason, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "contact_id": self.contact_id,
+            "score": self.score,
+            "reasons": [
+                {"rule": r.rule, "score": r.score, "detail": r.detail} for r in self.reasons
+            ],
+        }
+
+
+@dataclass(frozen=True)
 class ContactWrite:
     """The outcome of a write and the contact as it stands after it."""
 
     outcome: WriteOutcome
     contact: ContactView
+    #: A create's look-alikes (`CRM_CONTACTS_DUPLICATES_ON_CREATE`), best first.
+    possible_duplicates: tuple[PossibleDuplicate, ...] = ()
 
 
 @dataclass(frozen=True)
