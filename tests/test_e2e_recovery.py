@@ -20,6 +20,7 @@ from crm.contacts.v1 import contacts_pb2 as c
 from crm.contacts.v1 import contacts_pb2_grpc
 from crm.customer360.v1 import customer360_pb2 as v
 from crm.customer360.v1 import customer360_pb2_grpc
+from crm_deploy.testing import postgres_env
 
 PERSONS = 60
 ROUNDS = 12  # per person: one update or one interaction per round
@@ -193,7 +194,9 @@ async def test_rebuild_reproduces_the_360_view(platform: Any, contacts: Any) -> 
         collection = client["crm"]["customer360"]
         before = {d["_id"]: _comparable(d) for d in collection.find()}
         assert created.result.id in before
-        env = platform.stack.service_env()
+        # The platform's stores are in PostgreSQL: the rebuild reads the owners'
+        # data keys there, as the projector does.
+        env = {**platform.stack.service_env(), **postgres_env(platform.postgres)}
         rebuild = await asyncio.to_thread(
             subprocess.run,
             [str(Path(sys.executable).with_name("crm-analytics")), "rebuild"],

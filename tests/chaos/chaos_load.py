@@ -127,7 +127,9 @@ class ChaosClient:
 
     async def create_person(self) -> Ack:
         marker, key = self.marker(), str(uuid.uuid4())
-        body = {"given_name": "Chaos", "family_name": marker, "tags": ["chaos"]}
+        # The marker also goes where it stays readable in the store: names are
+        # sealed under the person's key, tags are not.
+        body = {"given_name": "Chaos", "family_name": marker, "tags": ["chaos", marker]}
         answer = await self.send("POST", f"{self.contacts}/persons", body, key)
         ack = self._ack("contacts", "create-person", key, marker, answer)
         self.persons.append(ack)
@@ -145,6 +147,8 @@ class ChaosClient:
             "family_name": marker,
             "company_name": "Chaos Ltd",
             "email": f"{marker}@example.com",
+            # Readable in the store (the name and email are sealed).
+            "campaign": marker,
             "source": "web",
             "owner": "chaos",
         }

@@ -248,7 +248,9 @@ async def test_a_command_committed_but_never_acknowledged_replays_when_retried(
     client = ChaosClient(chaos_stack, secrets.token_hex(4))
     try:
         marker, key = client.marker(), str(uuid.uuid4())
-        body = json.dumps({"given_name": "Unacknowledged", "family_name": marker}).encode()
+        body = json.dumps(
+            {"given_name": "Unacknowledged", "family_name": marker, "tags": [marker]}
+        ).encode()
         port = chaos_stack.config.service_ports["contacts"][1]
         request = (
             f"POST /persons HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"

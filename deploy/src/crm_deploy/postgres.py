@@ -180,8 +180,11 @@ class EmbeddedPostgres:
             # No unix socket: every client connects over TCP, as in a cluster.
             "-c",
             "unix_socket_directories=",
+            # Every process of a stack holds a few (its event store's pool, the
+            # query tables', the key store's; the 360 projector one per owner's
+            # keys): the test suite runs two whole stacks on one server at times.
             "-c",
-            "max_connections=200",
+            "max_connections=800",
         ]
         if not self.durable:
             options += ["-c", "fsync=off", "-c", "synchronous_commit=off"]
