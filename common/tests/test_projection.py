@@ -364,3 +364,52 @@ async def test_a_successor_does_not_wait_for_the_transaction_a_killed_projector_
     successor = consumer_for(servers, mongo, database_name, topic, model)
     await asyncio.wait_for(successor.run_until_caught_up(), 15)
     assert model.totals() == expected_totals(40)
+
+
+class Sequence_:
+    """Remembers the order in which the read model was handed the records."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def apply_batch(self, session: ClientSession, records: Sequence[Record]) -> Mapping[str, int]:
+        self.seen.extend(json.loads(r.value or b"")["seq"] for r in records)
+        return {"applied": len(records)}
+
+
+async def test_in_log_order_the_read_model_gets_each_topic_in_position_order(
+    servers, mongo, database_name, topic
+):
+    """Records of many keys over the topic's partitions, each carrying its log
+    position (`crm_position`, as the relays publish it): read `in_log_order`,
+    the read model gets them in position order across the partitions, in
+    small batches too; read the ordinary way, it gets them partition by partition."""
+    count = 300
+    producer = AIOKafkaProducer(bootstrap_servers=servers.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        sent = [
+            await producer.send(
+                topic,
+                json.dumps({"seq": seq}).encode(),
+                key=f"k{seq % 11}".encode(),
+                headers=[("crm_position", str(seq + 1).encode())],
+            )
+            for seq in range(count)
+        ]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+    ordered = Sequence_()
+    projection = consumer_for(servers, mongo, database_name, topic, ordered, max_records=16)
+    result = await projection.run_until_caught_up(in_log_order=True)
+    assert result.records == count
+    assert ordered.seen == list(range(count))
+    assert projection.stored_offsets() == await end_offsets(servers.kafka_bootstrap, topic)
+
+    unordered = Sequence_()
+    again = consumer_for(servers, mongo, f"{database_name}_b", topic, unordered, max_records=16)
+    await again.run_until_caught_up()
+    assert sorted(unordered.seen) == list(range(count))
+    assert unordered.seen != list(range(count))

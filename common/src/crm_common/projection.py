@@ -240,6 +240,9 @@ class ProjectionConsumer:
         self._backoff = retry_backoff
         # Catching up one partition number at a time (see run_until_caught_up).
         self._by_partition = False
+        self._in_log_order = False
+        # Records read but held back (in_log_order): partition -> records, in order.
+        self._held: dict[TopicPartition, list[Record]] = {}
 
     # -- offsets ----------------------------------------------------------------------
 
@@ -275,7 +278,11 @@ class ProjectionConsumer:
         )
 
     async def run_until_caught_up(
-        self, stop: asyncio.Event | None = None, *, by_partition: bool = False
+        self,
+        stop: asyncio.Event | None = None,
+        *,
+        by_partition: bool = False,
+        in_log_order: bool = False,
     ) -> CatchUp:
         """Consumes up to the end offsets seen at the start, then returns (rebuilds).
 
@@ -284,15 +291,27 @@ class ProjectionConsumer:
         the same partition number of each, so a batch then holds several
         records of each key it touches instead of about one: a read model that
         writes once per key and batch (a rebuild) writes far fewer times.
+
+        `in_log_order` hands the read model each topic's records in the order
+        of their log position (`crm_position`) across its partitions, as the
+        source service stored them: a read model whose events move a record
+        from one key to another (a contacts merge re-keys a deal) then meets
+        the record's earlier events, from another partition, before the move.
+        Records are held back until every partition of the topic has shown
+        its next one (or is at its end).
         """
         started = time.perf_counter()
         records, batches = self.stats.records, self.stats.batches
         counters = dict(self.stats.counters)
-        self._by_partition = by_partition
+        self._by_partition = by_partition and not in_log_order
+        self._in_log_order = in_log_order
+        self._held = {}
         try:
             ends = await self._consume(stop or asyncio.Event(), until_end=True)
         finally:
             self._by_partition = False
+            self._in_log_order = False
+            self._held = {}
         return CatchUp(
             records=self.stats.records - records,
             batches=self.stats.batches - batches,
@@ -446,6 +465,8 @@ class ProjectionConsumer:
                     timeout_ms=self.poll_timeout_ms, max_records=self.max_records
                 )
                 batch = {tp: recs for tp, recs in fetched.items() if recs}
+                if self._in_log_order and ends is not None:
+                    batch = await self._in_order(consumer, partitions, ends, batch)
                 prepared = await self._prepare(batch) if batch else []
                 if inflight is not None:
                     # The next batch starts only after this one has committed.
@@ -457,12 +478,13 @@ class ProjectionConsumer:
                         # The previous batch did land: read on after it instead.
                         await self._seek_to_committed(consumer, partitions)
                         continue
-                    batch, prepared = await self._top_up(consumer, batch, prepared)
+                    if not self._in_log_order:
+                        batch, prepared = await self._top_up(consumer, batch, prepared)
                     self.heartbeat.lag(consumer_lag(consumer, partitions, self._committed))
                     inflight = asyncio.ensure_future(self._commit(batch, prepared))
                 elif ends is not None:
                     for tp, end in ends.items():
-                        if await consumer.position(tp) >= end:
+                        if await consumer.position(tp) >= end and not self._held.get(tp):
                             passed.add(tp)
                 self.heartbeat.lag(consumer_lag(consumer, partitions, self._committed))
                 now = time.monotonic()
@@ -479,6 +501,44 @@ class ProjectionConsumer:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await inflight
         self._report_lag(consumer, partitions)
+
+    async def _in_order(
+        self,
+        consumer: AIOKafkaConsumer,
+        partitions: Sequence[TopicPartition],
+        ends: dict[TopicPartition, int],
+        fetched: dict[TopicPartition, list[Record]],
+    ) -> dict[TopicPartition, list[Record]]:
+        """What of the records read so far may go to the read model in log order:
+        per topic, the lowest position of all partitions' next records, as long
+        as every partition not at its end has one to compare."""
+        for tp, records in fetched.items():
+            self._held.setdefault(tp, []).extend(records)
+        at_end = {
+            tp
+            for tp in partitions
+            if not self._held.get(tp) and await consumer.position(tp) >= ends.get(tp, 0)
+        }
+        released: dict[TopicPartition, list[Record]] = {}
+        count = 0
+        for topic in sorted({tp.topic for tp in partitions}):
+            mine = [tp for tp in partitions if tp.topic == topic and tp not in at_end]
+            while count < self.max_records and mine:
+                if any(not self._held.get(tp) for tp in mine):
+                    break  # a partition's next record is not read yet
+                first = min(mine, key=lambda tp: _log_position(self._held[tp][0]))
+                released.setdefault(first, []).append(self._held[first].pop(0))
+                count += 1
+                if not self._held[first] and await consumer.position(first) >= ends.get(first, 0):
+                    mine.remove(first)
+        # Bound what is held: a partition far ahead waits for the others.
+        ahead = [tp for tp in partitions if len(self._held.get(tp, ())) > 2 * self.max_records]
+        behind = [tp for tp in partitions if tp not in ahead]
+        if ahead:
+            consumer.pause(*ahead)
+        if behind:
+            consumer.resume(*behind)
+        return released
 
     @staticmethod
     def _read_group(
@@ -502,6 +562,8 @@ class ProjectionConsumer:
         if prepare is None:
             return []
         records = [r for tp in sorted(batch) for r in batch[tp]]
+        if self._in_log_order:
+            records.sort(key=lambda r: (r.topic, _log_position(r)))
         return [await asyncio.to_thread(prepare, records)]
 
     async def _top_up(
@@ -566,6 +628,8 @@ class ProjectionConsumer:
 
     async def _commit(self, batch: dict[TopicPartition, list[Record]], prepared: list[Any]) -> None:
         records = [r for tp in sorted(batch) for r in batch[tp]]
+        if self._in_log_order:
+            records.sort(key=lambda r: (r.topic, _log_position(r)))
         next_offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items()}
         started = time.perf_counter()
         transaction = asyncio.ensure_future(
@@ -712,3 +776,12 @@ class ProjectionConsumer:
 
 def _fmt(offsets: Mapping[TopicPartition, int]) -> dict[str, int]:
     return {f"{tp.topic}:{tp.partition}": o for tp, o in offsets.items()}
+
+
+def _log_position(record: Record) -> int:
+    """The record's position in its source's log (`crm_position`), else its offset."""
+    value = header(record, "crm_position")
+    try:
+        return int(value) if value is not None else int(record.offset)
+    except ValueError:
+        return int(record.offset)

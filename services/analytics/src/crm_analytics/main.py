@@ -115,7 +115,9 @@ async def run_rebuild(settings: Settings) -> int:
         await asyncio.to_thread(store.ensure_indexes)
         with stop_on_signals() as stop:
             consumer = projection(settings, store, max_records=REBUILD_BATCH)
-            result = await consumer.run_until_caught_up(stop, by_partition=True)
+            # In each source's log order: a record a contacts merge moved to another
+            # customer meets its earlier events (another partition) before the move.
+            result = await consumer.run_until_caught_up(stop, in_log_order=True)
         docs = await asyncio.to_thread(store.count)
         seconds = time.perf_counter() - started
         print(
