@@ -163,19 +163,34 @@ class _Change:
     fan_out: list[FanOut] = field(default_factory=list)
 
 
-def _registered(change: _Change, what: str) -> None:
-    change.doc.setdefault("created_at", change.occurred_at)
+def _note(
+    change: _Change,
+    key: str,
+    kind: str,
+    summary: str,
+    *,
+    occurred_at: datetime | None = None,
+    channel: str | None = None,
+) -> None:
+    """A timeline entry for a change of the contact by the event's actor; its id
+    is `<contact id>:<key>` (the same in a rebuild)."""
     add_to_timeline(
         change.doc,
         _entry(
             change.event,
-            entry_id=f"{change.event.contact_id}:created",
-            kind="profile.created",
-            summary=f"{what} {change.doc['display_name']} registered",
-            occurred_at=change.occurred_at,
+            entry_id=f"{change.event.contact_id}:{key}",
+            kind=kind,
+            summary=summary,
+            occurred_at=occurred_at or change.occurred_at,
+            channel=channel,
             owner=change.event.actor,
         ),
     )
+
+
+def _registered(change: _Change, what: str) -> None:
+    change.doc.setdefault("created_at", change.occurred_at)
+    _note(change, "created", "profile.created", f"{what} {change.doc['display_name']} registered")
 
 
 def _person_registered(change: _Change) -> None:
@@ -191,16 +206,11 @@ def _lifecycle_changed(change: _Change, cause: str) -> None:
     if before == after or not change.before.get("kind"):
         return
     why = f" ({cause})" if cause else ""
-    add_to_timeline(
-        change.doc,
-        _entry(
-            change.event,
-            entry_id=f"{change.event.contact_id}:{change.event.position}:lifecycle",
-            kind="profile.lifecycle_changed",
-            summary=f"Lifecycle stage {before or 'unset'} -> {after or 'unset'}{why}",
-            occurred_at=change.occurred_at,
-            owner=change.event.actor,
-        ),
+    _note(
+        change,
+        f"{change.event.position}:lifecycle",
+        "profile.lifecycle_changed",
+        f"Lifecycle stage {before or 'unset'} -> {after or 'unset'}{why}",
     )
 
 
@@ -256,18 +266,10 @@ def _person_linked_to_company(change: _Change) -> None:
     )
     change.doc["companies"] = companies
     role = f" as {link.role}" if link.role else ""
-    add_to_timeline(
-        change.doc,
-        _entry(
-            event,
-            entry_id=f"{event.contact_id}:{event.position}:linked",
-            kind="company.linked",
-            # The event's name, not a newer one known from the company: the
-            # entry must not depend on the order the partitions were consumed in.
-            summary=f"Linked to {link.company_name}{role}",
-            occurred_at=change.occurred_at,
-            owner=event.actor,
-        ),
+    # The event's name, not a newer one known from the company: the
+    # entry must not depend on the order the partitions were consumed in.
+    _note(
+        change, f"{event.position}:linked", "company.linked", f"Linked to {link.company_name}{role}"
     )
     change.fan_out.append(
         MembershipChanged(
@@ -286,18 +288,13 @@ def _person_unlinked_from_company(change: _Change) -> None:
     change.doc["companies"] = [
         c for c in change.doc.get("companies", []) if c["company_id"] != company_id
     ]
-    add_to_timeline(
-        change.doc,
-        _entry(
-            event,
-            entry_id=f"{event.contact_id}:{event.position}:unlinked",
-            kind="company.unlinked",
-            # The id: the name the person's link shows depends on which renames
-            # were consumed yet, and the entry must be the same in a rebuild.
-            summary=f"Unlinked from company {company_id}",
-            occurred_at=change.occurred_at,
-            owner=event.actor,
-        ),
+    # The id: the name the person's link shows depends on which renames
+    # were consumed yet, and the entry must be the same in a rebuild.
+    _note(
+        change,
+        f"{event.position}:unlinked",
+        "company.unlinked",
+        f"Unlinked from company {company_id}",
     )
     change.fan_out.append(
         MembershipChanged(
@@ -332,17 +329,13 @@ def _consent_recorded(change: _Change) -> None:
     change.doc["channels"] = channels
     status = enum_word(contacts_pb2.ConsentStatus, recorded.consent.status) or "unset"
     source = f" ({recorded.consent.source})" if recorded.consent.source else ""
-    add_to_timeline(
-        change.doc,
-        _entry(
-            change.event,
-            entry_id=f"{change.event.contact_id}:{change.event.position}:consent",
-            kind="consent.recorded",
-            summary=f"Consent {status} for {channel or 'a channel'} {recorded.address}{source}",
-            occurred_at=to_datetime(recorded.consent.recorded_at) or change.occurred_at,
-            channel=channel,
-            owner=change.event.actor,
-        ),
+    _note(
+        change,
+        f"{change.event.position}:consent",
+        "consent.recorded",
+        f"Consent {status} for {channel or 'a channel'} {recorded.address}{source}",
+        occurred_at=to_datetime(recorded.consent.recorded_at) or change.occurred_at,
+        channel=channel,
     )
 
 
@@ -380,16 +373,11 @@ def _contacts_merged(change: _Change) -> None:
     _set_merged_profile(change.doc, merged)
     ids = list(dict.fromkeys([*change.doc.get("merged_ids", []), *merged.merged_ids]))
     change.doc["merged_ids"] = ids
-    add_to_timeline(
-        change.doc,
-        _entry(
-            change.event,
-            entry_id=f"{change.event.contact_id}:merge:{merged.merge_id}",
-            kind="profile.merged",
-            summary=f"Merged with {len(merged.merged_ids)} duplicate(s)",
-            occurred_at=change.occurred_at,
-            owner=change.event.actor,
-        ),
+    _note(
+        change,
+        f"merge:{merged.merge_id}",
+        "profile.merged",
+        f"Merged with {len(merged.merged_ids)} duplicate(s)",
     )
 
 
@@ -398,16 +386,11 @@ def _contact_merge_undone(change: _Change) -> None:
     _set_merged_profile(change.doc, undone)
     restored = set(undone.restored_ids)
     change.doc["merged_ids"] = [i for i in change.doc.get("merged_ids", []) if i not in restored]
-    add_to_timeline(
-        change.doc,
-        _entry(
-            change.event,
-            entry_id=f"{change.event.contact_id}:unmerge:{undone.merge_id}",
-            kind="profile.merge_undone",
-            summary=f"Merge undone: {len(restored)} contact(s) restored",
-            occurred_at=change.occurred_at,
-            owner=change.event.actor,
-        ),
+    _note(
+        change,
+        f"unmerge:{undone.merge_id}",
+        "profile.merge_undone",
+        f"Merge undone: {len(restored)} contact(s) restored",
     )
 
 
@@ -425,17 +408,7 @@ def _person_erased(change: _Change) -> None:
     and the documents of the contacts merged into the person follow (fan-out)."""
     event, erased = change.event, change.event.person_erased
     reference = f" ({erased.reference})" if erased.reference else ""
-    add_to_timeline(
-        change.doc,
-        _entry(
-            event,
-            entry_id=f"{event.contact_id}:erased",
-            kind="profile.erased",
-            summary=f"Personal data erased{reference}",
-            occurred_at=change.occurred_at,
-            owner=event.actor,
-        ),
-    )
+    _note(change, "erased", "profile.erased", f"Personal data erased{reference}")
     change.doc = erase_document(change.doc)
     ids = dict.fromkeys([event.contact_id, *erased.merged_ids])
     change.fan_out.append(PersonErased(tuple(ids), event.position))
@@ -445,18 +418,11 @@ def _personal_data_exported(change: _Change) -> None:
     """Who exported everything held about the person, and when (GDPR audit)."""
     event, exported = change.event, change.event.personal_data_exported
     services = ", ".join(exported.services)
-    add_to_timeline(
-        change.doc,
-        _entry(
-            event,
-            entry_id=f"{event.contact_id}:exported:{event.position}",
-            kind="privacy.exported",
-            summary=f"Personal data exported ({services})"
-            if services
-            else "Personal data exported",
-            occurred_at=change.occurred_at,
-            owner=event.actor,
-        ),
+    _note(
+        change,
+        f"exported:{event.position}",
+        "privacy.exported",
+        f"Personal data exported ({services})" if services else "Personal data exported",
     )
 
 
